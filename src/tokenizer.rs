@@ -1,0 +1,136 @@
+//! Byte-level BPE tokenizer, built with the `tokenizers` crate from a GGUF's vocabulary and
+//! merges, or loaded from a Hugging Face `tokenizer.json`.
+//!
+//! The GGUF pre-tokenizer "smollm" (llama.cpp) is: split digits one by one, then GPT-2's
+//! byte-level regex; that is `Sequence[Digits(individual), ByteLevel(no prefix space)]`.
+//! No BOS is added (the model card and llama.cpp agree).
+
+use crate::error::{Error, Result};
+use crate::gguf::GgufFile;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::{AddedToken, PreTokenizerWrapper};
+
+/// GGUF `tokenizer.ggml.token_type` value of control tokens.
+const TOKEN_TYPE_CONTROL: u64 = 3;
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    pub eos: Option<u32>,
+    pub bos: Option<u32>,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
+        let model = g.meta_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(Error::Tokenizer(format!(
+                "tokenizer model '{model}' is not supported (byte-level BPE 'gpt2' only)"
+            )));
+        }
+        let pre = g.meta_str("tokenizer.ggml.pre").unwrap_or("default");
+        let tokens = g.meta_strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = g
+            .meta_strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::Tokenizer(format!("malformed merge '{m}'")))
+            })
+            .collect::<Result<_>>()?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tok: PreTokenizerWrapper = match pre {
+            // llama.cpp's "smollm" and "qwen2"-style pre-tokenizers split digits individually.
+            "smollm" | "qwen2" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            _ => byte_level.into(),
+        };
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        if let Some(types) = g
+            .meta("tokenizer.ggml.token_type")
+            .and_then(|v| v.as_array())
+        {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.as_u64() == Some(TOKEN_TYPE_CONTROL))
+                .filter_map(|(i, _)| tokens.get(i))
+                .map(|t| AddedToken::from(t.to_string(), true))
+                .collect();
+            inner.add_special_tokens(&special);
+        }
+        let id = |k: &str| g.meta_u64(k).ok().map(|v| v as u32);
+        Ok(Tokenizer {
+            inner,
+            eos: id("tokenizer.ggml.eos_token_id"),
+            bos: id("tokenizer.ggml.bos_token_id"),
+        })
+    }
+
+    /// A Hugging Face `tokenizer.json`.
+    pub fn from_file(path: &std::path::Path) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_err)?;
+        let eos = ["<|im_end|>", "<|endoftext|>", "</s>"]
+            .iter()
+            .find_map(|t| inner.token_to_id(t));
+        Ok(Tokenizer {
+            inner,
+            eos,
+            bos: None,
+        })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode(text, false)
+            .map_err(tok_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(tok_err)
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
+/// The ChatML template of SmolLM2-Instruct (and Qwen2): system turn, user turn, and the
+/// opening of the assistant turn.
+pub fn chatml(system: Option<&str>, user: &str) -> String {
+    let mut s = String::new();
+    if let Some(sys) = system {
+        s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
+    }
+    s.push_str(&format!(
+        "<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+    ));
+    s
+}
