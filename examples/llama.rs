@@ -68,6 +68,9 @@ enum Cmd {
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Also print the prompt and generated token ids (JSON) on stderr.
+        #[arg(long)]
+        print_ids: bool,
     },
     /// Perplexity of a text file or of LAMBADA passages, with a sliding window.
     Perplexity {
@@ -132,6 +135,7 @@ fn run(cli: Cli) -> Result<()> {
             temperature,
             top_p,
             seed,
+            print_ids,
         } => {
             let (mut engine, tok) = open(&common)?;
             let text = if chat {
@@ -167,6 +171,9 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             })?;
             println!();
+            if print_ids {
+                eprintln!("{{\"prompt\": {ids:?}, \"tokens\": {generated:?}}}");
+            }
             let syncs_per_decode = if stats.decode_tokens + 1 > 0 {
                 stats.comm.all_reduces as f64 / (stats.decode_tokens + 1) as f64
             } else {

@@ -109,6 +109,18 @@ pub struct Engine {
     poisoned: Option<String>,
 }
 
+/// Aborts the group if a rank thread unwinds, so its peers return errors instead of waiting
+/// for it forever.
+struct AbortOnPanic(Arc<dyn Communicator>);
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.abort("a rank thread panicked");
+        }
+    }
+}
+
 fn rank_loop<B: Backend>(
     mut model: RankModel<B>,
     comm: Arc<dyn Communicator>,
@@ -188,6 +200,7 @@ impl Engine {
             let handle = std::thread::Builder::new()
                 .name(format!("syncdrop-rank{rank}"))
                 .spawn(move || {
+                    let _guard = AbortOnPanic(comm.clone());
                     let dims = rank_dims(&cfg, &layout.ranks[rank], &vocab, capacity);
                     let loaded = CpuBackend::new(dims, comm.clone(), per_rank_threads)
                         .and_then(|be| RankModel::load(&files, &cfg, &layout, rank, vocab, be));

@@ -374,7 +374,7 @@ impl GgufFile {
 #[derive(Default)]
 pub struct GgufWriter {
     metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, Vec<usize>, GgmlType, Vec<u8>)>,
+    tensors: Vec<(String, Vec<usize>, u32, Vec<u8>)>,
 }
 
 impl GgufWriter {
@@ -387,7 +387,18 @@ impl GgufWriter {
     }
     /// `dims` in ggml order (row length first). `data` must already be in format `ty`.
     pub fn tensor(&mut self, name: &str, dims: &[usize], ty: GgmlType, data: Vec<u8>) -> &mut Self {
-        self.tensors.push((name.into(), dims.to_vec(), ty, data));
+        self.tensor_raw(name, dims, ty.id(), data)
+    }
+    /// Like `tensor`, with a raw ggml type id (tests use it to write unsupported types).
+    pub fn tensor_raw(
+        &mut self,
+        name: &str,
+        dims: &[usize],
+        type_id: u32,
+        data: Vec<u8>,
+    ) -> &mut Self {
+        self.tensors
+            .push((name.into(), dims.to_vec(), type_id, data));
         self
     }
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -434,7 +445,7 @@ impl GgufWriter {
             b.extend((dims.len() as u32).to_le_bytes());
             dims.iter()
                 .for_each(|d| b.extend((*d as u64).to_le_bytes()));
-            b.extend(ty.id().to_le_bytes());
+            b.extend(ty.to_le_bytes());
             b.extend((off as u64).to_le_bytes());
             off += data.len().div_ceil(align) * align;
         }

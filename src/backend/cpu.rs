@@ -115,6 +115,10 @@ pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32
     if t == 0 || n == 0 {
         return;
     }
+    if k == 0 {
+        out[..t * n].fill(0.0);
+        return;
+    }
     if t <= 2 {
         // GEMV: rows of W in parallel chunks; each output is one fixed-order dot product.
         const ROWS: usize = 32;
@@ -426,6 +430,11 @@ impl Backend for CpuBackend {
     fn mlp(&mut self, layer: usize, normed: &Vec<f32>, t: usize, out: &mut Vec<f32>) -> Result<()> {
         let d = &self.dims;
         let f = d.ffn;
+        if f == 0 {
+            // More ranks than FFN columns: this rank's MLP shard is empty.
+            out[..t * d.hidden].fill(0.0);
+            return Ok(());
+        }
         let mut gu = std::mem::take(&mut self.scratch);
         gu.resize(t * 2 * f, 0.0);
         let lay = self.layer(layer)?;

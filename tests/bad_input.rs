@@ -1,0 +1,206 @@
+//! Bad input never panics: truncated or corrupt GGUF files, unsupported quantisation types,
+//! metadata that disagrees with tensor shapes, malformed safetensors folders. Each returns a
+//! typed error that names the problem.
+
+mod common;
+
+use common::*;
+use proptest::prelude::*;
+use std::sync::Arc;
+use syncdrop::gguf::{GgufFile, GgufWriter, Value};
+use syncdrop::quant::{quantize_row, GgmlType};
+use syncdrop::{Engine, EngineOptions, Error, ModelFiles};
+
+fn tiny_bytes() -> Vec<u8> {
+    let dir = tmpdir("tinybytes");
+    write_gguf(
+        &dir.join("m.gguf"),
+        &Tiny::small(),
+        9,
+        GgmlType::Q8_0,
+        "llama",
+    );
+    let b = std::fs::read(dir.join("m.gguf")).unwrap();
+    std::fs::remove_dir_all(dir).ok();
+    b
+}
+
+/// Open bytes as a model and load it at TP 2; the outcome as a Result.
+fn load(bytes: &[u8], tag: &str) -> syncdrop::Result<()> {
+    let dir = tmpdir(tag);
+    let p = dir.join("m.gguf");
+    std::fs::write(&p, bytes).unwrap();
+    let r = ModelFiles::open(&p).and_then(|f| {
+        let opts = EngineOptions {
+            tp: 2,
+            threads: 2,
+            capacity: 16,
+            ..Default::default()
+        };
+        Engine::new(Arc::new(f), &opts).map(|_| ())
+    });
+    std::fs::remove_dir_all(dir).ok();
+    r
+}
+
+#[test]
+fn the_untouched_file_loads() {
+    load(&tiny_bytes(), "ok").unwrap();
+}
+
+#[test]
+fn truncated_files_are_format_errors() {
+    let b = tiny_bytes();
+    for cut in [0, 3, 4, 8, 23, 24, 40, 200, b.len() / 2, b.len() - 1] {
+        match load(&b[..cut], "trunc") {
+            Err(Error::GgufFormat { what, .. }) => {
+                assert!(
+                    what.contains("truncated")
+                        || what.contains("magic")
+                        || what.contains("exceeds"),
+                    "cut {cut}: {what}"
+                )
+            }
+            other => panic!("cut at {cut}: expected GgufFormat, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn bad_magic_and_version() {
+    let mut b = tiny_bytes();
+    b[0] = b'X';
+    assert!(
+        matches!(load(&b, "magic"), Err(Error::GgufFormat { what, .. }) if what.contains("magic"))
+    );
+    let mut b = tiny_bytes();
+    b[4] = 9;
+    assert!(
+        matches!(load(&b, "ver"), Err(Error::GgufFormat { what, .. }) if what.contains("version"))
+    );
+}
+
+#[test]
+fn unsupported_quant_type_names_the_tensor_and_type() {
+    let mut w = GgufWriter::new();
+    gguf_metadata(&mut w, &Tiny::small(), "llama");
+    // type 13 = Q5_K: 176 bytes per 256 elements
+    w.tensor_raw("token_embd.weight", &[256, 1], 13, vec![0u8; 176]);
+    let dir = tmpdir("quant");
+    w.write(dir.join("m.gguf")).unwrap();
+    match GgufFile::open(dir.join("m.gguf")) {
+        Err(Error::UnsupportedQuant {
+            tensor,
+            ggml_type: 13,
+            name: "Q5_K",
+        }) => assert_eq!(tensor, "token_embd.weight"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn with_meta_override(key: &str, v: Value) -> syncdrop::Result<()> {
+    let t = Tiny::small();
+    let mut w = GgufWriter::new();
+    let mut tmp = GgufWriter::new();
+    gguf_metadata(&mut tmp, &t, "llama");
+    // rewrite: same metadata, with `key` replaced
+    let bytes = tmp.to_bytes();
+    let dir = tmpdir("metaread");
+    std::fs::write(dir.join("meta.gguf"), &bytes).unwrap();
+    let g = GgufFile::open(dir.join("meta.gguf")).unwrap();
+    for (k, val) in &g.metadata {
+        w.meta(k, if k == key { v.clone() } else { val.clone() });
+    }
+    for (name, rows, cols, data) in tiny_weights(&t, 2) {
+        let dims = if rows == 1 {
+            vec![cols]
+        } else {
+            vec![cols, rows]
+        };
+        w.tensor(
+            &name,
+            &dims,
+            GgmlType::F32,
+            quantize_row(GgmlType::F32, &data),
+        );
+    }
+    let out = load(&w.to_bytes(), "meta");
+    std::fs::remove_dir_all(dir).ok();
+    out
+}
+
+#[test]
+fn metadata_that_disagrees_with_shapes_is_a_shape_error() {
+    assert!(with_meta_override("llama.attention.head_count", Value::U32(4)).is_ok());
+    for (key, v, tensor) in [
+        (
+            "llama.embedding_length",
+            Value::U32(40),
+            "token_embd.weight",
+        ),
+        ("llama.attention.head_count", Value::U32(2), "attn_q"),
+        ("llama.feed_forward_length", Value::U32(47), "ffn_gate"),
+        ("llama.attention.head_count_kv", Value::U32(1), "attn_k"),
+    ] {
+        match with_meta_override(key, v) {
+            Err(Error::ShapeMismatch { tensor: t, .. }) => {
+                assert!(t.contains(tensor), "{key}: {t}")
+            }
+            other => panic!("{key}: expected ShapeMismatch, got {other:?}"),
+        }
+    }
+    match with_meta_override("llama.block_count", Value::U32(3)) {
+        Err(Error::MissingTensor(t)) => assert!(t.starts_with("blk.2."), "{t}"),
+        other => panic!("block_count: {other:?}"),
+    }
+    match with_meta_override("llama.attention.head_count", Value::U32(3)) {
+        Err(Error::Config(m)) => assert!(m.contains("multiple"), "{m}"),
+        other => panic!("3 heads over 2 KV heads: {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_safetensors_folders() {
+    let dir = tmpdir("st");
+    let hf = dir.join("hf");
+    write_hf_folder(&hf, &Tiny::small(), 1);
+    assert!(ModelFiles::open(&hf).is_ok());
+    std::fs::write(
+        hf.join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}",
+    )
+    .unwrap();
+    assert!(matches!(
+        ModelFiles::open(&hf),
+        Err(Error::Safetensors { .. })
+    ));
+    std::fs::write(hf.join("config.json"), b"{\"hidden_size\": 8}").unwrap();
+    assert!(
+        matches!(ModelFiles::open(&hf), Err(Error::Config(m)) if m.contains("num_attention_heads"))
+    );
+    assert!(matches!(
+        ModelFiles::open(dir.join("nope.gguf")),
+        Err(Error::MissingAsset { .. })
+    ));
+    std::fs::remove_dir_all(dir).ok();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// Random byte corruption anywhere: loading returns Ok or a typed error, never panics.
+    #[test]
+    fn random_corruption_never_panics(pos in any::<prop::sample::Index>(), byte in any::<u8>(),
+                                      cut in any::<prop::sample::Index>(), do_cut in any::<bool>()) {
+        let mut b = tiny_bytes();
+        let p = pos.index(b.len());
+        b[p] = byte;
+        if do_cut {
+            let c = cut.index(b.len());
+            b.truncate(c);
+        }
+        let r = std::panic::catch_unwind(|| load(&b, "fuzz"));
+        prop_assert!(r.is_ok(), "panicked with byte {} at {}", byte, p);
+    }
+}

@@ -1,0 +1,257 @@
+//! End to end on the real SmolLM2-135M-Instruct GGUF (fetched by scripts/fetch-assets.sh):
+//! TP 2/3/4/8 against TP 1, a committed greedy golden, and agreement with llama.cpp (an
+//! independent implementation reading the same file; tests/golden/smollm2_llamacpp.json,
+//! made by scripts/golden_llamacpp.py).
+
+use std::sync::Arc;
+use syncdrop::eval::{lambada, perplexity_texts};
+use syncdrop::generate::argmax;
+use syncdrop::tokenizer::{chatml, Tokenizer};
+use syncdrop::{assets, Engine, EngineOptions, ModelFiles};
+
+/// Largest |TP N - TP 1| logit difference allowed (logits span about +-30; f32 sums in
+/// another order across 30 layers move them by ~1e-4).
+const TP_ATOL: f32 = 2e-3;
+/// Largest |syncdrop - llama.cpp| logit difference at the probe ids, after removing the mean
+/// difference (softmax ignores a constant shift). llama.cpp quantises activations to Q8_1
+/// inside its Q4_1 matmuls and keeps an f16 KV cache; syncdrop computes in f32 from the same
+/// dequantised weights. Measured 2026-11-22: 0.20-0.65 over the 5 prompt positions (logits
+/// span ~20); the perplexity test below bounds the effect on what matters to 1%.
+const LLAMACPP_ATOL: f32 = 0.75;
+
+fn files() -> Arc<ModelFiles> {
+    let path = assets::smollm2().unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(ModelFiles::open(path).unwrap())
+}
+
+fn tokenizer(f: &ModelFiles) -> Tokenizer {
+    match f {
+        ModelFiles::Gguf(g) => Tokenizer::from_gguf(g).unwrap(),
+        _ => unreachable!(),
+    }
+}
+
+fn engine(f: &Arc<ModelFiles>, tp: usize) -> Engine {
+    let opts = EngineOptions {
+        tp,
+        threads: 2,
+        capacity: 512,
+        ..Default::default()
+    };
+    Engine::new(f.clone(), &opts).unwrap()
+}
+
+fn golden() -> serde_json::Value {
+    let text = include_str!("golden/smollm2_llamacpp.json");
+    serde_json::from_str(text).unwrap()
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+const PROMPT: &str = "The capital of France is";
+
+/// Prefill logits of every prompt row, then 16 greedy decode steps: (tokens, logits rows).
+fn greedy_trace(e: &mut Engine, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f32>>) {
+    let l = e.forward(prompt, 0, 0..prompt.len()).unwrap();
+    let mut rows: Vec<Vec<f32>> = (0..prompt.len()).map(|i| l.row(i).to_vec()).collect();
+    let mut toks = vec![argmax(rows.last().unwrap()) as u32];
+    for s in 0..steps {
+        let l = e.forward(&[toks[s]], prompt.len() + s, 0..1).unwrap();
+        rows.push(l.row(0).to_vec());
+        toks.push(argmax(l.row(0)) as u32);
+    }
+    toks.truncate(steps);
+    (toks, rows)
+}
+
+#[test]
+fn tp_2_3_4_8_match_tp_1_over_prefill_and_16_decode_steps() {
+    let f = files();
+    let prompt = tokenizer(&f).encode(PROMPT).unwrap();
+    let (ref_toks, ref_rows) = greedy_trace(&mut engine(&f, 1), &prompt, 16);
+    for tp in [2, 3, 4, 8] {
+        let mut e = engine(&f, tp);
+        // feed TP 1's tokens so both runs see the same sequence
+        let l = e.forward(&prompt, 0, 0..prompt.len()).unwrap();
+        let mut worst = 0f32;
+        for i in 0..prompt.len() {
+            worst = worst.max(max_abs_diff(l.row(i), &ref_rows[i]));
+        }
+        for (s, tok) in ref_toks.iter().enumerate() {
+            let l = e.forward(&[*tok], prompt.len() + s, 0..1).unwrap();
+            worst = worst.max(max_abs_diff(l.row(0), &ref_rows[prompt.len() + s]));
+            assert_eq!(
+                argmax(l.row(0)),
+                argmax(&ref_rows[prompt.len() + s]),
+                "TP {tp} step {s}"
+            );
+        }
+        eprintln!(
+            "TP {tp} ({}) vs TP 1: max |logit diff| = {worst:.2e}",
+            e.layout.head_partition()
+        );
+        assert!(
+            worst <= TP_ATOL,
+            "TP {tp}: max |logit diff| {worst} > {TP_ATOL}"
+        );
+        let syncs = e.comm_stats().unwrap()[0].all_reduces;
+        assert_eq!(
+            syncs,
+            2 * 30 * 17,
+            "TP {tp}: two sync points per block per forward"
+        );
+    }
+}
+
+#[test]
+fn greedy_continuation_matches_golden_and_llamacpp() {
+    let f = files();
+    let tok = tokenizer(&f);
+    let prompt = tok.encode(PROMPT).unwrap();
+    let (toks, _) = greedy_trace(&mut engine(&f, 1), &prompt, 16);
+    let ours: serde_json::Value =
+        serde_json::from_str(include_str!("golden/smollm2_greedy.json")).unwrap();
+    assert_eq!(
+        toks,
+        ids(&ours["tokens"]),
+        "committed golden: {:?}",
+        tok.decode(&toks, false)
+    );
+    // llama.cpp's continuation must agree on " Paris.\n\nThe", and where it first differs our
+    // top-2 margin must be below twice the logit tolerance against llama.cpp (a near tie that
+    // llama.cpp's Q8_1 activations can flip). Later steps depend on that choice: not compared.
+    let theirs = ids(&golden()["greedy_continuation"]);
+    let mut e = engine(&f, 1);
+    let mut l = e
+        .forward(&prompt, 0, prompt.len() - 1..prompt.len())
+        .unwrap();
+    for s in 0..toks.len() {
+        if toks[s] != theirs[s] {
+            let row = l.row(0);
+            let margin = row[toks[s] as usize] - row[theirs[s] as usize];
+            eprintln!("first difference from llama.cpp at step {s}: margin {margin:.3}");
+            assert!(s >= 5, "continuations differ at step {s}");
+            assert!(
+                margin < 2.0 * LLAMACPP_ATOL,
+                "step {s}: margin {margin} is no near tie"
+            );
+            break;
+        }
+        l = e.forward(&[toks[s]], prompt.len() + s, 0..1).unwrap();
+    }
+    // TP 3 generates the same text
+    let (toks3, _) = greedy_trace(&mut engine(&f, 3), &prompt, 16);
+    assert_eq!(toks3, toks);
+}
+
+#[test]
+fn logits_agree_with_llamacpp() {
+    let f = files();
+    let g = golden();
+    let prompt = tokenizer(&f).encode(PROMPT).unwrap();
+    assert_eq!(
+        prompt,
+        ids(&g["prompt_ids"]),
+        "tokenizer disagrees with llama.cpp"
+    );
+    let probe = ids(&g["probe_ids"]);
+    let l = engine(&f, 1).forward(&prompt, 0, 0..prompt.len()).unwrap();
+    let mut worst = 0f32;
+    for (i, pos) in g["positions"].as_array().unwrap().iter().enumerate() {
+        let theirs: Vec<f32> = pos["probe_logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let mine: Vec<f32> = probe.iter().map(|p| l.row(i)[*p as usize]).collect();
+        // Logits matter up to a constant (softmax): remove the mean difference first.
+        let shift = mine.iter().zip(&theirs).map(|(a, b)| a - b).sum::<f32>() / mine.len() as f32;
+        let centred: Vec<f32> = mine.iter().map(|v| v - shift).collect();
+        let dev = max_abs_diff(&centred, &theirs);
+        eprintln!("position {i}: shift {shift:+.3}, max |centred diff| {dev:.3}");
+        worst = worst.max(dev);
+        let top = ids(&pos["top16_ids"]);
+        assert_eq!(argmax(l.row(i)) as u32, top[0], "top-1 at position {i}");
+    }
+    eprintln!(
+        "max |logit - llama.cpp| at 256 probe ids x {} positions: {worst:.3}",
+        prompt.len()
+    );
+    assert!(worst <= LLAMACPP_ATOL, "{worst}");
+}
+
+#[test]
+fn lambada_perplexity_within_1_percent_of_llamacpp() {
+    let f = files();
+    let g = golden();
+    let tok = tokenizer(&f);
+    let n = g["lambada_passages"].as_u64().unwrap() as usize;
+    let texts: Vec<String> = lambada(&assets::eval_dir().unwrap(), n)
+        .unwrap()
+        .iter()
+        .map(|p| p.text())
+        .collect();
+    let counts: Vec<u32> = texts
+        .iter()
+        .map(|t| tok.encode(t).unwrap().len() as u32)
+        .collect();
+    assert_eq!(
+        counts,
+        ids(&g["lambada_token_counts"]),
+        "tokenization of LAMBADA passages"
+    );
+    let r = perplexity_texts(&mut engine(&f, 1), &tok, &texts, 512, 256, false).unwrap();
+    let theirs = g["lambada_ppl"].as_f64().unwrap();
+    eprintln!(
+        "LAMBADA[{n}] ppl: syncdrop {:.4}, llama.cpp {theirs:.4}",
+        r.ppl()
+    );
+    assert_eq!(
+        r.tokens_scored as u64,
+        g["lambada_tokens_scored"].as_u64().unwrap()
+    );
+    assert!(
+        (r.ppl() / theirs - 1.0).abs() < 0.01,
+        "{} vs {theirs}",
+        r.ppl()
+    );
+}
+
+#[test]
+fn tokenizer_round_trips_and_knows_chatml() {
+    let f = files();
+    let tok = tokenizer(&f);
+    for s in [
+        "Hello, world!",
+        "  leading spaces and\ttabs\nnewlines",
+        "digits 1234567890 and 3.14159",
+        "unicode: naïve café, 日本語, emoji 🚀",
+        "",
+    ] {
+        let ids = tok.encode(s).unwrap();
+        assert_eq!(tok.decode(&ids, false).unwrap(), s);
+    }
+    // digits are split one by one (the "smollm" pre-tokenizer)
+    assert_eq!(tok.encode("2024").unwrap().len(), 4);
+    let chat = tok.encode(&chatml(Some("sys"), "hi")).unwrap();
+    let start = tok.token_id("<|im_start|>").unwrap();
+    let end = tok.token_id("<|im_end|>").unwrap();
+    assert_eq!(chat[0], start);
+    assert_eq!(chat.iter().filter(|t| **t == start).count(), 3);
+    assert_eq!(chat.iter().filter(|t| **t == end).count(), 2);
+    assert_eq!(tok.eos, Some(2));
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
