@@ -54,7 +54,7 @@ enum Cmd {
         /// Wrap the prompt as a ChatML user turn (instruct models).
         #[arg(long)]
         chat: bool,
-        /// System prompt for --chat.
+        /// System prompt for --chat (default: the one the model's chat template inserts).
         #[arg(long)]
         system: Option<String>,
         /// Tokens to generate.
@@ -139,7 +139,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let (mut engine, tok) = open(&common)?;
             let text = if chat {
-                chatml(system.as_deref(), &prompt)
+                chatml(system.as_deref().or(tok.default_system.as_deref()), &prompt)
             } else {
                 prompt.clone()
             };

@@ -44,7 +44,9 @@ pub fn argmax(x: &[f32]) -> usize {
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Result<Sampler> {
-        if !(cfg.temperature >= 0.0) || !(cfg.top_p > 0.0 && cfg.top_p <= 1.0) {
+        // written so that NaN fails too
+        let ok = cfg.temperature >= 0.0 && cfg.top_p > 0.0 && cfg.top_p <= 1.0;
+        if !ok {
             return Err(Error::InvalidArgument(format!(
                 "temperature must be >= 0 and top-p in (0, 1]; got {} and {}",
                 cfg.temperature, cfg.top_p

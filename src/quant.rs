@@ -237,6 +237,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)]
 mod tests {
     use super::*;
 

@@ -21,6 +21,16 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub eos: Option<u32>,
     pub bos: Option<u32>,
+    /// The system prompt the model's chat template inserts when none is given.
+    pub default_system: Option<String>,
+}
+
+/// The literal default system turn of a ChatML Jinja template, if it has one.
+fn default_system_of(template: &str) -> Option<String> {
+    let start = template.find("<|im_start|>system\n")? + "<|im_start|>system\n".len();
+    let len = template[start..].find("<|im_end|>")?;
+    let s = &template[start..start + len];
+    (!s.contains('{')).then(|| s.to_string())
 }
 
 fn tok_err(e: impl std::fmt::Display) -> Error {
@@ -84,6 +94,7 @@ impl Tokenizer {
             inner,
             eos: id("tokenizer.ggml.eos_token_id"),
             bos: id("tokenizer.ggml.bos_token_id"),
+            default_system: g.meta_str("tokenizer.chat_template").ok().and_then(default_system_of),
         })
     }
 
@@ -97,6 +108,7 @@ impl Tokenizer {
             inner,
             eos,
             bos: None,
+            default_system: None,
         })
     }
 

@@ -3,6 +3,8 @@
 //! independent implementation reading the same file; tests/golden/smollm2_llamacpp.json,
 //! made by scripts/golden_llamacpp.py).
 
+#![allow(clippy::needless_range_loop)]
+
 use std::sync::Arc;
 use syncdrop::eval::{lambada, perplexity_texts};
 use syncdrop::generate::argmax;
@@ -247,6 +249,10 @@ fn tokenizer_round_trips_and_knows_chatml() {
     assert_eq!(chat.iter().filter(|t| **t == start).count(), 3);
     assert_eq!(chat.iter().filter(|t| **t == end).count(), 2);
     assert_eq!(tok.eos, Some(2));
+    assert_eq!(
+        tok.default_system.as_deref(),
+        Some("You are a helpful AI assistant named SmolLM, trained by Hugging Face")
+    );
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {

@@ -6,7 +6,8 @@ use crate::error::{Error, Result};
 
 /// Number of CUDA devices visible, or an error when no driver is present.
 pub fn device_count() -> Result<usize> {
-    if !cudarc::driver::sys::is_culib_present() {
+    // SAFETY: only probes whether libcuda can be dlopen-ed; no CUDA call is made before it.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::Cuda(
             "no CUDA driver (libcuda) found on this machine".into(),
         ));

@@ -4,6 +4,7 @@
 //! 1. rank r copies its input into `inputs[r]`;                      barrier A
 //! 2. rank r sums chunk r of all inputs, **in rank order 0..N**, into `chunks[r]`;  barrier B
 //! 3. every rank copies all chunks out.
+//!
 //! The next call's step 1 can only overwrite `inputs[r]` after barrier B (everyone finished
 //! reading inputs), and step 2 can only overwrite `chunks[r]` after the next barrier A
 //! (everyone finished copying chunks out), so two barriers suffice. Every element is summed
