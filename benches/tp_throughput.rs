@@ -61,12 +61,17 @@ fn main() {
     let cfg = files.config().unwrap();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let (prompt_len, decode_len, reps) = if full { (128, 64, 3) } else { (8, 4, 1) };
-    let bw = if full { read_bandwidth(threads, 5) } else { 0.0 };
+    let bw = if full {
+        read_bandwidth(threads, 5)
+    } else {
+        0.0
+    };
     let bw1 = if full { read_bandwidth(1, 3) } else { 0.0 };
     // f32 weights streamed per decoded token: every block's matrices + the LM head (tied
     // embedding rows). Norms and the KV cache are < 0.1% here and left out.
     let (d, hd) = (cfg.hidden, cfg.head_dim);
-    let per_layer = d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d * cfg.n_heads * hd + 3 * d * cfg.ffn;
+    let per_layer =
+        d * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd + d * cfg.n_heads * hd + 3 * d * cfg.ffn;
     let bytes_per_token = 4.0 * (cfg.n_layers * per_layer + cfg.vocab * d) as f64;
     println!(
         "machine: {threads} threads; measured read bandwidth {bw:.1} GB/s ({threads} threads), {bw1:.1} GB/s (1 thread)"
@@ -78,7 +83,9 @@ fn main() {
     );
     println!("| TP | heads | prefill {prompt_len} tok (tok/s) | decode (tok/s) | implied GB/s | x of SoL time | syncs/token | comm % of decode |");
     println!("|---|---|---|---|---|---|---|---|");
-    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| 100 + (i * 37) % 4000).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32)
+        .map(|i| 100 + (i * 37) % 4000)
+        .collect();
     for tp in tps {
         let opts = EngineOptions {
             tp,
@@ -99,7 +106,8 @@ fn main() {
             e.reset_comm_stats().unwrap();
             let t1 = Instant::now();
             for s in 0..decode_len {
-                e.forward(&[prompt[s % prompt_len]], prompt_len + s, 0..1).unwrap();
+                e.forward(&[prompt[s % prompt_len]], prompt_len + s, 0..1)
+                    .unwrap();
             }
             let secs = t1.elapsed().as_secs_f64();
             dec.push(decode_len as f64 / secs);

