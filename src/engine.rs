@@ -81,6 +81,10 @@ enum Cmd {
         pos0: usize,
         rows: Range<usize>,
     },
+    BlockInput {
+        emb: Arc<Vec<f32>>,
+        layer: usize,
+    },
     SetSpd(Arc<Vec<bool>>),
     LoadLayer(usize, Box<BlockWeights>),
     Stats,
@@ -130,6 +134,7 @@ fn rank_loop<B: Backend>(
     while let Ok(cmd) = rx.recv() {
         let r = match cmd {
             Cmd::Forward { emb, pos0, rows } => model.forward(&emb, pos0, rows).map(Reply::Logits),
+            Cmd::BlockInput { emb, layer } => model.block_input(&emb, layer).map(Reply::Logits),
             Cmd::SetSpd(spd) => model.set_spd(&spd).map(|_| Reply::Done),
             Cmd::LoadLayer(l, w) => model.backend.load_layer(l, *w).map(|_| Reply::Done),
             Cmd::Stats => Ok(Reply::Stats(model.backend.comm_stats())),
@@ -308,6 +313,20 @@ impl Engine {
             vocab,
             data,
         })
+    }
+
+    /// The residual stream entering block `layer` for `tokens` at positions 0.. (t, d), under
+    /// the current plan. Every rank holds the same bits; rank 0's copy is returned.
+    pub fn block_input(&mut self, tokens: &[u32], layer: usize) -> Result<Vec<f32>> {
+        let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
+        let mut replies = self.broadcast(|| Cmd::BlockInput {
+            emb: emb.clone(),
+            layer,
+        })?;
+        match replies.swap_remove(0) {
+            Reply::Logits(h) => Ok(h),
+            _ => unreachable!("block_input replies with a hidden state"),
+        }
     }
 
     /// Switch blocks to SPD (`spd[l] == true`) or back to standard TP blocks.

@@ -17,6 +17,7 @@ pub mod assets;
 pub mod backend;
 pub mod comm;
 pub mod config;
+pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -209,6 +209,27 @@ impl<B: Backend> RankModel<B> {
         pos0: usize,
         rows: Range<usize>,
     ) -> Result<Vec<f32>> {
+        self.run(embeddings, pos0, rows, self.cfg.n_layers)
+    }
+
+    /// The residual stream entering block `layer` (t, d): the block input that block-to-block
+    /// distillation trains on. Runs blocks 0..layer under the current plan.
+    pub fn block_input(&mut self, embeddings: &[f32], layer: usize) -> Result<Vec<f32>> {
+        if layer >= self.cfg.n_layers {
+            return Err(Error::InvalidArgument(format!("no block {layer}")));
+        }
+        let t = embeddings.len() / self.cfg.hidden;
+        self.run(embeddings, 0, 0..t, layer)
+    }
+
+    /// Blocks 0..stop; if stop < n_layers, returns the hidden state instead of logits.
+    fn run(
+        &mut self,
+        embeddings: &[f32],
+        pos0: usize,
+        rows: Range<usize>,
+        stop: usize,
+    ) -> Result<Vec<f32>> {
         let d = self.cfg.hidden;
         let t = embeddings.len() / d;
         if t == 0 || rows.end > t || rows.is_empty() {
@@ -227,7 +248,7 @@ impl<B: Backend> RankModel<B> {
         let mut m = be.alloc(t * d)?;
         let mut u = be.alloc(t * d)?;
         be.upload(embeddings, &mut x)?;
-        for l in 0..self.cfg.n_layers {
+        for l in 0..stop {
             be.attn_in(l, &x, t, pos0, &mut q)?;
             be.attention(l, &q, t, pos0, &mut att)?;
             if self.spd[l] {
@@ -252,6 +273,11 @@ impl<B: Backend> RankModel<B> {
                 }
                 be.add(&mut x, &m, t * d)?;
             }
+        }
+        if stop < self.cfg.n_layers {
+            let mut host = vec![0f32; t * d];
+            be.download(&x, &mut host)?;
+            return Ok(host);
         }
         let nv = self.vocab.len();
         let mut logits = be.alloc(rows.len() * nv)?;

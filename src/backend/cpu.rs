@@ -42,17 +42,7 @@ impl CpuBackend {
                 rank,
                 msg: format!("thread pool: {e}"),
             })?;
-        let half = dims.head_dim / 2;
-        let mut rope_cos = vec![0f32; dims.capacity * half];
-        let mut rope_sin = vec![0f32; dims.capacity * half];
-        for p in 0..dims.capacity {
-            for i in 0..half {
-                let freq = (dims.rope_theta as f64).powf(-2.0 * i as f64 / dims.head_dim as f64);
-                let a = p as f64 * freq;
-                rope_cos[p * half + i] = a.cos() as f32;
-                rope_sin[p * half + i] = a.sin() as f32;
-            }
-        }
+        let (rope_cos, rope_sin) = rope_tables(dims.rope_theta, dims.head_dim, dims.capacity);
         let n_layers = dims.n_layers;
         Ok(CpuBackend {
             dims,
@@ -171,6 +161,84 @@ pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32
             par,
         );
     }
+}
+
+/// `out` (m, n) = a (m, k) @ b (k, n), or `out` += that when `accumulate`; each operand given
+/// with its (row stride, column stride), so transposes cost nothing.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    accumulate: bool,
+    a: (&[f32], usize, usize),
+    b: (&[f32], usize, usize),
+    threads: usize,
+) {
+    assert!(out.len() >= m * n, "gemm_strided: output too small");
+    let span = |(s, rs, cs): (&[f32], usize, usize), r: usize, c: usize| {
+        r == 0 || c == 0 || s.len() > (r - 1) * rs + (c - 1) * cs
+    };
+    assert!(
+        span(a, m, k) && span(b, k, n),
+        "gemm_strided: operand too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out[..m * n].fill(0.0);
+        }
+        return;
+    }
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above check that every (row, col) the strides address lies inside
+    // its slice; dst is (m, n) row-major and only read when `accumulate`.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.0.as_ptr(),
+            a.2 as isize,
+            a.1 as isize,
+            b.0.as_ptr(),
+            b.2 as isize,
+            b.1 as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// cos and sin tables (positions, head_dim / 2) for RoPE with base `theta`.
+pub fn rope_tables(theta: f32, head_dim: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; positions * half];
+    let mut sin = vec![0f32; positions * half];
+    for p in 0..positions {
+        for i in 0..half {
+            let freq = (theta as f64).powf(-2.0 * i as f64 / head_dim as f64);
+            let a = p as f64 * freq;
+            cos[p * half + i] = a.cos() as f32;
+            sin[p * half + i] = a.sin() as f32;
+        }
+    }
+    (cos, sin)
 }
 
 /// `out` = x / sqrt(mean(x^2) + eps) * w, row by row.

@@ -1,0 +1,584 @@
+//! Block-to-block (B2B) distillation of an SPD block (DESIGN.md section 3).
+//!
+//! Teacher: the original TP block. Student: the same block run as an SPD block, initialised
+//! from the teacher's weights. Both see the same block inputs X (from calibration text); the
+//! loss is the mean squared error between their outputs. Trained: each rank's output
+//! projection W_o[r], its own copy of the FFN norm, and its MLP shard — every parameter
+//! downstream of the dropped sync point. Q/K/V stay frozen: in an SPD block the attention
+//! itself is exact, so its outputs are computed once and cached.
+//!
+//! Gradients are written by hand (RMSNorm, SwiGLU, matmuls) and checked against finite
+//! differences in tests; the optimiser is Adam.
+
+use crate::backend::cpu::{attend, gemm_strided, rmsnorm, rope_head, rope_tables};
+use crate::backend::BlockWeights;
+use crate::config::LlamaConfig;
+use crate::error::{Error, Result};
+use crate::layout::RankShard;
+
+/// Attention output of one rank for one sequence: (t, q) = softmax(QK^T)V of its heads, before
+/// the output projection. X is (t, d) at positions 0..t.
+pub fn attention_output(
+    cfg: &LlamaConfig,
+    shard: &RankShard,
+    w: &BlockWeights,
+    x: &[f32],
+) -> Vec<f32> {
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    let t = x.len() / d;
+    let (nq, nkv) = (shard.q_heads.len(), shard.kv_heads.len());
+    let (qn, kvn) = (nq * hd, nkv * hd);
+    let width = qn + 2 * kvn;
+    let mut normed = vec![0f32; t * d];
+    rmsnorm(x, &w.attn_norm, cfg.rms_eps, &mut normed);
+    let mut qkv = vec![0f32; t * width];
+    gemm_strided(
+        t,
+        width,
+        d,
+        &mut qkv,
+        false,
+        (&normed, d, 1),
+        (&w.wqkv, 1, d),
+        1,
+    );
+    let (cos, sin) = rope_tables(cfg.rope_theta, hd, t);
+    let half = hd / 2;
+    for (p, row) in qkv.chunks_exact_mut(width).enumerate() {
+        if let Some(b) = &w.bqkv {
+            row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+        }
+        for h in row[..qn + kvn].chunks_exact_mut(hd) {
+            rope_head(
+                h,
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+                cfg.rope_style,
+            );
+        }
+    }
+    // gather K and V per local KV head: (nkv, t, hd)
+    let mut k = vec![0f32; nkv * t * hd];
+    let mut v = vec![0f32; nkv * t * hd];
+    for p in 0..t {
+        for kh in 0..nkv {
+            let src = p * width + qn + kh * hd;
+            k[(kh * t + p) * hd..(kh * t + p + 1) * hd].copy_from_slice(&qkv[src..src + hd]);
+            v[(kh * t + p) * hd..(kh * t + p + 1) * hd]
+                .copy_from_slice(&qkv[src + kvn..src + kvn + hd]);
+        }
+    }
+    let mut out = vec![0f32; t * qn];
+    let mut scores = Vec::new();
+    for (i, &h) in shard.q_heads.iter().enumerate() {
+        let kh = shard.local_kv(h, cfg.group_size());
+        for p in 0..t {
+            let q = &qkv[p * width + i * hd..p * width + (i + 1) * hd];
+            let base = kh * t * hd;
+            attend(
+                q,
+                &k[base..base + (p + 1) * hd],
+                &v[base..base + (p + 1) * hd],
+                p + 1,
+                &mut scores,
+                &mut out[p * qn + i * hd..p * qn + (i + 1) * hd],
+            );
+        }
+    }
+    out
+}
+
+/// The trainable part of one rank's SPD block.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StudentParams {
+    pub wo: Vec<f32>,        // (d, q)
+    pub ffn_norm: Vec<f32>,  // (d)
+    pub w_gate_up: Vec<f32>, // (2f, d)
+    pub w_down: Vec<f32>,    // (d, f)
+}
+
+impl StudentParams {
+    pub fn from_block(w: &BlockWeights) -> Self {
+        StudentParams {
+            wo: w.wo.clone(),
+            ffn_norm: w.ffn_norm.clone(),
+            w_gate_up: w.w_gate_up.clone(),
+            w_down: w.w_down.clone(),
+        }
+    }
+    pub fn apply(&self, w: &mut BlockWeights) {
+        w.wo.clone_from(&self.wo);
+        w.ffn_norm.clone_from(&self.ffn_norm);
+        w.w_gate_up.clone_from(&self.w_gate_up);
+        w.w_down.clone_from(&self.w_down);
+    }
+    fn zeros_like(&self) -> Self {
+        StudentParams {
+            wo: vec![0.0; self.wo.len()],
+            ffn_norm: vec![0.0; self.ffn_norm.len()],
+            w_gate_up: vec![0.0; self.w_gate_up.len()],
+            w_down: vec![0.0; self.w_down.len()],
+        }
+    }
+    fn tensors_mut(&mut self) -> [&mut Vec<f32>; 4] {
+        [
+            &mut self.wo,
+            &mut self.ffn_norm,
+            &mut self.w_gate_up,
+            &mut self.w_down,
+        ]
+    }
+}
+
+#[inline]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Saved activations of one rank's student forward, for the backward pass.
+struct RankTape {
+    u: Vec<f32>,    // (t, d) X + a_r
+    rinv: Vec<f32>, // (t) 1 / rms(u)
+    n: Vec<f32>,    // (t, d) normed
+    gu: Vec<f32>,   // (t, 2f) gate | up
+    s: Vec<f32>,    // (t, f) silu(gate) * up
+}
+
+/// Student rank r's contribution a_r + m_r (t, d), with its tape.
+fn rank_forward(
+    p: &StudentParams,
+    att: &[f32],
+    x: &[f32],
+    d: usize,
+    eps: f32,
+    th: usize,
+) -> (Vec<f32>, RankTape) {
+    let t = x.len() / d;
+    let q = p.wo.len() / d;
+    let f = p.w_down.len() / d;
+    let mut a = vec![0f32; t * d];
+    gemm_strided(t, d, q, &mut a, false, (att, q, 1), (&p.wo, 1, q), th);
+    let u: Vec<f32> = x.iter().zip(&a).map(|(x, a)| x + a).collect();
+    let mut n = vec![0f32; t * d];
+    rmsnorm(&u, &p.ffn_norm, eps, &mut n);
+    let rinv: Vec<f32> = u
+        .chunks_exact(d)
+        .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt())
+        .collect();
+    let mut gu = vec![0f32; t * 2 * f];
+    gemm_strided(
+        t,
+        2 * f,
+        d,
+        &mut gu,
+        false,
+        (&n, d, 1),
+        (&p.w_gate_up, 1, d),
+        th,
+    );
+    let mut s = vec![0f32; t * f];
+    for ti in 0..t {
+        for j in 0..f {
+            let g = gu[ti * 2 * f + j];
+            s[ti * f + j] = g * sigmoid(g) * gu[ti * 2 * f + f + j];
+        }
+    }
+    // out = a + s @ w_down^T
+    gemm_strided(t, d, f, &mut a, true, (&s, f, 1), (&p.w_down, 1, f), th);
+    (a, RankTape { u, rinv, n, gu, s })
+}
+
+/// Gradients of one rank's parameters given dOut (t, d).
+#[allow(clippy::too_many_arguments)]
+fn rank_backward(
+    p: &StudentParams,
+    tape: &RankTape,
+    att: &[f32],
+    dout: &[f32],
+    d: usize,
+    th: usize,
+    g: &mut StudentParams,
+) {
+    let t = dout.len() / d;
+    let q = p.wo.len() / d;
+    let f = p.w_down.len() / d;
+    // m = s @ Wd^T: dWd += dout^T s ; ds = dout @ Wd
+    gemm_strided(
+        d,
+        f,
+        t,
+        &mut g.w_down,
+        true,
+        (dout, 1, d),
+        (&tape.s, f, 1),
+        th,
+    );
+    let mut ds = vec![0f32; t * f];
+    gemm_strided(t, f, d, &mut ds, false, (dout, d, 1), (&p.w_down, f, 1), th);
+    // s = silu(gate) * up
+    let mut dgu = vec![0f32; t * 2 * f];
+    for ti in 0..t {
+        for j in 0..f {
+            let gate = tape.gu[ti * 2 * f + j];
+            let up = tape.gu[ti * 2 * f + f + j];
+            let sg = sigmoid(gate);
+            let dsv = ds[ti * f + j];
+            dgu[ti * 2 * f + j] = dsv * up * sg * (1.0 + gate * (1.0 - sg));
+            dgu[ti * 2 * f + f + j] = dsv * gate * sg;
+        }
+    }
+    // gu = n @ Wgu^T: dWgu += dgu^T n ; dn = dgu @ Wgu
+    gemm_strided(
+        2 * f,
+        d,
+        t,
+        &mut g.w_gate_up,
+        true,
+        (&dgu, 1, 2 * f),
+        (&tape.n, d, 1),
+        th,
+    );
+    let mut dn = vec![0f32; t * d];
+    gemm_strided(
+        t,
+        d,
+        2 * f,
+        &mut dn,
+        false,
+        (&dgu, 2 * f, 1),
+        (&p.w_gate_up, d, 1),
+        th,
+    );
+    // n = u * rinv * w: dw += sum_t dn * u * rinv ; du = rinv * (dn*w - u * rinv^2 * mean(dn*w*u))
+    let mut da = dout.to_vec(); // out = a + m: the direct path
+    for ti in 0..t {
+        let r = tape.rinv[ti];
+        let (u, dnr) = (&tape.u[ti * d..(ti + 1) * d], &dn[ti * d..(ti + 1) * d]);
+        let mut dot = 0f32;
+        for j in 0..d {
+            g.ffn_norm[j] += dnr[j] * u[j] * r;
+            dot += dnr[j] * p.ffn_norm[j] * u[j];
+        }
+        let c = r * r * r * dot / d as f32;
+        for j in 0..d {
+            da[ti * d + j] += r * dnr[j] * p.ffn_norm[j] - u[j] * c;
+        }
+    }
+    // a = att @ Wo^T: dWo += da^T att
+    gemm_strided(d, q, t, &mut g.wo, true, (&da, 1, d), (att, q, 1), th);
+}
+
+/// One sequence of training data for a block: its input X (t, d), each rank's cached
+/// attention output (t, q_r), and the teacher's output (t, d).
+pub struct Sample {
+    pub x: Vec<f32>,
+    pub att: Vec<Vec<f32>>,
+    pub target: Vec<f32>,
+}
+
+/// Output of the SPD student block: X + sum_r (a_r + m_r), summed in rank order.
+pub fn student_output(
+    params: &[StudentParams],
+    s: &Sample,
+    d: usize,
+    eps: f32,
+    th: usize,
+) -> Vec<f32> {
+    let mut out = s.x.clone();
+    for (p, att) in params.iter().zip(&s.att) {
+        let (o, _) = rank_forward(p, att, &s.x, d, eps, th);
+        out.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+    }
+    out
+}
+
+/// Output of the original TP block (the teacher) from the ranks' original weights.
+pub fn teacher_output(
+    weights: &[BlockWeights],
+    att: &[Vec<f32>],
+    x: &[f32],
+    d: usize,
+    eps: f32,
+    th: usize,
+) -> Vec<f32> {
+    let t = x.len() / d;
+    let mut y = x.to_vec();
+    for (w, a) in weights.iter().zip(att) {
+        let q = w.wo.len() / d;
+        gemm_strided(t, d, q, &mut y, true, (a, q, 1), (&w.wo, 1, q), th);
+    }
+    let mut n = vec![0f32; t * d];
+    rmsnorm(&y, &weights[0].ffn_norm, eps, &mut n);
+    let mut out = y.clone();
+    for w in weights {
+        let f = w.w_down.len() / d;
+        let mut gu = vec![0f32; t * 2 * f];
+        gemm_strided(
+            t,
+            2 * f,
+            d,
+            &mut gu,
+            false,
+            (&n, d, 1),
+            (&w.w_gate_up, 1, d),
+            th,
+        );
+        let mut s = vec![0f32; t * f];
+        for ti in 0..t {
+            for j in 0..f {
+                let g = gu[ti * 2 * f + j];
+                s[ti * f + j] = g * sigmoid(g) * gu[ti * 2 * f + f + j];
+            }
+        }
+        gemm_strided(t, d, f, &mut out, true, (&s, f, 1), (&w.w_down, 1, f), th);
+    }
+    out
+}
+
+/// Mean squared error and its gradients with respect to every rank's parameters.
+pub fn loss_and_grads(
+    params: &[StudentParams],
+    s: &Sample,
+    d: usize,
+    eps: f32,
+    th: usize,
+) -> (f64, Vec<StudentParams>) {
+    let mut out = s.x.clone();
+    let mut tapes = Vec::with_capacity(params.len());
+    for (p, att) in params.iter().zip(&s.att) {
+        let (o, tape) = rank_forward(p, att, &s.x, d, eps, th);
+        out.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        tapes.push(tape);
+    }
+    let n = out.len() as f64;
+    let mut loss = 0f64;
+    let dout: Vec<f32> = out
+        .iter()
+        .zip(&s.target)
+        .map(|(o, t)| {
+            let e = (o - t) as f64;
+            loss += e * e;
+            (2.0 * e / n) as f32
+        })
+        .collect();
+    let grads = params
+        .iter()
+        .zip(&tapes)
+        .zip(&s.att)
+        .map(|((p, tape), att)| {
+            let mut g = p.zeros_like();
+            rank_backward(p, tape, att, &dout, d, th, &mut g);
+            g
+        })
+        .collect();
+    (loss / n, grads)
+}
+
+#[derive(Debug, Clone)]
+pub struct DistillConfig {
+    pub epochs: usize,
+    pub lr: f32,
+    pub threads: usize,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            epochs: 10,
+            lr: 5e-5,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DistillReport {
+    pub mse_before: f64,
+    pub mse_after: f64,
+    pub steps: usize,
+    pub secs: f64,
+}
+
+/// Adam over all samples for `epochs` epochs (one step per sample). Returns the trained
+/// parameters and the mean loss before and after.
+pub fn distill(
+    init: Vec<StudentParams>,
+    data: &[Sample],
+    d: usize,
+    eps: f32,
+    cfg: &DistillConfig,
+) -> Result<(Vec<StudentParams>, DistillReport)> {
+    if data.is_empty() {
+        return Err(Error::InvalidArgument(
+            "distillation needs at least one sample".into(),
+        ));
+    }
+    let t0 = std::time::Instant::now();
+    let th = cfg.threads;
+    let mean_loss = |p: &[StudentParams]| -> f64 {
+        data.iter()
+            .map(|s| loss_and_grads(p, s, d, eps, th).0)
+            .sum::<f64>()
+            / data.len() as f64
+    };
+    let before = mean_loss(&init);
+    let mut params = init;
+    let mut m: Vec<StudentParams> = params.iter().map(StudentParams::zeros_like).collect();
+    let mut v = m.clone();
+    let (b1, b2, e) = (0.9f32, 0.999f32, 1e-8f32);
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        for s in data {
+            step += 1;
+            let (_, grads) = loss_and_grads(&params, s, d, eps, th);
+            let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
+            for (((p, g), mr), vr) in params
+                .iter_mut()
+                .zip(grads)
+                .zip(m.iter_mut())
+                .zip(v.iter_mut())
+            {
+                let mut g = g;
+                for (((pt, gt), mt), vt) in p
+                    .tensors_mut()
+                    .into_iter()
+                    .zip(g.tensors_mut())
+                    .zip(mr.tensors_mut())
+                    .zip(vr.tensors_mut())
+                {
+                    for i in 0..pt.len() {
+                        mt[i] = b1 * mt[i] + (1.0 - b1) * gt[i];
+                        vt[i] = b2 * vt[i] + (1.0 - b2) * gt[i] * gt[i];
+                        pt[i] -= cfg.lr * (mt[i] / c1) / ((vt[i] / c2).sqrt() + e);
+                    }
+                }
+            }
+        }
+    }
+    let after = mean_loss(&params);
+    Ok((
+        params,
+        DistillReport {
+            mse_before: before,
+            mse_after: after,
+            steps: step,
+            secs: t0.elapsed().as_secs_f64(),
+        },
+    ))
+}
+
+/// Distil block `layer` of `engine` on calibration sequences and load the result into the
+/// engine. Block inputs come from the engine under its current plan (so earlier SPD blocks
+/// are accounted for); the teacher is the original TP block on those inputs.
+pub fn distill_layer(
+    engine: &mut crate::engine::Engine,
+    calib: &[Vec<u32>],
+    layer: usize,
+    cfg: &DistillConfig,
+) -> Result<(Vec<BlockWeights>, DistillReport)> {
+    let mcfg = engine.cfg.clone();
+    let shards = engine.layout.ranks.clone();
+    let weights: Vec<BlockWeights> = shards
+        .iter()
+        .map(|s| crate::model::load_block(&engine.files, &mcfg, s, layer))
+        .collect::<Result<_>>()?;
+    let mut data = Vec::with_capacity(calib.len());
+    for seq in calib {
+        let x = engine.block_input(seq, layer)?;
+        let att: Vec<Vec<f32>> = shards
+            .iter()
+            .zip(&weights)
+            .map(|(s, w)| attention_output(&mcfg, s, w, &x))
+            .collect();
+        let target = teacher_output(&weights, &att, &x, mcfg.hidden, mcfg.rms_eps, cfg.threads);
+        data.push(Sample { x, att, target });
+    }
+    let init = weights.iter().map(StudentParams::from_block).collect();
+    let (trained, report) = distill(init, &data, mcfg.hidden, mcfg.rms_eps, cfg)?;
+    let mut out = weights;
+    for (w, p) in out.iter_mut().zip(&trained) {
+        p.apply(w);
+    }
+    engine.load_layer(layer, out.clone())?;
+    Ok((out, report))
+}
+
+/// Save distilled blocks: tensors `blk.{l}.rank{r}.{wo,ffn_norm,w_gate_up,w_down}` (f32).
+pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights>)]) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (l, ranks) in blocks {
+        for (r, w) in ranks.iter().enumerate() {
+            for (name, data) in [
+                ("wo", &w.wo),
+                ("ffn_norm", &w.ffn_norm),
+                ("w_gate_up", &w.w_gate_up),
+                ("w_down", &w.w_down),
+            ] {
+                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                tensors.push((format!("blk.{l}.rank{r}.{name}"), vec![data.len()], bytes));
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, s, b)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| Error::Safetensors {
+                    path: path.to_path_buf(),
+                    msg: e.to_string(),
+                })
+        })
+        .collect::<Result<_>>()?;
+    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
+}
+
+/// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed).
+pub fn load_distilled(
+    path: &std::path::Path,
+    engine: &mut crate::engine::Engine,
+    layers: &[usize],
+) -> Result<()> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
+    let mcfg = engine.cfg.clone();
+    for &l in layers {
+        let mut ranks = Vec::new();
+        for (r, shard) in engine.layout.ranks.clone().iter().enumerate() {
+            let mut w = crate::model::load_block(&engine.files, &mcfg, shard, l)?;
+            for (name, dst) in [
+                ("wo", &mut w.wo),
+                ("ffn_norm", &mut w.ffn_norm),
+                ("w_gate_up", &mut w.w_gate_up),
+                ("w_down", &mut w.w_down),
+            ] {
+                let key = format!("blk.{l}.rank{r}.{name}");
+                let t = st
+                    .tensor(&key)
+                    .map_err(|_| Error::MissingTensor(format!("{key} in {}", path.display())))?;
+                let vals: Vec<f32> = t
+                    .data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                if vals.len() != dst.len() {
+                    return Err(Error::ShapeMismatch {
+                        tensor: key,
+                        expected: vec![dst.len()],
+                        found: vec![vals.len()],
+                    });
+                }
+                *dst = vals;
+            }
+            ranks.push(w);
+        }
+        engine.load_layer(l, ranks)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! Block-to-block distillation: hand-written gradients against finite differences, the host
+//! student/teacher against the engine's SPD / standard blocks, and training that lowers the loss.
+
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use syncdrop::distill::*;
+use syncdrop::model::load_block;
+use syncdrop::quant::GgmlType;
+use syncdrop::{Engine, EngineOptions, ModelFiles};
+
+fn setup(tp: usize, tag: &str) -> (Engine, std::path::PathBuf) {
+    let dir = tmpdir(tag);
+    let t = Tiny {
+        qkv_bias: true,
+        ..Tiny::small()
+    };
+    write_gguf(&dir.join("m.gguf"), &t, 11, GgmlType::F32, "llama");
+    let files = Arc::new(ModelFiles::open(dir.join("m.gguf")).unwrap());
+    let e = Engine::new(
+        files,
+        &EngineOptions {
+            tp,
+            threads: 1,
+            capacity: 64,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (e, dir)
+}
+
+fn sample(
+    e: &mut Engine,
+    tokens: &[u32],
+    layer: usize,
+) -> (Sample, Vec<syncdrop::backend::BlockWeights>) {
+    let cfg = e.cfg.clone();
+    let weights: Vec<_> = e
+        .layout
+        .ranks
+        .iter()
+        .map(|s| load_block(&e.files, &cfg, s, layer).unwrap())
+        .collect();
+    let x = e.block_input(tokens, layer).unwrap();
+    let att: Vec<Vec<f32>> = e
+        .layout
+        .ranks
+        .iter()
+        .zip(&weights)
+        .map(|(s, w)| attention_output(&cfg, s, w, &x))
+        .collect();
+    let target = teacher_output(&weights, &att, &x, cfg.hidden, cfg.rms_eps, 1);
+    (Sample { x, att, target }, weights)
+}
+
+#[test]
+fn host_student_and_teacher_match_the_engine_blocks() {
+    let (mut e, dir) = setup(2, "dmatch");
+    let toks = [3u32, 9, 27, 17, 51, 4];
+    let (s, weights) = sample(&mut e, &toks, 0);
+    // teacher == the engine's standard block 0 (its output is block 1's input)
+    let std_out = e.block_input(&toks, 1).unwrap();
+    assert!(max_abs_diff(&s.target, &std_out) < 1e-4, "teacher");
+    // student at init == the engine's SPD block 0
+    e.set_spd(&[true, false]).unwrap();
+    let spd_out = e.block_input(&toks, 1).unwrap();
+    let init: Vec<_> = weights.iter().map(StudentParams::from_block).collect();
+    let student = student_output(&init, &s, e.cfg.hidden, e.cfg.rms_eps, 1);
+    assert!(max_abs_diff(&student, &spd_out) < 1e-4, "student");
+    assert!(
+        max_abs_diff(&spd_out, &std_out) > 1e-3,
+        "SPD made no difference"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    let (mut e, dir) = setup(2, "dgrad");
+    let (mut s, weights) = sample(&mut e, &[1, 2, 3, 4, 5], 1);
+    let (d, eps) = (e.cfg.hidden, e.cfg.rms_eps);
+    // perturb the target so the loss is not at a minimum
+    s.target
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, v)| *v += 0.3 * ((i % 7) as f32 - 3.0));
+    let params: Vec<StudentParams> = weights.iter().map(StudentParams::from_block).collect();
+    let (_, grads) = loss_and_grads(&params, &s, d, eps, 1);
+    let h = 1e-2f32;
+    let mut checked = 0;
+    for r in 0..params.len() {
+        for which in 0..4 {
+            for idx in [0usize, 5, 17] {
+                let get = |p: &StudentParams| -> Vec<f32> {
+                    [&p.wo, &p.ffn_norm, &p.w_gate_up, &p.w_down][which].clone()
+                };
+                if idx >= get(&params[r]).len() {
+                    continue;
+                }
+                let mut plus = params.clone();
+                let mut minus = params.clone();
+                for (p, sign) in [(&mut plus, 1.0f32), (&mut minus, -1.0)] {
+                    let t = match which {
+                        0 => &mut p[r].wo,
+                        1 => &mut p[r].ffn_norm,
+                        2 => &mut p[r].w_gate_up,
+                        _ => &mut p[r].w_down,
+                    };
+                    t[idx] += sign * h;
+                }
+                let fd = (loss_and_grads(&plus, &s, d, eps, 1).0
+                    - loss_and_grads(&minus, &s, d, eps, 1).0)
+                    / (2.0 * h as f64);
+                let an = get(&grads[r])[idx] as f64;
+                assert!(
+                    (fd - an).abs() <= 2e-3 + 0.05 * an.abs().max(fd.abs()),
+                    "rank {r} tensor {which} idx {idx}: finite difference {fd} vs analytic {an}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn distillation_lowers_the_block_loss_and_round_trips_through_a_file() {
+    let (mut e, dir) = setup(2, "dtrain");
+    let calib: Vec<Vec<u32>> = (0..4)
+        .map(|s| (0..12).map(|i| (i * 7 + s * 13) % 64).collect())
+        .collect();
+    let cfg = DistillConfig {
+        epochs: 30,
+        lr: 3e-3,
+        threads: 1,
+    };
+    e.set_spd(&[true, false]).unwrap();
+    let before = e.block_input(&calib[0], 1).unwrap();
+    let (blocks, report) = distill_layer(&mut e, &calib, 0, &cfg).unwrap();
+    assert!(report.mse_after < 0.5 * report.mse_before, "{report:?}");
+    let after = e.block_input(&calib[0], 1).unwrap();
+    assert!(
+        max_abs_diff(&before, &after) > 1e-4,
+        "engine did not take the distilled weights"
+    );
+    // save, reload into a fresh engine: same outputs
+    let path = dir.join("distilled.safetensors");
+    save_distilled(&path, &[(0, blocks)]).unwrap();
+    let (mut e2, dir2) = setup(2, "dtrain2");
+    e2.set_spd(&[true, false]).unwrap();
+    load_distilled(&path, &mut e2, &[0]).unwrap();
+    assert_eq!(e2.block_input(&calib[0], 1).unwrap(), after);
+    assert!(
+        load_distilled(&path, &mut e2, &[1]).is_err(),
+        "layer 1 was never distilled"
+    );
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir2).ok();
+}
