@@ -1,22 +1,29 @@
-//! The syncdrop reference runner: tensor-parallel LLaMA on real weights.
+//! The syncdrop reference runner: tensor-parallel LLaMA on real weights, and the SPD tools.
 //!
 //!   cargo run --release --example llama -- generate --tp 3 --prompt "The capital of France is"
 //!   cargo run --release --example llama -- perplexity --tp 3 --lambada 50
+//!   cargo run --release --example llama -- sensitivity --tp 4 --plot sens.svg
+//!   cargo run --release --example llama -- plan --tp 4 --budget-acc 1 --b2b --out plan.json
+//!   cargo run --release --example llama -- eval --tp 4 --spd plan.json
 //!
 //! The model defaults to the SmolLM2 GGUF fetched by `scripts/fetch-assets.sh`.
 
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use syncdrop::distill::{distill_layer, load_distilled, save_distilled, DistillConfig};
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
 use syncdrop::eval::{lambada, perplexity_texts, score_tokens};
 use syncdrop::generate::{generate, Sampler, SamplerConfig};
+use syncdrop::planner::{self, Budget};
+use syncdrop::spd::{self, model_sha256, Recovery, Sensitivity, SpdPlan};
+use syncdrop::tasks::{self, evaluate_suite, SuiteScore};
 use syncdrop::tokenizer::{chatml, Tokenizer};
-use syncdrop::{assets, ModelFiles, Result};
+use syncdrop::{assets, Error, ModelFiles, Result};
 
 #[derive(Parser)]
-#[command(name = "llama", about = "syncdrop reference runner: tensor-parallel LLaMA inference", long_about = None)]
+#[command(name = "llama", about = "syncdrop reference runner: tensor-parallel LLaMA inference and SPD tools", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -40,6 +47,19 @@ struct Common {
     /// KV-cache capacity in tokens.
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
+    /// Sync-Point Drop: a plan file (JSON from `plan`), `all` or `none`.
+    #[arg(long, default_value = "none")]
+    spd: String,
+}
+
+#[derive(Args, Clone)]
+struct Calib {
+    /// Calibration passages (BoolQ's Wikipedia passages) for sensitivity and distillation.
+    #[arg(long, default_value_t = 16)]
+    calib: usize,
+    /// Tokens per calibration passage (longer ones are cut).
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
 }
 
 #[derive(Subcommand)]
@@ -89,9 +109,94 @@ enum Cmd {
         #[arg(long, default_value_t = 256)]
         stride: usize,
     },
+    /// Zero-shot accuracy on the SPD paper's tasks (lm-eval scoring), table + JSON.
+    Eval {
+        #[command(flatten)]
+        common: Common,
+        /// Comma-separated tasks (default: arc_easy,arc_challenge,hellaswag,lambada,piqa,sciq,winogrande).
+        #[arg(long)]
+        tasks: Option<String>,
+        /// Documents per task (a fixed-seed sample).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Which half of a split sample: search (0) or held-out (1); default: no split.
+        #[arg(long)]
+        split: Option<usize>,
+        /// Write the scores as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Per-block SPD sensitivity (the SPD paper's Algorithm 1): table, JSON, SVG plot.
+    Sensitivity {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        calib: Calib,
+        /// In-sensitive threshold t1 for the plot (default: median sensitivity).
+        #[arg(long)]
+        t1: Option<f64>,
+        /// Extremely-sensitive threshold t2 (default: 90th percentile).
+        #[arg(long)]
+        t2: Option<f64>,
+        #[arg(long, default_value = "sensitivity.json")]
+        out: PathBuf,
+        #[arg(long, default_value = "sensitivity.svg")]
+        plot: PathBuf,
+    },
+    /// Choose the largest SPD plan within an accuracy budget, verified on held-out data.
+    Plan {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        calib: Calib,
+        /// Budget as a maximum relative perplexity increase in percent (LAMBADA passages).
+        #[arg(long, conflicts_with = "budget_acc")]
+        budget_ppl: Option<f64>,
+        /// Budget as a maximum drop of average task accuracy, in points.
+        #[arg(long)]
+        budget_acc: Option<f64>,
+        /// Documents per task (accuracy budget) or LAMBADA passages (perplexity budget) in
+        /// each of the search and held-out splits.
+        #[arg(long, default_value_t = 40)]
+        limit: usize,
+        /// Also distil (B2B) the blocks beyond the zero-shot set while the budget holds.
+        #[arg(long)]
+        b2b: bool,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f32,
+        /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
+        #[arg(long)]
+        sensitivity: Option<PathBuf>,
+        #[arg(long, default_value = "plan.json")]
+        out: PathBuf,
+    },
+    /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
+    Distill {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        calib: Calib,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f32,
+        /// Output plan (the weights go beside it as <name>.safetensors).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
-fn open(common: &Common) -> Result<(Engine, Tokenizer)> {
+struct Opened {
+    engine: Engine,
+    tok: Tokenizer,
+    sha: Option<String>,
+}
+
+fn open(common: &Common) -> Result<Opened> {
     let path = match &common.model {
         Some(p) => p.clone(),
         None => assets::smollm2()?,
@@ -109,11 +214,40 @@ fn open(common: &Common) -> Result<(Engine, Tokenizer)> {
         layout: None,
     };
     let t0 = std::time::Instant::now();
-    let engine = Engine::new(files, &opts)?;
+    let mut engine = Engine::new(files, &opts)?;
+    let n = engine.cfg.n_layers;
+    let mut sha = None;
+    let spd_desc = match common.spd.as_str() {
+        "none" => "none".to_string(),
+        "all" => {
+            engine.set_spd(&vec![true; n])?;
+            format!("all {n} blocks")
+        }
+        plan_path => {
+            let plan_path = Path::new(plan_path);
+            let plan = SpdPlan::load(plan_path)?;
+            let s = model_sha256(&engine.files)?;
+            plan.validate(&engine, &s)?;
+            engine.set_spd(&plan.spd_mask())?;
+            if let Some(w) = &plan.distilled {
+                let w = plan_path.parent().unwrap_or(Path::new(".")).join(w);
+                let layers: Vec<usize> = (0..n)
+                    .filter(|i| plan.layers[*i].recovery == Some(Recovery::B2b))
+                    .collect();
+                load_distilled(&w, &mut engine, &layers)?;
+            }
+            sha = Some(s);
+            format!(
+                "{} ({:.0}% of blocks)",
+                plan_path.display(),
+                100.0 * plan.fraction()
+            )
+        }
+    };
     eprintln!(
-        "loaded {} ({} layers, {} heads / {} KV heads) at TP {} (heads {}) on {:?} in {:.2}s",
+        "loaded {} ({} layers, {} heads / {} KV heads) at TP {} (heads {}) on {:?} in {:.2}s; SPD: {spd_desc}",
         path.display(),
-        engine.cfg.n_layers,
+        n,
         engine.cfg.n_heads,
         engine.cfg.n_kv_heads,
         engine.tp(),
@@ -121,7 +255,53 @@ fn open(common: &Common) -> Result<(Engine, Tokenizer)> {
         common.backend,
         t0.elapsed().as_secs_f64()
     );
-    Ok((engine, tok))
+    Ok(Opened { engine, tok, sha })
+}
+
+fn calibration(tok: &Tokenizer, c: &Calib) -> Result<Vec<Vec<u32>>> {
+    tasks::boolq_passages(&assets::eval_dir()?, c.calib)?
+        .iter()
+        .map(|p| {
+            let mut ids = tok.encode(p)?;
+            ids.truncate(c.seq_len);
+            Ok(ids)
+        })
+        .collect()
+}
+
+fn task_list(s: &Option<String>) -> Vec<String> {
+    match s {
+        Some(s) => s.split(',').map(|t| t.trim().to_string()).collect(),
+        None => tasks::PAPER_TASKS.iter().map(|s| s.to_string()).collect(),
+    }
+}
+
+fn print_suite(s: &SuiteScore) {
+    println!("| task | n | acc | acc_norm | stderr |");
+    println!("|---|---|---|---|---|");
+    for t in &s.tasks {
+        println!(
+            "| {} | {} | {:.4} | {:.4} | {:.4} |",
+            t.task,
+            t.n,
+            t.acc,
+            t.acc_norm,
+            t.stderr()
+        );
+    }
+    println!(
+        "| **average** (acc_norm for arc/hellaswag/piqa) | | {:.4} | | {:.4} |",
+        s.average, s.average_stderr
+    );
+}
+
+fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(v).expect("serialisable"))
+        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+}
+
+fn sibling(path: &Path, ext: &str) -> PathBuf {
+    path.with_extension(ext)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -137,7 +317,9 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             print_ids,
         } => {
-            let (mut engine, tok) = open(&common)?;
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
             let text = if chat {
                 chatml(system.as_deref().or(tok.default_system.as_deref()), &prompt)
             } else {
@@ -174,11 +356,6 @@ fn run(cli: Cli) -> Result<()> {
             if print_ids {
                 eprintln!("{{\"prompt\": {ids:?}, \"tokens\": {generated:?}}}");
             }
-            let syncs_per_decode = if stats.decode_tokens + 1 > 0 {
-                stats.comm.all_reduces as f64 / (stats.decode_tokens + 1) as f64
-            } else {
-                0.0
-            };
             eprintln!(
                 "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | sync points: {} ({:.0} per forward), {:.1} ms in communication ({:.1}%)",
                 stats.prefill_tokens,
@@ -186,7 +363,7 @@ fn run(cli: Cli) -> Result<()> {
                 stats.decode_tokens,
                 stats.decode_tps(),
                 stats.comm.all_reduces,
-                syncs_per_decode,
+                stats.comm.all_reduces as f64 / (stats.decode_tokens + 1) as f64,
                 stats.comm.seconds() * 1e3,
                 100.0 * stats.comm.seconds() / (stats.prefill_secs + stats.decode_secs).max(1e-12)
             );
@@ -198,13 +375,14 @@ fn run(cli: Cli) -> Result<()> {
             window,
             stride,
         } => {
-            let (mut engine, tok) = open(&common)?;
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
             engine.reset_comm_stats()?;
             let (what, r) = match file {
                 Some(f) => {
-                    let text = std::fs::read_to_string(&f).map_err(|e| {
-                        syncdrop::Error::InvalidArgument(format!("{}: {e}", f.display()))
-                    })?;
+                    let text = std::fs::read_to_string(&f)
+                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", f.display())))?;
                     let ids = tok.encode(&text)?;
                     (
                         f.display().to_string(),
@@ -231,6 +409,244 @@ fn run(cli: Cli) -> Result<()> {
                 comm.all_reduces,
                 comm.seconds()
             );
+        }
+        Cmd::Eval {
+            common,
+            tasks: names,
+            limit,
+            seed,
+            split,
+            out,
+        } => {
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
+            let dir = assets::eval_dir()?;
+            let sets = task_list(&names)
+                .into_iter()
+                .map(|t| {
+                    Ok((
+                        t.clone(),
+                        tasks::sample(&tasks::load_task(&dir, &t)?, limit, seed, split),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let s = evaluate_suite(&mut engine, &tok, &sets, true)?;
+            print_suite(&s);
+            if let Some(out) = out {
+                write_json(&out, &s)?;
+            }
+        }
+        Cmd::Sensitivity {
+            common,
+            calib,
+            t1,
+            t2,
+            out,
+            plot,
+        } => {
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
+            let seqs = calibration(&tok, &calib)?;
+            let s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+            let mut sorted = s.sensitivity.clone();
+            sorted.sort_by(f64::total_cmp);
+            let t1 = t1.unwrap_or(sorted[sorted.len() / 2]);
+            let t2 = t2.unwrap_or(sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)]);
+            println!(
+                "base perplexity {:.4} on {} calibration passages",
+                s.base_ppl,
+                seqs.len()
+            );
+            println!("| block | ppl with blocks i.. SPD | sensitivity | class |");
+            println!("|---|---|---|---|");
+            for (i, v) in s.sensitivity.iter().enumerate() {
+                println!(
+                    "| {i} | {:.4} | {v:+.4} | {:?} |",
+                    s.ppl_from[i],
+                    spd::classify(*v, t1, t2)
+                );
+            }
+            write_json(&out, &s)?;
+            spd::plot_sensitivity(
+                &s,
+                t1,
+                t2,
+                &format!("SPD sensitivity, TP {}", engine.tp()),
+                &plot,
+            )?;
+            eprintln!("wrote {} and {}", out.display(), plot.display());
+        }
+        Cmd::Plan {
+            common,
+            calib,
+            budget_ppl,
+            budget_acc,
+            limit,
+            b2b,
+            epochs,
+            lr,
+            sensitivity,
+            out,
+        } => {
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
+            let budget = match (budget_ppl, budget_acc) {
+                (Some(p), None) => Budget::PplIncrease(p / 100.0),
+                (None, Some(a)) => Budget::AccDrop(a / 100.0),
+                _ => {
+                    return Err(Error::InvalidArgument(
+                        "give --budget-ppl PERCENT or --budget-acc POINTS".into(),
+                    ))
+                }
+            };
+            let seqs = calibration(&tok, &calib)?;
+            let sens: Sensitivity = match sensitivity {
+                Some(p) => serde_json::from_str(
+                    &std::fs::read_to_string(&p)
+                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?,
+                )
+                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?,
+                None => spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?,
+            };
+            let dir = assets::eval_dir()?;
+            let mut metric: Box<dyn planner::Metric> = match budget {
+                Budget::PplIncrease(_) => {
+                    let texts: Vec<String> =
+                        lambada(&dir, 2 * limit)?.iter().map(|p| p.text()).collect();
+                    let tok = &tok;
+                    let halves: Vec<Vec<String>> = vec![
+                        texts[..limit.min(texts.len())].to_vec(),
+                        texts[limit.min(texts.len())..].to_vec(),
+                    ];
+                    let seqs: Vec<Vec<Vec<u32>>> = halves
+                        .iter()
+                        .map(|h| h.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>())
+                        .collect::<Result<_>>()?;
+                    Box::new(move |e: &mut Engine, split: usize| {
+                        spd::perplexity_of(e, &seqs[split], 512)
+                    })
+                }
+                Budget::AccDrop(_) => {
+                    let mut splits = vec![Vec::new(), Vec::new()];
+                    for t in tasks::PAPER_TASKS {
+                        let task = tasks::load_task(&dir, t)?;
+                        for (s, v) in splits.iter_mut().enumerate() {
+                            v.push((t.to_string(), tasks::sample(&task, limit, 0, Some(s))));
+                        }
+                    }
+                    let tok2 = Tokenizer::from_gguf(match &*engine.files {
+                        ModelFiles::Gguf(g) => g,
+                        _ => {
+                            return Err(Error::InvalidArgument(
+                                "accuracy budgets need a GGUF model (tokenizer)".into(),
+                            ))
+                        }
+                    })?;
+                    Box::new(move |e: &mut Engine, split: usize| {
+                        Ok(evaluate_suite(e, &tok2, &splits[split], false)?.average)
+                    })
+                }
+            };
+            let dcfg = DistillConfig {
+                epochs,
+                lr,
+                ..Default::default()
+            };
+            let (outcome, distilled) = planner::plan(
+                &mut engine,
+                &sens,
+                budget,
+                metric.as_mut(),
+                &seqs,
+                b2b.then_some(&dcfg),
+                |m| eprintln!("{m}"),
+            )?;
+            let sha = model_sha256(&engine.files)?;
+            let mut plan = planner::plan_file(&engine, sha, &sens, &outcome, budget);
+            if !distilled.is_empty() {
+                let w = sibling(&out, "safetensors");
+                save_distilled(&w, &distilled)?;
+                plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
+            }
+            plan.save(&out)?;
+            spd::plot_sensitivity(
+                &sens,
+                outcome.t1,
+                outcome.t2,
+                &format!(
+                    "SPD sensitivity and the planner's thresholds, TP {}",
+                    engine.tp()
+                ),
+                &sibling(&out, "svg"),
+            )?;
+            println!(
+                "plan: {} of {} blocks SPD ({:.0}%): {} zero-shot, {} B2B; thresholds t1 = {:.4}, t2 = {:.4}",
+                outcome.spd.iter().filter(|s| **s).count(),
+                outcome.spd.len(),
+                100.0 * outcome.fraction,
+                outcome.zero_shot_blocks,
+                outcome.b2b_blocks,
+                outcome.t1,
+                outcome.t2
+            );
+            println!(
+                "search split: {:.4} -> {:.4}; held-out split: {:.4} -> {:.4} (loss {:+.4}, budget {}): {}",
+                outcome.search_base,
+                outcome.search_score,
+                outcome.heldout_base,
+                outcome.heldout_score,
+                outcome.heldout_loss,
+                budget.limit(),
+                if outcome.within_budget_on_heldout { "within budget" } else { "OVER budget on held-out data" }
+            );
+            eprintln!(
+                "wrote {} ({} evaluations)",
+                out.display(),
+                outcome.evaluations
+            );
+        }
+        Cmd::Distill {
+            common,
+            calib,
+            epochs,
+            lr,
+            out,
+        } => {
+            let Opened {
+                mut engine,
+                tok,
+                sha,
+            } = open(&common)?;
+            let plan_path = PathBuf::from(&common.spd);
+            let mut plan = SpdPlan::load(&plan_path)
+                .map_err(|_| Error::InvalidArgument("distill needs --spd PLAN.json".into()))?;
+            let seqs = calibration(&tok, &calib)?;
+            let dcfg = DistillConfig {
+                epochs,
+                lr,
+                ..Default::default()
+            };
+            let mut blocks = Vec::new();
+            for l in 0..engine.cfg.n_layers {
+                if plan.layers[l].spd {
+                    let (w, rep) = distill_layer(&mut engine, &seqs, l, &dcfg)?;
+                    eprintln!(
+                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s",
+                        rep.mse_before, rep.mse_after, rep.secs
+                    );
+                    plan.layers[l].recovery = Some(Recovery::B2b);
+                    blocks.push((l, w));
+                }
+            }
+            let w = sibling(&out, "safetensors");
+            save_distilled(&w, &blocks)?;
+            plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
+            plan.model_sha256 = sha.unwrap_or(plan.model_sha256);
+            plan.save(&out)?;
+            eprintln!("wrote {} and {}", out.display(), w.display());
         }
     }
     Ok(())

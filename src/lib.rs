@@ -25,6 +25,7 @@ pub mod generate;
 pub mod gguf;
 pub mod layout;
 pub mod model;
+pub mod planner;
 pub mod quant;
 pub mod spd;
 pub mod tasks;

@@ -247,3 +247,27 @@ pub fn evaluate_suite(
         average_stderr: var.sqrt(),
     })
 }
+
+/// Calibration text: BoolQ's Wikipedia passages (the context before "\nQuestion:"), unique,
+/// in file order.
+pub fn boolq_passages(eval_dir: &Path, n: usize) -> Result<Vec<String>> {
+    let task = load_task(eval_dir, "boolq")?;
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for d in &task.docs {
+        let ctx = &d.choices[0].0;
+        let passage = ctx
+            .split("\nQuestion:")
+            .next()
+            .unwrap_or(ctx)
+            .trim()
+            .to_string();
+        if seen.insert(passage.clone()) {
+            out.push(passage);
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,233 @@
+//! The SPD planner: given a TP degree and an accuracy budget, choose the largest set of SPD
+//! blocks that stays within budget, verified on a held-out split. The SPD paper hand-sets its
+//! thresholds t1, t2 and the SPD fraction; here they are outputs.
+//!
+//! 1. Sensitivity (Algorithm 1) orders the blocks from least to most sensitive.
+//! 2. Zero-shot: binary search for the longest prefix of that order within budget on the
+//!    search split (a handful of evaluations, not L).
+//! 3. B2B: the next blocks in order are distilled one by one and kept while the budget holds.
+//! 4. The final plan is scored on a held-out split disjoint from the search split.
+
+use crate::distill::{distill_layer, DistillConfig};
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::model::load_block;
+use crate::spd::{Recovery, Sensitivity, SpdPlan};
+
+/// What "within budget" means. Both compare against the same engine with no SPD block.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum Budget {
+    /// Relative perplexity increase, e.g. 0.01 = +1%.
+    PplIncrease(f64),
+    /// Absolute drop of average task accuracy, e.g. 0.01 = 1 point.
+    AccDrop(f64),
+}
+
+/// A quality metric on one data split: perplexity (lower is better) or accuracy (higher).
+pub trait Metric {
+    fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64>;
+}
+
+impl<F: FnMut(&mut Engine, usize) -> Result<f64>> Metric for F {
+    fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
+        self(engine, split)
+    }
+}
+
+impl Budget {
+    /// Loss of quality relative to `base` (positive = worse), in the budget's units.
+    pub fn loss(&self, base: f64, score: f64) -> f64 {
+        match self {
+            Budget::PplIncrease(_) => score / base - 1.0,
+            Budget::AccDrop(_) => base - score,
+        }
+    }
+    pub fn limit(&self) -> f64 {
+        match self {
+            Budget::PplIncrease(x) | Budget::AccDrop(x) => *x,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlanOutcome {
+    pub spd: Vec<bool>,
+    pub recovery: Vec<Option<Recovery>>,
+    pub zero_shot_blocks: usize,
+    pub b2b_blocks: usize,
+    pub fraction: f64,
+    /// Thresholds implied by the choice: every zero-shot block has s <= t1, every B2B block
+    /// t1 < s <= t2; the rest are beyond t2.
+    pub t1: f64,
+    pub t2: f64,
+    pub search_base: f64,
+    pub search_score: f64,
+    pub heldout_base: f64,
+    pub heldout_score: f64,
+    pub heldout_loss: f64,
+    pub within_budget_on_heldout: bool,
+    pub evaluations: usize,
+}
+
+/// Blocks from least to most sensitive (ties keep the later block first).
+pub fn order_by_sensitivity(s: &Sensitivity) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..s.sensitivity.len()).collect();
+    order.sort_by(|a, b| {
+        s.sensitivity[*a]
+            .total_cmp(&s.sensitivity[*b])
+            .then(b.cmp(a))
+    });
+    order
+}
+
+fn mask_of(order: &[usize], k: usize, n: usize) -> Vec<bool> {
+    let mut m = vec![false; n];
+    order[..k].iter().for_each(|i| m[*i] = true);
+    m
+}
+
+fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
+    let cfg = engine.cfg.clone();
+    let w = engine
+        .layout
+        .ranks
+        .clone()
+        .iter()
+        .map(|s| load_block(&engine.files, &cfg, s, layer))
+        .collect::<Result<Vec<_>>>()?;
+    engine.load_layer(layer, w)
+}
+
+/// Choose the plan. `metric` scores split 0 (search) and split 1 (held-out); `calib` feeds
+/// distillation when `b2b` is Some. The engine ends with the chosen plan (and distilled
+/// blocks) loaded. Returns the outcome and the distilled blocks.
+pub fn plan(
+    engine: &mut Engine,
+    sens: &Sensitivity,
+    budget: Budget,
+    metric: &mut dyn Metric,
+    calib: &[Vec<u32>],
+    b2b: Option<&DistillConfig>,
+    mut log: impl FnMut(&str),
+) -> Result<(PlanOutcome, Vec<(usize, Vec<crate::backend::BlockWeights>)>)> {
+    let n = engine.cfg.n_layers;
+    if sens.sensitivity.len() != n {
+        return Err(Error::InvalidArgument(
+            "sensitivity does not match the model".into(),
+        ));
+    }
+    let order = order_by_sensitivity(sens);
+    let mut evals = 0;
+    engine.set_spd(&vec![false; n])?;
+    let base = metric.score(engine, 0)?;
+    evals += 1;
+    let mut ok = |engine: &mut Engine, mask: &[bool], evals: &mut usize| -> Result<(bool, f64)> {
+        engine.set_spd(mask)?;
+        let s = metric.score(engine, 0)?;
+        *evals += 1;
+        Ok((budget.loss(base, s) <= budget.limit(), s))
+    };
+    // zero-shot: longest prefix within budget (binary search; quality is close to monotone
+    // in the prefix length because later blocks are the more sensitive ones)
+    let (mut lo, mut hi) = (0usize, n);
+    let mut best_score = base;
+    while lo < hi {
+        let mid = (lo + hi).div_ceil(2);
+        let (fits, s) = ok(engine, &mask_of(&order, mid, n), &mut evals)?;
+        log(&format!(
+            "zero-shot {mid:2} blocks: score {s:.4} (loss {:+.4}, budget {})",
+            budget.loss(base, s),
+            budget.limit()
+        ));
+        if fits {
+            lo = mid;
+            best_score = s;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let zs = lo;
+    let mut recovery: Vec<Option<Recovery>> = vec![None; n];
+    order[..zs]
+        .iter()
+        .for_each(|i| recovery[*i] = Some(Recovery::ZeroShot));
+    let mut mask = mask_of(&order, zs, n);
+    let mut distilled = Vec::new();
+    // B2B: distil the next blocks in order while the budget holds
+    if let Some(dcfg) = b2b {
+        for &layer in &order[zs..] {
+            mask[layer] = true;
+            engine.set_spd(&mask)?;
+            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            let (fits, s) = ok(engine, &mask, &mut evals)?;
+            log(&format!(
+                "b2b block {layer:2}: block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}) {}",
+                rep.mse_before,
+                rep.mse_after,
+                budget.loss(base, s),
+                if fits { "kept" } else { "over budget: stop" }
+            ));
+            if !fits {
+                mask[layer] = false;
+                restore_block(engine, layer)?;
+                break;
+            }
+            best_score = s;
+            recovery[layer] = Some(Recovery::B2b);
+            distilled.push((layer, blocks));
+        }
+    }
+    engine.set_spd(&mask)?;
+    let s_of = |r: Recovery| -> f64 {
+        (0..n)
+            .filter(|i| recovery[*i] == Some(r))
+            .map(|i| sens.sensitivity[i])
+            .fold(f64::NEG_INFINITY, f64::max)
+    };
+    let t1 = s_of(Recovery::ZeroShot);
+    let t2 = s_of(Recovery::B2b).max(t1);
+    // held-out verification
+    let heldout_score = metric.score(engine, 1)?;
+    engine.set_spd(&vec![false; n])?;
+    let heldout_base = metric.score(engine, 1)?;
+    engine.set_spd(&mask)?;
+    evals += 2;
+    let heldout_loss = budget.loss(heldout_base, heldout_score);
+    let k = mask.iter().filter(|m| **m).count();
+    Ok((
+        PlanOutcome {
+            spd: mask,
+            recovery,
+            zero_shot_blocks: zs,
+            b2b_blocks: distilled.len(),
+            fraction: k as f64 / n as f64,
+            t1,
+            t2,
+            search_base: base,
+            search_score: best_score,
+            heldout_base,
+            heldout_score,
+            heldout_loss,
+            within_budget_on_heldout: heldout_loss <= budget.limit(),
+            evaluations: evals,
+        },
+        distilled,
+    ))
+}
+
+/// Build the plan file for an outcome.
+pub fn plan_file(
+    engine: &Engine,
+    sha: String,
+    sens: &Sensitivity,
+    o: &PlanOutcome,
+    budget: Budget,
+) -> SpdPlan {
+    let mut p = SpdPlan::new(engine, sha, &o.spd, Recovery::ZeroShot);
+    for (i, l) in p.layers.iter_mut().enumerate() {
+        l.recovery = o.recovery[i];
+        l.sensitivity = Some(sens.sensitivity[i]);
+    }
+    p.notes = serde_json::json!({ "budget": budget, "outcome": o });
+    p
+}
