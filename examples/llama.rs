@@ -174,6 +174,35 @@ enum Cmd {
         #[arg(long, default_value = "plan.json")]
         out: PathBuf,
     },
+    /// Accuracy and perplexity versus SPD fraction (zero-shot and B2B) at several TP degrees:
+    /// the SPD paper's main figure. JSON + SVG.
+    Sweep {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        calib: Calib,
+        /// TP degrees to sweep.
+        #[arg(long, default_value = "2,3,4,8")]
+        tps: String,
+        /// SPD fractions (blocks taken in order of increasing sensitivity).
+        #[arg(long, default_value = "0,0.25,0.5,0.75,1")]
+        fractions: String,
+        /// Fractions at which the B2B variant is also measured (empty: none).
+        #[arg(long, default_value = "0.5,0.75,1")]
+        b2b_fractions: String,
+        /// Documents per task.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// LAMBADA passages for perplexity.
+        #[arg(long, default_value_t = 40)]
+        lambada: usize,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f32,
+        #[arg(long, default_value = "sweep.json")]
+        out: PathBuf,
+    },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
         #[command(flatten)]
@@ -606,6 +635,121 @@ fn run(cli: Cli) -> Result<()> {
                 "wrote {} ({} evaluations)",
                 out.display(),
                 outcome.evaluations
+            );
+        }
+        Cmd::Sweep {
+            common,
+            calib,
+            tps,
+            fractions,
+            b2b_fractions,
+            limit,
+            lambada: n_lambada,
+            epochs,
+            lr,
+            out,
+        } => {
+            let parse = |s: &str| -> Result<Vec<f64>> {
+                s.split(',')
+                    .filter(|x| !x.trim().is_empty())
+                    .map(|x| {
+                        x.trim()
+                            .parse::<f64>()
+                            .map_err(|e| Error::InvalidArgument(format!("'{x}': {e}")))
+                    })
+                    .collect()
+            };
+            let (fracs, b2b_fracs) = (parse(&fractions)?, parse(&b2b_fractions)?);
+            let dir = assets::eval_dir()?;
+            let sets = tasks::PAPER_TASKS
+                .iter()
+                .map(|t| {
+                    Ok((
+                        t.to_string(),
+                        tasks::sample(&tasks::load_task(&dir, t)?, limit, 0, None),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let texts: Vec<String> = lambada(&dir, n_lambada)?.iter().map(|p| p.text()).collect();
+            let mut points = Vec::new();
+            let mut sens_all = Vec::new();
+            for tp in tps.split(',').map(|t| t.trim().parse::<usize>()) {
+                let tp = tp.map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
+                let Opened {
+                    mut engine, tok, ..
+                } = open(&Common {
+                    tp,
+                    ..common.clone()
+                })?;
+                let n = engine.cfg.n_layers;
+                let seqs = calibration(&tok, &calib)?;
+                let sens = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+                let order = planner::order_by_sensitivity(&sens);
+                let measure =
+                    |engine: &mut Engine, method: &str, k: usize| -> Result<spd::SweepPoint> {
+                        let ppl = perplexity_texts(engine, &tok, &texts, 512, 256, false)?.ppl();
+                        let s = evaluate_suite(engine, &tok, &sets, true)?;
+                        eprintln!(
+                            "TP {tp} {method:9} {k:2} blocks: ppl {ppl:.3}, avg acc {:.4} +- {:.4}",
+                            s.average, s.average_stderr
+                        );
+                        Ok(spd::SweepPoint {
+                            tp,
+                            method: method.into(),
+                            spd_blocks: k,
+                            fraction: k as f64 / n as f64,
+                            ppl,
+                            acc: s.average,
+                            acc_stderr: s.average_stderr,
+                        })
+                    };
+                for f in &fracs {
+                    let k = (f * n as f64).round() as usize;
+                    let mut mask = vec![false; n];
+                    order[..k].iter().for_each(|i| mask[*i] = true);
+                    engine.set_spd(&mask)?;
+                    points.push(measure(&mut engine, "zero-shot", k)?);
+                }
+                // B2B: distil blocks in sensitivity order, each with the earlier ones already
+                // SPD (and distilled); measure at the requested fractions.
+                let dcfg = DistillConfig {
+                    epochs,
+                    lr,
+                    ..Default::default()
+                };
+                let targets: Vec<usize> = b2b_fracs
+                    .iter()
+                    .map(|f| (f * n as f64).round() as usize)
+                    .collect();
+                let last = targets.iter().copied().max().unwrap_or(0);
+                let mut mask = vec![false; n];
+                for (k, &layer) in order.iter().enumerate().take(last) {
+                    mask[layer] = true;
+                    engine.set_spd(&mask)?;
+                    let (_, rep) = distill_layer(&mut engine, &seqs, layer, &dcfg)?;
+                    eprintln!(
+                        "TP {tp} b2b block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s)",
+                        rep.mse_before, rep.mse_after, rep.secs
+                    );
+                    if targets.contains(&(k + 1)) {
+                        points.push(measure(&mut engine, "b2b", k + 1)?);
+                    }
+                }
+                sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": sens }));
+                write_json(
+                    &out,
+                    &serde_json::json!({ "sensitivity": sens_all, "points": points, "limit_per_task": limit, "lambada_passages": texts.len() }),
+                )?;
+                spd::plot_sweep(
+                    &points,
+                    "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
+                    &sibling(&out, "svg"),
+                )?;
+            }
+            eprintln!(
+                "wrote {} and {}",
+                out.display(),
+                sibling(&out, "svg").display()
             );
         }
         Cmd::Distill {

@@ -303,3 +303,100 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
 }
+
+/// One point of an accuracy-vs-SPD-fraction sweep.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SweepPoint {
+    pub tp: usize,
+    /// "zero-shot" or "b2b"
+    pub method: String,
+    pub spd_blocks: usize,
+    pub fraction: f64,
+    pub ppl: f64,
+    pub acc: f64,
+    pub acc_stderr: f64,
+}
+
+/// Two panels (average accuracy, perplexity) versus SPD fraction, one line per (TP, method).
+pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| Error::InvalidArgument(format!("plot {}: {e}", path.display()));
+    let root = SVGBackend::new(path, (1100, 440)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let root = root
+        .titled(title, ("sans-serif", 18))
+        .map_err(|e| err(e.to_string()))?;
+    let (left, right) = root.split_horizontally(550);
+    let mut keys: Vec<(usize, String)> = points.iter().map(|p| (p.tp, p.method.clone())).collect();
+    keys.sort();
+    keys.dedup();
+    let palette = [
+        BLUE,
+        RED,
+        GREEN,
+        MAGENTA,
+        CYAN,
+        BLACK,
+        RGBColor(230, 140, 0),
+        RGBColor(120, 60, 20),
+    ];
+    for (panel, ylabel, get) in [
+        (
+            &left,
+            "average zero-shot accuracy",
+            (|p: &SweepPoint| p.acc) as fn(&SweepPoint) -> f64,
+        ),
+        (&right, "LAMBADA perplexity", |p: &SweepPoint| p.ppl),
+    ] {
+        let ys: Vec<f64> = points.iter().map(get).collect();
+        let (lo, hi) = ys
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+        let pad = (hi - lo).max(1e-3) * 0.08;
+        let mut chart = ChartBuilder::on(panel)
+            .margin(14)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0f64..1f64, (lo - pad)..(hi + pad))
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("fraction of blocks with SPD")
+            .y_desc(ylabel)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for (i, (tp, method)) in keys.iter().enumerate() {
+            let color = palette[i % palette.len()];
+            let mut line: Vec<(f64, f64)> = points
+                .iter()
+                .filter(|p| p.tp == *tp && &p.method == method)
+                .map(|p| (p.fraction, get(p)))
+                .collect();
+            line.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let style = if method == "b2b" {
+                color.stroke_width(3)
+            } else {
+                color.stroke_width(1)
+            };
+            chart
+                .draw_series(LineSeries::new(line.clone(), style))
+                .map_err(|e| err(e.to_string()))?
+                .label(format!("TP {tp} {method}"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(
+                    line.into_iter()
+                        .map(|(x, y)| Circle::new((x, y), 3, color.filled())),
+                )
+                .map_err(|e| err(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+    }
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}

@@ -147,6 +147,27 @@ fn loglik(engine: &mut Engine, ctx: &[u32], cont: &[u32]) -> Result<(f64, bool)>
     Ok((ll, greedy))
 }
 
+/// Log-likelihood of `cont` after a context of `ctx_len` tokens already in the KV cache, whose
+/// last row of logits is `last`.
+fn continuation_loglik(
+    engine: &mut Engine,
+    ctx_len: usize,
+    last: &[f32],
+    cont: &[u32],
+) -> Result<f64> {
+    if cont.is_empty() {
+        return Ok(0.0);
+    }
+    let mut ll = -nll(last, cont[0]);
+    if cont.len() > 1 {
+        let logits = engine.forward(&cont[..cont.len() - 1], ctx_len, 0..cont.len() - 1)?;
+        for (i, t) in cont[1..].iter().enumerate() {
+            ll -= nll(logits.row(i), *t);
+        }
+    }
+    Ok(ll)
+}
+
 /// Score `docs` of one task.
 pub fn evaluate(
     engine: &mut Engine,
@@ -165,8 +186,24 @@ pub fn evaluate(
         } else {
             let mut lls = Vec::with_capacity(d.choices.len());
             let mut norm = Vec::with_capacity(d.choices.len());
+            let shared = d.choices.iter().all(|c| c.0 == d.choices[0].0);
+            let shared_ctx = if shared {
+                // One prefill of the common context; each choice then continues from it
+                // (its KV positions are simply overwritten by the next choice).
+                let ctx = tok.encode(&d.choices[0].0)?;
+                let last = engine.forward(&ctx, 0, ctx.len() - 1..ctx.len())?;
+                Some((ctx, last.row(0).to_vec()))
+            } else {
+                None
+            };
             for (ctx, cont) in &d.choices {
-                let (ll, _) = loglik(engine, &tok.encode(ctx)?, &tok.encode(cont)?)?;
+                let cont_ids = tok.encode(cont)?;
+                let ll = match &shared_ctx {
+                    Some((ctx_ids, last)) => {
+                        continuation_loglik(engine, ctx_ids.len(), last, &cont_ids)?
+                    }
+                    None => loglik(engine, &tok.encode(ctx)?, &cont_ids)?.0,
+                };
                 lls.push(ll);
                 norm.push(ll / cont.chars().count().max(1) as f64);
             }
