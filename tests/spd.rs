@@ -1,0 +1,183 @@
+//! SPD tools on tiny random models: the plan file (round trip, validation errors),
+//! sensitivity (Algorithm 1 telescopes), the planner (respects its budget, verifies on the
+//! held-out split), and SPD blocks with QKV biases.
+
+mod common;
+
+use common::*;
+use std::sync::Arc;
+use syncdrop::planner::{order_by_sensitivity, plan, Budget};
+use syncdrop::quant::GgmlType;
+use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
+use syncdrop::{Engine, EngineOptions, ModelFiles};
+
+fn tiny(tp: usize, tag: &str, layers: usize, bias: bool) -> (Engine, std::path::PathBuf) {
+    let dir = tmpdir(tag);
+    let t = Tiny {
+        n_layers: layers,
+        qkv_bias: bias,
+        ..Tiny::small()
+    };
+    write_gguf(&dir.join("m.gguf"), &t, 21, GgmlType::F32, "llama");
+    let files = Arc::new(ModelFiles::open(dir.join("m.gguf")).unwrap());
+    let opts = EngineOptions {
+        tp,
+        threads: 1,
+        capacity: 64,
+        ..Default::default()
+    };
+    (Engine::new(files, &opts).unwrap(), dir)
+}
+
+fn seqs(n: usize, len: usize, salt: u32) -> Vec<Vec<u32>> {
+    (0..n as u32)
+        .map(|s| {
+            (0..len as u32)
+                .map(|i| (i * 7 + s * 13 + salt) % 64)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn sensitivity_telescopes_and_restores_the_plan() {
+    let (mut e, dir) = tiny(2, "sens", 4, false);
+    let calib = seqs(3, 16, 0);
+    let s = sensitivity(&mut e, &calib, 16, false).unwrap();
+    assert_eq!(s.sensitivity.len(), 4);
+    // sum of sensitivities = ppl(all SPD) - ppl(none)
+    let total: f64 = s.sensitivity.iter().sum();
+    assert!((total - (s.ppl_from[0] - s.base_ppl)).abs() < 1e-9 * s.base_ppl.max(1.0));
+    // ppl_from[0] is the all-SPD perplexity, measured independently here
+    e.set_spd(&[true; 4]).unwrap();
+    let all = perplexity_of(&mut e, &calib, 16).unwrap();
+    assert!((all - s.ppl_from[0]).abs() < 1e-9 * all);
+    e.set_spd(&[false; 4]).unwrap();
+    assert!((perplexity_of(&mut e, &calib, 16).unwrap() - s.base_ppl).abs() < 1e-12);
+    assert!(
+        s.sensitivity.iter().any(|v| v.abs() > 1e-6),
+        "SPD changed nothing at TP 2"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn planner_respects_the_budget_and_reports_held_out() {
+    let (mut e, dir) = tiny(2, "plan", 6, true);
+    let calib = seqs(3, 16, 1);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let splits = [seqs(3, 20, 5), seqs(3, 20, 9)];
+    for limit in [0.0, 0.02, 10.0] {
+        let budget = Budget::PplIncrease(limit);
+        let mut metric = |e: &mut Engine, split: usize| perplexity_of(e, &splits[split], 32);
+        let (o, distilled) =
+            plan(&mut e, &sens, budget, &mut metric, &calib, None, |_| {}).unwrap();
+        assert!(distilled.is_empty());
+        assert!(
+            o.search_score / o.search_base - 1.0 <= limit + 1e-12,
+            "{o:?}"
+        );
+        // the chosen blocks are a prefix of the sensitivity order
+        let order = order_by_sensitivity(&sens);
+        let k = o.spd.iter().filter(|s| **s).count();
+        assert!(order[..k].iter().all(|i| o.spd[*i]));
+        if limit >= 10.0 {
+            assert_eq!(k, 6, "a huge budget takes every block");
+        }
+        // held-out numbers are real measurements of the final plan
+        e.set_spd(&o.spd).unwrap();
+        let held = perplexity_of(&mut e, &splits[1], 32).unwrap();
+        assert!((held - o.heldout_score).abs() < 1e-9 * held);
+        assert_eq!(o.within_budget_on_heldout, o.heldout_loss <= limit);
+        assert!(o.t1.is_finite() || k == 0);
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn planner_b2b_keeps_budget_and_leaves_no_rejected_weights() {
+    let (mut e, dir) = tiny(2, "planb2b", 5, false);
+    let calib = seqs(4, 16, 2);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let splits = [calib.clone(), seqs(3, 16, 7)];
+    // A budget no plan can meet: zero-shot takes nothing, B2B distils the least sensitive
+    // block, finds it over budget, and must restore its original weights.
+    let budget = Budget::PplIncrease(-1e9);
+    let dcfg = syncdrop::distill::DistillConfig {
+        epochs: 40,
+        lr: 3e-3,
+        threads: 1,
+    };
+    let mut metric = |e: &mut Engine, split: usize| perplexity_of(e, &splits[split], 32);
+    let (o, distilled) = plan(
+        &mut e,
+        &sens,
+        budget,
+        &mut metric,
+        &calib,
+        Some(&dcfg),
+        |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    assert_eq!((o.zero_shot_blocks, o.b2b_blocks), (0, 0));
+    assert!(!o.within_budget_on_heldout);
+    for (l, _) in &distilled {
+        assert_eq!(o.recovery[*l], Some(Recovery::B2b));
+    }
+    // The engine holds exactly the plan: a fresh engine with the same mask and only the kept
+    // distilled blocks gives the same bits (a rejected block's weights were restored).
+    let got = e.forward(&splits[1][0], 0, 0..16).unwrap().data;
+    let (mut fresh, dir2) = tiny(2, "planb2b2", 5, false);
+    fresh.set_spd(&o.spd).unwrap();
+    for (l, w) in distilled {
+        fresh.load_layer(l, w).unwrap();
+    }
+    assert_eq!(fresh.forward(&splits[1][0], 0, 0..16).unwrap().data, got);
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir2).ok();
+}
+
+#[test]
+fn plan_files_round_trip_and_mismatches_are_named() {
+    let (e, dir) = tiny(2, "planfile", 3, false);
+    let sha = model_sha256(&e.files).unwrap();
+    let plan = SpdPlan::new(&e, sha.clone(), &[true, false, true], Recovery::ZeroShot);
+    let p = dir.join("plan.json");
+    plan.save(&p).unwrap();
+    let back = SpdPlan::load(&p).unwrap();
+    assert_eq!(back, plan);
+    back.validate(&e, &sha).unwrap();
+    assert!((back.fraction() - 2.0 / 3.0).abs() < 1e-12);
+    let (e3, dir3) = tiny(3, "planfile3", 3, false);
+    let err = back.validate(&e3, &sha).unwrap_err().to_string();
+    assert!(err.contains("TP 2 but the engine runs TP 3"), "{err}");
+    let err = back.validate(&e, "deadbeef").unwrap_err().to_string();
+    assert!(err.contains("sha256"), "{err}");
+    let mut short = back.clone();
+    short.layers.pop();
+    assert!(short
+        .validate(&e, &sha)
+        .unwrap_err()
+        .to_string()
+        .contains("2 layers"));
+    std::fs::write(&p, "{\"version\": 99}").unwrap();
+    assert!(SpdPlan::load(&p).is_err());
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir3).ok();
+}
+
+#[test]
+fn spd_with_qkv_biases_is_standard_at_tp1_and_differs_at_tp3() {
+    let (mut e1, d1) = tiny(1, "bias1", 2, true);
+    let toks = [5u32, 6, 7, 8, 40, 41];
+    let base = e1.forward(&toks, 0, 0..6).unwrap().data;
+    e1.set_spd(&[true, true]).unwrap();
+    let spd1 = e1.forward(&toks, 0, 0..6).unwrap().data;
+    assert!(max_abs_diff(&base, &spd1) < 1e-4);
+    let (mut e3, d3) = tiny(3, "bias3", 2, true);
+    assert!(max_abs_diff(&e3.forward(&toks, 0, 0..6).unwrap().data, &base) < 1e-4);
+    e3.set_spd(&[true, true]).unwrap();
+    assert!(max_abs_diff(&e3.forward(&toks, 0, 0..6).unwrap().data, &base) > 1e-4);
+    std::fs::remove_dir_all(d1).ok();
+    std::fs::remove_dir_all(d3).ok();
+}
