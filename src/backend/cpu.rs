@@ -21,7 +21,9 @@ struct Layer {
 pub struct CpuBackend {
     dims: RankDims,
     comm: Arc<dyn Communicator>,
-    pool: rayon::ThreadPool,
+    /// Rank-private pool; None with one thread (ops then run inline on the rank thread,
+    /// saving a hand-off per op).
+    pool: Option<rayon::ThreadPool>,
     threads: usize,
     layers: Vec<Option<Layer>>,
     head: Option<HeadWeights>,
@@ -34,14 +36,20 @@ impl CpuBackend {
     pub fn new(dims: RankDims, comm: Arc<dyn Communicator>, threads: usize) -> Result<CpuBackend> {
         let threads = threads.max(1);
         let rank = comm.rank();
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(move |i| format!("syncdrop-r{rank}-{i}"))
-            .build()
-            .map_err(|e| Error::Rank {
-                rank,
-                msg: format!("thread pool: {e}"),
-            })?;
+        let pool = if threads > 1 {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(move |i| format!("syncdrop-r{rank}-{i}"))
+                    .build()
+                    .map_err(|e| Error::Rank {
+                        rank,
+                        msg: format!("thread pool: {e}"),
+                    })?,
+            )
+        } else {
+            None
+        };
         let (rope_cos, rope_sin) = rope_tables(dims.rope_theta, dims.head_dim, dims.capacity);
         let n_layers = dims.n_layers;
         Ok(CpuBackend {
@@ -55,6 +63,14 @@ impl CpuBackend {
             rope_sin,
             scratch: Vec::new(),
         })
+    }
+
+    /// Run `f` on this rank's pool (or inline with one thread).
+    fn par<R: Send>(pool: &Option<rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+        match pool {
+            Some(p) => p.install(f),
+            None => f(),
+        }
     }
 
     fn layer(&self, l: usize) -> Result<&Layer> {
@@ -383,8 +399,9 @@ impl Backend for CpuBackend {
             .as_mut()
             .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
         rmsnorm(&x[..t * d.hidden], &lay.w.attn_norm, d.rms_eps, normed);
-        self.pool
-            .install(|| matmul(normed, t, &lay.w.wqkv, width, d.hidden, qkv, threads));
+        Self::par(&self.pool, || {
+            matmul(normed, t, &lay.w.wqkv, width, d.hidden, qkv, threads)
+        });
         let half = hd / 2;
         for ti in 0..t {
             let row = &mut qkv[ti * width..(ti + 1) * width];
@@ -440,7 +457,7 @@ impl Backend for CpuBackend {
         };
         let out = &mut out[..t * qn];
         if self.threads > 1 && t * d.n_q > 1 {
-            self.pool.install(|| {
+            Self::par(&self.pool, || {
                 out.par_chunks_mut(hd)
                     .enumerate()
                     .for_each_init(Vec::new, |scores, (i, o)| {
@@ -467,8 +484,9 @@ impl Backend for CpuBackend {
         let qn = d.n_q * d.head_dim;
         let lay = self.layer(layer)?;
         let th = self.threads;
-        self.pool
-            .install(|| matmul(attn, t, &lay.w.wo, d.hidden, qn, out, th));
+        Self::par(&self.pool, || {
+            matmul(attn, t, &lay.w.wo, d.hidden, qn, out, th)
+        });
         Ok(())
     }
 
@@ -507,7 +525,7 @@ impl Backend for CpuBackend {
         gu.resize(t * 2 * f, 0.0);
         let lay = self.layer(layer)?;
         let th = self.threads;
-        self.pool.install(|| {
+        Self::par(&self.pool, || {
             matmul(normed, t, &lay.w.w_gate_up, 2 * f, d.hidden, &mut gu, th);
             // h = silu(gate) * up, written over the gate half of each row
             for row in gu.chunks_exact_mut(2 * f) {
@@ -560,8 +578,9 @@ impl Backend for CpuBackend {
             &mut normed,
         );
         let th = self.threads;
-        self.pool
-            .install(|| matmul(&normed, t, &head.w, d.vocab, d.hidden, out, th));
+        Self::par(&self.pool, || {
+            matmul(&normed, t, &head.w, d.vocab, d.hidden, out, th)
+        });
         Ok(())
     }
 
