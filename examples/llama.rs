@@ -50,6 +50,13 @@ struct Common {
     /// Sync-Point Drop: a plan file (JSON from `plan`), `all` or `none`.
     #[arg(long, default_value = "none")]
     spd: String,
+    /// Intra-Sequence Overlap for prefills: off, on/auto (split by a cost model calibrated
+    /// on two timed prefills), or a fixed split length.
+    #[arg(long, default_value = "off")]
+    iso: syncdrop::iso::IsoMode,
+    /// CPU: row-by-row matrix products, so ISO on/off give identical bits (slower prefill).
+    #[arg(long)]
+    row_invariant: bool,
 }
 
 #[derive(Args, Clone)]
@@ -202,6 +209,9 @@ enum Cmd {
         lr: f32,
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
+        /// Keep the points of other TP degrees already in --out (to add degrees in later runs).
+        #[arg(long)]
+        resume: bool,
     },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
@@ -241,6 +251,7 @@ fn open(common: &Common) -> Result<Opened> {
         capacity: common.ctx,
         backend: common.backend,
         layout: None,
+        row_invariant: common.row_invariant,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;
@@ -273,6 +284,20 @@ fn open(common: &Common) -> Result<Opened> {
             )
         }
     };
+    if common.iso == syncdrop::iso::IsoMode::Auto {
+        let (m, fitted) = engine.iso_model().calibrate(&mut engine, 64, 256, 2)?;
+        if fitted {
+            eprintln!(
+                "ISO cost model calibrated on two prefills: {:.3e} s/token + {:.3e} s per attention pair; ISO off below {} tokens",
+                m.linear, m.attn, m.min_len
+            );
+        } else {
+            eprintln!("ISO cost model: timing fit unusable (noisy machine?), using FLOP counts");
+        }
+        engine.set_iso(common.iso, Some(m));
+    } else {
+        engine.set_iso(common.iso, None);
+    }
     eprintln!(
         "loaded {} ({} layers, {} heads / {} KV heads) at TP {} (heads {}) on {:?} in {:.2}s; SPD: {spd_desc}",
         path.display(),
@@ -382,6 +407,14 @@ fn run(cli: Cli) -> Result<()> {
                 Ok(())
             })?;
             println!();
+            if let Some(s) = engine.last_iso_split {
+                eprintln!(
+                    "ISO: prompt of {} tokens split {} + {}",
+                    ids.len(),
+                    s,
+                    ids.len() - s
+                );
+            }
             if print_ids {
                 eprintln!("{{\"prompt\": {ids:?}, \"tokens\": {generated:?}}}");
             }
@@ -559,7 +592,7 @@ fn run(cli: Cli) -> Result<()> {
                     })
                 }
                 Budget::AccDrop(_) => {
-                    let mut splits = vec![Vec::new(), Vec::new()];
+                    let mut splits = [Vec::new(), Vec::new()];
                     for t in tasks::PAPER_TASKS {
                         let task = tasks::load_task(&dir, t)?;
                         for (s, v) in splits.iter_mut().enumerate() {
@@ -648,6 +681,7 @@ fn run(cli: Cli) -> Result<()> {
             epochs,
             lr,
             out,
+            resume,
         } => {
             let parse = |s: &str| -> Result<Vec<f64>> {
                 s.split(',')
@@ -671,10 +705,36 @@ fn run(cli: Cli) -> Result<()> {
                 })
                 .collect::<Result<Vec<_>>>()?;
             let texts: Vec<String> = lambada(&dir, n_lambada)?.iter().map(|p| p.text()).collect();
-            let mut points = Vec::new();
-            let mut sens_all = Vec::new();
-            for tp in tps.split(',').map(|t| t.trim().parse::<usize>()) {
-                let tp = tp.map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
+            let tp_list = tps
+                .split(',')
+                .map(|t| t.trim().parse::<usize>())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
+            let (mut points, mut sens_all): (Vec<spd::SweepPoint>, Vec<serde_json::Value>) =
+                if resume && out.exists() {
+                    let old: serde_json::Value =
+                        serde_json::from_str(&std::fs::read_to_string(&out).map_err(|e| {
+                            Error::InvalidArgument(format!("{}: {e}", out.display()))
+                        })?)
+                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                    let keep =
+                        |tp: Option<u64>| tp.is_some_and(|t| !tp_list.contains(&(t as usize)));
+                    let pts: Vec<spd::SweepPoint> =
+                        serde_json::from_value(old["points"].clone()).unwrap_or_default();
+                    let sens: Vec<serde_json::Value> =
+                        old["sensitivity"].as_array().cloned().unwrap_or_default();
+                    (
+                        pts.into_iter()
+                            .filter(|p| keep(Some(p.tp as u64)))
+                            .collect(),
+                        sens.into_iter()
+                            .filter(|s| keep(s["tp"].as_u64()))
+                            .collect(),
+                    )
+                } else {
+                    (Vec::new(), Vec::new())
+                };
+            for tp in tp_list.iter().copied() {
                 let Opened {
                     mut engine, tok, ..
                 } = open(&Common {

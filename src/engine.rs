@@ -47,6 +47,9 @@ pub struct EngineOptions {
     pub backend: BackendKind,
     /// Head assignment; None = contiguous even split.
     pub layout: Option<TpLayout>,
+    /// CPU: compute every matrix product row by row in a fixed order, so results do not
+    /// depend on how a sequence is chunked (ISO on == ISO off bit for bit). Slower prefill.
+    pub row_invariant: bool,
 }
 
 impl Default for EngineOptions {
@@ -57,6 +60,7 @@ impl Default for EngineOptions {
             capacity: 2048,
             backend: BackendKind::Cpu,
             layout: None,
+            row_invariant: false,
         }
     }
 }
@@ -79,6 +83,11 @@ enum Cmd {
     Forward {
         emb: Arc<Vec<f32>>,
         pos0: usize,
+        rows: Range<usize>,
+    },
+    ForwardIso {
+        emb: Arc<Vec<f32>>,
+        split: usize,
         rows: Range<usize>,
     },
     BlockInput {
@@ -111,6 +120,10 @@ pub struct Engine {
     workers: Vec<Worker>,
     vocab_ranges: Vec<Range<usize>>,
     poisoned: Option<String>,
+    iso: crate::iso::IsoMode,
+    iso_model: crate::iso::IsoCostModel,
+    /// Split used by the last `prefill` (None: ISO off).
+    pub last_iso_split: Option<usize>,
 }
 
 /// Aborts the group if a rank thread unwinds, so its peers return errors instead of waiting
@@ -134,6 +147,9 @@ fn rank_loop<B: Backend>(
     while let Ok(cmd) = rx.recv() {
         let r = match cmd {
             Cmd::Forward { emb, pos0, rows } => model.forward(&emb, pos0, rows).map(Reply::Logits),
+            Cmd::ForwardIso { emb, split, rows } => {
+                model.forward_iso(&emb, split, rows).map(Reply::Logits)
+            }
             Cmd::BlockInput { emb, layer } => model.block_input(&emb, layer).map(Reply::Logits),
             Cmd::SetSpd(spd) => model.set_spd(&spd).map(|_| Reply::Done),
             Cmd::LoadLayer(l, w) => model.backend.load_layer(l, *w).map(|_| Reply::Done),
@@ -202,13 +218,15 @@ impl Engine {
             let (files, cfg, layout) = (files.clone(), cfg.clone(), layout.clone());
             let vocab = vocab_ranges[rank].clone();
             let capacity = opts.capacity;
+            let row_invariant = opts.row_invariant;
             let handle = std::thread::Builder::new()
                 .name(format!("syncdrop-rank{rank}"))
                 .spawn(move || {
                     let _guard = AbortOnPanic(comm.clone());
                     let dims = rank_dims(&cfg, &layout.ranks[rank], &vocab, capacity);
-                    let loaded = CpuBackend::new(dims, comm.clone(), per_rank_threads)
-                        .and_then(|be| RankModel::load(&files, &cfg, &layout, rank, vocab, be));
+                    let loaded =
+                        CpuBackend::new(dims, comm.clone(), per_rank_threads, row_invariant)
+                            .and_then(|be| RankModel::load(&files, &cfg, &layout, rank, vocab, be));
                     match loaded {
                         Ok(model) => {
                             if rtx.send(Ok(Reply::Ready)).is_ok() {
@@ -230,6 +248,7 @@ impl Engine {
                 handle: Some(handle),
             });
         }
+        let iso_model = crate::iso::IsoCostModel::from_config(&cfg, layout.tp());
         let mut engine = Engine {
             cfg,
             layout,
@@ -237,6 +256,9 @@ impl Engine {
             workers,
             vocab_ranges,
             poisoned: None,
+            iso: crate::iso::IsoMode::Off,
+            iso_model,
+            last_iso_split: None,
         };
         engine.collect()?;
         Ok(engine)
@@ -297,7 +319,56 @@ impl Engine {
             pos0,
             rows: rows.clone(),
         })?;
-        let (n, vocab) = (rows.len(), self.cfg.vocab);
+        Ok(self.assemble(replies, rows.len()))
+    }
+
+    /// Prefill `tokens` from position 0 with Intra-Sequence Overlap: chunk 0 is tokens
+    /// 0..split, chunk 1 the rest (split 0 or >= len: ISO off). Same results as `forward`.
+    pub fn forward_iso(
+        &mut self,
+        tokens: &[u32],
+        split: usize,
+        rows: Range<usize>,
+    ) -> Result<Logits> {
+        let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
+        let replies = self.broadcast(|| Cmd::ForwardIso {
+            emb: emb.clone(),
+            split,
+            rows: rows.clone(),
+        })?;
+        Ok(self.assemble(replies, rows.len()))
+    }
+
+    /// Choose how `prefill` splits prompts (ISO off, a fixed split, or the cost model's).
+    pub fn set_iso(&mut self, mode: crate::iso::IsoMode, model: Option<crate::iso::IsoCostModel>) {
+        self.iso = mode;
+        if let Some(m) = model {
+            self.iso_model = m;
+        }
+    }
+
+    pub fn iso_model(&self) -> crate::iso::IsoCostModel {
+        self.iso_model
+    }
+
+    /// Prefill from position 0 under the ISO mode (see `set_iso`).
+    pub fn prefill(&mut self, tokens: &[u32], rows: Range<usize>) -> Result<Logits> {
+        use crate::iso::IsoMode;
+        let split = match self.iso {
+            IsoMode::Off => None,
+            IsoMode::Split(s) => (s > 0 && s < tokens.len()).then_some(s),
+            IsoMode::Auto => self.iso_model.split(tokens.len()),
+        };
+        self.last_iso_split = split;
+        match split {
+            Some(s) => self.forward_iso(tokens, s, rows),
+            None => self.forward(tokens, 0, rows),
+        }
+    }
+
+    /// Concatenate the ranks' vocabulary slices into (rows, vocab) logits.
+    fn assemble(&self, replies: Vec<Reply>, n: usize) -> Logits {
+        let vocab = self.cfg.vocab;
         let mut data = vec![0f32; n * vocab];
         for (reply, vr) in replies.into_iter().zip(&self.vocab_ranges) {
             let Reply::Logits(part) = reply else {
@@ -308,11 +379,11 @@ impl Engine {
                     .copy_from_slice(&part[i * vr.len()..(i + 1) * vr.len()]);
             }
         }
-        Ok(Logits {
+        Logits {
             rows: n,
             vocab,
             data,
-        })
+        }
     }
 
     /// The residual stream entering block `layer` for `tokens` at positions 0.. (t, d), under

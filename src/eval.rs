@@ -61,8 +61,7 @@ pub fn score_tokens(
         let end = (begin + window).min(n);
         let first = prev_end.max(begin + 1);
         if first < end {
-            let logits =
-                engine.forward(&tokens[begin..end], 0, first - 1 - begin..end - 1 - begin)?;
+            let logits = engine.prefill(&tokens[begin..end], first - 1 - begin..end - 1 - begin)?;
             for (i, j) in (first..end).enumerate() {
                 r.nll_sum += nll(logits.row(i), tokens[j]);
             }

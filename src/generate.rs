@@ -130,7 +130,7 @@ pub fn generate(
         ..Default::default()
     };
     let t0 = Instant::now();
-    let logits = engine.forward(prompt, 0, prompt.len() - 1..prompt.len())?;
+    let logits = engine.prefill(prompt, prompt.len() - 1..prompt.len())?;
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let mut next = sampler.sample(logits.row(0));
     let mut out = Vec::new();

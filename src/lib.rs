@@ -23,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod iso;
 pub mod layout;
 pub mod model;
 pub mod planner;

@@ -288,6 +288,122 @@ impl<B: Backend> RankModel<B> {
     }
 }
 
+impl<B: Backend> RankModel<B> {
+    /// Intra-Sequence Overlap prefill (DESIGN.md section 4): tokens 0..split are chunk 0, the
+    /// rest chunk 1. Per layer, on the compute lane: Attn(c0), Attn(c1), MLP(c0), MLP(c1);
+    /// each all-reduce goes to the communication lane and is waited for only when its result
+    /// is needed, so one chunk's all-reduce runs while the other chunk computes. Chunk 1's
+    /// attention reads chunk 0's K/V (prefill with a prefix). SPD blocks have one all-reduce
+    /// per chunk. Results equal `forward` bit for bit on the CPU backend.
+    pub fn forward_iso(
+        &mut self,
+        embeddings: &[f32],
+        split: usize,
+        rows: Range<usize>,
+    ) -> Result<Vec<f32>> {
+        let d = self.cfg.hidden;
+        let t = embeddings.len() / d;
+        if split == 0 || split >= t {
+            return self.forward(embeddings, 0, rows);
+        }
+        if rows.end > t || rows.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "ISO forward of {t} tokens, logits rows {rows:?}"
+            )));
+        }
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let (world, spd) = (self.world, self.spd.clone());
+        let be = &mut self.backend;
+        let lens = [split, t - split];
+        let pos = [0, split];
+        let mut x = Vec::new();
+        let (mut q, mut att, mut normed, mut u) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut a_store: [Option<B::Buf>; 2] = [None, None];
+        let mut m_store: [Option<B::Buf>; 2] = [None, None];
+        for c in 0..2 {
+            let n = lens[c] * d;
+            let mut xc = be.alloc(n)?;
+            be.upload(&embeddings[pos[c] * d..pos[c] * d + n], &mut xc)?;
+            x.push(xc);
+            q.push(be.alloc(lens[c] * qn)?);
+            att.push(be.alloc(lens[c] * qn)?);
+            normed.push(be.alloc(n)?);
+            u.push(be.alloc(n)?);
+            a_store[c] = Some(be.alloc(n)?);
+            m_store[c] = Some(be.alloc(n)?);
+        }
+        let mut mlp_pending: [Option<B::Pending>; 2] = [None, None];
+        for (l, &spd_l) in spd.iter().enumerate() {
+            // attention of both chunks; chunk c first takes in its previous MLP all-reduce
+            let mut attn_pending: [Option<B::Pending>; 2] = [None, None];
+            for c in 0..2 {
+                let n = lens[c] * d;
+                if let Some(p) = mlp_pending[c].take() {
+                    let m = be.all_reduce_wait(p)?;
+                    be.add(&mut x[c], &m, n)?;
+                    m_store[c] = Some(m);
+                }
+                be.attn_in(l, &x[c], lens[c], pos[c], &mut q[c])?;
+                be.attention(l, &q[c], lens[c], pos[c], &mut att[c])?;
+                let mut a = a_store[c].take().expect("chunk buffer");
+                be.o_proj(l, &att[c], lens[c], &mut a)?;
+                if !spd_l && world > 1 {
+                    attn_pending[c] = Some(be.all_reduce_start(a, n)?);
+                } else {
+                    a_store[c] = Some(a);
+                }
+            }
+            // MLP of both chunks
+            for c in 0..2 {
+                let n = lens[c] * d;
+                let a = match attn_pending[c].take() {
+                    Some(p) => be.all_reduce_wait(p)?,
+                    None => a_store[c].take().expect("chunk buffer"),
+                };
+                let mut m = m_store[c].take().expect("chunk buffer");
+                if spd_l {
+                    be.copy(&x[c], &mut u[c], n)?;
+                    be.add_ffn_norm(l, &mut u[c], &a, lens[c], &mut normed[c])?;
+                    be.mlp(l, &normed[c], lens[c], &mut m)?;
+                    be.add(&mut m, &a, n)?;
+                    mlp_pending[c] = Some(be.all_reduce_start(m, n)?);
+                } else {
+                    be.add_ffn_norm(l, &mut x[c], &a, lens[c], &mut normed[c])?;
+                    be.mlp(l, &normed[c], lens[c], &mut m)?;
+                    if world > 1 {
+                        mlp_pending[c] = Some(be.all_reduce_start(m, n)?);
+                    } else {
+                        be.add(&mut x[c], &m, n)?;
+                        m_store[c] = Some(m);
+                    }
+                }
+                a_store[c] = Some(a);
+            }
+        }
+        for c in 0..2 {
+            if let Some(p) = mlp_pending[c].take() {
+                let m = be.all_reduce_wait(p)?;
+                be.add(&mut x[c], &m, lens[c] * d)?;
+            }
+        }
+        // logits of the requested rows, chunk by chunk
+        let nv = self.vocab.len();
+        let mut host = Vec::with_capacity(rows.len() * nv);
+        for c in 0..2 {
+            let lo = rows.start.max(pos[c]);
+            let hi = rows.end.min(pos[c] + lens[c]);
+            if lo < hi {
+                let mut logits = be.alloc((hi - lo) * nv)?;
+                be.lm_head(&x[c], lo - pos[c]..hi - pos[c], &mut logits)?;
+                let mut part = vec![0f32; (hi - lo) * nv];
+                be.download(&logits, &mut part)?;
+                host.extend(part);
+            }
+        }
+        Ok(host)
+    }
+}
+
 /// Token embeddings read straight from the model file (no resident copy of the table).
 pub fn embed(files: &ModelFiles, cfg: &LlamaConfig, tokens: &[u32]) -> Result<Vec<f32>> {
     let d = cfg.hidden;

@@ -69,6 +69,9 @@ pub struct PlanOutcome {
     pub evaluations: usize,
 }
 
+/// Distilled blocks: (layer, one shard per rank).
+pub type DistilledBlocks = Vec<(usize, Vec<crate::backend::BlockWeights>)>;
+
 /// Blocks from least to most sensitive (ties keep the later block first).
 pub fn order_by_sensitivity(s: &Sensitivity) -> Vec<usize> {
     let mut order: Vec<usize> = (0..s.sensitivity.len()).collect();
@@ -109,7 +112,7 @@ pub fn plan(
     calib: &[Vec<u32>],
     b2b: Option<&DistillConfig>,
     mut log: impl FnMut(&str),
-) -> Result<(PlanOutcome, Vec<(usize, Vec<crate::backend::BlockWeights>)>)> {
+) -> Result<(PlanOutcome, DistilledBlocks)> {
     let n = engine.cfg.n_layers;
     if sens.sensitivity.len() != n {
         return Err(Error::InvalidArgument(

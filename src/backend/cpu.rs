@@ -25,15 +25,68 @@ pub struct CpuBackend {
     /// saving a hand-off per op).
     pool: Option<rayon::ThreadPool>,
     threads: usize,
+    /// Use [`matmul_rowwise`] for every product: results independent of how a sequence is
+    /// chunked (ISO bit-exactness), at a prefill speed cost.
+    row_invariant: bool,
     layers: Vec<Option<Layer>>,
     head: Option<HeadWeights>,
     rope_cos: Vec<f32>, // (capacity, head_dim / 2)
     rope_sin: Vec<f32>,
     scratch: Vec<f32>,
+    /// Communication lane for ISO: a thread that runs all-reduces in submission order.
+    lane: Option<CommLane>,
+}
+
+type LaneJob = (Vec<f32>, usize, std::sync::mpsc::Sender<Result<Vec<f32>>>);
+
+/// A rank's communication thread (the CPU analogue of a CUDA communication stream).
+struct CommLane {
+    tx: Option<std::sync::mpsc::Sender<LaneJob>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CommLane {
+    fn new(comm: Arc<dyn Communicator>) -> Result<CommLane> {
+        let (tx, rx) = std::sync::mpsc::channel::<LaneJob>();
+        let rank = comm.rank();
+        let handle = std::thread::Builder::new()
+            .name(format!("syncdrop-r{rank}-comm"))
+            .spawn(move || {
+                while let Ok((mut buf, n, reply)) = rx.recv() {
+                    let r = comm.all_reduce_sum(&mut buf[..n]).map(|_| buf);
+                    if let Err(e) = &r {
+                        comm.abort(&e.to_string());
+                    }
+                    let _ = reply.send(r);
+                }
+            })
+            .map_err(|e| Error::Rank {
+                rank,
+                msg: format!("comm lane: {e}"),
+            })?;
+        Ok(CommLane {
+            tx: Some(tx),
+            handle: Some(handle),
+        })
+    }
+}
+
+impl Drop for CommLane {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 impl CpuBackend {
-    pub fn new(dims: RankDims, comm: Arc<dyn Communicator>, threads: usize) -> Result<CpuBackend> {
+    pub fn new(
+        dims: RankDims,
+        comm: Arc<dyn Communicator>,
+        threads: usize,
+        row_invariant: bool,
+    ) -> Result<CpuBackend> {
         let threads = threads.max(1);
         let rank = comm.rank();
         let pool = if threads > 1 {
@@ -57,12 +110,23 @@ impl CpuBackend {
             comm,
             pool,
             threads,
+            row_invariant,
             layers: (0..n_layers).map(|_| None).collect(),
             head: None,
             rope_cos,
             rope_sin,
             scratch: Vec::new(),
+            lane: None,
         })
+    }
+
+    /// The matrix product this backend uses (see `row_invariant`).
+    fn mm(&self) -> MatmulFn {
+        if self.row_invariant {
+            matmul_rowwise
+        } else {
+            matmul
+        }
     }
 
     /// Run `f` on this rank's pool (or inline with one thread).
@@ -115,7 +179,44 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// `out` (t, n) = `x` (t, k) @ `w` (n, k)^T. Runs on the current rayon pool.
+/// Signature shared by [`matmul`] and [`matmul_rowwise`].
+pub type MatmulFn = fn(&[f32], usize, &[f32], usize, usize, &mut [f32], usize);
+
+/// `out` (t, n) = `x` (t, k) @ `w` (n, k)^T with one fixed-order dot product per output, so
+/// every row's result is independent of `t` (bit-identical to the GEMV of that row alone).
+/// Runs on the current rayon pool.
+pub fn matmul_rowwise(
+    x: &[f32],
+    t: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+    threads: usize,
+) {
+    const ROWS: usize = 32;
+    for ti in 0..t {
+        let xr = &x[ti * k..(ti + 1) * k];
+        let o = &mut out[ti * n..(ti + 1) * n];
+        if threads > 1 {
+            o.par_chunks_mut(ROWS).enumerate().for_each(|(c, oc)| {
+                for (j, v) in oc.iter_mut().enumerate() {
+                    let r = c * ROWS + j;
+                    *v = dot(xr, &w[r * k..(r + 1) * k]);
+                }
+            });
+        } else {
+            for (r, v) in o.iter_mut().enumerate() {
+                *v = dot(xr, &w[r * k..(r + 1) * k]);
+            }
+        }
+    }
+}
+
+/// `out` (t, n) = `x` (t, k) @ `w` (n, k)^T. Decode (t <= 2) is a row-parallel GEMV; prefill
+/// goes through the `gemm` crate, whose summation order depends on t (use
+/// [`matmul_rowwise`] where bit-exactness across chunkings matters). Runs on the current
+/// rayon pool.
 pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32], threads: usize) {
     debug_assert!(x.len() >= t * k && w.len() == n * k && out.len() >= t * n);
     if t == 0 || n == 0 {
@@ -126,25 +227,7 @@ pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32
         return;
     }
     if t <= 2 {
-        // GEMV: rows of W in parallel chunks; each output is one fixed-order dot product.
-        const ROWS: usize = 32;
-        for ti in 0..t {
-            let xr = &x[ti * k..(ti + 1) * k];
-            let o = &mut out[ti * n..(ti + 1) * n];
-            if threads > 1 {
-                o.par_chunks_mut(ROWS).enumerate().for_each(|(c, oc)| {
-                    for (j, v) in oc.iter_mut().enumerate() {
-                        let r = c * ROWS + j;
-                        *v = dot(xr, &w[r * k..(r + 1) * k]);
-                    }
-                });
-            } else {
-                for (r, v) in o.iter_mut().enumerate() {
-                    *v = dot(xr, &w[r * k..(r + 1) * k]);
-                }
-            }
-        }
-        return;
+        return matmul_rowwise(x, t, w, n, k, out, threads);
     }
     let par = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
@@ -324,6 +407,7 @@ pub fn attend(q: &[f32], k: &[f32], v: &[f32], len: usize, scores: &mut Vec<f32>
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
+    type Pending = std::sync::mpsc::Receiver<Result<Vec<f32>>>;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -395,12 +479,13 @@ impl Backend for CpuBackend {
         scratch.resize(t * d.hidden + t * width, 0.0);
         let (normed, qkv) = scratch.split_at_mut(t * d.hidden);
         let threads = self.threads;
+        let mm = self.mm();
         let lay = self.layers[layer]
             .as_mut()
             .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
         rmsnorm(&x[..t * d.hidden], &lay.w.attn_norm, d.rms_eps, normed);
         Self::par(&self.pool, || {
-            matmul(normed, t, &lay.w.wqkv, width, d.hidden, qkv, threads)
+            mm(normed, t, &lay.w.wqkv, width, d.hidden, qkv, threads)
         });
         let half = hd / 2;
         for ti in 0..t {
@@ -484,9 +569,8 @@ impl Backend for CpuBackend {
         let qn = d.n_q * d.head_dim;
         let lay = self.layer(layer)?;
         let th = self.threads;
-        Self::par(&self.pool, || {
-            matmul(attn, t, &lay.w.wo, d.hidden, qn, out, th)
-        });
+        let mm = self.mm();
+        Self::par(&self.pool, || mm(attn, t, &lay.w.wo, d.hidden, qn, out, th));
         Ok(())
     }
 
@@ -525,8 +609,9 @@ impl Backend for CpuBackend {
         gu.resize(t * 2 * f, 0.0);
         let lay = self.layer(layer)?;
         let th = self.threads;
+        let mm = self.mm();
         Self::par(&self.pool, || {
-            matmul(normed, t, &lay.w.w_gate_up, 2 * f, d.hidden, &mut gu, th);
+            mm(normed, t, &lay.w.w_gate_up, 2 * f, d.hidden, &mut gu, th);
             // h = silu(gate) * up, written over the gate half of each row
             for row in gu.chunks_exact_mut(2 * f) {
                 let (g, u) = row.split_at_mut(f);
@@ -538,7 +623,7 @@ impl Backend for CpuBackend {
             for ti in 1..t {
                 gu.copy_within(ti * 2 * f..ti * 2 * f + f, ti * f);
             }
-            matmul(&gu, t, &lay.w.w_down, d.hidden, f, out, th);
+            mm(&gu, t, &lay.w.w_down, d.hidden, f, out, th);
         });
         self.scratch = gu;
         Ok(())
@@ -556,6 +641,24 @@ impl Backend for CpuBackend {
 
     fn all_reduce(&mut self, buf: &mut Vec<f32>, n: usize) -> Result<()> {
         self.comm.all_reduce_sum(&mut buf[..n])
+    }
+
+    fn all_reduce_start(&mut self, buf: Vec<f32>, n: usize) -> Result<Self::Pending> {
+        if self.lane.is_none() {
+            self.lane = Some(CommLane::new(self.comm.clone())?);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let lane = self.lane.as_ref().and_then(|l| l.tx.as_ref());
+        lane.expect("lane created above")
+            .send((buf, n, tx))
+            .map_err(|_| Error::Comm("communication lane is gone".into()))?;
+        Ok(rx)
+    }
+
+    fn all_reduce_wait(&mut self, pending: Self::Pending) -> Result<Vec<f32>> {
+        pending
+            .recv()
+            .map_err(|_| Error::Comm("communication lane exited".into()))?
     }
 
     fn lm_head(
@@ -578,8 +681,9 @@ impl Backend for CpuBackend {
             &mut normed,
         );
         let th = self.threads;
+        let mm = self.mm();
         Self::par(&self.pool, || {
-            matmul(&normed, t, &head.w, d.vocab, d.hidden, out, th)
+            mm(&normed, t, &head.w, d.vocab, d.hidden, out, th)
         });
         Ok(())
     }

@@ -74,6 +74,8 @@ pub struct RankDims {
 pub trait Backend: Send {
     /// An activation buffer on this rank's device (f32 elements).
     type Buf: Send;
+    /// An all-reduce in flight on the communication lane (ISO).
+    type Pending: Send;
 
     fn name(&self) -> &'static str;
     fn dims(&self) -> &RankDims;
@@ -137,6 +139,11 @@ pub trait Backend: Send {
     fn copy(&mut self, src: &Self::Buf, dst: &mut Self::Buf, n: usize) -> Result<()>;
     /// Sum all-reduce of buf[..n] with the other ranks (this rank's communicator).
     fn all_reduce(&mut self, buf: &mut Self::Buf, n: usize) -> Result<()>;
+    /// Start a sum all-reduce of buf[..n] on this rank's communication lane and return at
+    /// once; the compute lane goes on. Lanes run all-reduces in submission order, which is
+    /// the same on every rank (the schedule is SPMD). `wait` hands the reduced buffer back.
+    fn all_reduce_start(&mut self, buf: Self::Buf, n: usize) -> Result<Self::Pending>;
+    fn all_reduce_wait(&mut self, pending: Self::Pending) -> Result<Self::Buf>;
     /// Final RMSNorm and this rank's LM-head slice for rows `rows` of x:
     /// `out` (rows.len(), vocab_local).
     fn lm_head(
