@@ -28,13 +28,6 @@ pub fn rank_dims(
         hidden: cfg.hidden,
         head_dim: cfg.head_dim,
         n_q: shard.q_heads.len(),
-        n_kv: shard.kv_heads.len(),
-        q_to_kv: shard
-            .q_heads
-            .iter()
-            .map(|h| shard.local_kv(*h, cfg.group_size()))
-            .collect(),
-        ffn: shard.ffn.len(),
         vocab: vocab.len(),
         n_layers: cfg.n_layers,
         capacity,
@@ -121,6 +114,11 @@ pub fn load_block(
         wo: gather_cols(files, &n("attn_output.weight"), &qr)?,
         ffn_norm: files.gather(&n("ffn_norm.weight"), &[0], None)?,
         w_gate_up,
+        q_to_kv: shard
+            .q_heads
+            .iter()
+            .map(|h| shard.local_kv(*h, cfg.group_size()))
+            .collect(),
         w_down: files.gather(
             &n("ffn_down.weight"),
             &(0..cfg.hidden).collect::<Vec<_>>(),

@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 struct Layer {
     w: BlockWeights,
+    n_kv: usize,
+    ffn: usize,
     k: Vec<f32>, // (n_kv, capacity, head_dim)
     v: Vec<f32>, // (n_kv, capacity, head_dim)
 }
@@ -430,25 +432,31 @@ impl Backend for CpuBackend {
 
     fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
         let d = &self.dims;
-        let (q, kv) = (d.n_q * d.head_dim, d.n_kv * d.head_dim);
+        let (hd, q) = (d.head_dim, d.n_q * d.head_dim);
+        // K/V heads and FFN width are whatever this block's weights carry
+        let rows = w.wqkv.len() / d.hidden.max(1);
+        let n_kv = rows.saturating_sub(q) / (2 * hd);
+        let ffn = w.w_down.len() / d.hidden.max(1);
         let ok = w.attn_norm.len() == d.hidden
-            && w.wqkv.len() == (q + 2 * kv) * d.hidden
-            && w.bqkv.as_ref().is_none_or(|b| b.len() == q + 2 * kv)
+            && w.wqkv.len() == (q + 2 * n_kv * hd) * d.hidden
+            && w.bqkv.as_ref().is_none_or(|b| b.len() == q + 2 * n_kv * hd)
             && w.wo.len() == d.hidden * q
             && w.ffn_norm.len() == d.hidden
-            && w.w_gate_up.len() == 2 * d.ffn * d.hidden
-            && w.w_down.len() == d.hidden * d.ffn;
+            && w.w_gate_up.len() == 2 * ffn * d.hidden
+            && w.w_down.len() == d.hidden * ffn
+            && w.q_to_kv.len() == d.n_q
+            && w.q_to_kv.iter().all(|k| *k < n_kv);
         if !ok || layer >= d.n_layers {
             return Err(Error::InvalidArgument(format!(
                 "block weights for layer {layer} do not match the rank's shapes {d:?}"
             )));
         }
-        let cache = d.n_kv * d.capacity * d.head_dim;
+        let cache = n_kv * d.capacity * hd;
         let (k, v) = match self.layers[layer].take() {
-            Some(old) => (old.k, old.v),
-            None => (vec![0f32; cache], vec![0f32; cache]),
+            Some(old) if old.k.len() == cache => (old.k, old.v),
+            _ => (vec![0f32; cache], vec![0f32; cache]),
         };
-        self.layers[layer] = Some(Layer { w, k, v });
+        self.layers[layer] = Some(Layer { w, n_kv, ffn, k, v });
         Ok(())
     }
 
@@ -473,7 +481,8 @@ impl Backend for CpuBackend {
         self.check_capacity(pos0 + t)?;
         let d = self.dims.clone();
         let hd = d.head_dim;
-        let (qn, kvn) = (d.n_q * hd, d.n_kv * hd);
+        let n_kv = self.layer(layer)?.n_kv;
+        let (qn, kvn) = (d.n_q * hd, n_kv * hd);
         let width = qn + 2 * kvn;
         let mut scratch = std::mem::take(&mut self.scratch);
         scratch.resize(t * d.hidden + t * width, 0.0);
@@ -502,7 +511,7 @@ impl Backend for CpuBackend {
                 rope_head(h, cos, sin, d.rope_style);
             }
             q_out[ti * qn..(ti + 1) * qn].copy_from_slice(&row[..qn]);
-            for kh in 0..d.n_kv {
+            for kh in 0..n_kv {
                 let dst = (kh * d.capacity + p) * hd;
                 lay.k[dst..dst + hd].copy_from_slice(&row[qn + kh * hd..qn + (kh + 1) * hd]);
                 lay.v[dst..dst + hd]
@@ -527,7 +536,7 @@ impl Backend for CpuBackend {
         let qn = d.n_q * hd;
         let lay = self.layer(layer)?;
         let work = |h: usize, ti: usize, o: &mut [f32], scores: &mut Vec<f32>| {
-            let kv = d.q_to_kv[h];
+            let kv = lay.w.q_to_kv[h];
             let base = kv * cap * hd;
             let qv = &q[ti * qn + h * hd..ti * qn + (h + 1) * hd];
             let len = pos0 + ti + 1;
@@ -598,8 +607,8 @@ impl Backend for CpuBackend {
     }
 
     fn mlp(&mut self, layer: usize, normed: &Vec<f32>, t: usize, out: &mut Vec<f32>) -> Result<()> {
+        let f = self.layer(layer)?.ffn;
         let d = &self.dims;
-        let f = d.ffn;
         if f == 0 {
             // More ranks than FFN columns: this rank's MLP shard is empty.
             out[..t * d.hidden].fill(0.0);

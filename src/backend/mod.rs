@@ -44,6 +44,9 @@ pub struct BlockWeights {
     pub ffn_norm: Vec<f32>,     // (d)
     pub w_gate_up: Vec<f32>,    // (2f, d)
     pub w_down: Vec<f32>,       // (d, f)
+    /// For each local query head, the index of its KV head among this block's local KV
+    /// heads (the K/V rows of `wqkv`). Per block, so head grouping can permute heads.
+    pub q_to_kv: Vec<usize>,
 }
 
 /// Host-side final norm and this rank's vocabulary slice of the LM head.
@@ -58,11 +61,9 @@ pub struct HeadWeights {
 pub struct RankDims {
     pub hidden: usize,
     pub head_dim: usize,
+    /// Local query heads (fixed per rank: activation buffers are sized by it). KV heads and
+    /// FFN width may differ per block (head grouping) and come with each block's weights.
     pub n_q: usize,
-    pub n_kv: usize,
-    /// for each local query head, the index of its local KV head
-    pub q_to_kv: Vec<usize>,
-    pub ffn: usize,
     pub vocab: usize,
     pub n_layers: usize,
     pub capacity: usize,
