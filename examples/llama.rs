@@ -197,6 +197,9 @@ enum Cmd {
         /// Fractions at which the B2B variant is also measured (empty: none).
         #[arg(long, default_value = "0.5,0.75,1")]
         b2b_fractions: String,
+        /// Fractions at which the HG+B2B variant is measured (empty: none).
+        #[arg(long, default_value = "")]
+        hg_fractions: String,
         /// Documents per task.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -269,10 +272,20 @@ fn open(common: &Common) -> Result<Opened> {
             let s = model_sha256(&engine.files)?;
             plan.validate(&engine, &s)?;
             engine.set_spd(&plan.spd_mask())?;
+            for (l, lp) in plan.layers.iter().enumerate() {
+                if let (Some(h), Some(f)) = (&lp.heads, &lp.ffn_order) {
+                    syncdrop::headgroup::apply(&mut engine, l, h.clone(), f.clone())?;
+                }
+            }
             if let Some(w) = &plan.distilled {
                 let w = plan_path.parent().unwrap_or(Path::new(".")).join(w);
                 let layers: Vec<usize> = (0..n)
-                    .filter(|i| plan.layers[*i].recovery == Some(Recovery::B2b))
+                    .filter(|i| {
+                        matches!(
+                            plan.layers[*i].recovery,
+                            Some(Recovery::B2b | Recovery::HgB2b)
+                        )
+                    })
                     .collect();
                 load_distilled(&w, &mut engine, &layers)?;
             }
@@ -645,12 +658,13 @@ fn run(cli: Cli) -> Result<()> {
                 &sibling(&out, "svg"),
             )?;
             println!(
-                "plan: {} of {} blocks SPD ({:.0}%): {} zero-shot, {} B2B; thresholds t1 = {:.4}, t2 = {:.4}",
+                "plan: {} of {} blocks SPD ({:.0}%): {} zero-shot, {} B2B, {} HG+B2B; thresholds t1 = {:.4}, t2 = {:.4}",
                 outcome.spd.iter().filter(|s| **s).count(),
                 outcome.spd.len(),
                 100.0 * outcome.fraction,
                 outcome.zero_shot_blocks,
                 outcome.b2b_blocks,
+                outcome.hg_b2b_blocks,
                 outcome.t1,
                 outcome.t2
             );
@@ -676,6 +690,7 @@ fn run(cli: Cli) -> Result<()> {
             tps,
             fractions,
             b2b_fractions,
+            hg_fractions,
             limit,
             lambada: n_lambada,
             epochs,
@@ -693,7 +708,21 @@ fn run(cli: Cli) -> Result<()> {
                     })
                     .collect()
             };
-            let (fracs, b2b_fracs) = (parse(&fractions)?, parse(&b2b_fractions)?);
+            let (fracs, b2b_fracs, hg_fracs) = (
+                parse(&fractions)?,
+                parse(&b2b_fractions)?,
+                parse(&hg_fractions)?,
+            );
+            let mut methods = Vec::new();
+            for (m, f) in [
+                ("zero-shot", &fracs),
+                ("b2b", &b2b_fracs),
+                ("hg+b2b", &hg_fracs),
+            ] {
+                if !f.is_empty() {
+                    methods.push(m.to_string());
+                }
+            }
             let dir = assets::eval_dir()?;
             let sets = tasks::PAPER_TASKS
                 .iter()
@@ -717,18 +746,21 @@ fn run(cli: Cli) -> Result<()> {
                             Error::InvalidArgument(format!("{}: {e}", out.display()))
                         })?)
                         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
-                    let keep =
-                        |tp: Option<u64>| tp.is_some_and(|t| !tp_list.contains(&(t as usize)));
+                    // keep what this run does not re-measure
                     let pts: Vec<spd::SweepPoint> =
                         serde_json::from_value(old["points"].clone()).unwrap_or_default();
                     let sens: Vec<serde_json::Value> =
                         old["sensitivity"].as_array().cloned().unwrap_or_default();
                     (
                         pts.into_iter()
-                            .filter(|p| keep(Some(p.tp as u64)))
+                            .filter(|p| !(tp_list.contains(&p.tp) && methods.contains(&p.method)))
                             .collect(),
                         sens.into_iter()
-                            .filter(|s| keep(s["tp"].as_u64()))
+                            .filter(|s| {
+                                s["tp"]
+                                    .as_u64()
+                                    .is_some_and(|t| !tp_list.contains(&(t as usize)))
+                            })
                             .collect(),
                     )
                 } else {
@@ -770,29 +802,40 @@ fn run(cli: Cli) -> Result<()> {
                     engine.set_spd(&mask)?;
                     points.push(measure(&mut engine, "zero-shot", k)?);
                 }
-                // B2B: distil blocks in sensitivity order, each with the earlier ones already
-                // SPD (and distilled); measure at the requested fractions.
+                // B2B (and HG+B2B): distil blocks in sensitivity order, each with the earlier
+                // ones already SPD (and recovered); measure at the requested fractions.
                 let dcfg = DistillConfig {
                     epochs,
                     lr,
                     ..Default::default()
                 };
-                let targets: Vec<usize> = b2b_fracs
-                    .iter()
-                    .map(|f| (f * n as f64).round() as usize)
-                    .collect();
-                let last = targets.iter().copied().max().unwrap_or(0);
-                let mut mask = vec![false; n];
-                for (k, &layer) in order.iter().enumerate().take(last) {
-                    mask[layer] = true;
-                    engine.set_spd(&mask)?;
-                    let (_, rep) = distill_layer(&mut engine, &seqs, layer, &dcfg)?;
-                    eprintln!(
-                        "TP {tp} b2b block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s)",
-                        rep.mse_before, rep.mse_after, rep.secs
-                    );
-                    if targets.contains(&(k + 1)) {
-                        points.push(measure(&mut engine, "b2b", k + 1)?);
+                for (method, fr) in [("b2b", &b2b_fracs), ("hg+b2b", &hg_fracs)] {
+                    let targets: Vec<usize> =
+                        fr.iter().map(|f| (f * n as f64).round() as usize).collect();
+                    let last = targets.iter().copied().max().unwrap_or(0);
+                    let mut mask = vec![false; n];
+                    for l in 0..n {
+                        let default = engine.layout.ranks.clone();
+                        engine.set_block_shards(l, default)?; // original weights and heads
+                    }
+                    for (k, &layer) in order.iter().enumerate().take(last) {
+                        mask[layer] = true;
+                        engine.set_spd(&mask)?;
+                        if method == "hg+b2b" {
+                            let g = syncdrop::headgroup::group_block(&mut engine, layer, &seqs)?;
+                            eprintln!(
+                                "TP {tp} hg block {layer:2}: heads {:?}, MLP order {:?}",
+                                g.heads, g.ffn_order
+                            );
+                        }
+                        let (_, rep) = distill_layer(&mut engine, &seqs, layer, &dcfg)?;
+                        eprintln!(
+                            "TP {tp} {method} block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s)",
+                            rep.mse_before, rep.mse_after, rep.secs
+                        );
+                        if targets.contains(&(k + 1)) {
+                            points.push(measure(&mut engine, method, k + 1)?);
+                        }
                     }
                 }
                 sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": sens }));

@@ -477,7 +477,7 @@ pub fn distill_layer(
     cfg: &DistillConfig,
 ) -> Result<(Vec<BlockWeights>, DistillReport)> {
     let mcfg = engine.cfg.clone();
-    let shards = engine.layout.ranks.clone();
+    let shards = engine.block_shards(layer);
     let weights: Vec<BlockWeights> = shards
         .iter()
         .map(|s| crate::model::load_block(&engine.files, &mcfg, s, layer))
@@ -550,7 +550,7 @@ pub fn load_distilled(
     let mcfg = engine.cfg.clone();
     for &l in layers {
         let mut ranks = Vec::new();
-        for (r, shard) in engine.layout.ranks.clone().iter().enumerate() {
+        for (r, shard) in engine.block_shards(l).iter().enumerate() {
             let mut w = crate::model::load_block(&engine.files, &mcfg, shard, l)?;
             for (name, dst) in [
                 ("wo", &mut w.wo),

@@ -124,6 +124,8 @@ pub struct Engine {
     iso_model: crate::iso::IsoCostModel,
     /// Split used by the last `prefill` (None: ISO off).
     pub last_iso_split: Option<usize>,
+    /// Per-block head/FFN assignment that replaces `layout` for that block (head grouping).
+    block_shards: Vec<Option<Vec<crate::layout::RankShard>>>,
 }
 
 /// Aborts the group if a rank thread unwinds, so its peers return errors instead of waiting
@@ -259,7 +261,9 @@ impl Engine {
             iso: crate::iso::IsoMode::Off,
             iso_model,
             last_iso_split: None,
+            block_shards: Vec::new(),
         };
+        engine.block_shards = vec![None; engine.cfg.n_layers];
         engine.collect()?;
         Ok(engine)
     }
@@ -418,6 +422,52 @@ impl Engine {
             let _ = w.tx.send(Cmd::LoadLayer(layer, Box::new(shard)));
         }
         self.collect().map(|_| ())
+    }
+
+    /// Each rank's heads and FFN columns in block `layer` (the layout, unless head grouping
+    /// re-assigned that block).
+    pub fn block_shards(&self, layer: usize) -> Vec<crate::layout::RankShard> {
+        self.block_shards
+            .get(layer)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| self.layout.ranks.clone())
+    }
+
+    /// Re-assign block `layer`'s heads and FFN columns to ranks and load the matching
+    /// original weights. Each rank keeps its number of query heads.
+    pub fn set_block_shards(
+        &mut self,
+        layer: usize,
+        shards: Vec<crate::layout::RankShard>,
+    ) -> Result<()> {
+        if layer >= self.cfg.n_layers || shards.len() != self.tp() {
+            return Err(Error::InvalidArgument(format!(
+                "block {layer}: {} shards for TP {}",
+                shards.len(),
+                self.tp()
+            )));
+        }
+        for (r, (s, d)) in shards.iter().zip(&self.layout.ranks).enumerate() {
+            if s.q_heads.len() != d.q_heads.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "block {layer}: rank {r} would get {} query heads; it has buffers for {}",
+                    s.q_heads.len(),
+                    d.q_heads.len()
+                )));
+            }
+        }
+        crate::layout::TpLayout::with_heads(
+            &self.cfg,
+            shards.iter().map(|s| s.q_heads.clone()).collect(),
+        )?;
+        let w = shards
+            .iter()
+            .map(|s| crate::model::load_block(&self.files, &self.cfg, s, layer))
+            .collect::<Result<Vec<_>>>()?;
+        self.load_layer(layer, w)?;
+        self.block_shards[layer] = (shards != self.layout.ranks).then_some(shards);
+        Ok(())
     }
 
     /// Communication counters of every rank.

@@ -23,6 +23,7 @@ pub mod error;
 pub mod eval;
 pub mod generate;
 pub mod gguf;
+pub mod headgroup;
 pub mod iso;
 pub mod layout;
 pub mod model;

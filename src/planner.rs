@@ -11,7 +11,6 @@
 use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::model::load_block;
 use crate::spd::{Recovery, Sensitivity, SpdPlan};
 
 /// What "within budget" means. Both compare against the same engine with no SPD block.
@@ -55,6 +54,9 @@ pub struct PlanOutcome {
     pub recovery: Vec<Option<Recovery>>,
     pub zero_shot_blocks: usize,
     pub b2b_blocks: usize,
+    pub hg_b2b_blocks: usize,
+    /// Head groupings applied (layer, grouping).
+    pub groupings: Vec<(usize, crate::headgroup::Grouping)>,
     pub fraction: f64,
     /// Thresholds implied by the choice: every zero-shot block has s <= t1, every B2B block
     /// t1 < s <= t2; the rest are beyond t2.
@@ -89,16 +91,10 @@ fn mask_of(order: &[usize], k: usize, n: usize) -> Vec<bool> {
     m
 }
 
+/// Back to the original weights and the default head assignment.
 fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
-    let cfg = engine.cfg.clone();
-    let w = engine
-        .layout
-        .ranks
-        .clone()
-        .iter()
-        .map(|s| load_block(&engine.files, &cfg, s, layer))
-        .collect::<Result<Vec<_>>>()?;
-    engine.load_layer(layer, w)
+    let shards = engine.layout.ranks.clone();
+    engine.set_block_shards(layer, shards)
 }
 
 /// Choose the plan. `metric` scores split 0 (search) and split 1 (held-out); `calib` feeds
@@ -156,6 +152,7 @@ pub fn plan(
         .for_each(|i| recovery[*i] = Some(Recovery::ZeroShot));
     let mut mask = mask_of(&order, zs, n);
     let mut distilled = Vec::new();
+    let mut groupings = Vec::new();
     // B2B: distil the next blocks in order while the budget holds
     if let Some(dcfg) = b2b {
         for &layer in &order[zs..] {
@@ -170,13 +167,35 @@ pub fn plan(
                 budget.loss(base, s),
                 if fits { "kept" } else { "over budget: stop" }
             ));
+            if fits {
+                best_score = s;
+                recovery[layer] = Some(Recovery::B2b);
+                distilled.push((layer, blocks));
+                continue;
+            }
+            // head grouping, then B2B again from the original weights
+            restore_block(engine, layer)?;
+            let g = crate::headgroup::group_block(engine, layer, calib)?;
+            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            let (fits, s) = ok(engine, &mask, &mut evals)?;
+            log(&format!(
+                "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}) {}",
+                g.dissimilarity_before,
+                g.dissimilarity_after,
+                g.ffn_order,
+                rep.mse_before,
+                rep.mse_after,
+                budget.loss(base, s),
+                if fits { "kept" } else { "over budget: stop" }
+            ));
             if !fits {
                 mask[layer] = false;
                 restore_block(engine, layer)?;
                 break;
             }
             best_score = s;
-            recovery[layer] = Some(Recovery::B2b);
+            recovery[layer] = Some(Recovery::HgB2b);
+            groupings.push((layer, g));
             distilled.push((layer, blocks));
         }
     }
@@ -188,7 +207,7 @@ pub fn plan(
             .fold(f64::NEG_INFINITY, f64::max)
     };
     let t1 = s_of(Recovery::ZeroShot);
-    let t2 = s_of(Recovery::B2b).max(t1);
+    let t2 = s_of(Recovery::B2b).max(s_of(Recovery::HgB2b)).max(t1);
     // held-out verification
     let heldout_score = metric.score(engine, 1)?;
     engine.set_spd(&vec![false; n])?;
@@ -202,7 +221,9 @@ pub fn plan(
             spd: mask,
             recovery,
             zero_shot_blocks: zs,
-            b2b_blocks: distilled.len(),
+            b2b_blocks: distilled.len() - groupings.len(),
+            hg_b2b_blocks: groupings.len(),
+            groupings,
             fraction: k as f64 / n as f64,
             t1,
             t2,
@@ -230,6 +251,10 @@ pub fn plan_file(
     for (i, l) in p.layers.iter_mut().enumerate() {
         l.recovery = o.recovery[i];
         l.sensitivity = Some(sens.sensitivity[i]);
+    }
+    for (layer, g) in &o.groupings {
+        p.layers[*layer].heads = Some(g.heads.clone());
+        p.layers[*layer].ffn_order = Some(g.ffn_order.clone());
     }
     p.notes = serde_json::json!({ "budget": budget, "outcome": o });
     p

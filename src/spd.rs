@@ -34,6 +34,9 @@ pub struct LayerPlan {
     /// Head permutation of this block (head grouping); None = the default layout.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub heads: Option<Vec<Vec<usize>>>,
+    /// With `heads`: which even FFN shard each rank gets.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ffn_order: Option<Vec<usize>>,
     /// Sensitivity measured for this block, for the record.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sensitivity: Option<f64>,
@@ -91,6 +94,7 @@ impl SpdPlan {
                     spd: *s,
                     recovery: s.then_some(recovery),
                     heads: None,
+                    ffn_order: None,
                     sensitivity: None,
                 })
                 .collect(),

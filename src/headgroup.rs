@@ -1,0 +1,374 @@
+//! Head grouping (HG) for extremely sensitive SPD blocks (DESIGN.md section 3).
+//!
+//! In an SPD block each rank's MLP sees only its own heads' attention output, so which heads
+//! share a rank matters. HG (1) assigns heads to ranks so that heads on one rank are
+//! dissimilar — the sum of pairwise distances between their attention-score patterns on
+//! calibration data is maximised — and (2) pairs each head group with the MLP shard whose
+//! output norm on that group's attention output is largest (an assignment over the N!
+//! pairings, exhaustive up to 8 ranks). Every rank keeps its number of query heads. With GQA
+//! whole KV groups move when the partition allows it (every rank's head count a multiple of
+//! the group size); otherwise heads move one by one and a rank computes every KV head its
+//! query heads use.
+
+use crate::backend::cpu::{gemm_strided, rmsnorm, rope_head, rope_tables};
+use crate::config::LlamaConfig;
+use crate::distill::attention_output;
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::layout::{even_split, RankShard, TpLayout};
+use crate::model::load_block;
+
+/// Causal attention probabilities of every head of block `layer` on inputs `x` (t, d),
+/// flattened per head: head h's pattern is rows p = 0..t of softmax over keys 0..=p.
+pub fn head_patterns(engine: &Engine, layer: usize, xs: &[Vec<f32>]) -> Result<Vec<Vec<f32>>> {
+    let cfg = &engine.cfg;
+    let full = TpLayout::new(cfg, 1)?.ranks.remove(0);
+    let w = load_block(&engine.files, cfg, &full, layer)?;
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    let (nq, nkv) = (cfg.n_heads, cfg.n_kv_heads);
+    let width = (nq + 2 * nkv) * hd;
+    let mut pats = vec![Vec::new(); nq];
+    for x in xs {
+        let t = x.len() / d;
+        let mut normed = vec![0f32; t * d];
+        rmsnorm(x, &w.attn_norm, cfg.rms_eps, &mut normed);
+        let mut qkv = vec![0f32; t * width];
+        gemm_strided(
+            t,
+            width,
+            d,
+            &mut qkv,
+            false,
+            (&normed, d, 1),
+            (&w.wqkv, 1, d),
+            1,
+        );
+        let (cos, sin) = rope_tables(cfg.rope_theta, hd, t);
+        let half = hd / 2;
+        for (p, row) in qkv.chunks_exact_mut(width).enumerate() {
+            if let Some(b) = &w.bqkv {
+                row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
+            }
+            for h in row[..(nq + nkv) * hd].chunks_exact_mut(hd) {
+                rope_head(
+                    h,
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                    cfg.rope_style,
+                );
+            }
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        for (h, pat) in pats.iter_mut().enumerate() {
+            let kh = h / cfg.group_size();
+            for p in 0..t {
+                let q = &qkv[p * width + h * hd..p * width + (h + 1) * hd];
+                let scores: Vec<f32> = (0..=p)
+                    .map(|s| {
+                        let k = &qkv[s * width + (nq + kh) * hd..s * width + (nq + kh + 1) * hd];
+                        crate::backend::cpu::dot(q, k) * scale
+                    })
+                    .collect();
+                let m = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
+                pat.extend(scores.iter().map(|s| (s - m).exp() / z));
+            }
+        }
+    }
+    Ok(pats)
+}
+
+/// Pairwise Euclidean distances between head patterns.
+pub fn distances(p: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    let n = p.len();
+    let mut d = vec![vec![0.0; n]; n];
+    for i in 0..n {
+        for j in i + 1..n {
+            let s: f64 = p[i]
+                .iter()
+                .zip(&p[j])
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            d[i][j] = s.sqrt();
+            d[j][i] = d[i][j];
+        }
+    }
+    d
+}
+
+/// Sum over ranks of the pairwise distances between the heads on that rank.
+pub fn within_rank_dissimilarity(heads: &[Vec<usize>], dist: &[Vec<f64>]) -> f64 {
+    heads
+        .iter()
+        .map(|g| {
+            let mut s = 0.0;
+            for (i, a) in g.iter().enumerate() {
+                for b in &g[i + 1..] {
+                    s += dist[*a][*b];
+                }
+            }
+            s
+        })
+        .sum()
+}
+
+/// Re-assign heads to ranks (same count per rank) to maximise within-rank dissimilarity:
+/// best-improvement swaps of equal-size units (KV groups when the partition allows, else
+/// single heads) until none improves.
+pub fn group_heads(cfg: &LlamaConfig, start: &[Vec<usize>], dist: &[Vec<f64>]) -> Vec<Vec<usize>> {
+    let g = cfg.group_size();
+    let whole_groups = g > 1 && start.iter().all(|r| r.len() % g == 0);
+    let unit = if whole_groups { g } else { 1 };
+    // units per rank, as lists of unit ids; a unit is `unit` consecutive heads
+    let mut ranks: Vec<Vec<usize>> = start
+        .iter()
+        .map(|r| {
+            let mut u: Vec<usize> = r.iter().map(|h| h / unit).collect();
+            u.dedup();
+            u
+        })
+        .collect();
+    let heads_of = |ranks: &Vec<Vec<usize>>| -> Vec<Vec<usize>> {
+        ranks
+            .iter()
+            .map(|us| us.iter().flat_map(|u| u * unit..(u + 1) * unit).collect())
+            .collect()
+    };
+    let mut best = within_rank_dissimilarity(&heads_of(&ranks), dist);
+    loop {
+        let mut improvement = None;
+        for ra in 0..ranks.len() {
+            for rb in ra + 1..ranks.len() {
+                for ia in 0..ranks[ra].len() {
+                    for ib in 0..ranks[rb].len() {
+                        let mut trial = ranks.clone();
+                        let tmp = trial[ra][ia];
+                        trial[ra][ia] = trial[rb][ib];
+                        trial[rb][ib] = tmp;
+                        let v = within_rank_dissimilarity(&heads_of(&trial), dist);
+                        if v > best + 1e-12 && improvement.as_ref().is_none_or(|(bv, _)| v > *bv) {
+                            improvement = Some((v, trial));
+                        }
+                    }
+                }
+            }
+        }
+        match improvement {
+            Some((v, trial)) => {
+                best = v;
+                ranks = trial;
+            }
+            None => break,
+        }
+    }
+    heads_of(&ranks)
+        .into_iter()
+        .map(|mut h| {
+            h.sort_unstable();
+            h
+        })
+        .collect()
+}
+
+/// All permutations of 0..n (n <= 8), lexicographic.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for p in permutations(n - 1) {
+        for i in 0..n {
+            let mut q = p.clone();
+            q.insert(i, n - 1);
+            out.push(q);
+        }
+    }
+    out.sort();
+    out
+}
+
+/// score[g][m]: sum over calibration tokens of ||MLP_m(RMSNorm(X + a_g))|| for head group g
+/// (its attention output through its W_o columns) and MLP shard m.
+pub fn mlp_scores(
+    engine: &Engine,
+    layer: usize,
+    heads: &[Vec<usize>],
+    xs: &[Vec<f32>],
+) -> Result<Vec<Vec<f64>>> {
+    let cfg = &engine.cfg;
+    let tp = heads.len();
+    let ffn = even_split(cfg.ffn, tp);
+    let d = cfg.hidden;
+    let mut score = vec![vec![0.0; tp]; tp];
+    for (g, hs) in heads.iter().enumerate() {
+        let shard_g = TpLayout::with_heads(cfg, {
+            let mut all = vec![hs.clone()];
+            let rest: Vec<usize> = (0..cfg.n_heads).filter(|h| !hs.contains(h)).collect();
+            if !rest.is_empty() {
+                all.push(rest);
+            }
+            all
+        })?
+        .ranks
+        .remove(0);
+        let wg = load_block(&engine.files, cfg, &shard_g, layer)?;
+        let q = hs.len() * cfg.head_dim;
+        for x in xs {
+            let t = x.len() / d;
+            let att = attention_output(cfg, &shard_g, &wg, x);
+            let mut u = x.clone();
+            gemm_strided(t, d, q, &mut u, true, (&att, q, 1), (&wg.wo, 1, q), 1);
+            let mut n = vec![0f32; t * d];
+            rmsnorm(&u, &wg.ffn_norm, cfg.rms_eps, &mut n);
+            for (m, range) in ffn.iter().enumerate() {
+                let shard_m = RankShard {
+                    q_heads: shard_g.q_heads.clone(),
+                    kv_heads: shard_g.kv_heads.clone(),
+                    ffn: range.clone(),
+                };
+                let wm = load_block(&engine.files, cfg, &shard_m, layer)?;
+                let f = range.len();
+                let mut gu = vec![0f32; t * 2 * f];
+                gemm_strided(
+                    t,
+                    2 * f,
+                    d,
+                    &mut gu,
+                    false,
+                    (&n, d, 1),
+                    (&wm.w_gate_up, 1, d),
+                    1,
+                );
+                let mut s = vec![0f32; t * f];
+                for ti in 0..t {
+                    for j in 0..f {
+                        let gt = gu[ti * 2 * f + j];
+                        s[ti * f + j] = gt / (1.0 + (-gt).exp()) * gu[ti * 2 * f + f + j];
+                    }
+                }
+                let mut out = vec![0f32; t * d];
+                gemm_strided(t, d, f, &mut out, false, (&s, f, 1), (&wm.w_down, 1, f), 1);
+                score[g][m] += out
+                    .chunks_exact(d)
+                    .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
+                    .sum::<f64>();
+            }
+        }
+    }
+    Ok(score)
+}
+
+/// The MLP shard for each head group maximising the summed score (exhaustive, tp <= 8).
+pub fn pair_mlp(score: &[Vec<f64>]) -> Result<Vec<usize>> {
+    let n = score.len();
+    if n > 8 {
+        return Err(Error::InvalidArgument(format!(
+            "MLP pairing is exhaustive up to 8 ranks; got {n}"
+        )));
+    }
+    let mut best = (f64::NEG_INFINITY, (0..n).collect::<Vec<_>>());
+    for p in permutations(n) {
+        let v: f64 = p.iter().enumerate().map(|(g, m)| score[g][*m]).sum();
+        if v > best.0 + 1e-12 {
+            best = (v, p);
+        }
+    }
+    Ok(best.1)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Grouping {
+    pub heads: Vec<Vec<usize>>,
+    /// ffn_order[r]: which of the even FFN shards rank r gets.
+    pub ffn_order: Vec<usize>,
+    pub dissimilarity_before: f64,
+    pub dissimilarity_after: f64,
+}
+
+impl Grouping {
+    pub fn shards(&self, cfg: &LlamaConfig) -> Result<Vec<RankShard>> {
+        let mut sorted = self.ffn_order.clone();
+        sorted.sort_unstable();
+        if sorted != (0..self.heads.len()).collect::<Vec<_>>() {
+            return Err(Error::InvalidArgument(format!(
+                "MLP shard order {:?} is not a permutation of 0..{}",
+                self.ffn_order,
+                self.heads.len()
+            )));
+        }
+        let ffn = even_split(cfg.ffn, self.heads.len());
+        let mut layout = TpLayout::with_heads(cfg, self.heads.clone())?;
+        for (r, s) in layout.ranks.iter_mut().enumerate() {
+            s.ffn = ffn[self.ffn_order[r]].clone();
+        }
+        Ok(layout.ranks)
+    }
+}
+
+/// Head grouping of block `layer` on calibration sequences; applies it to the engine (original
+/// weights, re-assigned) and returns it.
+pub fn group_block(engine: &mut Engine, layer: usize, calib: &[Vec<u32>]) -> Result<Grouping> {
+    let xs = calib
+        .iter()
+        .map(|s| engine.block_input(s, layer))
+        .collect::<Result<Vec<_>>>()?;
+    let start: Vec<Vec<usize>> = engine
+        .layout
+        .ranks
+        .iter()
+        .map(|r| r.q_heads.clone())
+        .collect();
+    let dist = distances(&head_patterns(engine, layer, &xs)?);
+    let heads = group_heads(&engine.cfg, &start, &dist);
+    let score = mlp_scores(engine, layer, &heads, &xs)?;
+    let g = Grouping {
+        dissimilarity_before: within_rank_dissimilarity(&start, &dist),
+        dissimilarity_after: within_rank_dissimilarity(&heads, &dist),
+        ffn_order: pair_mlp(&score)?,
+        heads,
+    };
+    let shards = g.shards(&engine.cfg)?;
+    engine.set_block_shards(layer, shards)?;
+    Ok(g)
+}
+
+/// Apply a recorded grouping (from a plan file).
+pub fn apply(
+    engine: &mut Engine,
+    layer: usize,
+    heads: Vec<Vec<usize>>,
+    ffn_order: Vec<usize>,
+) -> Result<()> {
+    let g = Grouping {
+        heads,
+        ffn_order,
+        dissimilarity_before: 0.0,
+        dissimilarity_after: 0.0,
+    };
+    let shards = g.shards(&engine.cfg)?;
+    engine.set_block_shards(layer, shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permutations_are_all_distinct() {
+        let p = permutations(4);
+        assert_eq!(p.len(), 24);
+        let mut q = p.clone();
+        q.dedup();
+        assert_eq!(q.len(), 24);
+    }
+
+    #[test]
+    fn pairing_finds_the_best_assignment() {
+        let s = vec![
+            vec![1.0, 5.0, 0.0],
+            vec![4.0, 1.0, 0.0],
+            vec![0.0, 0.0, 2.0],
+        ];
+        assert_eq!(pair_mlp(&s).unwrap(), vec![1, 0, 2]);
+    }
+}
