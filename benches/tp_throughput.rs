@@ -124,4 +124,40 @@ fn main() {
             100.0 * median(comm_frac)
         );
     }
+    // ISO on the CPU backend: a long prefill with and without the two-chunk overlap. On this
+    // backend "communication" is a shared-memory barrier exchange, so this measures the
+    // schedule's overhead or gain here, not what a GPU link would hide.
+    let iso_len = if full { 512 } else { 16 };
+    println!();
+    println!("| TP | prefill {iso_len} tok, ISO off (ms) | ISO on, split | ISO on (ms) | change |");
+    println!("|---|---|---|---|---|");
+    let long: Vec<u32> = (0..iso_len as u32).map(|i| 100 + (i * 53) % 4000).collect();
+    for tp in [2usize, 3] {
+        let opts = EngineOptions {
+            tp,
+            threads,
+            capacity: iso_len + 1,
+            ..Default::default()
+        };
+        let mut e = Engine::new(files.clone(), &opts).unwrap();
+        let split = e.iso_model().split(iso_len).unwrap_or(iso_len / 2);
+        let mut off = Vec::new();
+        let mut on = Vec::new();
+        for _ in 0..reps {
+            let t0 = Instant::now();
+            e.forward(&long, 0, iso_len - 1..iso_len).unwrap();
+            off.push(t0.elapsed().as_secs_f64());
+            let t0 = Instant::now();
+            e.forward_iso(&long, split, iso_len - 1..iso_len).unwrap();
+            on.push(t0.elapsed().as_secs_f64());
+        }
+        let (a, b) = (median(off), median(on));
+        println!(
+            "| {tp} | {:.1} | {split} + {} | {:.1} | {:+.1}% |",
+            a * 1e3,
+            iso_len - split,
+            b * 1e3,
+            100.0 * (b / a - 1.0)
+        );
+    }
 }

@@ -151,6 +151,9 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value = "sensitivity.svg")]
         plot: PathBuf,
+        /// Re-plot and re-classify a saved sensitivity JSON instead of measuring.
+        #[arg(long)]
+        from_json: Option<PathBuf>,
     },
     /// Choose the largest SPD plan within an accuracy budget, verified on held-out data.
     Plan {
@@ -519,20 +522,34 @@ fn run(cli: Cli) -> Result<()> {
             t2,
             out,
             plot,
+            from_json,
         } => {
-            let Opened {
-                mut engine, tok, ..
-            } = open(&common)?;
-            let seqs = calibration(&tok, &calib)?;
-            let s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+            let (s, tp, n_calib): (Sensitivity, usize, usize) = match from_json {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?;
+                    let s = serde_json::from_str(&text)
+                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?;
+                    (s, common.tp, calib.calib)
+                }
+                None => {
+                    let Opened {
+                        mut engine, tok, ..
+                    } = open(&common)?;
+                    let seqs = calibration(&tok, &calib)?;
+                    let s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+                    write_json(&out, &s)?;
+                    eprintln!("wrote {}", out.display());
+                    (s, engine.tp(), seqs.len())
+                }
+            };
             let mut sorted = s.sensitivity.clone();
             sorted.sort_by(f64::total_cmp);
             let t1 = t1.unwrap_or(sorted[sorted.len() / 2]);
             let t2 = t2.unwrap_or(sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)]);
             println!(
                 "base perplexity {:.4} on {} calibration passages",
-                s.base_ppl,
-                seqs.len()
+                s.base_ppl, n_calib
             );
             println!("| block | ppl with blocks i.. SPD | sensitivity | class |");
             println!("|---|---|---|---|");
@@ -543,15 +560,8 @@ fn run(cli: Cli) -> Result<()> {
                     spd::classify(*v, t1, t2)
                 );
             }
-            write_json(&out, &s)?;
-            spd::plot_sensitivity(
-                &s,
-                t1,
-                t2,
-                &format!("SPD sensitivity, TP {}", engine.tp()),
-                &plot,
-            )?;
-            eprintln!("wrote {} and {}", out.display(), plot.display());
+            spd::plot_sensitivity(&s, t1, t2, &format!("SPD sensitivity, TP {tp}"), &plot)?;
+            eprintln!("wrote {}", plot.display());
         }
         Cmd::Plan {
             common,

@@ -267,8 +267,13 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
     let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let n = s.sensitivity.len();
-    let hi = s.sensitivity.iter().cloned().fold(t2.max(1e-3), f64::max) * 1.1;
-    let lo = s.sensitivity.iter().cloned().fold(0.0, f64::min) * 1.1;
+    // Clip the axis so a few extreme blocks do not flatten the rest; clipped bars are labelled.
+    let mut sorted = s.sensitivity.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p80 = sorted.get(sorted.len() * 4 / 5).copied().unwrap_or(0.0);
+    let cap = (t2 * 2.0).max(p80 * 3.0).max(1e-3);
+    let hi = s.sensitivity.iter().cloned().fold(1e-3, f64::max).min(cap) * 1.15;
+    let lo = s.sensitivity.iter().cloned().fold(0.0, f64::min) * 1.15;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(12)
@@ -290,10 +295,25 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
                 Class::ExtremelySensitive => RED.mix(0.8),
             };
             Rectangle::new(
-                [(i as f64 - 0.4, 0.0), (i as f64 + 0.4, *v)],
+                [(i as f64 - 0.4, 0.0), (i as f64 + 0.4, v.min(hi))],
                 color.filled(),
             )
         }))
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .draw_series(
+            s.sensitivity
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| **v > hi)
+                .map(|(i, v)| {
+                    Text::new(
+                        format!("{v:.0}"),
+                        (i as f64 + 0.45, hi * 0.97),
+                        ("sans-serif", 13),
+                    )
+                }),
+        )
         .map_err(|e| err(e.to_string()))?;
     for (t, label) in [(t1, "t1"), (t2, "t2")] {
         chart
@@ -302,8 +322,15 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
                 BLACK.mix(0.5),
             ))
             .map_err(|e| err(e.to_string()))?
-            .label(format!("{label} = {t:.3}"));
+            .label(format!("{label} = {t:.3}"))
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
     }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
 }
