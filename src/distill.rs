@@ -16,19 +16,19 @@ use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::layout::RankShard;
 
-/// Attention output of one rank for one sequence: (t, q) = softmax(QK^T)V of its heads, before
-/// the output projection. X is (t, d) at positions 0..t.
-pub fn attention_output(
+/// Q, K and V of `n_q` query and `n_kv` KV heads for one sequence X (t, d) at positions 0..t:
+/// RMSNorm(X) @ W_qkv^T (+ bias), with RoPE applied to the Q and K columns. Returns
+/// (t, (n_q + 2 n_kv) * head_dim), each row laid out Q | K | V.
+pub fn qkv_rope(
     cfg: &LlamaConfig,
-    shard: &RankShard,
     w: &BlockWeights,
     x: &[f32],
+    n_q: usize,
+    n_kv: usize,
 ) -> Vec<f32> {
     let (d, hd) = (cfg.hidden, cfg.head_dim);
     let t = x.len() / d;
-    let (nq, nkv) = (shard.q_heads.len(), shard.kv_heads.len());
-    let (qn, kvn) = (nq * hd, nkv * hd);
-    let width = qn + 2 * kvn;
+    let width = (n_q + 2 * n_kv) * hd;
     let mut normed = vec![0f32; t * d];
     rmsnorm(x, &w.attn_norm, cfg.rms_eps, &mut normed);
     let mut qkv = vec![0f32; t * width];
@@ -48,7 +48,7 @@ pub fn attention_output(
         if let Some(b) = &w.bqkv {
             row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
         }
-        for h in row[..qn + kvn].chunks_exact_mut(hd) {
+        for h in row[..(n_q + n_kv) * hd].chunks_exact_mut(hd) {
             rope_head(
                 h,
                 &cos[p * half..(p + 1) * half],
@@ -57,6 +57,23 @@ pub fn attention_output(
             );
         }
     }
+    qkv
+}
+
+/// Attention output of one rank for one sequence: (t, q) = softmax(QK^T)V of its heads, before
+/// the output projection. X is (t, d) at positions 0..t.
+pub fn attention_output(
+    cfg: &LlamaConfig,
+    shard: &RankShard,
+    w: &BlockWeights,
+    x: &[f32],
+) -> Vec<f32> {
+    let (d, hd) = (cfg.hidden, cfg.head_dim);
+    let t = x.len() / d;
+    let (nq, nkv) = (shard.q_heads.len(), shard.kv_heads.len());
+    let (qn, kvn) = (nq * hd, nkv * hd);
+    let width = qn + 2 * kvn;
+    let qkv = qkv_rope(cfg, w, x, nq, nkv);
     // gather K and V per local KV head: (nkv, t, hd)
     let mut k = vec![0f32; nkv * t * hd];
     let mut v = vec![0f32; nkv * t * hd];
@@ -135,6 +152,19 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// SwiGLU: `gu` is (t, 2f), each row its gate columns then its up columns; returns s (t, f)
+/// with s = silu(gate) * up, silu(g) = g * sigmoid(g).
+pub fn swiglu(gu: &[f32], t: usize, f: usize) -> Vec<f32> {
+    let mut s = vec![0f32; t * f];
+    for ti in 0..t {
+        for j in 0..f {
+            let g = gu[ti * 2 * f + j];
+            s[ti * f + j] = g * sigmoid(g) * gu[ti * 2 * f + f + j];
+        }
+    }
+    s
+}
+
 /// Saved activations of one rank's student forward, for the backward pass.
 struct RankTape {
     u: Vec<f32>,    // (t, d) X + a_r
@@ -176,13 +206,7 @@ fn rank_forward(
         (&p.w_gate_up, 1, d),
         th,
     );
-    let mut s = vec![0f32; t * f];
-    for ti in 0..t {
-        for j in 0..f {
-            let g = gu[ti * 2 * f + j];
-            s[ti * f + j] = g * sigmoid(g) * gu[ti * 2 * f + f + j];
-        }
-    }
+    let s = swiglu(&gu, t, f);
     // out = a + s @ w_down^T
     gemm_strided(t, d, f, &mut a, true, (&s, f, 1), (&p.w_down, 1, f), th);
     (a, RankTape { u, rinv, n, gu, s })
@@ -323,13 +347,7 @@ pub fn teacher_output(
             (&w.w_gate_up, 1, d),
             th,
         );
-        let mut s = vec![0f32; t * f];
-        for ti in 0..t {
-            for j in 0..f {
-                let g = gu[ti * 2 * f + j];
-                s[ti * f + j] = g * sigmoid(g) * gu[ti * 2 * f + f + j];
-            }
-        }
+        let s = swiglu(&gu, t, f);
         gemm_strided(t, d, f, &mut out, true, (&s, f, 1), (&w.w_down, 1, f), th);
     }
     out

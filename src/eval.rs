@@ -84,17 +84,7 @@ pub fn perplexity_texts(
     stride: usize,
     progress: bool,
 ) -> Result<PplResult> {
-    let bar = if progress {
-        indicatif::ProgressBar::new(texts.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("static template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_prefix("perplexity");
+    let bar = crate::progress::bar(texts.len() as u64, "perplexity", progress);
     let mut total = PplResult::default();
     for t in texts {
         let ids = tok.encode(t)?;

@@ -10,9 +10,9 @@
 //! the group size); otherwise heads move one by one and a rank computes every KV head its
 //! query heads use.
 
-use crate::backend::cpu::{gemm_strided, rmsnorm, rope_head, rope_tables};
+use crate::backend::cpu::{gemm_strided, rmsnorm};
 use crate::config::LlamaConfig;
-use crate::distill::attention_output;
+use crate::distill::{attention_output, qkv_rope, swiglu};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::layout::{even_split, RankShard, TpLayout};
@@ -30,34 +30,7 @@ pub fn head_patterns(engine: &Engine, layer: usize, xs: &[Vec<f32>]) -> Result<V
     let mut pats = vec![Vec::new(); nq];
     for x in xs {
         let t = x.len() / d;
-        let mut normed = vec![0f32; t * d];
-        rmsnorm(x, &w.attn_norm, cfg.rms_eps, &mut normed);
-        let mut qkv = vec![0f32; t * width];
-        gemm_strided(
-            t,
-            width,
-            d,
-            &mut qkv,
-            false,
-            (&normed, d, 1),
-            (&w.wqkv, 1, d),
-            1,
-        );
-        let (cos, sin) = rope_tables(cfg.rope_theta, hd, t);
-        let half = hd / 2;
-        for (p, row) in qkv.chunks_exact_mut(width).enumerate() {
-            if let Some(b) = &w.bqkv {
-                row.iter_mut().zip(b).for_each(|(r, b)| *r += b);
-            }
-            for h in row[..(nq + nkv) * hd].chunks_exact_mut(hd) {
-                rope_head(
-                    h,
-                    &cos[p * half..(p + 1) * half],
-                    &sin[p * half..(p + 1) * half],
-                    cfg.rope_style,
-                );
-            }
-        }
+        let qkv = qkv_rope(cfg, &w, x, nq, nkv);
         let scale = 1.0 / (hd as f32).sqrt();
         for (h, pat) in pats.iter_mut().enumerate() {
             let kh = h / cfg.group_size();
@@ -239,13 +212,7 @@ pub fn mlp_scores(
                     (&wm.w_gate_up, 1, d),
                     1,
                 );
-                let mut s = vec![0f32; t * f];
-                for ti in 0..t {
-                    for j in 0..f {
-                        let gt = gu[ti * 2 * f + j];
-                        s[ti * f + j] = gt / (1.0 + (-gt).exp()) * gu[ti * 2 * f + f + j];
-                    }
-                }
+                let s = swiglu(&gu, t, f);
                 let mut out = vec![0f32; t * d];
                 gemm_strided(t, d, f, &mut out, false, (&s, f, 1), (&wm.w_down, 1, f), 1);
                 score[g][m] += out

@@ -28,6 +28,7 @@ pub mod iso;
 pub mod layout;
 pub mod model;
 pub mod planner;
+pub mod progress;
 pub mod quant;
 pub mod spd;
 pub mod tasks;

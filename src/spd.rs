@@ -204,17 +204,7 @@ pub fn sensitivity(
     progress: bool,
 ) -> Result<Sensitivity> {
     let l = engine.cfg.n_layers;
-    let bar = if progress {
-        indicatif::ProgressBar::new(l as u64 + 1).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("static template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_prefix("sensitivity");
+    let bar = crate::progress::bar(l as u64 + 1, "sensitivity", progress);
     let mut mask = vec![false; l];
     engine.set_spd(&mask)?;
     let base = perplexity_of(engine, calib, window)?;

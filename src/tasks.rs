@@ -251,17 +251,7 @@ pub fn evaluate_suite(
     progress: bool,
 ) -> Result<SuiteScore> {
     let total: usize = tasks.iter().map(|t| t.1.len()).sum();
-    let bar = if progress {
-        indicatif::ProgressBar::new(total as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-            )
-            .expect("static template"),
-        )
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_prefix("eval");
+    let bar = crate::progress::bar(total as u64, "eval", progress);
     let mut scores = Vec::new();
     for (name, docs) in tasks {
         bar.set_message(name.clone());
