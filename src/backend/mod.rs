@@ -12,7 +12,7 @@
 pub mod cpu;
 
 #[cfg(feature = "cuda")]
-#[path = "cuda.rs"]
+#[path = "cuda/mod.rs"]
 pub mod cuda;
 #[cfg(not(feature = "cuda"))]
 #[path = "cuda_stub.rs"]

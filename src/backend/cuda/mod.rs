@@ -1,8 +1,18 @@
 //! CUDA backend (feature `cuda`). cudarc loads libcuda at run time, so this module compiles
 //! on machines without a GPU; every entry point checks for the driver first and returns a
 //! typed error instead of panicking.
+//!
+//! Kernel families live one per file in `csrc/` and are mirrored here one per module
+//! (`csrc/rmsnorm.cu` <-> [`kernels`]'s `add_rmsnorm_bf16`).
+
+pub mod kernels;
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
+
+fn cuda_err(e: impl std::fmt::Debug) -> Error {
+    Error::Cuda(format!("{e:?}"))
+}
 
 /// Number of CUDA devices visible, or an error when no driver is present.
 pub fn device_count() -> Result<usize> {
@@ -14,5 +24,16 @@ pub fn device_count() -> Result<usize> {
     }
     cudarc::driver::CudaContext::device_count()
         .map(|n| n as usize)
-        .map_err(|e| Error::Cuda(format!("{e:?}")))
+        .map_err(cuda_err)
+}
+
+/// A context on device `ordinal`, or a typed error (no driver, no such device).
+pub fn context(ordinal: usize) -> Result<Arc<cudarc::driver::CudaContext>> {
+    let n = device_count()?;
+    if ordinal >= n {
+        return Err(Error::Cuda(format!(
+            "device {ordinal} requested, {n} visible"
+        )));
+    }
+    cudarc::driver::CudaContext::new(ordinal).map_err(cuda_err)
 }
