@@ -59,13 +59,13 @@ mod gpu {
             let wf: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
             let mut expect = vec![0f32; rows * d];
             rmsnorm(&resid, &wf, 1e-5, &mut expect);
-            let mut r = stream.memcpy_stod(&x).unwrap();
-            let dd = stream.memcpy_stod(&dx).unwrap();
-            let wd = stream.memcpy_stod(&w).unwrap();
+            let mut r = stream.clone_htod(&x).unwrap();
+            let dd = stream.clone_htod(&dx).unwrap();
+            let wd = stream.clone_htod(&w).unwrap();
             let mut out = stream.alloc_zeros::<bf16>(rows * d).unwrap();
             kernels::add_rmsnorm_bf16(&stream, &k, rows, d, 1e-5, &mut r, with_delta.then_some(&dd), &wd, &mut out).unwrap();
-            let got: Vec<bf16> = stream.memcpy_dtov(&out).unwrap();
-            let res: Vec<bf16> = stream.memcpy_dtov(&r).unwrap();
+            let got: Vec<bf16> = stream.clone_dtoh(&out).unwrap();
+            let res: Vec<bf16> = stream.clone_dtoh(&r).unwrap();
             for i in 0..rows * d {
                 let (g, e) = (got[i].to_f32(), expect[i]);
                 prop_assert!((g - e).abs() <= 1e-2 + 1e-2 * e.abs(), "out[{}] = {} vs {}", i, g, e);
