@@ -1,0 +1,80 @@
+//! Fused residual add + RMSNorm (`csrc/rmsnorm.cu`).
+
+use super::cuda_err;
+use super::kernels::Kernels;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::bf16;
+use std::sync::Arc;
+
+/// Mirror of `RmsNormParams` in csrc/params.h.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RmsNormParams {
+    pub rows: i32,
+    pub d: i32,
+    pub eps: f32,
+    pub has_delta: i32,
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<RmsNormParams>() == 16);
+    assert!(std::mem::offset_of!(RmsNormParams, rows) == 0);
+    assert!(std::mem::offset_of!(RmsNormParams, d) == 4);
+    assert!(std::mem::offset_of!(RmsNormParams, eps) == 8);
+    assert!(std::mem::offset_of!(RmsNormParams, has_delta) == 12);
+};
+
+// SAFETY: plain-old-data with the C layout asserted above.
+unsafe impl cudarc::driver::DeviceRepr for RmsNormParams {}
+
+/// `residual` += `delta` (when given); `out` = RMSNorm(residual) * weight. (rows, d) bf16.
+#[allow(clippy::too_many_arguments)]
+pub fn add_rmsnorm_bf16(
+    stream: &Arc<CudaStream>,
+    k: &Kernels,
+    rows: usize,
+    d: usize,
+    eps: f32,
+    residual: &mut CudaSlice<bf16>,
+    delta: Option<&CudaSlice<bf16>>,
+    weight: &CudaSlice<bf16>,
+    out: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    if residual.len() < rows * d
+        || out.len() < rows * d
+        || weight.len() < d
+        || delta.is_some_and(|x| x.len() < rows * d)
+    {
+        return Err(Error::InvalidArgument(format!(
+            "add_rmsnorm_bf16: buffers too small for ({rows}, {d})"
+        )));
+    }
+    if rows == 0 || d == 0 {
+        return Ok(());
+    }
+    let f = k.function("rmsnorm", "add_rmsnorm_bf16")?;
+    let p = RmsNormParams {
+        rows: rows as i32,
+        d: d as i32,
+        eps,
+        has_delta: i32::from(delta.is_some()),
+    };
+    let threads = (d.div_ceil(32) * 32).clamp(32, 1024) as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p).arg(residual);
+    match delta {
+        Some(dx) => b.arg(dx),
+        None => b.arg(weight), // unused by the kernel when has_delta == 0
+    };
+    b.arg(weight).arg(out);
+    // SAFETY: argument order and types match the kernel signature in csrc/rmsnorm.cu; every
+    // buffer holds at least rows * d (weight: d) elements, checked above.
+    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}

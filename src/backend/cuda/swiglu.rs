@@ -1,0 +1,51 @@
+//! SwiGLU of the fused gate|up projection (`csrc/swiglu.cu`).
+
+use super::cuda_err;
+use super::kernels::Kernels;
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use half::bf16;
+use std::sync::Arc;
+
+/// Mirror of `SwigluParams` in csrc/params.h.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SwigluParams {
+    pub t: i32,
+    pub f: i32,
+}
+
+const _: () =
+    assert!(std::mem::size_of::<SwigluParams>() == 8 && std::mem::offset_of!(SwigluParams, f) == 4);
+
+// SAFETY: plain-old-data with the C layout asserted above.
+unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
+
+/// h (t, f) = silu(gu[:, :f]) * gu[:, f..2f].
+pub fn swiglu_bf16(
+    stream: &Arc<CudaStream>,
+    kern: &Kernels,
+    t: usize,
+    f: usize,
+    gu: &CudaSlice<bf16>,
+    h: &mut CudaSlice<bf16>,
+) -> Result<()> {
+    if gu.len() < 2 * t * f || h.len() < t * f {
+        return Err(Error::InvalidArgument(format!(
+            "swiglu_bf16: buffers too small for t={t} f={f}"
+        )));
+    }
+    if t * f == 0 {
+        return Ok(());
+    }
+    let func = kern.function("swiglu", "swiglu_bf16")?;
+    let p = SwigluParams {
+        t: t as i32,
+        f: f as i32,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p).arg(gu).arg(h);
+    // SAFETY: argument order and types match swiglu_bf16 in csrc/swiglu.cu; sizes checked.
+    unsafe { b.launch(LaunchConfig::for_num_elems((t * f) as u32)) }.map_err(cuda_err)?;
+    Ok(())
+}
