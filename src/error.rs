@@ -65,6 +65,14 @@ pub enum Error {
     #[error("communicator: {0}")]
     Comm(String),
 
+    #[error("all-reduce timed out: rank {rank} waited for peer {peer}, whose flag reads {flag} (expected {expected})")]
+    CommTimeout {
+        rank: usize,
+        peer: usize,
+        flag: u32,
+        expected: u32,
+    },
+
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 

@@ -11,6 +11,8 @@
 //! sharing memory). The CUDA P2P and NCCL communicators implement the same contract on device
 //! buffers.
 
+pub mod p2p_sim;
+pub mod select;
 pub mod thread;
 
 use crate::error::Result;

@@ -1,0 +1,192 @@
+//! All-reduce algorithm selection: an explicit chain with logged fallbacks and an environment
+//! override (DESIGN.md section 5). Plain Rust, so it is unit-tested without a GPU.
+//!
+//! Chain: one-shot -> two-shot -> NCCL -> staged copy.
+//! - one-shot (every rank pulls all peers): small messages, decode; needs P2P between all pairs;
+//! - two-shot (reduce-scatter + all-gather): larger messages, P2P;
+//! - NCCL: multi-node, or no P2P, or messages past the custom kernels' buffer;
+//! - staged copy through host memory: the last resort, always available, never silent.
+//!
+//! Size thresholds are starting points taken from vLLM's custom all-reduce (one-shot up to
+//! 256 KiB at 8 ranks, 512 KiB at <= 4; two-shot up to its 64 MiB buffer); they are to be
+//! re-tuned on GPU machines and the evidence recorded here.
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algo {
+    /// One rank: nothing to communicate.
+    Identity,
+    OneShot,
+    TwoShot,
+    Nccl,
+    StagedCopy,
+}
+
+impl std::str::FromStr for Algo {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Algo> {
+        Ok(match s.trim().to_ascii_lowercase().as_str() {
+            "oneshot" | "one-shot" => Algo::OneShot,
+            "twoshot" | "two-shot" => Algo::TwoShot,
+            "nccl" => Algo::Nccl,
+            "staged" | "staged-copy" => Algo::StagedCopy,
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "SYNCDROP_ALLREDUCE='{other}': expected oneshot, twoshot, nccl or staged"
+                )))
+            }
+        })
+    }
+}
+
+/// What the selector needs to know about the group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    pub world: usize,
+    /// Every pair of ranks has working peer access (NVML status and a real probe agree).
+    pub p2p_all_pairs: bool,
+    /// Ranks span machines.
+    pub multi_node: bool,
+    pub nccl_available: bool,
+    /// Bytes of the registered buffer the custom kernels can use.
+    pub custom_buffer_bytes: usize,
+}
+
+pub const ONE_SHOT_MAX_BYTES_SMALL_WORLD: usize = 512 << 10;
+pub const ONE_SHOT_MAX_BYTES_LARGE_WORLD: usize = 256 << 10;
+
+/// Choose the algorithm for a message of `bytes`. `env` is the override
+/// (SYNCDROP_ALLREDUCE). Returns the choice and a log line per step that was skipped or
+/// overridden (callers print them once per shape).
+pub fn select(bytes: usize, t: &Topology, env: Option<&str>) -> Result<(Algo, Vec<String>)> {
+    if t.world == 0 {
+        return Err(Error::InvalidArgument("all-reduce over 0 ranks".into()));
+    }
+    if t.world == 1 {
+        return Ok((Algo::Identity, vec![]));
+    }
+    let mut log = Vec::new();
+    let custom_ok = t.p2p_all_pairs && !t.multi_node && t.world <= 8;
+    let fits = bytes <= t.custom_buffer_bytes;
+    let supported = |a: Algo| -> std::result::Result<(), String> {
+        match a {
+            Algo::Identity => Err("identity is for one rank".into()),
+            Algo::OneShot | Algo::TwoShot if !custom_ok => Err(format!(
+                "needs P2P between all ranks of one node and <= 8 ranks (p2p {}, multi-node {}, world {})",
+                t.p2p_all_pairs, t.multi_node, t.world
+            )),
+            Algo::OneShot | Algo::TwoShot if !fits => Err(format!(
+                "{bytes} bytes exceed the registered buffer of {} bytes",
+                t.custom_buffer_bytes
+            )),
+            Algo::Nccl if !t.nccl_available => Err("NCCL is not available".into()),
+            _ => Ok(()),
+        }
+    };
+    if let Some(e) = env {
+        let want: Algo = e.parse()?;
+        return match supported(want) {
+            Ok(()) => {
+                log.push(format!("all-reduce: {want:?} forced by SYNCDROP_ALLREDUCE"));
+                Ok((want, log))
+            }
+            Err(why) => Err(Error::Comm(format!(
+                "SYNCDROP_ALLREDUCE={e} cannot run here: {why}"
+            ))),
+        };
+    }
+    let one_shot_max = if t.world <= 4 {
+        ONE_SHOT_MAX_BYTES_SMALL_WORLD
+    } else {
+        ONE_SHOT_MAX_BYTES_LARGE_WORLD
+    };
+    let chain: Vec<Algo> = if bytes <= one_shot_max {
+        vec![Algo::OneShot, Algo::TwoShot, Algo::Nccl, Algo::StagedCopy]
+    } else {
+        vec![Algo::TwoShot, Algo::Nccl, Algo::StagedCopy]
+    };
+    for a in chain {
+        match supported(a) {
+            Ok(()) => return Ok((a, log)),
+            Err(why) => log.push(format!("all-reduce: {a:?} skipped: {why}")),
+        }
+    }
+    unreachable!("staged copy is always supported")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nvlink(world: usize) -> Topology {
+        Topology {
+            world,
+            p2p_all_pairs: true,
+            multi_node: false,
+            nccl_available: true,
+            custom_buffer_bytes: 64 << 20,
+        }
+    }
+
+    #[test]
+    fn sizes_pick_one_shot_then_two_shot_then_nccl() {
+        assert_eq!(select(8 << 10, &nvlink(8), None).unwrap().0, Algo::OneShot);
+        assert_eq!(
+            select(300 << 10, &nvlink(8), None).unwrap().0,
+            Algo::TwoShot
+        );
+        assert_eq!(
+            select(300 << 10, &nvlink(4), None).unwrap().0,
+            Algo::OneShot
+        );
+        let (a, log) = select(100 << 20, &nvlink(8), None).unwrap();
+        assert_eq!(a, Algo::Nccl);
+        assert!(log[0].contains("exceed the registered buffer"), "{log:?}");
+        assert_eq!(select(1 << 10, &nvlink(1), None).unwrap().0, Algo::Identity);
+    }
+
+    #[test]
+    fn unsupported_topologies_fall_back_with_a_log_never_silently() {
+        let pcie = Topology {
+            p2p_all_pairs: false,
+            ..nvlink(4)
+        };
+        let (a, log) = select(4 << 10, &pcie, None).unwrap();
+        assert_eq!(a, Algo::Nccl);
+        assert_eq!(log.len(), 2, "{log:?}");
+        let bare = Topology {
+            nccl_available: false,
+            ..pcie
+        };
+        let (a, log) = select(4 << 10, &bare, None).unwrap();
+        assert_eq!(a, Algo::StagedCopy);
+        assert_eq!(log.len(), 3);
+        let multi = Topology {
+            multi_node: true,
+            ..nvlink(16)
+        };
+        assert_eq!(select(4 << 10, &multi, None).unwrap().0, Algo::Nccl);
+    }
+
+    #[test]
+    fn the_override_wins_or_fails_loudly() {
+        assert_eq!(
+            select(8 << 10, &nvlink(8), Some("twoshot")).unwrap().0,
+            Algo::TwoShot
+        );
+        assert_eq!(
+            select(8 << 10, &nvlink(8), Some("nccl")).unwrap().0,
+            Algo::Nccl
+        );
+        let pcie = Topology {
+            p2p_all_pairs: false,
+            ..nvlink(4)
+        };
+        let e = select(8 << 10, &pcie, Some("oneshot"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("P2P"), "{e}");
+        assert!(select(8 << 10, &nvlink(2), Some("magic")).is_err());
+    }
+}
