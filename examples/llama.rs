@@ -218,6 +218,9 @@ enum Cmd {
         /// Keep the points of other TP degrees already in --out (to add degrees in later runs).
         #[arg(long)]
         resume: bool,
+        /// Only redraw the SVG from the JSON in --out.
+        #[arg(long)]
+        plot_only: bool,
     },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
@@ -707,7 +710,23 @@ fn run(cli: Cli) -> Result<()> {
             lr,
             out,
             resume,
+            plot_only,
         } => {
+            if plot_only {
+                let text = std::fs::read_to_string(&out)
+                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                let j: serde_json::Value = serde_json::from_str(&text)
+                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                let points: Vec<spd::SweepPoint> = serde_json::from_value(j["points"].clone())
+                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                spd::plot_sweep(
+                    &points,
+                    "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
+                    &sibling(&out, "svg"),
+                )?;
+                eprintln!("wrote {}", sibling(&out, "svg").display());
+                return Ok(());
+            }
             let parse = |s: &str| -> Result<Vec<f64>> {
                 s.split(',')
                     .filter(|x| !x.trim().is_empty())

@@ -361,19 +361,31 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()>
         RGBColor(230, 140, 0),
         RGBColor(120, 60, 20),
     ];
-    for (panel, ylabel, get) in [
+    let mut tps: Vec<usize> = keys.iter().map(|k| k.0).collect();
+    tps.dedup();
+    for (panel, ylabel, get, clip) in [
         (
             &left,
             "average zero-shot accuracy",
             (|p: &SweepPoint| p.acc) as fn(&SweepPoint) -> f64,
+            false,
         ),
-        (&right, "LAMBADA perplexity", |p: &SweepPoint| p.ppl),
+        (
+            &right,
+            "LAMBADA perplexity (clipped at 2.5x the best; labels give the value)",
+            |p: &SweepPoint| p.ppl,
+            true,
+        ),
     ] {
         let ys: Vec<f64> = points.iter().map(get).collect();
-        let (lo, hi) = ys
+        let (lo, mut hi) = ys
             .iter()
             .fold((f64::MAX, f64::MIN), |(l, h), v| (l.min(*v), h.max(*v)));
+        if clip {
+            hi = hi.min(2.5 * lo);
+        }
         let pad = (hi - lo).max(1e-3) * 0.08;
+        let mut clipped = 0;
         let mut chart = ChartBuilder::on(panel)
             .margin(14)
             .x_label_area_size(36)
@@ -386,33 +398,50 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()>
             .y_desc(ylabel)
             .draw()
             .map_err(|e| err(e.to_string()))?;
-        for (i, (tp, method)) in keys.iter().enumerate() {
-            let color = palette[i % palette.len()];
+        for (tp, method) in keys.iter() {
+            // colour per TP degree, line weight per method
+            let color = palette[tps.iter().position(|t| t == tp).unwrap_or(0) % palette.len()];
             let mut line: Vec<(f64, f64)> = points
                 .iter()
                 .filter(|p| p.tp == *tp && &p.method == method)
                 .map(|p| (p.fraction, get(p)))
                 .collect();
             line.sort_by(|a, b| a.0.total_cmp(&b.0));
-            let style = if method == "b2b" {
-                color.stroke_width(3)
-            } else {
-                color.stroke_width(1)
+            let width = match method.as_str() {
+                "zero-shot" => 1,
+                "b2b" => 3,
+                _ => 5,
             };
+            let shown: Vec<(f64, f64)> = line.iter().map(|(x, y)| (*x, y.min(hi))).collect();
             chart
-                .draw_series(LineSeries::new(line.clone(), style))
+                .draw_series(LineSeries::new(shown.clone(), color.stroke_width(width)))
                 .map_err(|e| err(e.to_string()))?
                 .label(format!("TP {tp} {method}"))
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(width))
+                });
             chart
                 .draw_series(
-                    line.into_iter()
-                        .map(|(x, y)| Circle::new((x, y), 3, color.filled())),
+                    shown
+                        .iter()
+                        .map(|(x, y)| Circle::new((*x, *y), 3, color.filled())),
                 )
                 .map_err(|e| err(e.to_string()))?;
+            for (x, y) in line.iter().filter(|(_, y)| *y > hi) {
+                // clipped: write the value, stacked below the top edge
+                clipped += 1;
+                chart
+                    .draw_series(std::iter::once(Text::new(
+                        format!("TP {tp} {method}: {y:.0}"),
+                        (*x - 0.33, hi - pad * (1.0 + 1.6 * clipped as f64)),
+                        ("sans-serif", 12),
+                    )))
+                    .map_err(|e| err(e.to_string()))?;
+            }
         }
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
