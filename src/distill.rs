@@ -165,6 +165,35 @@ pub fn swiglu(gu: &[f32], t: usize, f: usize) -> Vec<f32> {
     s
 }
 
+/// Host SwiGLU MLP shard: `out` (t, d) += down(silu(gate(n)) * up(n)) for normed input `n`
+/// (t, d), `w_gate_up` (2f, d), `w_down` (d, f). Returns the gate|up activations (t, 2f) and
+/// the SwiGLU output (t, f), which the backward pass needs.
+pub fn mlp_into(
+    n: &[f32],
+    w_gate_up: &[f32],
+    w_down: &[f32],
+    d: usize,
+    th: usize,
+    out: &mut [f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let t = n.len() / d;
+    let f = w_down.len() / d;
+    let mut gu = vec![0f32; t * 2 * f];
+    gemm_strided(
+        t,
+        2 * f,
+        d,
+        &mut gu,
+        false,
+        (n, d, 1),
+        (w_gate_up, 1, d),
+        th,
+    );
+    let s = swiglu(&gu, t, f);
+    gemm_strided(t, d, f, out, true, (&s, f, 1), (w_down, 1, f), th);
+    (gu, s)
+}
+
 /// Saved activations of one rank's student forward, for the backward pass.
 struct RankTape {
     u: Vec<f32>,    // (t, d) X + a_r
@@ -185,7 +214,6 @@ fn rank_forward(
 ) -> (Vec<f32>, RankTape) {
     let t = x.len() / d;
     let q = p.wo.len() / d;
-    let f = p.w_down.len() / d;
     let mut a = vec![0f32; t * d];
     gemm_strided(t, d, q, &mut a, false, (att, q, 1), (&p.wo, 1, q), th);
     let u: Vec<f32> = x.iter().zip(&a).map(|(x, a)| x + a).collect();
@@ -195,20 +223,8 @@ fn rank_forward(
         .chunks_exact(d)
         .map(|r| 1.0 / (r.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt())
         .collect();
-    let mut gu = vec![0f32; t * 2 * f];
-    gemm_strided(
-        t,
-        2 * f,
-        d,
-        &mut gu,
-        false,
-        (&n, d, 1),
-        (&p.w_gate_up, 1, d),
-        th,
-    );
-    let s = swiglu(&gu, t, f);
-    // out = a + s @ w_down^T
-    gemm_strided(t, d, f, &mut a, true, (&s, f, 1), (&p.w_down, 1, f), th);
+    // out = a + MLP(n)
+    let (gu, s) = mlp_into(&n, &p.w_gate_up, &p.w_down, d, th, &mut a);
     (a, RankTape { u, rinv, n, gu, s })
 }
 
@@ -335,20 +351,7 @@ pub fn teacher_output(
     rmsnorm(&y, &weights[0].ffn_norm, eps, &mut n);
     let mut out = y.clone();
     for w in weights {
-        let f = w.w_down.len() / d;
-        let mut gu = vec![0f32; t * 2 * f];
-        gemm_strided(
-            t,
-            2 * f,
-            d,
-            &mut gu,
-            false,
-            (&n, d, 1),
-            (&w.w_gate_up, 1, d),
-            th,
-        );
-        let s = swiglu(&gu, t, f);
-        gemm_strided(t, d, f, &mut out, true, (&s, f, 1), (&w.w_down, 1, f), th);
+        mlp_into(&n, &w.w_gate_up, &w.w_down, d, th, &mut out);
     }
     out
 }

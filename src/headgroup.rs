@@ -12,7 +12,7 @@
 
 use crate::backend::cpu::{gemm_strided, rmsnorm};
 use crate::config::LlamaConfig;
-use crate::distill::{attention_output, qkv_rope, swiglu};
+use crate::distill::{attention_output, mlp_into, qkv_rope};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::layout::{even_split, RankShard, TpLayout};
@@ -200,21 +200,8 @@ pub fn mlp_scores(
                     ffn: range.clone(),
                 };
                 let wm = load_block(&engine.files, cfg, &shard_m, layer)?;
-                let f = range.len();
-                let mut gu = vec![0f32; t * 2 * f];
-                gemm_strided(
-                    t,
-                    2 * f,
-                    d,
-                    &mut gu,
-                    false,
-                    (&n, d, 1),
-                    (&wm.w_gate_up, 1, d),
-                    1,
-                );
-                let s = swiglu(&gu, t, f);
                 let mut out = vec![0f32; t * d];
-                gemm_strided(t, d, f, &mut out, false, (&s, f, 1), (&wm.w_down, 1, f), 1);
+                mlp_into(&n, &wm.w_gate_up, &wm.w_down, d, 1, &mut out);
                 score[g][m] += out
                     .chunks_exact(d)
                     .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
