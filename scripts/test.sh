@@ -11,4 +11,4 @@ cargo test --release --all-targets "$@"
 NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}"
 export NVCC SYNCDROP_REQUIRE_NVCC=1
 cargo test --release --features cuda --all-targets --no-run
-cargo test --release --features cuda --test cuda_kernels
+cargo test --release --features cuda --test cuda_kernels -- --nocapture

@@ -25,7 +25,8 @@ mod gpu {
                 Some((ctx.default_stream(), k))
             }
             _ => {
-                eprintln!("skipped: no GPU");
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| eprintln!("cuda_kernels: skipped: no GPU"));
                 None
             }
         }
