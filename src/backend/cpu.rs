@@ -231,37 +231,8 @@ pub fn matmul(x: &[f32], t: usize, w: &[f32], n: usize, k: usize, out: &mut [f32
     if t <= 2 {
         return matmul_rowwise(x, t, w, n, k, out, threads);
     }
-    let par = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
-    // SAFETY: pointers and strides describe the live slices checked above: dst (t, n)
-    // row-major, lhs (t, k) row-major, rhs = W^T viewed as (k, n) with row stride 1 and
-    // column stride k. `read_dst = false`, so dst is only written.
-    unsafe {
-        gemm::gemm(
-            t,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        );
-    }
+    // W (n, k) row-major read as W^T (k, n): row stride 1, column stride k
+    gemm_strided(t, n, k, out, false, (x, k, 1), (w, 1, k), threads);
 }
 
 /// `out` (m, n) = a (m, k) @ b (k, n), or `out` += that when `accumulate`; each operand given
