@@ -373,6 +373,13 @@ fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
         .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
 }
 
+/// Parse a JSON file; errors name the file.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let bad = |e: String| Error::InvalidArgument(format!("{}: {e}", path.display()));
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
 fn sibling(path: &Path, ext: &str) -> PathBuf {
     path.with_extension(ext)
 }
@@ -528,13 +535,7 @@ fn run(cli: Cli) -> Result<()> {
             from_json,
         } => {
             let (s, tp, n_calib): (Sensitivity, usize, usize) = match from_json {
-                Some(p) => {
-                    let text = std::fs::read_to_string(&p)
-                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?;
-                    let s = serde_json::from_str(&text)
-                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?;
-                    (s, common.tp, calib.calib)
-                }
+                Some(p) => (read_json(&p)?, common.tp, calib.calib),
                 None => {
                     let Opened {
                         mut engine, tok, ..
@@ -592,11 +593,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let seqs = calibration(&tok, &calib)?;
             let sens: Sensitivity = match sensitivity {
-                Some(p) => serde_json::from_str(
-                    &std::fs::read_to_string(&p)
-                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?,
-                )
-                .map_err(|e| Error::InvalidArgument(format!("{}: {e}", p.display())))?,
+                Some(p) => read_json(&p)?,
                 None => spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?,
             };
             let dir = assets::eval_dir()?;
@@ -713,10 +710,7 @@ fn run(cli: Cli) -> Result<()> {
             plot_only,
         } => {
             if plot_only {
-                let text = std::fs::read_to_string(&out)
-                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
-                let j: serde_json::Value = serde_json::from_str(&text)
-                    .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                let j: serde_json::Value = read_json(&out)?;
                 let points: Vec<spd::SweepPoint> = serde_json::from_value(j["points"].clone())
                     .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
                 spd::plot_sweep(
@@ -770,11 +764,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
             let (mut points, mut sens_all): (Vec<spd::SweepPoint>, Vec<serde_json::Value>) =
                 if resume && out.exists() {
-                    let old: serde_json::Value =
-                        serde_json::from_str(&std::fs::read_to_string(&out).map_err(|e| {
-                            Error::InvalidArgument(format!("{}: {e}", out.display()))
-                        })?)
-                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
+                    let old: serde_json::Value = read_json(&out)?;
                     // keep what this run does not re-measure
                     let pts: Vec<spd::SweepPoint> =
                         serde_json::from_value(old["points"].clone()).unwrap_or_default();

@@ -8,7 +8,7 @@ use common::*;
 use proptest::prelude::*;
 use std::sync::Arc;
 use syncdrop::gguf::{GgufFile, GgufWriter, Value};
-use syncdrop::quant::{quantize_row, GgmlType};
+use syncdrop::quant::GgmlType;
 use syncdrop::{Engine, EngineOptions, Error, ModelFiles};
 
 fn tiny_bytes() -> Vec<u8> {
@@ -112,19 +112,7 @@ fn with_meta_override(key: &str, v: Value) -> syncdrop::Result<()> {
     for (k, val) in &g.metadata {
         w.meta(k, if k == key { v.clone() } else { val.clone() });
     }
-    for (name, rows, cols, data) in tiny_weights(&t, 2) {
-        let dims = if rows == 1 {
-            vec![cols]
-        } else {
-            vec![cols, rows]
-        };
-        w.tensor(
-            &name,
-            &dims,
-            GgmlType::F32,
-            quantize_row(GgmlType::F32, &data),
-        );
-    }
+    add_tensors(&mut w, &t, 2, GgmlType::F32, false);
     let out = load(&w.to_bytes(), "meta");
     std::fs::remove_dir_all(dir).ok();
     out

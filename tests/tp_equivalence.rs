@@ -109,19 +109,7 @@ fn interleaved_rope_on_unpermuted_weights_differs() {
     // a llama GGUF *without* llama.cpp's Q/K permutation
     let mut w = syncdrop::gguf::GgufWriter::new();
     gguf_metadata(&mut w, &t, "llama");
-    for (name, rows, cols, data) in tiny_weights(&t, 5) {
-        let dims = if rows == 1 {
-            vec![cols]
-        } else {
-            vec![cols, rows]
-        };
-        w.tensor(
-            &name,
-            &dims,
-            GgmlType::F32,
-            syncdrop::quant::quantize_row(GgmlType::F32, &data),
-        );
-    }
+    add_tensors(&mut w, &t, 5, GgmlType::F32, false);
     w.write(dir.join("m.gguf")).unwrap();
     let a = run(&mut engine(&dir.join("hf"), 1), &[1, 5, 9, 33], &[]);
     let b = run(&mut engine(&dir.join("m.gguf"), 1), &[1, 5, 9, 33], &[]);

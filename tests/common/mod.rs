@@ -181,13 +181,11 @@ pub fn gguf_metadata(w: &mut GgufWriter, t: &Tiny, arch: &str) {
         .meta(&format!("{arch}.context_length"), u(256));
 }
 
-/// Write a tiny model as GGUF. `ty` is the format of 2-D weights (vectors stay F32).
-/// For `arch == "llama"` Q/K rows are permuted as llama.cpp's converter does.
-pub fn write_gguf(path: &Path, t: &Tiny, seed: u64, ty: GgmlType, arch: &str) {
-    let mut w = GgufWriter::new();
-    gguf_metadata(&mut w, t, arch);
+/// Add a tiny model's tensors to `w`. `ty` is the format of 2-D weights (vectors stay F32);
+/// `permute_qk` applies llama.cpp's converter permutation to Q/K rows.
+pub fn add_tensors(w: &mut GgufWriter, t: &Tiny, seed: u64, ty: GgmlType, permute_qk: bool) {
     for (name, rows, cols, mut data) in tiny_weights(t, seed) {
-        if arch == "llama" && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
+        if permute_qk && (name.ends_with("attn_q.weight") || name.ends_with("attn_k.weight")) {
             data = permute_rows(&data, rows, cols, t.head_dim);
         }
         let (ty, dims) = if rows == 1 {
@@ -197,6 +195,14 @@ pub fn write_gguf(path: &Path, t: &Tiny, seed: u64, ty: GgmlType, arch: &str) {
         };
         w.tensor(&name, &dims, ty, quantize_row(ty, &data));
     }
+}
+
+/// Write a tiny model as GGUF. For `arch == "llama"` Q/K rows are permuted as llama.cpp's
+/// converter does.
+pub fn write_gguf(path: &Path, t: &Tiny, seed: u64, ty: GgmlType, arch: &str) {
+    let mut w = GgufWriter::new();
+    gguf_metadata(&mut w, t, arch);
+    add_tensors(&mut w, t, seed, ty, arch == "llama");
     w.write(path).unwrap();
 }
 
