@@ -46,3 +46,59 @@ typedef struct {
   int32_t rows;
   int32_t n;
 } ArgmaxParams;
+
+// Elementwise ops over n elements (add, f32 -> bf16 conversion).
+typedef struct {
+  int64_t n;
+} ElemParams;
+
+// Embedding lookup: out (t, d) f32 = table[ids[i]] (bf16 rows of d); ids >= vocab are an
+// error the host checks before the launch.
+typedef struct {
+  int32_t t;
+  int32_t d;
+} EmbedParams;
+
+// Fused QKV epilogue: for qkv (t, (n_q + 2 n_kv) * head_dim) f32 rows, add the bias (if
+// has_bias), rotate the Q and K heads (RoPE, style as RopeParams), write Q to q_out (t, n_q *
+// head_dim) f32 and K, V to the bf16 caches (n_kv, capacity, head_dim) at positions
+// pos0..pos0+t. pos0 comes from *pos_ptr when the pointer is not null (CUDA-graph replay).
+typedef struct {
+  int32_t t;
+  int32_t n_q;
+  int32_t n_kv;
+  int32_t head_dim;
+  int32_t capacity;
+  int32_t pos0;
+  int32_t style;
+  int32_t has_bias;
+  float theta;
+  int32_t pad[3];
+} QkvRopeParams;
+
+// Causal attention of t query rows at positions pos0.. (row i sees cache positions
+// 0..=pos0+i: a query offset and a KV length, so a second chunk attends to a prefix) over
+// bf16 K/V caches (n_kv, capacity, head_dim); q_to_kv[h] maps local query head -> KV head.
+// Keys are cut into `splits` chunks of `chunk` positions (grid z); with splits > 1 each
+// chunk writes (unnormalised acc[head_dim], max, sum) to a partial buffer and a combine
+// kernel merges them (split-K "flash decoding"). head_dim <= 256.
+typedef struct {
+  int32_t t;
+  int32_t n_q;
+  int32_t head_dim;
+  int32_t capacity;
+  int32_t pos0;
+  int32_t splits;
+  int32_t chunk;
+  float scale;
+} AttnParams;
+
+// Sampling from f32 logits (rows, n): softmax at `temperature`, nucleus of mass `top_p`
+// (the smallest set of most probable tokens whose mass reaches top_p), then inverse CDF in
+// token order with one uniform u[row] in [0, 1) per row.
+typedef struct {
+  int32_t rows;
+  int32_t n;
+  float temperature;
+  float top_p;
+} SampleParams;

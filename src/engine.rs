@@ -50,6 +50,14 @@ pub struct EngineOptions {
     /// CPU: compute every matrix product row by row in a fixed order, so results do not
     /// depend on how a sequence is chunked (ISO on == ISO off bit for bit). Slower prefill.
     pub row_invariant: bool,
+    /// CUDA: capture decode steps in CUDA graphs where nothing crosses the host inside a
+    /// step (one rank, or `only_rank`).
+    pub cuda_graphs: bool,
+    /// Run only this rank's share of the TP-`tp` model, with its all-reduces skipped: one
+    /// rank's compute for benchmarks (one rank of LLaMA2-70B at TP 8 fits on one 80 GB GPU).
+    /// Logits then hold only this rank's vocabulary slice (the rest is zero) and are not
+    /// the model's.
+    pub only_rank: Option<usize>,
 }
 
 impl Default for EngineOptions {
@@ -61,6 +69,8 @@ impl Default for EngineOptions {
             backend: BackendKind::Cpu,
             layout: None,
             row_invariant: false,
+            cuda_graphs: true,
+            only_rank: None,
         }
     }
 }
@@ -170,6 +180,36 @@ fn rank_loop<B: Backend>(
     }
 }
 
+/// What a rank thread needs to load its shard and serve commands, whatever its backend.
+struct RankStart<'a> {
+    files: &'a ModelFiles,
+    cfg: &'a LlamaConfig,
+    layout: &'a TpLayout,
+    rank: usize,
+    vocab: Range<usize>,
+    comm: Arc<dyn Communicator>,
+    rx: mpsc::Receiver<Cmd>,
+    tx: mpsc::Sender<Result<Reply>>,
+}
+
+impl RankStart<'_> {
+    fn serve<B: Backend>(self, backend: Result<B>) {
+        let loaded = backend.and_then(|be| {
+            RankModel::load(self.files, self.cfg, self.layout, self.rank, self.vocab, be)
+        });
+        match loaded {
+            Ok(model) => {
+                if self.tx.send(Ok(Reply::Ready)).is_ok() {
+                    rank_loop(model, self.comm, self.rx, self.tx);
+                }
+            }
+            Err(e) => {
+                let _ = self.tx.send(Err(e));
+            }
+        }
+    }
+}
+
 impl Engine {
     /// Load `files` at the given TP degree: every rank loads its own shard in its own thread.
     pub fn new(files: Arc<ModelFiles>, opts: &EngineOptions) -> Result<Engine> {
@@ -193,17 +233,23 @@ impl Engine {
                 "KV-cache capacity must be positive".into(),
             ));
         }
-        match opts.backend {
-            BackendKind::Cpu => {}
-            BackendKind::Cuda => {
-                crate::backend::cuda::device_count()?;
-                return Err(Error::Cuda(
-                    "the CUDA backend is not implemented yet in this build (see issue: CUDA backend)".into(),
-                ));
+        if opts.backend == BackendKind::Cuda {
+            let n = crate::backend::cuda::device_count()?;
+            if n == 0 {
+                return Err(Error::Cuda("no CUDA device visible".into()));
             }
         }
         let tp = layout.tp();
-        let comms: Vec<Arc<dyn Communicator>> = if tp == 1 {
+        let ranks: Vec<usize> = match opts.only_rank {
+            Some(r) if r >= tp => {
+                return Err(Error::InvalidArgument(format!(
+                    "--rank {r} is not a rank of TP {tp}"
+                )))
+            }
+            Some(r) => vec![r],
+            None => (0..tp).collect(),
+        };
+        let comms: Vec<Arc<dyn Communicator>> = if ranks.len() == 1 {
             vec![Arc::new(Identity::default())]
         } else {
             ThreadComm::group(tp)?
@@ -211,32 +257,42 @@ impl Engine {
                 .map(|c| Arc::new(c) as Arc<dyn Communicator>)
                 .collect()
         };
-        let vocab_ranges = even_split(cfg.vocab, tp);
-        let per_rank_threads = (opts.threads / tp).max(1);
-        let mut workers = Vec::with_capacity(tp);
-        for (rank, comm) in comms.into_iter().enumerate() {
+        let all_vocab = even_split(cfg.vocab, tp);
+        let vocab_ranges: Vec<Range<usize>> = ranks.iter().map(|r| all_vocab[*r].clone()).collect();
+        let per_rank_threads = (opts.threads / ranks.len()).max(1);
+        let mut workers = Vec::with_capacity(ranks.len());
+        for (rank, comm) in ranks.iter().copied().zip(comms) {
             let (ctx, crx) = mpsc::channel();
             let (rtx, rrx) = mpsc::channel();
             let (files, cfg, layout) = (files.clone(), cfg.clone(), layout.clone());
-            let vocab = vocab_ranges[rank].clone();
+            let vocab = all_vocab[rank].clone();
             let capacity = opts.capacity;
-            let row_invariant = opts.row_invariant;
+            let (row_invariant, graphs, kind) =
+                (opts.row_invariant, opts.cuda_graphs, opts.backend);
             let handle = std::thread::Builder::new()
                 .name(format!("syncdrop-rank{rank}"))
                 .spawn(move || {
                     let _guard = AbortOnPanic(comm.clone());
                     let dims = rank_dims(&cfg, &layout.ranks[rank], &vocab, capacity);
-                    let loaded =
-                        CpuBackend::new(dims, comm.clone(), per_rank_threads, row_invariant)
-                            .and_then(|be| RankModel::load(&files, &cfg, &layout, rank, vocab, be));
-                    match loaded {
-                        Ok(model) => {
-                            if rtx.send(Ok(Reply::Ready)).is_ok() {
-                                rank_loop(model, comm, crx, rtx);
-                            }
-                        }
-                        Err(e) => {
-                            let _ = rtx.send(Err(e));
+                    let start = RankStart {
+                        files: &files,
+                        cfg: &cfg,
+                        layout: &layout,
+                        rank,
+                        vocab,
+                        comm: comm.clone(),
+                        rx: crx,
+                        tx: rtx,
+                    };
+                    match kind {
+                        BackendKind::Cpu => start.serve(CpuBackend::new(
+                            dims,
+                            comm,
+                            per_rank_threads,
+                            row_invariant,
+                        )),
+                        BackendKind::Cuda => {
+                            start.serve(crate::backend::cuda::create(dims, comm, rank, graphs))
                         }
                     }
                 })
@@ -270,6 +326,11 @@ impl Engine {
 
     pub fn tp(&self) -> usize {
         self.layout.tp()
+    }
+
+    /// Ranks this engine runs (all of them, or the one of `EngineOptions::only_rank`).
+    pub fn ranks_running(&self) -> usize {
+        self.workers.len()
     }
 
     /// Wait for one reply from every rank; the first error wins and poisons the engine.
@@ -413,9 +474,9 @@ impl Engine {
     /// Replace block `layer`'s weights on every rank (e.g. with distilled ones). `per_rank[r]`
     /// is rank r's shard.
     pub fn load_layer(&mut self, layer: usize, per_rank: Vec<BlockWeights>) -> Result<()> {
-        if per_rank.len() != self.tp() {
+        if per_rank.len() != self.tp() || self.workers.len() != self.tp() {
             return Err(Error::InvalidArgument(
-                "one block shard per rank expected".into(),
+                "one block shard per rank expected (and every rank running)".into(),
             ));
         }
         for (w, shard) in self.workers.iter().zip(per_rank) {

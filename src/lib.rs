@@ -25,6 +25,7 @@ pub mod generate;
 pub mod gguf;
 pub mod headgroup;
 pub mod iso;
+pub mod latency;
 pub mod layout;
 pub mod model;
 pub mod planner;

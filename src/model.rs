@@ -155,6 +155,8 @@ pub struct RankModel<B: Backend> {
     pub backend: B,
     /// spd[l]: block l runs as an SPD block (its attention sync point is dropped).
     spd: Vec<bool>,
+    /// Buffers of the captured decode step (CUDA graphs), kept across steps.
+    decode: Option<StepBufs<B::Buf>>,
 }
 
 impl<B: Backend> RankModel<B> {
@@ -180,6 +182,7 @@ impl<B: Backend> RankModel<B> {
             vocab,
             backend,
             spd: vec![false; cfg.n_layers],
+            decode: None,
         })
     }
 
@@ -190,6 +193,9 @@ impl<B: Backend> RankModel<B> {
                 spd.len(),
                 self.cfg.n_layers
             )));
+        }
+        if self.spd != spd {
+            self.backend.graph_reset();
         }
         self.spd = spd.to_vec();
         Ok(())
@@ -235,55 +241,141 @@ impl<B: Backend> RankModel<B> {
                 "forward of {t} tokens, logits rows {rows:?}"
             )));
         }
-        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
-        let be = &mut self.backend;
-        // Buffers for this call; shapes (t, d) unless noted.
-        let mut x = be.alloc(t * d)?;
-        let mut q = be.alloc(t * qn)?; // (t, q)
-        let mut att = be.alloc(t * qn)?; // (t, q)
-        let mut a = be.alloc(t * d)?;
-        let mut normed = be.alloc(t * d)?;
-        let mut m = be.alloc(t * d)?;
-        let mut u = be.alloc(t * d)?;
-        be.upload(embeddings, &mut x)?;
-        for l in 0..stop {
-            be.attn_in(l, &x, t, pos0, &mut q)?;
-            be.attention(l, &q, t, pos0, &mut att)?;
-            if self.spd[l] {
-                be.o_proj_reduce(l, &att, t, ReduceMode::IntoMlpReduce, &mut a)?;
-                be.copy(&x, &mut u, t * d)?;
-                be.add_ffn_norm(l, &mut u, &a, t, &mut normed)?; // U_r = X + a_r (local)
-                be.mlp(l, &normed, t, &mut m)?;
-                be.add(&mut m, &a, t * d)?; // a_r + m_r ride together
-                be.all_reduce(&mut m, t * d)?;
-                be.add(&mut x, &m, t * d)?;
-            } else {
-                let mode = if self.world > 1 {
-                    ReduceMode::Reduce
-                } else {
-                    ReduceMode::None
-                };
-                be.o_proj_reduce(l, &att, t, mode, &mut a)?;
-                be.add_ffn_norm(l, &mut x, &a, t, &mut normed)?;
-                be.mlp(l, &normed, t, &mut m)?;
-                if self.world > 1 {
-                    be.all_reduce(&mut m, t * d)?;
-                }
-                be.add(&mut x, &m, t * d)?;
-            }
+        if t == 1 && stop == self.cfg.n_layers && self.backend.graphs() {
+            return self.decode_graphed(embeddings, pos0);
         }
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let mut b = StepBufs::alloc(&mut self.backend, t, d, qn, rows.len() * self.vocab.len())?;
+        let be = &mut self.backend;
+        be.upload(embeddings, &mut b.x)?;
+        blocks(be, &self.spd, self.world, &mut b, t, pos0, stop)?;
         if stop < self.cfg.n_layers {
             let mut host = vec![0f32; t * d];
-            be.download(&x, &mut host)?;
+            be.download(&b.x, &mut host)?;
             return Ok(host);
         }
-        let nv = self.vocab.len();
-        let mut logits = be.alloc(rows.len() * nv)?;
-        be.lm_head(&x, rows.clone(), &mut logits)?;
-        let mut host = vec![0f32; rows.len() * nv];
-        be.download(&logits, &mut host)?;
+        be.lm_head(&b.x, rows.clone(), &mut b.logits)?;
+        let mut host = vec![0f32; rows.len() * self.vocab.len()];
+        be.download(&b.logits, &mut host)?;
         Ok(host)
     }
+
+    /// One decode step through a CUDA graph: captured on the first call (on buffers kept
+    /// for every later step), replayed after writing the position on the device.
+    fn decode_graphed(&mut self, embeddings: &[f32], pos0: usize) -> Result<Vec<f32>> {
+        let d = self.cfg.hidden;
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let nv = self.vocab.len();
+        let mut b = match self.decode.take() {
+            Some(b) => b,
+            None => StepBufs::alloc(&mut self.backend, 1, d, qn, nv)?,
+        };
+        let r = (|| {
+            let be = &mut self.backend;
+            be.upload(embeddings, &mut b.x)?;
+            be.graph_set_pos(pos0)?;
+            if !be.graph_launch()? {
+                be.graph_begin()?;
+                let captured = blocks(
+                    be,
+                    &self.spd,
+                    self.world,
+                    &mut b,
+                    1,
+                    pos0,
+                    self.cfg.n_layers,
+                )
+                .and_then(|_| be.lm_head(&b.x, 0..1, &mut b.logits));
+                // end the capture whatever happened, so the stream is usable again
+                let ended = be.graph_end();
+                captured?;
+                ended?;
+                be.graph_launch()?;
+            }
+            let mut host = vec![0f32; nv];
+            be.download(&b.logits, &mut host)?;
+            Ok(host)
+        })();
+        self.decode = Some(b);
+        if r.is_err() {
+            self.backend.graph_reset();
+        }
+        r
+    }
+}
+
+/// Activation buffers of one forward call.
+struct StepBufs<T> {
+    x: T,
+    q: T,
+    att: T,
+    a: T,
+    normed: T,
+    m: T,
+    u: T,
+    logits: T,
+}
+
+impl<T> StepBufs<T> {
+    fn alloc<B: Backend<Buf = T>>(
+        be: &mut B,
+        t: usize,
+        d: usize,
+        qn: usize,
+        logits: usize,
+    ) -> Result<Self> {
+        Ok(StepBufs {
+            x: be.alloc(t * d)?,
+            q: be.alloc(t * qn)?,
+            att: be.alloc(t * qn)?,
+            a: be.alloc(t * d)?,
+            normed: be.alloc(t * d)?,
+            m: be.alloc(t * d)?,
+            u: be.alloc(t * d)?,
+            logits: be.alloc(logits)?,
+        })
+    }
+}
+
+/// Blocks 0..stop over `b.x` (t, d) at positions pos0..: the TP block, or the SPD block
+/// where `spd[l]`. Written once for every backend.
+fn blocks<B: Backend>(
+    be: &mut B,
+    spd: &[bool],
+    world: usize,
+    b: &mut StepBufs<B::Buf>,
+    t: usize,
+    pos0: usize,
+    stop: usize,
+) -> Result<()> {
+    let d = be.dims().hidden;
+    for (l, &spd_l) in spd.iter().enumerate().take(stop) {
+        be.attn_in(l, &b.x, t, pos0, &mut b.q)?;
+        be.attention(l, &b.q, t, pos0, &mut b.att)?;
+        if spd_l {
+            be.o_proj_reduce(l, &b.att, t, ReduceMode::IntoMlpReduce, &mut b.a)?;
+            be.copy(&b.x, &mut b.u, t * d)?;
+            be.add_ffn_norm(l, &mut b.u, &b.a, t, &mut b.normed)?; // U_r = X + a_r (local)
+            be.mlp(l, &b.normed, t, &mut b.m)?;
+            be.add(&mut b.m, &b.a, t * d)?; // a_r + m_r ride together
+            be.all_reduce(&mut b.m, t * d)?;
+            be.add(&mut b.x, &b.m, t * d)?;
+        } else {
+            let mode = if world > 1 {
+                ReduceMode::Reduce
+            } else {
+                ReduceMode::None
+            };
+            be.o_proj_reduce(l, &b.att, t, mode, &mut b.a)?;
+            be.add_ffn_norm(l, &mut b.x, &b.a, t, &mut b.normed)?;
+            be.mlp(l, &b.normed, t, &mut b.m)?;
+            if world > 1 {
+                be.all_reduce(&mut b.m, t * d)?;
+            }
+            be.add(&mut b.x, &b.m, t * d)?;
+        }
+    }
+    Ok(())
 }
 
 impl<B: Backend> RankModel<B> {

@@ -402,26 +402,9 @@ impl Backend for CpuBackend {
     }
 
     fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
+        let (n_kv, ffn) = w.check(layer, &self.dims)?;
         let d = &self.dims;
-        let (hd, q) = (d.head_dim, d.n_q * d.head_dim);
-        // K/V heads and FFN width are whatever this block's weights carry
-        let rows = w.wqkv.len() / d.hidden.max(1);
-        let n_kv = rows.saturating_sub(q) / (2 * hd);
-        let ffn = w.w_down.len() / d.hidden.max(1);
-        let ok = w.attn_norm.len() == d.hidden
-            && w.wqkv.len() == (q + 2 * n_kv * hd) * d.hidden
-            && w.bqkv.as_ref().is_none_or(|b| b.len() == q + 2 * n_kv * hd)
-            && w.wo.len() == d.hidden * q
-            && w.ffn_norm.len() == d.hidden
-            && w.w_gate_up.len() == 2 * ffn * d.hidden
-            && w.w_down.len() == d.hidden * ffn
-            && w.q_to_kv.len() == d.n_q
-            && w.q_to_kv.iter().all(|k| *k < n_kv);
-        if !ok || layer >= d.n_layers {
-            return Err(Error::InvalidArgument(format!(
-                "block weights for layer {layer} do not match the rank's shapes {d:?}"
-            )));
-        }
+        let hd = d.head_dim;
         let cache = n_kv * d.capacity * hd;
         let (k, v) = match self.layers[layer].take() {
             Some(old) if old.k.len() == cache => (old.k, old.v),

@@ -7,3 +7,17 @@ use crate::error::{Error, Result};
 pub fn device_count() -> Result<usize> {
     Err(Error::NotCompiledWithCuda)
 }
+
+/// Without the feature no CUDA rank can exist: the alias only lets the engine name the type
+/// in code that [`create`] never lets run.
+pub type CudaBackend = crate::backend::cpu::CpuBackend;
+
+/// Always `Error::NotCompiledWithCuda`.
+pub fn create(
+    _dims: crate::backend::RankDims,
+    _comm: std::sync::Arc<dyn crate::comm::Communicator>,
+    _rank: usize,
+    _graphs: bool,
+) -> Result<CudaBackend> {
+    Err(Error::NotCompiledWithCuda)
+}

@@ -49,6 +49,35 @@ pub struct BlockWeights {
     pub q_to_kv: Vec<usize>,
 }
 
+impl BlockWeights {
+    /// Check these weights against a rank's static shapes; returns (local KV heads, local
+    /// FFN columns), which a block's weights may choose (head grouping moves them).
+    pub fn check(&self, layer: usize, d: &RankDims) -> Result<(usize, usize)> {
+        let (hd, q) = (d.head_dim, d.n_q * d.head_dim);
+        let rows = self.wqkv.len() / d.hidden.max(1);
+        let n_kv = rows.saturating_sub(q) / (2 * hd).max(1);
+        let ffn = self.w_down.len() / d.hidden.max(1);
+        let ok = self.attn_norm.len() == d.hidden
+            && self.wqkv.len() == (q + 2 * n_kv * hd) * d.hidden
+            && self
+                .bqkv
+                .as_ref()
+                .is_none_or(|b| b.len() == q + 2 * n_kv * hd)
+            && self.wo.len() == d.hidden * q
+            && self.ffn_norm.len() == d.hidden
+            && self.w_gate_up.len() == 2 * ffn * d.hidden
+            && self.w_down.len() == d.hidden * ffn
+            && self.q_to_kv.len() == d.n_q
+            && self.q_to_kv.iter().all(|k| *k < n_kv);
+        if !ok || layer >= d.n_layers {
+            return Err(crate::error::Error::InvalidArgument(format!(
+                "block weights for layer {layer} do not match the rank's shapes {d:?}"
+            )));
+        }
+        Ok((n_kv, ffn))
+    }
+}
+
 /// Host-side final norm and this rank's vocabulary slice of the LM head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadWeights {
@@ -174,4 +203,34 @@ pub trait Backend: Send {
 
     fn comm_stats(&self) -> CommStats;
     fn reset_comm_stats(&mut self);
+
+    // ---- CUDA graphs for decode steps (the CPU backend has none) -------------------------
+    // The model captures one whole decode step (t = 1, every block and the LM head) between
+    // `graph_begin` and `graph_end` on fixed buffers, then replays it with `graph_launch`
+    // after writing the step's position with `graph_set_pos`. Ops issued while capturing
+    // read the position on the device, so one graph serves every position.
+
+    /// Whether this backend captures decode steps (and they are switched on).
+    fn graphs(&self) -> bool {
+        false
+    }
+    /// Set the position of the next replayed step (checked against the KV capacity).
+    fn graph_set_pos(&mut self, _pos0: usize) -> Result<()> {
+        Ok(())
+    }
+    fn graph_begin(&mut self) -> Result<()> {
+        Err(crate::error::Error::InvalidArgument(format!(
+            "backend {} has no CUDA graphs",
+            self.name()
+        )))
+    }
+    fn graph_end(&mut self) -> Result<()> {
+        self.graph_begin()
+    }
+    /// Replay the captured step; Ok(false) when none is captured.
+    fn graph_launch(&mut self) -> Result<bool> {
+        Ok(false)
+    }
+    /// Drop the captured step (the schedule or the weights changed).
+    fn graph_reset(&mut self) {}
 }

@@ -1,9 +1,9 @@
 //! Decode GEMV (`csrc/gemv.cu`): y (t, n) = x (t, k) @ W (n, k)^T, bf16, f32 accumulation.
 
 use super::cuda_err;
-use super::kernels::Kernels;
+use super::kernels::{check_len, Kernels};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -29,6 +29,22 @@ unsafe impl cudarc::driver::DeviceRepr for GemvParams {}
 /// Output rows per block (csrc/gemv.cu WARPS_PER_BLOCK).
 const ROWS_PER_BLOCK: usize = 8;
 
+/// Parameters and grid of both GEMV kernels: one warp per output row.
+fn launch(t: usize, n: usize, k: usize) -> (GemvParams, LaunchConfig) {
+    let p = GemvParams {
+        t: t as i32,
+        n: n as i32,
+        k: k as i32,
+        pad: 0,
+    };
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (p, cfg)
+}
+
 pub fn gemv_bf16(
     stream: &Arc<CudaStream>,
     kern: &Kernels,
@@ -46,20 +62,36 @@ pub fn gemv_bf16(
         return Ok(());
     }
     let f = kern.function("gemv", "gemv_bf16")?;
-    let p = GemvParams {
-        t: t as i32,
-        n: n as i32,
-        k: k as i32,
-        pad: 0,
-    };
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
-        block_dim: ((ROWS_PER_BLOCK * 32) as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (p, cfg) = launch(t, n, k);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(w).arg(x).arg(y);
     // SAFETY: argument order and types match gemv_bf16 in csrc/gemv.cu; sizes checked above.
+    unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// The backend's decode GEMV: y (t, n) f32 = x (t, k) f32 @ W (n, k)^T with bf16 W.
+pub fn gemv_bf16_f32(
+    stream: &Arc<CudaStream>,
+    kern: &Kernels,
+    (t, n, k): (usize, usize, usize),
+    w: &CudaView<bf16>,
+    x: &CudaView<f32>,
+    y: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    check_len("gemv_bf16_f32", "w", w.len(), n * k)?;
+    check_len("gemv_bf16_f32", "x", x.len(), t * k)?;
+    check_len("gemv_bf16_f32", "y", y.len(), t * n)?;
+    if t == 0 || n == 0 {
+        return Ok(());
+    }
+    let f = kern.function("gemv", "gemv_bf16_f32")?;
+    let (p, cfg) = launch(t, n, k);
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p).arg(w).arg(x).arg(y);
+    // SAFETY: matches gemv_bf16_f32 in csrc/gemv.cu; sizes checked above. The vector path
+    // needs 16-byte aligned rows: k % 8 == 0 and a 16-byte aligned base, which every view
+    // the backend passes has (allocations are 256-byte aligned, offsets multiples of k).
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     Ok(())
 }

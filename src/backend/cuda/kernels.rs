@@ -2,15 +2,17 @@
 //! launchers live in one module per kernel family (`csrc/rmsnorm.cu` <-> `rmsnorm.rs`, ...).
 
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
-/// Every kernel family loaded into one context.
+/// Every kernel family loaded into one context, with resolved functions cached (a decode
+/// step launches a few hundred kernels; each lookup would otherwise be a driver call).
 pub struct Kernels {
     modules: HashMap<&'static str, Arc<CudaModule>>,
+    functions: Mutex<HashMap<(String, String), CudaFunction>>,
 }
 
 impl Kernels {
@@ -27,15 +29,48 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("loading kernel family {name}: {e:?}")))?;
             modules.insert(*name, m);
         }
-        Ok(Kernels { modules })
+        Ok(Kernels {
+            modules,
+            functions: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
+        let key = (family.to_string(), name.to_string());
+        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = cache.get(&key) {
+            return Ok(f.clone());
+        }
         let m = self
             .modules
             .get(family)
             .ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?;
-        m.load_function(name)
-            .map_err(|e| Error::Cuda(format!("{family}::{name}: {e:?}")))
+        let f = m
+            .load_function(name)
+            .map_err(|e| Error::Cuda(format!("{family}::{name}: {e:?}")))?;
+        cache.insert(key, f.clone());
+        Ok(f)
     }
 }
+
+/// One thread per element, 256 per block.
+pub fn grid_1d(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Fail with a named error when a buffer holds fewer than `need` elements.
+pub fn check_len(what: &str, name: &str, have: usize, need: usize) -> Result<()> {
+    if have < need {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: {name} holds {have} elements, needs {need}"
+        )));
+    }
+    Ok(())
+}
+
+/// A null device pointer for an optional kernel argument.
+pub const NULL: u64 = 0;

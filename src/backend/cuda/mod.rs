@@ -4,16 +4,24 @@
 //!
 //! Kernel families live one per file in `csrc/` and are mirrored here one per module
 //! (`csrc/rmsnorm.cu` <-> [`rmsnorm`], `csrc/gemv.cu` <-> [`gemv`], ...); [`kernels`] loads
-//! the embedded fatbins. Status: kernels and launchers exist and are tested against the CPU
-//! reference on a GPU (tests/cuda_kernels.rs); the `Backend` implementation on top of them is
-//! the next step of the CUDA backend issue.
+//! the embedded fatbins, [`gemm`] wraps cuBLAS, and [`backend`] puts them behind the
+//! [`crate::backend::Backend`] seam. Kernels are tested against the CPU reference on a GPU
+//! (tests/cuda_kernels.rs), the whole backend against the CPU backend (tests/cuda_backend.rs).
 
 pub mod argmax;
+pub mod attention;
+pub mod backend;
+pub mod elementwise;
+pub mod embedding;
+pub mod gemm;
 pub mod gemv;
 pub mod kernels;
 pub mod rmsnorm;
 pub mod rope;
+pub mod sample;
 pub mod swiglu;
+
+pub use backend::CudaBackend;
 
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -44,4 +52,15 @@ pub fn context(ordinal: usize) -> Result<Arc<cudarc::driver::CudaContext>> {
         )));
     }
     cudarc::driver::CudaContext::new(ordinal).map_err(cuda_err)
+}
+
+/// The backend of `rank`: on device `rank % devices` (virtual ranks share a GPU).
+pub fn create(
+    dims: crate::backend::RankDims,
+    comm: Arc<dyn crate::comm::Communicator>,
+    rank: usize,
+    graphs: bool,
+) -> Result<CudaBackend> {
+    let dev = CudaBackend::device_for_rank(rank)?;
+    CudaBackend::new(dims, comm, dev, graphs)
 }

@@ -1,10 +1,10 @@
 //! Rotary position embedding in place (`csrc/rope.cu`), both layouts.
 
 use super::cuda_err;
-use super::kernels::Kernels;
+use super::kernels::{check_len, Kernels, NULL};
 use crate::config::RopeStyle;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -72,5 +72,129 @@ pub fn rope_bf16(
     b.arg(&p).arg(x);
     // SAFETY: argument order and types match rope_bf16 in csrc/rope.cu; sizes checked above.
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// Mirror of `QkvRopeParams` in csrc/params.h.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct QkvRopeParams {
+    pub t: i32,
+    pub n_q: i32,
+    pub n_kv: i32,
+    pub head_dim: i32,
+    pub capacity: i32,
+    pub pos0: i32,
+    pub style: i32,
+    pub has_bias: i32,
+    pub theta: f32,
+    pub pad: [i32; 3],
+}
+
+const _: () = {
+    assert!(std::mem::size_of::<QkvRopeParams>() == 48);
+    assert!(std::mem::offset_of!(QkvRopeParams, capacity) == 16);
+    assert!(std::mem::offset_of!(QkvRopeParams, has_bias) == 28);
+    assert!(std::mem::offset_of!(QkvRopeParams, theta) == 32);
+};
+
+// SAFETY: plain-old-data with the C layout asserted above.
+unsafe impl cudarc::driver::DeviceRepr for QkvRopeParams {}
+
+/// Where the positions of a QKV epilogue or an attention launch come from.
+#[derive(Clone, Copy)]
+pub enum Pos<'a> {
+    /// Rows are at positions pos0.. (a launch parameter).
+    Host(usize),
+    /// pos0 is read on the device from this i32 (a captured CUDA graph replays with a new
+    /// position written there before each launch).
+    Device(&'a CudaSlice<i32>),
+}
+
+/// Fused QKV epilogue: bias, RoPE on Q and K, Q to `q_out`, K/V into the bf16 caches.
+/// `qkv` (t, (n_q + 2 n_kv) * hd); caches (n_kv, capacity, hd).
+#[allow(clippy::too_many_arguments)]
+pub fn qkv_rope_cache(
+    stream: &Arc<CudaStream>,
+    kern: &Kernels,
+    (t, n_q, n_kv, hd): (usize, usize, usize, usize),
+    (capacity, style, theta): (usize, RopeStyle, f32),
+    pos: Pos,
+    qkv: &CudaView<f32>,
+    bias: Option<&CudaView<f32>>,
+    q_out: &mut CudaViewMut<f32>,
+    k_cache: &mut CudaViewMut<bf16>,
+    v_cache: &mut CudaViewMut<bf16>,
+) -> Result<()> {
+    let width = (n_q + 2 * n_kv) * hd;
+    check_len("qkv_rope_cache", "qkv", qkv.len(), t * width)?;
+    check_len("qkv_rope_cache", "q_out", q_out.len(), t * n_q * hd)?;
+    check_len(
+        "qkv_rope_cache",
+        "k_cache",
+        k_cache.len(),
+        n_kv * capacity * hd,
+    )?;
+    check_len(
+        "qkv_rope_cache",
+        "v_cache",
+        v_cache.len(),
+        n_kv * capacity * hd,
+    )?;
+    if let Some(b) = bias {
+        check_len("qkv_rope_cache", "bias", b.len(), width)?;
+    }
+    if hd % 2 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "qkv_rope_cache: head_dim {hd} is odd"
+        )));
+    }
+    let pos0 = match pos {
+        Pos::Host(p) => {
+            if p + t > capacity {
+                return Err(Error::ContextOverflow {
+                    needed: p + t,
+                    capacity,
+                });
+            }
+            p
+        }
+        Pos::Device(_) => 0,
+    };
+    if t * width == 0 {
+        return Ok(());
+    }
+    let f = kern.function("rope", "qkv_rope_cache")?;
+    let p = QkvRopeParams {
+        t: t as i32,
+        n_q: n_q as i32,
+        n_kv: n_kv as i32,
+        head_dim: hd as i32,
+        capacity: capacity as i32,
+        pos0: pos0 as i32,
+        style: match style {
+            RopeStyle::Interleaved => 0,
+            RopeStyle::Half => 1,
+        },
+        has_bias: i32::from(bias.is_some()),
+        theta,
+        pad: [0; 3],
+    };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p);
+    match pos {
+        Pos::Device(d) => b.arg(d),
+        Pos::Host(_) => b.arg(&NULL),
+    };
+    b.arg(qkv);
+    match bias {
+        Some(x) => b.arg(x),
+        None => b.arg(&NULL),
+    };
+    b.arg(q_out).arg(k_cache).arg(v_cache);
+    // SAFETY: matches qkv_rope_cache in csrc/rope.cu; sizes checked above; with a device
+    // position the caller guarantees pos + t <= capacity (the graph path checks on the host
+    // before writing the position).
+    unsafe { b.launch(super::kernels::grid_1d(t * width / 2)) }.map_err(cuda_err)?;
     Ok(())
 }

@@ -1,9 +1,9 @@
 //! SwiGLU of the fused gate|up projection (`csrc/swiglu.cu`).
 
 use super::cuda_err;
-use super::kernels::Kernels;
+use super::kernels::{check_len, Kernels};
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -47,5 +47,31 @@ pub fn swiglu_bf16(
     b.arg(&p).arg(gu).arg(h);
     // SAFETY: argument order and types match swiglu_bf16 in csrc/swiglu.cu; sizes checked.
     unsafe { b.launch(LaunchConfig::for_num_elems((t * f) as u32)) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// f32 activations: h (t, f) = silu(gu[:, :f]) * gu[:, f..2f].
+pub fn swiglu_f32(
+    stream: &Arc<CudaStream>,
+    kern: &Kernels,
+    t: usize,
+    f: usize,
+    gu: &CudaView<f32>,
+    h: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    check_len("swiglu_f32", "gu", gu.len(), 2 * t * f)?;
+    check_len("swiglu_f32", "h", h.len(), t * f)?;
+    if t * f == 0 {
+        return Ok(());
+    }
+    let func = kern.function("swiglu", "swiglu_f32")?;
+    let p = SwigluParams {
+        t: t as i32,
+        f: f as i32,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&p).arg(gu).arg(h);
+    // SAFETY: matches swiglu_f32 in csrc/swiglu.cu; sizes checked above.
+    unsafe { b.launch(super::kernels::grid_1d(t * f)) }.map_err(cuda_err)?;
     Ok(())
 }

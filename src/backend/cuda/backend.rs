@@ -1,0 +1,683 @@
+//! The CUDA implementation of the [`Backend`] seam: one rank on one GPU, on one stream.
+//!
+//! Storage: linear-layer weights and the KV cache in bf16; norm weights, biases and every
+//! activation in f32 (the residual stream stays f32, as on the CPU). Products: decode-sized
+//! (t <= [`GEMV_MAX_T`]) go through the bandwidth-bound GEMV kernel, longer ones convert the
+//! activations to bf16 and call cuBLAS (tensor cores, f32 accumulation).
+//!
+//! Ranks: the engine runs one host thread per rank and gives each its own `CudaBackend` on
+//! device `rank % devices`: with fewer GPUs than ranks, several *virtual ranks* share a GPU,
+//! each with its own weight shard, KV cache, stream and cuBLAS handle. The sum between ranks
+//! is a staged copy through the host communicator here (correct, and replaceable: the P2P
+//! kernels of the next issue implement the same `all_reduce`).
+//!
+//! CUDA graphs: with graphs on and nothing crossing the host inside a step (one rank, or the
+//! one-rank benchmark mode), the model captures a decode step once and replays it; the
+//! position lives in device memory so one graph serves every step.
+
+use super::attention::{self, partial_len, split_plan};
+use super::elementwise::{add_f32, f32_to_bf16};
+use super::gemm::Gemm;
+use super::gemv::gemv_bf16_f32;
+use super::kernels::Kernels;
+use super::rmsnorm::{add_rmsnorm_f32, rmsnorm_f32};
+use super::rope::{qkv_rope_cache, Pos};
+use super::swiglu::swiglu_f32;
+use super::{context, cuda_err, device_count};
+use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims};
+use crate::comm::{CommStats, Communicator};
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    sys, CudaContext, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
+    ValidAsZeroBits,
+};
+use half::bf16;
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Products with at most this many rows use the GEMV kernel; longer ones cuBLAS.
+pub const GEMV_MAX_T: usize = 4;
+
+struct DevLayer {
+    attn_norm: CudaSlice<f32>,
+    wqkv: CudaSlice<bf16>,
+    bqkv: Option<CudaSlice<f32>>,
+    wo: CudaSlice<bf16>,
+    ffn_norm: CudaSlice<f32>,
+    w_gate_up: CudaSlice<bf16>,
+    w_down: CudaSlice<bf16>,
+    q_to_kv: CudaSlice<i32>,
+    n_kv: usize,
+    ffn: usize,
+    k: CudaSlice<bf16>,
+    v: CudaSlice<bf16>,
+}
+
+struct DevHead {
+    norm: CudaSlice<f32>,
+    w: CudaSlice<bf16>,
+}
+
+/// The compute context of one rank: stream, kernels, cuBLAS.
+struct Exec {
+    stream: Arc<CudaStream>,
+    kern: Kernels,
+    gemm: Gemm,
+    num_sms: usize,
+    /// Inside a graph capture: ops read the position from `pos_dev`, and nothing may
+    /// allocate.
+    capturing: bool,
+    pos_dev: CudaSlice<i32>,
+}
+
+/// Reusable activation scratch (grown on demand, never while capturing).
+struct Scratch {
+    normed: CudaSlice<f32>,
+    qkv: CudaSlice<f32>,
+    gu: CudaSlice<f32>,
+    h: CudaSlice<f32>,
+    xb: CudaSlice<bf16>,
+    partial: CudaSlice<f32>,
+}
+
+pub struct CudaBackend {
+    dims: RankDims,
+    comm: Arc<dyn Communicator>,
+    _ctx: Arc<CudaContext>,
+    ex: Exec,
+    sc: Scratch,
+    layers: Vec<Option<DevLayer>>,
+    head: Option<DevHead>,
+    stage: Vec<f32>,
+    graphs_on: bool,
+    graph: Option<RankGraph>,
+    /// Device ordinal this rank runs on.
+    pub device: usize,
+}
+
+/// A captured decode step. cudarc's graph holds raw driver handles and is not `Send`; a
+/// rank's backend is created, used and dropped on its own thread, and a graph launch binds
+/// the context first, so moving the handle with the backend is sound.
+struct RankGraph(CudaGraph);
+// SAFETY: see above; the graph is never shared, only owned by one backend at a time.
+unsafe impl Send for RankGraph {}
+
+fn grow<T: DeviceRepr + ValidAsZeroBits>(
+    ex: &Exec,
+    buf: &mut CudaSlice<T>,
+    n: usize,
+) -> Result<()> {
+    if buf.len() >= n {
+        return Ok(());
+    }
+    if ex.capturing {
+        return Err(Error::Cuda(format!(
+            "scratch buffer of {} elements would grow to {n} inside a CUDA-graph capture",
+            buf.len()
+        )));
+    }
+    *buf = ex.stream.alloc_zeros::<T>(n).map_err(cuda_err)?;
+    Ok(())
+}
+
+fn to_bf16(v: &[f32]) -> Vec<bf16> {
+    v.par_iter().map(|x| bf16::from_f32(*x)).collect()
+}
+
+impl Exec {
+    fn up_f32(&self, v: &[f32]) -> Result<CudaSlice<f32>> {
+        if v.is_empty() {
+            return self.stream.alloc_zeros::<f32>(1).map_err(cuda_err);
+        }
+        self.stream.clone_htod(v).map_err(cuda_err)
+    }
+    fn up_bf16(&self, v: &[f32]) -> Result<CudaSlice<bf16>> {
+        if v.is_empty() {
+            return self.stream.alloc_zeros::<bf16>(1).map_err(cuda_err);
+        }
+        self.stream.clone_htod(&to_bf16(v)).map_err(cuda_err)
+    }
+
+    fn pos(&self, pos0: usize) -> Pos<'_> {
+        if self.capturing {
+            Pos::Device(&self.pos_dev)
+        } else {
+            Pos::Host(pos0)
+        }
+    }
+
+    /// y (t, n) = x (t, k) @ W (n, k)^T: GEMV for short t, cuBLAS otherwise.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        xb: &mut CudaSlice<bf16>,
+        (t, n, k): (usize, usize, usize),
+        w: &CudaView<bf16>,
+        x: &CudaView<f32>,
+        y: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        if t <= GEMV_MAX_T {
+            return gemv_bf16_f32(&self.stream, &self.kern, (t, n, k), w, x, y);
+        }
+        grow(self, xb, t * k)?;
+        f32_to_bf16(
+            &self.stream,
+            &self.kern,
+            t * k,
+            x,
+            &mut xb.slice_mut(..t * k),
+        )?;
+        self.gemm.bf16_f32((t, n, k), w, &xb.slice(..t * k), y)
+    }
+}
+
+impl CudaBackend {
+    /// A rank on device `ordinal` (virtual ranks: several backends on one device).
+    pub fn new(
+        dims: RankDims,
+        comm: Arc<dyn Communicator>,
+        ordinal: usize,
+        graphs: bool,
+    ) -> Result<CudaBackend> {
+        let ctx = context(ordinal)?;
+        // One stream per rank and every op on it: cudarc's cross-stream event tracking is
+        // not needed, and events recorded per buffer would not belong in a graph capture.
+        // SAFETY: this context struct is private to this rank; all its buffers live on one
+        // stream, so ordering is the stream's.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(cuda_err)?;
+        let kern = Kernels::load(&ctx)?;
+        let gemm = Gemm::new(&stream)?;
+        let num_sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err)? as usize;
+        let z32 = |n| stream.alloc_zeros::<f32>(n).map_err(cuda_err);
+        let sc = Scratch {
+            normed: z32(1)?,
+            qkv: z32(1)?,
+            gu: z32(1)?,
+            h: z32(1)?,
+            xb: stream.alloc_zeros::<bf16>(1).map_err(cuda_err)?,
+            partial: z32(1)?,
+        };
+        let pos_dev = stream.alloc_zeros::<i32>(1).map_err(cuda_err)?;
+        let n_layers = dims.n_layers;
+        Ok(CudaBackend {
+            dims,
+            comm,
+            _ctx: ctx,
+            ex: Exec {
+                stream,
+                kern,
+                gemm,
+                num_sms,
+                capturing: false,
+                pos_dev,
+            },
+            sc,
+            layers: (0..n_layers).map(|_| None).collect(),
+            head: None,
+            stage: Vec::new(),
+            graphs_on: graphs,
+            graph: None,
+            device: ordinal,
+        })
+    }
+
+    /// The device a rank runs on: `rank % devices` (virtual ranks when ranks > devices).
+    pub fn device_for_rank(rank: usize) -> Result<usize> {
+        let n = device_count()?;
+        if n == 0 {
+            return Err(Error::Cuda("no CUDA device visible".into()));
+        }
+        Ok(rank % n)
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.ex.stream
+    }
+
+    fn layer(&self, l: usize) -> Result<&DevLayer> {
+        self.layers
+            .get(l)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))
+    }
+
+    /// Size every scratch buffer for a one-token step, so a capture never allocates.
+    fn reserve_decode(&mut self) -> Result<()> {
+        let d = self.dims.clone();
+        let (mut width, mut ffn) = (0, 0);
+        for l in self.layers.iter().flatten() {
+            width = width.max((d.n_q + 2 * l.n_kv) * d.head_dim);
+            ffn = ffn.max(l.ffn);
+        }
+        let splits = split_plan(1, d.n_q, d.capacity, 2 * self.ex.num_sms).0;
+        let Self { ex, sc, .. } = self;
+        grow(ex, &mut sc.normed, d.hidden)?;
+        grow(ex, &mut sc.qkv, width)?;
+        grow(ex, &mut sc.gu, 2 * ffn)?;
+        grow(ex, &mut sc.h, ffn)?;
+        grow(
+            ex,
+            &mut sc.partial,
+            partial_len(1, d.n_q, d.head_dim, splits).max(1),
+        )?;
+        Ok(())
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Pending = CudaSlice<f32>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+    fn dims(&self) -> &RankDims {
+        &self.dims
+    }
+
+    fn alloc(&mut self, n: usize) -> Result<CudaSlice<f32>> {
+        if self.ex.capturing {
+            return Err(Error::Cuda("allocation inside a CUDA-graph capture".into()));
+        }
+        self.ex
+            .stream
+            .alloc_zeros::<f32>(n.max(1))
+            .map_err(cuda_err)
+    }
+    fn upload(&mut self, host: &[f32], buf: &mut CudaSlice<f32>) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.ex
+            .stream
+            .memcpy_htod(host, &mut buf.slice_mut(..host.len()))
+            .map_err(cuda_err)
+    }
+    fn download(&mut self, buf: &CudaSlice<f32>, host: &mut [f32]) -> Result<()> {
+        if host.is_empty() {
+            return Ok(());
+        }
+        self.ex
+            .stream
+            .memcpy_dtoh(&buf.slice(..host.len()), host)
+            .map_err(cuda_err)?;
+        self.ex.stream.synchronize().map_err(cuda_err)
+    }
+
+    fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
+        let (n_kv, ffn) = w.check(layer, &self.dims)?;
+        self.graph_reset();
+        let d = &self.dims;
+        let cache = (n_kv * d.capacity * d.head_dim).max(1);
+        let ex = &self.ex;
+        let (k, v) = match self.layers[layer].take() {
+            Some(old) if old.k.len() == cache => (old.k, old.v),
+            _ => (
+                ex.stream.alloc_zeros::<bf16>(cache).map_err(cuda_err)?,
+                ex.stream.alloc_zeros::<bf16>(cache).map_err(cuda_err)?,
+            ),
+        };
+        let q_to_kv: Vec<i32> = w.q_to_kv.iter().map(|x| *x as i32).collect();
+        let q_to_kv = if q_to_kv.is_empty() {
+            ex.stream.alloc_zeros::<i32>(1).map_err(cuda_err)?
+        } else {
+            ex.stream.clone_htod(&q_to_kv).map_err(cuda_err)?
+        };
+        self.layers[layer] = Some(DevLayer {
+            attn_norm: ex.up_f32(&w.attn_norm)?,
+            wqkv: ex.up_bf16(&w.wqkv)?,
+            bqkv: w.bqkv.as_ref().map(|b| ex.up_f32(b)).transpose()?,
+            wo: ex.up_bf16(&w.wo)?,
+            ffn_norm: ex.up_f32(&w.ffn_norm)?,
+            w_gate_up: ex.up_bf16(&w.w_gate_up)?,
+            w_down: ex.up_bf16(&w.w_down)?,
+            q_to_kv,
+            n_kv,
+            ffn,
+            k,
+            v,
+        });
+        Ok(())
+    }
+
+    fn load_head(&mut self, w: HeadWeights) -> Result<()> {
+        if w.norm.len() != self.dims.hidden || w.w.len() != self.dims.vocab * self.dims.hidden {
+            return Err(Error::InvalidArgument(
+                "LM head weights do not match the rank's shapes".into(),
+            ));
+        }
+        self.graph_reset();
+        self.head = Some(DevHead {
+            norm: self.ex.up_f32(&w.norm)?,
+            w: self.ex.up_bf16(&w.w)?,
+        });
+        Ok(())
+    }
+
+    fn attn_in(
+        &mut self,
+        layer: usize,
+        x: &CudaSlice<f32>,
+        t: usize,
+        pos0: usize,
+        q_out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let (hd, dm) = (d.head_dim, d.hidden);
+        let n_kv = self.layer(layer)?.n_kv;
+        let width = (d.n_q + 2 * n_kv) * hd;
+        let Self { ex, sc, layers, .. } = self;
+        let lay = layers[layer].as_mut().expect("checked above");
+        grow(ex, &mut sc.normed, t * dm)?;
+        grow(ex, &mut sc.qkv, t * width)?;
+        rmsnorm_f32(
+            &ex.stream,
+            &ex.kern,
+            t,
+            dm,
+            d.rms_eps,
+            &x.slice(..t * dm),
+            &lay.attn_norm.slice(..),
+            &mut sc.normed.slice_mut(..t * dm),
+        )?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, width, dm),
+            &lay.wqkv.slice(..),
+            &sc.normed.slice(..t * dm),
+            &mut sc.qkv.slice_mut(..t * width),
+        )?;
+        let bias = lay.bqkv.as_ref().map(|b| b.slice(..));
+        qkv_rope_cache(
+            &ex.stream,
+            &ex.kern,
+            (t, d.n_q, n_kv, hd),
+            (d.capacity, d.rope_style, d.rope_theta),
+            ex.pos(pos0),
+            &sc.qkv.slice(..t * width),
+            bias.as_ref(),
+            &mut q_out.slice_mut(..t * d.n_q * hd),
+            &mut lay.k.slice_mut(..),
+            &mut lay.v.slice_mut(..),
+        )
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        q: &CudaSlice<f32>,
+        t: usize,
+        pos0: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let hd = d.head_dim;
+        let max_len = if self.ex.capturing {
+            d.capacity
+        } else {
+            pos0 + t
+        };
+        let split = split_plan(t, d.n_q, max_len, 2 * self.ex.num_sms);
+        let Self { ex, sc, layers, .. } = self;
+        let lay = layers[layer]
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        let np = partial_len(t, d.n_q, hd, split.0).max(1);
+        grow(ex, &mut sc.partial, np)?;
+        attention::attention_f32(
+            &ex.stream,
+            &ex.kern,
+            (t, d.n_q, lay.n_kv, hd, d.capacity),
+            ex.pos(pos0),
+            split,
+            &q.slice(..t * d.n_q * hd),
+            &lay.k.slice(..),
+            &lay.v.slice(..),
+            &lay.q_to_kv,
+            &mut out.slice_mut(..t * d.n_q * hd),
+            &mut sc.partial.slice_mut(..np),
+        )
+    }
+
+    fn o_proj(
+        &mut self,
+        layer: usize,
+        attn: &CudaSlice<f32>,
+        t: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let qn = d.n_q * d.head_dim;
+        let Self { ex, sc, layers, .. } = self;
+        let lay = layers[layer]
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, d.hidden, qn),
+            &lay.wo.slice(..),
+            &attn.slice(..t * qn),
+            &mut out.slice_mut(..t * d.hidden),
+        )
+    }
+
+    fn add_ffn_norm(
+        &mut self,
+        layer: usize,
+        resid: &mut CudaSlice<f32>,
+        delta: &CudaSlice<f32>,
+        t: usize,
+        normed: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let n = t * d.hidden;
+        let lay = self.layer(layer)?;
+        add_rmsnorm_f32(
+            &self.ex.stream,
+            &self.ex.kern,
+            t,
+            d.hidden,
+            d.rms_eps,
+            &mut resid.slice_mut(..n),
+            Some(&delta.slice(..n)),
+            &lay.ffn_norm.slice(..),
+            &mut normed.slice_mut(..n),
+        )
+    }
+
+    fn mlp(
+        &mut self,
+        layer: usize,
+        normed: &CudaSlice<f32>,
+        t: usize,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let n = t * d.hidden;
+        let f = self.layer(layer)?.ffn;
+        let Self { ex, sc, layers, .. } = self;
+        if f == 0 {
+            // More ranks than FFN columns: this rank's MLP shard is empty.
+            return ex
+                .stream
+                .memset_zeros(&mut out.slice_mut(..n))
+                .map_err(cuda_err);
+        }
+        let lay = layers[layer].as_ref().expect("checked above");
+        grow(ex, &mut sc.gu, t * 2 * f)?;
+        grow(ex, &mut sc.h, t * f)?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, 2 * f, d.hidden),
+            &lay.w_gate_up.slice(..),
+            &normed.slice(..n),
+            &mut sc.gu.slice_mut(..t * 2 * f),
+        )?;
+        swiglu_f32(
+            &ex.stream,
+            &ex.kern,
+            t,
+            f,
+            &sc.gu.slice(..t * 2 * f),
+            &mut sc.h.slice_mut(..t * f),
+        )?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, d.hidden, f),
+            &lay.w_down.slice(..),
+            &sc.h.slice(..t * f),
+            &mut out.slice_mut(..n),
+        )
+    }
+
+    fn add(&mut self, acc: &mut CudaSlice<f32>, x: &CudaSlice<f32>, n: usize) -> Result<()> {
+        add_f32(
+            &self.ex.stream,
+            &self.ex.kern,
+            n,
+            &mut acc.slice_mut(..n),
+            &x.slice(..n),
+        )
+    }
+
+    fn copy(&mut self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        if n == 0 {
+            return Ok(());
+        }
+        self.ex
+            .stream
+            .memcpy_dtod(&src.slice(..n), &mut dst.slice_mut(..n))
+            .map_err(cuda_err)
+    }
+
+    /// Staged through the host communicator (the P2P kernels replace this).
+    fn all_reduce(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<()> {
+        if self.comm.world() == 1 || n == 0 {
+            return Ok(());
+        }
+        if self.ex.capturing {
+            return Err(Error::Cuda(
+                "a host-staged all-reduce cannot be captured in a CUDA graph".into(),
+            ));
+        }
+        let mut stage = std::mem::take(&mut self.stage);
+        stage.resize(n, 0.0);
+        self.download(buf, &mut stage)?;
+        let r = self.comm.all_reduce_sum(&mut stage);
+        if r.is_ok() {
+            self.upload(&stage, buf)?;
+        }
+        self.stage = stage;
+        r
+    }
+
+    /// GPU ISO (two streams with events) is the ISO issue's; until then the "lane" runs the
+    /// all-reduce at once, which is correct and overlaps nothing.
+    fn all_reduce_start(&mut self, mut buf: CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+        self.all_reduce(&mut buf, n)?;
+        Ok(buf)
+    }
+    fn all_reduce_wait(&mut self, pending: CudaSlice<f32>) -> Result<CudaSlice<f32>> {
+        Ok(pending)
+    }
+
+    fn lm_head(
+        &mut self,
+        x: &CudaSlice<f32>,
+        rows: std::ops::Range<usize>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let t = rows.len();
+        let Self { ex, sc, head, .. } = self;
+        let head = head
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("LM head was not loaded".into()))?;
+        grow(ex, &mut sc.normed, t * d.hidden)?;
+        rmsnorm_f32(
+            &ex.stream,
+            &ex.kern,
+            t,
+            d.hidden,
+            d.rms_eps,
+            &x.slice(rows.start * d.hidden..rows.end * d.hidden),
+            &head.norm.slice(..),
+            &mut sc.normed.slice_mut(..t * d.hidden),
+        )?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, d.vocab, d.hidden),
+            &head.w.slice(..),
+            &sc.normed.slice(..t * d.hidden),
+            &mut out.slice_mut(..t * d.vocab),
+        )
+    }
+
+    fn comm_stats(&self) -> CommStats {
+        self.comm.stats()
+    }
+    fn reset_comm_stats(&mut self) {
+        self.comm.reset_stats()
+    }
+
+    fn graphs(&self) -> bool {
+        self.graphs_on && self.comm.world() == 1
+    }
+
+    fn graph_set_pos(&mut self, pos0: usize) -> Result<()> {
+        if pos0 + 1 > self.dims.capacity {
+            return Err(Error::ContextOverflow {
+                needed: pos0 + 1,
+                capacity: self.dims.capacity,
+            });
+        }
+        let ex = &mut self.ex;
+        ex.stream
+            .memcpy_htod(&[pos0 as i32], &mut ex.pos_dev)
+            .map_err(cuda_err)
+    }
+
+    fn graph_begin(&mut self) -> Result<()> {
+        if !self.graphs() {
+            return Err(Error::Cuda("CUDA graphs are off for this rank".into()));
+        }
+        self.reserve_decode()?;
+        self.ex.stream.synchronize().map_err(cuda_err)?;
+        self.ex
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(cuda_err)?;
+        self.ex.capturing = true;
+        Ok(())
+    }
+
+    fn graph_end(&mut self) -> Result<()> {
+        self.ex.capturing = false;
+        let g = self
+            .ex
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(cuda_err)?;
+        self.graph = Some(RankGraph(
+            g.ok_or_else(|| Error::Cuda("empty CUDA graph".into()))?,
+        ));
+        Ok(())
+    }
+
+    fn graph_launch(&mut self) -> Result<bool> {
+        match &self.graph {
+            Some(g) => {
+                g.0.launch().map_err(cuda_err)?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn graph_reset(&mut self) {
+        self.graph = None;
+    }
+}
