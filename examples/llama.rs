@@ -57,6 +57,18 @@ struct Common {
     /// CPU: row-by-row matrix products, so ISO on/off give identical bits (slower prefill).
     #[arg(long)]
     row_invariant: bool,
+    /// A random-weight model of real shapes instead of --model, for benchmarks:
+    /// llama2-7b, llama2-13b or llama2-70b, optionally `:layers=N,seed=S`. No tokenizer:
+    /// use it with `bench`.
+    #[arg(long, conflicts_with = "model")]
+    synthetic: Option<String>,
+    /// Run only this rank's share of the TP model (its all-reduces skipped): one rank's
+    /// compute, e.g. one rank of LLaMA2-70B at --tp 8 on one 80 GB GPU. Benchmarks only.
+    #[arg(long)]
+    rank: Option<usize>,
+    /// CUDA: do not capture decode steps in CUDA graphs.
+    #[arg(long)]
+    no_graphs: bool,
 }
 
 #[derive(Args, Clone)]
@@ -222,6 +234,27 @@ enum Cmd {
         #[arg(long)]
         plot_only: bool,
     },
+    /// Time prefill and decode on random tokens: ms per decode step, achieved weight
+    /// bandwidth, prefill TFLOP/s. Works with --synthetic models, --rank, CPU and CUDA.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        /// Prompt length (tokens prefilled from position 0).
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Times the prefill is repeated (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        prefill_reps: usize,
+        /// Decode steps timed after the prompt.
+        #[arg(long, default_value_t = 32)]
+        steps: usize,
+        /// Untimed decode steps first (CUDA-graph capture happens in the first one).
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Write the result as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
         #[command(flatten)]
@@ -244,16 +277,37 @@ struct Opened {
     sha: Option<String>,
 }
 
-fn open(common: &Common) -> Result<Opened> {
+fn model_files(common: &Common) -> Result<Arc<ModelFiles>> {
+    if let Some(spec) = &common.synthetic {
+        return Ok(Arc::new(ModelFiles::Synthetic(
+            syncdrop::synthetic::SyntheticModel::parse(spec)?,
+        )));
+    }
     let path = match &common.model {
         Some(p) => p.clone(),
         None => assets::smollm2()?,
     };
-    let files = Arc::new(ModelFiles::open(&path)?);
+    Ok(Arc::new(ModelFiles::open(&path)?))
+}
+
+fn open(common: &Common) -> Result<Opened> {
+    let files = model_files(common)?;
     let tok = match &*files {
         ModelFiles::Gguf(g) => Tokenizer::from_gguf(g)?,
         ModelFiles::SafeTensors(s) => Tokenizer::from_file(&s.dir.join("tokenizer.json"))?,
+        ModelFiles::Synthetic(_) => {
+            return Err(Error::InvalidArgument(
+                "a --synthetic model has random weights and no tokenizer: use it with `bench`"
+                    .into(),
+            ))
+        }
     };
+    let (engine, sha) = open_engine(common, files)?;
+    Ok(Opened { engine, tok, sha })
+}
+
+fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Option<String>)> {
+    let path = files.path().to_path_buf();
     let opts = EngineOptions {
         tp: common.tp,
         threads: common.threads.unwrap_or(EngineOptions::default().threads),
@@ -261,6 +315,8 @@ fn open(common: &Common) -> Result<Opened> {
         backend: common.backend,
         layout: None,
         row_invariant: common.row_invariant,
+        cuda_graphs: !common.no_graphs,
+        only_rank: common.rank,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;
@@ -318,17 +374,21 @@ fn open(common: &Common) -> Result<Opened> {
         engine.set_iso(common.iso, None);
     }
     eprintln!(
-        "loaded {} ({} layers, {} heads / {} KV heads) at TP {} (heads {}) on {:?} in {:.2}s; SPD: {spd_desc}",
+        "loaded {} ({} layers, {} heads / {} KV heads) at TP {} (heads {}){} on {:?} in {:.2}s; SPD: {spd_desc}",
         path.display(),
         n,
         engine.cfg.n_heads,
         engine.cfg.n_kv_heads,
         engine.tp(),
         engine.layout.head_partition(),
+        match common.rank {
+            Some(r) => format!(", rank {r} only"),
+            None => String::new(),
+        },
         common.backend,
         t0.elapsed().as_secs_f64()
     );
-    Ok(Opened { engine, tok, sha })
+    Ok((engine, sha))
 }
 
 fn calibration(tok: &Tokenizer, c: &Calib) -> Result<Vec<Vec<u32>>> {
@@ -386,6 +446,46 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Bench {
+            common,
+            prompt,
+            prefill_reps,
+            steps,
+            warmup,
+            out,
+        } => {
+            let files = model_files(&common)?;
+            let model = files.path().display().to_string();
+            let (mut engine, _) = open_engine(&common, files)?;
+            let backend = format!("{:?}", common.backend).to_lowercase();
+            let r = syncdrop::bench::bench_engine(
+                &mut engine,
+                &model,
+                &backend,
+                common.rank,
+                (prompt, prefill_reps),
+                (warmup, steps),
+            )?;
+            let bytes = if backend == "cuda" { 2.0 } else { 4.0 };
+            println!(
+                "{model} TP {} {} on {backend}: prefill {prompt} tokens {:.2} ms ({:.0} tok/s, {:.2} TFLOP/s of one rank) | decode {:.3} ms/step ({:.1} tok/s), one rank streams {:.2} GB/step = {:.0} GB/s",
+                engine.tp(),
+                match common.rank {
+                    Some(r) => format!("rank {r} only"),
+                    None => "all ranks".into(),
+                },
+                1e3 * r.prefill_median_s(),
+                prompt as f64 / r.prefill_median_s(),
+                r.prefill_tflops(),
+                1e3 * r.decode_median_s(),
+                1.0 / r.decode_median_s(),
+                r.rank_params as f64 * bytes / 1e9,
+                r.decode_gbps(bytes),
+            );
+            if let Some(out) = out {
+                write_json(&out, &r)?;
+            }
+        }
         Cmd::Generate {
             common,
             prompt,

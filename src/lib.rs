@@ -15,6 +15,7 @@
 
 pub mod assets;
 pub mod backend;
+pub mod bench;
 pub mod comm;
 pub mod config;
 pub mod distill;
@@ -32,6 +33,7 @@ pub mod planner;
 pub mod progress;
 pub mod quant;
 pub mod spd;
+pub mod synthetic;
 pub mod tasks;
 pub mod tokenizer;
 pub mod weights;

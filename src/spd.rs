@@ -64,6 +64,11 @@ pub struct SpdPlan {
 /// sha256 of the model's file(s), hex.
 pub fn model_sha256(files: &ModelFiles) -> Result<String> {
     let mut paths: Vec<PathBuf> = match files {
+        ModelFiles::Synthetic(m) => {
+            let mut h = Sha256::new();
+            h.update(format!("{}:{}", m.spec, m.seed));
+            return Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+        }
         ModelFiles::Gguf(g) => vec![g.path.clone()],
         ModelFiles::SafeTensors(s) => std::fs::read_dir(&s.dir)
             .map_err(|e| Error::io(&s.dir, e))?

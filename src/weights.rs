@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub enum ModelFiles {
     Gguf(GgufFile),
     SafeTensors(StFolder),
+    /// Random weights of a real model's shapes, for benchmarks (`crate::synthetic`).
+    Synthetic(crate::synthetic::SyntheticModel),
 }
 
 impl ModelFiles {
@@ -39,6 +41,7 @@ impl ModelFiles {
         match self {
             ModelFiles::Gguf(g) => LlamaConfig::from_gguf(g),
             ModelFiles::SafeTensors(s) => Ok(s.config.clone()),
+            ModelFiles::Synthetic(m) => Ok(m.cfg.clone()),
         }
     }
 
@@ -46,6 +49,7 @@ impl ModelFiles {
         match self {
             ModelFiles::Gguf(g) => g.tensors.contains_key(name),
             ModelFiles::SafeTensors(s) => s.index.contains_key(&hf_name(name)),
+            ModelFiles::Synthetic(m) => m.has(name),
         }
     }
 
@@ -54,6 +58,7 @@ impl ModelFiles {
         match self {
             ModelFiles::Gguf(g) => Ok(g.tensor(name)?.matrix_shape()),
             ModelFiles::SafeTensors(s) => Ok(s.entry(name)?.matrix_shape()),
+            ModelFiles::Synthetic(m) => m.shape(name),
         }
     }
 
@@ -67,6 +72,7 @@ impl ModelFiles {
                 Ok(())
             }
             ModelFiles::SafeTensors(s) => s.read_row(name, r, out),
+            ModelFiles::Synthetic(m) => m.read_row(name, r, out),
         }
     }
 
@@ -113,6 +119,7 @@ impl ModelFiles {
         match self {
             ModelFiles::Gguf(g) => &g.path,
             ModelFiles::SafeTensors(s) => &s.dir,
+            ModelFiles::Synthetic(m) => &m.path,
         }
     }
 }

@@ -14,7 +14,8 @@ mod gpu {
     use proptest::prelude::*;
     use syncdrop::backend::cpu::rmsnorm;
     use syncdrop::backend::cuda::{
-        argmax, context, device_count, gemv, kernels, rmsnorm, rope, swiglu,
+        argmax, attention, context, device_count, embedding, gemm, gemv, kernels, rmsnorm, rope,
+        sample, swiglu,
     };
 
     fn gpu() -> Option<(std::sync::Arc<cudarc::driver::CudaStream>, kernels::Kernels)> {
@@ -155,5 +156,274 @@ mod gpu {
                 prop_assert_eq!(got[r] as usize, syncdrop::generate::argmax(&x[r * n..(r + 1) * n]), "row {}", r);
             }
         }
+    }
+
+    fn f32s(v: &[bf16]) -> Vec<f32> {
+        v.iter().map(|x| x.to_f32()).collect()
+    }
+
+    fn close(g: f32, e: f32, atol: f32, rtol: f32) -> bool {
+        (g - e).abs() <= atol + rtol * e.abs()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn gemv_f32_io_matches_cpu(t in 1usize..5, n in prop::sample::select(vec![1usize, 7, 8, 9, 100, 1280]),
+                                   k in prop::sample::select(vec![1usize, 7, 8, 9, 64, 576, 1000, 1024, 1032, 8192]), seed in any::<u64>()) {
+            let Some((stream, kern)) = gpu() else { return Ok(()); };
+            let w = rand_bf16(n * k, seed);
+            let x = f32s(&rand_bf16(t * k, seed ^ 5));
+            let mut expect = vec![0f32; t * n];
+            syncdrop::backend::cpu::matmul_rowwise(&x, t, &f32s(&w), n, k, &mut expect, 1);
+            let wd = stream.clone_htod(&w).unwrap();
+            let xd = stream.clone_htod(&x).unwrap();
+            let mut yd = stream.alloc_zeros::<f32>(t * n).unwrap();
+            gemv::gemv_bf16_f32(&stream, &kern, (t, n, k), &wd.slice(..), &xd.slice(..), &mut yd.slice_mut(..)).unwrap();
+            let got: Vec<f32> = stream.clone_dtoh(&yd).unwrap();
+            for i in 0..t * n {
+                // same bf16 inputs, f32 sums in another order: only rounding differs
+                prop_assert!(close(got[i], expect[i], 1e-4 * (k as f32).sqrt(), 1e-4), "y[{}] = {} vs {}", i, got[i], expect[i]);
+            }
+        }
+
+        #[test]
+        fn cublas_gemm_matches_cpu(t in prop::sample::select(vec![5usize, 17, 64, 130]), n in prop::sample::select(vec![8usize, 100, 576]),
+                                   k in prop::sample::select(vec![8usize, 64, 576, 1000]), seed in any::<u64>()) {
+            let Some((stream, _kern)) = gpu() else { return Ok(()); };
+            let w = rand_bf16(n * k, seed);
+            let x = rand_bf16(t * k, seed ^ 9);
+            let mut expect = vec![0f32; t * n];
+            syncdrop::backend::cpu::matmul_rowwise(&f32s(&x), t, &f32s(&w), n, k, &mut expect, 1);
+            let g = gemm::Gemm::new(&stream).unwrap();
+            let wd = stream.clone_htod(&w).unwrap();
+            let xd = stream.clone_htod(&x).unwrap();
+            let mut yd = stream.alloc_zeros::<f32>(t * n).unwrap();
+            g.bf16_f32((t, n, k), &wd.slice(..), &xd.slice(..), &mut yd.slice_mut(..)).unwrap();
+            let got: Vec<f32> = stream.clone_dtoh(&yd).unwrap();
+            for i in 0..t * n {
+                prop_assert!(close(got[i], expect[i], 1e-3 * (k as f32).sqrt(), 1e-3), "y[{}] = {} vs {}", i, got[i], expect[i]);
+            }
+        }
+
+        #[test]
+        fn add_rmsnorm_f32_matches_cpu(rows in 1usize..9, d in prop::sample::select(vec![1usize, 7, 64, 65, 576, 8192]),
+                                       with_delta in any::<bool>(), seed in any::<u64>()) {
+            let Some((stream, k)) = gpu() else { return Ok(()); };
+            let x = f32s(&rand_bf16(rows * d, seed));
+            let dx = f32s(&rand_bf16(rows * d, seed ^ 1));
+            let w = f32s(&rand_bf16(d, seed ^ 2));
+            let resid: Vec<f32> = x.iter().zip(&dx).map(|(a, b)| if with_delta { a + b } else { *a }).collect();
+            let mut expect = vec![0f32; rows * d];
+            rmsnorm(&resid, &w, 1e-5, &mut expect);
+            let mut r = stream.clone_htod(&x).unwrap();
+            let dd = stream.clone_htod(&dx).unwrap();
+            let wd = stream.clone_htod(&w).unwrap();
+            let mut out = stream.alloc_zeros::<f32>(rows * d).unwrap();
+            if with_delta {
+                rmsnorm::add_rmsnorm_f32(&stream, &k, rows, d, 1e-5, &mut r.slice_mut(..), Some(&dd.slice(..)), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
+            } else {
+                rmsnorm::rmsnorm_f32(&stream, &k, rows, d, 1e-5, &r.slice(..), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
+            }
+            let got: Vec<f32> = stream.clone_dtoh(&out).unwrap();
+            let res: Vec<f32> = stream.clone_dtoh(&r).unwrap();
+            for i in 0..rows * d {
+                prop_assert!(close(got[i], expect[i], 1e-5, 1e-4), "out[{}] = {} vs {}", i, got[i], expect[i]);
+                prop_assert_eq!(res[i], resid[i], "residual[{}]", i);
+            }
+        }
+
+        #[test]
+        fn qkv_epilogue_and_attention_match_cpu(t in 1usize..6, pos0 in prop::sample::select(vec![0usize, 1, 63, 64, 200, 1000]),
+                                                n_kv in 1usize..3, group in 1usize..4, hd in prop::sample::select(vec![8usize, 64, 128]),
+                                                half_style in any::<bool>(), bias in any::<bool>(), forced_split in any::<bool>(), seed in any::<u64>()) {
+            let Some((stream, kern)) = gpu() else { return Ok(()); };
+            let style = if half_style { syncdrop::RopeStyle::Half } else { syncdrop::RopeStyle::Interleaved };
+            let n_q = n_kv * group;
+            let cap = pos0 + t + 5;
+            let width = (n_q + 2 * n_kv) * hd;
+            let theta = 10000.0f32;
+            // earlier cache positions hold random K/V (bf16), the new rows come from qkv
+            let old_k = f32s(&rand_bf16(n_kv * cap * hd, seed ^ 11));
+            let old_v = f32s(&rand_bf16(n_kv * cap * hd, seed ^ 12));
+            let qkv = f32s(&rand_bf16(t * width, seed));
+            let b = f32s(&rand_bf16(width, seed ^ 3));
+            let q_to_kv: Vec<usize> = (0..n_q).map(|h| h / group).collect();
+            // CPU reference: bias, RoPE, cache write (bf16-rounded as the GPU stores it)
+            let (cos, sin) = syncdrop::backend::cpu::rope_tables(theta, hd, cap);
+            let (mut kc, mut vc) = (old_k.clone(), old_v.clone());
+            let mut q_ref = vec![0f32; t * n_q * hd];
+            for r in 0..t {
+                let p = pos0 + r;
+                let mut row = qkv[r * width..(r + 1) * width].to_vec();
+                if bias { row.iter_mut().zip(&b).for_each(|(x, b)| *x += b); }
+                for h in row[..(n_q + n_kv) * hd].chunks_exact_mut(hd) {
+                    syncdrop::backend::cpu::rope_head(h, &cos[p * hd / 2..(p + 1) * hd / 2], &sin[p * hd / 2..(p + 1) * hd / 2], style);
+                }
+                q_ref[r * n_q * hd..(r + 1) * n_q * hd].copy_from_slice(&row[..n_q * hd]);
+                for kh in 0..n_kv {
+                    for i in 0..hd {
+                        kc[(kh * cap + p) * hd + i] = bf16::from_f32(row[(n_q + kh) * hd + i]).to_f32();
+                        vc[(kh * cap + p) * hd + i] = bf16::from_f32(row[(n_q + n_kv + kh) * hd + i]).to_f32();
+                    }
+                }
+            }
+            let mut att_ref = vec![0f32; t * n_q * hd];
+            let mut scores = Vec::new();
+            for r in 0..t {
+                for h in 0..n_q {
+                    let base = q_to_kv[h] * cap * hd;
+                    let len = pos0 + r + 1;
+                    syncdrop::backend::cpu::attend(&q_ref[(r * n_q + h) * hd..(r * n_q + h + 1) * hd], &kc[base..base + len * hd],
+                        &vc[base..base + len * hd], len, &mut scores, &mut att_ref[(r * n_q + h) * hd..(r * n_q + h + 1) * hd]);
+                }
+            }
+            // GPU
+            let to_b = |v: &[f32]| v.iter().map(|x| bf16::from_f32(*x)).collect::<Vec<_>>();
+            let mut kd = stream.clone_htod(&to_b(&old_k)).unwrap();
+            let mut vd = stream.clone_htod(&to_b(&old_v)).unwrap();
+            let qkvd = stream.clone_htod(&qkv).unwrap();
+            let bd = stream.clone_htod(&b).unwrap();
+            let mut qd = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
+            let bias_view = bd.slice(..);
+            rope::qkv_rope_cache(&stream, &kern, (t, n_q, n_kv, hd), (cap, style, theta), rope::Pos::Host(pos0),
+                &qkvd.slice(..), bias.then_some(&bias_view), &mut qd.slice_mut(..), &mut kd.slice_mut(..), &mut vd.slice_mut(..)).unwrap();
+            let q_got: Vec<f32> = stream.clone_dtoh(&qd).unwrap();
+            for i in 0..t * n_q * hd {
+                prop_assert!(close(q_got[i], q_ref[i], 1e-4, 1e-4), "q[{}] = {} vs {}", i, q_got[i], q_ref[i]);
+            }
+            let k_got: Vec<bf16> = stream.clone_dtoh(&kd).unwrap();
+            for i in 0..n_kv * cap * hd {
+                prop_assert!(close(k_got[i].to_f32(), kc[i], 1e-3, 8e-3), "k[{}] = {} vs {}", i, k_got[i], kc[i]);
+            }
+            let split = if forced_split {
+                attention::split_plan(t, n_q, pos0 + t, usize::MAX)
+            } else {
+                attention::split_plan(t, n_q, pos0 + t, 1)
+            };
+            let np = attention::partial_len(t, n_q, hd, split.0).max(1);
+            let mut part = stream.alloc_zeros::<f32>(np).unwrap();
+            let q2k = stream.clone_htod(&q_to_kv.iter().map(|x| *x as i32).collect::<Vec<_>>()).unwrap();
+            let mut od = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
+            attention::attention_f32(&stream, &kern, (t, n_q, n_kv, hd, cap), rope::Pos::Host(pos0), split,
+                &qd.slice(..), &kd.slice(..), &vd.slice(..), &q2k, &mut od.slice_mut(..), &mut part.slice_mut(..)).unwrap();
+            let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
+            for i in 0..t * n_q * hd {
+                // K written by the GPU and the CPU may round differently by one bf16 ulp
+                prop_assert!(close(got[i], att_ref[i], 2e-2, 2e-2), "att[{}] = {} vs {} (split {:?})", i, got[i], att_ref[i], split);
+            }
+        }
+
+        #[test]
+        fn embedding_and_swiglu_f32_match_cpu(t in 1usize..6, d in prop::sample::select(vec![1usize, 8, 576]), seed in any::<u64>()) {
+            let Some((stream, kern)) = gpu() else { return Ok(()); };
+            let vocab = 50;
+            let table = rand_bf16(vocab * d, seed);
+            let ids: Vec<u32> = (0..t as u32).map(|i| (i * 7 + seed as u32) % vocab as u32).collect();
+            let td = stream.clone_htod(&table).unwrap();
+            let idd = stream.clone_htod(&ids).unwrap();
+            let mut od = stream.alloc_zeros::<f32>(t * d).unwrap();
+            embedding::embedding_f32(&stream, &kern, d, &ids, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).unwrap();
+            let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
+            for (r, id) in ids.iter().enumerate() {
+                for c in 0..d {
+                    prop_assert_eq!(got[r * d + c], table[*id as usize * d + c].to_f32());
+                }
+            }
+            let bad = [vocab as u32];
+            prop_assert!(embedding::embedding_f32(&stream, &kern, d, &bad, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).is_err());
+            let gu = f32s(&rand_bf16(t * 2 * d, seed ^ 4));
+            let expect = syncdrop::distill::swiglu(&gu, t, d);
+            let gd = stream.clone_htod(&gu).unwrap();
+            let mut hd = stream.alloc_zeros::<f32>(t * d).unwrap();
+            swiglu::swiglu_f32(&stream, &kern, t, d, &gd.slice(..), &mut hd.slice_mut(..)).unwrap();
+            let got: Vec<f32> = stream.clone_dtoh(&hd).unwrap();
+            for i in 0..t * d {
+                prop_assert!(close(got[i], expect[i], 1e-5, 1e-4), "h[{}] = {} vs {}", i, got[i], expect[i]);
+            }
+        }
+    }
+
+    /// Sampling: a very low temperature or a tiny nucleus is greedy; otherwise the draws
+    /// follow the softmax (chi-square on a small vocabulary, 4,000 rows at once).
+    #[test]
+    fn sampling_is_greedy_in_the_limit_and_follows_the_softmax() {
+        let Some((stream, kern)) = gpu() else { return };
+        let n = 6;
+        let rows = 4000;
+        let logits_row = [0.5f32, 2.0, -1.0, 1.0, 0.0, 1.5];
+        let logits: Vec<f32> = (0..rows).flat_map(|_| logits_row).collect();
+        let u: Vec<f32> = (0..rows)
+            .map(|i| ((i as f32 + 0.5) / rows as f32 * 7919.0).fract())
+            .collect();
+        let ld = stream.clone_htod(&logits).unwrap();
+        let ud = stream.clone_htod(&u).unwrap();
+        let mut od = stream.alloc_zeros::<u32>(rows).unwrap();
+        for (temp, top_p) in [(1e-3f32, 1.0f32), (1.0, 0.05)] {
+            sample::sample_f32(
+                &stream,
+                &kern,
+                (rows, n),
+                temp,
+                top_p,
+                &ld.slice(..),
+                &ud.slice(..),
+                &mut od.slice_mut(..),
+            )
+            .unwrap();
+            let got: Vec<u32> = stream.clone_dtoh(&od).unwrap();
+            assert!(
+                got.iter().all(|t| *t == 1),
+                "temperature {temp} top_p {top_p}: not greedy"
+            );
+        }
+        sample::sample_f32(
+            &stream,
+            &kern,
+            (rows, n),
+            1.0,
+            1.0,
+            &ld.slice(..),
+            &ud.slice(..),
+            &mut od.slice_mut(..),
+        )
+        .unwrap();
+        let got: Vec<u32> = stream.clone_dtoh(&od).unwrap();
+        let z: f32 = logits_row.iter().map(|x| x.exp()).sum();
+        let mut chi2 = 0.0;
+        for (i, l) in logits_row.iter().enumerate() {
+            let expect = rows as f32 * l.exp() / z;
+            let seen = got.iter().filter(|t| **t as usize == i).count() as f32;
+            chi2 += (seen - expect).powi(2) / expect;
+        }
+        // 5 degrees of freedom: P(chi2 > 20.5) < 0.001
+        assert!(chi2 < 20.5, "chi-square {chi2}");
+        // nucleus 0.6: only tokens 1 (p~.43) and 5 (p~.26) are kept
+        sample::sample_f32(
+            &stream,
+            &kern,
+            (rows, n),
+            1.0,
+            0.6,
+            &ld.slice(..),
+            &ud.slice(..),
+            &mut od.slice_mut(..),
+        )
+        .unwrap();
+        let got: Vec<u32> = stream.clone_dtoh(&od).unwrap();
+        assert!(got.iter().all(|t| *t == 1 || *t == 5), "nucleus leaked");
+        assert!(got.iter().any(|t| *t == 5) && got.iter().any(|t| *t == 1));
+        assert!(sample::sample_f32(
+            &stream,
+            &kern,
+            (rows, n),
+            0.0,
+            1.0,
+            &ld.slice(..),
+            &ud.slice(..),
+            &mut od.slice_mut(..)
+        )
+        .is_err());
     }
 }

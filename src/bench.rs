@@ -1,0 +1,140 @@
+//! Timing an engine end to end: prefill of a prompt of random tokens, then decode steps
+//! over the growing KV cache. Used by the runner's `bench` subcommand and the GPU bench
+//! binary (benches/cuda_rank.rs); numbers are wall-clock per call on the driver thread,
+//! which includes the host embedding and the copy of the logits back.
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use std::time::Instant;
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct EngineBench {
+    pub model: String,
+    pub backend: String,
+    pub tp: usize,
+    /// The one rank that ran (`only_rank`), or None when all ranks ran.
+    pub rank: Option<usize>,
+    pub prompt: usize,
+    pub decode_steps: usize,
+    /// Prefill seconds per repetition.
+    pub prefill_s: Vec<f64>,
+    /// Decode seconds per timed step.
+    pub decode_s: Vec<f64>,
+    /// Linear-layer weights one rank streams per decode step (parameters of its shard).
+    pub rank_params: u64,
+    /// FLOPs of one rank's prefill (linear layers + causal attention).
+    pub rank_prefill_flops: f64,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
+    }
+}
+
+impl EngineBench {
+    pub fn prefill_median_s(&self) -> f64 {
+        median(&self.prefill_s)
+    }
+    pub fn decode_median_s(&self) -> f64 {
+        median(&self.decode_s)
+    }
+    /// Achieved weight-streaming bandwidth of a decode step at `bytes_per_param`.
+    pub fn decode_gbps(&self, bytes_per_param: f64) -> f64 {
+        self.rank_params as f64 * bytes_per_param / self.decode_median_s() / 1e9
+    }
+    pub fn prefill_tflops(&self) -> f64 {
+        self.rank_prefill_flops / self.prefill_median_s() / 1e12
+    }
+}
+
+/// Parameters of rank `r`'s share of every block and its LM-head slice.
+pub fn rank_params(engine: &Engine, r: usize) -> u64 {
+    let c = &engine.cfg;
+    let s = &engine.layout.ranks[r];
+    let (d, hd) = (c.hidden as u64, c.head_dim as u64);
+    let (nq, nkv, f) = (
+        s.q_heads.len() as u64,
+        s.kv_heads.len() as u64,
+        s.ffn.len() as u64,
+    );
+    let block = (nq + 2 * nkv) * hd * d + d * nq * hd + 3 * d * f;
+    let vocab = crate::layout::even_split(c.vocab, engine.tp())[r].len() as u64;
+    c.n_layers as u64 * block + vocab * d
+}
+
+/// FLOPs of rank `r` prefilling `t` tokens: 2 per multiply-add of every linear layer, plus
+/// QK^T and PV over the causal triangle.
+pub fn rank_prefill_flops(engine: &Engine, r: usize, t: usize) -> f64 {
+    let c = &engine.cfg;
+    let nq = engine.layout.ranks[r].q_heads.len() as f64;
+    let t = t as f64;
+    let attn = 2.0 * 2.0 * (t * (t + 1.0) / 2.0) * nq * c.head_dim as f64;
+    2.0 * t * rank_params(engine, r) as f64 + c.n_layers as f64 * attn
+}
+
+/// Prefill `prompt` random tokens `reps` times (each from position 0), then decode
+/// `warmup + steps` tokens after the prompt, timing the last `steps`.
+pub fn bench_engine(
+    engine: &mut Engine,
+    model: &str,
+    backend: &str,
+    rank: Option<usize>,
+    (prompt, reps): (usize, usize),
+    (warmup, steps): (usize, usize),
+) -> Result<EngineBench> {
+    let cap_needed = prompt + warmup + steps;
+    if prompt == 0 || reps == 0 {
+        return Err(Error::InvalidArgument(
+            "bench needs a prompt of at least one token and one repetition".into(),
+        ));
+    }
+    let vocab = engine.cfg.vocab as u64;
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s % vocab) as u32
+    };
+    let ids: Vec<u32> = (0..prompt).map(|_| next()).collect();
+    let mut prefill_s = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        engine.prefill(&ids, prompt - 1..prompt)?;
+        prefill_s.push(t0.elapsed().as_secs_f64());
+    }
+    let mut decode_s = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let tok = [next()];
+        let t0 = Instant::now();
+        engine
+            .forward(&tok, prompt + i, 0..1)
+            .map_err(|e| match e {
+                Error::ContextOverflow { .. } => Error::InvalidArgument(format!(
+                    "bench needs a KV capacity of {cap_needed} tokens (--ctx)"
+                )),
+                e => e,
+            })?;
+        if i >= warmup {
+            decode_s.push(t0.elapsed().as_secs_f64());
+        }
+    }
+    let r = rank.unwrap_or(0);
+    Ok(EngineBench {
+        model: model.to_string(),
+        backend: backend.to_string(),
+        tp: engine.tp(),
+        rank,
+        prompt,
+        decode_steps: steps,
+        prefill_s,
+        decode_s,
+        rank_params: rank_params(engine, r),
+        rank_prefill_flops: rank_prefill_flops(engine, r, prompt),
+    })
+}
