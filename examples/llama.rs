@@ -255,6 +255,42 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Projected end-to-end prefill/decode latency per link profile, SPD fraction and ISO
+    /// (the latency model, docs/LATENCY.md): table on stdout, JSON + SVG in --out. Compute
+    /// is a roofline (modelled) unless --measured gives per-layer GPU times.
+    Latency {
+        /// Comma list of llama2-7b, llama2-13b, llama2-70b, smollm2-135m.
+        #[arg(long, default_value = "llama2-70b")]
+        models: String,
+        /// Comma list of TP degrees.
+        #[arg(long, default_value = "8")]
+        tps: String,
+        /// Comma list of link profiles (default: all).
+        #[arg(long, default_value = "")]
+        profiles: String,
+        /// Comma list of SPD fractions in [0, 1].
+        #[arg(long, default_value = "0,0.5,0.7,1")]
+        spd_fractions: String,
+        /// Comma list of prompt lengths for prefill rows (empty: none).
+        #[arg(long, default_value = "2048")]
+        prefill: String,
+        /// Comma list of decode batch sizes (empty: none).
+        #[arg(long, default_value = "1")]
+        batch: String,
+        /// KV context per sequence for decode rows.
+        #[arg(long, default_value_t = 1024)]
+        ctx: usize,
+        /// Do not project prefill with ISO.
+        #[arg(long)]
+        no_iso: bool,
+        /// Measured per-layer compute (MeasuredCompute JSON from a GPU run).
+        #[arg(long)]
+        measured: Option<PathBuf>,
+        #[arg(long, default_value = "docs/latency")]
+        out: PathBuf,
+        #[arg(long)]
+        no_plot: bool,
+    },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
         #[command(flatten)]
@@ -444,8 +480,47 @@ fn sibling(path: &Path, ext: &str) -> PathBuf {
     path.with_extension(ext)
 }
 
+fn list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| {
+            x.parse()
+                .map_err(|_| Error::InvalidArgument(format!("--{what}: cannot parse '{x}'")))
+        })
+        .collect()
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
+        Cmd::Latency {
+            models,
+            tps,
+            profiles,
+            spd_fractions,
+            prefill,
+            batch,
+            ctx,
+            no_iso,
+            measured,
+            out,
+            no_plot,
+        } => {
+            let opts = syncdrop::latency::LatencyOptions {
+                models: list("models", &models)?,
+                tp: list("tps", &tps)?,
+                profiles: list("profiles", &profiles)?,
+                spd_fractions: list("spd-fractions", &spd_fractions)?,
+                prefill_tokens: list("prefill", &prefill)?,
+                decode_batch: list("batch", &batch)?,
+                decode_ctx: ctx,
+                iso: !no_iso,
+                measured,
+                out_dir: out,
+                plots: !no_plot,
+            };
+            syncdrop::latency::report(&opts)?;
+        }
         Cmd::Bench {
             common,
             prompt,
