@@ -12,6 +12,8 @@ use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::spd::{Recovery, Sensitivity, SpdPlan};
+use crate::tasks::{self, evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
+use crate::tokenizer::Tokenizer;
 
 /// What "within budget" means. Both compare against the same engine with no SPD block.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
@@ -22,15 +24,124 @@ pub enum Budget {
     AccDrop(f64),
 }
 
+/// A score and, for accuracy suites, the per-document outcomes behind it.
+#[derive(Debug, Clone)]
+pub struct Scored {
+    pub value: f64,
+    pub suite: Option<SuiteScore>,
+}
+
 /// A quality metric on one data split: perplexity (lower is better) or accuracy (higher).
 pub trait Metric {
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64>;
+
+    /// The score with its per-document outcomes where there are any. The default takes them
+    /// from the [`evaluate_suite`] call the metric made on this thread, if it made one and
+    /// its average is the score (so a closure returning `evaluate_suite(..)?.average` gets
+    /// paired statistics); otherwise `suite` is None.
+    fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        tasks::take_last_suite();
+        let value = self.score(engine, split)?;
+        let suite = tasks::take_last_suite().filter(|s| s.average.to_bits() == value.to_bits());
+        Ok(Scored { value, suite })
+    }
 }
 
 impl<F: FnMut(&mut Engine, usize) -> Result<f64>> Metric for F {
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
         self(engine, split)
     }
+}
+
+/// Average task accuracy on a search split (0) and a held-out split (1) of documents.
+pub struct SuiteMetric {
+    pub tok: Tokenizer,
+    /// Per split: (task, documents) as [`evaluate_suite`] takes them.
+    pub splits: [Vec<(String, Vec<Doc>)>; 2],
+}
+
+impl Metric for SuiteMetric {
+    fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
+        Ok(self.score_detailed(engine, split)?.value)
+    }
+    fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        let s = evaluate_suite(engine, &self.tok, &self.splits[split], false)?;
+        Ok(Scored {
+            value: s.average,
+            suite: Some(s),
+        })
+    }
+}
+
+/// Held-out verdict on the plan's loss against the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Verdict {
+    /// The whole approximate 95% interval of the loss is within the budget (or, without a
+    /// standard error, the point estimate is).
+    WithinBudget,
+    /// The whole interval is beyond the budget (or the point estimate, without one).
+    OverBudget,
+    /// The interval contains the budget: this sample cannot tell.
+    Inconclusive,
+}
+
+/// The verdict on a loss with an optional paired standard error, and a sentence saying it;
+/// values are printed in percent (points for an accuracy budget).
+pub fn verdict(loss: f64, stderr: Option<f64>, limit: f64, unit: &str) -> (Verdict, String) {
+    let pct = |x: f64| 100.0 * x;
+    let Some(se) = stderr.filter(|s| s.is_finite()) else {
+        return if loss <= limit {
+            (
+                Verdict::WithinBudget,
+                format!(
+                    "within budget: loss {:+.2} {unit} <= {:.2} {unit} (point estimate, no standard error)",
+                    pct(loss),
+                    pct(limit)
+                ),
+            )
+        } else {
+            (
+                Verdict::OverBudget,
+                format!(
+                    "over budget: loss {:+.2} {unit} > {:.2} {unit} (point estimate, no standard error)",
+                    pct(loss),
+                    pct(limit)
+                ),
+            )
+        };
+    };
+    let (lo, hi) = (loss - 1.96 * se, loss + 1.96 * se);
+    let stat = format!(
+        "loss {:+.2} +- {:.2} {unit} (paired s.e.; 95% interval [{:+.2}, {:+.2}]), budget {:.2} {unit}",
+        pct(loss),
+        pct(se),
+        pct(lo),
+        pct(hi),
+        pct(limit)
+    );
+    if hi <= limit {
+        (Verdict::WithinBudget, format!("within budget: {stat}"))
+    } else if lo > limit {
+        (Verdict::OverBudget, format!("over budget: {stat}"))
+    } else {
+        let side = if loss <= limit {
+            "point estimate within budget"
+        } else {
+            "point estimate over budget"
+        };
+        (
+            Verdict::Inconclusive,
+            format!("inconclusive at this sample size ({side}): {stat}"),
+        )
+    }
+}
+
+/// How many times the current sample the interval needs to exclude the budget: the sample
+/// for which 1.96 s.e. equals |loss - limit|, if the loss stayed where it is (s.e. falls as
+/// 1/sqrt(n)). None when the loss sits on the budget or there is no s.e.
+pub fn sample_factor_to_resolve(loss: f64, stderr: f64, limit: f64) -> Option<f64> {
+    let gap = (loss - limit).abs();
+    (gap > 0.0 && stderr.is_finite()).then(|| (1.96 * stderr / gap).powi(2))
 }
 
 impl Budget {
@@ -67,8 +178,22 @@ pub struct PlanOutcome {
     pub heldout_base: f64,
     pub heldout_score: f64,
     pub heldout_loss: f64,
+    /// Point estimate only: `heldout_loss <= budget`. Read `verdict` for what the sample
+    /// supports.
     pub within_budget_on_heldout: bool,
     pub evaluations: usize,
+    /// Accuracy budgets: the chosen plan's drop on the search split, base - plan, paired per
+    /// document (None for perplexity budgets or metrics without per-document outcomes).
+    pub search_drop: Option<PairedDiff>,
+    /// The same on the held-out split; `diff` equals `heldout_loss`.
+    pub heldout_drop: Option<PairedDiff>,
+    /// Approximate 95% interval of the held-out loss (loss +- 1.96 paired s.e.).
+    pub heldout_loss_ci95: Option<(f64, f64)>,
+    /// Documents per task in each split (accuracy budgets).
+    pub docs_per_task: Option<usize>,
+    pub verdict: Option<Verdict>,
+    /// The verdict in words, with the loss, its paired s.e. and interval.
+    pub verdict_text: String,
 }
 
 /// Distilled blocks: (layer, one shard per rank).
@@ -118,29 +243,49 @@ pub fn plan(
     let order = order_by_sensitivity(sens);
     let mut evals = 0;
     engine.set_spd(&vec![false; n])?;
-    let base = metric.score(engine, 0)?;
+    let base_scored = metric.score_detailed(engine, 0)?;
+    let base = base_scored.value;
     evals += 1;
-    let mut ok = |engine: &mut Engine, mask: &[bool], evals: &mut usize| -> Result<(bool, f64)> {
+    // paired drop (base - plan) when both scores carry per-document outcomes
+    let paired = |b: &Scored, p: &Scored| -> Option<PairedDiff> {
+        match (budget, &b.suite, &p.suite) {
+            (Budget::AccDrop(_), Some(b), Some(p)) => paired_difference(b, p).ok(),
+            _ => None,
+        }
+    };
+    let se_text = |d: &Option<PairedDiff>| {
+        d.map_or(String::new(), |d| {
+            format!(" +- {:.4} paired s.e.", d.stderr)
+        })
+    };
+    let mut ok = |engine: &mut Engine,
+                  mask: &[bool],
+                  evals: &mut usize|
+     -> Result<(bool, f64, Option<PairedDiff>)> {
         engine.set_spd(mask)?;
-        let s = metric.score(engine, 0)?;
+        let s = metric.score_detailed(engine, 0)?;
         *evals += 1;
-        Ok((budget.loss(base, s) <= budget.limit(), s))
+        let d = paired(&base_scored, &s);
+        Ok((budget.loss(base, s.value) <= budget.limit(), s.value, d))
     };
     // zero-shot: longest prefix within budget (binary search; quality is close to monotone
     // in the prefix length because later blocks are the more sensitive ones)
     let (mut lo, mut hi) = (0usize, n);
     let mut best_score = base;
+    let mut best_drop = paired(&base_scored, &base_scored);
     while lo < hi {
         let mid = (lo + hi).div_ceil(2);
-        let (fits, s) = ok(engine, &mask_of(&order, mid, n), &mut evals)?;
+        let (fits, s, d) = ok(engine, &mask_of(&order, mid, n), &mut evals)?;
         log(&format!(
-            "zero-shot {mid:2} blocks: score {s:.4} (loss {:+.4}, budget {})",
+            "zero-shot {mid:2} blocks: score {s:.4} (loss {:+.4}{}, budget {})",
             budget.loss(base, s),
+            se_text(&d),
             budget.limit()
         ));
         if fits {
             lo = mid;
             best_score = s;
+            best_drop = d;
         } else {
             hi = mid - 1;
         }
@@ -159,16 +304,22 @@ pub fn plan(
             mask[layer] = true;
             engine.set_spd(&mask)?;
             let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
-            let (fits, s) = ok(engine, &mask, &mut evals)?;
+            let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
-                "b2b block {layer:2}: block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}) {}",
+                "b2b block {layer:2}: block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}{}) {}",
                 rep.mse_before,
                 rep.mse_after,
                 budget.loss(base, s),
-                if fits { "kept" } else { "over budget: stop" }
+                se_text(&d),
+                if fits {
+                    "kept"
+                } else {
+                    "over budget: try hg+b2b"
+                }
             ));
             if fits {
                 best_score = s;
+                best_drop = d;
                 recovery[layer] = Some(Recovery::B2b);
                 distilled.push((layer, blocks));
                 continue;
@@ -177,15 +328,16 @@ pub fn plan(
             restore_block(engine, layer)?;
             let g = crate::headgroup::group_block(engine, layer, calib)?;
             let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
-            let (fits, s) = ok(engine, &mask, &mut evals)?;
+            let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
-                "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}) {}",
+                "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}{}) {}",
                 g.dissimilarity_before,
                 g.dissimilarity_after,
                 g.ffn_order,
                 rep.mse_before,
                 rep.mse_after,
                 budget.loss(base, s),
+                se_text(&d),
                 if fits { "kept" } else { "over budget: stop" }
             ));
             if !fits {
@@ -194,6 +346,7 @@ pub fn plan(
                 break;
             }
             best_score = s;
+            best_drop = d;
             recovery[layer] = Some(Recovery::HgB2b);
             groupings.push((layer, g));
             distilled.push((layer, blocks));
@@ -209,12 +362,39 @@ pub fn plan(
     let t1 = s_of(Recovery::ZeroShot);
     let t2 = s_of(Recovery::B2b).max(s_of(Recovery::HgB2b)).max(t1);
     // held-out verification
-    let heldout_score = metric.score(engine, 1)?;
+    let held_plan = metric.score_detailed(engine, 1)?;
     engine.set_spd(&vec![false; n])?;
-    let heldout_base = metric.score(engine, 1)?;
+    let held_base = metric.score_detailed(engine, 1)?;
     engine.set_spd(&mask)?;
     evals += 2;
+    let (heldout_score, heldout_base) = (held_plan.value, held_base.value);
     let heldout_loss = budget.loss(heldout_base, heldout_score);
+    let heldout_drop = paired(&held_base, &held_plan);
+    let unit = match budget {
+        Budget::AccDrop(_) => "pt",
+        Budget::PplIncrease(_) => "%",
+    };
+    let se = heldout_drop.map(|d| d.stderr);
+    let (v, mut verdict_text) = verdict(heldout_loss, se, budget.limit(), unit);
+    if let (Verdict::Inconclusive, Some(se)) = (v, se) {
+        if let Some(f) = sample_factor_to_resolve(heldout_loss, se, budget.limit()) {
+            let per_task = held_base
+                .suite
+                .as_ref()
+                .and_then(|s| s.tasks.first())
+                .map(|t| t.n);
+            verdict_text += &match per_task {
+                Some(m) => format!(
+                    "; resolving it needs about {:.0} documents per task per split ({f:.1}x), if the loss stayed at this value",
+                    (f * m as f64).ceil()
+                ),
+                None => format!("; resolving it needs about {f:.1}x the sample"),
+            };
+        }
+    }
+    log(&format!(
+        "held-out split: {heldout_base:.4} -> {heldout_score:.4}: {verdict_text}"
+    ));
     let k = mask.iter().filter(|m| **m).count();
     Ok((
         PlanOutcome {
@@ -234,6 +414,16 @@ pub fn plan(
             heldout_loss,
             within_budget_on_heldout: heldout_loss <= budget.limit(),
             evaluations: evals,
+            search_drop: best_drop,
+            heldout_drop,
+            heldout_loss_ci95: se.map(|se| (heldout_loss - 1.96 * se, heldout_loss + 1.96 * se)),
+            docs_per_task: held_base
+                .suite
+                .as_ref()
+                .and_then(|s| s.tasks.first())
+                .map(|t| t.n),
+            verdict: Some(v),
+            verdict_text,
         },
         distilled,
     ))

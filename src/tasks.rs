@@ -116,12 +116,24 @@ pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc
         .collect()
 }
 
+/// One document's outcome: whether `acc` and `acc_norm` picked the gold choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DocOutcome {
+    pub id: u64,
+    pub acc: bool,
+    pub acc_norm: bool,
+}
+
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TaskScore {
     pub task: String,
     pub n: usize,
     pub acc: f64,
     pub acc_norm: f64,
+    /// Per-document outcomes in evaluation order (empty in JSON written before they were
+    /// kept). Two scores of the same documents compare pairwise ([`paired_difference`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub docs: Vec<DocOutcome>,
 }
 
 impl TaskScore {
@@ -176,13 +188,16 @@ pub fn evaluate(
     docs: &[Doc],
     bar: &indicatif::ProgressBar,
 ) -> Result<TaskScore> {
-    let (mut acc, mut acc_norm) = (0usize, 0usize);
+    let mut outcomes = Vec::with_capacity(docs.len());
     for d in docs {
         if task == "lambada" {
             let (ctx, cont) = &d.choices[0];
             let (_, greedy) = loglik(engine, &tok.encode(ctx)?, &tok.encode(cont)?)?;
-            acc += usize::from(greedy);
-            acc_norm += usize::from(greedy);
+            outcomes.push(DocOutcome {
+                id: d.id,
+                acc: greedy,
+                acc_norm: greedy,
+            });
         } else {
             let mut lls = Vec::with_capacity(d.choices.len());
             let mut norm = Vec::with_capacity(d.choices.len());
@@ -212,26 +227,50 @@ pub fn evaluate(
                     .enumerate()
                     .fold(0, |b, (i, x)| if *x > v[b] { i } else { b })
             };
-            acc += usize::from(best(&lls) == d.gold);
-            acc_norm += usize::from(best(&norm) == d.gold);
+            outcomes.push(DocOutcome {
+                id: d.id,
+                acc: best(&lls) == d.gold,
+                acc_norm: best(&norm) == d.gold,
+            });
         }
         bar.inc(1);
     }
+    Ok(task_score(task, outcomes))
+}
+
+/// A task's score from its per-document outcomes.
+pub fn task_score(task: &str, docs: Vec<DocOutcome>) -> TaskScore {
     let n = docs.len().max(1) as f64;
-    Ok(TaskScore {
+    let count = |f: fn(&DocOutcome) -> bool| docs.iter().filter(|d| f(d)).count() as f64 / n;
+    TaskScore {
         task: task.into(),
         n: docs.len(),
-        acc: acc as f64 / n,
-        acc_norm: acc_norm as f64 / n,
-    })
+        acc: count(|d| d.acc),
+        acc_norm: count(|d| d.acc_norm),
+        docs,
+    }
 }
 
 /// Average accuracy over tasks, the paper's headline metric. HellaSwag, ARC and PIQA use
 /// acc_norm as lm-eval reports them; the others acc.
 pub fn headline(s: &TaskScore) -> f64 {
-    match s.task.as_str() {
-        "hellaswag" | "arc_easy" | "arc_challenge" | "piqa" => s.acc_norm,
-        _ => s.acc,
+    if uses_acc_norm(&s.task) {
+        s.acc_norm
+    } else {
+        s.acc
+    }
+}
+
+fn uses_acc_norm(task: &str) -> bool {
+    matches!(task, "hellaswag" | "arc_easy" | "arc_challenge" | "piqa")
+}
+
+/// Whether one document counts as correct under its task's headline metric.
+pub fn headline_correct(task: &str, d: &DocOutcome) -> bool {
+    if uses_acc_norm(task) {
+        d.acc_norm
+    } else {
+        d.acc
     }
 }
 
@@ -258,6 +297,13 @@ pub fn evaluate_suite(
         scores.push(evaluate(engine, tok, name, docs, &bar)?);
     }
     bar.finish_and_clear();
+    let suite = suite_score(scores);
+    LAST_SUITE.with(|l| *l.borrow_mut() = Some(suite.clone()));
+    Ok(suite)
+}
+
+/// The average over tasks and its standard error (independent tasks and documents).
+pub fn suite_score(scores: Vec<TaskScore>) -> SuiteScore {
     let k = scores.len().max(1) as f64;
     let average = scores.iter().map(headline).sum::<f64>() / k;
     let var: f64 = scores
@@ -268,10 +314,105 @@ pub fn evaluate_suite(
         })
         .sum::<f64>()
         / (k * k);
-    Ok(SuiteScore {
+    SuiteScore {
         tasks: scores,
         average,
         average_stderr: var.sqrt(),
+    }
+}
+
+thread_local! {
+    static LAST_SUITE: std::cell::RefCell<Option<SuiteScore>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// The last [`evaluate_suite`] result on this thread, taken (the slot is left empty). It lets
+/// the planner pair per-document outcomes when its metric is a closure that returns only
+/// the average (see `planner::Metric::score_detailed`).
+pub fn take_last_suite() -> Option<SuiteScore> {
+    LAST_SUITE.with(|l| l.borrow_mut().take())
+}
+
+/// The difference `a - b` of two average accuracies measured on the same documents, with
+/// the standard error of the paired difference.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PairedDiff {
+    /// Average over tasks of the per-task mean of per-document differences; equals
+    /// `a.average - b.average`.
+    pub diff: f64,
+    /// Standard error of `diff`: per task the sample variance of the per-document
+    /// differences (each -1, 0 or +1) over its n documents, combined across tasks like
+    /// [`SuiteScore::average_stderr`]: sqrt(sum_k s_k^2 / n_k) / K.
+    pub stderr: f64,
+    /// Documents in each score (all tasks together).
+    pub docs: usize,
+    /// Documents whose headline outcome differs between the two scores.
+    pub discordant: usize,
+}
+
+impl PairedDiff {
+    /// Approximate 95% interval (normal approximation, diff +- 1.96 s.e.).
+    pub fn ci95(&self) -> (f64, f64) {
+        (
+            self.diff - 1.96 * self.stderr,
+            self.diff + 1.96 * self.stderr,
+        )
+    }
+}
+
+/// `a - b` of the average headline accuracy of two scores of the same documents, with its
+/// paired standard error. Errors when the tasks or documents differ, or a score has no
+/// per-document outcomes.
+pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
+    let bad = |m: String| Error::InvalidArgument(format!("paired difference: {m}"));
+    if a.tasks.len() != b.tasks.len() || a.tasks.is_empty() {
+        return Err(bad(format!(
+            "{} tasks against {}",
+            a.tasks.len(),
+            b.tasks.len()
+        )));
+    }
+    let (mut diff, mut var, mut docs, mut discordant) = (0.0, 0.0, 0, 0);
+    for (ta, tb) in a.tasks.iter().zip(&b.tasks) {
+        if ta.task != tb.task {
+            return Err(bad(format!("task {} against {}", ta.task, tb.task)));
+        }
+        if ta.docs.len() != ta.n || tb.docs.len() != tb.n || ta.n == 0 {
+            return Err(bad(format!(
+                "{}: no per-document outcomes to pair",
+                ta.task
+            )));
+        }
+        if ta.n != tb.n || ta.docs.iter().zip(&tb.docs).any(|(x, y)| x.id != y.id) {
+            return Err(bad(format!("{}: different documents", ta.task)));
+        }
+        let d: Vec<f64> = ta
+            .docs
+            .iter()
+            .zip(&tb.docs)
+            .map(|(x, y)| {
+                f64::from(u8::from(headline_correct(&ta.task, x)))
+                    - f64::from(u8::from(headline_correct(&tb.task, y)))
+            })
+            .collect();
+        let n = d.len() as f64;
+        let mean = d.iter().sum::<f64>() / n;
+        let s2 = if d.len() > 1 {
+            d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
+        } else {
+            0.0
+        };
+        diff += mean;
+        var += s2 / n;
+        docs += d.len();
+        discordant += d.iter().filter(|x| **x != 0.0).count();
+    }
+    let k = a.tasks.len() as f64;
+    Ok(PairedDiff {
+        diff: diff / k,
+        stderr: var.sqrt() / k,
+        docs,
+        discordant,
     })
 }
 

@@ -1,14 +1,15 @@
 //! SPD tools on tiny random models: the plan file (round trip, validation errors),
 //! sensitivity (Algorithm 1 telescopes), the planner (respects its budget, verifies on the
-//! held-out split), and SPD blocks with QKV biases.
+//! held-out split, reports the paired held-out drop), and SPD blocks with QKV biases.
 
 mod common;
 
 use common::*;
 use std::sync::Arc;
-use syncdrop::planner::{order_by_sensitivity, plan, Budget};
+use syncdrop::planner::{order_by_sensitivity, plan, verdict, Budget, Metric, Scored};
 use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
+use syncdrop::tasks::{paired_difference, suite_score, task_score, DocOutcome, SuiteScore};
 use syncdrop::{Engine, EngineOptions, ModelFiles};
 
 fn tiny(tp: usize, tag: &str, layers: usize, bias: bool) -> (Engine, std::path::PathBuf) {
@@ -180,4 +181,105 @@ fn spd_with_qkv_biases_is_standard_at_tp1_and_differs_at_tp3() {
     assert!(max_abs_diff(&e3.forward(&toks, 0, 0..6).unwrap().data, &base) > 1e-4);
     std::fs::remove_dir_all(d1).ok();
     std::fs::remove_dir_all(d3).ok();
+}
+
+/// An accuracy-like metric on the tiny model: a "document" is a (sequence, position) and is
+/// correct when the greedy next token agrees with the model without SPD. Two "tasks".
+struct Agreement {
+    splits: [Vec<Vec<u32>>; 2],
+    reference: [Vec<Vec<usize>>; 2],
+}
+
+fn greedy(e: &mut Engine, seqs: &[Vec<u32>]) -> Vec<Vec<usize>> {
+    seqs.iter()
+        .map(|s| {
+            let l = e.forward(s, 0, 0..s.len()).unwrap();
+            (0..s.len())
+                .map(|i| syncdrop::generate::argmax(l.row(i)))
+                .collect()
+        })
+        .collect()
+}
+
+impl Agreement {
+    fn suite(&self, e: &mut Engine, split: usize) -> SuiteScore {
+        let got = greedy(e, &self.splits[split]);
+        let mut per_task = [Vec::new(), Vec::new()];
+        for (si, (g, r)) in got.iter().zip(&self.reference[split]).enumerate() {
+            for (i, (a, b)) in g.iter().zip(r).enumerate() {
+                per_task[si % 2].push(DocOutcome {
+                    id: (si * 1000 + i) as u64,
+                    acc: a == b,
+                    acc_norm: a == b,
+                });
+            }
+        }
+        let [t0, t1] = per_task;
+        suite_score(vec![task_score("lambada", t0), task_score("sciq", t1)])
+    }
+}
+
+impl Metric for Agreement {
+    fn score(&mut self, e: &mut Engine, split: usize) -> syncdrop::Result<f64> {
+        Ok(self.suite(e, split).average)
+    }
+    fn score_detailed(&mut self, e: &mut Engine, split: usize) -> syncdrop::Result<Scored> {
+        let s = self.suite(e, split);
+        Ok(Scored {
+            value: s.average,
+            suite: Some(s),
+        })
+    }
+}
+
+#[test]
+fn planner_reports_the_paired_held_out_drop() {
+    let (mut e, dir) = tiny(2, "paired_plan", 6, false);
+    let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
+            .collect()
+    };
+    let calib = seqs(3, 0);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let splits = [seqs(6, 3), seqs(6, 40)];
+    e.set_spd(&[false; 6]).unwrap();
+    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
+    let mut metric = Agreement { splits, reference };
+    // baseline agrees with itself: accuracy 1; a 20-point budget lets some blocks in
+    let (o, _) = plan(
+        &mut e,
+        &sens,
+        Budget::AccDrop(0.2),
+        &mut metric,
+        &calib,
+        None,
+        |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    assert!((o.heldout_base - 1.0).abs() < 1e-12);
+    let d = o
+        .heldout_drop
+        .expect("accuracy budget with outcomes: a paired drop");
+    assert!((d.diff - o.heldout_loss).abs() < 1e-12, "{o:?}");
+    assert_eq!(d.docs, 6 * 24);
+    // (this model and data: every block SPD, and some held-out documents flip)
+    assert!(d.discordant > 0 && d.stderr > 0.0, "{d:?}");
+    // the s.e. is the paired one of this plan's held-out outcomes, recomputed here
+    e.set_spd(&o.spd).unwrap();
+    let plan_suite = metric.suite(&mut e, 1);
+    e.set_spd(&[false; 6]).unwrap();
+    let base_suite = metric.suite(&mut e, 1);
+    let again = paired_difference(&base_suite, &plan_suite).unwrap();
+    assert!((again.stderr - d.stderr).abs() < 1e-15 && (again.diff - d.diff).abs() < 1e-15);
+    let (lo, hi) = o.heldout_loss_ci95.unwrap();
+    assert!((lo - (d.diff - 1.96 * d.stderr)).abs() < 1e-12);
+    assert!((hi - (d.diff + 1.96 * d.stderr)).abs() < 1e-12);
+    let v = o.verdict.unwrap();
+    assert_eq!(v, verdict(o.heldout_loss, Some(d.stderr), 0.2, "pt").0);
+    assert_eq!(o.within_budget_on_heldout, o.heldout_loss <= 0.2);
+    assert_eq!(o.docs_per_task, Some(3 * 24));
+    assert!(o.search_drop.is_some());
+    assert!(!o.verdict_text.is_empty());
+    std::fs::remove_dir_all(dir).ok();
 }

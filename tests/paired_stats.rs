@@ -1,0 +1,164 @@
+//! Paired statistics of accuracy differences: the paired standard error on hand-made
+//! per-document outcomes, the verdict built on it, and per-document outcomes from the real
+//! evaluation reaching the planner through a closure. (The planner's paired held-out drop on
+//! a tiny model is tested in tests/spd.rs.)
+
+use std::sync::Arc;
+use syncdrop::planner::{sample_factor_to_resolve, verdict, Metric, Verdict};
+use syncdrop::tasks::{
+    self, paired_difference, suite_score, task_score, DocOutcome, SuiteScore, TaskScore,
+};
+use syncdrop::{Engine, EngineOptions, ModelFiles};
+
+/// Outcomes with `acc_norm` as given and `acc` its opposite, so a test fails if the wrong
+/// metric of a task is paired.
+fn docs(bits: &[u8]) -> Vec<DocOutcome> {
+    bits.iter()
+        .enumerate()
+        .map(|(i, b)| DocOutcome {
+            id: 100 + i as u64,
+            acc: *b == 0,
+            acc_norm: *b == 1,
+        })
+        .collect()
+}
+
+/// The same with `acc` as given (for tasks scored by acc).
+fn docs_acc(bits: &[u8]) -> Vec<DocOutcome> {
+    docs(bits)
+        .into_iter()
+        .map(|d| DocOutcome {
+            acc: !d.acc,
+            acc_norm: !d.acc_norm,
+            ..d
+        })
+        .collect()
+}
+
+#[test]
+fn paired_stderr_on_hand_made_outcomes() {
+    // arc_easy is scored by acc_norm, sciq by acc.
+    let a = suite_score(vec![
+        task_score("arc_easy", docs(&[1, 1, 0, 0, 1])),
+        task_score("sciq", docs_acc(&[1, 0, 1, 1])),
+    ]);
+    let b = suite_score(vec![
+        task_score("arc_easy", docs(&[1, 0, 0, 1, 0])),
+        task_score("sciq", docs_acc(&[1, 0, 1, 1])),
+    ]);
+    let d = paired_difference(&a, &b).unwrap();
+    // arc_easy: a - b = [0, 1, 0, -1, 1], mean 0.2, sample variance 2.8 / 4 = 0.7, variance
+    // of the mean 0.7 / 5 = 0.14; sciq: all 0. Average over 2 tasks: diff 0.1, s.e.
+    // sqrt(0.14) / 2.
+    assert!((d.diff - 0.1).abs() < 1e-12, "{d:?}");
+    assert!((d.stderr - 0.14f64.sqrt() / 2.0).abs() < 1e-12, "{d:?}");
+    assert_eq!((d.docs, d.discordant), (9, 3));
+    assert!((d.diff - (a.average - b.average)).abs() < 1e-12);
+    // antisymmetric in the difference, symmetric in the error
+    let r = paired_difference(&b, &a).unwrap();
+    assert!((r.diff + d.diff).abs() < 1e-12 && (r.stderr - d.stderr).abs() < 1e-15);
+    // the paired s.e. is far below the unpaired one when most documents agree
+    assert!(d.stderr < (a.average_stderr.powi(2) + b.average_stderr.powi(2)).sqrt());
+    let (lo, hi) = d.ci95();
+    assert!((hi - lo - 2.0 * 1.96 * d.stderr).abs() < 1e-12 && lo < d.diff && d.diff < hi);
+    // identical outcomes: no difference, no error
+    let z = paired_difference(&a, &a).unwrap();
+    assert_eq!((z.diff, z.stderr, z.discordant), (0.0, 0.0, 0));
+}
+
+#[test]
+fn pairing_refuses_different_documents_and_missing_outcomes() {
+    let a = suite_score(vec![task_score("piqa", docs(&[1, 0, 1]))]);
+    let mut other_ids = a.clone();
+    other_ids.tasks[0].docs[1].id = 7;
+    let err = paired_difference(&a, &other_ids).unwrap_err().to_string();
+    assert!(err.contains("different documents"), "{err}");
+    let other_task = suite_score(vec![task_score("sciq", docs(&[1, 0, 1]))]);
+    assert!(paired_difference(&a, &other_task).is_err());
+    // JSON written before per-document outcomes were kept still loads, but cannot be paired
+    let old: TaskScore =
+        serde_json::from_str(r#"{"task":"piqa","n":3,"acc":0.5,"acc_norm":0.5}"#).unwrap();
+    assert!(old.docs.is_empty());
+    let old = SuiteScore {
+        tasks: vec![old],
+        ..Default::default()
+    };
+    let err = paired_difference(&a, &old).unwrap_err().to_string();
+    assert!(err.contains("no per-document outcomes"), "{err}");
+    // and new JSON round-trips its outcomes
+    let back: TaskScore =
+        serde_json::from_str(&serde_json::to_string(&a.tasks[0]).unwrap()).unwrap();
+    assert_eq!(back.docs, a.tasks[0].docs);
+}
+
+#[test]
+fn verdicts_follow_the_interval() {
+    let limit = 0.01;
+    // +0.2 +- 0.3 pt: the interval [-0.39, +0.79] is below 1 pt
+    assert_eq!(
+        verdict(0.002, Some(0.003), limit, "pt").0,
+        Verdict::WithinBudget
+    );
+    // +3 +- 0.5 pt: [2.02, 3.98] is above it
+    assert_eq!(
+        verdict(0.03, Some(0.005), limit, "pt").0,
+        Verdict::OverBudget
+    );
+    // +0.5 +- 1.5 pt and +2 +- 1.5 pt: the interval contains the budget
+    let (v, text) = verdict(0.005, Some(0.015), limit, "pt");
+    assert_eq!(v, Verdict::Inconclusive);
+    assert!(text.contains("point estimate within budget"), "{text}");
+    let (v, text) = verdict(0.02, Some(0.015), limit, "pt");
+    assert_eq!(v, Verdict::Inconclusive);
+    assert!(text.contains("point estimate over budget"), "{text}");
+    // without a standard error only the point estimate is left, and the text says so
+    let (v, text) = verdict(0.02, None, limit, "%");
+    assert_eq!(v, Verdict::OverBudget);
+    assert!(text.contains("no standard error"), "{text}");
+    // resolving +0.5 +- 1.5 pt against 1 pt: 1.96 * 1.5 / 0.5 = 5.88, squared 34.6x
+    let f = sample_factor_to_resolve(0.005, 0.015, limit).unwrap();
+    assert!((f - 5.88f64.powi(2)).abs() < 1e-9, "{f}");
+    assert!(sample_factor_to_resolve(0.01, 0.015, limit).is_none());
+}
+
+#[test]
+fn a_closure_around_evaluate_suite_gives_the_planner_per_document_outcomes() {
+    // the real model and data (scripts/fetch-assets.sh), 2 documents of 2 tasks, TP 2
+    let path = syncdrop::assets::smollm2().unwrap_or_else(|e| panic!("{e}"));
+    let files = Arc::new(ModelFiles::open(path).unwrap());
+    let tok = match &*files {
+        ModelFiles::Gguf(g) => syncdrop::tokenizer::Tokenizer::from_gguf(g).unwrap(),
+        _ => unreachable!(),
+    };
+    let dir = syncdrop::assets::eval_dir().unwrap();
+    let docs: Vec<(String, Vec<tasks::Doc>)> = ["sciq", "lambada"]
+        .iter()
+        .map(|t| {
+            let task = tasks::load_task(&dir, t).unwrap();
+            (t.to_string(), tasks::sample(&task, 2, 0, Some(1)))
+        })
+        .collect();
+    let opts = EngineOptions {
+        tp: 2,
+        threads: 2,
+        capacity: 512,
+        ..Default::default()
+    };
+    let mut e = Engine::new(files, &opts).unwrap();
+    let mut metric =
+        |e: &mut Engine, _split: usize| Ok(tasks::evaluate_suite(e, &tok, &docs, false)?.average);
+    let s = metric.score_detailed(&mut e, 1).unwrap();
+    let suite = s.suite.expect("the closure's evaluate_suite outcomes");
+    assert_eq!(suite.average.to_bits(), s.value.to_bits());
+    assert_eq!(suite.tasks.len(), 2);
+    for (t, (_, d)) in suite.tasks.iter().zip(&docs) {
+        let ids: Vec<u64> = d.iter().map(|d| d.id).collect();
+        let got: Vec<u64> = t.docs.iter().map(|d| d.id).collect();
+        assert_eq!(got, ids);
+    }
+    // a metric that does not evaluate a suite gets none (no stale outcomes)
+    let mut other = |_: &mut Engine, _: usize| Ok(0.5);
+    assert!(other.score_detailed(&mut e, 1).unwrap().suite.is_none());
+    tasks::evaluate_suite(&mut e, &tok, &docs, false).unwrap();
+    assert!(other.score_detailed(&mut e, 1).unwrap().suite.is_none());
+}
