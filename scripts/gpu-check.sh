@@ -1,37 +1,93 @@
 #!/usr/bin/env bash
-# Run every GPU test and benchmark in ONE call on a machine with an NVIDIA GPU, writing logs
-# under $OUT (or ./gpu-logs). The test executables are built elsewhere (no Rust there):
+# Every GPU test and benchmark, on a machine with an NVIDIA GPU, with logs under $OUT (or
+# ./gpu-logs). The executables are built elsewhere (the GPU machine has no Rust), and the
+# SmolLM2 model (98 MB) is larger than one transfer to the device machine may carry
+# (64 MiB), so a session runs two calls back to back (the machine stays warm ~30 s):
 #
-#   here:   scripts/gpu-check.sh --build      # builds with --features cuda into .gpu/
-#   there:  scripts/gpu-check.sh              # runs .gpu/* and compute-sanitizer
+#   here:   scripts/gpu-check.sh --build    # .gpu/  = executables + model part 1
+#                                           # .gpu2/ = executables + model part 2
+#   call 1: scripts/gpu-check.sh --stage1   # carry .gpu:  kernel tests + sanitizers +
+#                                           #   cuda_rank bench + PyTorch baseline; keeps
+#                                           #   model part 1 in /tmp
+#   call 2: scripts/gpu-check.sh --stage2   # carry .gpu2: joins the model (sha256 checked),
+#                                           #   runs the end-to-end tests on SmolLM2
+#
+# `scripts/gpu-check.sh` with no argument runs both stages when .gpu and .gpu2 are both here
+# (a machine where everything fits).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+STAGE=/tmp/syncdrop-gpu-stage
+TESTS="cuda_kernels cuda_backend synthetic"
+BENCHES="cuda_rank"
+
 if [ "${1:-}" = "--build" ]; then
   export NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -1)}"
   export SYNCDROP_REQUIRE_NVCC=1
-  rm -rf .gpu && mkdir -p .gpu
-  cargo test --release --features cuda --no-run --message-format=json 2>/dev/null \
-    | python3 -c 'import json,sys
+  grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+  grep -qx '/.gpu2/' .git/info/exclude 2>/dev/null || echo '/.gpu2/' >>.git/info/exclude
+  rm -rf .gpu .gpu2 && mkdir -p .gpu/bin .gpu2/bin
+  cargo test --release --features cuda --all-targets --no-run --message-format=json 2>/dev/null \
+    | TESTS="$TESTS $BENCHES" python3 -c 'import json,os,sys
+want=os.environ["TESTS"].split()
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] in ("cuda_kernels",):
-        print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/; done
-  ls -la .gpu
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
+        print(m["target"]["name"], m["executable"])' | while read -r name exe; do
+      cp "$exe" ".gpu/bin/$name" && strip ".gpu/bin/$name"
+    done
+  cp scripts/torch_rank_decode.py .gpu/bin/
+  cp .gpu/bin/* .gpu2/bin/
+  model="$(scripts/fetch-assets.sh >/dev/null && echo "${SYNCDROP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/syncdrop}")/models/$MODEL"
+  half=$(( ($(stat -c %s "$model") + 1) / 2 ))
+  head -c "$half" "$model" >.gpu/model.part1
+  tail -c +"$((half + 1))" "$model" >.gpu2/model.part2
+  du -sh .gpu .gpu2
   exit 0
 fi
+
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
-{
-  date -u; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
-  ldconfig -p | grep -E 'libcuda|nvrtc|cublas|nccl' | head -20
-} >"$OUT/machine.txt" 2>&1
 status=0
-for t in .gpu/cuda_kernels-*; do
-  [ -x "$t" ] || continue
-  name=$(basename "$t")
-  "$t" --test-threads=1 >"$OUT/$name.log" 2>&1 || status=1
-  compute-sanitizer --tool memcheck "$t" --test-threads=1 >"$OUT/$name.memcheck.log" 2>&1 || status=1
-  compute-sanitizer --tool racecheck "$t" --test-threads=1 >"$OUT/$name.racecheck.log" 2>&1 || status=1
-  tail -3 "$OUT/$name.log"
-done
+run() { # name, log, command...: run, keep the log, remember failures
+  local name=$1 log=$2; shift 2
+  echo "== $name"
+  "$@" >"$OUT/$log" 2>&1 || { status=1; echo "FAILED: $name (see $log)"; }
+  tail -4 "$OUT/$log"
+}
+
+stage1() {
+  local B=.gpu/bin
+  {
+    date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    ldconfig -p | grep -E 'libcuda|nvrtc|cublas|nccl' | head -20
+    python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1
+  } >"$OUT/machine.txt" 2>&1
+  mkdir -p "$STAGE" && cp .gpu/model.part1 "$STAGE/" 2>/dev/null
+  run kernels kernels.log "$B/cuda_kernels" --test-threads=1
+  run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run synthetic synthetic.log "$B/synthetic" --test-threads=1
+  run bench bench.log "$B/cuda_rank" --out "$OUT"
+  run torch torch.log python3 "$B/torch_rank_decode.py" --out "$OUT/torch_rank.json"
+}
+
+stage2() {
+  local B=.gpu2/bin
+  [ -f "$STAGE/model.part1" ] || { echo "model part 1 is not on this machine (it went cold?): run --stage1 again"; return 1; }
+  mkdir -p "$STAGE/cache/models"
+  cat "$STAGE/model.part1" .gpu2/model.part2 >"$STAGE/cache/models/$MODEL"
+  echo "$SHA  $STAGE/cache/models/$MODEL" | sha256sum -c - || return 1
+  SYNCDROP_CACHE="$STAGE/cache" run backend backend.log "$B/cuda_backend" --test-threads=1 --nocapture
+  SYNCDROP_CACHE="$STAGE/cache" run backend-memcheck backend-memcheck.log \
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_backend" --test-threads=1 iso_and_spd
+}
+
+case "${1:-all}" in
+  --stage1) stage1 ;;
+  --stage2) stage2 ;;
+  all) stage1; stage2 ;;
+  *) echo "usage: $0 [--build | --stage1 | --stage2]" >&2; exit 2 ;;
+esac
 exit $status

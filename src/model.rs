@@ -70,16 +70,8 @@ fn head_rows(heads: &[usize], hd: usize) -> Vec<usize> {
     heads.iter().flat_map(|h| h * hd..(h + 1) * hd).collect()
 }
 
-/// Read the columns `cols` (any order) of every row of a matrix tensor: (rows, cols.len()).
 fn gather_cols(files: &ModelFiles, name: &str, cols: &[usize]) -> Result<Vec<f32>> {
-    let (rows, n) = files.matrix_shape(name)?;
-    let mut row = vec![0f32; n];
-    let mut out = Vec::with_capacity(rows * cols.len());
-    for r in 0..rows {
-        files.read_row(name, r, &mut row)?;
-        out.extend(cols.iter().map(|c| row[*c]));
-    }
-    Ok(out)
+    files.gather_cols(name, cols)
 }
 
 /// Host weights of `shard`'s part of block `l`.

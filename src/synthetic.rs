@@ -123,23 +123,68 @@ impl SyntheticModel {
                 found: vec![rows, cols],
             });
         }
-        if name.ends_with("norm.weight") {
-            out.fill(1.0);
-            return Ok(());
-        }
-        let mut s = (fnv1a(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-            .wrapping_add((r as u64).wrapping_mul(0xD1B5_4A32_D192_ED03))
-            | 1;
-        let a = (3.0 / cols as f32).sqrt();
-        for v in out.iter_mut() {
-            // xorshift64*
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let x = s.wrapping_mul(0x2545_F491_4F6C_DD1D);
-            *v = ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * a;
-        }
+        let g = self.generator(name, cols);
+        out.iter_mut()
+            .enumerate()
+            .for_each(|(c, v)| *v = g.at(r, c));
         Ok(())
+    }
+
+    /// Rows `rows`, columns `cols` (any order) of tensor `name`, generated in parallel: each
+    /// element is a hash of its coordinates, so a rank's shard costs only its own elements.
+    pub fn gather(&self, name: &str, rows: &[usize], cols: &[usize]) -> Result<Vec<f32>> {
+        use rayon::prelude::*;
+        let (nr, nc) = self.shape(name)?;
+        if rows.iter().any(|r| *r >= nr) || cols.iter().any(|c| *c >= nc) {
+            return Err(Error::ShapeMismatch {
+                tensor: name.into(),
+                expected: vec![rows.iter().max().map_or(0, |r| r + 1), cols.len()],
+                found: vec![nr, nc],
+            });
+        }
+        let g = self.generator(name, nc);
+        let mut out = vec![0f32; rows.len() * cols.len()];
+        if !cols.is_empty() {
+            out.par_chunks_mut(cols.len())
+                .zip(rows.par_iter())
+                .for_each(|(o, r)| {
+                    o.iter_mut().zip(cols).for_each(|(v, c)| *v = g.at(*r, *c));
+                });
+        }
+        Ok(out)
+    }
+
+    fn generator(&self, name: &str, cols: usize) -> Gen {
+        Gen {
+            key: fnv1a(name) ^ self.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            cols: cols as u64,
+            norm: name.ends_with("norm.weight"),
+            scale: (3.0 / cols as f32).sqrt(),
+        }
+    }
+}
+
+/// Element generator of one tensor: splitmix64 of (tensor key, flat index).
+struct Gen {
+    key: u64,
+    cols: u64,
+    norm: bool,
+    scale: f32,
+}
+
+impl Gen {
+    #[inline]
+    fn at(&self, r: usize, c: usize) -> f32 {
+        if self.norm {
+            return 1.0;
+        }
+        let mut z = self
+            .key
+            .wrapping_add((r as u64 * self.cols + c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * self.scale
     }
 }
 

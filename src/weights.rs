@@ -86,6 +86,9 @@ impl ModelFiles {
     ) -> Result<Vec<f32>> {
         let (_, n) = self.matrix_shape(name)?;
         let cols = cols.unwrap_or(0..n);
+        if let ModelFiles::Synthetic(m) = self {
+            return m.gather(name, rows, &cols.collect::<Vec<_>>());
+        }
         if cols.end > n {
             return Err(Error::ShapeMismatch {
                 tensor: name.into(),
@@ -98,6 +101,21 @@ impl ModelFiles {
         for &r in rows {
             self.read_row(name, r, &mut row)?;
             out.extend_from_slice(&row[cols.clone()]);
+        }
+        Ok(out)
+    }
+
+    /// Columns `cols` (any order) of every row of a matrix tensor: (rows, cols.len()).
+    pub fn gather_cols(&self, name: &str, cols: &[usize]) -> Result<Vec<f32>> {
+        let (rows, n) = self.matrix_shape(name)?;
+        if let ModelFiles::Synthetic(m) = self {
+            return m.gather(name, &(0..rows).collect::<Vec<_>>(), cols);
+        }
+        let mut row = vec![0f32; n];
+        let mut out = Vec::with_capacity(rows * cols.len());
+        for r in 0..rows {
+            self.read_row(name, r, &mut row)?;
+            out.extend(cols.iter().map(|c| row[*c]));
         }
         Ok(out)
     }

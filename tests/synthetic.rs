@@ -48,6 +48,11 @@ fn synthetic_rows_are_deterministic_bounded_and_distinct() {
     assert_eq!(a, b);
     assert_ne!(a, c);
     let bound = (3.0f32 / 4096.0).sqrt();
+    // a shard gathered by columns holds the same values as the full rows
+    let g = m
+        .gather("blk.0.attn_q.weight", &[5, 6], &[3, 0, 4095])
+        .unwrap();
+    assert_eq!(g, vec![a[3], a[0], a[4095], c[3], c[0], c[4095]]);
     assert!(a.iter().all(|x| x.abs() <= bound));
     let var = a.iter().map(|x| x * x).sum::<f32>() / 4096.0;
     assert!((var * 4096.0 - 1.0).abs() < 0.1, "row variance {var}");
