@@ -102,3 +102,25 @@ typedef struct {
   float temperature;
   float top_p;
 } SampleParams;
+
+// P2P all-reduce (csrc/allreduce.cu). Up to AR_MAX_WORLD ranks; peer pointers by value.
+#define AR_MAX_WORLD 8
+#define AR_MAX_BLOCKS 64
+typedef struct {
+  uint64_t p[AR_MAX_WORLD];
+} PeerPtrs;
+
+// Per-rank registered memory (allocated by the host, peers get its address):
+//   data  f32 [2 slots][2 regions][capacity]   region 0: inputs, region 1: two-shot partials
+//   flags u32 [2 phases][2 slots][AR_MAX_BLOCKS][AR_MAX_WORLD]   written by peers only
+//   ctr   u32 [AR_MAX_BLOCKS]                  this rank's round counter per block
+//   err   u32 [5]                              {set, rank, peer, seen, expected} on timeout
+typedef struct {
+  int32_t rank;
+  int32_t world;
+  int64_t n;
+  int64_t capacity;
+  int64_t budget;  // spin budget in clock64() cycles
+  int32_t two_shot;
+  int32_t in_place;  // 1: the input already sits in this rank's data region 0 (fused producer)
+} ArParams;

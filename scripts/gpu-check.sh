@@ -19,7 +19,7 @@ cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 STAGE=/tmp/syncdrop-gpu-stage
-TESTS="cuda_kernels cuda_backend synthetic"
+TESTS="cuda_kernels cuda_allreduce cuda_backend synthetic"
 BENCHES="cuda_rank"
 
 if [ "${1:-}" = "--build" ]; then
@@ -68,6 +68,9 @@ stage1() {
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
   run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
   run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture
+  run ar-racecheck ar-racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_allreduce" --test-threads=1 oracles
+  run ar-synccheck ar-synccheck.log compute-sanitizer --tool synccheck --error-exitcode 1 "$B/cuda_allreduce" --test-threads=1 oracles
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
   run bench bench.log "$B/cuda_rank" --out "$OUT"
   run torch torch.log python3 "$B/torch_rank_decode.py" --out "$OUT/torch_rank.json"

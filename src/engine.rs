@@ -260,6 +260,13 @@ impl Engine {
         let all_vocab = even_split(cfg.vocab, tp);
         let vocab_ranges: Vec<Range<usize>> = ranks.iter().map(|r| all_vocab[*r].clone()).collect();
         let per_rank_threads = (opts.threads / ranks.len()).max(1);
+        // CUDA ranks of one process share a P2P all-reduce (buffers sized for prefill
+        // chunks of up to 1024 tokens; longer messages take the selection chain's fallback)
+        let p2p = if opts.backend == BackendKind::Cuda && ranks.len() > 1 {
+            crate::backend::cuda::p2p_group(tp, opts.capacity.min(1024) * cfg.hidden)?
+        } else {
+            None
+        };
         let mut workers = Vec::with_capacity(ranks.len());
         for (rank, comm) in ranks.iter().copied().zip(comms) {
             let (ctx, crx) = mpsc::channel();
@@ -269,6 +276,7 @@ impl Engine {
             let capacity = opts.capacity;
             let (row_invariant, graphs, kind) =
                 (opts.row_invariant, opts.cuda_graphs, opts.backend);
+            let p2p = p2p.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("syncdrop-rank{rank}"))
                 .spawn(move || {
@@ -292,7 +300,7 @@ impl Engine {
                             row_invariant,
                         )),
                         BackendKind::Cuda => {
-                            start.serve(crate::backend::cuda::create(dims, comm, rank, graphs))
+                            start.serve(crate::backend::cuda::create(dims, comm, rank, graphs, p2p))
                         }
                     }
                 })

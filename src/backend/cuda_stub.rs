@@ -18,6 +18,15 @@ pub fn create(
     _comm: std::sync::Arc<dyn crate::comm::Communicator>,
     _rank: usize,
     _graphs: bool,
+    _group: Option<std::sync::Arc<P2pGroup>>,
 ) -> Result<CudaBackend> {
     Err(Error::NotCompiledWithCuda)
+}
+
+/// Stand-in for the P2P rendezvous (never constructed without the feature).
+pub enum P2pGroup {}
+
+/// Without the feature there is no P2P group.
+pub fn p2p_group(_world: usize, _elems: usize) -> Result<Option<std::sync::Arc<P2pGroup>>> {
+    Ok(None)
 }

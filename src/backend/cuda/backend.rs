@@ -15,6 +15,7 @@
 //! one-rank benchmark mode), the model captures a decode step once and replays it; the
 //! position lives in device memory so one graph serves every step.
 
+use super::allreduce::{P2pGroup, P2pRank};
 use super::attention::{self, partial_len, split_plan};
 use super::elementwise::{add_f32, f32_to_bf16};
 use super::gemm::Gemm;
@@ -23,9 +24,11 @@ use super::kernels::Kernels;
 use super::rmsnorm::{add_rmsnorm_f32, rmsnorm_f32};
 use super::rope::{qkv_rope_cache, Pos};
 use super::swiglu::swiglu_f32;
+use super::topology;
 use super::{context, cuda_err, device_count};
 use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims};
-use crate::comm::{CommStats, Communicator};
+use crate::comm::select::{select, Algo, Topology};
+use crate::comm::{CommCounters, CommStats, Communicator};
 use crate::error::{Error, Result};
 use cudarc::driver::{
     sys, CudaContext, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
@@ -37,6 +40,9 @@ use std::sync::Arc;
 
 /// Products with at most this many rows use the GEMV kernel; longer ones cuBLAS.
 pub const GEMV_MAX_T: usize = 4;
+
+/// Spin budget of a P2P all-reduce barrier before it reports `CommTimeout`.
+pub const P2P_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 struct DevLayer {
     attn_norm: CudaSlice<f32>,
@@ -93,6 +99,12 @@ pub struct CudaBackend {
     graph: Option<RankGraph>,
     /// Device ordinal this rank runs on.
     pub device: usize,
+    /// The P2P all-reduce, when the rank joined a group; the topology the selector sees.
+    p2p: Option<(P2pRank, Topology)>,
+    /// Selection log lines already printed (each fallback is logged once).
+    logged: std::collections::HashSet<String>,
+    /// Sync points served by the P2P kernels (the host communicator counts the staged ones).
+    dev_counters: CommCounters,
 }
 
 /// A captured decode step. cudarc's graph holds raw driver handles and is not `Send`; a
@@ -221,7 +233,54 @@ impl CudaBackend {
             graphs_on: graphs,
             graph: None,
             device: ordinal,
+            p2p: None,
+            logged: Default::default(),
+            dev_counters: CommCounters::default(),
         })
+    }
+
+    /// Register this rank's buffers in `group` and learn the topology. Ranks are placed
+    /// `rank % devices`, so the ranks per device follow from the world size.
+    pub fn join_p2p(&mut self, group: &Arc<P2pGroup>) -> Result<()> {
+        let world = self.comm.world();
+        let n_dev = device_count()?.max(1);
+        let rank_devices: Vec<usize> = (0..world).map(|r| r % n_dev).collect();
+        let per_device = world.div_ceil(n_dev);
+        let rank = P2pRank::join(
+            group,
+            self.comm.rank(),
+            &self.ex.stream,
+            self.device,
+            per_device,
+            P2P_TIMEOUT,
+            std::time::Duration::from_secs(60),
+        )?;
+        let topo = topology::topology(&rank_devices, rank.capacity() * 4)?;
+        self.p2p = Some((rank, topo));
+        Ok(())
+    }
+
+    /// The algorithm for an all-reduce of `n` f32 (selection chain + env override), with
+    /// each fallback line logged once.
+    fn algo(&mut self, n: usize) -> Result<Algo> {
+        let topo = match &self.p2p {
+            Some((_, t)) => *t,
+            None => Topology {
+                world: self.comm.world(),
+                p2p_all_pairs: false,
+                multi_node: false,
+                nccl_available: false,
+                custom_buffer_bytes: 0,
+            },
+        };
+        let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
+        let (algo, log) = select(n * 4, &topo, env.as_deref())?;
+        for line in log {
+            if self.comm.rank() == 0 && self.logged.insert(line.clone()) {
+                eprintln!("syncdrop: {line}");
+            }
+        }
+        Ok(algo)
     }
 
     /// The device a rank runs on: `rank % devices` (virtual ranks when ranks > devices).
@@ -304,7 +363,12 @@ impl Backend for CudaBackend {
             .stream
             .memcpy_dtoh(&buf.slice(..host.len()), host)
             .map_err(cuda_err)?;
-        self.ex.stream.synchronize().map_err(cuda_err)
+        self.ex.stream.synchronize().map_err(cuda_err)?;
+        // a P2P all-reduce that timed out since the last synchronisation surfaces here
+        match &self.p2p {
+            Some((p, _)) => p.check(&self.ex.stream),
+            None => Ok(()),
+        }
     }
 
     fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
@@ -553,9 +617,24 @@ impl Backend for CudaBackend {
             .map_err(cuda_err)
     }
 
-    /// Staged through the host communicator (the P2P kernels replace this).
+    /// The P2P kernels where the selection chain picks them, else staged through the host
+    /// communicator.
     fn all_reduce(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<()> {
         if self.comm.world() == 1 || n == 0 {
+            return Ok(());
+        }
+        let algo = self.algo(n)?;
+        if let (Algo::OneShot | Algo::TwoShot, Some((p, _))) = (algo, &mut self.p2p) {
+            let t0 = std::time::Instant::now();
+            p.all_reduce(
+                &self.ex.stream,
+                &self.ex.kern,
+                &mut buf.slice_mut(..n),
+                n,
+                algo == Algo::TwoShot,
+            )?;
+            // launch time only: the kernel runs asynchronously on the stream
+            self.dev_counters.record(t0, n * 4);
             return Ok(());
         }
         if self.ex.capturing {
@@ -617,14 +696,35 @@ impl Backend for CudaBackend {
     }
 
     fn comm_stats(&self) -> CommStats {
-        self.comm.stats()
+        let (a, b) = (self.comm.stats(), self.dev_counters.get());
+        CommStats {
+            all_reduces: a.all_reduces + b.all_reduces,
+            nanos: a.nanos + b.nanos,
+            bytes: a.bytes + b.bytes,
+        }
     }
     fn reset_comm_stats(&mut self) {
-        self.comm.reset_stats()
+        self.comm.reset_stats();
+        self.dev_counters.reset();
     }
 
+    /// Graphs need every all-reduce of a decode step on the device: one rank, or a P2P
+    /// group whose selection keeps decode-sized messages on the P2P kernels.
     fn graphs(&self) -> bool {
-        self.graphs_on && self.comm.world() == 1
+        if !self.graphs_on {
+            return false;
+        }
+        if self.comm.world() == 1 {
+            return true;
+        }
+        let Some((_, topo)) = &self.p2p else {
+            return false;
+        };
+        let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
+        matches!(
+            select(self.dims.hidden * 4, topo, env.as_deref()),
+            Ok((Algo::OneShot | Algo::TwoShot, _))
+        )
     }
 
     fn graph_set_pos(&mut self, pos0: usize) -> Result<()> {

@@ -8,6 +8,7 @@
 //! [`crate::backend::Backend`] seam. Kernels are tested against the CPU reference on a GPU
 //! (tests/cuda_kernels.rs), the whole backend against the CPU backend (tests/cuda_backend.rs).
 
+pub mod allreduce;
 pub mod argmax;
 pub mod attention;
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
 pub mod swiglu;
+pub mod topology;
 
 pub use backend::CudaBackend;
 
@@ -54,13 +56,28 @@ pub fn context(ordinal: usize) -> Result<Arc<cudarc::driver::CudaContext>> {
     cudarc::driver::CudaContext::new(ordinal).map_err(cuda_err)
 }
 
-/// The backend of `rank`: on device `rank % devices` (virtual ranks share a GPU).
+/// The backend of `rank`: on device `rank % devices` (virtual ranks share a GPU). With a
+/// group, the rank joins its P2P all-reduce (the selection chain still decides per message).
 pub fn create(
     dims: crate::backend::RankDims,
     comm: Arc<dyn crate::comm::Communicator>,
     rank: usize,
     graphs: bool,
+    group: Option<Arc<allreduce::P2pGroup>>,
 ) -> Result<CudaBackend> {
     let dev = CudaBackend::device_for_rank(rank)?;
-    CudaBackend::new(dims, comm, dev, graphs)
+    let mut be = CudaBackend::new(dims, comm, dev, graphs)?;
+    if let Some(g) = group {
+        be.join_p2p(&g)?;
+    }
+    Ok(be)
+}
+
+/// The P2P rendezvous for `world` ranks with all-reduces up to `elems` f32 (None for one
+/// rank). Created by the engine, shared by its rank threads.
+pub fn p2p_group(world: usize, elems: usize) -> Result<Option<Arc<allreduce::P2pGroup>>> {
+    if !(2..=allreduce::MAX_WORLD).contains(&world) {
+        return Ok(None);
+    }
+    allreduce::P2pGroup::new(world, elems).map(Some)
 }

@@ -1,0 +1,289 @@
+//! The P2P all-reduce (`csrc/allreduce.cu`): one-shot and two-shot over peer pointers, for
+//! ranks that are threads of one process, on one GPU (virtual ranks) or on GPUs with peer
+//! access. Each rank registers its buffers once in a [`P2pGroup`]; every launch then reads
+//! the peers' raw device addresses, so no IPC and nothing per call on the host (CUDA-graph
+//! safe: the round counters live in device memory).
+//!
+//! Co-residency: a rank's blocks spin on its peers' blocks, so all ranks' blocks must be on
+//! the GPU at once. The grid is capped at `sms / ranks_per_device` blocks (and
+//! `AR_MAX_BLOCKS`); a launch that still cannot meet its peers times out and reports
+//! `Error::CommTimeout` instead of hanging.
+
+use super::cuda_err;
+use super::kernels::{check_len, Kernels};
+use crate::error::{Error, Result};
+use cudarc::driver::{
+    sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+/// csrc/params.h AR_MAX_WORLD / AR_MAX_BLOCKS.
+pub const MAX_WORLD: usize = 8;
+pub const MAX_BLOCKS: usize = 64;
+const FLAGS: usize = 2 * 2 * MAX_BLOCKS * MAX_WORLD;
+
+/// Mirror of `PeerPtrs`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PeerPtrs {
+    pub p: [u64; MAX_WORLD],
+}
+/// Mirror of `ArParams`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ArParams {
+    pub rank: i32,
+    pub world: i32,
+    pub n: i64,
+    pub capacity: i64,
+    pub budget: i64,
+    pub two_shot: i32,
+    pub in_place: i32,
+}
+const _: () = {
+    assert!(std::mem::size_of::<PeerPtrs>() == 64);
+    assert!(std::mem::size_of::<ArParams>() == 40);
+    assert!(std::mem::offset_of!(ArParams, n) == 8);
+    assert!(std::mem::offset_of!(ArParams, budget) == 24);
+    assert!(std::mem::offset_of!(ArParams, two_shot) == 32);
+};
+// SAFETY: plain-old-data with the C layouts asserted above.
+unsafe impl cudarc::driver::DeviceRepr for PeerPtrs {}
+// SAFETY: as above.
+unsafe impl cudarc::driver::DeviceRepr for ArParams {}
+
+/// What one rank registered: device ordinal, context, data and flag addresses.
+#[derive(Clone, Copy)]
+struct Registered {
+    device: usize,
+    ctx: usize,
+    data: u64,
+    flags: u64,
+}
+
+/// The rendezvous of one group of ranks (shared by their threads).
+pub struct P2pGroup {
+    world: usize,
+    capacity: usize,
+    slots: Mutex<Vec<Option<Registered>>>,
+    all_in: Condvar,
+}
+
+impl P2pGroup {
+    /// A group of `world` ranks whose all-reduces hold at most `capacity` f32 each.
+    pub fn new(world: usize, capacity: usize) -> Result<Arc<P2pGroup>> {
+        if !(2..=MAX_WORLD).contains(&world) {
+            return Err(Error::InvalidArgument(format!(
+                "P2P all-reduce supports 2..={MAX_WORLD} ranks, not {world}"
+            )));
+        }
+        Ok(Arc::new(P2pGroup {
+            world,
+            capacity,
+            slots: Mutex::new(vec![None; world]),
+            all_in: Condvar::new(),
+        }))
+    }
+}
+
+/// One rank's registered buffers and its view of the peers.
+pub struct P2pRank {
+    rank: usize,
+    world: usize,
+    capacity: usize,
+    data: CudaSlice<f32>,
+    _flags: CudaSlice<u32>,
+    ctr: CudaSlice<u32>,
+    err: CudaSlice<u32>,
+    data_peers: PeerPtrs,
+    flag_peers: PeerPtrs,
+    budget_cycles: i64,
+    max_grid: usize,
+}
+
+/// Whether device `a` can read device `b`'s memory (same device: always).
+pub fn can_access_peer(a: usize, b: usize) -> Result<bool> {
+    if a == b {
+        return Ok(true);
+    }
+    let mut ok = 0i32;
+    // SAFETY: plain driver query on valid ordinals (checked by the callers' contexts).
+    unsafe {
+        sys::cuDeviceCanAccessPeer(&mut ok, a as i32, b as i32)
+            .result()
+            .map_err(cuda_err)?;
+    }
+    Ok(ok != 0)
+}
+
+impl P2pRank {
+    /// Allocate and register `rank`'s buffers on `stream`'s device, wait (up to `wait`) for
+    /// every peer to register, enable peer access to peers on other devices.
+    /// `ranks_per_device` caps the grid for co-residency; `timeout` bounds every spin.
+    pub fn join(
+        group: &Arc<P2pGroup>,
+        rank: usize,
+        stream: &Arc<CudaStream>,
+        device: usize,
+        ranks_per_device: usize,
+        timeout: Duration,
+        wait: Duration,
+    ) -> Result<P2pRank> {
+        let (world, capacity) = (group.world, group.capacity);
+        if rank >= world {
+            return Err(Error::InvalidArgument(format!("rank {rank} of {world}")));
+        }
+        let ctx = stream.context();
+        let data = stream
+            .alloc_zeros::<f32>(4 * capacity.max(1))
+            .map_err(cuda_err)?;
+        let flags = stream.alloc_zeros::<u32>(FLAGS).map_err(cuda_err)?;
+        let ctr = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(cuda_err)?;
+        let err = stream.alloc_zeros::<u32>(5).map_err(cuda_err)?;
+        stream.synchronize().map_err(cuda_err)?; // zeros visible before any peer signals
+        let addr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
+        let me = Registered {
+            device,
+            ctx: ctx.cu_ctx() as usize,
+            data: addr(&data),
+            flags: flags.device_ptr(stream).0,
+        };
+        let peers = {
+            let mut slots = group.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots[rank] = Some(me);
+            group.all_in.notify_all();
+            let (slots, to) = group
+                .all_in
+                .wait_timeout_while(slots, wait, |s| s.iter().any(Option::is_none))
+                .unwrap_or_else(|e| e.into_inner());
+            if to.timed_out() {
+                let missing: Vec<usize> = (0..world).filter(|r| slots[*r].is_none()).collect();
+                return Err(Error::Comm(format!(
+                    "P2P group: ranks {missing:?} did not register within {wait:?}"
+                )));
+            }
+            slots
+                .iter()
+                .map(|s| s.expect("all registered"))
+                .collect::<Vec<_>>()
+        };
+        for (p, reg) in peers.iter().enumerate() {
+            if reg.device == device {
+                continue;
+            }
+            if !can_access_peer(device, reg.device)? {
+                return Err(Error::Comm(format!(
+                    "rank {rank} (GPU {device}) cannot access rank {p}'s GPU {}: no P2P",
+                    reg.device
+                )));
+            }
+            // SAFETY: both contexts are live primary contexts (held by their ranks); enabling
+            // twice returns PEER_ACCESS_ALREADY_ENABLED, which is fine.
+            let r = unsafe { sys::cuCtxEnablePeerAccess(reg.ctx as sys::CUcontext, 0) };
+            if r != sys::CUresult::CUDA_SUCCESS
+                && r != sys::CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
+            {
+                return Err(Error::Cuda(format!("cuCtxEnablePeerAccess: {r:?}")));
+            }
+        }
+        let mut data_peers = PeerPtrs::default();
+        let mut flag_peers = PeerPtrs::default();
+        for (p, reg) in peers.iter().enumerate() {
+            data_peers.p[p] = reg.data;
+            flag_peers.p[p] = reg.flags;
+        }
+        let khz = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+            .map_err(cuda_err)? as i64;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err)? as usize;
+        Ok(P2pRank {
+            rank,
+            world,
+            capacity,
+            data,
+            _flags: flags,
+            ctr,
+            err,
+            data_peers,
+            flag_peers,
+            budget_cycles: (khz * 1000).saturating_mul(timeout.as_millis() as i64) / 1000,
+            max_grid: (sms / ranks_per_device.max(1)).clamp(1, MAX_BLOCKS),
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// This rank's region-0 input buffer of the current round's slot is internal; a fused
+    /// producer writes through [`P2pRank::all_reduce`] with `in_place` instead (not yet used).
+    /// Sum all-reduce of `buf[..n]` in place, one-shot or two-shot.
+    pub fn all_reduce(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        buf: &mut CudaViewMut<f32>,
+        n: usize,
+        two_shot: bool,
+    ) -> Result<()> {
+        check_len("p2p all_reduce", "buf", buf.len(), n)?;
+        if n > self.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "all-reduce of {n} elements exceeds the registered buffer of {}",
+                self.capacity
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let p = ArParams {
+            rank: self.rank as i32,
+            world: self.world as i32,
+            n: n as i64,
+            capacity: self.capacity as i64,
+            budget: self.budget_cycles,
+            two_shot: i32::from(two_shot),
+            in_place: 0,
+        };
+        let grid = n.div_ceil(256).clamp(1, self.max_grid);
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = kern.function("allreduce", "allreduce_f32")?;
+        let input: CudaView<f32> = buf.as_view();
+        // the kernel copies `in` to its own buffer before writing `out`: same pointer is fine
+        let in_ptr = input.device_ptr(stream).0;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p)
+            .arg(&self.data_peers)
+            .arg(&self.flag_peers)
+            .arg(&mut self.ctr)
+            .arg(&mut self.err)
+            .arg(&in_ptr)
+            .arg(buf);
+        // SAFETY: matches allreduce_f32 in csrc/allreduce.cu; peers' buffers stay registered
+        // (and allocated) for the group's life; n <= capacity checked above.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        let _ = &self.data;
+        Ok(())
+    }
+
+    /// After a synchronisation: the timeout a block recorded, as a typed error.
+    pub fn check(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let e: Vec<u32> = stream.clone_dtoh(&self.err).map_err(cuda_err)?;
+        if e[0] != 0 {
+            return Err(Error::CommTimeout {
+                rank: e[1] as usize,
+                peer: e[2] as usize,
+                flag: e[3],
+                expected: e[4],
+            });
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+//! Which GPUs can reach each other: NVML's view (NVLink links up, P2P read status) and the
+//! driver's answer (`cuDeviceCanAccessPeer`, the real probe: P2P is only used when it says
+//! yes). The selection chain (`crate::comm::select`) takes the result as a [`Topology`].
+
+use super::allreduce::can_access_peer;
+use crate::comm::select::Topology;
+use crate::error::Result;
+use nvml_wrapper::enum_wrappers::device::{P2pCapabilitiesIndex, P2pStatus};
+
+/// What NVML reports for a pair of devices (None where NVML is unavailable).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairInfo {
+    pub a: usize,
+    pub b: usize,
+    /// The driver's probe: a can map b's memory.
+    pub driver_p2p: bool,
+    pub nvml_p2p_read: Option<String>,
+    pub nvml_nvlink: Option<String>,
+}
+
+/// Per device: (ordinal, NVLink links up; None where NVML is unavailable).
+pub type LinksUp = Vec<(usize, Option<u32>)>;
+
+/// NVLink links up per device, and the pairwise P2P status among `devices`.
+pub fn survey(devices: &[usize]) -> Result<(LinksUp, Vec<PairInfo>)> {
+    let nvml = nvml_wrapper::Nvml::init().ok();
+    let dev = |i: usize| nvml.as_ref().and_then(|n| n.device_by_index(i as u32).ok());
+    let links = devices
+        .iter()
+        .map(|&i| {
+            let up = dev(i).map(|d| {
+                (0..18u32)
+                    .filter(|l| d.link_wrapper_for(*l).is_active().unwrap_or(false))
+                    .count() as u32
+            });
+            (i, up)
+        })
+        .collect();
+    let mut pairs = Vec::new();
+    for (x, &a) in devices.iter().enumerate() {
+        for &b in &devices[x + 1..] {
+            let status = |idx: P2pCapabilitiesIndex| -> Option<String> {
+                let (da, db) = (dev(a)?, dev(b)?);
+                Some(match da.p2p_status(&db, idx) {
+                    Ok(P2pStatus::Ok) => "ok".to_string(),
+                    Ok(s) => format!("{s:?}"),
+                    Err(e) => format!("error: {e}"),
+                })
+            };
+            pairs.push(PairInfo {
+                a,
+                b,
+                driver_p2p: can_access_peer(a, b)? && can_access_peer(b, a)?,
+                nvml_p2p_read: status(P2pCapabilitiesIndex::Read),
+                nvml_nvlink: status(P2pCapabilitiesIndex::NvLink),
+            });
+        }
+    }
+    Ok((links, pairs))
+}
+
+/// The selector's view of ranks placed on `rank_devices` (rank -> device ordinal), with a
+/// registered buffer of `custom_buffer_bytes`. Ranks on one device (virtual ranks) reach
+/// each other trivially; across devices every pair must pass the driver's probe.
+pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<Topology> {
+    let mut devs: Vec<usize> = rank_devices.to_vec();
+    devs.sort_unstable();
+    devs.dedup();
+    let mut p2p = true;
+    for (x, &a) in devs.iter().enumerate() {
+        for &b in &devs[x + 1..] {
+            p2p &= can_access_peer(a, b)? && can_access_peer(b, a)?;
+        }
+    }
+    Ok(Topology {
+        world: rank_devices.len(),
+        p2p_all_pairs: p2p,
+        multi_node: false,
+        nccl_available: false,
+        custom_buffer_bytes,
+    })
+}

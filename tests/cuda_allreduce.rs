@@ -1,0 +1,243 @@
+//! The P2P all-reduce kernels (csrc/allreduce.cu) with virtual ranks on one GPU: exact and
+//! tagged oracles, sizes around the pack width up to 64 MiB, 10,000 back-to-back rounds,
+//! CUDA-graph capture and replay, and the timeout path (a rank that never arrives). Run by
+//! scripts/gpu-check.sh; without a GPU each test says "skipped" and passes. The protocol
+//! itself is property-tested on CPU threads in tests/p2p_protocol.rs.
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_allreduce_skipped_without_the_feature() {
+    eprintln!("skipped: built without the `cuda` feature");
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::{Arc, Barrier};
+    use std::time::{Duration, Instant};
+    use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
+    use syncdrop::backend::cuda::{context, device_count, kernels::Kernels};
+    use syncdrop::Error;
+
+    fn have_gpu() -> bool {
+        match device_count() {
+            Ok(n) if n > 0 => true,
+            _ => {
+                static ONCE: std::sync::Once = std::sync::Once::new();
+                ONCE.call_once(|| eprintln!("cuda_allreduce: skipped: no GPU"));
+                false
+            }
+        }
+    }
+
+    /// Run `f(rank, stream, kernels, p2p)` on `world` virtual ranks (threads) of GPU 0 and
+    /// collect the results in rank order.
+    fn on_ranks<T: Send + 'static>(
+        world: usize,
+        capacity: usize,
+        timeout: Duration,
+        f: impl Fn(usize, &Arc<cudarc::driver::CudaStream>, &Kernels, &mut P2pRank) -> T
+            + Send
+            + Sync
+            + 'static,
+    ) -> Vec<T> {
+        let group = P2pGroup::new(world, capacity).unwrap();
+        let f = Arc::new(f);
+        let handles: Vec<_> = (0..world)
+            .map(|r| {
+                let (group, f) = (group.clone(), f.clone());
+                std::thread::spawn(move || {
+                    let ctx = context(0).unwrap();
+                    let stream = ctx.new_stream().unwrap();
+                    let kern = Kernels::load(&ctx).unwrap();
+                    let mut p = P2pRank::join(
+                        &group,
+                        r,
+                        &stream,
+                        0,
+                        world,
+                        timeout,
+                        Duration::from_secs(30),
+                    )
+                    .unwrap();
+                    f(r, &stream, &kern, &mut p)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn exact_and_tagged_oracles_at_2_3_4_8_ranks_and_many_sizes() {
+        if !have_gpu() {
+            return;
+        }
+        for world in [2usize, 3, 4, 8] {
+            let sizes = [0usize, 1, 3, 4, 5, 255, 256, 257, 1000, 8192, 1 << 20];
+            let out = on_ranks(world, 1 << 20, Duration::from_secs(1), move |r, s, k, p| {
+                let mut res = Vec::new();
+                for &n in &sizes {
+                    for two_shot in [false, true] {
+                        // exact: small integers times powers of two sum without rounding
+                        let host: Vec<f32> = (0..n)
+                            .map(|i| ((i * 7 + r * 13) % 17) as f32 * 0.25)
+                            .collect();
+                        let mut d = s
+                            .clone_htod(&host)
+                            .unwrap_or_else(|_| s.alloc_zeros(1).unwrap());
+                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot)
+                            .unwrap();
+                        let mut got = vec![0f32; n];
+                        if n > 0 {
+                            s.memcpy_dtoh(&d.slice(..n), &mut got).unwrap();
+                        }
+                        s.synchronize().unwrap();
+                        p.check(s).unwrap();
+                        res.push((n, two_shot, got));
+                        // tagged: each rank contributes its rank id
+                        let tag = vec![r as f32; n.max(1)];
+                        let mut d = s.clone_htod(&tag).unwrap();
+                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot)
+                            .unwrap();
+                        let got: Vec<f32> = s.clone_dtoh(&d).unwrap();
+                        res.push((n, two_shot, got[..n].to_vec()));
+                    }
+                }
+                res
+            });
+            for r in 0..world {
+                // every rank holds the same bits as rank 0
+                assert_eq!(
+                    out[r], out[0],
+                    "world {world}: rank {r} differs from rank 0"
+                );
+                for pair in out[r].chunks(2) {
+                    let ((n, ts, exact), (_, _, tagged)) = (&pair[0], &pair[1]);
+                    for (i, v) in exact.iter().enumerate() {
+                        let want: f32 = (0..world)
+                            .map(|q| ((i * 7 + q * 13) % 17) as f32 * 0.25)
+                            .sum();
+                        assert_eq!(*v, want, "world {world} n {n} two-shot {ts} rank {r} [{i}]");
+                    }
+                    let want = (world * (world - 1) / 2) as f32;
+                    assert!(
+                        tagged.iter().all(|v| *v == want),
+                        "tagged: world {world} n {n}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn random_floats_64_mib_and_10000_back_to_back_rounds() {
+        if !have_gpu() {
+            return;
+        }
+        let n = 16 << 20; // 64 MiB of f32
+        let out = on_ranks(4, n, Duration::from_secs(2), move |r, s, k, p| {
+            let host: Vec<f32> = (0..n)
+                .map(|i| ((i ^ (r * 7919)) % 1000) as f32 * 1e-3)
+                .collect();
+            let mut d = s.clone_htod(&host).unwrap();
+            p.all_reduce(s, k, &mut d.slice_mut(..), n, true).unwrap();
+            let big: Vec<f32> = s.clone_dtoh(&d).unwrap();
+            // 10,000 small rounds: the counters advance, slots alternate, nothing mixes
+            let mut d = s.alloc_zeros::<f32>(64).unwrap();
+            let t0 = Instant::now();
+            for i in 0..10_000u32 {
+                let v = vec![(i % 97) as f32 + r as f32; 64];
+                s.memcpy_htod(&v, &mut d).unwrap();
+                p.all_reduce(s, k, &mut d.slice_mut(..), 64, false).unwrap();
+            }
+            let last: Vec<f32> = s.clone_dtoh(&d).unwrap();
+            p.check(s).unwrap();
+            (big, last, t0.elapsed())
+        });
+        for (r, (big, last, dt)) in out.iter().enumerate() {
+            for i in (0..n).step_by(9973) {
+                let want: f32 = (0..4)
+                    .map(|q| ((i ^ (q * 7919)) % 1000) as f32 * 1e-3)
+                    .sum();
+                assert!(
+                    (big[i] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                    "rank {r} [{i}]"
+                );
+            }
+            assert_eq!(big, &out[0].0, "bit-identical across ranks");
+            let want = 4.0 * (9_999 % 97) as f32 + 6.0;
+            assert!(
+                last.iter().all(|v| *v == want),
+                "rank {r}: last round {:?}",
+                &last[..4]
+            );
+            eprintln!("rank {r}: 10,000 one-shot all-reduces of 64 floats in {dt:?}");
+        }
+    }
+
+    #[test]
+    fn a_rank_that_never_arrives_times_out_within_about_a_second() {
+        if !have_gpu() {
+            return;
+        }
+        let gate = Arc::new(Barrier::new(3));
+        let g = gate.clone();
+        let out = on_ranks(3, 1024, Duration::from_millis(500), move |r, s, k, p| {
+            let mut d = s.alloc_zeros::<f32>(256).unwrap();
+            let t0 = Instant::now();
+            let res = if r == 2 {
+                Ok(()) // mute: never launches
+            } else {
+                p.all_reduce(s, k, &mut d.slice_mut(..), 256, false)
+                    .unwrap();
+                s.synchronize().unwrap();
+                p.check(s)
+            };
+            g.wait();
+            (res, t0.elapsed())
+        });
+        for (r, (res, dt)) in out.iter().take(2).enumerate() {
+            match res {
+                Err(Error::CommTimeout { rank, peer, .. }) => {
+                    assert_eq!(*rank, r);
+                    assert_eq!(*peer, 2, "the mute rank is named");
+                }
+                other => panic!("rank {r}: expected a timeout, got {other:?}"),
+            }
+            assert!(*dt < Duration::from_secs(3), "rank {r} took {dt:?}");
+        }
+    }
+
+    #[test]
+    fn all_reduce_captured_in_a_cuda_graph_replays_correctly() {
+        if !have_gpu() {
+            return;
+        }
+        let out = on_ranks(2, 1024, Duration::from_secs(1), move |r, s, k, p| {
+            let mut d = s.alloc_zeros::<f32>(300).unwrap();
+            s.begin_capture(
+                cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .unwrap();
+            p.all_reduce(s, k, &mut d.slice_mut(..), 300, false)
+                .unwrap();
+            let g = s
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .unwrap()
+                .unwrap();
+            let mut seen = Vec::new();
+            for round in 0..5 {
+                let v = vec![(round * 10 + r) as f32; 300];
+                s.memcpy_htod(&v, &mut d).unwrap();
+                g.launch().unwrap();
+                let got: Vec<f32> = s.clone_dtoh(&d).unwrap();
+                seen.push(got[299]);
+            }
+            p.check(s).unwrap();
+            seen
+        });
+        for seen in &out {
+            let want: Vec<f32> = (0..5).map(|round| (2 * round * 10 + 1) as f32).collect();
+            assert_eq!(seen, &want, "each replay is a fresh round");
+        }
+    }
+}
