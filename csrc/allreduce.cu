@@ -14,6 +14,7 @@
 // every later launch returns at once while err is set, and the host turns it into
 // Error::CommTimeout at its next synchronisation.
 #include "common.cuh"
+#include "gemv_row.cuh"
 
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
@@ -96,6 +97,46 @@ allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ 
     for (long i = first; i < p.n; i += stride) {
       const int owner = (int)(i / chunk);
       out[i] = __ldcg(reinterpret_cast<const float*>(data.p[owner]) + slot_base + region + i);
+    }
+  }
+  if (threadIdx.x == 0) ctr[blockIdx.x] = c;
+}
+
+// Fused attention output projection + one-shot all-reduce for a decode step (t = 1): out (n)
+// = sum over ranks of W_r (n, k) @ x_r (k). Block b computes the rows of its row groups
+// (8 rows, one per warp, groups b, b + grid, ...) straight into its registered buffer, meets
+// its peers' block b at one barrier, and sums the same rows over ranks in rank order. One
+// launch and no round trip through a separate partial buffer; the grid is capped like the
+// all-reduce's. (The SPD block's "into the MLP reduce" mode is a plain GEMV: no kernel here.)
+extern "C" __global__ void __launch_bounds__(256)
+oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+                    const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
+                    uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
+                    float* __restrict__ out) {
+  if (ld_acquire_sys(err) != 0u) return;
+  __shared__ uint32_t round;
+  if (threadIdx.x == 0) round = ctr[blockIdx.x] + 1u;
+  __syncthreads();
+  const uint32_t c = round;
+  const int slot = c & 1u;
+  const size_t slot_base = (size_t)slot * 2 * (size_t)p.capacity;
+  float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (long g = blockIdx.x; g * 8 < p.n; g += gridDim.x) {
+    const long row = g * 8 + warp;
+    if (row < p.n) {
+      const float acc = warp_row_dot(w + (size_t)row * k, x, k, lane);
+      if (lane == 0) mine[row] = acc;
+    }
+  }
+  if (!ar_barrier(p, flags, 0, slot, c, err)) return;
+  for (long g = blockIdx.x; g * 8 < p.n; g += gridDim.x) {
+    const long row = g * 8 + threadIdx.x;
+    if (threadIdx.x < 8 && row < p.n) {
+      float acc = 0.f;
+      for (int r = 0; r < p.world; ++r)
+        acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + row);
+      out[row] = acc;
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;

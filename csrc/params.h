@@ -105,7 +105,7 @@ typedef struct {
 
 // P2P all-reduce (csrc/allreduce.cu). Up to AR_MAX_WORLD ranks; peer pointers by value.
 #define AR_MAX_WORLD 8
-#define AR_MAX_BLOCKS 64
+#define AR_MAX_BLOCKS 256
 typedef struct {
   uint64_t p[AR_MAX_WORLD];
 } PeerPtrs;

@@ -20,7 +20,7 @@ MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
 SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 STAGE=/tmp/syncdrop-gpu-stage
 TESTS="cuda_kernels cuda_allreduce cuda_backend synthetic"
-BENCHES="cuda_rank"
+BENCHES="cuda_rank cuda_allreduce"
 
 if [ "${1:-}" = "--build" ]; then
   export NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -1)}"
@@ -73,6 +73,7 @@ stage1() {
   run ar-synccheck ar-synccheck.log compute-sanitizer --tool synccheck --error-exitcode 1 "$B/cuda_allreduce" --test-threads=1 oracles
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
   run bench bench.log "$B/cuda_rank" --out "$OUT"
+  run allreduce-sweep allreduce-sweep.log "$B/cuda_allreduce" --out "$OUT"
   run torch torch.log python3 "$B/torch_rank_decode.py" --out "$OUT/torch_rank.json"
 }
 

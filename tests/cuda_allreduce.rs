@@ -240,4 +240,52 @@ mod gpu {
             assert_eq!(seen, &want, "each replay is a fresh round");
         }
     }
+
+    #[test]
+    fn fused_oproj_all_reduce_equals_gemv_then_all_reduce_bit_for_bit() {
+        if !have_gpu() {
+            return;
+        }
+        use half::bf16;
+        use syncdrop::backend::cuda::gemv::gemv_bf16_f32;
+        for (world, n, k) in [(2usize, 576usize, 192usize), (4, 8192, 1024), (3, 100, 7)] {
+            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, kern, p| {
+                let w: Vec<bf16> = (0..n * k)
+                    .map(|i| bf16::from_f32((((i * 31 + r * 17) % 23) as f32 - 11.0) / 16.0))
+                    .collect();
+                let x: Vec<f32> = (0..k).map(|i| ((i + r) % 5) as f32 * 0.5).collect();
+                let (wd, xd) = (s.clone_htod(&w).unwrap(), s.clone_htod(&x).unwrap());
+                let mut y = s.alloc_zeros::<f32>(n).unwrap();
+                gemv_bf16_f32(
+                    s,
+                    kern,
+                    (1, n, k),
+                    &wd.slice(..),
+                    &xd.slice(..),
+                    &mut y.slice_mut(..),
+                )
+                .unwrap();
+                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false)
+                    .unwrap();
+                let unfused: Vec<f32> = s.clone_dtoh(&y).unwrap();
+                let mut z = s.alloc_zeros::<f32>(n).unwrap();
+                p.oproj_all_reduce(
+                    s,
+                    kern,
+                    (n, k),
+                    &wd.slice(..),
+                    &xd.slice(..),
+                    &mut z.slice_mut(..),
+                )
+                .unwrap();
+                let fused: Vec<f32> = s.clone_dtoh(&z).unwrap();
+                p.check(s).unwrap();
+                (unfused, fused)
+            });
+            for (r, (u, f)) in out.iter().enumerate() {
+                assert_eq!(u, f, "world {world} n {n} k {k} rank {r}");
+                assert_eq!(u, &out[0].0);
+            }
+        }
+    }
 }

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 /// csrc/params.h AR_MAX_WORLD / AR_MAX_BLOCKS.
 pub const MAX_WORLD: usize = 8;
-pub const MAX_BLOCKS: usize = 64;
+pub const MAX_BLOCKS: usize = 256;
 const FLAGS: usize = 2 * 2 * MAX_BLOCKS * MAX_WORLD;
 
 /// Mirror of `PeerPtrs`.
@@ -218,8 +218,6 @@ impl P2pRank {
         self.capacity
     }
 
-    /// This rank's region-0 input buffer of the current round's slot is internal; a fused
-    /// producer writes through [`P2pRank::all_reduce`] with `in_place` instead (not yet used).
     /// Sum all-reduce of `buf[..n]` in place, one-shot or two-shot.
     pub fn all_reduce(
         &mut self,
@@ -239,15 +237,7 @@ impl P2pRank {
         if n == 0 {
             return Ok(());
         }
-        let p = ArParams {
-            rank: self.rank as i32,
-            world: self.world as i32,
-            n: n as i64,
-            capacity: self.capacity as i64,
-            budget: self.budget_cycles,
-            two_shot: i32::from(two_shot),
-            in_place: 0,
-        };
+        let p = self.params(n, two_shot);
         let grid = n.div_ceil(256).clamp(1, self.max_grid);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
@@ -270,6 +260,66 @@ impl P2pRank {
         // (and allocated) for the group's life; n <= capacity checked above.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         let _ = &self.data;
+        Ok(())
+    }
+
+    fn params(&self, n: usize, two_shot: bool) -> ArParams {
+        ArParams {
+            rank: self.rank as i32,
+            world: self.world as i32,
+            n: n as i64,
+            capacity: self.capacity as i64,
+            budget: self.budget_cycles,
+            two_shot: i32::from(two_shot),
+            in_place: 0,
+        }
+    }
+
+    /// Fused decode output projection + one-shot all-reduce: out (n) = sum over ranks of
+    /// W_r (n, k) @ x_r (k), in one launch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn oproj_all_reduce(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        (n, k): (usize, usize),
+        w: &CudaView<half::bf16>,
+        x: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+    ) -> Result<()> {
+        check_len("oproj_all_reduce", "w", w.len(), n * k)?;
+        check_len("oproj_all_reduce", "x", x.len(), k)?;
+        check_len("oproj_all_reduce", "out", out.len(), n)?;
+        if n > self.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "fused o_proj of {n} rows exceeds the registered buffer of {}",
+                self.capacity
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let p = self.params(n, false);
+        let grid = n.div_ceil(8).clamp(1, self.max_grid);
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let f = kern.function("allreduce", "oproj_allreduce_f32")?;
+        let k32 = k as i32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p)
+            .arg(&k32)
+            .arg(w)
+            .arg(x)
+            .arg(&self.data_peers)
+            .arg(&self.flag_peers)
+            .arg(&mut self.ctr)
+            .arg(&mut self.err)
+            .arg(out);
+        // SAFETY: matches oproj_allreduce_f32 in csrc/allreduce.cu; sizes checked above.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use super::rope::{qkv_rope_cache, Pos};
 use super::swiglu::swiglu_f32;
 use super::topology;
 use super::{context, cuda_err, device_count};
-use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims};
+use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims, ReduceMode};
 use crate::comm::select::{select, Algo, Topology};
 use crate::comm::{CommCounters, CommStats, Communicator};
 use crate::error::{Error, Result};
@@ -693,6 +693,52 @@ impl Backend for CudaBackend {
             &sc.normed.slice(..t * d.hidden),
             &mut out.slice_mut(..t * d.vocab),
         )
+    }
+
+    /// Decode (t = 1) standard blocks can run the fused o_proj + one-shot all-reduce kernel
+    /// (SYNCDROP_FUSED_OPROJ=1) when the chain picks one-shot. Off by default until the GPU
+    /// sweep (benches/cuda_allreduce.rs, fused vs unfused) shows it wins on a shape; vLLM saw
+    /// fusions lose at some sizes.
+    fn o_proj_reduce(
+        &mut self,
+        layer: usize,
+        attn: &CudaSlice<f32>,
+        t: usize,
+        mode: ReduceMode,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let fused = mode == ReduceMode::Reduce
+            && t == 1
+            && self.p2p.is_some()
+            && std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1")
+            && self.algo(d.hidden)? == Algo::OneShot;
+        if !fused {
+            self.o_proj(layer, attn, t, out)?;
+            if mode == ReduceMode::Reduce {
+                self.all_reduce(out, t * d.hidden)?;
+            }
+            return Ok(());
+        }
+        let qn = d.n_q * d.head_dim;
+        let t0 = std::time::Instant::now();
+        let Self {
+            ex, layers, p2p, ..
+        } = self;
+        let lay = layers[layer]
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        let (p, _) = p2p.as_mut().expect("checked above");
+        p.oproj_all_reduce(
+            &ex.stream,
+            &ex.kern,
+            (d.hidden, qn),
+            &lay.wo.slice(..),
+            &attn.slice(..qn),
+            &mut out.slice_mut(..d.hidden),
+        )?;
+        self.dev_counters.record(t0, d.hidden * 4);
+        Ok(())
     }
 
     fn comm_stats(&self) -> CommStats {

@@ -1,0 +1,182 @@
+//! P2P all-reduce sweep with virtual ranks on one GPU (issue: P2P communication):
+//! latency and bus bandwidth (busbw = algbw * 2(n-1)/n) from 1 KiB to 64 MiB at 2, 4 and 8
+//! ranks, one-shot and two-shot, next to the floor of a local device copy of the same bytes
+//! (one launch); then the fused decode o_proj + all-reduce against GEMV + separate
+//! all-reduce on LLaMA2-7B/70B shard shapes. Virtual ranks share one GPU's SMs and HBM:
+//! these numbers measure the kernels and the protocol, not NVLink.
+//!
+//! `cargo bench --features cuda --bench cuda_allreduce -- [--out DIR] [--quick]`; without a
+//! GPU it prints "skipped: no GPU".
+
+use half::bf16;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
+use syncdrop::backend::cuda::{context, device_count, gemv::gemv_bf16_f32, kernels::Kernels};
+
+type Stream = Arc<cudarc::driver::CudaStream>;
+/// A timed job on one rank: returns (seconds per iteration, reference seconds).
+type Job = dyn Fn(&Stream, &Kernels, &mut P2pRank) -> (f64, f64) + Send + Sync;
+
+/// Run `job` on `world` virtual ranks of GPU 0; the slowest rank's times.
+fn on_ranks(world: usize, cap: usize, job: Arc<Job>) -> (f64, f64) {
+    let group = P2pGroup::new(world, cap).expect("group");
+    let start = Arc::new(Barrier::new(world));
+    let hs: Vec<_> = (0..world)
+        .map(|r| {
+            let (group, job, start) = (group.clone(), job.clone(), start.clone());
+            std::thread::spawn(move || {
+                let ctx = context(0).expect("ctx");
+                let s = ctx.new_stream().expect("stream");
+                let k = Kernels::load(&ctx).expect("kernels");
+                let mut p = P2pRank::join(
+                    &group,
+                    r,
+                    &s,
+                    0,
+                    world,
+                    Duration::from_secs(2),
+                    Duration::from_secs(30),
+                )
+                .expect("join");
+                start.wait();
+                let t = job(&s, &k, &mut p);
+                p.check(&s).expect("no timeout");
+                t
+            })
+        })
+        .collect();
+    hs.into_iter()
+        .map(|h| h.join().expect("rank"))
+        .fold((0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+}
+
+fn per_iter(s: &Stream, iters: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    s.synchronize().expect("sync");
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    s.synchronize().expect("sync");
+    t0.elapsed().as_secs_f64() / iters as f64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .map(std::path::PathBuf::from);
+    if !matches!(device_count(), Ok(n) if n > 0) {
+        eprintln!("cuda_allreduce: skipped: no GPU");
+        return;
+    }
+    let mut rows = Vec::new();
+    let max_bytes = if quick { 1 << 20 } else { 64 << 20 };
+    println!("| ranks | bytes | algo | us | algbw GB/s | busbw GB/s | floor us (local copy) |");
+    println!("|---|---|---|---|---|---|---|");
+    for world in [2usize, 4, 8] {
+        let mut bytes = 1usize << 10;
+        while bytes <= max_bytes {
+            let n = bytes / 4;
+            let iters = if bytes <= 1 << 20 { 200 } else { 20 };
+            for two_shot in [false, true] {
+                let job: Arc<Job> = Arc::new(move |s, k, p| {
+                    let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
+                    let mut dst = s.alloc_zeros::<f32>(n).expect("alloc");
+                    let t = per_iter(s, iters, || {
+                        p.all_reduce(s, k, &mut d.slice_mut(..), n, two_shot)
+                            .expect("all-reduce")
+                    });
+                    let floor = per_iter(s, iters, || s.memcpy_dtod(&d, &mut dst).expect("copy"));
+                    (t, floor)
+                });
+                let (t, floor) = on_ranks(world, n, job);
+                let algbw = bytes as f64 / t;
+                let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
+                let algo = if two_shot { "two-shot" } else { "one-shot" };
+                println!(
+                    "| {world} | {bytes} | {algo} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    t * 1e6,
+                    algbw / 1e9,
+                    busbw / 1e9,
+                    floor * 1e6
+                );
+                rows.push(
+                    serde_json::json!({"ranks": world, "bytes": bytes, "algo": algo,
+                    "us": t * 1e6, "algbw_gbps": algbw / 1e9, "busbw_gbps": busbw / 1e9,
+                    "floor_us": floor * 1e6}),
+                );
+            }
+            bytes *= 4;
+        }
+    }
+    // fused o_proj + all-reduce vs GEMV + all-reduce, decode (t = 1)
+    println!(
+        "\n| model | ranks | o_proj (n x k) | GEMV + all-reduce us | fused us | fused speedup |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut fused_rows = Vec::new();
+    for (model, world, n, k) in [
+        ("llama2-7b", 2usize, 4096usize, 2048usize),
+        ("llama2-7b", 4, 4096, 1024),
+        ("llama2-7b", 8, 4096, 512),
+        ("llama2-70b", 8, 8192, 1024),
+    ] {
+        let iters = if quick { 20 } else { 500 };
+        let job: Arc<Job> = Arc::new(move |s, kern, p| {
+            let w = s.alloc_zeros::<bf16>(n * k).expect("alloc");
+            let x = s.alloc_zeros::<f32>(k).expect("alloc");
+            let mut y = s.alloc_zeros::<f32>(n).expect("alloc");
+            let unfused = per_iter(s, iters, || {
+                gemv_bf16_f32(
+                    s,
+                    kern,
+                    (1, n, k),
+                    &w.slice(..),
+                    &x.slice(..),
+                    &mut y.slice_mut(..),
+                )
+                .expect("gemv");
+                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false)
+                    .expect("all-reduce");
+            });
+            let fused = per_iter(s, iters, || {
+                p.oproj_all_reduce(
+                    s,
+                    kern,
+                    (n, k),
+                    &w.slice(..),
+                    &x.slice(..),
+                    &mut y.slice_mut(..),
+                )
+                .expect("fused")
+            });
+            (unfused, fused)
+        });
+        let (unfused, fused) = on_ranks(world, n, job);
+        println!(
+            "| {model} | {world} | {n} x {k} | {:.1} | {:.1} | {:.2}x |",
+            unfused * 1e6,
+            fused * 1e6,
+            unfused / fused
+        );
+        fused_rows.push(
+            serde_json::json!({"model": model, "ranks": world, "n": n, "k": k,
+            "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}),
+        );
+    }
+    if let Some(dir) = out {
+        std::fs::create_dir_all(&dir).ok();
+        let v = serde_json::json!({"sweep": rows, "fused_oproj": fused_rows,
+            "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
+        std::fs::write(
+            dir.join("cuda_allreduce.json"),
+            serde_json::to_string_pretty(&v).expect("json"),
+        )
+        .expect("write cuda_allreduce.json");
+    }
+}
