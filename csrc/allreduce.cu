@@ -103,11 +103,12 @@ allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ 
 }
 
 // Fused attention output projection + one-shot all-reduce for a decode step (t = 1): out (n)
-// = sum over ranks of W_r (n, k) @ x_r (k). Block b computes the rows of its row groups
-// (8 rows, one per warp, groups b, b + grid, ...) straight into its registered buffer, meets
-// its peers' block b at one barrier, and sums the same rows over ranks in rank order. One
-// launch and no round trip through a separate partial buffer; the grid is capped like the
-// all-reduce's. (The SPD block's "into the MLP reduce" mode is a plain GEMV: no kernel here.)
+// = sum over ranks of W_r (n, k) @ x_r (k). Rows map to blocks exactly as allreduce_f32's
+// elements do (chunks of 256, chunk c on block c % grid, the same grid for the same n), so
+// the two kernels share round counters, flags and data slots safely. Block b computes its
+// chunks' rows (a warp per row) into its registered buffer, meets its peers' block b at one
+// barrier, and sums the same rows over ranks in rank order: one launch, no separate partial
+// buffer. (The SPD block's "into the MLP reduce" mode is a plain GEMV: no kernel here.)
 extern "C" __global__ void __launch_bounds__(256)
 oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
                     const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
@@ -122,17 +123,19 @@ oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
   const size_t slot_base = (size_t)slot * 2 * (size_t)p.capacity;
   float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (long g = blockIdx.x; g * 8 < p.n; g += gridDim.x) {
-    const long row = g * 8 + warp;
-    if (row < p.n) {
+  const long chunks = (p.n + 255) / 256;
+  for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
+    for (int j = warp; j < 256; j += 8) {
+      const long row = ch * 256 + j;
+      if (row >= p.n) break;
       const float acc = warp_row_dot(w + (size_t)row * k, x, k, lane);
       if (lane == 0) mine[row] = acc;
     }
   }
   if (!ar_barrier(p, flags, 0, slot, c, err)) return;
-  for (long g = blockIdx.x; g * 8 < p.n; g += gridDim.x) {
-    const long row = g * 8 + threadIdx.x;
-    if (threadIdx.x < 8 && row < p.n) {
+  for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
+    const long row = ch * 256 + threadIdx.x;
+    if (row < p.n) {
       float acc = 0.f;
       for (int r = 0; r < p.world; ++r)
         acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + row);

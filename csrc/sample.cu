@@ -88,6 +88,7 @@ sample_f32(SampleParams p, const float* __restrict__ logits, const float* __rest
     for (int i = 0; i < o; ++i) pre += sums[i];
     owner = o;
     before = pre;
+    if (o < 0) out[r] = 0u;  // no finite logit (NaN input): a defined answer, not garbage
   }
   __syncthreads();
   if ((int)threadIdx.x == owner) {
@@ -98,7 +99,7 @@ sample_f32(SampleParams p, const float* __restrict__ logits, const float* __rest
     int pick = -1;
     for (int i = b; i < e; ++i) {
       const float v = __expf((x[i] - mx) * inv_t);
-      if (v >= tau) {
+      if (v >= tau && v > 0.f) {
         pick = i;
         run += v;
         if (run > target) break;

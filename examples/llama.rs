@@ -69,6 +69,11 @@ struct Common {
     /// CUDA: do not capture decode steps in CUDA graphs.
     #[arg(long)]
     no_graphs: bool,
+    /// CUDA: emulate inter-GPU links on one GPU: hold every all-reduce for this profile's
+    /// modelled time on the communication lane (see `latency`; e.g. a800-nvlink-400gbs,
+    /// rtx4090-pcie-nop2p). Timings are then emulated, results stay exact.
+    #[arg(long)]
+    emulate_link: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -353,6 +358,11 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
         row_invariant: common.row_invariant,
         cuda_graphs: !common.no_graphs,
         only_rank: common.rank,
+        emulate_link: common
+            .emulate_link
+            .as_deref()
+            .map(|n| syncdrop::latency::LinkProfile::by_name(n).map(|p| (p, 8)))
+            .transpose()?,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;

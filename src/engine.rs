@@ -58,6 +58,9 @@ pub struct EngineOptions {
     /// Logits then hold only this rank's vocabulary slice (the rest is zero) and are not
     /// the model's.
     pub only_rank: Option<usize>,
+    /// CUDA: hold each all-reduce on the communication lane for this link's modelled time
+    /// (ISO measurements on one GPU; labelled emulated). The world is the TP degree.
+    pub emulate_link: Option<(crate::latency::LinkProfile, usize)>,
 }
 
 impl Default for EngineOptions {
@@ -71,6 +74,7 @@ impl Default for EngineOptions {
             row_invariant: false,
             cuda_graphs: true,
             only_rank: None,
+            emulate_link: None,
         }
     }
 }
@@ -233,6 +237,12 @@ impl Engine {
                 "KV-cache capacity must be positive".into(),
             ));
         }
+        if opts.emulate_link.is_some() && opts.backend != BackendKind::Cuda {
+            return Err(Error::InvalidArgument(
+                "link emulation runs on the CUDA backend's communication lane (--backend cuda)"
+                    .into(),
+            ));
+        }
         if opts.backend == BackendKind::Cuda {
             let n = crate::backend::cuda::device_count()?;
             if n == 0 {
@@ -277,6 +287,14 @@ impl Engine {
             let (row_invariant, graphs, kind) =
                 (opts.row_invariant, opts.cuda_graphs, opts.backend);
             let p2p = p2p.clone();
+            let emulate =
+                opts.emulate_link
+                    .clone()
+                    .map(|(profile, ctas)| crate::backend::EmulatedLink {
+                        profile,
+                        world: tp,
+                        ctas,
+                    });
             let handle = std::thread::Builder::new()
                 .name(format!("syncdrop-rank{rank}"))
                 .spawn(move || {
@@ -299,9 +317,9 @@ impl Engine {
                             per_rank_threads,
                             row_invariant,
                         )),
-                        BackendKind::Cuda => {
-                            start.serve(crate::backend::cuda::create(dims, comm, rank, graphs, p2p))
-                        }
+                        BackendKind::Cuda => start.serve(crate::backend::cuda::create(
+                            dims, comm, rank, graphs, p2p, emulate,
+                        )),
                     }
                 })
                 .map_err(|e| Error::Rank {

@@ -47,6 +47,10 @@ mod gpu {
                 let (group, f) = (group.clone(), f.clone());
                 std::thread::spawn(move || {
                     let ctx = context(0).unwrap();
+                    // one stream per rank; a graph capture must not wait on events recorded
+                    // before it (cudarc's per-buffer tracking would insert such waits)
+                    // SAFETY: every buffer of this rank lives on its one stream.
+                    unsafe { ctx.disable_event_tracking() };
                     let stream = ctx.new_stream().unwrap();
                     let kern = Kernels::load(&ctx).unwrap();
                     let mut p = P2pRank::join(

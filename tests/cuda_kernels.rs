@@ -426,4 +426,47 @@ mod gpu {
         )
         .is_err());
     }
+
+    /// Runs without a GPU: every `extern "C" __global__` kernel in csrc/ is in the list the
+    /// loader resolves eagerly, and the P2P limits agree between params.h and Rust.
+    #[test]
+    fn kernel_list_and_p2p_limits_match_csrc() {
+        let mut found = Vec::new();
+        for e in std::fs::read_dir("csrc").unwrap() {
+            let path = e.unwrap().path();
+            if path.extension().is_some_and(|x| x == "cu") {
+                let family = path.file_stem().unwrap().to_string_lossy().to_string();
+                let text = std::fs::read_to_string(&path).unwrap();
+                for part in text.split("extern \"C\" __global__").skip(1) {
+                    // skip `__launch_bounds__(...)` before the name
+                    let part = part.trim_start().trim_start_matches("void").trim_start();
+                    let part = match part.strip_prefix("__launch_bounds__") {
+                        Some(rest) => &rest[rest.find(')').unwrap() + 1..],
+                        None => part,
+                    };
+                    let head = &part[..part.find('(').unwrap()];
+                    let name = head.split_whitespace().last().unwrap().to_string();
+                    found.push((family.clone(), name));
+                }
+            }
+        }
+        found.sort();
+        let mut listed: Vec<(String, String)> = kernels::KERNEL_NAMES
+            .iter()
+            .flat_map(|(f, ns)| ns.iter().map(move |n| (f.to_string(), n.to_string())))
+            .collect();
+        listed.sort();
+        assert_eq!(found, listed);
+        let params = std::fs::read_to_string("csrc/params.h").unwrap();
+        let define = |name: &str| -> usize {
+            let line = params
+                .lines()
+                .find(|l| l.starts_with(&format!("#define {name} ")))
+                .unwrap();
+            line.split_whitespace().nth(2).unwrap().parse().unwrap()
+        };
+        use syncdrop::backend::cuda::allreduce;
+        assert_eq!(define("AR_MAX_WORLD"), allreduce::MAX_WORLD);
+        assert_eq!(define("AR_MAX_BLOCKS"), allreduce::MAX_BLOCKS);
+    }
 }

@@ -19,6 +19,7 @@ pub fn create(
     _rank: usize,
     _graphs: bool,
     _group: Option<std::sync::Arc<P2pGroup>>,
+    _emulate: Option<crate::backend::EmulatedLink>,
 ) -> Result<CudaBackend> {
     Err(Error::NotCompiledWithCuda)
 }

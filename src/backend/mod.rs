@@ -32,6 +32,18 @@ pub enum ReduceMode {
     None,
 }
 
+/// A modelled inter-GPU link that the CUDA backend holds on its communication lane for every
+/// all-reduce (one-GPU measurements of ISO; results stay exact). Numbers measured with it
+/// are emulated, not measured.
+#[derive(Debug, Clone)]
+pub struct EmulatedLink {
+    pub profile: crate::latency::LinkProfile,
+    /// Ranks of the emulated TP group.
+    pub world: usize,
+    /// CTAs the hold occupies (a real P2P kernel's footprint; overlap systems use 2-8).
+    pub ctas: usize,
+}
+
 /// Host-side weights of one rank's share of one block, as loaded from the model file.
 /// Fused layouts: `wqkv` is [q + 2 * kv, d] (local Q rows, then K, then V), `w_gate_up` is
 /// [2f, d] (gate rows, then up rows).

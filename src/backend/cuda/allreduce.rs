@@ -300,7 +300,8 @@ impl P2pRank {
             return Ok(());
         }
         let p = self.params(n, false);
-        let grid = n.div_ceil(8).clamp(1, self.max_grid);
+        // the same grid as all_reduce for the same n: rows and elements map to the same blocks
+        let grid = n.div_ceil(256).clamp(1, self.max_grid);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
             block_dim: (256, 1, 1),

@@ -26,13 +26,13 @@ use super::rope::{qkv_rope_cache, Pos};
 use super::swiglu::swiglu_f32;
 use super::topology;
 use super::{context, cuda_err, device_count};
-use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims, ReduceMode};
+use crate::backend::{Backend, BlockWeights, EmulatedLink, HeadWeights, RankDims, ReduceMode};
 use crate::comm::select::{select, Algo, Topology};
 use crate::comm::{CommCounters, CommStats, Communicator};
 use crate::error::{Error, Result};
 use cudarc::driver::{
-    sys, CudaContext, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut, DeviceRepr,
-    ValidAsZeroBits,
+    sys, CudaContext, CudaEvent, CudaGraph, CudaSlice, CudaStream, CudaView, CudaViewMut,
+    DeviceRepr, PushKernelArg, ValidAsZeroBits,
 };
 use half::bf16;
 use rayon::prelude::*;
@@ -42,7 +42,8 @@ use std::sync::Arc;
 pub const GEMV_MAX_T: usize = 4;
 
 /// Spin budget of a P2P all-reduce barrier before it reports `CommTimeout`.
-pub const P2P_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// Generous against first-use stalls; the timeout test uses its own short budget.
+pub const P2P_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct DevLayer {
     attn_norm: CudaSlice<f32>,
@@ -67,6 +68,9 @@ struct DevHead {
 /// The compute context of one rank: stream, kernels, cuBLAS.
 struct Exec {
     stream: Arc<CudaStream>,
+    /// The communication lane: every device-side all-reduce runs here, in submission order
+    /// (the same on every rank), ordered against the compute stream by events.
+    comm: Arc<CudaStream>,
     kern: Kernels,
     gemm: Gemm,
     num_sms: usize,
@@ -74,6 +78,8 @@ struct Exec {
     /// allocate.
     capturing: bool,
     pos_dev: CudaSlice<i32>,
+    /// Set when a scratch buffer was reallocated: a captured graph holds the old addresses.
+    moved: std::cell::Cell<bool>,
 }
 
 /// Reusable activation scratch (grown on demand, never while capturing).
@@ -105,6 +111,14 @@ pub struct CudaBackend {
     logged: std::collections::HashSet<String>,
     /// Sync points served by the P2P kernels (the host communicator counts the staged ones).
     dev_counters: CommCounters,
+    emulate: Option<EmulatedLink>,
+    clock_khz: f64,
+}
+
+/// An all-reduce in flight on the communication lane.
+pub struct CudaPending {
+    buf: CudaSlice<f32>,
+    done: Option<CudaEvent>,
 }
 
 /// A captured decode step. cudarc's graph holds raw driver handles and is not `Send`; a
@@ -129,6 +143,7 @@ fn grow<T: DeviceRepr + ValidAsZeroBits>(
         )));
     }
     *buf = ex.stream.alloc_zeros::<T>(n).map_err(cuda_err)?;
+    ex.moved.set(true);
     Ok(())
 }
 
@@ -198,7 +213,11 @@ impl CudaBackend {
         // stream, so ordering is the stream's.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err)?;
+        let comm_stream = ctx.new_stream().map_err(cuda_err)?;
         let kern = Kernels::load(&ctx)?;
+        let clock_khz = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+            .map_err(cuda_err)? as f64;
         let gemm = Gemm::new(&stream)?;
         let num_sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -220,11 +239,13 @@ impl CudaBackend {
             _ctx: ctx,
             ex: Exec {
                 stream,
+                comm: comm_stream,
                 kern,
                 gemm,
                 num_sms,
                 capturing: false,
                 pos_dev,
+                moved: std::cell::Cell::new(false),
             },
             sc,
             layers: (0..n_layers).map(|_| None).collect(),
@@ -236,7 +257,78 @@ impl CudaBackend {
             p2p: None,
             logged: Default::default(),
             dev_counters: CommCounters::default(),
+            emulate: None,
+            clock_khz,
         })
+    }
+
+    /// Emulate inter-GPU links on this rank's communication lane: every all-reduce also
+    /// holds `ctas` CTAs for the profile's modelled time of an all-reduce over `world` ranks
+    /// (bf16 messages, as real TP systems send). For one-GPU ISO measurements; the results
+    /// stay exact (the real reduction still runs).
+    pub fn emulate_link(&mut self, link: EmulatedLink) {
+        self.emulate = Some(link);
+    }
+
+    /// Launch the emulated link hold for an all-reduce of `n` elements on the comm lane.
+    fn hold(&self, n: usize) -> Result<()> {
+        let Some(e) = &self.emulate else {
+            return Ok(());
+        };
+        let us = e.profile.all_reduce_us(e.world, (n * 2) as f64);
+        let cycles = (us * 1e-6 * self.clock_khz * 1e3) as i64;
+        let f = self.ex.kern.function("emulate", "hold_link")?;
+        let cfg = cudarc::driver::LaunchConfig {
+            grid_dim: (e.ctas.max(1) as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.ex.comm.launch_builder(&f);
+        b.arg(&cycles);
+        // SAFETY: hold_link(int64_t) reads nothing but its argument.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        Ok(())
+    }
+
+    /// The reduction itself on the comm lane (P2P kernels), or None when it must be staged
+    /// through the host.
+    /// Forks the lane off the compute stream only when the reduction runs there.
+    fn reduce_on_lane(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<bool> {
+        if self.comm.world() == 1 {
+            self.fork()?;
+            self.hold(n)?;
+            return Ok(true);
+        }
+        let algo = self.algo(n)?;
+        if matches!(algo, Algo::OneShot | Algo::TwoShot) && self.p2p.is_some() {
+            self.fork()?;
+        }
+        if let (Algo::OneShot | Algo::TwoShot, Some((p, _))) = (algo, &mut self.p2p) {
+            let t0 = std::time::Instant::now();
+            p.all_reduce(
+                &self.ex.comm,
+                &self.ex.kern,
+                &mut buf.slice_mut(..n),
+                n,
+                algo == Algo::TwoShot,
+            )?;
+            // launch time only: the kernel runs asynchronously on the lane
+            self.dev_counters.record(t0, n * 4);
+            self.hold(n)?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// compute -> lane dependency (the lane waits for what compute issued so far).
+    fn fork(&self) -> Result<()> {
+        let ev = self.ex.stream.record_event(None).map_err(cuda_err)?;
+        self.ex.comm.wait(&ev).map_err(cuda_err)
+    }
+
+    /// lane -> event the compute stream can wait on.
+    fn lane_done(&self) -> Result<CudaEvent> {
+        self.ex.comm.record_event(None).map_err(cuda_err)
     }
 
     /// Register this rank's buffers in `group` and learn the topology. Ranks are placed
@@ -328,7 +420,7 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Buf = CudaSlice<f32>;
-    type Pending = CudaSlice<f32>;
+    type Pending = CudaPending;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -617,25 +709,15 @@ impl Backend for CudaBackend {
             .map_err(cuda_err)
     }
 
-    /// The P2P kernels where the selection chain picks them, else staged through the host
-    /// communicator.
+    /// On the communication lane (P2P kernels, or only the emulated link at one rank) with
+    /// the compute stream waiting for it, else staged through the host communicator.
     fn all_reduce(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        if self.comm.world() == 1 || n == 0 {
+        if n == 0 || (self.comm.world() == 1 && self.emulate.is_none()) {
             return Ok(());
         }
-        let algo = self.algo(n)?;
-        if let (Algo::OneShot | Algo::TwoShot, Some((p, _))) = (algo, &mut self.p2p) {
-            let t0 = std::time::Instant::now();
-            p.all_reduce(
-                &self.ex.stream,
-                &self.ex.kern,
-                &mut buf.slice_mut(..n),
-                n,
-                algo == Algo::TwoShot,
-            )?;
-            // launch time only: the kernel runs asynchronously on the stream
-            self.dev_counters.record(t0, n * 4);
-            return Ok(());
+        if self.reduce_on_lane(buf, n)? {
+            let done = self.lane_done()?;
+            return self.ex.stream.wait(&done).map_err(cuda_err);
         }
         if self.ex.capturing {
             return Err(Error::Cuda(
@@ -653,14 +735,25 @@ impl Backend for CudaBackend {
         r
     }
 
-    /// GPU ISO (two streams with events) is the ISO issue's; until then the "lane" runs the
-    /// all-reduce at once, which is correct and overlaps nothing.
-    fn all_reduce_start(&mut self, mut buf: CudaSlice<f32>, n: usize) -> Result<CudaSlice<f32>> {
+    /// ISO: the all-reduce goes to the communication lane and the compute stream runs on;
+    /// `all_reduce_wait` makes compute wait for it. Staged all-reduces cannot overlap (they
+    /// cross the host) and complete here.
+    fn all_reduce_start(&mut self, mut buf: CudaSlice<f32>, n: usize) -> Result<CudaPending> {
+        if n == 0 || (self.comm.world() == 1 && self.emulate.is_none()) {
+            return Ok(CudaPending { buf, done: None });
+        }
+        if self.reduce_on_lane(&mut buf, n)? {
+            let done = Some(self.lane_done()?);
+            return Ok(CudaPending { buf, done });
+        }
         self.all_reduce(&mut buf, n)?;
-        Ok(buf)
+        Ok(CudaPending { buf, done: None })
     }
-    fn all_reduce_wait(&mut self, pending: CudaSlice<f32>) -> Result<CudaSlice<f32>> {
-        Ok(pending)
+    fn all_reduce_wait(&mut self, pending: CudaPending) -> Result<CudaSlice<f32>> {
+        if let Some(ev) = &pending.done {
+            self.ex.stream.wait(ev).map_err(cuda_err)?;
+        }
+        Ok(pending.buf)
     }
 
     fn lm_head(
@@ -729,8 +822,11 @@ impl Backend for CudaBackend {
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
         let (p, _) = p2p.as_mut().expect("checked above");
+        // on the comm lane like every P2P collective (they share the round counters)
+        let ev = ex.stream.record_event(None).map_err(cuda_err)?;
+        ex.comm.wait(&ev).map_err(cuda_err)?;
         p.oproj_all_reduce(
-            &ex.stream,
+            &ex.comm,
             &ex.kern,
             (d.hidden, qn),
             &lay.wo.slice(..),
@@ -738,7 +834,9 @@ impl Backend for CudaBackend {
             &mut out.slice_mut(..d.hidden),
         )?;
         self.dev_counters.record(t0, d.hidden * 4);
-        Ok(())
+        self.hold(d.hidden)?;
+        let done = self.lane_done()?;
+        self.ex.stream.wait(&done).map_err(cuda_err)
     }
 
     fn comm_stats(&self) -> CommStats {
@@ -792,6 +890,7 @@ impl Backend for CudaBackend {
         }
         self.reserve_decode()?;
         self.ex.stream.synchronize().map_err(cuda_err)?;
+        self.ex.moved.set(false);
         self.ex
             .stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -814,6 +913,10 @@ impl Backend for CudaBackend {
     }
 
     fn graph_launch(&mut self) -> Result<bool> {
+        if self.ex.moved.replace(false) {
+            // scratch moved since the capture (a longer prefill): capture again
+            self.graph = None;
+        }
         match &self.graph {
             Some(g) => {
                 g.0.launch().map_err(cuda_err)?;

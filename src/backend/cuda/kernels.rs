@@ -29,10 +29,18 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("loading kernel family {name}: {e:?}")))?;
             modules.insert(*name, m);
         }
-        Ok(Kernels {
+        let k = Kernels {
             modules,
             functions: Mutex::new(HashMap::new()),
-        })
+        };
+        // Resolve every kernel now: a first use later (inside a graph capture, or while a
+        // peer rank spins in an all-reduce) must not trigger module loading.
+        for (family, names) in KERNEL_NAMES {
+            for name in *names {
+                k.function(family, name)?;
+            }
+        }
+        Ok(k)
     }
 
     pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
@@ -52,6 +60,24 @@ impl Kernels {
         Ok(f)
     }
 }
+
+/// Every kernel of every family (csrc/*.cu `extern "C" __global__`), resolved at load.
+pub const KERNEL_NAMES: &[(&str, &[&str])] = &[
+    ("allreduce", &["allreduce_f32", "oproj_allreduce_f32"]),
+    ("argmax", &["argmax_f32"]),
+    ("attention", &["attention_f32", "attention_combine_f32"]),
+    ("elementwise", &["add_f32", "f32_to_bf16"]),
+    ("embedding", &["embedding_f32"]),
+    ("emulate", &["hold_link"]),
+    ("gemv", &["gemv_bf16", "gemv_bf16_f32"]),
+    (
+        "rmsnorm",
+        &["add_rmsnorm_bf16", "add_rmsnorm_f32", "rmsnorm_f32"],
+    ),
+    ("rope", &["rope_bf16", "qkv_rope_cache"]),
+    ("sample", &["sample_f32"]),
+    ("swiglu", &["swiglu_bf16", "swiglu_f32"]),
+];
 
 /// One thread per element, 256 per block.
 pub fn grid_1d(n: usize) -> LaunchConfig {

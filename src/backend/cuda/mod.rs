@@ -64,9 +64,13 @@ pub fn create(
     rank: usize,
     graphs: bool,
     group: Option<Arc<allreduce::P2pGroup>>,
+    emulate: Option<crate::backend::EmulatedLink>,
 ) -> Result<CudaBackend> {
     let dev = CudaBackend::device_for_rank(rank)?;
     let mut be = CudaBackend::new(dims, comm, dev, graphs)?;
+    if let Some(e) = emulate {
+        be.emulate_link(e);
+    }
     if let Some(g) = group {
         be.join_p2p(&g)?;
     }
