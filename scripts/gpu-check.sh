@@ -6,14 +6,16 @@
 #
 #   here:   scripts/gpu-check.sh --build    # .gpu/  = executables + model part 1
 #                                           # .gpu2/ = executables + model part 2
-#   call 1: scripts/gpu-check.sh --stage1   # carry .gpu:  kernel tests + sanitizers +
-#                                           #   cuda_rank bench + PyTorch baseline; keeps
-#                                           #   model part 1 in /tmp
+#   call 1: scripts/gpu-check.sh --stage1   # carry .gpu:  kernel + P2P tests, sanitizers;
+#                                           #   keeps model part 1 and the executables in /tmp
 #   call 2: scripts/gpu-check.sh --stage2   # carry .gpu2: joins the model (sha256 checked),
 #                                           #   runs the end-to-end tests on SmolLM2
+#   call 3: scripts/gpu-check.sh --bench    # no carry needed: the benches + PyTorch baseline
 #
-# `scripts/gpu-check.sh` with no argument runs both stages when .gpu and .gpu2 are both here
-# (a machine where everything fits).
+# Each call stays well inside the device tool's 10-minute limit, and returns at most two
+# files (the device tool brings back at most 8): $OUT/<stage>-summary.txt and
+# $OUT/<stage>-logs.tar.gz (every log and JSON). With no argument all stages run in a row
+# (a machine where everything fits in one call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -52,21 +54,28 @@ fi
 export CUDA_MODULE_LOADING=EAGER
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
+LOGS=$(mktemp -d)
 status=0
 run() { # name, log, command...: run, keep the log, remember failures
   local name=$1 log=$2; shift 2
   echo "== $name"
-  "$@" >"$OUT/$log" 2>&1 || { status=1; echo "FAILED: $name (see $log)"; }
-  tail -4 "$OUT/$log"
+  local t0=$SECONDS
+  "$@" >"$LOGS/$log" 2>&1 || { status=1; echo "FAILED: $name (see $log)"; }
+  tail -4 "$LOGS/$log"
+  echo "   ($((SECONDS - t0)) s)"
+}
+finish() { # stage name: pack the logs into the two files that come back
+  tar czf "$OUT/$1-logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
 }
 
 stage1() {
   local B=.gpu/bin
+  mkdir -p "$STAGE/bin" && cp .gpu/bin/* "$STAGE/bin/"
   {
     date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     ldconfig -p | grep -E 'libcuda|nvrtc|cublas|nccl' | head -20
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1
-  } >"$OUT/machine.txt" 2>&1
+  } >"$LOGS/machine.txt" 2>&1
   mkdir -p "$STAGE" && cp .gpu/model.part1 "$STAGE/" 2>/dev/null
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
   run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
@@ -76,10 +85,16 @@ stage1() {
   # never meet under it: the P2P kernels are checked by their oracles and the timeout test
   # instead, and the sanitizer runs of the backend use the staged all-reduce.
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
-  run bench bench.log "$B/cuda_rank" --out "$OUT"
-  run allreduce-sweep allreduce-sweep.log "$B/cuda_allreduce" --out "$OUT"
-  run iso iso.log "$B/cuda_iso" --out "$OUT"
-  run torch torch.log python3 "$B/torch_rank_decode.py" --out "$OUT/torch_rank.json"
+}
+
+bench() {
+  local B=.gpu/bin
+  [ -d "$B" ] || B="$STAGE/bin"
+  [ -x "$B/cuda_rank" ] || { echo "no executables: carry .gpu or run --stage1 first"; return 1; }
+  run bench bench.log "$B/cuda_rank" --out "$LOGS"
+  run allreduce-sweep allreduce-sweep.log "$B/cuda_allreduce" --out "$LOGS"
+  run iso iso.log "$B/cuda_iso" --out "$LOGS"
+  run torch torch.log python3 "$B/torch_rank_decode.py" --out "$LOGS/torch_rank.json"
 }
 
 stage2() {
@@ -93,10 +108,20 @@ stage2() {
     compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_backend" --test-threads=1 iso_and_spd
 }
 
+stage() { # name, functions...: run them with the output also in <name>-summary.txt
+  local name=$1; shift
+  exec 3>&1 4>&2
+  exec > >(tee "$OUT/$name-summary.txt") 2>&1
+  for f in "$@"; do "$f" || status=1; done
+  exec 1>&3 2>&4
+  sleep 0.5 # let tee flush
+  finish "$name"
+}
 case "${1:-all}" in
-  --stage1) stage1 ;;
-  --stage2) stage2 ;;
-  all) stage1; stage2 ;;
-  *) echo "usage: $0 [--build | --stage1 | --stage2]" >&2; exit 2 ;;
+  --stage1) stage stage1 stage1 ;;
+  --stage2) stage stage2 stage2 ;;
+  --bench) stage bench bench ;;
+  all) stage all stage1 stage2 bench ;;
+  *) echo "usage: $0 [--build | --stage1 | --stage2 | --bench]" >&2; exit 2 ;;
 esac
 exit $status
