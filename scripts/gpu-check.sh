@@ -40,12 +40,23 @@ for l in sys.stdin:
       cp "$exe" ".gpu/bin/$name" && strip ".gpu/bin/$name"
     done
   cp scripts/torch_rank_decode.py .gpu/bin/
-  cp .gpu/bin/* .gpu2/bin/
+  rmdir .gpu2/bin
   model="$(scripts/fetch-assets.sh >/dev/null && echo "${SYNCDROP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/syncdrop}")/models/$MODEL"
-  half=$(( ($(stat -c %s "$model") + 1) / 2 ))
-  head -c "$half" "$model" >.gpu/model.part1
-  tail -c +"$((half + 1))" "$model" >.gpu2/model.part2
-  du -sh .gpu .gpu2
+  # .gpu (executables + part 1) and .gpu2 (part 2 only; stage 2 runs the executables stage 1
+  # left in /tmp) must each fit one transfer with the working tree: 64 MiB in all
+  tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+  limit=$((64 * 1024 * 1024 - tree - (1 << 20)))
+  bins=$(du -sb .gpu | cut -f1)
+  size=$(stat -c %s "$model")
+  part1=$(( (size - bins) / 2 )) # balance the two transfers
+  [ "$part1" -gt $(( limit - bins )) ] && part1=$(( limit - bins ))
+  head -c "$part1" "$model" >.gpu/model.part1
+  tail -c +"$((part1 + 1))" "$model" >.gpu2/model.part2
+  for d in .gpu .gpu2; do
+    total=$(( $(du -sb "$d" | cut -f1) + tree ))
+    echo "$d + working tree: $total bytes (limit $((64 * 1024 * 1024)))"
+    [ "$total" -le $((64 * 1024 * 1024)) ] || { echo "gpu-check: $d does not fit one transfer" >&2; exit 1; }
+  done
   exit 0
 fi
 
@@ -98,7 +109,7 @@ bench() {
 }
 
 stage2() {
-  local B=.gpu2/bin
+  local B="$STAGE/bin"
   [ -f "$STAGE/model.part1" ] || { echo "model part 1 is not on this machine (it went cold?): run --stage1 again"; return 1; }
   mkdir -p "$STAGE/cache/models"
   cat "$STAGE/model.part1" .gpu2/model.part2 >"$STAGE/cache/models/$MODEL"
