@@ -74,6 +74,14 @@ struct Common {
     /// rtx4090-pcie-nop2p). Timings are then emulated, results stay exact.
     #[arg(long)]
     emulate_link: Option<String>,
+    /// CUDA: give every rank an NCCL communicator (used where P2P is impossible; needs one
+    /// GPU per rank: NCCL refuses two ranks on one GPU).
+    #[arg(long)]
+    nccl: bool,
+    /// CUDA, one rank per process (with --rank): rendezvous through this file (rank 0 writes
+    /// NCCL's id); the processes' ranks then all-reduce with each other. For `bench`.
+    #[arg(long, conflicts_with = "nccl")]
+    nccl_id: Option<PathBuf>,
 }
 
 #[derive(Args, Clone)]
@@ -363,6 +371,11 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             .as_deref()
             .map(|n| syncdrop::latency::LinkProfile::by_name(n).map(|p| (p, 8)))
             .transpose()?,
+        nccl: match (&common.nccl_id, common.nccl) {
+            (Some(f), _) => Some(syncdrop::engine::NcclMode::File(f.clone())),
+            (None, true) => Some(syncdrop::engine::NcclMode::InProcess),
+            (None, false) => None,
+        },
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;

@@ -36,6 +36,15 @@ impl std::str::FromStr for BackendKind {
     }
 }
 
+/// How CUDA ranks reach NCCL's unique id (see `backend::cuda::nccl`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NcclMode {
+    /// The engine's rank threads (one GPU each: NCCL refuses two ranks on one GPU).
+    InProcess,
+    /// Ranks in separate processes (with `only_rank`): rank 0 writes the id to this file.
+    File(std::path::PathBuf),
+}
+
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Tensor-parallel degree (1..=query heads).
@@ -61,6 +70,10 @@ pub struct EngineOptions {
     /// CUDA: hold each all-reduce on the communication lane for this link's modelled time
     /// (ISO measurements on one GPU; labelled emulated). The world is the TP degree.
     pub emulate_link: Option<(crate::latency::LinkProfile, usize)>,
+    /// CUDA: an NCCL communicator per rank, used where the selection chain picks NCCL (no
+    /// P2P) and for ranks in separate processes (`NcclMode::File` with `only_rank`: the one
+    /// local rank then really all-reduces with its peers).
+    pub nccl: Option<NcclMode>,
 }
 
 impl Default for EngineOptions {
@@ -75,6 +88,7 @@ impl Default for EngineOptions {
             cuda_graphs: true,
             only_rank: None,
             emulate_link: None,
+            nccl: None,
         }
     }
 }
@@ -237,6 +251,14 @@ impl Engine {
                 "KV-cache capacity must be positive".into(),
             ));
         }
+        if opts.nccl.is_some() && opts.backend != BackendKind::Cuda {
+            return Err(Error::InvalidArgument("NCCL needs --backend cuda".into()));
+        }
+        if matches!(opts.nccl, Some(NcclMode::File(_))) && opts.only_rank.is_none() {
+            return Err(Error::InvalidArgument(
+                "an NCCL id file is for one rank per process: give the process's --rank".into(),
+            ));
+        }
         if opts.emulate_link.is_some() && opts.backend != BackendKind::Cuda {
             return Err(Error::InvalidArgument(
                 "link emulation runs on the CUDA backend's communication lane (--backend cuda)"
@@ -272,6 +294,7 @@ impl Engine {
         let per_rank_threads = (opts.threads / ranks.len()).max(1);
         // CUDA ranks of one process share a P2P all-reduce (buffers sized for prefill
         // chunks of up to 1024 tokens; longer messages take the selection chain's fallback)
+        let nccl = crate::backend::cuda::nccl_rendezvous(&opts.nccl)?;
         let p2p = if opts.backend == BackendKind::Cuda && ranks.len() > 1 {
             crate::backend::cuda::p2p_group(tp, opts.capacity.min(1024) * cfg.hidden)?
         } else {
@@ -287,6 +310,7 @@ impl Engine {
             let (row_invariant, graphs, kind) =
                 (opts.row_invariant, opts.cuda_graphs, opts.backend);
             let p2p = p2p.clone();
+            let nccl = nccl.clone().map(|rv| (rv, tp));
             let emulate =
                 opts.emulate_link
                     .clone()
@@ -318,7 +342,7 @@ impl Engine {
                             row_invariant,
                         )),
                         BackendKind::Cuda => start.serve(crate::backend::cuda::create(
-                            dims, comm, rank, graphs, p2p, emulate,
+                            dims, comm, rank, graphs, p2p, emulate, nccl,
                         )),
                     }
                 })

@@ -217,4 +217,42 @@ mod gpu {
             assert!(centred_diff(&x[vr.clone()], &y[vr.clone()]) <= 1e-2);
         }
     }
+
+    /// NCCL refuses two ranks on one GPU, so this needs two GPUs (and libnccl); elsewhere it
+    /// says why it skipped. Forces NCCL through the selector's override.
+    #[test]
+    fn nccl_at_tp_2_on_two_gpus_matches_the_cpu() {
+        if !have_gpu() {
+            return;
+        }
+        let gpus = syncdrop::backend::cuda::device_count().unwrap_or(0);
+        if gpus < 2 || !syncdrop::backend::cuda::nccl::available() {
+            eprintln!("nccl: skipped: needs 2 GPUs and libnccl ({gpus} GPUs)");
+            return;
+        }
+        // SAFETY (of the test): gpu-check runs these tests with --test-threads=1
+        std::env::set_var("SYNCDROP_ALLREDUCE", "nccl");
+        let f = files();
+        let (prompt, _) = golden();
+        let mut g = Engine::new(
+            f.clone(),
+            &EngineOptions {
+                tp: 2,
+                capacity: 512,
+                backend: BackendKind::Cuda,
+                nccl: Some(syncdrop::engine::NcclMode::InProcess),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let got = g.forward(&prompt, 0, 0..prompt.len()).unwrap();
+        std::env::remove_var("SYNCDROP_ALLREDUCE");
+        let want = engine(&f, 2, BackendKind::Cpu, false)
+            .forward(&prompt, 0, 0..prompt.len())
+            .unwrap();
+        for i in 0..prompt.len() {
+            let d = centred_diff(got.row(i), want.row(i));
+            assert!(d <= BF16_ATOL, "row {i}: NCCL TP 2 vs CPU {d}");
+        }
+    }
 }

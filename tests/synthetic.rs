@@ -161,3 +161,38 @@ fn cuda_backend_without_a_gpu_is_a_typed_error() {
         r.err()
     );
 }
+
+#[test]
+fn cuda_only_options_are_refused_with_clear_errors() {
+    let f = synthetic("llama2-7b:layers=1");
+    let link = syncdrop::latency::LinkProfile::by_name("a800-nvlink-400gbs").unwrap();
+    for (o, needle) in [
+        (
+            EngineOptions {
+                nccl: Some(syncdrop::engine::NcclMode::InProcess),
+                ..opts(2, None)
+            },
+            "NCCL needs",
+        ),
+        (
+            EngineOptions {
+                backend: BackendKind::Cuda,
+                nccl: Some(syncdrop::engine::NcclMode::File("/tmp/id".into())),
+                ..opts(2, None)
+            },
+            "--rank",
+        ),
+        (
+            EngineOptions {
+                emulate_link: Some((link, 8)),
+                ..opts(2, None)
+            },
+            "link emulation",
+        ),
+    ] {
+        match Engine::new(f.clone(), &o) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains(needle), "{m}"),
+            other => panic!("expected an error naming {needle}, got {:?}", other.err()),
+        }
+    }
+}

@@ -20,6 +20,7 @@ pub fn create(
     _graphs: bool,
     _group: Option<std::sync::Arc<P2pGroup>>,
     _emulate: Option<crate::backend::EmulatedLink>,
+    _nccl: Option<(Rendezvous, usize)>,
 ) -> Result<CudaBackend> {
     Err(Error::NotCompiledWithCuda)
 }
@@ -30,4 +31,16 @@ pub enum P2pGroup {}
 /// Without the feature there is no P2P group.
 pub fn p2p_group(_world: usize, _elems: usize) -> Result<Option<std::sync::Arc<P2pGroup>>> {
     Ok(None)
+}
+
+/// Stand-in for the NCCL rendezvous (never constructed without the feature).
+#[derive(Clone)]
+pub enum Rendezvous {}
+
+/// NCCL needs the `cuda` feature.
+pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<Rendezvous>> {
+    match mode {
+        None => Ok(None),
+        Some(_) => Err(Error::NotCompiledWithCuda),
+    }
 }

@@ -113,6 +113,8 @@ pub struct CudaBackend {
     dev_counters: CommCounters,
     emulate: Option<EmulatedLink>,
     clock_khz: f64,
+    /// NCCL on the communication stream, when the engine asked for it.
+    nccl: Option<super::nccl::NcclRank>,
 }
 
 /// An all-reduce in flight on the communication lane.
@@ -259,7 +261,28 @@ impl CudaBackend {
             dev_counters: CommCounters::default(),
             emulate: None,
             clock_khz,
+            nccl: None,
         })
+    }
+
+    /// Join an NCCL communicator of `world` ranks on the communication stream.
+    pub fn join_nccl(
+        &mut self,
+        rv: &super::nccl::Rendezvous,
+        rank: usize,
+        world: usize,
+    ) -> Result<()> {
+        self.nccl = Some(super::nccl::NcclRank::join(rv, rank, world, &self.ex.comm)?);
+        Ok(())
+    }
+
+    /// Ranks this rank all-reduces with: NCCL's world when it spans processes, else the
+    /// host communicator's.
+    fn world(&self) -> usize {
+        match &self.nccl {
+            Some(n) => n.world(),
+            None => self.comm.world(),
+        }
     }
 
     /// Emulate inter-GPU links on this rank's communication lane: every all-reduce also
@@ -294,12 +317,22 @@ impl CudaBackend {
     /// through the host.
     /// Forks the lane off the compute stream only when the reduction runs there.
     fn reduce_on_lane(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<bool> {
-        if self.comm.world() == 1 {
+        if self.world() == 1 {
             self.fork()?;
             self.hold(n)?;
             return Ok(true);
         }
         let algo = self.algo(n)?;
+        if algo == Algo::Nccl {
+            if let Some(nc) = &self.nccl {
+                self.fork()?;
+                let t0 = std::time::Instant::now();
+                nc.all_reduce(&mut buf.slice_mut(..n))?;
+                self.dev_counters.record(t0, n * 4);
+                self.hold(n)?;
+                return Ok(true);
+            }
+        }
         if matches!(algo, Algo::OneShot | Algo::TwoShot) && self.p2p.is_some() {
             self.fork()?;
         }
@@ -355,16 +388,17 @@ impl CudaBackend {
     /// The algorithm for an all-reduce of `n` f32 (selection chain + env override), with
     /// each fallback line logged once.
     fn algo(&mut self, n: usize) -> Result<Algo> {
-        let topo = match &self.p2p {
+        let mut topo = match &self.p2p {
             Some((_, t)) => *t,
             None => Topology {
-                world: self.comm.world(),
+                world: self.world(),
                 p2p_all_pairs: false,
                 multi_node: false,
                 nccl_available: false,
                 custom_buffer_bytes: 0,
             },
         };
+        topo.nccl_available = self.nccl.is_some();
         let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
         let (algo, log) = select(n * 4, &topo, env.as_deref())?;
         for line in log {
@@ -712,7 +746,7 @@ impl Backend for CudaBackend {
     /// On the communication lane (P2P kernels, or only the emulated link at one rank) with
     /// the compute stream waiting for it, else staged through the host communicator.
     fn all_reduce(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<()> {
-        if n == 0 || (self.comm.world() == 1 && self.emulate.is_none()) {
+        if n == 0 || (self.world() == 1 && self.emulate.is_none()) {
             return Ok(());
         }
         if self.reduce_on_lane(buf, n)? {
@@ -723,6 +757,12 @@ impl Backend for CudaBackend {
             return Err(Error::Cuda(
                 "a host-staged all-reduce cannot be captured in a CUDA graph".into(),
             ));
+        }
+        if self.comm.world() != self.world() {
+            return Err(Error::Comm(format!(
+                "a host-staged all-reduce cannot reach the {} ranks of other processes (NCCL only)",
+                self.world()
+            )));
         }
         let mut stage = std::mem::take(&mut self.stage);
         stage.resize(n, 0.0);
@@ -739,7 +779,7 @@ impl Backend for CudaBackend {
     /// `all_reduce_wait` makes compute wait for it. Staged all-reduces cannot overlap (they
     /// cross the host) and complete here.
     fn all_reduce_start(&mut self, mut buf: CudaSlice<f32>, n: usize) -> Result<CudaPending> {
-        if n == 0 || (self.comm.world() == 1 && self.emulate.is_none()) {
+        if n == 0 || (self.world() == 1 && self.emulate.is_none()) {
             return Ok(CudaPending { buf, done: None });
         }
         if self.reduce_on_lane(&mut buf, n)? {
@@ -858,16 +898,25 @@ impl Backend for CudaBackend {
         if !self.graphs_on {
             return false;
         }
-        if self.comm.world() == 1 {
+        if self.world() == 1 {
             return true;
         }
-        let Some((_, topo)) = &self.p2p else {
-            return false;
+        let mut topo = match &self.p2p {
+            Some((_, t)) => *t,
+            None if self.nccl.is_some() => Topology {
+                world: self.world(),
+                p2p_all_pairs: false,
+                multi_node: false,
+                nccl_available: true,
+                custom_buffer_bytes: 0,
+            },
+            None => return false,
         };
+        topo.nccl_available = self.nccl.is_some();
         let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
         matches!(
-            select(self.dims.hidden * 4, topo, env.as_deref()),
-            Ok((Algo::OneShot | Algo::TwoShot, _))
+            select(self.dims.hidden * 4, &topo, env.as_deref()),
+            Ok((Algo::OneShot | Algo::TwoShot | Algo::Nccl, _))
         )
     }
 

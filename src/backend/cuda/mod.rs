@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod gemm;
 pub mod gemv;
 pub mod kernels;
+pub mod nccl;
 pub mod rmsnorm;
 pub mod rope;
 pub mod sample;
@@ -65,9 +66,13 @@ pub fn create(
     graphs: bool,
     group: Option<Arc<allreduce::P2pGroup>>,
     emulate: Option<crate::backend::EmulatedLink>,
+    nccl: Option<(nccl::Rendezvous, usize)>,
 ) -> Result<CudaBackend> {
     let dev = CudaBackend::device_for_rank(rank)?;
     let mut be = CudaBackend::new(dims, comm, dev, graphs)?;
+    if let Some((rv, world)) = nccl {
+        be.join_nccl(&rv, rank, world)?;
+    }
     if let Some(e) = emulate {
         be.emulate_link(e);
     }
@@ -84,4 +89,14 @@ pub fn p2p_group(world: usize, elems: usize) -> Result<Option<Arc<allreduce::P2p
         return Ok(None);
     }
     allreduce::P2pGroup::new(world, elems).map(Some)
+}
+
+/// The NCCL rendezvous for an engine: in-process (its rank threads) or through a file
+/// (ranks in separate processes). None when NCCL is not asked for.
+pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<nccl::Rendezvous>> {
+    Ok(match mode {
+        None => None,
+        Some(crate::engine::NcclMode::InProcess) => Some(nccl::Rendezvous::in_process()),
+        Some(crate::engine::NcclMode::File(p)) => Some(nccl::Rendezvous::File(p.clone())),
+    })
 }

@@ -1,0 +1,143 @@
+//! NCCL through cudarc (libnccl is loaded at run time): the selection chain's choice when P2P
+//! is impossible, and the way ranks span processes and machines. One communicator per rank,
+//! bound to the rank's communication stream.
+//!
+//! Rendezvous of the 128-byte unique id: in-process ranks share it through memory
+//! ([`Rendezvous::InProcess`], made by the engine); ranks in separate processes (one per GPU,
+//! or across machines on a shared filesystem) through a file that rank 0 writes atomically
+//! and the others poll ([`Rendezvous::File`]). NCCL refuses two ranks on one GPU, so virtual
+//! ranks never use it.
+
+use crate::error::{Error, Result};
+use cudarc::driver::{CudaStream, CudaViewMut};
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+fn nccl_err(e: impl std::fmt::Debug) -> Error {
+    Error::Comm(format!("NCCL: {e:?}"))
+}
+
+/// Whether libnccl can be loaded on this machine.
+pub fn available() -> bool {
+    // SAFETY: only probes whether the library can be dlopen-ed.
+    unsafe { cudarc::nccl::sys::is_culib_present() }
+}
+
+/// How ranks exchange NCCL's unique id.
+#[derive(Clone)]
+pub enum Rendezvous {
+    /// Threads of one process: rank 0 creates the id, the others wait for it here.
+    InProcess(Arc<(Mutex<Option<[std::ffi::c_char; 128]>>, Condvar)>),
+    /// Separate processes: rank 0 writes the id to this file, the others read it.
+    File(PathBuf),
+}
+
+impl Rendezvous {
+    pub fn in_process() -> Rendezvous {
+        Rendezvous::InProcess(Arc::new((Mutex::new(None), Condvar::new())))
+    }
+
+    fn exchange(&self, rank: usize, wait: Duration) -> Result<Id> {
+        match self {
+            Rendezvous::InProcess(cell) => {
+                let (lock, cv) = &**cell;
+                let mut slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+                if rank == 0 {
+                    let id = Id::new().map_err(nccl_err)?;
+                    *slot = Some(*id.internal());
+                    cv.notify_all();
+                    return Ok(id);
+                }
+                let (slot, to) = cv
+                    .wait_timeout_while(slot, wait, |s| s.is_none())
+                    .unwrap_or_else(|e| e.into_inner());
+                match *slot {
+                    Some(bytes) if !to.timed_out() => Ok(Id::uninit(bytes)),
+                    _ => Err(Error::Comm(format!(
+                        "NCCL rendezvous: rank 0 published no id within {wait:?}"
+                    ))),
+                }
+            }
+            Rendezvous::File(path) => {
+                if rank == 0 {
+                    let id = Id::new().map_err(nccl_err)?;
+                    let bytes: Vec<u8> = id.internal().iter().map(|c| *c as u8).collect();
+                    let tmp = path.with_extension("tmp");
+                    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
+                    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+                    return Ok(id);
+                }
+                let start = Instant::now();
+                loop {
+                    if let Ok(b) = std::fs::read(path) {
+                        if b.len() == 128 {
+                            let mut id = [0 as std::ffi::c_char; 128];
+                            for (d, s) in id.iter_mut().zip(&b) {
+                                *d = *s as std::ffi::c_char;
+                            }
+                            return Ok(Id::uninit(id));
+                        }
+                        return Err(Error::Comm(format!(
+                            "NCCL rendezvous file {} holds {} bytes, not 128",
+                            path.display(),
+                            b.len()
+                        )));
+                    }
+                    if start.elapsed() > wait {
+                        return Err(Error::Comm(format!(
+                            "NCCL rendezvous: no id in {} after {wait:?} (is rank 0 running?)",
+                            path.display()
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+/// One rank's NCCL communicator on its communication stream.
+pub struct NcclRank {
+    comm: Comm,
+}
+
+// SAFETY: the communicator is created, used and destroyed by the one rank thread that owns
+// the backend; NCCL communicators may be used from any thread as long as calls on one
+// communicator are not concurrent, which single ownership guarantees.
+unsafe impl Send for NcclRank {}
+
+impl NcclRank {
+    pub fn join(
+        rendezvous: &Rendezvous,
+        rank: usize,
+        world: usize,
+        stream: &Arc<CudaStream>,
+    ) -> Result<NcclRank> {
+        if !available() {
+            return Err(Error::Comm(
+                "NCCL requested but libnccl was not found on this machine".into(),
+            ));
+        }
+        let id = rendezvous.exchange(rank, Duration::from_secs(120))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(nccl_err)?;
+        Ok(NcclRank { comm })
+    }
+
+    pub fn world(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    /// In-place sum all-reduce on the communicator's stream.
+    pub fn all_reduce(&self, buf: &mut CudaViewMut<f32>) -> Result<()> {
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(nccl_err)
+    }
+
+    pub fn stream(&self) -> Arc<CudaStream> {
+        self.comm.stream()
+    }
+}
