@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Markdown tables for docs/ACCURACY.md from the runner's `sweep` JSON.
+"""Markdown tables for docs/ACCURACY.md from the runner's `sweep` JSON, and one row per
+planner result from `plan` files (their notes hold the planner's outcome).
 
     python3 scripts/accuracy_table.py docs/accuracy/sweep.json
+    python3 scripts/accuracy_table.py --plans docs/accuracy/plan_tp*_acc1.json
 """
 import json, sys
 
@@ -28,5 +30,35 @@ def main(path):
               f"to most sensitive: {order}")
         print()
 
+def plans(paths):
+    print("| TP | docs/task/split | chosen | zero-shot / B2B / HG+B2B | t1, t2 | search: base -> plan "
+          "| held-out: base -> plan | held-out drop +- paired s.e. (95% interval) | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for path in paths:
+        d = json.load(open(path))
+        o = d["notes"]["outcome"]
+        k, n = sum(o["spd"]), len(o["spd"])
+        pct = lambda x: f"{100 * x:.1f}%"
+        drop = o.get("heldout_drop")
+        if drop:
+            lo, hi = o["heldout_loss_ci95"]
+            stat = (f"{100 * drop['diff']:+.1f} +- {100 * drop['stderr']:.1f} pt "
+                    f"[{100 * lo:+.1f}, {100 * hi:+.1f}]")
+        else:
+            stat = f"{100 * o['heldout_loss']:+.1f} pt (no per-document outcomes kept)"
+        words = {"WithinBudget": "within budget", "OverBudget": "over budget",
+                 "Inconclusive": "inconclusive at this sample size"}
+        if o.get("verdict"):
+            verdict = words[o["verdict"]]
+        else:
+            verdict = ("within" if o["within_budget_on_heldout"] else "over") + " budget (point estimate)"
+        print(f"| {d['tp']} | {o.get('docs_per_task') or '?'} | {k} of {n} ({100 * k / n:.0f}%) | "
+              f"{o['zero_shot_blocks']} / {o['b2b_blocks']} / {o['hg_b2b_blocks']} | "
+              f"{o['t1']:.2f}, {o['t2']:.2f} | {pct(o['search_base'])} -> {pct(o['search_score'])} | "
+              f"{pct(o['heldout_base'])} -> {pct(o['heldout_score'])} | {stat} | {verdict} |")
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/accuracy/sweep.json")
+    if len(sys.argv) > 1 and sys.argv[1] == "--plans":
+        plans(sys.argv[2:])
+    else:
+        main(sys.argv[1] if len(sys.argv) > 1 else "docs/accuracy/sweep.json")
