@@ -828,9 +828,8 @@ fn run(cli: Cli) -> Result<()> {
                             ))
                         }
                     })?;
-                    Box::new(move |e: &mut Engine, split: usize| {
-                        Ok(evaluate_suite(e, &tok2, &splits[split], false)?.average)
-                    })
+                    // the planner gets per-document outcomes: paired s.e. of the drop
+                    Box::new(planner::SuiteMetric { tok: tok2, splits })
                 }
             };
             let dcfg = DistillConfig {
@@ -884,7 +883,7 @@ fn run(cli: Cli) -> Result<()> {
                 outcome.heldout_score,
                 outcome.heldout_loss,
                 budget.limit(),
-                if outcome.within_budget_on_heldout { "within budget" } else { "OVER budget on held-out data" }
+                outcome.verdict_text
             );
             eprintln!(
                 "wrote {} ({} evaluations)",

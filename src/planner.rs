@@ -12,7 +12,7 @@ use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::spd::{Recovery, Sensitivity, SpdPlan};
-use crate::tasks::{self, evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
+use crate::tasks::{evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
 use crate::tokenizer::Tokenizer;
 
 /// What "within budget" means. Both compare against the same engine with no SPD block.
@@ -35,15 +35,11 @@ pub struct Scored {
 pub trait Metric {
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64>;
 
-    /// The score with its per-document outcomes where there are any. The default takes them
-    /// from the [`evaluate_suite`] call the metric made on this thread, if it made one and
-    /// its average is the score (so a closure returning `evaluate_suite(..)?.average` gets
-    /// paired statistics); otherwise `suite` is None.
+    /// The score with its per-document outcomes where the metric has them ([`SuiteMetric`]
+    /// does: the planner then reports paired statistics); the default has none.
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
-        tasks::take_last_suite();
         let value = self.score(engine, split)?;
-        let suite = tasks::take_last_suite().filter(|s| s.average.to_bits() == value.to_bits());
-        Ok(Scored { value, suite })
+        Ok(Scored { value, suite: None })
     }
 }
 

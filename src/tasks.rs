@@ -297,9 +297,7 @@ pub fn evaluate_suite(
         scores.push(evaluate(engine, tok, name, docs, &bar)?);
     }
     bar.finish_and_clear();
-    let suite = suite_score(scores);
-    LAST_SUITE.with(|l| *l.borrow_mut() = Some(suite.clone()));
-    Ok(suite)
+    Ok(suite_score(scores))
 }
 
 /// The average over tasks and its standard error (independent tasks and documents).
@@ -319,18 +317,6 @@ pub fn suite_score(scores: Vec<TaskScore>) -> SuiteScore {
         average,
         average_stderr: var.sqrt(),
     }
-}
-
-thread_local! {
-    static LAST_SUITE: std::cell::RefCell<Option<SuiteScore>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// The last [`evaluate_suite`] result on this thread, taken (the slot is left empty). It lets
-/// the planner pair per-document outcomes when its metric is a closure that returns only
-/// the average (see `planner::Metric::score_detailed`).
-pub fn take_last_suite() -> Option<SuiteScore> {
-    LAST_SUITE.with(|l| l.borrow_mut().take())
 }
 
 /// The difference `a - b` of two average accuracies measured on the same documents, with

@@ -122,7 +122,7 @@ fn verdicts_follow_the_interval() {
 }
 
 #[test]
-fn a_closure_around_evaluate_suite_gives_the_planner_per_document_outcomes() {
+fn suite_metric_gives_the_planner_per_document_outcomes() {
     // the real model and data (scripts/fetch-assets.sh), 2 documents of 2 tasks, TP 2
     let path = syncdrop::assets::smollm2().unwrap_or_else(|e| panic!("{e}"));
     let files = Arc::new(ModelFiles::open(path).unwrap());
@@ -145,10 +145,12 @@ fn a_closure_around_evaluate_suite_gives_the_planner_per_document_outcomes() {
         ..Default::default()
     };
     let mut e = Engine::new(files, &opts).unwrap();
-    let mut metric =
-        |e: &mut Engine, _split: usize| Ok(tasks::evaluate_suite(e, &tok, &docs, false)?.average);
+    let mut metric = syncdrop::planner::SuiteMetric {
+        tok,
+        splits: [Vec::new(), docs.clone()],
+    };
     let s = metric.score_detailed(&mut e, 1).unwrap();
-    let suite = s.suite.expect("the closure's evaluate_suite outcomes");
+    let suite = s.suite.expect("the suite's per-document outcomes");
     assert_eq!(suite.average.to_bits(), s.value.to_bits());
     assert_eq!(suite.tasks.len(), 2);
     for (t, (_, d)) in suite.tasks.iter().zip(&docs) {
@@ -156,9 +158,7 @@ fn a_closure_around_evaluate_suite_gives_the_planner_per_document_outcomes() {
         let got: Vec<u64> = t.docs.iter().map(|d| d.id).collect();
         assert_eq!(got, ids);
     }
-    // a metric that does not evaluate a suite gets none (no stale outcomes)
+    // a plain closure metric has no outcomes (the planner then reports no paired s.e.)
     let mut other = |_: &mut Engine, _: usize| Ok(0.5);
-    assert!(other.score_detailed(&mut e, 1).unwrap().suite.is_none());
-    tasks::evaluate_suite(&mut e, &tok, &docs, false).unwrap();
     assert!(other.score_detailed(&mut e, 1).unwrap().suite.is_none());
 }
