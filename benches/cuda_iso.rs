@@ -37,6 +37,8 @@ fn main() {
     let (tp, ctas) = (8usize, 8usize);
     let mut rows = Vec::new();
     println!("EMULATED: {layers} blocks of one LLaMA2-70B TP 8 rank, real compute on this GPU, links modelled");
+    println!("(the hold kernel takes CTA slots but little SM or memory bandwidth, so the overlap is an upper bound;");
+    println!(" ISO on holds twice as many messages, each with its own latency term: 'modelled comm' is ISO off's)");
     println!("| profile | tokens | split | ISO off ms | ISO on ms | change | modelled comm ms | hidden / best possible |");
     println!("|---|---|---|---|---|---|---|---|");
     for name in [

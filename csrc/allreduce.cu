@@ -60,14 +60,26 @@ __device__ bool ar_barrier(const ArParams& p, const PeerPtrs& flags, int phase, 
   return !failed;
 }
 
+// Thread 0 reads the error flag and this block's round counter once; the whole block then
+// proceeds or returns together (a per-thread read of `err` could split the block).
+__device__ __forceinline__ bool ar_begin(const uint32_t* ctr, const uint32_t* err, uint32_t* c) {
+  __shared__ uint32_t round;
+  __shared__ int go;
+  if (threadIdx.x == 0) {
+    go = ld_acquire_sys(err) == 0u;
+    round = ctr[blockIdx.x] + 1u;
+  }
+  __syncthreads();
+  *c = round;
+  return go;
+}
+
 extern "C" __global__ void __launch_bounds__(256)
 allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
-              uint32_t* __restrict__ err, const float* __restrict__ in, float* __restrict__ out) {
-  if (ld_acquire_sys(err) != 0u) return;  // an earlier all-reduce failed: do nothing
-  __shared__ uint32_t round;
-  if (threadIdx.x == 0) round = ctr[blockIdx.x] + 1u;
-  __syncthreads();
-  const uint32_t c = round;
+              uint32_t* __restrict__ err, const float* in, float* out) {
+  // `in` and `out` may be the same buffer (in-place): no __restrict__ on them
+  uint32_t c;
+  if (!ar_begin(ctr, err, &c)) return;  // an earlier all-reduce failed: do nothing
   const int slot = c & 1u;
   const size_t region = (size_t)p.capacity;
   const size_t slot_base = (size_t)slot * 2 * region;
@@ -114,11 +126,8 @@ oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
                     const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
                     uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                     float* __restrict__ out) {
-  if (ld_acquire_sys(err) != 0u) return;
-  __shared__ uint32_t round;
-  if (threadIdx.x == 0) round = ctr[blockIdx.x] + 1u;
-  __syncthreads();
-  const uint32_t c = round;
+  uint32_t c;
+  if (!ar_begin(ctr, err, &c)) return;
   const int slot = c & 1u;
   const size_t slot_base = (size_t)slot * 2 * (size_t)p.capacity;
   float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;

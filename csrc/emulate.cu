@@ -1,13 +1,22 @@
 // Link emulation for one-GPU measurements (ISO with virtual or single ranks): a kernel that
-// holds `cycles` of clock64() on `gridDim.x` CTAs, standing in for the time a modelled
+// holds `ns` nanoseconds on `gridDim.x` CTAs, standing in for the time a modelled
 // inter-GPU all-reduce takes while occupying the SMs a real P2P kernel would (DESIGN.md
 // section 4: overlap systems give communication 2-8 CTAs). One warp per CTA spins with
-// __nanosleep so the hold costs SM slots, not issue bandwidth; numbers measured with it are
-// labelled emulated.
+// __nanosleep: the hold takes CTA slots but almost no issue slots or memory bandwidth, which
+// a real P2P kernel would use, so overlap measured with it is an upper bound. Numbers
+// measured with it are labelled emulated.
 #include "common.cuh"
 
-extern "C" __global__ void hold_link(int64_t cycles) {
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Wall time (%globaltimer, ns), not SM cycles: clocks drop under load, and a cycle count
+// would hold longer exactly when ISO overlaps it with GEMMs.
+extern "C" __global__ void hold_link(int64_t ns) {
   if (threadIdx.x != 0) return;
-  const long long t0 = clock64();
-  while (clock64() - t0 < cycles) __nanosleep(200);
+  const uint64_t t0 = globaltimer_ns();
+  while (globaltimer_ns() - t0 < (uint64_t)ns) __nanosleep(200);
 }

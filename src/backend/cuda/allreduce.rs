@@ -60,6 +60,7 @@ struct Registered {
     ctx: usize,
     data: u64,
     flags: u64,
+    sms: usize,
 }
 
 /// The rendezvous of one group of ranks (shared by their threads).
@@ -68,6 +69,10 @@ pub struct P2pGroup {
     capacity: usize,
     slots: Mutex<Vec<Option<Registered>>>,
     all_in: Condvar,
+    /// Ranks that finished with the group (their last kernels done): registered memory is
+    /// freed only when every rank has left, since peers read it until their last barrier.
+    left: Mutex<usize>,
+    all_left: Condvar,
 }
 
 impl P2pGroup {
@@ -83,7 +88,47 @@ impl P2pGroup {
             capacity,
             slots: Mutex::new(vec![None; world]),
             all_in: Condvar::new(),
+            left: Mutex::new(0),
+            all_left: Condvar::new(),
         }))
+    }
+}
+
+/// Device memory from `cuMemAlloc` (not the stream-ordered pool that cudarc's allocations
+/// come from: pool memory is not reachable through `cuCtxEnablePeerAccess`), zeroed, freed
+/// on drop.
+struct PeerMem {
+    ctx: Arc<cudarc::driver::CudaContext>,
+    ptr: sys::CUdeviceptr,
+}
+
+impl PeerMem {
+    fn zeroed(ctx: &Arc<cudarc::driver::CudaContext>, bytes: usize) -> Result<PeerMem> {
+        ctx.bind_to_thread().map_err(cuda_err)?;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: plain allocation and a synchronous memset of the bytes just allocated.
+        unsafe {
+            sys::cuMemAlloc_v2(&mut ptr, bytes.max(4))
+                .result()
+                .map_err(cuda_err)?;
+            sys::cuMemsetD8_v2(ptr, 0, bytes.max(4))
+                .result()
+                .map_err(cuda_err)?;
+        }
+        Ok(PeerMem {
+            ctx: ctx.clone(),
+            ptr,
+        })
+    }
+}
+
+impl Drop for PeerMem {
+    fn drop(&mut self) {
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by cuMemAlloc_v2 above; the owner made sure no kernel uses it.
+        unsafe {
+            let _ = sys::cuMemFree_v2(self.ptr);
+        }
     }
 }
 
@@ -92,8 +137,11 @@ pub struct P2pRank {
     rank: usize,
     world: usize,
     capacity: usize,
-    data: CudaSlice<f32>,
-    _flags: CudaSlice<u32>,
+    group: Arc<P2pGroup>,
+    /// The stream every collective of this rank runs on (waited for before leaving).
+    stream: Arc<CudaStream>,
+    _data: PeerMem,
+    _flags: PeerMem,
     ctr: CudaSlice<u32>,
     err: CudaSlice<u32>,
     data_peers: PeerPtrs,
@@ -135,19 +183,20 @@ impl P2pRank {
             return Err(Error::InvalidArgument(format!("rank {rank} of {world}")));
         }
         let ctx = stream.context();
-        let data = stream
-            .alloc_zeros::<f32>(4 * capacity.max(1))
-            .map_err(cuda_err)?;
-        let flags = stream.alloc_zeros::<u32>(FLAGS).map_err(cuda_err)?;
+        let data = PeerMem::zeroed(ctx, 4 * capacity.max(1) * 4)?;
+        let flags = PeerMem::zeroed(ctx, FLAGS * 4)?;
         let ctr = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(cuda_err)?;
         let err = stream.alloc_zeros::<u32>(5).map_err(cuda_err)?;
         stream.synchronize().map_err(cuda_err)?; // zeros visible before any peer signals
-        let addr = |s: &CudaSlice<f32>| s.device_ptr(stream).0;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(cuda_err)? as usize;
         let me = Registered {
             device,
             ctx: ctx.cu_ctx() as usize,
-            data: addr(&data),
-            flags: flags.device_ptr(stream).0,
+            data: data.ptr,
+            flags: flags.ptr,
+            sms,
         };
         let peers = {
             let mut slots = group.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -196,14 +245,15 @@ impl P2pRank {
         let khz = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
             .map_err(cuda_err)? as i64;
-        let sms = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(cuda_err)? as usize;
+        // every rank must launch the same grid: the smallest GPU of the group sets it
+        let sms = peers.iter().map(|p| p.sms).min().unwrap_or(sms);
         Ok(P2pRank {
             rank,
             world,
             capacity,
-            data,
+            group: group.clone(),
+            stream: stream.clone(),
+            _data: data,
             _flags: flags,
             ctr,
             err,
@@ -259,7 +309,6 @@ impl P2pRank {
         // SAFETY: matches allreduce_f32 in csrc/allreduce.cu; peers' buffers stay registered
         // (and allocated) for the group's life; n <= capacity checked above.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
-        let _ = &self.data;
         Ok(())
     }
 
@@ -324,6 +373,11 @@ impl P2pRank {
         Ok(())
     }
 
+    /// The stream this rank's collectives must run on (the one it joined with).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// After a synchronisation: the timeout a block recorded, as a typed error.
     pub fn check(&self, stream: &Arc<CudaStream>) -> Result<()> {
         let e: Vec<u32> = stream.clone_dtoh(&self.err).map_err(cuda_err)?;
@@ -336,5 +390,21 @@ impl P2pRank {
             });
         }
         Ok(())
+    }
+}
+
+impl Drop for P2pRank {
+    /// Wait for this rank's last collective, then for every peer to do the same (bounded),
+    /// before the registered memory goes: peers read it until their last barrier.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+        let g = &self.group;
+        let mut left = g.left.lock().unwrap_or_else(|e| e.into_inner());
+        *left += 1;
+        g.all_left.notify_all();
+        let _ = g
+            .all_left
+            .wait_timeout_while(left, Duration::from_secs(10), |n| *n < g.world)
+            .unwrap_or_else(|e| e.into_inner());
     }
 }

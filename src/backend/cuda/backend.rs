@@ -112,15 +112,25 @@ pub struct CudaBackend {
     /// Sync points served by the P2P kernels (the host communicator counts the staged ones).
     dev_counters: CommCounters,
     emulate: Option<EmulatedLink>,
-    clock_khz: f64,
     /// NCCL on the communication stream, when the engine asked for it.
     nccl: Option<super::nccl::NcclRank>,
 }
 
 /// An all-reduce in flight on the communication lane.
 pub struct CudaPending {
-    buf: CudaSlice<f32>,
+    buf: Option<CudaSlice<f32>>,
     done: Option<CudaEvent>,
+    /// The compute stream, which frees `buf`: dropped un-waited (an error path), it must
+    /// still wait for the lane, or the memory could be reused under the running kernel.
+    compute: Arc<CudaStream>,
+}
+
+impl Drop for CudaPending {
+    fn drop(&mut self) {
+        if let Some(ev) = self.done.take() {
+            let _ = self.compute.wait(&ev);
+        }
+    }
 }
 
 /// A captured decode step. cudarc's graph holds raw driver handles and is not `Send`; a
@@ -217,9 +227,6 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(cuda_err)?;
         let comm_stream = ctx.new_stream().map_err(cuda_err)?;
         let kern = Kernels::load(&ctx)?;
-        let clock_khz = ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
-            .map_err(cuda_err)? as f64;
         let gemm = Gemm::new(&stream)?;
         let num_sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -260,7 +267,6 @@ impl CudaBackend {
             logged: Default::default(),
             dev_counters: CommCounters::default(),
             emulate: None,
-            clock_khz,
             nccl: None,
         })
     }
@@ -299,7 +305,7 @@ impl CudaBackend {
             return Ok(());
         };
         let us = e.profile.all_reduce_us(e.world, (n * 2) as f64);
-        let cycles = (us * 1e-6 * self.clock_khz * 1e3) as i64;
+        let ns = (us * 1e3) as i64;
         let f = self.ex.kern.function("emulate", "hold_link")?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (e.ctas.max(1) as u32, 1, 1),
@@ -307,7 +313,7 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.ex.comm.launch_builder(&f);
-        b.arg(&cycles);
+        b.arg(&ns);
         // SAFETY: hold_link(int64_t) reads nothing but its argument.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
@@ -359,6 +365,14 @@ impl CudaBackend {
         self.ex.comm.wait(&ev).map_err(cuda_err)
     }
 
+    fn pending(&self, buf: CudaSlice<f32>, done: Option<CudaEvent>) -> CudaPending {
+        CudaPending {
+            buf: Some(buf),
+            done,
+            compute: self.ex.stream.clone(),
+        }
+    }
+
     /// lane -> event the compute stream can wait on.
     fn lane_done(&self) -> Result<CudaEvent> {
         self.ex.comm.record_event(None).map_err(cuda_err)
@@ -374,7 +388,7 @@ impl CudaBackend {
         let rank = P2pRank::join(
             group,
             self.comm.rank(),
-            &self.ex.stream,
+            &self.ex.comm,
             self.device,
             per_device,
             P2P_TIMEOUT,
@@ -780,20 +794,24 @@ impl Backend for CudaBackend {
     /// cross the host) and complete here.
     fn all_reduce_start(&mut self, mut buf: CudaSlice<f32>, n: usize) -> Result<CudaPending> {
         if n == 0 || (self.world() == 1 && self.emulate.is_none()) {
-            return Ok(CudaPending { buf, done: None });
+            return Ok(self.pending(buf, None));
         }
         if self.reduce_on_lane(&mut buf, n)? {
             let done = Some(self.lane_done()?);
-            return Ok(CudaPending { buf, done });
+            return Ok(self.pending(buf, done));
         }
         self.all_reduce(&mut buf, n)?;
-        Ok(CudaPending { buf, done: None })
+        Ok(self.pending(buf, None))
     }
-    fn all_reduce_wait(&mut self, pending: CudaPending) -> Result<CudaSlice<f32>> {
-        if let Some(ev) = &pending.done {
-            self.ex.stream.wait(ev).map_err(cuda_err)?;
+    fn all_reduce_wait(&mut self, mut pending: CudaPending) -> Result<CudaSlice<f32>> {
+        if let Some(ev) = pending.done.take() {
+            self.ex.stream.wait(&ev).map_err(cuda_err)?;
         }
-        Ok(pending.buf)
+        // nothing left for Drop to wait on; hand the buffer back
+        Ok(pending
+            .buf
+            .take()
+            .expect("a pending all-reduce holds its buffer"))
     }
 
     fn lm_head(
@@ -950,6 +968,13 @@ impl Backend for CudaBackend {
 
     fn graph_end(&mut self) -> Result<()> {
         self.ex.capturing = false;
+        // an op that failed after forking the lane left it unjoined: join it, so the capture
+        // ends (with the op's error reported by the caller) instead of failing as "unjoined"
+        if let Ok(sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE) =
+            self.ex.comm.capture_status()
+        {
+            let _ = self.ex.stream.join(&self.ex.comm);
+        }
         let g = self
             .ex
             .stream

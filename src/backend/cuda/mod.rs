@@ -33,8 +33,28 @@ fn cuda_err(e: impl std::fmt::Debug) -> Error {
     Error::Cuda(format!("{e:?}"))
 }
 
+/// Driver settings virtual ranks need, applied once before the driver initialises unless
+/// the user set them: eager module loading (a lazy first use can wait for a context-wide
+/// sync while peer ranks spin in an all-reduce) and 32 hardware work queues (two streams per
+/// rank; with the default 8, one rank's queued collective can sit behind a peer's compute
+/// kernel that the spinning peers are waiting for).
+fn driver_env() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for (k, v) in [
+            ("CUDA_MODULE_LOADING", "EAGER"),
+            ("CUDA_DEVICE_MAX_CONNECTIONS", "32"),
+        ] {
+            if std::env::var_os(k).is_none() {
+                std::env::set_var(k, v);
+            }
+        }
+    });
+}
+
 /// Number of CUDA devices visible, or an error when no driver is present.
 pub fn device_count() -> Result<usize> {
+    driver_env();
     // SAFETY: only probes whether libcuda can be dlopen-ed; no CUDA call is made before it.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(Error::Cuda(
