@@ -422,8 +422,14 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
         let (m, fitted) = engine.iso_model().calibrate(&mut engine, 64, 256, 2)?;
         if fitted {
             eprintln!(
-                "ISO cost model calibrated on two prefills: {:.3e} s/token + {:.3e} s per attention pair; ISO off below {} tokens",
-                m.linear, m.attn, m.min_len
+                "ISO cost model calibrated on three prefills: {:.3e} s/token + {:.3e} s per attention pair + {:.3e} s per chunk; communication {:.3e} s/token + {:.3e} s per chunk; ISO off below {} tokens{}",
+                m.linear,
+                m.attn,
+                m.fixed,
+                m.comm_token,
+                m.comm_fixed,
+                m.min_len,
+                if m.comm_token > 0.0 || m.comm_fixed > 0.0 { " and wherever the hidden communication would not pay for the second chunk" } else { "" }
             );
         } else {
             eprintln!("ISO cost model: timing fit unusable (noisy machine?), using FLOP counts");

@@ -7,6 +7,14 @@
 //! multiple, and turns ISO off below a length where splitting costs more than it hides.
 //! The coefficients come from FLOP counts, or better from timing real prefills
 //! ([`IsoCostModel::calibrate`]). The ISO paper leaves this "adaptive segmentation" open.
+//!
+//! Whether to split at all: a second chunk costs a fixed amount (on a GPU, every chunk
+//! streams all the weights again; on any device, one more set of launches and one more
+//! collective latency per layer), and can hide at most min(communication, compute) of the
+//! prefill. When the calibration measured both, ISO is on only where the hidden time beats
+//! the extra fixed cost (the latency model found ISO at 256 tokens *slower* on H100: the
+//! second weight pass costs more than the link time it hides); without a measurement, a
+//! plain length threshold decides.
 
 use crate::config::LlamaConfig;
 use crate::engine::Engine;
@@ -46,6 +54,15 @@ pub struct IsoCostModel {
     pub min_len: usize,
     /// Splits are rounded to a multiple of this.
     pub multiple: usize,
+    /// Cost of a chunk whatever its length (weight streaming, launches), same unit.
+    #[serde(default)]
+    pub fixed: f64,
+    /// Communication of a prefill: per token, and per chunk (collective latencies), same
+    /// unit. Both 0 = not measured (then only `min_len` decides).
+    #[serde(default)]
+    pub comm_token: f64,
+    #[serde(default)]
+    pub comm_fixed: f64,
 }
 
 impl IsoCostModel {
@@ -60,7 +77,26 @@ impl IsoCostModel {
             attn: 4.0 * cfg.n_heads as f64 * hd / tp as f64,
             min_len: 64,
             multiple: 16,
+            fixed: 0.0,
+            comm_token: 0.0,
+            comm_fixed: 0.0,
         }
+    }
+
+    /// Predicted time ISO saves on a `t`-token prefill split at `s` (positive = faster), or
+    /// None when communication was not measured. Without ISO the communication runs after
+    /// the compute it depends on; with two chunks each chunk's all-reduces can hide under
+    /// the other chunk's compute, at the price of one more chunk's fixed and collective
+    /// latency costs.
+    pub fn iso_gain(&self, t: usize, s: usize) -> Option<f64> {
+        if self.comm_token == 0.0 && self.comm_fixed == 0.0 {
+            return None;
+        }
+        let (c0, c1) = (self.chunk_cost(0, s), self.chunk_cost(s, t - s));
+        let comm = |len: usize| self.comm_fixed + self.comm_token * len as f64;
+        // chunk 0's communication hides under chunk 1's compute and vice versa
+        let hidden = comm(s).min(c1) + comm(t - s).min(c0);
+        Some(hidden - self.fixed - self.comm_fixed)
     }
 
     /// Cost of the chunk of `len` tokens starting at position `start`.
@@ -88,43 +124,119 @@ impl IsoCostModel {
         }
         let m = self.multiple.max(1);
         let s = ((lo + m / 2) / m * m).clamp(m, t - m);
-        Some(s)
+        match self.iso_gain(t, s) {
+            Some(g) if g <= 0.0 => None,
+            _ => Some(s),
+        }
     }
 
-    /// Fit `linear` and `attn` (seconds) to timed prefills of `short` and `long` tokens on
-    /// `engine` (best of `reps`): time(L) = linear * L + attn * L(L+1)/2. Returns the model
-    /// and whether the fit was usable (positive coefficients); if not, `self` is kept.
+    /// Fit the model (seconds) to prefills of `short`, the midpoint and `long` tokens timed
+    /// on `engine` (best of `reps`), with the engine's own communication counters separating
+    /// compute from communication: compute(L) = fixed + linear * L + attn * L(L+1)/2 and
+    /// comm(L) = comm_fixed + comm_token * L. Returns the model and whether the fit was usable
+    /// (non-negative coefficients, positive linear); if not, `self` is kept.
     pub fn calibrate(
-        mut self,
+        self,
         engine: &mut Engine,
         short: usize,
         long: usize,
         reps: usize,
     ) -> Result<(IsoCostModel, bool)> {
-        let time = |engine: &mut Engine, len: usize| -> Result<f64> {
+        let time = |engine: &mut Engine, len: usize| -> Result<(f64, f64)> {
             let toks: Vec<u32> = (0..len as u32).map(|i| 100 + (i * 37) % 1000).collect();
-            let mut best = f64::MAX;
+            let mut best = (f64::MAX, 0.0);
             for _ in 0..reps.max(1) {
+                engine.reset_comm_stats()?;
                 let t0 = std::time::Instant::now();
                 engine.forward(&toks, 0, len - 1..len)?;
-                best = best.min(t0.elapsed().as_secs_f64());
+                let total = t0.elapsed().as_secs_f64();
+                // rank 0's time inside all-reduces (the ranks run in lockstep)
+                let comm = engine.comm_stats()?.first().map_or(0.0, |c| c.seconds());
+                if total < best.0 {
+                    best = (total, comm.min(total));
+                }
             }
             Ok(best)
         };
-        let (t1, t2) = (time(engine, short)?, time(engine, long)?);
-        let (l1, l2) = (short as f64, long as f64);
-        let (q1, q2) = (l1 * (l1 + 1.0) / 2.0, l2 * (l2 + 1.0) / 2.0);
-        // solve [l1 q1; l2 q2] [a; b] = [t1; t2]
-        let det = l1 * q2 - l2 * q1;
-        let a = (t1 * q2 - t2 * q1) / det;
-        let b = (l1 * t2 - l2 * t1) / det;
-        let ok = a > 0.0 && b >= 0.0;
-        if ok {
-            self.linear = a;
-            self.attn = b;
+        let mid = (short + long) / 2;
+        let mut points = Vec::new();
+        for len in [short, mid, long] {
+            let (total, comm) = time(engine, len)?;
+            points.push((len, total - comm, comm));
         }
-        Ok((self, ok))
+        Ok(self.fit(&points))
     }
+
+    /// The fit behind [`IsoCostModel::calibrate`], from (tokens, compute s, comm s) points
+    /// at three distinct lengths.
+    pub fn fit(mut self, points: &[(usize, f64, f64)]) -> (IsoCostModel, bool) {
+        if points.len() != 3 {
+            return (self, false);
+        }
+        // compute: exact solve of [1 L L(L+1)/2] [fixed linear attn]^T = compute
+        let row = |l: usize| {
+            let l = l as f64;
+            [1.0, l, l * (l + 1.0) / 2.0]
+        };
+        let a = [row(points[0].0), row(points[1].0), row(points[2].0)];
+        let b = [points[0].1, points[1].1, points[2].1];
+        let Some([fixed, linear, attn]) = solve3(a, b) else {
+            return (self, false);
+        };
+        // communication: least squares of comm_fixed + comm_token * L over the three points
+        let n = 3.0;
+        let (sx, sy) = points
+            .iter()
+            .fold((0.0, 0.0), |(x, y), p| (x + p.0 as f64, y + p.2));
+        let (sxx, sxy) = points.iter().fold((0.0, 0.0), |(xx, xy), p| {
+            (xx + (p.0 * p.0) as f64, xy + p.0 as f64 * p.2)
+        });
+        let den = n * sxx - sx * sx;
+        let comm_token = if den > 0.0 {
+            (n * sxy - sx * sy) / den
+        } else {
+            0.0
+        };
+        let comm_fixed = (sy - comm_token * sx) / n;
+        let ok = linear > 0.0 && attn >= 0.0 && fixed >= -1e-3 * linear * points[2].0 as f64;
+        if ok {
+            self.fixed = fixed.max(0.0);
+            self.linear = linear;
+            self.attn = attn;
+            self.comm_token = comm_token.max(0.0);
+            self.comm_fixed = comm_fixed.max(0.0);
+        }
+        (self, ok)
+    }
+}
+
+/// Solve a 3x3 linear system by Cramer's rule; None when it is singular.
+fn solve3(a: [[f64; 3]; 3], b: [f64; 3]) -> Option<[f64; 3]> {
+    let det = |m: [[f64; 3]; 3]| {
+        m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1])
+            - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0])
+            + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0])
+    };
+    let d = det(a);
+    if d.abs()
+        < 1e-12
+            * a.iter()
+                .flatten()
+                .map(|x| x.abs())
+                .fold(0.0, f64::max)
+                .powi(3)
+    {
+        return None;
+    }
+    let mut x = [0.0; 3];
+    for (j, xj) in x.iter_mut().enumerate() {
+        let mut m = a;
+        for i in 0..3 {
+            m[i][j] = b[i];
+        }
+        *xj = det(m) / d;
+    }
+    Some(x)
 }
 
 #[cfg(test)]
@@ -137,7 +249,70 @@ mod tests {
             attn,
             min_len: 64,
             multiple: 1,
+            fixed: 0.0,
+            comm_token: 0.0,
+            comm_fixed: 0.0,
         }
+    }
+
+    #[test]
+    fn measured_costs_decide_whether_to_split() {
+        // communication per token comparable to compute: ISO hides it, even short prompts
+        let m = IsoCostModel {
+            fixed: 1e-3,
+            comm_token: 5e-6,
+            comm_fixed: 1e-4,
+            ..model(1e-5, 1e-9)
+        };
+        let s = m.split(2048).expect("ISO pays at 2k tokens");
+        assert!(m.iso_gain(2048, s).unwrap() > 0.0);
+        // a second weight pass that costs more than the link time it could hide: no ISO
+        let heavy = IsoCostModel { fixed: 5e-3, ..m };
+        assert_eq!(heavy.split(256), None);
+        assert!(heavy.split(8192).is_some(), "long prompts still pay");
+        // the gain never exceeds min(comm, compute) and is None without measurements
+        let t = 4096;
+        let s = m.split(t).unwrap();
+        let comm = m.comm_fixed + m.comm_token * t as f64;
+        let compute = m.chunk_cost(0, t);
+        assert!(m.iso_gain(t, s).unwrap() <= comm.min(compute) + 1e-12);
+        assert_eq!(model(1.0, 0.0).iso_gain(1000, 500), None);
+    }
+
+    #[test]
+    fn fit_recovers_the_coefficients_of_three_timed_prefills() {
+        let truth = IsoCostModel {
+            fixed: 2e-3,
+            comm_token: 3e-6,
+            comm_fixed: 4e-4,
+            ..model(1.5e-5, 2e-9)
+        };
+        let pts: Vec<(usize, f64, f64)> = [64usize, 160, 256]
+            .iter()
+            .map(|&l| {
+                let compute = truth.fixed + truth.chunk_cost(0, l);
+                (l, compute, truth.comm_fixed + truth.comm_token * l as f64)
+            })
+            .collect();
+        let (f, ok) = model(1.0, 1.0).fit(&pts);
+        assert!(ok);
+        for (got, want) in [
+            (f.fixed, truth.fixed),
+            (f.linear, truth.linear),
+            (f.attn, truth.attn),
+            (f.comm_token, truth.comm_token),
+            (f.comm_fixed, truth.comm_fixed),
+        ] {
+            assert!(
+                (got - want).abs() <= 1e-6 * want.abs().max(1e-9),
+                "{got} vs {want}"
+            );
+        }
+        // a fit that makes no sense (time falling with length) keeps the old model
+        let bad = [(64, 3.0, 0.0), (160, 2.0, 0.0), (256, 1.0, 0.0)];
+        let (k, ok) = model(7.0, 0.5).fit(&bad);
+        assert!(!ok);
+        assert_eq!((k.linear, k.attn), (7.0, 0.5));
     }
 
     #[test]
