@@ -3,7 +3,7 @@
 //! Teacher: the original TP block. Student: the same block run as an SPD block, initialised
 //! from the teacher's weights. Both see the same block inputs X (from calibration text); the
 //! loss is the mean squared error between their outputs. Trained: each rank's output
-//! projection W_o[r], its own copy of the FFN norm, and its MLP shard — every parameter
+//! projection `W_o[r]`, its own copy of the FFN norm, and its MLP shard — every parameter
 //! downstream of the dropped sync point. Q/K/V stay frozen: in an SPD block the attention
 //! itself is exact, so its outputs are computed once and cached.
 //!

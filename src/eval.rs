@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::Instant;
 
-/// -log softmax(logits)[target], computed in f64.
+/// `-log softmax(logits)[target]`, computed in f64.
 pub fn nll(logits: &[f32], target: u32) -> f64 {
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|l| (*l as f64 - max).exp()).sum();

@@ -88,7 +88,7 @@ impl Value {
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
     pub name: String,
-    /// ggml order: dims[0] is the fastest-varying (row length).
+    /// ggml order: `dims[0]` is the fastest-varying (row length).
     pub dims: Vec<usize>,
     pub ty: GgmlType,
     /// Absolute byte offset of the data in the file.

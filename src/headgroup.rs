@@ -160,7 +160,7 @@ fn permutations(n: usize) -> Vec<Vec<usize>> {
     out
 }
 
-/// score[g][m]: sum over calibration tokens of ||MLP_m(RMSNorm(X + a_g))|| for head group g
+/// `score[g][m]`: sum over calibration tokens of ||MLP_m(RMSNorm(X + a_g))|| for head group g
 /// (its attention output through its W_o columns) and MLP shard m.
 pub fn mlp_scores(
     engine: &Engine,
@@ -233,7 +233,7 @@ pub fn pair_mlp(score: &[Vec<f64>]) -> Result<Vec<usize>> {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Grouping {
     pub heads: Vec<Vec<usize>>,
-    /// ffn_order[r]: which of the even FFN shards rank r gets.
+    /// `ffn_order[r]`: which of the even FFN shards rank r gets.
     pub ffn_order: Vec<usize>,
     pub dissimilarity_before: f64,
     pub dissimilarity_after: f64,

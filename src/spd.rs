@@ -195,9 +195,9 @@ pub fn perplexity_of(engine: &mut Engine, seqs: &[Vec<u32>], window: usize) -> R
 pub struct Sensitivity {
     /// Perplexity with no SPD block.
     pub base_ppl: f64,
-    /// ppl[i]: perplexity with blocks i.. all SPD.
+    /// `ppl[i]`: perplexity with blocks i.. all SPD.
     pub ppl_from: Vec<f64>,
-    /// sensitivity[i] = ppl_from[i] - ppl_from[i + 1] (ppl_from[L] = base).
+    /// `sensitivity[i] = ppl_from[i] - ppl_from[i + 1]` (`ppl_from[L]` = base).
     pub sensitivity: Vec<f64>,
 }
 

@@ -150,7 +150,7 @@ pub trait Backend: Send {
         pos0: usize,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// Output projection: `out` (t, d) = attn (t, q) @ W_o[r]^T, a partial sum over ranks.
+    /// Output projection: `out` (t, d) = attn (t, q) @ `W_o[r]^T`, a partial sum over ranks.
     fn o_proj(
         &mut self,
         layer: usize,

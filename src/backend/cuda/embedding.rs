@@ -18,7 +18,7 @@ const _: () = assert!(std::mem::size_of::<EmbedParams>() == 8);
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for EmbedParams {}
 
-/// out (t, d) = table[ids]. `ids` are checked against the table's row count on the host
+/// out (t, d) = `table[ids]`. `ids` are checked against the table's row count on the host
 /// (`host_ids`), since a bad id would read out of bounds on the device.
 #[allow(clippy::too_many_arguments)]
 pub fn embedding_f32(

@@ -25,8 +25,8 @@ const _: () = {
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for SampleParams {}
 
-/// out[r] = a token drawn from softmax(logits[r] / temperature) restricted to the nucleus
-/// of mass `top_p`, using u[r] in [0, 1). temperature > 0 (use argmax for greedy).
+/// `out[r]` = a token drawn from `softmax(logits[r] / temperature)` restricted to the nucleus
+/// of mass `top_p`, using `u[r]` in [0, 1). temperature > 0 (use argmax for greedy).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_f32(
     stream: &Arc<CudaStream>,
