@@ -76,8 +76,8 @@ __device__ __forceinline__ bool ar_begin(const uint32_t* ctr, const uint32_t* er
 
 extern "C" __global__ void __launch_bounds__(256)
 allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
-              uint32_t* __restrict__ err, const float* in, float* out) {
-  // `in` and `out` may be the same buffer (in-place): no __restrict__ on them
+              uint32_t* __restrict__ err, const float* in, float* out, const float* residual) {
+  // `in`, `out` and `residual` may alias (in-place; x += sum): no __restrict__ on them
   uint32_t c;
   if (!ar_begin(ctr, err, &c)) return;  // an earlier all-reduce failed: do nothing
   const int slot = c & 1u;
@@ -86,15 +86,14 @@ allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ 
   float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;
   const long stride = (long)gridDim.x * blockDim.x;
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  if (!p.in_place)
-    for (long i = first; i < p.n; i += stride) mine[i] = in[i];
+  for (long i = first; i < p.n; i += stride) mine[i] = in[i];
   if (!ar_barrier(p, flags, 0, slot, c, err)) return;
   if (!p.two_shot) {
     for (long i = first; i < p.n; i += stride) {
       float acc = 0.f;
       for (int r = 0; r < p.world; ++r)
         acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + i);
-      out[i] = acc;
+      out[i] = p.has_residual ? residual[i] + acc : acc;
     }
   } else {
     const long chunk = (p.n + p.world - 1) / p.world;
@@ -108,7 +107,8 @@ allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ 
     if (!ar_barrier(p, flags, 1, slot, c, err)) return;
     for (long i = first; i < p.n; i += stride) {
       const int owner = (int)(i / chunk);
-      out[i] = __ldcg(reinterpret_cast<const float*>(data.p[owner]) + slot_base + region + i);
+      const float v = __ldcg(reinterpret_cast<const float*>(data.p[owner]) + slot_base + region + i);
+      out[i] = p.has_residual ? residual[i] + v : v;
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;

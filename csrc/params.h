@@ -122,5 +122,5 @@ typedef struct {
   int64_t capacity;
   int64_t budget;  // spin budget in clock64() cycles
   int32_t two_shot;
-  int32_t in_place;  // 1: the input already sits in this rank's data region 0 (fused producer)
+  int32_t has_residual;  // 1: out = residual + sum (fused residual add; residual may be out)
 } ArParams;

@@ -350,8 +350,7 @@ fn blocks<B: Backend>(
             be.add_ffn_norm(l, &mut b.u, &b.a, t, &mut b.normed)?; // U_r = X + a_r (local)
             be.mlp(l, &b.normed, t, &mut b.m)?;
             be.add(&mut b.m, &b.a, t * d)?; // a_r + m_r ride together
-            be.all_reduce(&mut b.m, t * d)?;
-            be.add(&mut b.x, &b.m, t * d)?;
+            be.all_reduce_add(&mut b.m, &mut b.x, t * d)?; // X += AllReduce(a_r + m_r)
         } else {
             let mode = if world > 1 {
                 ReduceMode::Reduce
@@ -362,9 +361,10 @@ fn blocks<B: Backend>(
             be.add_ffn_norm(l, &mut b.x, &b.a, t, &mut b.normed)?;
             be.mlp(l, &b.normed, t, &mut b.m)?;
             if world > 1 {
-                be.all_reduce(&mut b.m, t * d)?;
+                be.all_reduce_add(&mut b.m, &mut b.x, t * d)?;
+            } else {
+                be.add(&mut b.x, &b.m, t * d)?;
             }
-            be.add(&mut b.x, &b.m, t * d)?;
         }
     }
     Ok(())

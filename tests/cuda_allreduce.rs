@@ -292,4 +292,37 @@ mod gpu {
             }
         }
     }
+
+    #[test]
+    fn fused_residual_add_epilogue_adds_the_sum_to_x_and_leaves_m() {
+        if !have_gpu() {
+            return;
+        }
+        for two_shot in [false, true] {
+            let n = 1000;
+            let out = on_ranks(3, n, Duration::from_secs(1), move |r, s, k, p| {
+                let m: Vec<f32> = (0..n).map(|i| ((i + r) % 9) as f32 * 0.5).collect();
+                let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+                let md = s.clone_htod(&m).unwrap();
+                let mut xd = s.clone_htod(&x).unwrap();
+                p.all_reduce_add(s, k, &md.slice(..), &mut xd.slice_mut(..), n, two_shot)
+                    .unwrap();
+                let (x2, m2): (Vec<f32>, Vec<f32>) =
+                    (s.clone_dtoh(&xd).unwrap(), s.clone_dtoh(&md).unwrap());
+                p.check(s).unwrap();
+                (x2, m2 == m)
+            });
+            for (r, (x2, m_kept)) in out.iter().enumerate() {
+                assert!(m_kept, "rank {r}: m changed");
+                for (i, v) in x2.iter().enumerate() {
+                    let sum: f32 = (0..3).map(|q| ((i + q) % 9) as f32 * 0.5).sum();
+                    assert_eq!(
+                        *v,
+                        (i % 7) as f32 + sum,
+                        "two-shot {two_shot} rank {r} [{i}]"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -213,6 +213,14 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// `x[..n]` += the sum over ranks of `m[..n]` (the end of every TP and SPD block);
+    /// `m` is left unspecified. The default is `all_reduce` then `add`; the CUDA backend fuses
+    /// the residual add into the P2P all-reduce's epilogue.
+    fn all_reduce_add(&mut self, m: &mut Self::Buf, x: &mut Self::Buf, n: usize) -> Result<()> {
+        self.all_reduce(m, n)?;
+        self.add(x, m, n)
+    }
+
     fn comm_stats(&self) -> CommStats;
     fn reset_comm_stats(&mut self);
 

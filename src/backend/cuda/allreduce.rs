@@ -39,7 +39,7 @@ pub struct ArParams {
     pub capacity: i64,
     pub budget: i64,
     pub two_shot: i32,
-    pub in_place: i32,
+    pub has_residual: i32,
 }
 const _: () = {
     assert!(std::mem::size_of::<PeerPtrs>() == 64);
@@ -278,6 +278,36 @@ impl P2pRank {
         two_shot: bool,
     ) -> Result<()> {
         check_len("p2p all_reduce", "buf", buf.len(), n)?;
+        let ptr = buf.device_ptr(stream).0;
+        self.launch(stream, kern, (ptr, ptr, None), n, two_shot)
+    }
+
+    /// Fused residual add: `x[..n] += sum over ranks of m[..n]` (`m` is left as it was).
+    pub fn all_reduce_add(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        m: &CudaView<f32>,
+        x: &mut CudaViewMut<f32>,
+        n: usize,
+        two_shot: bool,
+    ) -> Result<()> {
+        check_len("p2p all_reduce_add", "m", m.len(), n)?;
+        check_len("p2p all_reduce_add", "x", x.len(), n)?;
+        let mp = m.device_ptr(stream).0;
+        let xp = x.device_ptr(stream).0;
+        self.launch(stream, kern, (mp, xp, Some(xp)), n, two_shot)
+    }
+
+    /// Launch `allreduce_f32` on raw pointers (in, out, residual) of at least n floats.
+    fn launch(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        (input, out, residual): (u64, u64, Option<u64>),
+        n: usize,
+        two_shot: bool,
+    ) -> Result<()> {
         if n > self.capacity {
             return Err(Error::InvalidArgument(format!(
                 "all-reduce of {n} elements exceeds the registered buffer of {}",
@@ -287,7 +317,8 @@ impl P2pRank {
         if n == 0 {
             return Ok(());
         }
-        let p = self.params(n, two_shot);
+        let mut p = self.params(n, two_shot);
+        p.has_residual = i32::from(residual.is_some());
         let grid = n.div_ceil(256).clamp(1, self.max_grid);
         let cfg = LaunchConfig {
             grid_dim: (grid as u32, 1, 1),
@@ -295,19 +326,19 @@ impl P2pRank {
             shared_mem_bytes: 0,
         };
         let f = kern.function("allreduce", "allreduce_f32")?;
-        let input: CudaView<f32> = buf.as_view();
-        // the kernel copies `in` to its own buffer before writing `out`: same pointer is fine
-        let in_ptr = input.device_ptr(stream).0;
+        let res = residual.unwrap_or(0);
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
             .arg(&self.data_peers)
             .arg(&self.flag_peers)
             .arg(&mut self.ctr)
             .arg(&mut self.err)
-            .arg(&in_ptr)
-            .arg(buf);
-        // SAFETY: matches allreduce_f32 in csrc/allreduce.cu; peers' buffers stay registered
-        // (and allocated) for the group's life; n <= capacity checked above.
+            .arg(&input)
+            .arg(&out)
+            .arg(&res);
+        // SAFETY: matches allreduce_f32 in csrc/allreduce.cu; the callers checked that the
+        // pointers hold n floats; peers' buffers stay registered for the group's life;
+        // n <= capacity checked above.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -320,7 +351,7 @@ impl P2pRank {
             capacity: self.capacity as i64,
             budget: self.budget_cycles,
             two_shot: i32::from(two_shot),
-            in_place: 0,
+            has_residual: 0,
         }
     }
 

@@ -789,6 +789,38 @@ impl Backend for CudaBackend {
         r
     }
 
+    /// With the P2P kernels the residual add runs in the all-reduce's epilogue (one kernel
+    /// instead of an all-reduce and an add); otherwise the default.
+    fn all_reduce_add(
+        &mut self,
+        m: &mut CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        n: usize,
+    ) -> Result<()> {
+        if n > 0 && self.world() > 1 && self.p2p.is_some() {
+            let algo = self.algo(n)?;
+            if matches!(algo, Algo::OneShot | Algo::TwoShot) {
+                self.fork()?;
+                let t0 = std::time::Instant::now();
+                let (p, _) = self.p2p.as_mut().expect("checked above");
+                p.all_reduce_add(
+                    &self.ex.comm,
+                    &self.ex.kern,
+                    &m.slice(..n),
+                    &mut x.slice_mut(..n),
+                    n,
+                    algo == Algo::TwoShot,
+                )?;
+                self.dev_counters.record(t0, n * 4);
+                self.hold(n)?;
+                let done = self.lane_done()?;
+                return self.ex.stream.wait(&done).map_err(cuda_err);
+            }
+        }
+        self.all_reduce(m, n)?;
+        self.add(x, m, n)
+    }
+
     /// ISO: the all-reduce goes to the communication lane and the compute stream runs on;
     /// `all_reduce_wait` makes compute wait for it. Staged all-reduces cannot overlap (they
     /// cross the host) and complete here.
