@@ -92,18 +92,7 @@ pub fn attention_f32(
         partial.len(),
         partial_len(t, n_q, hd, splits),
     )?;
-    let pos0 = match pos {
-        Pos::Host(p) => {
-            if p + t > capacity {
-                return Err(Error::ContextOverflow {
-                    needed: p + t,
-                    capacity,
-                });
-            }
-            p
-        }
-        Pos::Device(_) => 0,
-    };
+    let pos0 = pos.host_pos0(t, capacity)?;
     if splits == 0 || chunk == 0 {
         return Err(Error::InvalidArgument("attention: empty split".into()));
     }

@@ -102,6 +102,14 @@ pub struct CudaBackend {
     head: Option<DevHead>,
     stage: Vec<f32>,
     graphs_on: bool,
+    /// SYNCDROP_ALLREDUCE and SYNCDROP_FUSED_OPROJ, read once (not per all-reduce).
+    env_algo: Option<String>,
+    fused_oproj: bool,
+    /// The selection chain's answer per message size (the topology is fixed once joined).
+    algos: std::collections::HashMap<usize, Algo>,
+    /// Reused events ordering the lanes for all-reduces that are joined at once.
+    ev_fork: CudaEvent,
+    ev_join: CudaEvent,
     graph: Option<RankGraph>,
     /// Device ordinal this rank runs on.
     pub device: usize,
@@ -225,6 +233,8 @@ impl CudaBackend {
         // stream, so ordering is the stream's.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(cuda_err)?;
+        let ev_fork = ctx.new_event(None).map_err(cuda_err)?;
+        let ev_join = ctx.new_event(None).map_err(cuda_err)?;
         let comm_stream = ctx.new_stream().map_err(cuda_err)?;
         let kern = Kernels::load(&ctx)?;
         let gemm = Gemm::new(&stream)?;
@@ -261,6 +271,11 @@ impl CudaBackend {
             head: None,
             stage: Vec::new(),
             graphs_on: graphs,
+            env_algo: std::env::var("SYNCDROP_ALLREDUCE").ok(),
+            fused_oproj: std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1"),
+            algos: Default::default(),
+            ev_fork,
+            ev_join,
             graph: None,
             device: ordinal,
             p2p: None,
@@ -279,6 +294,7 @@ impl CudaBackend {
         world: usize,
     ) -> Result<()> {
         self.nccl = Some(super::nccl::NcclRank::join(rv, rank, world, &self.ex.comm)?);
+        self.algos.clear();
         Ok(())
     }
 
@@ -361,8 +377,14 @@ impl CudaBackend {
 
     /// compute -> lane dependency (the lane waits for what compute issued so far).
     fn fork(&self) -> Result<()> {
-        let ev = self.ex.stream.record_event(None).map_err(cuda_err)?;
-        self.ex.comm.wait(&ev).map_err(cuda_err)
+        self.ev_fork.record(&self.ex.stream).map_err(cuda_err)?;
+        self.ex.comm.wait(&self.ev_fork).map_err(cuda_err)
+    }
+
+    /// compute waits for everything issued on the lane so far (an all-reduce joined at once).
+    fn join_lane(&self) -> Result<()> {
+        self.ev_join.record(&self.ex.comm).map_err(cuda_err)?;
+        self.ex.stream.wait(&self.ev_join).map_err(cuda_err)
     }
 
     fn pending(&self, buf: CudaSlice<f32>, done: Option<CudaEvent>) -> CudaPending {
@@ -396,12 +418,28 @@ impl CudaBackend {
         )?;
         let topo = topology::topology(&rank_devices, rank.capacity() * 4)?;
         self.p2p = Some((rank, topo));
+        self.algos.clear();
         Ok(())
     }
 
     /// The algorithm for an all-reduce of `n` f32 (selection chain + env override), with
     /// each fallback line logged once.
     fn algo(&mut self, n: usize) -> Result<Algo> {
+        if let Some(a) = self.algos.get(&n) {
+            return Ok(*a);
+        }
+        let (algo, log) = select(n * 4, &self.topology(), self.env_algo.as_deref())?;
+        for line in log {
+            if self.comm.rank() == 0 && self.logged.insert(line.clone()) {
+                eprintln!("syncdrop: {line}");
+            }
+        }
+        self.algos.insert(n, algo);
+        Ok(algo)
+    }
+
+    /// What the selection chain sees: the P2P group's topology, or none, plus NCCL.
+    fn topology(&self) -> Topology {
         let mut topo = match &self.p2p {
             Some((_, t)) => *t,
             None => Topology {
@@ -413,14 +451,7 @@ impl CudaBackend {
             },
         };
         topo.nccl_available = self.nccl.is_some();
-        let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
-        let (algo, log) = select(n * 4, &topo, env.as_deref())?;
-        for line in log {
-            if self.comm.rank() == 0 && self.logged.insert(line.clone()) {
-                eprintln!("syncdrop: {line}");
-            }
-        }
-        Ok(algo)
+        topo
     }
 
     /// The device a rank runs on: `rank % devices` (virtual ranks when ranks > devices).
@@ -764,8 +795,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         if self.reduce_on_lane(buf, n)? {
-            let done = self.lane_done()?;
-            return self.ex.stream.wait(&done).map_err(cuda_err);
+            return self.join_lane();
         }
         if self.ex.capturing {
             return Err(Error::Cuda(
@@ -813,8 +843,7 @@ impl Backend for CudaBackend {
                 )?;
                 self.dev_counters.record(t0, n * 4);
                 self.hold(n)?;
-                let done = self.lane_done()?;
-                return self.ex.stream.wait(&done).map_err(cuda_err);
+                return self.join_lane();
             }
         }
         self.all_reduce(m, n)?;
@@ -894,7 +923,7 @@ impl Backend for CudaBackend {
         let fused = mode == ReduceMode::Reduce
             && t == 1
             && self.p2p.is_some()
-            && std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1")
+            && self.fused_oproj
             && self.algo(d.hidden)? == Algo::OneShot;
         if !fused {
             self.o_proj(layer, attn, t, out)?;
@@ -904,6 +933,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         let qn = d.n_q * d.head_dim;
+        // on the comm lane like every P2P collective (they share the round counters)
+        self.fork()?;
         let t0 = std::time::Instant::now();
         let Self {
             ex, layers, p2p, ..
@@ -912,9 +943,6 @@ impl Backend for CudaBackend {
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
         let (p, _) = p2p.as_mut().expect("checked above");
-        // on the comm lane like every P2P collective (they share the round counters)
-        let ev = ex.stream.record_event(None).map_err(cuda_err)?;
-        ex.comm.wait(&ev).map_err(cuda_err)?;
         p.oproj_all_reduce(
             &ex.comm,
             &ex.kern,
@@ -925,8 +953,7 @@ impl Backend for CudaBackend {
         )?;
         self.dev_counters.record(t0, d.hidden * 4);
         self.hold(d.hidden)?;
-        let done = self.lane_done()?;
-        self.ex.stream.wait(&done).map_err(cuda_err)
+        self.join_lane()
     }
 
     fn comm_stats(&self) -> CommStats {
@@ -948,26 +975,16 @@ impl Backend for CudaBackend {
         if !self.graphs_on {
             return false;
         }
-        if self.world() == 1 {
-            return true;
-        }
-        let mut topo = match &self.p2p {
-            Some((_, t)) => *t,
-            None if self.nccl.is_some() => Topology {
-                world: self.world(),
-                p2p_all_pairs: false,
-                multi_node: false,
-                nccl_available: true,
-                custom_buffer_bytes: 0,
-            },
-            None => return false,
-        };
-        topo.nccl_available = self.nccl.is_some();
-        let env = std::env::var("SYNCDROP_ALLREDUCE").ok();
-        matches!(
-            select(self.dims.hidden * 4, &topo, env.as_deref()),
-            Ok((Algo::OneShot | Algo::TwoShot | Algo::Nccl, _))
-        )
+        // without P2P or NCCL the chain ends in the host-staged copy, which cannot be captured
+        self.world() == 1
+            || matches!(
+                select(
+                    self.dims.hidden * 4,
+                    &self.topology(),
+                    self.env_algo.as_deref()
+                ),
+                Ok((Algo::OneShot | Algo::TwoShot | Algo::Nccl, _))
+            )
     }
 
     fn graph_set_pos(&mut self, pos0: usize) -> Result<()> {

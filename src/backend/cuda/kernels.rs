@@ -2,17 +2,18 @@
 //! launchers live in one module per kernel family (`csrc/rmsnorm.cu` <-> `rmsnorm.rs`, ...).
 
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, LaunchConfig};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 
-/// Every kernel family loaded into one context, with resolved functions cached (a decode
-/// step launches a few hundred kernels; each lookup would otherwise be a driver call).
+/// Every kernel of every family, loaded into one context and resolved once: a decode step
+/// launches a few hundred kernels, and a lookup must not be a driver call (or trigger lazy
+/// module loading inside a graph capture, or while a peer rank spins in an all-reduce).
 pub struct Kernels {
-    modules: HashMap<&'static str, Arc<CudaModule>>,
-    functions: Mutex<HashMap<(String, String), CudaFunction>>,
+    /// family -> kernel name -> function (each holds its module alive)
+    functions: HashMap<&'static str, HashMap<&'static str, CudaFunction>>,
 }
 
 impl Kernels {
@@ -29,35 +30,29 @@ impl Kernels {
                 .map_err(|e| Error::Cuda(format!("loading kernel family {name}: {e:?}")))?;
             modules.insert(*name, m);
         }
-        let k = Kernels {
-            modules,
-            functions: Mutex::new(HashMap::new()),
-        };
-        // Resolve every kernel now: a first use later (inside a graph capture, or while a
-        // peer rank spins in an all-reduce) must not trigger module loading.
+        let mut functions = HashMap::new();
         for (family, names) in KERNEL_NAMES {
+            let m = modules
+                .get(family)
+                .ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?;
+            let mut fs = HashMap::new();
             for name in *names {
-                k.function(family, name)?;
+                let f = m
+                    .load_function(name)
+                    .map_err(|e| Error::Cuda(format!("{family}::{name}: {e:?}")))?;
+                fs.insert(*name, f);
             }
+            functions.insert(*family, fs);
         }
-        Ok(k)
+        Ok(Kernels { functions })
     }
 
     pub fn function(&self, family: &str, name: &str) -> Result<CudaFunction> {
-        let key = (family.to_string(), name.to_string());
-        let mut cache = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(f) = cache.get(&key) {
-            return Ok(f.clone());
-        }
-        let m = self
-            .modules
+        self.functions
             .get(family)
-            .ok_or_else(|| Error::Cuda(format!("no kernel family {family}")))?;
-        let f = m
-            .load_function(name)
-            .map_err(|e| Error::Cuda(format!("{family}::{name}: {e:?}")))?;
-        cache.insert(key, f.clone());
-        Ok(f)
+            .and_then(|fs| fs.get(name))
+            .cloned()
+            .ok_or_else(|| Error::Cuda(format!("no kernel {family}::{name}")))
     }
 }
 

@@ -111,6 +111,21 @@ pub enum Pos<'a> {
     Device(&'a CudaSlice<i32>),
 }
 
+impl Pos<'_> {
+    /// The launch parameter pos0 for `t` rows: the host position, checked against the KV
+    /// capacity, or 0 when the kernel reads it on the device (the caller checked it then).
+    pub fn host_pos0(self, t: usize, capacity: usize) -> Result<usize> {
+        match self {
+            Pos::Host(p) if p + t > capacity => Err(Error::ContextOverflow {
+                needed: p + t,
+                capacity,
+            }),
+            Pos::Host(p) => Ok(p),
+            Pos::Device(_) => Ok(0),
+        }
+    }
+}
+
 /// Fused QKV epilogue: bias, RoPE on Q and K, Q to `q_out`, K/V into the bf16 caches.
 /// `qkv` (t, (n_q + 2 n_kv) * hd); caches (n_kv, capacity, hd).
 #[allow(clippy::too_many_arguments)]
@@ -149,18 +164,7 @@ pub fn qkv_rope_cache(
             "qkv_rope_cache: head_dim {hd} is odd"
         )));
     }
-    let pos0 = match pos {
-        Pos::Host(p) => {
-            if p + t > capacity {
-                return Err(Error::ContextOverflow {
-                    needed: p + t,
-                    capacity,
-                });
-            }
-            p
-        }
-        Pos::Device(_) => 0,
-    };
+    let pos0 = pos.host_pos0(t, capacity)?;
     if t * width == 0 {
         return Ok(());
     }
