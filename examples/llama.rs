@@ -47,7 +47,8 @@ struct Common {
     /// KV-cache capacity in tokens.
     #[arg(long, default_value_t = 2048)]
     ctx: usize,
-    /// Sync-Point Drop: a plan file (JSON from `plan`), `all` or `none`.
+    /// Sync-Point Drop: a plan file (JSON from `plan`), `all`, `none`, or `layers:5,6,20`
+    /// (zero-shot SPD on exactly those blocks, numbered from 0).
     #[arg(long, default_value = "none")]
     spd: String,
     /// Intra-Sequence Overlap for prefills: off, on/auto (split by a cost model calibrated
@@ -154,8 +155,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Which half of a split sample: search (0) or held-out (1); default: no split.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "offset")]
         split: Option<usize>,
+        /// Skip the first K documents of the fixed-seed shuffle. With K = the `plan` run's
+        /// --limit, every document evaluated is one its search split never saw: verify a plan
+        /// on up to --limit documents per task instead of the held-out split's K.
+        #[arg(long)]
+        offset: Option<usize>,
+        /// A previous `eval --out` JSON of the same documents (e.g. the TP baseline): print
+        /// this run's loss against it with the paired standard error and 95% interval.
+        #[arg(long)]
+        paired_with: Option<PathBuf>,
+        /// With --paired-with: the accuracy budget in points, for a within / over /
+        /// inconclusive verdict.
+        #[arg(long, requires = "paired_with")]
+        budget_acc: Option<f64>,
         /// Write the scores as JSON.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -386,6 +400,14 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
         "all" => {
             engine.set_spd(&vec![true; n])?;
             format!("all {n} blocks")
+        }
+        list if list.starts_with("layers:") => {
+            let mask = spd::layer_mask(&list["layers:".len()..], n)?;
+            engine.set_spd(&mask)?;
+            format!(
+                "zero-shot on {} of {n} blocks ({list})",
+                mask.iter().filter(|b| **b).count()
+            )
         }
         plan_path => {
             let plan_path = Path::new(plan_path);
@@ -708,8 +730,14 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             seed,
             split,
+            offset,
+            paired_with,
+            budget_acc,
             out,
         } => {
+            // Read the reference first: a bad file should fail before an hour of evaluation.
+            let reference: Option<SuiteScore> =
+                paired_with.as_deref().map(read_json).transpose()?;
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
@@ -717,16 +745,64 @@ fn run(cli: Cli) -> Result<()> {
             let sets = task_list(&names)
                 .into_iter()
                 .map(|t| {
-                    Ok((
-                        t.clone(),
-                        tasks::sample(&tasks::load_task(&dir, &t)?, limit, seed, split),
-                    ))
+                    let task = tasks::load_task(&dir, &t)?;
+                    let docs = match offset {
+                        Some(k) => tasks::sample_after(&task, k, limit, seed),
+                        None => tasks::sample(&task, limit, seed, split),
+                    };
+                    if docs.is_empty() {
+                        return Err(Error::InvalidArgument(format!(
+                            "{t}: no documents left after skipping {} of {}",
+                            offset.unwrap_or(0),
+                            task.docs.len()
+                        )));
+                    }
+                    Ok((t, docs))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            if let Some(r) = &reference {
+                // Same tasks and documents, or the pairing is meaningless: check before running.
+                let ours: Vec<(&str, Vec<u64>)> = sets
+                    .iter()
+                    .map(|(t, d)| (t.as_str(), d.iter().map(|d| d.id).collect()))
+                    .collect();
+                let theirs: Vec<(&str, Vec<u64>)> = r
+                    .tasks
+                    .iter()
+                    .map(|t| (t.task.as_str(), t.docs.iter().map(|d| d.id).collect()))
+                    .collect();
+                if ours != theirs {
+                    return Err(Error::InvalidArgument(format!(
+                        "--paired-with {}: its tasks or documents differ from this run's \
+                         (evaluate both with the same --tasks, --limit, --seed, --split/--offset)",
+                        paired_with.as_deref().unwrap_or(Path::new("")).display()
+                    )));
+                }
+            }
             let s = evaluate_suite(&mut engine, &tok, &sets, true)?;
             print_suite(&s);
             if let Some(out) = out {
                 write_json(&out, &s)?;
+            }
+            if let Some(r) = &reference {
+                let d = tasks::paired_difference(r, &s)?;
+                let (lo, hi) = d.ci95();
+                println!(
+                    "loss against {}: {:+.2} +- {:.2} pt (paired s.e.; 95% interval [{:+.2}, {:+.2}]); \
+                     {} of {} documents changed outcome",
+                    paired_with.as_deref().unwrap_or(Path::new("")).display(),
+                    100.0 * d.diff,
+                    100.0 * d.stderr,
+                    100.0 * lo,
+                    100.0 * hi,
+                    d.discordant,
+                    d.docs
+                );
+                if let Some(b) = budget_acc {
+                    let (_, text) =
+                        syncdrop::planner::verdict(d.diff, Some(d.stderr), b / 100.0, "pt");
+                    println!("budget {b} pt: {text}");
+                }
             }
         }
         Cmd::Sensitivity {

@@ -14,6 +14,37 @@ use std::path::{Path, PathBuf};
 
 pub const PLAN_VERSION: u32 = 1;
 
+/// A zero-shot SPD mask from a block list such as `5,8,20-28` (numbered from 0, ranges
+/// inclusive): the runner's `--spd layers:...`, for evaluating any set of blocks without a
+/// plan file. Errors name the offending item.
+pub fn layer_mask(list: &str, n_layers: usize) -> Result<Vec<bool>> {
+    let bad = |m: String| Error::InvalidArgument(format!("SPD block list `{list}`: {m}"));
+    let num = |x: &str| {
+        x.trim()
+            .parse::<usize>()
+            .map_err(|_| bad(format!("`{}` is not a block number", x.trim())))
+    };
+    let mut mask = vec![false; n_layers];
+    for part in list.split(',').filter(|p| !p.trim().is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(part)?, num(part)?),
+        };
+        if a > b || b >= n_layers {
+            return Err(bad(format!(
+                "`{}` is not within blocks 0..={}",
+                part.trim(),
+                n_layers.saturating_sub(1)
+            )));
+        }
+        mask[a..=b].iter_mut().for_each(|m| *m = true);
+    }
+    if !mask.contains(&true) {
+        return Err(bad("no blocks (use --spd none for none)".into()));
+    }
+    Ok(mask)
+}
+
 /// How an SPD block keeps its accuracy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -454,4 +485,25 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()>
     }
     root.present().map_err(|e| err(e.to_string()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layer_mask;
+
+    #[test]
+    fn layer_lists_parse_with_ranges_and_reject_bad_items() {
+        let m = layer_mask("5, 8,20-22,29", 30).unwrap();
+        let on: Vec<usize> = (0..30).filter(|i| m[*i]).collect();
+        assert_eq!(on, vec![5, 8, 20, 21, 22, 29]);
+        assert_eq!(
+            layer_mask("3-3", 4).unwrap(),
+            vec![false, false, false, true]
+        );
+        for bad in ["30", "2-40", "5-3", "x", "1,,a", "", " , "] {
+            assert!(layer_mask(bad, 30).is_err(), "{bad:?} accepted");
+        }
+        let e = layer_mask("1,31", 30).unwrap_err().to_string();
+        assert!(e.contains("`31`") && e.contains("0..=29"), "{e}");
+    }
 }

@@ -116,6 +116,19 @@ pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc
         .collect()
 }
 
+/// Up to `n` documents of the same fixed-seed shuffle as [`sample`], skipping its first
+/// `skip`: with `skip` equal to the planner's `--limit`, documents its search split never saw
+/// (the held-out split's documents come first), for verifying a plan on a larger sample.
+pub fn sample_after(task: &Task, skip: usize, n: usize, seed: u64) -> Vec<Doc> {
+    let mut idx: Vec<usize> = (0..task.docs.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    idx.iter()
+        .skip(skip)
+        .take(n)
+        .map(|i| task.docs[*i].clone())
+        .collect()
+}
+
 /// One document's outcome: whether `acc` and `acc_norm` picked the gold choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DocOutcome {
@@ -424,4 +437,45 @@ pub fn boolq_passages(eval_dir: &Path, n: usize) -> Result<Vec<String>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(n: u64) -> Task {
+        Task {
+            name: "t".into(),
+            docs: (0..n)
+                .map(|id| Doc {
+                    id,
+                    choices: vec![("c".into(), "x".into())],
+                    gold: 0,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn sample_after_skips_exactly_the_search_split() {
+        let t = task(299);
+        let ids = |d: Vec<Doc>| d.into_iter().map(|d| d.id).collect::<Vec<_>>();
+        let search = ids(sample(&t, 80, 0, Some(0)));
+        let held = ids(sample(&t, 80, 0, Some(1)));
+        let after = ids(sample_after(&t, 80, 500, 0));
+        // every document the search never saw, and only those; the held-out split first
+        assert_eq!(after.len(), 299 - 80);
+        assert_eq!(&after[..80], &held[..]);
+        assert!(after.iter().all(|i| !search.contains(i)));
+        let mut all = [search, after].concat();
+        all.sort();
+        assert_eq!(all, (0..299).collect::<Vec<_>>());
+        assert_eq!(sample_after(&t, 80, 10, 0).len(), 10);
+        assert!(sample_after(&t, 400, 10, 0).is_empty());
+        // another seed, another shuffle
+        assert_ne!(
+            ids(sample_after(&t, 0, 20, 1)),
+            ids(sample_after(&t, 0, 20, 0))
+        );
+    }
 }
