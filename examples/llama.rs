@@ -886,12 +886,11 @@ fn run(cli: Cli) -> Result<()> {
                         texts[..limit.min(texts.len())].to_vec(),
                         texts[limit.min(texts.len())..].to_vec(),
                     ];
-                    let seqs: Vec<Vec<Vec<u32>>> = halves
-                        .iter()
-                        .map(|h| h.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>())
-                        .collect::<Result<_>>()?;
-                    Box::new(move |e: &mut Engine, split: usize| {
-                        spd::perplexity_of(e, &seqs[split], 512)
+                    let enc =
+                        |h: &[String]| h.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>();
+                    Box::new(planner::PplMetric {
+                        splits: [enc(&halves[0])?, enc(&halves[1])?],
+                        window: 512,
                     })
                 }
                 Budget::AccDrop(_) => {

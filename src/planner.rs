@@ -11,6 +11,7 @@
 use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
+use crate::eval::score_tokens;
 use crate::spd::{Recovery, Sensitivity, SpdPlan};
 use crate::tasks::{evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
 use crate::tokenizer::Tokenizer;
@@ -24,11 +25,72 @@ pub enum Budget {
     AccDrop(f64),
 }
 
-/// A score and, for accuracy suites, the per-document outcomes behind it.
+/// A score and, where the metric has them, the per-document outcomes (accuracy suites) or
+/// per-passage log-likelihoods (perplexity) behind it.
 #[derive(Debug, Clone)]
 pub struct Scored {
     pub value: f64,
     pub suite: Option<SuiteScore>,
+    /// Perplexity metrics: (summed NLL, tokens scored) per passage, in passage order.
+    pub passages: Option<Vec<(f64, usize)>>,
+}
+
+impl Scored {
+    /// A bare value, with nothing to pair.
+    pub fn value(value: f64) -> Scored {
+        Scored {
+            value,
+            suite: None,
+            passages: None,
+        }
+    }
+}
+
+/// The relative perplexity increase `ppl(plan) / ppl(base) - 1` of two scorings of the same
+/// passages, with a paired standard error: per passage i, the NLL difference d_i over n_i
+/// tokens; the log-ratio is sum d_i / sum n_i (a ratio estimator, passages as clusters, so
+/// tokens of one passage are not treated as independent), its s.e. is
+/// sqrt(m / (m - 1) * sum (d_i - r n_i)^2) / sum n_i over m passages, and the delta method
+/// carries it to the increase (s.e. times ppl ratio). `discordant` counts the passages whose
+/// NLL rose.
+pub fn paired_ppl_increase(base: &[(f64, usize)], plan: &[(f64, usize)]) -> Result<PairedDiff> {
+    let bad = |m: String| Error::InvalidArgument(format!("paired perplexity: {m}"));
+    if base.len() != plan.len() || base.is_empty() {
+        return Err(bad(format!(
+            "{} passages against {}",
+            plan.len(),
+            base.len()
+        )));
+    }
+    if let Some(i) = (0..base.len()).find(|i| base[*i].1 != plan[*i].1) {
+        return Err(bad(format!(
+            "passage {i}: {} tokens scored against {}",
+            plan[i].1, base[i].1
+        )));
+    }
+    let tokens: usize = base.iter().map(|p| p.1).sum();
+    if tokens == 0 {
+        return Err(bad("no tokens scored".into()));
+    }
+    let n = tokens as f64;
+    let d: Vec<(f64, f64)> = base
+        .iter()
+        .zip(plan)
+        .map(|(b, p)| (p.0 - b.0, b.1 as f64))
+        .collect();
+    let r = d.iter().map(|x| x.0).sum::<f64>() / n;
+    let m = d.len() as f64;
+    let var = if d.len() > 1 {
+        m / (m - 1.0) * d.iter().map(|(di, ni)| (di - r * ni).powi(2)).sum::<f64>() / (n * n)
+    } else {
+        0.0
+    };
+    Ok(PairedDiff {
+        diff: r.exp() - 1.0,
+        stderr: r.exp() * var.sqrt(),
+        docs: d.len(),
+        discordant: d.iter().filter(|x| x.0 > 0.0).count(),
+    })
 }
 
 /// A quality metric on one data split: perplexity (lower is better) or accuracy (higher).
@@ -38,8 +100,7 @@ pub trait Metric {
     /// The score with its per-document outcomes where the metric has them ([`SuiteMetric`]
     /// does: the planner then reports paired statistics); the default has none.
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
-        let value = self.score(engine, split)?;
-        Ok(Scored { value, suite: None })
+        Ok(Scored::value(self.score(engine, split)?))
     }
 }
 
@@ -65,6 +126,42 @@ impl Metric for SuiteMetric {
         Ok(Scored {
             value: s.average,
             suite: Some(s),
+            passages: None,
+        })
+    }
+}
+
+/// Perplexity over a search split (0) and a held-out split (1) of token sequences (e.g.
+/// LAMBADA passages), each scored in non-overlapping windows of `window` tokens. It reports
+/// per-passage log-likelihoods, so the planner gives a perplexity budget a paired standard
+/// error ([`paired_ppl_increase`]).
+pub struct PplMetric {
+    pub splits: [Vec<Vec<u32>>; 2],
+    pub window: usize,
+}
+
+impl Metric for PplMetric {
+    fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
+        Ok(self.score_detailed(engine, split)?.value)
+    }
+    fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        let mut passages = Vec::with_capacity(self.splits[split].len());
+        for s in self.splits[split].iter().filter(|s| s.len() >= 2) {
+            let r = score_tokens(engine, s, self.window, self.window)?;
+            passages.push((r.nll_sum, r.tokens_scored));
+        }
+        let (nll, n) = passages
+            .iter()
+            .fold((0.0, 0usize), |(a, b), p| (a + p.0, b + p.1));
+        if n == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "perplexity split {split}: no passage of 2 or more tokens"
+            )));
+        }
+        Ok(Scored {
+            value: (nll / n as f64).exp(),
+            suite: None,
+            passages: Some(passages),
         })
     }
 }
@@ -187,6 +284,9 @@ pub struct PlanOutcome {
     pub heldout_loss_ci95: Option<(f64, f64)>,
     /// Documents per task in each split (accuracy budgets).
     pub docs_per_task: Option<usize>,
+    /// Perplexity budget: passages in each split.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub passages_per_split: Option<usize>,
     pub verdict: Option<Verdict>,
     /// The verdict in words, with the loss, its paired s.e. and interval.
     pub verdict_text: String,
@@ -244,8 +344,9 @@ pub fn plan(
     evals += 1;
     // paired drop (base - plan) when both scores carry per-document outcomes
     let paired = |b: &Scored, p: &Scored| -> Option<PairedDiff> {
-        match (budget, &b.suite, &p.suite) {
-            (Budget::AccDrop(_), Some(b), Some(p)) => paired_difference(b, p).ok(),
+        match (budget, &b.suite, &p.suite, &b.passages, &p.passages) {
+            (Budget::AccDrop(_), Some(b), Some(p), ..) => paired_difference(b, p).ok(),
+            (Budget::PplIncrease(_), .., Some(b), Some(p)) => paired_ppl_increase(b, p).ok(),
             _ => None,
         }
     };
@@ -378,10 +479,11 @@ pub fn plan(
                 .suite
                 .as_ref()
                 .and_then(|s| s.tasks.first())
-                .map(|t| t.n);
+                .map(|t| (t.n, "documents per task"))
+                .or_else(|| held_base.passages.as_ref().map(|p| (p.len(), "passages")));
             verdict_text += &match per_task {
-                Some(m) => format!(
-                    "; resolving it needs about {:.0} documents per task per split ({f:.1}x), if the loss stayed at this value",
+                Some((m, what)) => format!(
+                    "; resolving it needs about {:.0} {what} per split ({f:.1}x), if the loss stayed at this value",
                     (f * m as f64).ceil()
                 ),
                 None => format!("; resolving it needs about {f:.1}x the sample"),
@@ -418,6 +520,7 @@ pub fn plan(
                 .as_ref()
                 .and_then(|s| s.tasks.first())
                 .map(|t| t.n),
+            passages_per_split: held_base.passages.as_ref().map(Vec::len),
             verdict: Some(v),
             verdict_text,
         },

@@ -162,3 +162,30 @@ fn suite_metric_gives_the_planner_per_document_outcomes() {
     let mut other = |_: &mut Engine, _: usize| Ok(0.5);
     assert!(other.score_detailed(&mut e, 1).unwrap().suite.is_none());
 }
+
+#[test]
+fn paired_perplexity_increase_on_hand_made_passages() {
+    use syncdrop::planner::paired_ppl_increase;
+    // three passages of 10, 20, 30 tokens; the plan adds 1, 4, 1 nats
+    let base = [(20.0, 10), (50.0, 20), (60.0, 30)];
+    let plan = [(21.0, 10), (54.0, 20), (61.0, 30)];
+    let d = paired_ppl_increase(&base, &plan).unwrap();
+    // the ratio of perplexities exactly: exp((136 - 130) / 60) - 1
+    let ratio = ((136.0f64 / 60.0).exp()) / ((130.0f64 / 60.0).exp());
+    assert!((d.diff - (ratio - 1.0)).abs() < 1e-12, "{d:?}");
+    // by hand: r = 0.1; residuals d_i - r n_i = 0, 2, -2; var = 3/2 * 8 / 3600
+    let se = (0.1f64).exp() * (1.5 * 8.0 / 3600.0f64).sqrt();
+    assert!((d.stderr - se).abs() < 1e-12, "{} vs {se}", d.stderr);
+    assert_eq!((d.docs, d.discordant), (3, 3));
+    // the same passages scored twice: no increase, no error
+    let same = paired_ppl_increase(&base, &base).unwrap();
+    assert_eq!((same.diff, same.stderr, same.discordant), (0.0, 0.0, 0));
+    // a uniform per-token shift has zero paired s.e. though each passage moved
+    let shifted = [(21.0, 10), (52.0, 20), (63.0, 30)];
+    let u = paired_ppl_increase(&base, &shifted).unwrap();
+    assert!(u.stderr.abs() < 1e-12 && u.diff > 0.0, "{u:?}");
+    // mismatched passages are errors, not numbers
+    assert!(paired_ppl_increase(&base, &plan[..2]).is_err());
+    assert!(paired_ppl_increase(&base, &[(21.0, 10), (54.0, 21), (61.0, 30)]).is_err());
+    assert!(paired_ppl_increase(&[], &[]).is_err());
+}

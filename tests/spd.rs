@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::sync::Arc;
-use syncdrop::planner::{order_by_sensitivity, plan, verdict, Budget, Metric, Scored};
+use syncdrop::planner::{order_by_sensitivity, plan, verdict, Budget, Metric, PplMetric, Scored};
 use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
 use syncdrop::tasks::{paired_difference, suite_score, task_score, DocOutcome, SuiteScore};
@@ -70,9 +70,24 @@ fn planner_respects_the_budget_and_reports_held_out() {
     let splits = [seqs(3, 20, 5), seqs(3, 20, 9)];
     for limit in [0.0, 0.02, 10.0] {
         let budget = Budget::PplIncrease(limit);
-        let mut metric = |e: &mut Engine, split: usize| perplexity_of(e, &splits[split], 32);
+        let mut metric = PplMetric {
+            splits: splits.clone(),
+            window: 32,
+        };
         let (o, distilled) =
             plan(&mut e, &sens, budget, &mut metric, &calib, None, |_| {}).unwrap();
+        // per-passage log-likelihoods give the perplexity budget a paired s.e.
+        let d = o.heldout_drop.expect("paired perplexity statistics");
+        assert!(
+            (d.diff - o.heldout_loss).abs() < 1e-9,
+            "{d:?} vs {}",
+            o.heldout_loss
+        );
+        assert_eq!(o.passages_per_split, Some(3));
+        assert!(o.verdict_text.contains("s.e."), "{}", o.verdict_text);
+        if o.spd.contains(&true) {
+            assert!(d.stderr > 0.0, "{d:?}");
+        }
         assert!(distilled.is_empty());
         assert!(
             o.search_score / o.search_base - 1.0 <= limit + 1e-12,
@@ -228,6 +243,7 @@ impl Metric for Agreement {
         Ok(Scored {
             value: s.average,
             suite: Some(s),
+            passages: None,
         })
     }
 }
