@@ -31,31 +31,41 @@ def main(path):
         print()
 
 def plans(paths):
-    print("| TP | docs/task/split | chosen | zero-shot / B2B / HG+B2B | t1, t2 | search: base -> plan "
-          "| held-out: base -> plan | held-out drop +- paired s.e. (95% interval) | verdict |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    """One row per plan file; accuracy budgets in points, perplexity budgets in percent."""
+    print("| TP | budget | sample per split | chosen | zero-shot / B2B / HG+B2B | t1, t2 | "
+          "search: base -> plan | held-out: base -> plan | held-out loss +- paired s.e. [95% interval] | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for path in paths:
         d = json.load(open(path))
         o = d["notes"]["outcome"]
+        budget = d["notes"].get("budget", {})
+        ppl = "PplIncrease" in budget
         k, n = sum(o["spd"]), len(o["spd"])
-        pct = lambda x: f"{100 * x:.1f}%"
+        if ppl:
+            limit = f"perplexity +{100 * budget['PplIncrease']:g}%"
+            sample = f"{o.get('passages_per_split') or '?'} LAMBADA passages"
+            val, unit = (lambda x: f"{x:.2f}"), "%"
+        else:
+            limit = f"accuracy -{100 * budget.get('AccDrop', float('nan')):g} pt"
+            sample = f"{o.get('docs_per_task') or '?'} docs/task"
+            val, unit = (lambda x: f"{100 * x:.1f}%"), "pt"
         drop = o.get("heldout_drop")
         if drop:
             lo, hi = o["heldout_loss_ci95"]
-            stat = (f"{100 * drop['diff']:+.1f} +- {100 * drop['stderr']:.1f} pt "
+            stat = (f"{100 * drop['diff']:+.1f} +- {100 * drop['stderr']:.1f} {unit} "
                     f"[{100 * lo:+.1f}, {100 * hi:+.1f}]")
         else:
-            stat = f"{100 * o['heldout_loss']:+.1f} pt (no per-document outcomes kept)"
+            stat = f"{100 * o['heldout_loss']:+.1f} {unit} (no per-document outcomes kept)"
         words = {"WithinBudget": "within budget", "OverBudget": "over budget",
                  "Inconclusive": "inconclusive at this sample size"}
         if o.get("verdict"):
             verdict = words[o["verdict"]]
         else:
             verdict = ("within" if o["within_budget_on_heldout"] else "over") + " budget (point estimate)"
-        print(f"| {d['tp']} | {o.get('docs_per_task') or '?'} | {k} of {n} ({100 * k / n:.0f}%) | "
+        print(f"| {d['tp']} | {limit} | {sample} | {k} of {n} ({100 * k / n:.0f}%) | "
               f"{o['zero_shot_blocks']} / {o['b2b_blocks']} / {o['hg_b2b_blocks']} | "
-              f"{o['t1']:.2f}, {o['t2']:.2f} | {pct(o['search_base'])} -> {pct(o['search_score'])} | "
-              f"{pct(o['heldout_base'])} -> {pct(o['heldout_score'])} | {stat} | {verdict} |")
+              f"{o['t1']:.2f}, {o['t2']:.2f} | {val(o['search_base'])} -> {val(o['search_score'])} | "
+              f"{val(o['heldout_base'])} -> {val(o['heldout_score'])} | {stat} | {verdict} |")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--plans":
