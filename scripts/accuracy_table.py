@@ -4,6 +4,7 @@ planner result from `plan` files (their notes hold the planner's outcome).
 
     python3 scripts/accuracy_table.py docs/accuracy/sweep.json
     python3 scripts/accuracy_table.py --plans docs/accuracy/plan_tp*_acc1.json
+    python3 scripts/accuracy_table.py --paired base.json plan_a.json plan_b.json   # eval --out
 """
 import json, sys
 
@@ -67,8 +68,33 @@ def plans(paths):
               f"{o['t1']:.2f}, {o['t2']:.2f} | {val(o['search_base'])} -> {val(o['search_score'])} | "
               f"{val(o['heldout_base'])} -> {val(o['heldout_score'])} | {stat} | {verdict} |")
 
+def paired(base_path, paths):
+    """Per-task paired losses of `eval --out` scores against a baseline on the same documents
+    (the same statistics as tasks::paired_difference)."""
+    import math
+    norm = {"hellaswag", "arc_easy", "arc_challenge", "piqa"}
+    base = json.load(open(base_path))
+    runs = [json.load(open(p)) for p in paths]
+    print("| task | n | baseline | " + " | ".join(paths) + " |")
+    print("|---|---|---|" + "---|" * len(paths))
+    for i, tb in enumerate(base["tasks"]):
+        k = "acc_norm" if tb["task"] in norm else "acc"
+        cells = []
+        for r in runs:
+            tp = r["tasks"][i]
+            if tp["task"] != tb["task"] or [d["id"] for d in tp["docs"]] != [d["id"] for d in tb["docs"]]:
+                sys.exit(f"{tb['task']}: different documents, nothing to pair")
+            d = [int(x[k]) - int(y[k]) for x, y in zip(tb["docs"], tp["docs"])]
+            n = len(d)
+            m = sum(d) / n
+            s2 = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
+            cells.append(f"{100 * m:+.1f} +- {100 * math.sqrt(s2 / n):.1f}")
+        print(f"| {tb['task']} | {tb['n']} | {100 * tb[k]:.1f}% | " + " | ".join(cells) + " |")
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--plans":
         plans(sys.argv[2:])
+    elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
+        paired(sys.argv[2], sys.argv[3:])
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "docs/accuracy/sweep.json")
