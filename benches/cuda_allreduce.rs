@@ -12,7 +12,9 @@ use half::bf16;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
-use syncdrop::backend::cuda::{context, device_count, gemv::gemv_bf16_f32, kernels::Kernels};
+use syncdrop::backend::cuda::{context, gemv::gemv_bf16_f32, kernels::Kernels};
+
+mod gpu_common;
 
 type Stream = Arc<cudarc::driver::CudaStream>;
 /// A timed job on one rank: returns (seconds per iteration, reference seconds).
@@ -65,17 +67,9 @@ fn per_iter(s: &Stream, iters: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(std::path::PathBuf::from);
-    if !matches!(device_count(), Ok(n) if n > 0) {
-        eprintln!("cuda_allreduce: skipped: no GPU");
+    let Some(gpu_common::GpuBenchArgs { quick, out }) = gpu_common::args("cuda_allreduce") else {
         return;
-    }
+    };
     let mut rows = Vec::new();
     let max_bytes = if quick { 1 << 20 } else { 64 << 20 };
     println!("| ranks | bytes | algo | us | algbw GB/s | busbw GB/s | floor us (local copy) |");

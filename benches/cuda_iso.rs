@@ -15,18 +15,12 @@ use syncdrop::latency::LinkProfile;
 use syncdrop::synthetic::SyntheticModel;
 use syncdrop::{BackendKind, Engine, EngineOptions, ModelFiles};
 
+mod gpu_common;
+
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(std::path::PathBuf::from);
-    if !matches!(syncdrop::backend::cuda::device_count(), Ok(n) if n > 0) {
-        eprintln!("cuda_iso: skipped: no GPU");
+    let Some(gpu_common::GpuBenchArgs { quick, out }) = gpu_common::args("cuda_iso") else {
         return;
-    }
+    };
     let layers = if quick { 2 } else { 10 };
     let spec = format!("llama2-70b:layers={layers}");
     let lengths: &[usize] = if quick {

@@ -25,6 +25,8 @@ use syncdrop::{BackendKind, Engine, EngineOptions, ModelFiles, Result};
 use cudarc::driver::{sys, CudaStream};
 use half::bf16;
 
+mod gpu_common;
+
 fn timed(stream: &Arc<CudaStream>, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?; // warm-up
     let ctx = stream.context();
@@ -74,21 +76,10 @@ fn forward_s(e: &mut Engine, tokens: usize, pos0: usize, reps: usize) -> Result<
 }
 
 fn main() -> Result<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let out = args
-        .iter()
-        .position(|a| a == "--out")
-        .and_then(|i| args.get(i + 1))
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from("."));
-    match cuda::device_count() {
-        Ok(n) if n > 0 => {}
-        _ => {
-            eprintln!("cuda_rank: skipped: no GPU");
-            return Ok(());
-        }
-    }
+    let Some(gpu_common::GpuBenchArgs { quick, out }) = gpu_common::args("cuda_rank") else {
+        return Ok(());
+    };
+    let out = out.unwrap_or_else(|| std::path::PathBuf::from("."));
     let ctx = cuda::context(0)?;
     // SAFETY: this section's buffers all live on its one stream.
     unsafe { ctx.disable_event_tracking() };

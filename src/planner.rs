@@ -11,8 +11,7 @@
 use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::eval::score_tokens;
-use crate::spd::{Recovery, Sensitivity, SpdPlan};
+use crate::spd::{passage_nlls, Recovery, Sensitivity, SpdPlan};
 use crate::tasks::{evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
 use crate::tokenizer::Tokenizer;
 
@@ -145,11 +144,7 @@ impl Metric for PplMetric {
         Ok(self.score_detailed(engine, split)?.value)
     }
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
-        let mut passages = Vec::with_capacity(self.splits[split].len());
-        for s in self.splits[split].iter().filter(|s| s.len() >= 2) {
-            let r = score_tokens(engine, s, self.window, self.window)?;
-            passages.push((r.nll_sum, r.tokens_scored));
-        }
+        let passages = passage_nlls(engine, &self.splits[split], self.window)?;
         let (nll, n) = passages
             .iter()
             .fold((0.0, 0usize), |(a, b), p| (a + p.0, b + p.1));

@@ -212,14 +212,24 @@ impl SpdPlan {
 /// Perplexity of several token sequences (each scored on its own).
 pub fn perplexity_of(engine: &mut Engine, seqs: &[Vec<u32>], window: usize) -> Result<f64> {
     let mut total = PplResult::default();
-    for s in seqs {
-        if s.len() >= 2 {
-            let r = score_tokens(engine, s, window, window)?;
-            total.nll_sum += r.nll_sum;
-            total.tokens_scored += r.tokens_scored;
-        }
+    for (nll, n) in passage_nlls(engine, seqs, window)? {
+        total.nll_sum += nll;
+        total.tokens_scored += n;
     }
     Ok(total.ppl())
+}
+
+/// (summed NLL, tokens scored) of every sequence of 2 or more tokens, each scored in
+/// non-overlapping windows of `window` tokens; shorter sequences are skipped.
+pub fn passage_nlls(
+    engine: &mut Engine,
+    seqs: &[Vec<u32>],
+    window: usize,
+) -> Result<Vec<(f64, usize)>> {
+    seqs.iter()
+        .filter(|s| s.len() >= 2)
+        .map(|s| score_tokens(engine, s, window, window).map(|r| (r.nll_sum, r.tokens_scored)))
+        .collect()
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]

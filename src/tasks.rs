@@ -103,8 +103,7 @@ pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
 /// A fixed-seed sample of `n` documents, split into two disjoint halves of `n` each when
 /// `split` is 0 or 1 (search / held-out); `split` None takes the first `n` of the shuffle.
 pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc> {
-    let mut idx: Vec<usize> = (0..task.docs.len()).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    let idx = shuffled(task, seed);
     let start = split.map_or(0, |s| s * n.min(idx.len() / 2));
     let take = match split {
         Some(_) => n.min(idx.len() / 2),
@@ -116,13 +115,19 @@ pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc
         .collect()
 }
 
+/// The fixed-seed order of a task's documents that every sample is cut from.
+fn shuffled(task: &Task, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..task.docs.len()).collect();
+    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    idx
+}
+
 /// Up to `n` documents of the same fixed-seed shuffle as [`sample`], skipping its first
 /// `skip`: with `skip` equal to the planner's `--limit`, documents its search split never saw
 /// (the held-out split's documents come first), for verifying a plan on a larger sample.
 pub fn sample_after(task: &Task, skip: usize, n: usize, seed: u64) -> Vec<Doc> {
-    let mut idx: Vec<usize> = (0..task.docs.len()).collect();
-    idx.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
-    idx.iter()
+    shuffled(task, seed)
+        .iter()
         .skip(skip)
         .take(n)
         .map(|i| task.docs[*i].clone())
