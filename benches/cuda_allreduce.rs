@@ -1,6 +1,7 @@
 //! P2P all-reduce sweep with virtual ranks on one GPU (issue: P2P communication):
 //! latency and bus bandwidth (busbw = algbw * 2(n-1)/n) from 1 KiB to 64 MiB at 2, 4 and 8
-//! ranks, one-shot and two-shot, next to the floor of a local device copy of the same bytes
+//! ranks, one-shot and two-shot, f32 and bf16 on the wire (same bytes: a bf16 message has
+//! twice the elements), next to the floor of a local device copy of the same bytes
 //! (one launch); then the fused decode o_proj + all-reduce against GEMV + separate
 //! all-reduce on LLaMA2-7B/70B shard shapes. Virtual ranks share one GPU's SMs and HBM:
 //! these numbers measure the kernels and the protocol, not NVLink.
@@ -13,6 +14,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
 use syncdrop::backend::cuda::{context, gemv::gemv_bf16_f32, kernels::Kernels};
+use syncdrop::comm::Wire;
 
 mod gpu_common;
 
@@ -72,42 +74,53 @@ fn main() {
     };
     let mut rows = Vec::new();
     let max_bytes = if quick { 1 << 20 } else { 64 << 20 };
-    println!("| ranks | bytes | algo | us | algbw GB/s | busbw GB/s | floor us (local copy) |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| ranks | wire | bytes on the wire | algo | us | algbw GB/s | busbw GB/s | floor us (local copy) |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for world in [2usize, 4, 8] {
-        let mut bytes = 1usize << 10;
-        while bytes <= max_bytes {
-            let n = bytes / 4;
-            let iters = if bytes <= 1 << 20 { 200 } else { 20 };
-            for two_shot in [false, true] {
-                let job: Arc<Job> = Arc::new(move |s, k, p| {
-                    let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
-                    let mut dst = s.alloc_zeros::<f32>(n).expect("alloc");
-                    let t = per_iter(s, iters, || {
-                        p.all_reduce(s, k, &mut d.slice_mut(..), n, two_shot)
-                            .expect("all-reduce")
+        for wire in [Wire::F32, Wire::Bf16] {
+            let mut bytes = 1usize << 10;
+            while bytes <= max_bytes {
+                // the same bytes on the wire: a bf16 message holds twice the elements
+                let n = bytes / wire.bytes();
+                let iters = if bytes <= 1 << 20 { 200 } else { 20 };
+                for two_shot in [false, true] {
+                    let job: Arc<Job> = Arc::new(move |s, k, p| {
+                        let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
+                        let mut dst = s.alloc_zeros::<u8>(bytes).expect("alloc");
+                        let src = s.alloc_zeros::<u8>(bytes).expect("alloc");
+                        let t = per_iter(s, iters, || {
+                            p.all_reduce(s, k, &mut d.slice_mut(..), n, two_shot, wire)
+                                .expect("all-reduce")
+                        });
+                        let floor =
+                            per_iter(s, iters, || s.memcpy_dtod(&src, &mut dst).expect("copy"));
+                        (t, floor)
                     });
-                    let floor = per_iter(s, iters, || s.memcpy_dtod(&d, &mut dst).expect("copy"));
-                    (t, floor)
-                });
-                let (t, floor) = on_ranks(world, n, job);
-                let algbw = bytes as f64 / t;
-                let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
-                let algo = if two_shot { "two-shot" } else { "one-shot" };
-                println!(
-                    "| {world} | {bytes} | {algo} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                    t * 1e6,
-                    algbw / 1e9,
-                    busbw / 1e9,
-                    floor * 1e6
-                );
-                rows.push(
-                    serde_json::json!({"ranks": world, "bytes": bytes, "algo": algo,
-                    "us": t * 1e6, "algbw_gbps": algbw / 1e9, "busbw_gbps": busbw / 1e9,
-                    "floor_us": floor * 1e6}),
-                );
+                    let (t, floor) = on_ranks(world, n, job);
+                    let algbw = bytes as f64 / t;
+                    let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
+                    let algo = if two_shot { "two-shot" } else { "one-shot" };
+                    let wname = match wire {
+                        Wire::F32 => "f32",
+                        Wire::Bf16 => "bf16",
+                    };
+                    println!(
+                        "| {world} | {wname} | {bytes} | {algo} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                        t * 1e6,
+                        algbw / 1e9,
+                        busbw / 1e9,
+                        floor * 1e6
+                    );
+                    rows.push(
+                        serde_json::json!({"ranks": world, "wire": wname, "bytes": bytes,
+                        "elements": n, "algo": algo, "us": t * 1e6, "algbw_gbps": algbw / 1e9,
+                        "busbw_gbps": busbw / 1e9, "floor_us": floor * 1e6}),
+                    );
+                }
+                bytes *= 4;
             }
-            bytes *= 4;
         }
     }
     // fused o_proj + all-reduce vs GEMV + all-reduce, decode (t = 1)
@@ -137,7 +150,7 @@ fn main() {
                     &mut y.slice_mut(..),
                 )
                 .expect("gemv");
-                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false)
+                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false, Wire::F32)
                     .expect("all-reduce");
             });
             let fused = per_iter(s, iters, || {
@@ -148,6 +161,7 @@ fn main() {
                     &w.slice(..),
                     &x.slice(..),
                     &mut y.slice_mut(..),
+                    Wire::F32,
                 )
                 .expect("fused")
             });

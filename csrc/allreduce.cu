@@ -74,63 +74,113 @@ __device__ __forceinline__ bool ar_begin(const uint32_t* ctr, const uint32_t* er
   return go;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
-allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
-              uint32_t* __restrict__ err, const float* in, float* out, const float* residual) {
+// What crosses ranks ("the wire") and what the caller holds. W = float moves 4-byte values;
+// W = __nv_bfloat16 rounds each rank's contribution to bf16 (round to nearest even) as it
+// is written to the registered buffer and halves the bytes every peer reads. Either way the
+// sum is accumulated in f32 in rank order 0..world (two-shot partials stay f32 in region 1),
+// so one-shot and two-shot agree bit for bit and the CPU mirror (comm::Wire::Bf16) is exact.
+__device__ __forceinline__ float ar_load(const float* p) { return __ldcg(p); }
+__device__ __forceinline__ float ar_load(const __nv_bfloat16* p) { return to_f32(__ldcg(p)); }
+__device__ __forceinline__ float ar_f32(float v) { return v; }
+__device__ __forceinline__ float ar_f32(__nv_bfloat16 v) { return to_f32(v); }
+template <typename T> __device__ __forceinline__ T ar_from(float v);
+template <> __device__ __forceinline__ float ar_from<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 ar_from<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// Slot s of a rank's registered data: region 0 (wire values, W) then region 1 (two-shot
+// partial sums, f32), each `capacity` f32 wide.
+__device__ __forceinline__ char* ar_slot(const PeerPtrs& data, int r, int slot, int64_t cap) {
+  return reinterpret_cast<char*>(data.p[r]) + (size_t)slot * 2 * (size_t)cap * sizeof(float);
+}
+
+template <typename In, typename W, typename Out>
+__device__ __forceinline__ void allreduce_impl(const ArParams& p, const PeerPtrs& data,
+                                               const PeerPtrs& flags, uint32_t* ctr,
+                                               uint32_t* err, const In* in, Out* out,
+                                               const Out* residual) {
   // `in`, `out` and `residual` may alias (in-place; x += sum): no __restrict__ on them
   uint32_t c;
   if (!ar_begin(ctr, err, &c)) return;  // an earlier all-reduce failed: do nothing
   const int slot = c & 1u;
-  const size_t region = (size_t)p.capacity;
-  const size_t slot_base = (size_t)slot * 2 * region;
-  float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;
+  const size_t region_bytes = (size_t)p.capacity * sizeof(float);
+  W* mine = reinterpret_cast<W*>(ar_slot(data, p.rank, slot, p.capacity));
   const long stride = (long)gridDim.x * blockDim.x;
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
-  for (long i = first; i < p.n; i += stride) mine[i] = in[i];
+  for (long i = first; i < p.n; i += stride) mine[i] = ar_from<W>(ar_f32(in[i]));
   if (!ar_barrier(p, flags, 0, slot, c, err)) return;
   if (!p.two_shot) {
     for (long i = first; i < p.n; i += stride) {
       float acc = 0.f;
       for (int r = 0; r < p.world; ++r)
-        acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + i);
-      out[i] = p.has_residual ? residual[i] + acc : acc;
+        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
+      out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + acc : acc);
     }
   } else {
     const long chunk = (p.n + p.world - 1) / p.world;
+    float* sums = reinterpret_cast<float*>(reinterpret_cast<char*>(mine) + region_bytes);
     for (long i = first; i < p.n; i += stride) {
       if (i / chunk != p.rank) continue;
       float acc = 0.f;
       for (int r = 0; r < p.world; ++r)
-        acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + i);
-      mine[region + i] = acc;
+        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
+      sums[i] = acc;
     }
     if (!ar_barrier(p, flags, 1, slot, c, err)) return;
     for (long i = first; i < p.n; i += stride) {
       const int owner = (int)(i / chunk);
-      const float v = __ldcg(reinterpret_cast<const float*>(data.p[owner]) + slot_base + region + i);
-      out[i] = p.has_residual ? residual[i] + v : v;
+      const float v = ar_load(
+          reinterpret_cast<const float*>(ar_slot(data, owner, slot, p.capacity) + region_bytes) + i);
+      out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + v : v);
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
 }
 
-// Fused attention output projection + one-shot all-reduce for a decode step (t = 1): out (n)
-// = sum over ranks of W_r (n, k) @ x_r (k). Rows map to blocks exactly as allreduce_f32's
-// elements do (chunks of 256, chunk c on block c % grid, the same grid for the same n), so
-// the two kernels share round counters, flags and data slots safely. Block b computes its
-// chunks' rows (a warp per row) into its registered buffer, meets its peers' block b at one
-// barrier, and sums the same rows over ranks in rank order: one launch, no separate partial
-// buffer. (The SPD block's "into the MLP reduce" mode is a plain GEMV: no kernel here.)
+// f32 in and out, f32 on the wire (exact sums of the callers' values).
 extern "C" __global__ void __launch_bounds__(256)
-oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
-                    const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
-                    uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
-                    float* __restrict__ out) {
+allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+              uint32_t* __restrict__ err, const float* in, float* out, const float* residual) {
+  allreduce_impl<float, float, float>(p, data, flags, ctr, err, in, out, residual);
+}
+
+// f32 in and out, bf16 on the wire: half the bytes, each contribution rounded once.
+extern "C" __global__ void __launch_bounds__(256)
+allreduce_f32_bf16wire(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+                       uint32_t* __restrict__ err, const float* in, float* out,
+                       const float* residual) {
+  allreduce_impl<float, __nv_bfloat16, float>(p, data, flags, ctr, err, in, out, residual);
+}
+
+// bf16 in and out (an engine's bf16 activations), f32 accumulation in rank order, the
+// result (residual + sum when fused) rounded once to bf16.
+extern "C" __global__ void __launch_bounds__(256)
+allreduce_bf16(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+               uint32_t* __restrict__ err, const __nv_bfloat16* in, __nv_bfloat16* out,
+               const __nv_bfloat16* residual) {
+  allreduce_impl<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, data, flags, ctr, err, in, out,
+                                                              residual);
+}
+
+// Fused attention output projection + one-shot all-reduce for a decode step (t = 1): out (n)
+// = sum over ranks of W_r (n, k) @ x_r (k). Rows map to blocks exactly as allreduce_impl's
+// elements do (chunks of 256, chunk c on block c % grid, the same grid for the same n), so
+// the kernels share round counters, flags and data slots safely. Block b computes its
+// chunks' rows (a warp per row) into its registered buffer (as W: the partial is this
+// rank's contribution), meets its peers' block b at one barrier, and sums the same rows over
+// ranks in rank order: one launch, no separate partial buffer. (The SPD block's "into the
+// MLP reduce" mode is a plain GEMV: no kernel here.)
+template <typename W>
+__device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k,
+                                           const __nv_bfloat16* __restrict__ w,
+                                           const float* __restrict__ x, const PeerPtrs& data,
+                                           const PeerPtrs& flags, uint32_t* ctr, uint32_t* err,
+                                           float* __restrict__ out) {
   uint32_t c;
   if (!ar_begin(ctr, err, &c)) return;
   const int slot = c & 1u;
-  const size_t slot_base = (size_t)slot * 2 * (size_t)p.capacity;
-  float* mine = reinterpret_cast<float*>(data.p[p.rank]) + slot_base;
+  W* mine = reinterpret_cast<W*>(ar_slot(data, p.rank, slot, p.capacity));
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const long chunks = (p.n + 255) / 256;
   for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
@@ -138,7 +188,7 @@ oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
       const long row = ch * 256 + j;
       if (row >= p.n) break;
       const float acc = warp_row_dot(w + (size_t)row * k, x, k, lane);
-      if (lane == 0) mine[row] = acc;
+      if (lane == 0) mine[row] = ar_from<W>(acc);
     }
   }
   if (!ar_barrier(p, flags, 0, slot, c, err)) return;
@@ -147,9 +197,25 @@ oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
     if (row < p.n) {
       float acc = 0.f;
       for (int r = 0; r < p.world; ++r)
-        acc += __ldcg(reinterpret_cast<const float*>(data.p[r]) + slot_base + row);
+        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + row);
       out[row] = acc;
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+                    const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
+                    uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
+                    float* __restrict__ out) {
+  oproj_impl<float>(p, k, w, x, data, flags, ctr, err, out);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+oproj_allreduce_f32_bf16wire(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+                             const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
+                             uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
+                             float* __restrict__ out) {
+  oproj_impl<__nv_bfloat16>(p, k, w, x, data, flags, ctr, err, out);
 }

@@ -111,7 +111,8 @@ typedef struct {
 } PeerPtrs;
 
 // Per-rank registered memory (allocated by the host, peers get its address):
-//   data  f32 [2 slots][2 regions][capacity]   region 0: inputs, region 1: two-shot partials
+//   data  f32 [2 slots][2 regions][capacity]   region 0: the wire values (f32, or bf16 in its
+//                                              first half), region 1: two-shot f32 partials
 //   flags u32 [2 phases][2 slots][AR_MAX_BLOCKS][AR_MAX_WORLD]   written by peers only
 //   ctr   u32 [AR_MAX_BLOCKS]                  this rank's round counter per block
 //   err   u32 [5]                              {set, rank, peer, seen, expected} on timeout

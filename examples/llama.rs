@@ -83,6 +83,10 @@ struct Common {
     /// NCCL's id); the processes' ranks then all-reduce with each other. For `bench`.
     #[arg(long, conflicts_with = "nccl")]
     nccl_id: Option<PathBuf>,
+    /// What all-reduces move between ranks: f32 (exact) or bf16 (each rank's contribution
+    /// rounded once to bf16, half the bytes, summed in f32 in rank order; both backends).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
+    wire: String,
 }
 
 #[derive(Args, Clone)]
@@ -383,6 +387,7 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
         emulate_link: common
             .emulate_link
             .as_deref()
+            // the hold occupies 8 CTAs, as a P2P all-reduce kernel would (benches/cuda_iso.rs)
             .map(|n| syncdrop::latency::LinkProfile::by_name(n).map(|p| (p, 8)))
             .transpose()?,
         nccl: match (&common.nccl_id, common.nccl) {
@@ -390,6 +395,7 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             (None, true) => Some(syncdrop::engine::NcclMode::InProcess),
             (None, false) => None,
         },
+        wire: common.wire.parse()?,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;

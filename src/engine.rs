@@ -7,7 +7,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BlockWeights};
-use crate::comm::{CommStats, Communicator, Identity, ThreadComm};
+use crate::comm::{CommStats, Communicator, Identity, ThreadComm, Wire};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::layout::{even_split, TpLayout};
@@ -68,12 +68,16 @@ pub struct EngineOptions {
     /// the model's.
     pub only_rank: Option<usize>,
     /// CUDA: hold each all-reduce on the communication lane for this link's modelled time
-    /// (ISO measurements on one GPU; labelled emulated). The world is the TP degree.
+    /// (ISO measurements on one GPU; labelled emulated): (profile, CTAs the hold occupies).
+    /// The modelled all-reduce's world is the TP degree.
     pub emulate_link: Option<(crate::latency::LinkProfile, usize)>,
     /// CUDA: an NCCL communicator per rank, used where the selection chain picks NCCL (no
     /// P2P) and for ranks in separate processes (`NcclMode::File` with `only_rank`: the one
     /// local rank then really all-reduces with its peers).
     pub nccl: Option<NcclMode>,
+    /// What all-reduces put on the wire: f32 (exact, the default) or bf16 (each rank's
+    /// contribution rounded once, half the bytes; see [`crate::comm::Wire`]).
+    pub wire: Wire,
 }
 
 impl Default for EngineOptions {
@@ -89,6 +93,7 @@ impl Default for EngineOptions {
             only_rank: None,
             emulate_link: None,
             nccl: None,
+            wire: Wire::F32,
         }
     }
 }
@@ -282,9 +287,9 @@ impl Engine {
             None => (0..tp).collect(),
         };
         let comms: Vec<Arc<dyn Communicator>> = if ranks.len() == 1 {
-            vec![Arc::new(Identity::default())]
+            vec![Arc::new(Identity::with_wire(opts.wire))]
         } else {
-            ThreadComm::group(tp)?
+            ThreadComm::group_with_wire(tp, opts.wire)?
                 .into_iter()
                 .map(|c| Arc::new(c) as Arc<dyn Communicator>)
                 .collect()

@@ -3,7 +3,7 @@
 
 use proptest::prelude::*;
 use std::sync::Arc;
-use syncdrop::comm::{Communicator, Identity, ThreadComm};
+use syncdrop::comm::{Communicator, Identity, ThreadComm, Wire};
 
 /// Run `f(rank, comm)` on one thread per rank; collect results in rank order.
 fn on_ranks<T: Send + 'static>(
@@ -162,4 +162,61 @@ fn abort_wakes_blocked_peers() {
 #[test]
 fn zero_world_is_rejected() {
     assert!(ThreadComm::group(0).is_err());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// The bf16 wire: each contribution rounded once to bf16 (round to nearest even), summed
+    /// in f32 in rank order from 0; the same bits on every rank. This is the CPU mirror the
+    /// CUDA kernels' `allreduce_f32_bf16wire` is tested against (tests/cuda_allreduce.rs).
+    #[test]
+    fn bf16_wire_rounds_each_contribution_once_then_sums_in_f32(world in 2usize..=8,
+        n in prop::sample::select(vec![1usize, 2, 7, 9, 100, 1000, 4099]), seed in any::<u64>()) {
+        let handles: Vec<_> = ThreadComm::group_with_wire(world, Wire::Bf16)
+            .unwrap()
+            .into_iter()
+            .enumerate()
+            .map(|(r, c)| std::thread::spawn(move || {
+                let mut d = rank_data(r, n, seed, false);
+                c.all_reduce_sum(&mut d).unwrap();
+                (d, c.stats().bytes, c.wire())
+            }))
+            .collect();
+        let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut expect = vec![0f32; n];
+        let mut exact = vec![0f32; n];
+        for r in 0..world {
+            for ((e, x), v) in expect.iter_mut().zip(exact.iter_mut()).zip(rank_data(r, n, seed, false)) {
+                *e += half::bf16::from_f32(v).to_f32();
+                *x += v;
+            }
+        }
+        for (r, (d, bytes, wire)) in out.iter().enumerate() {
+            prop_assert_eq!(d.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            expect.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                            "rank {}", r);
+            prop_assert_eq!(*bytes, 2 * n as u64, "two bytes per element on the wire");
+            prop_assert_eq!(*wire, Wire::Bf16);
+        }
+        // random floats in [-500, 500) are not bf16 values: the rounding shows
+        prop_assert!(expect != exact);
+    }
+}
+
+#[test]
+fn wire_parses_and_identity_never_rounds() {
+    assert_eq!("bf16".parse::<Wire>().unwrap(), Wire::Bf16);
+    assert_eq!("f32".parse::<Wire>().unwrap(), Wire::F32);
+    let e = "fp8".parse::<Wire>().unwrap_err().to_string();
+    assert!(e.contains("f32 or bf16"), "{e}");
+    // one rank: nothing crosses a wire, nothing is rounded
+    let id = Identity::with_wire(Wire::Bf16);
+    let mut d = vec![1.0f32 + 1e-3, -7.654_321];
+    let before = d.clone();
+    id.all_reduce_sum(&mut d).unwrap();
+    assert_eq!(d, before);
+    assert_eq!(id.wire(), Wire::Bf16);
+    // the default group moves f32 exactly
+    assert_eq!(ThreadComm::group(2).unwrap()[0].wire(), Wire::F32);
 }

@@ -16,6 +16,7 @@ mod gpu {
     use std::time::{Duration, Instant};
     use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
     use syncdrop::backend::cuda::{context, device_count, kernels::Kernels};
+    use syncdrop::comm::Wire;
     use syncdrop::Error;
 
     fn have_gpu() -> bool {
@@ -88,7 +89,7 @@ mod gpu {
                         let mut d = s
                             .clone_htod(&host)
                             .unwrap_or_else(|_| s.alloc_zeros(1).unwrap());
-                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot)
+                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot, Wire::F32)
                             .unwrap();
                         let mut got = vec![0f32; n];
                         if n > 0 {
@@ -100,7 +101,7 @@ mod gpu {
                         // tagged: each rank contributes its rank id
                         let tag = vec![r as f32; n.max(1)];
                         let mut d = s.clone_htod(&tag).unwrap();
-                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot)
+                        p.all_reduce(s, k, &mut d.slice_mut(..n), n, two_shot, Wire::F32)
                             .unwrap();
                         let got: Vec<f32> = s.clone_dtoh(&d).unwrap();
                         res.push((n, two_shot, got[..n].to_vec()));
@@ -143,7 +144,8 @@ mod gpu {
                 .map(|i| ((i ^ (r * 7919)) % 1000) as f32 * 1e-3)
                 .collect();
             let mut d = s.clone_htod(&host).unwrap();
-            p.all_reduce(s, k, &mut d.slice_mut(..), n, true).unwrap();
+            p.all_reduce(s, k, &mut d.slice_mut(..), n, true, Wire::F32)
+                .unwrap();
             let big: Vec<f32> = s.clone_dtoh(&d).unwrap();
             // 10,000 small rounds: the counters advance, slots alternate, nothing mixes
             let mut d = s.alloc_zeros::<f32>(64).unwrap();
@@ -151,7 +153,8 @@ mod gpu {
             for i in 0..10_000u32 {
                 let v = vec![(i % 97) as f32 + r as f32; 64];
                 s.memcpy_htod(&v, &mut d).unwrap();
-                p.all_reduce(s, k, &mut d.slice_mut(..), 64, false).unwrap();
+                p.all_reduce(s, k, &mut d.slice_mut(..), 64, false, Wire::F32)
+                    .unwrap();
             }
             let last: Vec<f32> = s.clone_dtoh(&d).unwrap();
             p.check(s).unwrap();
@@ -191,7 +194,7 @@ mod gpu {
             let res = if r == 2 {
                 Ok(()) // mute: never launches
             } else {
-                p.all_reduce(s, k, &mut d.slice_mut(..), 256, false)
+                p.all_reduce(s, k, &mut d.slice_mut(..), 256, false, Wire::F32)
                     .unwrap();
                 s.synchronize().unwrap();
                 p.check(s)
@@ -222,7 +225,7 @@ mod gpu {
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
             )
             .unwrap();
-            p.all_reduce(s, k, &mut d.slice_mut(..), 300, false)
+            p.all_reduce(s, k, &mut d.slice_mut(..), 300, false, Wire::F32)
                 .unwrap();
             let g = s
                 .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
@@ -269,26 +272,36 @@ mod gpu {
                     &mut y.slice_mut(..),
                 )
                 .unwrap();
-                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false)
+                let partial: Vec<f32> = s.clone_dtoh(&y).unwrap();
+                let mut res = Vec::new();
+                for wire in [Wire::F32, Wire::Bf16] {
+                    s.memcpy_htod(&partial, &mut y).unwrap();
+                    p.all_reduce(s, kern, &mut y.slice_mut(..), n, false, wire)
+                        .unwrap();
+                    let unfused: Vec<f32> = s.clone_dtoh(&y).unwrap();
+                    let mut z = s.alloc_zeros::<f32>(n).unwrap();
+                    p.oproj_all_reduce(
+                        s,
+                        kern,
+                        (n, k),
+                        &wd.slice(..),
+                        &xd.slice(..),
+                        &mut z.slice_mut(..),
+                        wire,
+                    )
                     .unwrap();
-                let unfused: Vec<f32> = s.clone_dtoh(&y).unwrap();
-                let mut z = s.alloc_zeros::<f32>(n).unwrap();
-                p.oproj_all_reduce(
-                    s,
-                    kern,
-                    (n, k),
-                    &wd.slice(..),
-                    &xd.slice(..),
-                    &mut z.slice_mut(..),
-                )
-                .unwrap();
-                let fused: Vec<f32> = s.clone_dtoh(&z).unwrap();
+                    let fused: Vec<f32> = s.clone_dtoh(&z).unwrap();
+                    res.push((wire, unfused, fused));
+                }
                 p.check(s).unwrap();
-                (unfused, fused)
+                res
             });
-            for (r, (u, f)) in out.iter().enumerate() {
-                assert_eq!(u, f, "world {world} n {n} k {k} rank {r}");
-                assert_eq!(u, &out[0].0);
+            for (r, res) in out.iter().enumerate() {
+                for (i, (wire, u, f)) in res.iter().enumerate() {
+                    assert_eq!(u, f, "{wire:?}: world {world} n {n} k {k} rank {r}");
+                    assert_eq!(u, &out[0][i].1, "{wire:?}: rank {r} differs from rank 0");
+                }
+                assert_ne!(res[0].1, res[1].1, "the bf16 wire rounds the partials");
             }
         }
     }
@@ -305,8 +318,16 @@ mod gpu {
                 let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
                 let md = s.clone_htod(&m).unwrap();
                 let mut xd = s.clone_htod(&x).unwrap();
-                p.all_reduce_add(s, k, &md.slice(..), &mut xd.slice_mut(..), n, two_shot)
-                    .unwrap();
+                p.all_reduce_add(
+                    s,
+                    k,
+                    &md.slice(..),
+                    &mut xd.slice_mut(..),
+                    n,
+                    two_shot,
+                    Wire::F32,
+                )
+                .unwrap();
                 let (x2, m2): (Vec<f32>, Vec<f32>) =
                     (s.clone_dtoh(&xd).unwrap(), s.clone_dtoh(&md).unwrap());
                 p.check(s).unwrap();
@@ -320,6 +341,131 @@ mod gpu {
                         *v,
                         (i % 7) as f32 + sum,
                         "two-shot {two_shot} rank {r} [{i}]"
+                    );
+                }
+            }
+        }
+    }
+
+    /// The CPU mirror of a bf16-wire all-reduce: every contribution rounded to bf16, summed
+    /// in f32 in rank order from 0, then added to the residual.
+    fn bf16_wire_mirror(contrib: &[Vec<f32>], residual: Option<&[f32]>) -> Vec<f32> {
+        let n = contrib[0].len();
+        (0..n)
+            .map(|i| {
+                let mut acc = 0f32;
+                for c in contrib {
+                    acc += half::bf16::from_f32(c[i]).to_f32();
+                }
+                residual.map_or(acc, |x| x[i] + acc)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bf16_wire_equals_the_cpu_mirror_bit_for_bit_one_and_two_shot() {
+        if !have_gpu() {
+            return;
+        }
+        for world in [2usize, 3, 4, 8] {
+            let sizes = [1usize, 255, 256, 257, 1000, 8192, 100_003];
+            let contrib = move |r: usize, n: usize| -> Vec<f32> {
+                // values that do not fit bf16: the rounding is visible
+                (0..n)
+                    .map(|i| ((i * 2654435761 + r * 40503) % 100_000) as f32 * 1.234_567e-3 - 61.7)
+                    .collect()
+            };
+            let out = on_ranks(world, 100_003, Duration::from_secs(1), move |r, s, k, p| {
+                let mut res = Vec::new();
+                for &n in &sizes {
+                    for two_shot in [false, true] {
+                        let mut d = s.clone_htod(&contrib(r, n)).unwrap();
+                        p.all_reduce(s, k, &mut d.slice_mut(..), n, two_shot, Wire::Bf16)
+                            .unwrap();
+                        let plain: Vec<f32> = s.clone_dtoh(&d).unwrap();
+                        // fused residual add: x += sum (m unchanged)
+                        let x: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.1).collect();
+                        let md = s.clone_htod(&contrib(r, n)).unwrap();
+                        let mut xd = s.clone_htod(&x).unwrap();
+                        p.all_reduce_add(
+                            s,
+                            k,
+                            &md.slice(..),
+                            &mut xd.slice_mut(..),
+                            n,
+                            two_shot,
+                            Wire::Bf16,
+                        )
+                        .unwrap();
+                        let added: Vec<f32> = s.clone_dtoh(&xd).unwrap();
+                        res.push((n, two_shot, plain, x, added));
+                    }
+                }
+                p.check(s).unwrap();
+                res
+            });
+            for (r, res) in out.iter().enumerate() {
+                for (j, (n, ts, plain, x, added)) in res.iter().enumerate() {
+                    let all: Vec<Vec<f32>> = (0..world).map(|q| contrib(q, *n)).collect();
+                    let want = bf16_wire_mirror(&all, None);
+                    assert_eq!(plain, &want, "world {world} n {n} two-shot {ts} rank {r}");
+                    let want = bf16_wire_mirror(&all, Some(x));
+                    assert_eq!(added, &want, "residual: world {world} n {n} two-shot {ts}");
+                    assert_eq!(plain, &out[0][j].2, "rank {r} differs from rank 0");
+                    // and the bf16 wire is not the f32 sum
+                    let exact: Vec<f32> = (0..*n).map(|i| all.iter().map(|c| c[i]).sum()).collect();
+                    assert_ne!(plain, &exact, "world {world} n {n}: nothing was rounded");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_in_and_out_all_reduce_rounds_the_f32_rank_order_sum_once() {
+        if !have_gpu() {
+            return;
+        }
+        use half::bf16;
+        for world in [2usize, 3, 8] {
+            let n = 4099;
+            let contrib = move |r: usize| -> Vec<bf16> {
+                (0..n)
+                    .map(|i| bf16::from_f32(((i * 7 + r * 131) % 601) as f32 * 0.0371 - 11.0))
+                    .collect()
+            };
+            let resid: Vec<bf16> = (0..n)
+                .map(|i| bf16::from_f32((i % 17) as f32 * 0.3))
+                .collect();
+            let res2 = resid.clone();
+            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, k, p| {
+                let mut got = Vec::new();
+                for two_shot in [false, true] {
+                    let mut d = s.clone_htod(&contrib(r)).unwrap();
+                    p.all_reduce_bf16(s, k, &mut d.slice_mut(..), None, n, two_shot)
+                        .unwrap();
+                    let plain: Vec<bf16> = s.clone_dtoh(&d).unwrap();
+                    let mut d = s.clone_htod(&contrib(r)).unwrap();
+                    let rd = s.clone_htod(&res2).unwrap();
+                    p.all_reduce_bf16(s, k, &mut d.slice_mut(..), Some(&rd.slice(..)), n, two_shot)
+                        .unwrap();
+                    let fused: Vec<bf16> = s.clone_dtoh(&d).unwrap();
+                    got.push((two_shot, plain, fused));
+                }
+                p.check(s).unwrap();
+                got
+            });
+            let all: Vec<Vec<bf16>> = (0..world).map(contrib).collect();
+            let sum = |i: usize| -> f32 { all.iter().fold(0f32, |a, c| a + c[i].to_f32()) };
+            let want: Vec<bf16> = (0..n).map(|i| bf16::from_f32(sum(i))).collect();
+            let want_res: Vec<bf16> = (0..n)
+                .map(|i| bf16::from_f32(resid[i].to_f32() + sum(i)))
+                .collect();
+            for (r, got) in out.iter().enumerate() {
+                for (ts, plain, fused) in got {
+                    assert_eq!(plain, &want, "world {world} two-shot {ts} rank {r}");
+                    assert_eq!(
+                        fused, &want_res,
+                        "residual: world {world} two-shot {ts} rank {r}"
                     );
                 }
             }

@@ -64,9 +64,63 @@ impl CommCounters {
     }
 }
 
+/// What an all-reduce puts on the wire between ranks.
+///
+/// - [`Wire::F32`]: the callers' f32 values, summed exactly as given (the default; every
+///   accuracy number in docs/ACCURACY.md was measured this way).
+/// - [`Wire::Bf16`]: each rank's contribution is rounded once to bf16 (round to nearest
+///   even) before it leaves the rank, halving the bytes moved, as bf16 inference engines
+///   communicate. The sum is still accumulated in f32 in rank order, so all ranks hold the
+///   same bits and the CPU and CUDA backends agree exactly (the P2P kernels'
+///   `allreduce_f32_bf16wire` applies the same rounding).
+///
+/// At one rank nothing crosses a wire and nothing is rounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wire {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Wire {
+    /// Bytes per element on the wire.
+    pub fn bytes(self) -> usize {
+        match self {
+            Wire::F32 => 4,
+            Wire::Bf16 => 2,
+        }
+    }
+
+    /// Round `data` in place to what the wire carries.
+    pub fn round(self, data: &mut [f32]) {
+        if self == Wire::Bf16 {
+            for x in data {
+                *x = half::bf16::from_f32(*x).to_f32();
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Wire {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> Result<Wire> {
+        match s {
+            "f32" => Ok(Wire::F32),
+            "bf16" => Ok(Wire::Bf16),
+            _ => Err(crate::error::Error::InvalidArgument(format!(
+                "unknown all-reduce wire type {s:?}: use f32 or bf16"
+            ))),
+        }
+    }
+}
+
 pub trait Communicator: Send + Sync {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
+    /// What this group's all-reduces put on the wire (see [`Wire`]).
+    fn wire(&self) -> Wire {
+        Wire::F32
+    }
     /// In-place sum over ranks, in rank order (see the module contract).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
     fn barrier(&self) -> Result<()>;
@@ -77,10 +131,21 @@ pub trait Communicator: Send + Sync {
 }
 
 /// The single-rank communicator: every collective is the identity. Keeps the TP=1 path the
-/// same code as the TP=N path; it still counts sync points.
+/// same code as the TP=N path; it still counts sync points. Its wire only matters to a
+/// backend that reduces with ranks of other processes itself (one rank per process, NCCL).
 #[derive(Debug, Default)]
 pub struct Identity {
     counters: CommCounters,
+    wire: Wire,
+}
+
+impl Identity {
+    pub fn with_wire(wire: Wire) -> Identity {
+        Identity {
+            counters: CommCounters::default(),
+            wire,
+        }
+    }
 }
 
 impl Communicator for Identity {
@@ -89,6 +154,9 @@ impl Communicator for Identity {
     }
     fn world(&self) -> usize {
         1
+    }
+    fn wire(&self) -> Wire {
+        self.wire
     }
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         self.counters

@@ -10,7 +10,7 @@
 //! (everyone finished copying chunks out), so two barriers suffice. Every element is summed
 //! by exactly one rank in a fixed order and then copied, so all ranks hold identical bits.
 
-use super::{CommCounters, CommStats, Communicator};
+use super::{CommCounters, CommStats, Communicator, Wire};
 use crate::error::{Error, Result};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -86,10 +86,17 @@ pub struct ThreadComm {
     rank: usize,
     shared: Arc<Shared>,
     counters: CommCounters,
+    wire: Wire,
 }
 
 impl ThreadComm {
+    /// A group of `world` ranks moving f32 ([`Wire::F32`]).
     pub fn group(world: usize) -> Result<Vec<ThreadComm>> {
+        Self::group_with_wire(world, Wire::F32)
+    }
+
+    /// A group of `world` ranks whose contributions are rounded to `wire` before the sum.
+    pub fn group_with_wire(world: usize, wire: Wire) -> Result<Vec<ThreadComm>> {
         if world == 0 {
             return Err(Error::InvalidArgument("communicator world size 0".into()));
         }
@@ -112,6 +119,7 @@ impl ThreadComm {
                 rank,
                 shared: shared.clone(),
                 counters: CommCounters::default(),
+                wire,
             })
             .collect())
     }
@@ -140,6 +148,7 @@ impl Communicator for ThreadComm {
                     .unwrap_or_else(|p| p.into_inner());
                 mine.clear();
                 mine.extend_from_slice(data);
+                self.wire.round(&mut mine);
             }
             sh.barrier.wait(self.rank)?;
             let range = self.chunk(data.len(), self.rank);
@@ -177,8 +186,17 @@ impl Communicator for ThreadComm {
                 data[range].copy_from_slice(&c);
             }
         }
-        self.counters.record(start, std::mem::size_of_val(data));
+        let bytes = if sh.world > 1 {
+            data.len() * self.wire.bytes()
+        } else {
+            std::mem::size_of_val(data)
+        };
+        self.counters.record(start, bytes);
         Ok(())
+    }
+
+    fn wire(&self) -> Wire {
+        self.wire
     }
 
     fn barrier(&self) -> Result<()> {

@@ -11,6 +11,7 @@
 
 use super::cuda_err;
 use super::kernels::{check_len, Kernels};
+use crate::comm::Wire;
 use crate::error::{Error, Result};
 use cudarc::driver::{
     sys, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr, LaunchConfig, PushKernelArg,
@@ -129,6 +130,14 @@ impl Drop for PeerMem {
         unsafe {
             let _ = sys::cuMemFree_v2(self.ptr);
         }
+    }
+}
+
+/// The f32-in, f32-out kernel for a wire type.
+fn f32_kernel(wire: Wire) -> &'static str {
+    match wire {
+        Wire::F32 => "allreduce_f32",
+        Wire::Bf16 => "allreduce_f32_bf16wire",
     }
 }
 
@@ -268,7 +277,8 @@ impl P2pRank {
         self.capacity
     }
 
-    /// Sum all-reduce of `buf[..n]` in place, one-shot or two-shot.
+    /// Sum all-reduce of `buf[..n]` in place, one-shot or two-shot, with `wire` between
+    /// ranks (f32, or each contribution rounded to bf16; the sum is f32 either way).
     pub fn all_reduce(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -276,13 +286,22 @@ impl P2pRank {
         buf: &mut CudaViewMut<f32>,
         n: usize,
         two_shot: bool,
+        wire: Wire,
     ) -> Result<()> {
         check_len("p2p all_reduce", "buf", buf.len(), n)?;
         let ptr = buf.device_ptr(stream).0;
-        self.launch(stream, kern, (ptr, ptr, None), n, two_shot)
+        self.launch(
+            stream,
+            kern,
+            f32_kernel(wire),
+            (ptr, ptr, None),
+            n,
+            two_shot,
+        )
     }
 
     /// Fused residual add: `x[..n] += sum over ranks of m[..n]` (`m` is left as it was).
+    #[allow(clippy::too_many_arguments)]
     pub fn all_reduce_add(
         &mut self,
         stream: &Arc<CudaStream>,
@@ -291,19 +310,53 @@ impl P2pRank {
         x: &mut CudaViewMut<f32>,
         n: usize,
         two_shot: bool,
+        wire: Wire,
     ) -> Result<()> {
         check_len("p2p all_reduce_add", "m", m.len(), n)?;
         check_len("p2p all_reduce_add", "x", x.len(), n)?;
         let mp = m.device_ptr(stream).0;
         let xp = x.device_ptr(stream).0;
-        self.launch(stream, kern, (mp, xp, Some(xp)), n, two_shot)
+        self.launch(
+            stream,
+            kern,
+            f32_kernel(wire),
+            (mp, xp, Some(xp)),
+            n,
+            two_shot,
+        )
     }
 
-    /// Launch `allreduce_f32` on raw pointers (in, out, residual) of at least n floats.
+    /// For an engine whose activations are bf16: `buf[..n]` (in place) becomes the sum over
+    /// ranks, accumulated in f32 in rank order and rounded once to bf16 (bit-identical on
+    /// every rank); with `residual`, `buf = bf16(residual + sum)` (the fused residual add).
+    pub fn all_reduce_bf16(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        buf: &mut CudaViewMut<half::bf16>,
+        residual: Option<&CudaView<half::bf16>>,
+        n: usize,
+        two_shot: bool,
+    ) -> Result<()> {
+        check_len("p2p all_reduce_bf16", "buf", buf.len(), n)?;
+        let res = match residual {
+            Some(r) => {
+                check_len("p2p all_reduce_bf16", "residual", r.len(), n)?;
+                Some(r.device_ptr(stream).0)
+            }
+            None => None,
+        };
+        let ptr = buf.device_ptr(stream).0;
+        self.launch(stream, kern, "allreduce_bf16", (ptr, ptr, res), n, two_shot)
+    }
+
+    /// Launch one of the all-reduce kernels on raw pointers (in, out, residual) of at least
+    /// n elements of the kernel's input/output type.
     fn launch(
         &mut self,
         stream: &Arc<CudaStream>,
         kern: &Kernels,
+        name: &str,
         (input, out, residual): (u64, u64, Option<u64>),
         n: usize,
         two_shot: bool,
@@ -325,7 +378,7 @@ impl P2pRank {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = kern.function("allreduce", "allreduce_f32")?;
+        let f = kern.function("allreduce", name)?;
         let res = residual.unwrap_or(0);
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
@@ -336,9 +389,11 @@ impl P2pRank {
             .arg(&input)
             .arg(&out)
             .arg(&res);
-        // SAFETY: matches allreduce_f32 in csrc/allreduce.cu; the callers checked that the
-        // pointers hold n floats; peers' buffers stay registered for the group's life;
-        // n <= capacity checked above.
+        // SAFETY: matches allreduce_f32 / allreduce_f32_bf16wire / allreduce_bf16 in
+        // csrc/allreduce.cu (same arguments; the callers checked that the pointers hold n
+        // elements of the kernel's type); peers' buffers stay registered for the group's
+        // life; n <= capacity checked above (the registered regions are capacity f32 wide,
+        // enough for either wire type).
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -356,7 +411,7 @@ impl P2pRank {
     }
 
     /// Fused decode output projection + one-shot all-reduce: out (n) = sum over ranks of
-    /// W_r (n, k) @ x_r (k), in one launch.
+    /// W_r (n, k) @ x_r (k), in one launch; each rank's partial crosses `wire`.
     #[allow(clippy::too_many_arguments)]
     pub fn oproj_all_reduce(
         &mut self,
@@ -366,6 +421,7 @@ impl P2pRank {
         w: &CudaView<half::bf16>,
         x: &CudaView<f32>,
         out: &mut CudaViewMut<f32>,
+        wire: Wire,
     ) -> Result<()> {
         check_len("oproj_all_reduce", "w", w.len(), n * k)?;
         check_len("oproj_all_reduce", "x", x.len(), k)?;
@@ -387,7 +443,11 @@ impl P2pRank {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let f = kern.function("allreduce", "oproj_allreduce_f32")?;
+        let name = match wire {
+            Wire::F32 => "oproj_allreduce_f32",
+            Wire::Bf16 => "oproj_allreduce_f32_bf16wire",
+        };
+        let f = kern.function("allreduce", name)?;
         let k32 = k as i32;
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
@@ -399,7 +459,8 @@ impl P2pRank {
             .arg(&mut self.ctr)
             .arg(&mut self.err)
             .arg(out);
-        // SAFETY: matches oproj_allreduce_f32 in csrc/allreduce.cu; sizes checked above.
+        // SAFETY: matches oproj_allreduce_f32(_bf16wire) in csrc/allreduce.cu; sizes checked
+        // above.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }

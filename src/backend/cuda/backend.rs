@@ -28,6 +28,7 @@ use super::topology;
 use super::{context, cuda_err, device_count};
 use crate::backend::{Backend, BlockWeights, EmulatedLink, HeadWeights, RankDims, ReduceMode};
 use crate::comm::select::{select, Algo, Topology};
+use crate::comm::Wire;
 use crate::comm::{CommCounters, CommStats, Communicator};
 use crate::error::{Error, Result};
 use cudarc::driver::{
@@ -345,10 +346,21 @@ impl CudaBackend {
             return Ok(true);
         }
         let algo = self.algo(n)?;
+        let wire = self.comm.wire();
         if algo == Algo::Nccl {
             if let Some(nc) = &self.nccl {
                 self.fork()?;
                 let t0 = std::time::Instant::now();
+                if wire == Wire::Bf16 {
+                    // the same contributions as the other paths; NCCL still moves f32 (its
+                    // bf16 sum would round after every ring step)
+                    super::elementwise::round_bf16_f32(
+                        &self.ex.comm,
+                        &self.ex.kern,
+                        n,
+                        &mut buf.slice_mut(..n),
+                    )?;
+                }
                 nc.all_reduce(&mut buf.slice_mut(..n))?;
                 self.dev_counters.record(t0, n * 4);
                 self.hold(n)?;
@@ -366,9 +378,10 @@ impl CudaBackend {
                 &mut buf.slice_mut(..n),
                 n,
                 algo == Algo::TwoShot,
+                wire,
             )?;
             // launch time only: the kernel runs asynchronously on the lane
-            self.dev_counters.record(t0, n * 4);
+            self.dev_counters.record(t0, n * wire.bytes());
             self.hold(n)?;
             return Ok(true);
         }
@@ -416,7 +429,8 @@ impl CudaBackend {
             P2P_TIMEOUT,
             std::time::Duration::from_secs(60),
         )?;
-        let topo = topology::topology(&rank_devices, rank.capacity() * 4)?;
+        // the registered buffer holds `capacity` elements of the wire type
+        let topo = topology::topology(&rank_devices, rank.capacity() * self.comm.wire().bytes())?;
         self.p2p = Some((rank, topo));
         self.algos.clear();
         Ok(())
@@ -428,7 +442,8 @@ impl CudaBackend {
         if let Some(a) = self.algos.get(&n) {
             return Ok(*a);
         }
-        let (algo, log) = select(n * 4, &self.topology(), self.env_algo.as_deref())?;
+        let bytes = n * self.comm.wire().bytes();
+        let (algo, log) = select(bytes, &self.topology(), self.env_algo.as_deref())?;
         for line in log {
             if self.comm.rank() == 0 && self.logged.insert(line.clone()) {
                 eprintln!("syncdrop: {line}");
@@ -832,6 +847,7 @@ impl Backend for CudaBackend {
             if matches!(algo, Algo::OneShot | Algo::TwoShot) {
                 self.fork()?;
                 let t0 = std::time::Instant::now();
+                let wire = self.comm.wire();
                 let (p, _) = self.p2p.as_mut().expect("checked above");
                 p.all_reduce_add(
                     &self.ex.comm,
@@ -840,8 +856,9 @@ impl Backend for CudaBackend {
                     &mut x.slice_mut(..n),
                     n,
                     algo == Algo::TwoShot,
+                    wire,
                 )?;
-                self.dev_counters.record(t0, n * 4);
+                self.dev_counters.record(t0, n * wire.bytes());
                 self.hold(n)?;
                 return self.join_lane();
             }
@@ -936,6 +953,7 @@ impl Backend for CudaBackend {
         // on the comm lane like every P2P collective (they share the round counters)
         self.fork()?;
         let t0 = std::time::Instant::now();
+        let wire = self.comm.wire();
         let Self {
             ex, layers, p2p, ..
         } = self;
@@ -950,8 +968,9 @@ impl Backend for CudaBackend {
             &lay.wo.slice(..),
             &attn.slice(..qn),
             &mut out.slice_mut(..d.hidden),
+            wire,
         )?;
-        self.dev_counters.record(t0, d.hidden * 4);
+        self.dev_counters.record(t0, d.hidden * wire.bytes());
         self.hold(d.hidden)?;
         self.join_lane()
     }
@@ -979,7 +998,7 @@ impl Backend for CudaBackend {
         self.world() == 1
             || matches!(
                 select(
-                    self.dims.hidden * 4,
+                    self.dims.hidden * self.comm.wire().bytes(),
                     &self.topology(),
                     self.env_algo.as_deref()
                 ),

@@ -1,4 +1,5 @@
-//! Elementwise helpers (`csrc/elementwise.cu`): residual add, f32 -> bf16 conversion.
+//! Elementwise helpers (`csrc/elementwise.cu`): residual add, f32 -> bf16 conversion,
+//! rounding f32 to bf16 in place.
 
 use super::cuda_err;
 use super::kernels::{check_len, grid_1d, Kernels};
@@ -57,6 +58,26 @@ pub fn f32_to_bf16(
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(x).arg(y);
     // SAFETY: matches f32_to_bf16 in csrc/elementwise.cu; both buffers hold n elements.
+    unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err)?;
+    Ok(())
+}
+
+/// x[..n] = f32(bf16(x[..n])): what a bf16 wire carries, on a path that moves f32 (NCCL).
+pub fn round_bf16_f32(
+    stream: &Arc<CudaStream>,
+    kern: &Kernels,
+    n: usize,
+    x: &mut CudaViewMut<f32>,
+) -> Result<()> {
+    check_len("round_bf16_f32", "x", x.len(), n)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = kern.function("elementwise", "round_bf16_f32")?;
+    let p = ElemParams { n: n as i64 };
+    let mut b = stream.launch_builder(&f);
+    b.arg(&p).arg(x);
+    // SAFETY: matches round_bf16_f32 in csrc/elementwise.cu; x holds n elements.
     unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err)?;
     Ok(())
 }

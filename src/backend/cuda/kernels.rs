@@ -58,10 +58,19 @@ impl Kernels {
 
 /// Every kernel of every family (csrc/*.cu `extern "C" __global__`), resolved at load.
 pub const KERNEL_NAMES: &[(&str, &[&str])] = &[
-    ("allreduce", &["allreduce_f32", "oproj_allreduce_f32"]),
+    (
+        "allreduce",
+        &[
+            "allreduce_f32",
+            "allreduce_f32_bf16wire",
+            "allreduce_bf16",
+            "oproj_allreduce_f32",
+            "oproj_allreduce_f32_bf16wire",
+        ],
+    ),
     ("argmax", &["argmax_f32"]),
     ("attention", &["attention_f32", "attention_combine_f32"]),
-    ("elementwise", &["add_f32", "f32_to_bf16"]),
+    ("elementwise", &["add_f32", "f32_to_bf16", "round_bf16_f32"]),
     ("embedding", &["embedding_f32"]),
     ("emulate", &["hold_link"]),
     ("gemv", &["gemv_bf16", "gemv_bf16_f32"]),
