@@ -3,8 +3,9 @@
 //! ranks, one-shot and two-shot, f32 and bf16 on the wire (same bytes: a bf16 message has
 //! twice the elements), next to the floor of a local device copy of the same bytes
 //! (one launch); then the fused decode o_proj + all-reduce against GEMV + separate
-//! all-reduce on LLaMA2-7B/70B shard shapes. Virtual ranks share one GPU's SMs and HBM:
-//! these numbers measure the kernels and the protocol, not NVLink.
+//! all-reduce on LLaMA2-7B/70B shard shapes, and the fused all-reduce + residual add +
+//! RMSNorm against all-reduce + add_rmsnorm at 1, 4 and 16 rows. Virtual ranks share one
+//! GPU's SMs and HBM: these numbers measure the kernels and the protocol, not NVLink.
 //!
 //! `cargo bench --features cuda --bench cuda_allreduce -- [--out DIR] [--quick]`; without a
 //! GPU it prints "skipped: no GPU".
@@ -13,6 +14,7 @@ use half::bf16;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
+use syncdrop::backend::cuda::rmsnorm::add_rmsnorm_f32;
 use syncdrop::backend::cuda::{context, gemv::gemv_bf16_f32, kernels::Kernels};
 use syncdrop::comm::Wire;
 
@@ -179,9 +181,68 @@ fn main() {
             "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}),
         );
     }
+    // all-reduce + residual add + RMSNorm: one kernel vs all-reduce then add_rmsnorm
+    println!(
+        "\n| hidden | ranks | rows | all-reduce + add_rmsnorm us | fused us | fused speedup |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut norm_rows = Vec::new();
+    for (d, world) in [(4096usize, 2usize), (4096, 8), (8192, 8)] {
+        for t in [1usize, 4, 16] {
+            let n = t * d;
+            let iters = if quick { 20 } else { 500 };
+            let job: Arc<Job> = Arc::new(move |s, kern, p| {
+                let mut delta = s.alloc_zeros::<f32>(n).expect("alloc");
+                let mut x = s.alloc_zeros::<f32>(n).expect("alloc");
+                let w = s.alloc_zeros::<f32>(d).expect("alloc");
+                let mut normed = s.alloc_zeros::<f32>(n).expect("alloc");
+                let unfused = per_iter(s, iters, || {
+                    p.all_reduce(s, kern, &mut delta.slice_mut(..), n, false, Wire::F32)
+                        .expect("all-reduce");
+                    add_rmsnorm_f32(
+                        s,
+                        kern,
+                        t,
+                        d,
+                        1e-5,
+                        &mut x.slice_mut(..),
+                        Some(&delta.slice(..)),
+                        &w.slice(..),
+                        &mut normed.slice_mut(..),
+                    )
+                    .expect("add_rmsnorm");
+                });
+                let fused = per_iter(s, iters, || {
+                    p.all_reduce_add_rmsnorm(
+                        s,
+                        kern,
+                        (t, d, 1e-5),
+                        &delta.slice(..),
+                        &mut x.slice_mut(..),
+                        &w.slice(..),
+                        &mut normed.slice_mut(..),
+                        false,
+                        Wire::F32,
+                    )
+                    .expect("fused")
+                });
+                (unfused, fused)
+            });
+            let (unfused, fused) = on_ranks(world, n, job);
+            println!(
+                "| {d} | {world} | {t} | {:.1} | {:.1} | {:.2}x |",
+                unfused * 1e6,
+                fused * 1e6,
+                unfused / fused
+            );
+            norm_rows.push(serde_json::json!({"hidden": d, "ranks": world, "rows": t,
+                "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}));
+        }
+    }
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).ok();
         let v = serde_json::json!({"sweep": rows, "fused_oproj": fused_rows,
+            "fused_add_rmsnorm": norm_rows,
             "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
         std::fs::write(
             dir.join("cuda_allreduce.json"),

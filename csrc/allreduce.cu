@@ -96,20 +96,20 @@ __device__ __forceinline__ char* ar_slot(const PeerPtrs& data, int r, int slot, 
 }
 
 template <typename In, typename W, typename Out>
-__device__ __forceinline__ void allreduce_impl(const ArParams& p, const PeerPtrs& data,
+__device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs& data,
                                                const PeerPtrs& flags, uint32_t* ctr,
                                                uint32_t* err, const In* in, Out* out,
                                                const Out* residual) {
   // `in`, `out` and `residual` may alias (in-place; x += sum): no __restrict__ on them
   uint32_t c;
-  if (!ar_begin(ctr, err, &c)) return;  // an earlier all-reduce failed: do nothing
+  if (!ar_begin(ctr, err, &c)) return false;  // an earlier all-reduce failed: do nothing
   const int slot = c & 1u;
   const size_t region_bytes = (size_t)p.capacity * sizeof(float);
   W* mine = reinterpret_cast<W*>(ar_slot(data, p.rank, slot, p.capacity));
   const long stride = (long)gridDim.x * blockDim.x;
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
   for (long i = first; i < p.n; i += stride) mine[i] = ar_from<W>(ar_f32(in[i]));
-  if (!ar_barrier(p, flags, 0, slot, c, err)) return;
+  if (!ar_barrier(p, flags, 0, slot, c, err)) return false;
   if (!p.two_shot) {
     for (long i = first; i < p.n; i += stride) {
       float acc = 0.f;
@@ -127,7 +127,7 @@ __device__ __forceinline__ void allreduce_impl(const ArParams& p, const PeerPtrs
         acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
       sums[i] = acc;
     }
-    if (!ar_barrier(p, flags, 1, slot, c, err)) return;
+    if (!ar_barrier(p, flags, 1, slot, c, err)) return false;
     for (long i = first; i < p.n; i += stride) {
       const int owner = (int)(i / chunk);
       const float v = ar_load(
@@ -136,6 +136,7 @@ __device__ __forceinline__ void allreduce_impl(const ArParams& p, const PeerPtrs
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
+  return true;
 }
 
 // f32 in and out, f32 on the wire (exact sums of the callers' values).
@@ -218,4 +219,105 @@ oproj_allreduce_f32_bf16wire(ArParams p, int32_t k, const __nv_bfloat16* __restr
                              uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                              float* __restrict__ out) {
   oproj_impl<__nv_bfloat16>(p, k, w, x, data, flags, ctr, err, out);
+}
+
+// ---- all-reduce + residual add + RMSNorm in one launch -------------------------------------
+// The standard block's attention output (DESIGN.md section 2): x += sum over ranks of
+// delta, then normed = RMSNorm(x) * weight, for `rows` rows of d (rows <= AR_NORM_MAX_ROWS).
+// The all-reduce is allreduce_impl's (same element-to-block mapping, counters, slots and
+// wire); the epilogue needs every row's sum of squares, which spans blocks, so each block
+// reduces its own elements per row (block_sum: a fixed order), writes one partial per row
+// into this rank's scratch, meets its sibling blocks at a grid barrier, and sums the
+// partials in block order. The same grid on every rank and bit-identical x make `normed`
+// bit-identical across ranks too. Blocks are co-resident (the grid cap that the peer
+// barrier already needs), so the grid barrier cannot deadlock; its spin is bounded like
+// the peer barrier's and records {1, rank, rank, seen, expected} on a timeout.
+
+// Grid barrier of this rank's blocks: an arrival counter the last block resets, and a
+// generation it advances (gbar = {count, generation}, zero-initialised, this rank's only).
+__device__ bool grid_barrier(const ArParams& p, uint32_t* gbar, uint32_t* __restrict__ err) {
+  __shared__ int failed;
+  __syncthreads();  // this block's writes precede its arrival
+  if (threadIdx.x == 0) {
+    failed = 0;
+    const uint32_t gen = ld_acquire_sys(gbar + 1);
+    __threadfence();
+    const uint32_t old = atomicAdd(gbar, 1u);
+    if (old == gridDim.x - 1) {
+      atomicExch(gbar, 0u);  // ready for the next launch (stream order keeps launches apart)
+      __threadfence();
+      st_release_sys(gbar + 1, gen + 1u);
+    } else {
+      const long long t0 = clock64();
+      uint32_t v;
+      while ((v = ld_acquire_sys(gbar + 1)) == gen) {
+        if (clock64() - t0 > p.budget) {
+          if (atomicCAS(err, 0u, 1u) == 0u) {
+            err[1] = p.rank;
+            err[2] = p.rank;
+            err[3] = v;
+            err[4] = gen + 1u;
+            __threadfence_system();
+          }
+          failed = 1;
+          break;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  return !failed;
+}
+
+template <typename W>
+__device__ __forceinline__ void ar_add_rmsnorm_impl(const ArParams& p, int32_t rows, int32_t d,
+                                                    float eps, const PeerPtrs& data,
+                                                    const PeerPtrs& flags, uint32_t* ctr,
+                                                    uint32_t* err, const float* delta, float* x,
+                                                    const float* __restrict__ weight,
+                                                    float* __restrict__ normed,
+                                                    float* __restrict__ scratch,
+                                                    uint32_t* gbar) {
+  if (!allreduce_impl<float, W, float>(p, data, flags, ctr, err, delta, x, x)) return;
+  // x[i] = residual + sum for every i this thread handled: its own writes, visible to it
+  const long stride = (long)gridDim.x * blockDim.x;
+  const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  for (int j = 0; j < rows; ++j) {
+    const long lo = (long)j * d, hi = lo + d;
+    float ss = 0.f;
+    for (long i = first; i < hi; i += stride)
+      if (i >= lo) ss += x[i] * x[i];
+    ss = block_sum(ss);
+    if (threadIdx.x == 0) scratch[j * AR_MAX_BLOCKS + blockIdx.x] = ss;
+  }
+  if (!grid_barrier(p, gbar, err)) return;
+  __shared__ float inv[AR_NORM_MAX_ROWS];
+  if (threadIdx.x < rows) {
+    float s = 0.f;
+    for (int b = 0; b < (int)gridDim.x; ++b) s += __ldcg(scratch + threadIdx.x * AR_MAX_BLOCKS + b);
+    inv[threadIdx.x] = rsqrtf(s / (float)d + eps);
+  }
+  __syncthreads();
+  for (long i = first; i < p.n; i += stride) normed[i] = x[i] * inv[i / d] * weight[i % d];
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+allreduce_add_rmsnorm_f32(ArParams p, int32_t rows, int32_t d, float eps, PeerPtrs data,
+                          PeerPtrs flags, uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
+                          const float* delta, float* x, const float* __restrict__ weight,
+                          float* __restrict__ normed, float* __restrict__ scratch,
+                          uint32_t* gbar) {
+  ar_add_rmsnorm_impl<float>(p, rows, d, eps, data, flags, ctr, err, delta, x, weight, normed,
+                             scratch, gbar);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+allreduce_add_rmsnorm_f32_bf16wire(ArParams p, int32_t rows, int32_t d, float eps,
+                                   PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+                                   uint32_t* __restrict__ err, const float* delta, float* x,
+                                   const float* __restrict__ weight,
+                                   float* __restrict__ normed, float* __restrict__ scratch,
+                                   uint32_t* gbar) {
+  ar_add_rmsnorm_impl<__nv_bfloat16>(p, rows, d, eps, data, flags, ctr, err, delta, x, weight,
+                                     normed, scratch, gbar);
 }

@@ -106,6 +106,8 @@ typedef struct {
 // P2P all-reduce (csrc/allreduce.cu). Up to AR_MAX_WORLD ranks; peer pointers by value.
 #define AR_MAX_WORLD 8
 #define AR_MAX_BLOCKS 256
+// Rows the fused all-reduce + residual add + RMSNorm takes (decode-sized messages).
+#define AR_NORM_MAX_ROWS 16
 typedef struct {
   uint64_t p[AR_MAX_WORLD];
 } PeerPtrs;

@@ -352,13 +352,13 @@ fn blocks<B: Backend>(
             be.add(&mut b.m, &b.a, t * d)?; // a_r + m_r ride together
             be.all_reduce_add(&mut b.m, &mut b.x, t * d)?; // X += AllReduce(a_r + m_r)
         } else {
-            let mode = if world > 1 {
-                ReduceMode::Reduce
+            if world > 1 {
+                // X += AllReduce(a_r); normed = RMSNorm(X)
+                be.attn_out_reduce_norm(l, &b.att, t, &mut b.a, &mut b.x, &mut b.normed)?;
             } else {
-                ReduceMode::None
-            };
-            be.o_proj_reduce(l, &b.att, t, mode, &mut b.a)?;
-            be.add_ffn_norm(l, &mut b.x, &b.a, t, &mut b.normed)?;
+                be.o_proj_reduce(l, &b.att, t, ReduceMode::None, &mut b.a)?;
+                be.add_ffn_norm(l, &mut b.x, &b.a, t, &mut b.normed)?;
+            }
             be.mlp(l, &b.normed, t, &mut b.m)?;
             if world > 1 {
                 be.all_reduce_add(&mut b.m, &mut b.x, t * d)?;

@@ -471,4 +471,114 @@ mod gpu {
             }
         }
     }
+
+    #[test]
+    fn fused_all_reduce_add_rmsnorm_matches_the_unfused_kernels() {
+        if !have_gpu() {
+            return;
+        }
+        use syncdrop::backend::cuda::allreduce::NORM_MAX_ROWS;
+        use syncdrop::backend::cuda::rmsnorm::rmsnorm_f32;
+        for (world, rows, d) in [
+            (2usize, 1usize, 576usize),
+            (3, 3, 100),
+            (8, 16, 8192),
+            (4, 2, 8192),
+        ] {
+            let n = rows * d;
+            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, k, p| {
+                let delta: Vec<f32> = (0..n)
+                    .map(|i| (((i * 37 + r * 101) % 211) as f32 - 105.0) * 0.013)
+                    .collect();
+                let x0: Vec<f32> = (0..n).map(|i| ((i % 29) as f32 - 14.0) * 0.07).collect();
+                let w: Vec<f32> = (0..d).map(|i| 0.5 + (i % 7) as f32 * 0.1).collect();
+                let (dd, wd) = (s.clone_htod(&delta).unwrap(), s.clone_htod(&w).unwrap());
+                let mut res = Vec::new();
+                for wire in [Wire::F32, Wire::Bf16] {
+                    for two_shot in [false, true] {
+                        // unfused: all-reduce + residual add, then RMSNorm
+                        let mut xa = s.clone_htod(&x0).unwrap();
+                        p.all_reduce_add(
+                            s,
+                            k,
+                            &dd.slice(..),
+                            &mut xa.slice_mut(..),
+                            n,
+                            two_shot,
+                            wire,
+                        )
+                        .unwrap();
+                        let mut na = s.alloc_zeros::<f32>(n).unwrap();
+                        rmsnorm_f32(
+                            s,
+                            k,
+                            rows,
+                            d,
+                            1e-5,
+                            &xa.slice(..),
+                            &wd.slice(..),
+                            &mut na.slice_mut(..),
+                        )
+                        .unwrap();
+                        // fused
+                        let mut xb = s.clone_htod(&x0).unwrap();
+                        let mut nb = s.alloc_zeros::<f32>(n).unwrap();
+                        p.all_reduce_add_rmsnorm(
+                            s,
+                            k,
+                            (rows, d, 1e-5),
+                            &dd.slice(..),
+                            &mut xb.slice_mut(..),
+                            &wd.slice(..),
+                            &mut nb.slice_mut(..),
+                            two_shot,
+                            wire,
+                        )
+                        .unwrap();
+                        let get = |b: &cudarc::driver::CudaSlice<f32>| -> Vec<f32> {
+                            s.clone_dtoh(b).unwrap()
+                        };
+                        res.push((wire, two_shot, get(&xa), get(&na), get(&xb), get(&nb)));
+                    }
+                }
+                // more rows than the scratch holds: a clear error, nothing launched
+                let mut big = s.alloc_zeros::<f32>(d * (NORM_MAX_ROWS + 1)).unwrap();
+                let mut nbig = s.alloc_zeros::<f32>(d * (NORM_MAX_ROWS + 1)).unwrap();
+                let dbig = s.alloc_zeros::<f32>(d * (NORM_MAX_ROWS + 1)).unwrap();
+                let e = p
+                    .all_reduce_add_rmsnorm(
+                        s,
+                        k,
+                        (NORM_MAX_ROWS + 1, d, 1e-5),
+                        &dbig.slice(..),
+                        &mut big.slice_mut(..),
+                        &wd.slice(..),
+                        &mut nbig.slice_mut(..),
+                        false,
+                        Wire::F32,
+                    )
+                    .unwrap_err();
+                assert!(e.to_string().contains("at most"), "{e}");
+                p.check(s).unwrap();
+                res
+            });
+            for (r, res) in out.iter().enumerate() {
+                for (i, (wire, ts, xa, na, xb, nb)) in res.iter().enumerate() {
+                    let tag =
+                        format!("world {world} rows {rows} d {d} {wire:?} two-shot {ts} rank {r}");
+                    // the residual stream: the same all-reduce code, the same bits
+                    assert_eq!(xa, xb, "x: {tag}");
+                    // the norm: another reduction order, f32 rounding only
+                    for (j, (a, b)) in na.iter().zip(nb).enumerate() {
+                        assert!(
+                            (a - b).abs() <= 1e-5 * a.abs().max(1.0),
+                            "normed[{j}] {a} vs {b}: {tag}"
+                        );
+                    }
+                    // bit-identical across ranks
+                    assert_eq!(nb, &out[0][i].5, "normed differs from rank 0: {tag}");
+                }
+            }
+        }
+    }
 }

@@ -255,4 +255,56 @@ mod gpu {
             assert!(d <= BF16_ATOL, "row {i}: NCCL TP 2 vs CPU {d}");
         }
     }
+
+    /// The opt-in fused paths (o_proj + all-reduce for decode; all-reduce + residual add +
+    /// RMSNorm) and the bf16 wire, at TP 3 on virtual ranks with CUDA graphs: every logits
+    /// row within bf16 tolerance of the CPU (with the same wire) and the greedy golden kept.
+    #[test]
+    fn fused_kernels_and_the_bf16_wire_on_cuda_match_the_cpu() {
+        if !have_gpu() {
+            return;
+        }
+        use syncdrop::comm::Wire;
+        let f = files();
+        let (prompt, golden_toks) = golden();
+        let open = |backend: BackendKind, wire: Wire| {
+            Engine::new(
+                f.clone(),
+                &EngineOptions {
+                    tp: 3,
+                    capacity: 512,
+                    backend,
+                    wire,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        for wire in [Wire::F32, Wire::Bf16] {
+            let cpu = trace(&mut open(BackendKind::Cpu, wire), &prompt, &golden_toks);
+            for (oproj, norm) in [("0", "1"), ("1", "1"), ("1", "0")] {
+                // SAFETY (of the test): gpu-check runs these tests with --test-threads=1;
+                // the backend reads both variables once, when it is created
+                std::env::set_var("SYNCDROP_FUSED_OPROJ", oproj);
+                std::env::set_var("SYNCDROP_FUSED_NORM", norm);
+                let mut g = open(BackendKind::Cuda, wire);
+                std::env::remove_var("SYNCDROP_FUSED_OPROJ");
+                std::env::remove_var("SYNCDROP_FUSED_NORM");
+                let rows = trace(&mut g, &prompt, &golden_toks);
+                let worst = rows
+                    .iter()
+                    .zip(&cpu)
+                    .map(|(a, b)| centred_diff(a, b))
+                    .fold(0.0, f32::max);
+                eprintln!(
+                    "TP 3 {wire:?} wire, fused o_proj {oproj}, fused norm {norm}: max centred |logit diff| vs CPU = {worst:.3}"
+                );
+                assert!(worst <= BF16_ATOL, "{wire:?} {oproj}/{norm}: {worst}");
+                for (s, t) in golden_toks.iter().enumerate() {
+                    let row = &rows[prompt.len() - 1 + s];
+                    assert_eq!(argmax(row) as u32, *t, "{wire:?} {oproj}/{norm}: step {s}");
+                }
+            }
+        }
+    }
 }

@@ -213,6 +213,24 @@ pub trait Backend: Send {
         Ok(())
     }
 
+    /// The standard TP block's attention output at TP > 1: `a` = this rank's o_proj partial,
+    /// summed over ranks into the residual `x`, then `normed` = RMSNorm(x) * ffn_norm; `a`
+    /// is left unspecified. The default is `o_proj_reduce(Reduce)` then `add_ffn_norm`; the
+    /// CUDA backend can run the all-reduce, residual add and RMSNorm as one kernel.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_out_reduce_norm(
+        &mut self,
+        layer: usize,
+        attn: &Self::Buf,
+        t: usize,
+        a: &mut Self::Buf,
+        x: &mut Self::Buf,
+        normed: &mut Self::Buf,
+    ) -> Result<()> {
+        self.o_proj_reduce(layer, attn, t, ReduceMode::Reduce, a)?;
+        self.add_ffn_norm(layer, x, a, t, normed)
+    }
+
     /// `x[..n]` += the sum over ranks of `m[..n]` (the end of every TP and SPD block);
     /// `m` is left unspecified. The default is `all_reduce` then `add`; the CUDA backend fuses
     /// the residual add into the P2P all-reduce's epilogue.

@@ -22,6 +22,8 @@ use std::time::Duration;
 /// csrc/params.h AR_MAX_WORLD / AR_MAX_BLOCKS.
 pub const MAX_WORLD: usize = 8;
 pub const MAX_BLOCKS: usize = 256;
+/// csrc/params.h AR_NORM_MAX_ROWS: rows the fused all-reduce + add + RMSNorm takes.
+pub const NORM_MAX_ROWS: usize = 16;
 const FLAGS: usize = 2 * 2 * MAX_BLOCKS * MAX_WORLD;
 
 /// Mirror of `PeerPtrs`.
@@ -153,6 +155,10 @@ pub struct P2pRank {
     _flags: PeerMem,
     ctr: CudaSlice<u32>,
     err: CudaSlice<u32>,
+    /// Per-row partial sums of squares of the fused RMSNorm epilogue, [rows][MAX_BLOCKS].
+    norm_scratch: CudaSlice<f32>,
+    /// The epilogue's grid barrier among this rank's blocks: {count, generation}.
+    gbar: CudaSlice<u32>,
     data_peers: PeerPtrs,
     flag_peers: PeerPtrs,
     budget_cycles: i64,
@@ -196,6 +202,10 @@ impl P2pRank {
         let flags = PeerMem::zeroed(ctx, FLAGS * 4)?;
         let ctr = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(cuda_err)?;
         let err = stream.alloc_zeros::<u32>(5).map_err(cuda_err)?;
+        let norm_scratch = stream
+            .alloc_zeros::<f32>(NORM_MAX_ROWS * MAX_BLOCKS)
+            .map_err(cuda_err)?;
+        let gbar = stream.alloc_zeros::<u32>(2).map_err(cuda_err)?;
         stream.synchronize().map_err(cuda_err)?; // zeros visible before any peer signals
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
@@ -266,6 +276,8 @@ impl P2pRank {
             _flags: flags,
             ctr,
             err,
+            norm_scratch,
+            gbar,
             data_peers,
             flag_peers,
             budget_cycles: (khz * 1000).saturating_mul(timeout.as_millis() as i64) / 1000,
@@ -324,6 +336,78 @@ impl P2pRank {
             n,
             two_shot,
         )
+    }
+
+    /// The standard block's attention output in one launch: `x[..rows*d] += sum over ranks
+    /// of delta`, then `normed = RMSNorm(x) * weight` per row of `d` (rows <= NORM_MAX_ROWS).
+    /// `delta` is left as it was; x and normed are bit-identical on every rank.
+    #[allow(clippy::too_many_arguments)]
+    pub fn all_reduce_add_rmsnorm(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        kern: &Kernels,
+        (rows, d, eps): (usize, usize, f32),
+        delta: &CudaView<f32>,
+        x: &mut CudaViewMut<f32>,
+        weight: &CudaView<f32>,
+        normed: &mut CudaViewMut<f32>,
+        two_shot: bool,
+        wire: Wire,
+    ) -> Result<()> {
+        let n = rows * d;
+        if rows > NORM_MAX_ROWS {
+            return Err(Error::InvalidArgument(format!(
+                "fused all-reduce + RMSNorm takes at most {NORM_MAX_ROWS} rows, not {rows}"
+            )));
+        }
+        check_len("all_reduce_add_rmsnorm", "delta", delta.len(), n)?;
+        check_len("all_reduce_add_rmsnorm", "x", x.len(), n)?;
+        check_len("all_reduce_add_rmsnorm", "weight", weight.len(), d)?;
+        check_len("all_reduce_add_rmsnorm", "normed", normed.len(), n)?;
+        if n > self.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "all-reduce of {n} elements exceeds the registered buffer of {}",
+                self.capacity
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        let mut p = self.params(n, two_shot);
+        p.has_residual = 1;
+        // the same grid as every other all-reduce of n elements (shared counters and slots)
+        let grid = n.div_ceil(256).clamp(1, self.max_grid);
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let name = match wire {
+            Wire::F32 => "allreduce_add_rmsnorm_f32",
+            Wire::Bf16 => "allreduce_add_rmsnorm_f32_bf16wire",
+        };
+        let f = kern.function("allreduce", name)?;
+        let (rows32, d32) = (rows as i32, d as i32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p)
+            .arg(&rows32)
+            .arg(&d32)
+            .arg(&eps)
+            .arg(&self.data_peers)
+            .arg(&self.flag_peers)
+            .arg(&mut self.ctr)
+            .arg(&mut self.err)
+            .arg(delta)
+            .arg(x)
+            .arg(weight)
+            .arg(normed)
+            .arg(&mut self.norm_scratch)
+            .arg(&mut self.gbar);
+        // SAFETY: matches allreduce_add_rmsnorm_f32(_bf16wire) in csrc/allreduce.cu; the
+        // lengths were checked above (rows <= AR_NORM_MAX_ROWS fits the scratch, n <= the
+        // registered capacity); the scratch and grid barrier are this rank's alone.
+        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        Ok(())
     }
 
     /// For an engine whose activations are bf16: `buf[..n]` (in place) becomes the sum over

@@ -15,7 +15,7 @@
 //! one-rank benchmark mode), the model captures a decode step once and replays it; the
 //! position lives in device memory so one graph serves every step.
 
-use super::allreduce::{P2pGroup, P2pRank};
+use super::allreduce::{P2pGroup, P2pRank, NORM_MAX_ROWS};
 use super::attention::{self, partial_len, split_plan};
 use super::elementwise::{add_f32, f32_to_bf16};
 use super::gemm::Gemm;
@@ -103,9 +103,11 @@ pub struct CudaBackend {
     head: Option<DevHead>,
     stage: Vec<f32>,
     graphs_on: bool,
-    /// SYNCDROP_ALLREDUCE and SYNCDROP_FUSED_OPROJ, read once (not per all-reduce).
+    /// SYNCDROP_ALLREDUCE, SYNCDROP_FUSED_OPROJ and SYNCDROP_FUSED_NORM, read once (not per
+    /// all-reduce).
     env_algo: Option<String>,
     fused_oproj: bool,
+    fused_norm: bool,
     /// The selection chain's answer per message size (the topology is fixed once joined).
     algos: std::collections::HashMap<usize, Algo>,
     /// Reused events ordering the lanes for all-reduces that are joined at once.
@@ -274,6 +276,7 @@ impl CudaBackend {
             graphs_on: graphs,
             env_algo: std::env::var("SYNCDROP_ALLREDUCE").ok(),
             fused_oproj: std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1"),
+            fused_norm: std::env::var("SYNCDROP_FUSED_NORM").is_ok_and(|v| v == "1"),
             algos: Default::default(),
             ev_fork,
             ev_join,
@@ -972,6 +975,64 @@ impl Backend for CudaBackend {
         )?;
         self.dev_counters.record(t0, d.hidden * wire.bytes());
         self.hold(d.hidden)?;
+        self.join_lane()
+    }
+
+    /// With SYNCDROP_FUSED_NORM=1, when the chain picks a P2P kernel for up to
+    /// NORM_MAX_ROWS rows (decode, short chunks): o_proj, then one kernel for the all-reduce,
+    /// the residual add and the FFN RMSNorm (`allreduce_add_rmsnorm_f32`), instead of an
+    /// all-reduce kernel and an add + RMSNorm kernel. Off by default until the GPU sweep shows
+    /// the saved launch is not lost to the grid barrier it needs. A decode step with the fused
+    /// o_proj switched on keeps that kernel instead.
+    fn attn_out_reduce_norm(
+        &mut self,
+        layer: usize,
+        attn: &CudaSlice<f32>,
+        t: usize,
+        a: &mut CudaSlice<f32>,
+        x: &mut CudaSlice<f32>,
+        normed: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let n = t * d.hidden;
+        let algo = if self.fused_norm
+            && t <= NORM_MAX_ROWS
+            && self.world() > 1
+            && self.p2p.is_some()
+            && !(self.fused_oproj && t == 1)
+        {
+            Some(self.algo(n)?)
+        } else {
+            None
+        };
+        let Some(algo @ (Algo::OneShot | Algo::TwoShot)) = algo else {
+            self.o_proj_reduce(layer, attn, t, ReduceMode::Reduce, a)?;
+            return self.add_ffn_norm(layer, x, a, t, normed);
+        };
+        self.o_proj(layer, attn, t, a)?;
+        self.fork()?;
+        let t0 = std::time::Instant::now();
+        let wire = self.comm.wire();
+        let Self {
+            ex, layers, p2p, ..
+        } = self;
+        let lay = layers[layer]
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        let (p, _) = p2p.as_mut().expect("checked above");
+        p.all_reduce_add_rmsnorm(
+            &ex.comm,
+            &ex.kern,
+            (t, d.hidden, d.rms_eps),
+            &a.slice(..n),
+            &mut x.slice_mut(..n),
+            &lay.ffn_norm.slice(..),
+            &mut normed.slice_mut(..n),
+            algo == Algo::TwoShot,
+            wire,
+        )?;
+        self.dev_counters.record(t0, n * wire.bytes());
+        self.hold(n)?;
         self.join_lane()
     }
 

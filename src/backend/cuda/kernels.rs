@@ -66,6 +66,8 @@ pub const KERNEL_NAMES: &[(&str, &[&str])] = &[
             "allreduce_bf16",
             "oproj_allreduce_f32",
             "oproj_allreduce_f32_bf16wire",
+            "allreduce_add_rmsnorm_f32",
+            "allreduce_add_rmsnorm_f32_bf16wire",
         ],
     ),
     ("argmax", &["argmax_f32"]),
