@@ -364,24 +364,11 @@ impl P2pRank {
         check_len("all_reduce_add_rmsnorm", "x", x.len(), n)?;
         check_len("all_reduce_add_rmsnorm", "weight", weight.len(), d)?;
         check_len("all_reduce_add_rmsnorm", "normed", normed.len(), n)?;
-        if n > self.capacity {
-            return Err(Error::InvalidArgument(format!(
-                "all-reduce of {n} elements exceeds the registered buffer of {}",
-                self.capacity
-            )));
-        }
-        if n == 0 {
+        let Some(cfg) = self.launch_cfg("all-reduce + RMSNorm", n)? else {
             return Ok(());
-        }
+        };
         let mut p = self.params(n, two_shot);
         p.has_residual = 1;
-        // the same grid as every other all-reduce of n elements (shared counters and slots)
-        let grid = n.div_ceil(256).clamp(1, self.max_grid);
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let name = match wire {
             Wire::F32 => "allreduce_add_rmsnorm_f32",
             Wire::Bf16 => "allreduce_add_rmsnorm_f32_bf16wire",
@@ -445,23 +432,11 @@ impl P2pRank {
         n: usize,
         two_shot: bool,
     ) -> Result<()> {
-        if n > self.capacity {
-            return Err(Error::InvalidArgument(format!(
-                "all-reduce of {n} elements exceeds the registered buffer of {}",
-                self.capacity
-            )));
-        }
-        if n == 0 {
+        let Some(cfg) = self.launch_cfg("all-reduce", n)? else {
             return Ok(());
-        }
+        };
         let mut p = self.params(n, two_shot);
         p.has_residual = i32::from(residual.is_some());
-        let grid = n.div_ceil(256).clamp(1, self.max_grid);
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let f = kern.function("allreduce", name)?;
         let res = residual.unwrap_or(0);
         let mut b = stream.launch_builder(&f);
@@ -480,6 +455,27 @@ impl P2pRank {
         // enough for either wire type).
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
+    }
+
+    /// The launch shape every all-reduce kernel of `n` elements uses (the same grid for the
+    /// same n on every rank and in every kernel: they share counters, flags and slots), or
+    /// None for nothing to do; `what` names the caller in the capacity error.
+    fn launch_cfg(&self, what: &str, n: usize) -> Result<Option<LaunchConfig>> {
+        if n > self.capacity {
+            return Err(Error::InvalidArgument(format!(
+                "{what} of {n} elements exceeds the registered buffer of {}",
+                self.capacity
+            )));
+        }
+        if n == 0 {
+            return Ok(None);
+        }
+        let grid = n.div_ceil(256).clamp(1, self.max_grid);
+        Ok(Some(LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }))
     }
 
     fn params(&self, n: usize, two_shot: bool) -> ArParams {
@@ -510,23 +506,11 @@ impl P2pRank {
         check_len("oproj_all_reduce", "w", w.len(), n * k)?;
         check_len("oproj_all_reduce", "x", x.len(), k)?;
         check_len("oproj_all_reduce", "out", out.len(), n)?;
-        if n > self.capacity {
-            return Err(Error::InvalidArgument(format!(
-                "fused o_proj of {n} rows exceeds the registered buffer of {}",
-                self.capacity
-            )));
-        }
-        if n == 0 {
+        // rows map to blocks as all_reduce's elements do
+        let Some(cfg) = self.launch_cfg("fused o_proj", n)? else {
             return Ok(());
-        }
-        let p = self.params(n, false);
-        // the same grid as all_reduce for the same n: rows and elements map to the same blocks
-        let grid = n.div_ceil(256).clamp(1, self.max_grid);
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
         };
+        let p = self.params(n, false);
         let name = match wire {
             Wire::F32 => "oproj_allreduce_f32",
             Wire::Bf16 => "oproj_allreduce_f32_bf16wire",

@@ -485,6 +485,22 @@ impl CudaBackend {
         &self.ex.stream
     }
 
+    /// For the fused P2P kernels: the executor, layer `l`'s weights and the P2P rank, borrowed
+    /// together (the caller checked that the rank joined a P2P group).
+    fn p2p_and_layer(&mut self, l: usize) -> Result<(&Exec, &DevLayer, &mut P2pRank)> {
+        let Self {
+            ex, layers, p2p, ..
+        } = self;
+        let lay = layers
+            .get(l)
+            .and_then(|x| x.as_ref())
+            .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))?;
+        let (p, _) = p2p
+            .as_mut()
+            .ok_or_else(|| Error::Comm("no P2P group joined".into()))?;
+        Ok((ex, lay, p))
+    }
+
     fn layer(&self, l: usize) -> Result<&DevLayer> {
         self.layers
             .get(l)
@@ -957,13 +973,7 @@ impl Backend for CudaBackend {
         self.fork()?;
         let t0 = std::time::Instant::now();
         let wire = self.comm.wire();
-        let Self {
-            ex, layers, p2p, ..
-        } = self;
-        let lay = layers[layer]
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
-        let (p, _) = p2p.as_mut().expect("checked above");
+        let (ex, lay, p) = self.p2p_and_layer(layer)?;
         p.oproj_all_reduce(
             &ex.comm,
             &ex.kern,
@@ -1013,13 +1023,7 @@ impl Backend for CudaBackend {
         self.fork()?;
         let t0 = std::time::Instant::now();
         let wire = self.comm.wire();
-        let Self {
-            ex, layers, p2p, ..
-        } = self;
-        let lay = layers[layer]
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
-        let (p, _) = p2p.as_mut().expect("checked above");
+        let (ex, lay, p) = self.p2p_and_layer(layer)?;
         p.all_reduce_add_rmsnorm(
             &ex.comm,
             &ex.kern,
