@@ -93,8 +93,14 @@ stage1() {
   run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
   run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture
   # compute-sanitizer serialises kernel launches, so P2P ranks spinning on each other can
-  # never meet under it: the P2P kernels are checked by their oracles and the timeout test
-  # instead, and the sanitizer runs of the backend use the staged all-reduce.
+  # never meet under it: the sanitizers run every P2P kernel at one rank (its barriers meet
+  # only itself), the multi-rank paths are checked by their oracles and the timeout test,
+  # and the sanitizer runs of the backend use the staged all-reduce.
+  local T=single_rank_runs_every_p2p_kernel_for_the_sanitizers
+  for tool in memcheck racecheck synccheck; do
+    run "allreduce-$tool" "allreduce-$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 \
+      "$B/cuda_allreduce" --test-threads=1 $T
+  done
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
 }
 

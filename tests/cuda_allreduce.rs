@@ -581,4 +581,129 @@ mod gpu {
             }
         }
     }
+
+    /// Every P2P kernel at one rank (its barriers meet only itself), so compute-sanitizer,
+    /// which serialises launches, can run them all: scripts/gpu-check.sh runs this test under
+    /// memcheck, racecheck and synccheck. The results are checked too: the sum over one rank
+    /// is the rank's own (wire-rounded) values.
+    #[test]
+    fn single_rank_runs_every_p2p_kernel_for_the_sanitizers() {
+        if !have_gpu() {
+            return;
+        }
+        use half::bf16;
+        use syncdrop::backend::cuda::gemv::gemv_bf16_f32;
+        use syncdrop::backend::cuda::rmsnorm::rmsnorm_f32;
+        let (rows, d) = (3usize, 1000usize); // 12 blocks: the norm's grid barrier is crossed
+        let n = rows * d;
+        // a generous spin budget: instrumented kernels are slow
+        let out = on_ranks(1, n, Duration::from_secs(10), move |_, s, k, p| {
+            let v: Vec<f32> = (0..n).map(|i| (i % 101) as f32 * 0.0173 - 0.8).collect();
+            let round = |w: Wire| {
+                let mut r = v.clone();
+                w.round(&mut r);
+                r
+            };
+            for &m in &[1usize, 257, n] {
+                for wire in [Wire::F32, Wire::Bf16] {
+                    for two_shot in [false, true] {
+                        let mut dv = s.clone_htod(&v[..m]).unwrap();
+                        p.all_reduce(s, k, &mut dv.slice_mut(..), m, two_shot, wire)
+                            .unwrap();
+                        let got: Vec<f32> = s.clone_dtoh(&dv).unwrap();
+                        assert_eq!(got, round(wire)[..m], "m {m} {wire:?} two-shot {two_shot}");
+                    }
+                }
+            }
+            // bf16 in/out with the residual
+            let vb: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+            let mut db = s.clone_htod(&vb).unwrap();
+            let rb = s.clone_htod(&vb).unwrap();
+            p.all_reduce_bf16(s, k, &mut db.slice_mut(..), Some(&rb.slice(..)), n, true)
+                .unwrap();
+            let got: Vec<bf16> = s.clone_dtoh(&db).unwrap();
+            let want: Vec<bf16> = vb
+                .iter()
+                .map(|x| bf16::from_f32(2.0 * x.to_f32()))
+                .collect();
+            assert_eq!(got, want, "bf16 in/out");
+            // fused o_proj = GEMV at one rank
+            let kk = 64;
+            let w: Vec<bf16> = (0..d * kk)
+                .map(|i| bf16::from_f32(((i % 13) as f32 - 6.0) / 8.0))
+                .collect();
+            let x: Vec<f32> = (0..kk).map(|i| (i % 5) as f32 * 0.25).collect();
+            let (wd, xd) = (s.clone_htod(&w).unwrap(), s.clone_htod(&x).unwrap());
+            let mut y = s.alloc_zeros::<f32>(d).unwrap();
+            gemv_bf16_f32(
+                s,
+                k,
+                (1, d, kk),
+                &wd.slice(..),
+                &xd.slice(..),
+                &mut y.slice_mut(..),
+            )
+            .unwrap();
+            let mut z = s.alloc_zeros::<f32>(d).unwrap();
+            p.oproj_all_reduce(
+                s,
+                k,
+                (d, kk),
+                &wd.slice(..),
+                &xd.slice(..),
+                &mut z.slice_mut(..),
+                Wire::F32,
+            )
+            .unwrap();
+            assert_eq!(
+                s.clone_dtoh(&y).unwrap(),
+                s.clone_dtoh(&z).unwrap(),
+                "fused o_proj"
+            );
+            // fused all-reduce + add + RMSNorm = add then RMSNorm at one rank
+            let g: Vec<f32> = (0..d).map(|i| 1.0 + (i % 3) as f32 * 0.5).collect();
+            let gd = s.clone_htod(&g).unwrap();
+            for two_shot in [false, true] {
+                let dd = s.clone_htod(&v).unwrap();
+                let mut xd = s.clone_htod(&v).unwrap();
+                let mut nd = s.alloc_zeros::<f32>(n).unwrap();
+                p.all_reduce_add_rmsnorm(
+                    s,
+                    k,
+                    (rows, d, 1e-5),
+                    &dd.slice(..),
+                    &mut xd.slice_mut(..),
+                    &gd.slice(..),
+                    &mut nd.slice_mut(..),
+                    two_shot,
+                    Wire::F32,
+                )
+                .unwrap();
+                let xs: Vec<f32> = s.clone_dtoh(&xd).unwrap();
+                assert!(xs.iter().zip(&v).all(|(a, b)| *a == 2.0 * b), "x = v + v");
+                let mut nref = s.alloc_zeros::<f32>(n).unwrap();
+                rmsnorm_f32(
+                    s,
+                    k,
+                    rows,
+                    d,
+                    1e-5,
+                    &xd.slice(..),
+                    &gd.slice(..),
+                    &mut nref.slice_mut(..),
+                )
+                .unwrap();
+                let (a, b): (Vec<f32>, Vec<f32>) =
+                    (s.clone_dtoh(&nd).unwrap(), s.clone_dtoh(&nref).unwrap());
+                for (j, (u, w)) in a.iter().zip(&b).enumerate() {
+                    assert!(
+                        (u - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "normed[{j}] {u} vs {w}"
+                    );
+                }
+            }
+            p.check(s).unwrap();
+        });
+        assert_eq!(out.len(), 1);
+    }
 }
