@@ -90,9 +90,48 @@ template <> __device__ __forceinline__ __nv_bfloat16 ar_from<__nv_bfloat16>(floa
 }
 
 // Slot s of a rank's registered data: region 0 (wire values, W) then region 1 (two-shot
-// partial sums, f32), each `capacity` f32 wide.
+// partial sums, f32), each `capacity` f32 wide (the host keeps capacity a multiple of 8, so
+// every region starts 16-byte aligned: cuMemAlloc bases are 256-byte aligned).
 __device__ __forceinline__ char* ar_slot(const PeerPtrs& data, int r, int slot, int64_t cap) {
   return reinterpret_cast<char*>(data.p[r]) + (size_t)slot * 2 * (size_t)cap * sizeof(float);
+}
+
+// 16-byte packs for the reads that cross ranks: V elements of W per load (4 f32 or 8 bf16).
+// A 256-element chunk holds 256 / V packs, so a pass of 256 threads covers V chunks, all of
+// them this block's (chunk c belongs to block c % grid, as in every other loop here).
+template <typename W> struct PackOf { static constexpr int V = 16 / sizeof(W); };
+
+// acc[e] += element e of a 16-byte pack of W (rank order is the caller's loop order).
+__device__ __forceinline__ void acc_pack(float (&acc)[4], uint4 raw) {
+  const float4 f = *reinterpret_cast<const float4*>(&raw);
+  acc[0] += f.x; acc[1] += f.y; acc[2] += f.z; acc[3] += f.w;
+}
+__device__ __forceinline__ void acc_pack(float (&acc)[8], uint4 raw) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __bfloat1622float2(h[k]);
+    acc[2 * k] += f.x;
+    acc[2 * k + 1] += f.y;
+  }
+}
+__device__ __forceinline__ uint4 ld16_cg(const void* p) {
+  return __ldcg(reinterpret_cast<const uint4*>(p));
+}
+
+// Visit this block's elements pack by pack: f(i0, len) for packs starting at i0 with len
+// valid elements (len < V only for the last pack of the message).
+template <int V, typename F>
+__device__ __forceinline__ void for_block_packs(long n, F f) {
+  constexpr int PPC = 256 / V;  // packs per chunk
+  const long chunks = (n + 255) / 256;
+  const int sub = threadIdx.x / PPC, q = threadIdx.x % PPC;
+  for (long base = blockIdx.x; base < chunks; base += (long)V * gridDim.x) {
+    const long ch = base + (long)sub * gridDim.x;
+    if (ch >= chunks) continue;
+    const long i0 = ch * 256 + (long)q * V;
+    if (i0 < n) f(i0, (int)min((long)V, n - i0));
+  }
 }
 
 template <typename In, typename W, typename Out>
@@ -100,7 +139,10 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
                                                const PeerPtrs& flags, uint32_t* ctr,
                                                uint32_t* err, const In* in, Out* out,
                                                const Out* residual) {
-  // `in`, `out` and `residual` may alias (in-place; x += sum): no __restrict__ on them
+  // `in`, `out` and `residual` may alias (in-place; x += sum): no __restrict__ on them. An
+  // element is read from `in` and written to `out` by threads of the same block, and the
+  // barrier between the two is also a __syncthreads.
+  constexpr int V = PackOf<W>::V;
   uint32_t c;
   if (!ar_begin(ctr, err, &c)) return false;  // an earlier all-reduce failed: do nothing
   const int slot = c & 1u;
@@ -110,30 +152,63 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
   for (long i = first; i < p.n; i += stride) mine[i] = ar_from<W>(ar_f32(in[i]));
   if (!ar_barrier(p, flags, 0, slot, c, err)) return false;
+  auto wire = [&](int r) { return reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)); };
+  auto emit = [&](long i, float v) {
+    out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + v : v);
+  };
   if (!p.two_shot) {
-    for (long i = first; i < p.n; i += stride) {
-      float acc = 0.f;
-      for (int r = 0; r < p.world; ++r)
-        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
-      out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + acc : acc);
-    }
+    for_block_packs<V>(p.n, [&](long i0, int len) {
+      float acc[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = 0.f;
+      if (len == V) {
+        for (int r = 0; r < p.world; ++r) acc_pack(acc, ld16_cg(wire(r) + i0));
+      } else {
+        for (int r = 0; r < p.world; ++r)
+          for (int e = 0; e < len; ++e) acc[e] += ar_load(wire(r) + i0 + e);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (e < len) emit(i0 + e, acc[e]);
+    });
   } else {
     const long chunk = (p.n + p.world - 1) / p.world;
+    const long lo = (long)p.rank * chunk, hi = min(lo + chunk, (long)p.n);
     float* sums = reinterpret_cast<float*>(reinterpret_cast<char*>(mine) + region_bytes);
-    for (long i = first; i < p.n; i += stride) {
-      if (i / chunk != p.rank) continue;
-      float acc = 0.f;
-      for (int r = 0; r < p.world; ++r)
-        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
-      sums[i] = acc;
-    }
+    for_block_packs<V>(p.n, [&](long i0, int len) {
+      if (i0 + len <= lo || i0 >= hi) return;  // no element of my share
+      float acc[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] = 0.f;
+      if (len == V && i0 >= lo && i0 + V <= hi) {
+        for (int r = 0; r < p.world; ++r) acc_pack(acc, ld16_cg(wire(r) + i0));
+      } else {
+        for (int r = 0; r < p.world; ++r)
+          for (int e = 0; e < len; ++e) acc[e] += ar_load(wire(r) + i0 + e);
+      }
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (e < len && i0 + e >= lo && i0 + e < hi) sums[i0 + e] = acc[e];
+    });
     if (!ar_barrier(p, flags, 1, slot, c, err)) return false;
-    for (long i = first; i < p.n; i += stride) {
-      const int owner = (int)(i / chunk);
-      const float v = ar_load(
-          reinterpret_cast<const float*>(ar_slot(data, owner, slot, p.capacity) + region_bytes) + i);
-      out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + v : v);
-    }
+    auto partial = [&](int owner) {
+      return reinterpret_cast<const float*>(ar_slot(data, owner, slot, p.capacity) + region_bytes);
+    };
+    for_block_packs<V>(p.n, [&](long i0, int len) {
+      const int owner = (int)(i0 / chunk);
+      if (len == V && (i0 + V - 1) / chunk == owner) {
+        float v[V];
+#pragma unroll
+        for (int h = 0; h < V / 4; ++h) {
+          const float4 f = __ldcg(reinterpret_cast<const float4*>(partial(owner) + i0) + h);
+          v[4 * h] = f.x; v[4 * h + 1] = f.y; v[4 * h + 2] = f.z; v[4 * h + 3] = f.w;
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) emit(i0 + e, v[e]);
+      } else {
+        for (int e = 0; e < len; ++e) emit(i0 + e, __ldcg(partial((int)((i0 + e) / chunk)) + i0 + e));
+      }
+    });
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
   return true;
@@ -279,7 +354,9 @@ __device__ __forceinline__ void ar_add_rmsnorm_impl(const ArParams& p, int32_t r
                                                     float* __restrict__ scratch,
                                                     uint32_t* gbar) {
   if (!allreduce_impl<float, W, float>(p, data, flags, ctr, err, delta, x, x)) return;
-  // x[i] = residual + sum for every i this thread handled: its own writes, visible to it
+  // x = residual + sum on every element of this block, written by its threads pack by pack:
+  // visible to the whole block after a __syncthreads
+  __syncthreads();
   const long stride = (long)gridDim.x * blockDim.x;
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
   for (int j = 0; j < rows; ++j) {

@@ -138,6 +138,13 @@ impl Drop for PeerMem {
     }
 }
 
+/// Width in f32 of each region of a rank's registered data (2 slots x 2 regions): the
+/// capacity rounded up to a multiple of 8, so every region starts 16-byte aligned for the
+/// kernels' 16-byte peer loads.
+fn region_width(capacity: usize) -> usize {
+    capacity.max(1).next_multiple_of(8)
+}
+
 /// The f32-in, f32-out kernel for a wire type.
 fn f32_kernel(wire: Wire) -> &'static str {
     match wire {
@@ -201,7 +208,7 @@ impl P2pRank {
             return Err(Error::InvalidArgument(format!("rank {rank} of {world}")));
         }
         let ctx = stream.context();
-        let data = PeerMem::zeroed(ctx, 4 * capacity.max(1) * 4)?;
+        let data = PeerMem::zeroed(ctx, 4 * region_width(capacity) * 4)?;
         let flags = PeerMem::zeroed(ctx, FLAGS * 4)?;
         let ctr = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(cuda_err)?;
         let err = stream.alloc_zeros::<u32>(5).map_err(cuda_err)?;
@@ -454,8 +461,8 @@ impl P2pRank {
         // SAFETY: matches allreduce_f32 / allreduce_f32_bf16wire / allreduce_bf16 in
         // csrc/allreduce.cu (same arguments; the callers checked that the pointers hold n
         // elements of the kernel's type); peers' buffers stay registered for the group's
-        // life; n <= capacity checked above (the registered regions are capacity f32 wide,
-        // enough for either wire type).
+        // life; n <= capacity checked above (the registered regions are at least capacity
+        // f32 wide, enough for either wire type).
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }
@@ -486,7 +493,7 @@ impl P2pRank {
             rank: self.rank as i32,
             world: self.world as i32,
             n: n as i64,
-            capacity: self.capacity as i64,
+            capacity: region_width(self.capacity) as i64,
             budget: self.budget_cycles,
             two_shot: i32::from(two_shot),
             has_residual: 0,
