@@ -221,6 +221,11 @@ enum Cmd {
         epochs: usize,
         #[arg(long, default_value_t = 5e-5)]
         lr: f32,
+        /// A search step fits when its loss + Z paired standard errors is within budget:
+        /// 0 compares point estimates (prone to the winner's curse on small samples), 1.645
+        /// asks for a one-sided 95% upper bound within budget (conservative).
+        #[arg(long, default_value_t = 0.0, value_name = "Z")]
+        search_z: f64,
         /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
@@ -862,6 +867,7 @@ fn run(cli: Cli) -> Result<()> {
             b2b,
             epochs,
             lr,
+            search_z,
             sensitivity,
             out,
         } => {
@@ -928,6 +934,7 @@ fn run(cli: Cli) -> Result<()> {
                 &mut engine,
                 &sens,
                 budget,
+                search_z,
                 metric.as_mut(),
                 &seqs,
                 b2b.then_some(&dcfg),

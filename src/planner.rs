@@ -4,7 +4,8 @@
 //!
 //! 1. Sensitivity (Algorithm 1) orders the blocks from least to most sensitive.
 //! 2. Zero-shot: binary search for the longest prefix of that order within budget on the
-//!    search split (a handful of evaluations, not L).
+//!    search split (a handful of evaluations, not L); "within" is the point estimate, or,
+//!    with `search_z` > 0, the loss plus that many paired standard errors.
 //! 3. B2B: the next blocks in order are distilled one by one and kept while the budget holds.
 //! 4. The final plan is scored on a held-out split disjoint from the search split.
 
@@ -270,8 +271,10 @@ pub struct PlanOutcome {
     /// supports.
     pub within_budget_on_heldout: bool,
     pub evaluations: usize,
-    /// Accuracy budgets: the chosen plan's drop on the search split, base - plan, paired per
-    /// document (None for perplexity budgets or metrics without per-document outcomes).
+    /// The search's margin in paired standard errors (0: point estimates).
+    pub search_z: f64,
+    /// The chosen plan's loss on the search split, paired per document (accuracy) or per
+    /// passage (perplexity); None for metrics without per-item outcomes.
     pub search_drop: Option<PairedDiff>,
     /// The same on the held-out split; `diff` equals `heldout_loss`.
     pub heldout_drop: Option<PairedDiff>,
@@ -314,18 +317,29 @@ fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
 }
 
 /// Choose the plan. `metric` scores split 0 (search) and split 1 (held-out); `calib` feeds
-/// distillation when `b2b` is Some. The engine ends with the chosen plan (and distilled
-/// blocks) loaded. Returns the outcome and the distilled blocks.
+/// distillation when `b2b` is Some. A step of the search fits when its loss on the search
+/// split plus `search_z` paired standard errors is within the budget: 0 compares the point
+/// estimate (the paper's way, and prone to the winner's curse on small samples: the search
+/// keeps lucky draws), 1.645 asks for a one-sided 95% upper bound within budget (a step
+/// without a standard error is judged by its point estimate). The engine ends with the
+/// chosen plan (and distilled blocks) loaded. Returns the outcome and the distilled blocks.
+#[allow(clippy::too_many_arguments)]
 pub fn plan(
     engine: &mut Engine,
     sens: &Sensitivity,
     budget: Budget,
+    search_z: f64,
     metric: &mut dyn Metric,
     calib: &[Vec<u32>],
     b2b: Option<&DistillConfig>,
     mut log: impl FnMut(&str),
 ) -> Result<(PlanOutcome, DistilledBlocks)> {
     let n = engine.cfg.n_layers;
+    if !(search_z >= 0.0 && search_z.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "search confidence margin must be a finite z >= 0, not {search_z}"
+        )));
+    }
     if sens.sensitivity.len() != n {
         return Err(Error::InvalidArgument(
             "sensitivity does not match the model".into(),
@@ -358,7 +372,12 @@ pub fn plan(
         let s = metric.score_detailed(engine, 0)?;
         *evals += 1;
         let d = paired(&base_scored, &s);
-        Ok((budget.loss(base, s.value) <= budget.limit(), s.value, d))
+        let margin = d.map_or(0.0, |d| search_z * d.stderr);
+        Ok((
+            budget.loss(base, s.value) + margin <= budget.limit(),
+            s.value,
+            d,
+        ))
     };
     // zero-shot: longest prefix within budget (binary search; quality is close to monotone
     // in the prefix length because later blocks are the more sensitive ones)
@@ -507,6 +526,7 @@ pub fn plan(
             heldout_loss,
             within_budget_on_heldout: heldout_loss <= budget.limit(),
             evaluations: evals,
+            search_z,
             search_drop: best_drop,
             heldout_drop,
             heldout_loss_ci95: se.map(|se| (heldout_loss - 1.96 * se, heldout_loss + 1.96 * se)),
