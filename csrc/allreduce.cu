@@ -16,6 +16,11 @@
 #include "common.cuh"
 #include "gemv_row.cuh"
 
+// Kernel parameters read in place (__grid_constant__): no per-thread copy of the peer
+// pointer arrays into local memory.
+#define ArgParams const __grid_constant__ ArParams
+#define ArgPeers const __grid_constant__ PeerPtrs
+
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -29,17 +34,19 @@ __device__ __forceinline__ size_t flag_idx(int phase, int slot, int block, int r
   return (((size_t)phase * 2 + slot) * AR_MAX_BLOCKS + block) * AR_MAX_WORLD + rank;
 }
 
-// Returns false (after recording the error) if a peer did not arrive within the budget.
+// Returns false (after recording the error) if a peer did not arrive within the budget. The
+// verdict is combined with __syncthreads_or, so every thread of the block returns the same.
 __device__ bool ar_barrier(const ArParams& p, const PeerPtrs& flags, int phase, int slot,
                            uint32_t c, uint32_t* __restrict__ err) {
-  __shared__ int failed;
-  if (threadIdx.x == 0) failed = 0;
-  __syncthreads();  // every thread's data stores precede the signal (and `failed` is reset)
+  __syncthreads();  // every thread's data stores precede the signal
+  int failed = 0;
   if (threadIdx.x < p.world) {
     const int peer = threadIdx.x;
     __threadfence_system();
-    st_release_sys(reinterpret_cast<uint32_t*>(flags.p[peer]) + flag_idx(phase, slot, blockIdx.x, p.rank), c);
-    const uint32_t* mine = reinterpret_cast<const uint32_t*>(flags.p[p.rank]) + flag_idx(phase, slot, blockIdx.x, peer);
+    uint32_t* theirs = reinterpret_cast<uint32_t*>(flags.p[peer]);
+    st_release_sys(theirs + flag_idx(phase, slot, blockIdx.x, p.rank), c);
+    const uint32_t* mine =
+        reinterpret_cast<const uint32_t*>(flags.p[p.rank]) + flag_idx(phase, slot, blockIdx.x, peer);
     const long long t0 = clock64();
     uint32_t v;
     while ((v = ld_acquire_sys(mine)) != c) {
@@ -56,8 +63,7 @@ __device__ bool ar_barrier(const ArParams& p, const PeerPtrs& flags, int phase, 
       }
     }
   }
-  __syncthreads();
-  return !failed;
+  return !__syncthreads_or(failed);
 }
 
 // Thread 0 reads the error flag and this block's round counter once; the whole block then
@@ -79,6 +85,7 @@ __device__ __forceinline__ bool ar_begin(const uint32_t* ctr, const uint32_t* er
 // is written to the registered buffer and halves the bytes every peer reads. Either way the
 // sum is accumulated in f32 in rank order 0..world (two-shot partials stay f32 in region 1),
 // so one-shot and two-shot agree bit for bit and the CPU mirror (comm::Wire::Bf16) is exact.
+// Every sum starts from rank 0's value (not 0.f), as the CPU communicators' do.
 __device__ __forceinline__ float ar_load(const float* p) { return __ldcg(p); }
 __device__ __forceinline__ float ar_load(const __nv_bfloat16* p) { return to_f32(__ldcg(p)); }
 __device__ __forceinline__ float ar_f32(float v) { return v; }
@@ -101,18 +108,25 @@ __device__ __forceinline__ char* ar_slot(const PeerPtrs& data, int r, int slot, 
 // them this block's (chunk c belongs to block c % grid, as in every other loop here).
 template <typename W> struct PackOf { static constexpr int V = 16 / sizeof(W); };
 
-// acc[e] += element e of a 16-byte pack of W (rank order is the caller's loop order).
+// acc[e] (=, or +=) element e of a 16-byte pack of W. Sums start from rank 0's value, as
+// the CPU mirror's do (0.f + -0.f would turn an all-negative-zero sum into +0).
+template <bool First>
 __device__ __forceinline__ void acc_pack(float (&acc)[4], uint4 raw) {
   const float4 f = *reinterpret_cast<const float4*>(&raw);
-  acc[0] += f.x; acc[1] += f.y; acc[2] += f.z; acc[3] += f.w;
+  if (First) {
+    acc[0] = f.x; acc[1] = f.y; acc[2] = f.z; acc[3] = f.w;
+  } else {
+    acc[0] += f.x; acc[1] += f.y; acc[2] += f.z; acc[3] += f.w;
+  }
 }
+template <bool First>
 __device__ __forceinline__ void acc_pack(float (&acc)[8], uint4 raw) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const float2 f = __bfloat1622float2(h[k]);
-    acc[2 * k] += f.x;
-    acc[2 * k + 1] += f.y;
+    acc[2 * k] = First ? f.x : acc[2 * k] + f.x;
+    acc[2 * k + 1] = First ? f.y : acc[2 * k + 1] + f.y;
   }
 }
 __device__ __forceinline__ uint4 ld16_cg(const void* p) {
@@ -134,6 +148,27 @@ __device__ __forceinline__ void for_block_packs(long n, F f) {
   }
 }
 
+// acc[e] = sum over ranks, in rank order, of element i0 + e of every rank's wire region, for
+// e < len (a full pack: 16-byte loads; a tail: one element at a time, static indices only).
+template <typename W, int V>
+__device__ __forceinline__ void sum_pack(float (&acc)[V], const PeerPtrs& data, int world,
+                                         int slot, int64_t cap, long i0, int len) {
+  auto wire = [&](int r) { return reinterpret_cast<const W*>(ar_slot(data, r, slot, cap)); };
+  if (len == V) {
+    acc_pack<true>(acc, ld16_cg(wire(0) + i0));
+    for (int r = 1; r < world; ++r) acc_pack<false>(acc, ld16_cg(wire(r) + i0));
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      if (e < len) {
+        float a = ar_load(wire(0) + i0 + e);
+        for (int r = 1; r < world; ++r) a += ar_load(wire(r) + i0 + e);
+        acc[e] = a;
+      }
+    }
+  }
+}
+
 template <typename In, typename W, typename Out>
 __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs& data,
                                                const PeerPtrs& flags, uint32_t* ctr,
@@ -152,21 +187,13 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
   const long first = (long)blockIdx.x * blockDim.x + threadIdx.x;
   for (long i = first; i < p.n; i += stride) mine[i] = ar_from<W>(ar_f32(in[i]));
   if (!ar_barrier(p, flags, 0, slot, c, err)) return false;
-  auto wire = [&](int r) { return reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)); };
   auto emit = [&](long i, float v) {
     out[i] = ar_from<Out>(p.has_residual ? ar_f32(residual[i]) + v : v);
   };
   if (!p.two_shot) {
     for_block_packs<V>(p.n, [&](long i0, int len) {
       float acc[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = 0.f;
-      if (len == V) {
-        for (int r = 0; r < p.world; ++r) acc_pack(acc, ld16_cg(wire(r) + i0));
-      } else {
-        for (int r = 0; r < p.world; ++r)
-          for (int e = 0; e < len; ++e) acc[e] += ar_load(wire(r) + i0 + e);
-      }
+      sum_pack<W, V>(acc, data, p.world, slot, p.capacity, i0, len);
 #pragma unroll
       for (int e = 0; e < V; ++e)
         if (e < len) emit(i0 + e, acc[e]);
@@ -178,14 +205,7 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
     for_block_packs<V>(p.n, [&](long i0, int len) {
       if (i0 + len <= lo || i0 >= hi) return;  // no element of my share
       float acc[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) acc[e] = 0.f;
-      if (len == V && i0 >= lo && i0 + V <= hi) {
-        for (int r = 0; r < p.world; ++r) acc_pack(acc, ld16_cg(wire(r) + i0));
-      } else {
-        for (int r = 0; r < p.world; ++r)
-          for (int e = 0; e < len; ++e) acc[e] += ar_load(wire(r) + i0 + e);
-      }
+      sum_pack<W, V>(acc, data, p.world, slot, p.capacity, i0, len);
 #pragma unroll
       for (int e = 0; e < V; ++e)
         if (e < len && i0 + e >= lo && i0 + e < hi) sums[i0 + e] = acc[e];
@@ -206,7 +226,9 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
 #pragma unroll
         for (int e = 0; e < V; ++e) emit(i0 + e, v[e]);
       } else {
-        for (int e = 0; e < len; ++e) emit(i0 + e, __ldcg(partial((int)((i0 + e) / chunk)) + i0 + e));
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (e < len) emit(i0 + e, __ldcg(partial((int)((i0 + e) / chunk)) + i0 + e));
       }
     });
   }
@@ -216,14 +238,14 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
 
 // f32 in and out, f32 on the wire (exact sums of the callers' values).
 extern "C" __global__ void __launch_bounds__(256)
-allreduce_f32(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+allreduce_f32(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
               uint32_t* __restrict__ err, const float* in, float* out, const float* residual) {
   allreduce_impl<float, float, float>(p, data, flags, ctr, err, in, out, residual);
 }
 
 // f32 in and out, bf16 on the wire: half the bytes, each contribution rounded once.
 extern "C" __global__ void __launch_bounds__(256)
-allreduce_f32_bf16wire(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+allreduce_f32_bf16wire(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                        uint32_t* __restrict__ err, const float* in, float* out,
                        const float* residual) {
   allreduce_impl<float, __nv_bfloat16, float>(p, data, flags, ctr, err, in, out, residual);
@@ -232,7 +254,7 @@ allreduce_f32_bf16wire(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __re
 // bf16 in and out (an engine's bf16 activations), f32 accumulation in rank order, the
 // result (residual + sum when fused) rounded once to bf16.
 extern "C" __global__ void __launch_bounds__(256)
-allreduce_bf16(ArParams p, PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+allreduce_bf16(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                uint32_t* __restrict__ err, const __nv_bfloat16* in, __nv_bfloat16* out,
                const __nv_bfloat16* residual) {
   allreduce_impl<__nv_bfloat16, __nv_bfloat16, __nv_bfloat16>(p, data, flags, ctr, err, in, out,
@@ -271,8 +293,8 @@ __device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k,
   for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
     const long row = ch * 256 + threadIdx.x;
     if (row < p.n) {
-      float acc = 0.f;
-      for (int r = 0; r < p.world; ++r)
+      float acc = ar_load(reinterpret_cast<const W*>(ar_slot(data, 0, slot, p.capacity)) + row);
+      for (int r = 1; r < p.world; ++r)
         acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + row);
       out[row] = acc;
     }
@@ -281,16 +303,16 @@ __device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k,
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-oproj_allreduce_f32(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
-                    const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
+oproj_allreduce_f32(ArgParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+                    const float* __restrict__ x, ArgPeers data, ArgPeers flags,
                     uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                     float* __restrict__ out) {
   oproj_impl<float>(p, k, w, x, data, flags, ctr, err, out);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-oproj_allreduce_f32_bf16wire(ArParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
-                             const float* __restrict__ x, PeerPtrs data, PeerPtrs flags,
+oproj_allreduce_f32_bf16wire(ArgParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+                             const float* __restrict__ x, ArgPeers data, ArgPeers flags,
                              uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                              float* __restrict__ out) {
   oproj_impl<__nv_bfloat16>(p, k, w, x, data, flags, ctr, err, out);
@@ -311,10 +333,9 @@ oproj_allreduce_f32_bf16wire(ArParams p, int32_t k, const __nv_bfloat16* __restr
 // Grid barrier of this rank's blocks: an arrival counter the last block resets, and a
 // generation it advances (gbar = {count, generation}, zero-initialised, this rank's only).
 __device__ bool grid_barrier(const ArParams& p, uint32_t* gbar, uint32_t* __restrict__ err) {
-  __shared__ int failed;
   __syncthreads();  // this block's writes precede its arrival
+  int failed = 0;
   if (threadIdx.x == 0) {
-    failed = 0;
     const uint32_t gen = ld_acquire_sys(gbar + 1);
     __threadfence();
     const uint32_t old = atomicAdd(gbar, 1u);
@@ -340,8 +361,9 @@ __device__ bool grid_barrier(const ArParams& p, uint32_t* gbar, uint32_t* __rest
       }
     }
   }
-  __syncthreads();
-  return !failed;
+  // A timeout leaves gbar's count non-zero: safe only because `err` is sticky (every later
+  // launch returns at once); whoever ever clears `err` must zero gbar with it.
+  return !__syncthreads_or(failed);
 }
 
 template <typename W>
@@ -362,8 +384,9 @@ __device__ __forceinline__ void ar_add_rmsnorm_impl(const ArParams& p, int32_t r
   for (int j = 0; j < rows; ++j) {
     const long lo = (long)j * d, hi = lo + d;
     float ss = 0.f;
-    for (long i = first; i < hi; i += stride)
-      if (i >= lo) ss += x[i] * x[i];
+    long i = first;
+    if (i < lo) i += (lo - i + stride - 1) / stride * stride;  // this thread's first in row j
+    for (; i < hi; i += stride) ss += x[i] * x[i];
     ss = block_sum(ss);
     if (threadIdx.x == 0) scratch[j * AR_MAX_BLOCKS + blockIdx.x] = ss;
   }
@@ -379,8 +402,8 @@ __device__ __forceinline__ void ar_add_rmsnorm_impl(const ArParams& p, int32_t r
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-allreduce_add_rmsnorm_f32(ArParams p, int32_t rows, int32_t d, float eps, PeerPtrs data,
-                          PeerPtrs flags, uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
+allreduce_add_rmsnorm_f32(ArgParams p, int32_t rows, int32_t d, float eps, ArgPeers data,
+                          ArgPeers flags, uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                           const float* delta, float* x, const float* __restrict__ weight,
                           float* __restrict__ normed, float* __restrict__ scratch,
                           uint32_t* gbar) {
@@ -389,8 +412,8 @@ allreduce_add_rmsnorm_f32(ArParams p, int32_t rows, int32_t d, float eps, PeerPt
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-allreduce_add_rmsnorm_f32_bf16wire(ArParams p, int32_t rows, int32_t d, float eps,
-                                   PeerPtrs data, PeerPtrs flags, uint32_t* __restrict__ ctr,
+allreduce_add_rmsnorm_f32_bf16wire(ArgParams p, int32_t rows, int32_t d, float eps,
+                                   ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                                    uint32_t* __restrict__ err, const float* delta, float* x,
                                    const float* __restrict__ weight,
                                    float* __restrict__ normed, float* __restrict__ scratch,

@@ -184,9 +184,13 @@ proptest! {
             }))
             .collect();
         let out: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut expect = vec![0f32; n];
-        let mut exact = vec![0f32; n];
-        for r in 0..world {
+        // sums start from rank 0's value (as the GPU kernels' do), then add in rank order
+        let mut expect: Vec<f32> = rank_data(0, n, seed, false)
+            .iter()
+            .map(|v| half::bf16::from_f32(*v).to_f32())
+            .collect();
+        let mut exact = rank_data(0, n, seed, false);
+        for r in 1..world {
             for ((e, x), v) in expect.iter_mut().zip(exact.iter_mut()).zip(rank_data(r, n, seed, false)) {
                 *e += half::bf16::from_f32(v).to_f32();
                 *x += v;

@@ -348,14 +348,15 @@ mod gpu {
     }
 
     /// The CPU mirror of a bf16-wire all-reduce: every contribution rounded to bf16, summed
-    /// in f32 in rank order from 0, then added to the residual.
+    /// in f32 in rank order starting from rank 0's value, then added to the residual.
     fn bf16_wire_mirror(contrib: &[Vec<f32>], residual: Option<&[f32]>) -> Vec<f32> {
         let n = contrib[0].len();
+        let r = |x: f32| half::bf16::from_f32(x).to_f32();
         (0..n)
             .map(|i| {
-                let mut acc = 0f32;
-                for c in contrib {
-                    acc += half::bf16::from_f32(c[i]).to_f32();
+                let mut acc = r(contrib[0][i]);
+                for c in &contrib[1..] {
+                    acc += r(c[i]);
                 }
                 residual.map_or(acc, |x| x[i] + acc)
             })
@@ -455,7 +456,11 @@ mod gpu {
                 got
             });
             let all: Vec<Vec<bf16>> = (0..world).map(contrib).collect();
-            let sum = |i: usize| -> f32 { all.iter().fold(0f32, |a, c| a + c[i].to_f32()) };
+            let sum = |i: usize| -> f32 {
+                all[1..]
+                    .iter()
+                    .fold(all[0][i].to_f32(), |a, c| a + c[i].to_f32())
+            };
             let want: Vec<bf16> = (0..n).map(|i| bf16::from_f32(sum(i))).collect();
             let want_res: Vec<bf16> = (0..n)
                 .map(|i| bf16::from_f32(resid[i].to_f32() + sum(i)))

@@ -112,7 +112,10 @@ impl PeerMem {
     fn zeroed(ctx: &Arc<cudarc::driver::CudaContext>, bytes: usize) -> Result<PeerMem> {
         ctx.bind_to_thread().map_err(cuda_err)?;
         let mut ptr: sys::CUdeviceptr = 0;
-        // SAFETY: plain allocation and a synchronous memset of the bytes just allocated.
+        // SAFETY: plain allocation and a memset of the bytes just allocated. cuMemsetD8 is
+        // asynchronous to the host (it runs on the legacy stream, which the rank's
+        // non-blocking stream does not wait for): synchronise the context, so no peer's first
+        // flag store can land before the zeros and be wiped by them.
         unsafe {
             sys::cuMemAlloc_v2(&mut ptr, bytes.max(4))
                 .result()
@@ -120,6 +123,7 @@ impl PeerMem {
             sys::cuMemsetD8_v2(ptr, 0, bytes.max(4))
                 .result()
                 .map_err(cuda_err)?;
+            sys::cuCtxSynchronize().result().map_err(cuda_err)?;
         }
         Ok(PeerMem {
             ctx: ctx.clone(),

@@ -992,8 +992,8 @@ impl Backend for CudaBackend {
     /// NORM_MAX_ROWS rows (decode, short chunks): o_proj, then one kernel for the all-reduce,
     /// the residual add and the FFN RMSNorm (`allreduce_add_rmsnorm_f32`), instead of an
     /// all-reduce kernel and an add + RMSNorm kernel. Off by default until the GPU sweep shows
-    /// the saved launch is not lost to the grid barrier it needs. A decode step with the fused
-    /// o_proj switched on keeps that kernel instead.
+    /// the saved launch is not lost to the grid barrier it needs. A decode step that the fused
+    /// o_proj takes (SYNCDROP_FUSED_OPROJ=1 and one-shot) keeps that kernel instead.
     fn attn_out_reduce_norm(
         &mut self,
         layer: usize,
@@ -1005,17 +1005,15 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let d = self.dims.clone();
         let n = t * d.hidden;
-        let algo = if self.fused_norm
-            && t <= NORM_MAX_ROWS
-            && self.world() > 1
-            && self.p2p.is_some()
-            && !(self.fused_oproj && t == 1)
-        {
-            Some(self.algo(n)?)
-        } else {
-            None
-        };
-        let Some(algo @ (Algo::OneShot | Algo::TwoShot)) = algo else {
+        let algo =
+            if self.fused_norm && t <= NORM_MAX_ROWS && self.world() > 1 && self.p2p.is_some() {
+                Some(self.algo(n)?)
+            } else {
+                None
+            };
+        // a decode step that the fused o_proj takes (it needs one-shot) keeps that kernel
+        let oproj_takes_it = self.fused_oproj && t == 1 && algo == Some(Algo::OneShot);
+        let Some(algo @ (Algo::OneShot | Algo::TwoShot)) = algo.filter(|_| !oproj_takes_it) else {
             self.o_proj_reduce(layer, attn, t, ReduceMode::Reduce, a)?;
             return self.add_ffn_norm(layer, x, a, t, normed);
         };
