@@ -3,9 +3,10 @@
 //! ranks, one-shot and two-shot, f32 and bf16 on the wire (same bytes: a bf16 message has
 //! twice the elements), next to the floor of a local device copy of the same bytes
 //! (one launch); then the fused decode o_proj + all-reduce against GEMV + separate
-//! all-reduce on LLaMA2-7B/70B shard shapes, and the fused all-reduce + residual add +
-//! RMSNorm against all-reduce + add_rmsnorm at 1, 4 and 16 rows. Virtual ranks share one
-//! GPU's SMs and HBM: these numbers measure the kernels and the protocol, not NVLink.
+//! all-reduce on LLaMA2-7B/70B shard shapes at batch 1, 2 and 4, and the fused all-reduce +
+//! residual add + RMSNorm against all-reduce + add_rmsnorm at 1, 4 and 16 rows. Virtual
+//! ranks share one GPU's SMs and HBM: these numbers measure the kernels and the protocol,
+//! not NVLink.
 //!
 //! `cargo bench --features cuda --bench cuda_allreduce -- [--out DIR] [--quick]`; without a
 //! GPU it prints "skipped: no GPU".
@@ -125,11 +126,12 @@ fn main() {
             }
         }
     }
-    // fused o_proj + all-reduce vs GEMV + all-reduce, decode (t = 1)
+    // fused o_proj + all-reduce vs GEMV + all-reduce, decode batches 1..GEMV_MAX_T (above
+    // that the backend's o_proj is a cuBLAS GEMM and the fused kernel does not apply)
     println!(
-        "\n| model | ranks | o_proj (n x k) | GEMV + all-reduce us | fused us | fused speedup |"
+        "\n| model | ranks | batch | o_proj (n x k) | GEMV + all-reduce us | fused us | fused speedup |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     let mut fused_rows = Vec::new();
     for (model, world, n, k) in [
         ("llama2-7b", 2usize, 4096usize, 2048usize),
@@ -137,49 +139,52 @@ fn main() {
         ("llama2-7b", 8, 4096, 512),
         ("llama2-70b", 8, 8192, 1024),
     ] {
-        let iters = if quick { 20 } else { 500 };
-        let job: Arc<Job> = Arc::new(move |s, kern, p| {
-            let w = s.alloc_zeros::<bf16>(n * k).expect("alloc");
-            let x = s.alloc_zeros::<f32>(k).expect("alloc");
-            let mut y = s.alloc_zeros::<f32>(n).expect("alloc");
-            let unfused = per_iter(s, iters, || {
-                gemv_bf16_f32(
-                    s,
-                    kern,
-                    (1, n, k),
-                    &w.slice(..),
-                    &x.slice(..),
-                    &mut y.slice_mut(..),
-                )
-                .expect("gemv");
-                p.all_reduce(s, kern, &mut y.slice_mut(..), n, false, Wire::F32)
-                    .expect("all-reduce");
+        for t in [1usize, 2, 4] {
+            let m = t * n;
+            let iters = if quick { 20 } else { 500 };
+            let job: Arc<Job> = Arc::new(move |s, kern, p| {
+                let w = s.alloc_zeros::<bf16>(n * k).expect("alloc");
+                let x = s.alloc_zeros::<f32>(t * k).expect("alloc");
+                let mut y = s.alloc_zeros::<f32>(m).expect("alloc");
+                let unfused = per_iter(s, iters, || {
+                    gemv_bf16_f32(
+                        s,
+                        kern,
+                        (t, n, k),
+                        &w.slice(..),
+                        &x.slice(..),
+                        &mut y.slice_mut(..),
+                    )
+                    .expect("gemv");
+                    p.all_reduce(s, kern, &mut y.slice_mut(..), m, false, Wire::F32)
+                        .expect("all-reduce");
+                });
+                let fused = per_iter(s, iters, || {
+                    p.oproj_all_reduce(
+                        s,
+                        kern,
+                        (t, n, k),
+                        &w.slice(..),
+                        &x.slice(..),
+                        &mut y.slice_mut(..),
+                        Wire::F32,
+                    )
+                    .expect("fused")
+                });
+                (unfused, fused)
             });
-            let fused = per_iter(s, iters, || {
-                p.oproj_all_reduce(
-                    s,
-                    kern,
-                    (n, k),
-                    &w.slice(..),
-                    &x.slice(..),
-                    &mut y.slice_mut(..),
-                    Wire::F32,
-                )
-                .expect("fused")
-            });
-            (unfused, fused)
-        });
-        let (unfused, fused) = on_ranks(world, n, job);
-        println!(
-            "| {model} | {world} | {n} x {k} | {:.1} | {:.1} | {:.2}x |",
-            unfused * 1e6,
-            fused * 1e6,
-            unfused / fused
-        );
-        fused_rows.push(
-            serde_json::json!({"model": model, "ranks": world, "n": n, "k": k,
-            "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}),
-        );
+            let (unfused, fused) = on_ranks(world, m, job);
+            println!(
+                "| {model} | {world} | {t} | {n} x {k} | {:.1} | {:.1} | {:.2}x |",
+                unfused * 1e6,
+                fused * 1e6,
+                unfused / fused
+            );
+            fused_rows.push(
+                serde_json::json!({"model": model, "ranks": world, "batch": t,
+                "n": n, "k": k, "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}),
+            );
+        }
     }
     // all-reduce + residual add + RMSNorm: one kernel vs all-reduce then add_rmsnorm
     println!(

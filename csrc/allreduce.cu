@@ -261,16 +261,18 @@ allreduce_bf16(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict_
                                                               residual);
 }
 
-// Fused attention output projection + one-shot all-reduce for a decode step (t = 1): out (n)
-// = sum over ranks of W_r (n, k) @ x_r (k). Rows map to blocks exactly as allreduce_impl's
-// elements do (chunks of 256, chunk c on block c % grid, the same grid for the same n), so
-// the kernels share round counters, flags and data slots safely. Block b computes its
-// chunks' rows (a warp per row) into its registered buffer (as W: the partial is this
-// rank's contribution), meets its peers' block b at one barrier, and sums the same rows over
-// ranks in rank order: one launch, no separate partial buffer. (The SPD block's "into the
-// MLP reduce" mode is a plain GEMV: no kernel here.)
+// Fused attention output projection + one-shot all-reduce for t decode tokens (t small; the
+// GEMV regime): out (t, rows) = sum over ranks of x_r (t, k) @ W_r (rows, k)^T. Element
+// i = token * rows + row maps to blocks exactly as allreduce_impl's elements do (chunks of
+// 256, chunk c on block c % grid, the same grid for the same n = t * rows), so the kernels
+// share round counters, flags and data slots safely. Block b computes its chunks' elements
+// (a warp per element, the decode GEMV's warp_row_dot: the same bits as gemv_bf16_f32) into
+// its registered buffer (as W: the partial is this rank's contribution), meets its peers'
+// block b at one barrier, and sums the same elements over ranks in rank order: one launch,
+// no separate partial buffer. (The SPD block's "into the MLP reduce" mode is a plain GEMV:
+// no kernel here.)
 template <typename W>
-__device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k,
+__device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k, int32_t rows,
                                            const __nv_bfloat16* __restrict__ w,
                                            const float* __restrict__ x, const PeerPtrs& data,
                                            const PeerPtrs& flags, uint32_t* ctr, uint32_t* err,
@@ -283,39 +285,40 @@ __device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k,
   const long chunks = (p.n + 255) / 256;
   for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
     for (int j = warp; j < 256; j += 8) {
-      const long row = ch * 256 + j;
-      if (row >= p.n) break;
-      const float acc = warp_row_dot(w + (size_t)row * k, x, k, lane);
-      if (lane == 0) mine[row] = ar_from<W>(acc);
+      const long i = ch * 256 + j;
+      if (i >= p.n) break;
+      const long tok = i / rows, row = i % rows;
+      const float acc = warp_row_dot(w + (size_t)row * k, x + (size_t)tok * k, k, lane);
+      if (lane == 0) mine[i] = ar_from<W>(acc);
     }
   }
   if (!ar_barrier(p, flags, 0, slot, c, err)) return;
   for (long ch = blockIdx.x; ch < chunks; ch += gridDim.x) {
-    const long row = ch * 256 + threadIdx.x;
-    if (row < p.n) {
-      float acc = ar_load(reinterpret_cast<const W*>(ar_slot(data, 0, slot, p.capacity)) + row);
+    const long i = ch * 256 + threadIdx.x;
+    if (i < p.n) {
+      float acc = ar_load(reinterpret_cast<const W*>(ar_slot(data, 0, slot, p.capacity)) + i);
       for (int r = 1; r < p.world; ++r)
-        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + row);
-      out[row] = acc;
+        acc += ar_load(reinterpret_cast<const W*>(ar_slot(data, r, slot, p.capacity)) + i);
+      out[i] = acc;
     }
   }
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-oproj_allreduce_f32(ArgParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
+oproj_allreduce_f32(ArgParams p, int32_t k, int32_t rows, const __nv_bfloat16* __restrict__ w,
                     const float* __restrict__ x, ArgPeers data, ArgPeers flags,
                     uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                     float* __restrict__ out) {
-  oproj_impl<float>(p, k, w, x, data, flags, ctr, err, out);
+  oproj_impl<float>(p, k, rows, w, x, data, flags, ctr, err, out);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-oproj_allreduce_f32_bf16wire(ArgParams p, int32_t k, const __nv_bfloat16* __restrict__ w,
-                             const float* __restrict__ x, ArgPeers data, ArgPeers flags,
-                             uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
-                             float* __restrict__ out) {
-  oproj_impl<__nv_bfloat16>(p, k, w, x, data, flags, ctr, err, out);
+oproj_allreduce_f32_bf16wire(ArgParams p, int32_t k, int32_t rows,
+                             const __nv_bfloat16* __restrict__ w, const float* __restrict__ x,
+                             ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
+                             uint32_t* __restrict__ err, float* __restrict__ out) {
+  oproj_impl<__nv_bfloat16>(p, k, rows, w, x, data, flags, ctr, err, out);
 }
 
 // ---- all-reduce + residual add + RMSNorm in one launch -------------------------------------

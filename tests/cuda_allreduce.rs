@@ -255,18 +255,25 @@ mod gpu {
         }
         use half::bf16;
         use syncdrop::backend::cuda::gemv::gemv_bf16_f32;
-        for (world, n, k) in [(2usize, 576usize, 192usize), (4, 8192, 1024), (3, 100, 7)] {
-            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, kern, p| {
+        for (world, t, n, k) in [
+            (2usize, 1usize, 576usize, 192usize),
+            (4, 1, 8192, 1024),
+            (3, 1, 100, 7),
+            (2, 4, 576, 192),
+            (3, 3, 1000, 64),
+        ] {
+            let m = t * n;
+            let out = on_ranks(world, m, Duration::from_secs(1), move |r, s, kern, p| {
                 let w: Vec<bf16> = (0..n * k)
                     .map(|i| bf16::from_f32((((i * 31 + r * 17) % 23) as f32 - 11.0) / 16.0))
                     .collect();
-                let x: Vec<f32> = (0..k).map(|i| ((i + r) % 5) as f32 * 0.5).collect();
+                let x: Vec<f32> = (0..t * k).map(|i| ((i + r) % 5) as f32 * 0.5).collect();
                 let (wd, xd) = (s.clone_htod(&w).unwrap(), s.clone_htod(&x).unwrap());
-                let mut y = s.alloc_zeros::<f32>(n).unwrap();
+                let mut y = s.alloc_zeros::<f32>(m).unwrap();
                 gemv_bf16_f32(
                     s,
                     kern,
-                    (1, n, k),
+                    (t, n, k),
                     &wd.slice(..),
                     &xd.slice(..),
                     &mut y.slice_mut(..),
@@ -276,14 +283,14 @@ mod gpu {
                 let mut res = Vec::new();
                 for wire in [Wire::F32, Wire::Bf16] {
                     s.memcpy_htod(&partial, &mut y).unwrap();
-                    p.all_reduce(s, kern, &mut y.slice_mut(..), n, false, wire)
+                    p.all_reduce(s, kern, &mut y.slice_mut(..), m, false, wire)
                         .unwrap();
                     let unfused: Vec<f32> = s.clone_dtoh(&y).unwrap();
-                    let mut z = s.alloc_zeros::<f32>(n).unwrap();
+                    let mut z = s.alloc_zeros::<f32>(m).unwrap();
                     p.oproj_all_reduce(
                         s,
                         kern,
-                        (n, k),
+                        (t, n, k),
                         &wd.slice(..),
                         &xd.slice(..),
                         &mut z.slice_mut(..),
@@ -298,7 +305,7 @@ mod gpu {
             });
             for (r, res) in out.iter().enumerate() {
                 for (i, (wire, u, f)) in res.iter().enumerate() {
-                    assert_eq!(u, f, "{wire:?}: world {world} n {n} k {k} rank {r}");
+                    assert_eq!(u, f, "{wire:?}: world {world} t {t} n {n} k {k} rank {r}");
                     assert_eq!(u, &out[0][i].1, "{wire:?}: rank {r} differs from rank 0");
                 }
                 assert_ne!(res[0].1, res[1].1, "the bf16 wire rounds the partials");
@@ -653,7 +660,7 @@ mod gpu {
             p.oproj_all_reduce(
                 s,
                 k,
-                (d, kk),
+                (1, d, kk),
                 &wd.slice(..),
                 &xd.slice(..),
                 &mut z.slice_mut(..),

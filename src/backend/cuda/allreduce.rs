@@ -504,36 +504,38 @@ impl P2pRank {
         }
     }
 
-    /// Fused decode output projection + one-shot all-reduce: out (n) = sum over ranks of
-    /// W_r (n, k) @ x_r (k), in one launch; each rank's partial crosses `wire`.
+    /// Fused decode output projection + one-shot all-reduce for `t` tokens: out (t, n) = sum
+    /// over ranks of x_r (t, k) @ W_r (n, k)^T, in one launch; each rank's partial crosses
+    /// `wire`. Each element is the decode GEMV's (`gemv_bf16_f32`) bits before the sum.
     #[allow(clippy::too_many_arguments)]
     pub fn oproj_all_reduce(
         &mut self,
         stream: &Arc<CudaStream>,
         kern: &Kernels,
-        (n, k): (usize, usize),
+        (t, n, k): (usize, usize, usize),
         w: &CudaView<half::bf16>,
         x: &CudaView<f32>,
         out: &mut CudaViewMut<f32>,
         wire: Wire,
     ) -> Result<()> {
         check_len("oproj_all_reduce", "w", w.len(), n * k)?;
-        check_len("oproj_all_reduce", "x", x.len(), k)?;
-        check_len("oproj_all_reduce", "out", out.len(), n)?;
-        // rows map to blocks as all_reduce's elements do
-        let Some(cfg) = self.launch_cfg("fused o_proj", n)? else {
+        check_len("oproj_all_reduce", "x", x.len(), t * k)?;
+        check_len("oproj_all_reduce", "out", out.len(), t * n)?;
+        // elements (token, row) map to blocks as all_reduce's elements do
+        let Some(cfg) = self.launch_cfg("fused o_proj", t * n)? else {
             return Ok(());
         };
-        let p = self.params(n, false);
+        let p = self.params(t * n, false);
         let name = match wire {
             Wire::F32 => "oproj_allreduce_f32",
             Wire::Bf16 => "oproj_allreduce_f32_bf16wire",
         };
         let f = kern.function("allreduce", name)?;
-        let k32 = k as i32;
+        let (k32, n32) = (k as i32, n as i32);
         let mut b = stream.launch_builder(&f);
         b.arg(&p)
             .arg(&k32)
+            .arg(&n32)
             .arg(w)
             .arg(x)
             .arg(&self.data_peers)
@@ -541,8 +543,8 @@ impl P2pRank {
             .arg(&mut self.ctr)
             .arg(&mut self.err)
             .arg(out);
-        // SAFETY: matches oproj_allreduce_f32(_bf16wire) in csrc/allreduce.cu; sizes checked
-        // above.
+        // SAFETY: matches oproj_allreduce_f32(_bf16wire) in csrc/allreduce.cu (params, k, rows,
+        // w, x, peers, flags, ctr, err, out); sizes checked above.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
         Ok(())
     }

@@ -943,10 +943,10 @@ impl Backend for CudaBackend {
         )
     }
 
-    /// Decode (t = 1) standard blocks can run the fused o_proj + one-shot all-reduce kernel
-    /// (SYNCDROP_FUSED_OPROJ=1) when the chain picks one-shot. Off by default until the GPU
-    /// sweep (benches/cuda_allreduce.rs, fused vs unfused) shows it wins on a shape; vLLM saw
-    /// fusions lose at some sizes.
+    /// Decode-sized (t <= GEMV_MAX_T) standard blocks can run the fused o_proj + one-shot
+    /// all-reduce kernel (SYNCDROP_FUSED_OPROJ=1) when the chain picks one-shot. Off by
+    /// default until the GPU sweep (benches/cuda_allreduce.rs, fused vs unfused) shows it wins
+    /// on a shape; vLLM saw fusions lose at some sizes.
     fn o_proj_reduce(
         &mut self,
         layer: usize,
@@ -957,10 +957,10 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let d = self.dims.clone();
         let fused = mode == ReduceMode::Reduce
-            && t == 1
+            && t <= GEMV_MAX_T
             && self.p2p.is_some()
             && self.fused_oproj
-            && self.algo(d.hidden)? == Algo::OneShot;
+            && self.algo(t * d.hidden)? == Algo::OneShot;
         if !fused {
             self.o_proj(layer, attn, t, out)?;
             if mode == ReduceMode::Reduce {
@@ -974,17 +974,18 @@ impl Backend for CudaBackend {
         let t0 = std::time::Instant::now();
         let wire = self.comm.wire();
         let (ex, lay, p) = self.p2p_and_layer(layer)?;
+        let n = t * d.hidden;
         p.oproj_all_reduce(
             &ex.comm,
             &ex.kern,
-            (d.hidden, qn),
+            (t, d.hidden, qn),
             &lay.wo.slice(..),
-            &attn.slice(..qn),
-            &mut out.slice_mut(..d.hidden),
+            &attn.slice(..t * qn),
+            &mut out.slice_mut(..n),
             wire,
         )?;
-        self.dev_counters.record(t0, d.hidden * wire.bytes());
-        self.hold(d.hidden)?;
+        self.dev_counters.record(t0, n * wire.bytes());
+        self.hold(n)?;
         self.join_lane()
     }
 
@@ -993,7 +994,7 @@ impl Backend for CudaBackend {
     /// the residual add and the FFN RMSNorm (`allreduce_add_rmsnorm_f32`), instead of an
     /// all-reduce kernel and an add + RMSNorm kernel. Off by default until the GPU sweep shows
     /// the saved launch is not lost to the grid barrier it needs. A decode step that the fused
-    /// o_proj takes (SYNCDROP_FUSED_OPROJ=1 and one-shot) keeps that kernel instead.
+    /// o_proj takes (SYNCDROP_FUSED_OPROJ=1, t <= GEMV_MAX_T, one-shot) keeps that kernel.
     fn attn_out_reduce_norm(
         &mut self,
         layer: usize,
@@ -1012,7 +1013,7 @@ impl Backend for CudaBackend {
                 None
             };
         // a decode step that the fused o_proj takes (it needs one-shot) keeps that kernel
-        let oproj_takes_it = self.fused_oproj && t == 1 && algo == Some(Algo::OneShot);
+        let oproj_takes_it = self.fused_oproj && t <= GEMV_MAX_T && algo == Some(Algo::OneShot);
         let Some(algo @ (Algo::OneShot | Algo::TwoShot)) = algo.filter(|_| !oproj_takes_it) else {
             self.o_proj_reduce(layer, attn, t, ReduceMode::Reduce, a)?;
             return self.add_ffn_norm(layer, x, a, t, normed);
