@@ -113,3 +113,75 @@ fn oversized_messages_are_rejected() {
     let comms = P2pSimComm::group(2, 8, Duration::from_secs(1), 0).unwrap();
     assert!(comms[0].all_reduce_sum(&mut [0.0; 9]).is_err());
 }
+
+/// One simulated launch of `blocks` blocks: each writes its partial for this launch, meets
+/// the others at the grid barrier, then reads every partial (what the RMSNorm epilogue does).
+/// Returns what each block saw.
+fn grid_launch(
+    bar: &Arc<syncdrop::comm::p2p_sim::GridBarrierSim>,
+    scratch: &Arc<Vec<std::sync::atomic::AtomicU64>>,
+    launch: u64,
+    blocks: usize,
+    delay_seed: u64,
+) -> Vec<Result<Vec<u64>, Error>> {
+    let hs: Vec<_> = (0..blocks)
+        .map(|b| {
+            let (bar, scratch) = (bar.clone(), scratch.clone());
+            std::thread::spawn(move || {
+                // random small delays shuffle the arrival order
+                let d = (delay_seed.wrapping_mul(b as u64 + 1) >> 7) % 300;
+                std::thread::sleep(Duration::from_micros(d));
+                scratch[b].store(launch * 1000 + b as u64, Ordering::Relaxed);
+                bar.wait(blocks as u32, b)?;
+                Ok((0..blocks)
+                    .map(|q| scratch[q].load(Ordering::Relaxed))
+                    .collect())
+            })
+        })
+        .collect();
+    hs.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Consecutive launches with different block counts: no block leaves the barrier before
+    /// every block of its launch wrote its partial, and the generation may wrap.
+    #[test]
+    fn grid_barrier_releases_only_after_every_block_arrived(
+        launches in prop::collection::vec(1usize..12, 1..12),
+        start in prop::sample::select(vec![0u32, u32::MAX - 3]),
+        seed in any::<u64>()) {
+        let bar = Arc::new(syncdrop::comm::p2p_sim::GridBarrierSim::new(Duration::from_secs(5), start));
+        let scratch = Arc::new((0..16).map(|_| std::sync::atomic::AtomicU64::new(u64::MAX)).collect::<Vec<_>>());
+        for (l, &blocks) in launches.iter().enumerate() {
+            let seen = grid_launch(&bar, &scratch, l as u64, blocks, seed ^ l as u64);
+            for (b, s) in seen.into_iter().enumerate() {
+                let s = s.unwrap();
+                let want: Vec<u64> = (0..blocks).map(|q| l as u64 * 1000 + q as u64).collect();
+                prop_assert_eq!(s, want, "launch {} block {}", l, b);
+            }
+        }
+    }
+}
+
+#[test]
+fn grid_barrier_times_out_when_a_block_never_arrives() {
+    let bar = syncdrop::comm::p2p_sim::GridBarrierSim::new(Duration::from_millis(50), 0);
+    // two of three blocks arrive
+    let t0 = std::time::Instant::now();
+    let bar = Arc::new(bar);
+    let hs: Vec<_> = (0..2)
+        .map(|b| {
+            let bar = bar.clone();
+            std::thread::spawn(move || bar.wait(3, b))
+        })
+        .collect();
+    for (b, h) in hs.into_iter().enumerate() {
+        match h.join().unwrap() {
+            Err(Error::CommTimeout { rank, peer, .. }) => assert_eq!((rank, peer), (b, b)),
+            other => panic!("block {b}: {other:?}"),
+        }
+    }
+    assert!(t0.elapsed() < Duration::from_secs(2));
+}

@@ -181,3 +181,57 @@ impl Communicator for P2pSimComm {
         self.counters.reset()
     }
 }
+
+/// The grid barrier of the fused all-reduce + RMSNorm epilogue (`grid_barrier` in
+/// csrc/allreduce.cu), on CPU threads as blocks: read the generation, count the arrival; the
+/// last of `blocks` arrivals resets the count and advances the generation (release); the others
+/// spin (acquire) until the generation moves, under a budget. The count is back at 0 after
+/// every barrier, so consecutive launches may use different block counts (on the GPU stream
+/// order separates launches; here the caller joins one launch's threads before the next).
+#[derive(Debug)]
+pub struct GridBarrierSim {
+    count: AtomicU32,
+    generation: AtomicU32,
+    timeout: Duration,
+}
+
+impl GridBarrierSim {
+    /// A barrier whose waits give up after `timeout`; `start_generation` near u32::MAX lets
+    /// tests exercise wrapping.
+    pub fn new(timeout: Duration, start_generation: u32) -> GridBarrierSim {
+        GridBarrierSim {
+            count: AtomicU32::new(0),
+            generation: AtomicU32::new(start_generation),
+            timeout,
+        }
+    }
+
+    /// One block's arrival among `blocks`; returns once all have arrived, or
+    /// `Error::CommTimeout` (rank = peer = `block`) when they do not within the budget.
+    pub fn wait(&self, blocks: u32, block: usize) -> Result<()> {
+        let generation = self.generation.load(Ordering::Acquire);
+        let old = self.count.fetch_add(1, Ordering::AcqRel);
+        if old + 1 == blocks {
+            self.count.store(0, Ordering::Relaxed);
+            self.generation
+                .store(generation.wrapping_add(1), Ordering::Release);
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        loop {
+            let seen = self.generation.load(Ordering::Acquire);
+            if seen != generation {
+                return Ok(());
+            }
+            if t0.elapsed() > self.timeout {
+                return Err(Error::CommTimeout {
+                    rank: block,
+                    peer: block,
+                    flag: seen,
+                    expected: generation.wrapping_add(1),
+                });
+            }
+            std::hint::spin_loop();
+        }
+    }
+}
