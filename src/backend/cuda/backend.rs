@@ -221,6 +221,14 @@ impl Exec {
     }
 }
 
+/// Layer `l`'s weights, or an error naming the layer that was never loaded.
+fn loaded(layers: &[Option<DevLayer>], l: usize) -> Result<&DevLayer> {
+    layers
+        .get(l)
+        .and_then(|x| x.as_ref())
+        .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))
+}
+
 impl CudaBackend {
     /// A rank on device `ordinal` (virtual ranks: several backends on one device).
     pub fn new(
@@ -491,10 +499,7 @@ impl CudaBackend {
         let Self {
             ex, layers, p2p, ..
         } = self;
-        let lay = layers
-            .get(l)
-            .and_then(|x| x.as_ref())
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))?;
+        let lay = loaded(layers, l)?;
         let (p, _) = p2p
             .as_mut()
             .ok_or_else(|| Error::Comm("no P2P group joined".into()))?;
@@ -502,10 +507,7 @@ impl CudaBackend {
     }
 
     fn layer(&self, l: usize) -> Result<&DevLayer> {
-        self.layers
-            .get(l)
-            .and_then(|x| x.as_ref())
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))
+        loaded(&self.layers, l)
     }
 
     /// Size every scratch buffer for a one-token step, so a capture never allocates.
@@ -691,9 +693,7 @@ impl Backend for CudaBackend {
         };
         let split = split_plan(t, d.n_q, max_len, 2 * self.ex.num_sms);
         let Self { ex, sc, layers, .. } = self;
-        let lay = layers[layer]
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        let lay = loaded(layers, layer)?;
         let np = partial_len(t, d.n_q, hd, split.0).max(1);
         grow(ex, &mut sc.partial, np)?;
         attention::attention_f32(
@@ -721,9 +721,7 @@ impl Backend for CudaBackend {
         let d = self.dims.clone();
         let qn = d.n_q * d.head_dim;
         let Self { ex, sc, layers, .. } = self;
-        let lay = layers[layer]
-            .as_ref()
-            .ok_or_else(|| Error::InvalidArgument(format!("layer {layer} was not loaded")))?;
+        let lay = loaded(layers, layer)?;
         ex.matmul(
             &mut sc.xb,
             (t, d.hidden, qn),
@@ -1012,9 +1010,13 @@ impl Backend for CudaBackend {
             } else {
                 None
             };
-        // a decode step that the fused o_proj takes (it needs one-shot) keeps that kernel
-        let oproj_takes_it = self.fused_oproj && t <= GEMV_MAX_T && algo == Some(Algo::OneShot);
-        let Some(algo @ (Algo::OneShot | Algo::TwoShot)) = algo.filter(|_| !oproj_takes_it) else {
+        let fused = match algo {
+            // a decode step that the fused o_proj takes (it needs one-shot) keeps that kernel
+            Some(Algo::OneShot) if self.fused_oproj && t <= GEMV_MAX_T => None,
+            Some(a @ (Algo::OneShot | Algo::TwoShot)) => Some(a),
+            _ => None,
+        };
+        let Some(algo) = fused else {
             self.o_proj_reduce(layer, attn, t, ReduceMode::Reduce, a)?;
             return self.add_ffn_norm(layer, x, a, t, normed);
         };
