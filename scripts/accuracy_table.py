@@ -78,10 +78,12 @@ def paired(base_path, paths):
     print("| task | n | baseline | " + " | ".join(paths) + " |")
     print("|---|---|---|" + "---|" * len(paths))
     means = [[] for _ in runs]  # per run: (task mean, task variance of the mean)
+    base_sum = 0.0
     for i, tb in enumerate(base["tasks"]):
         k = "acc_norm" if tb["task"] in norm else "acc"
+        base_sum += tb[k]
         cells = []
-        for r in runs:
+        for j, r in enumerate(runs):
             tp = r["tasks"][i]
             if tp["task"] != tb["task"] or [d["id"] for d in tp["docs"]] != [d["id"] for d in tb["docs"]]:
                 sys.exit(f"{tb['task']}: different documents, nothing to pair")
@@ -90,7 +92,7 @@ def paired(base_path, paths):
             m = sum(d) / n
             s2 = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
             cells.append(f"{100 * m:+.1f} +- {100 * math.sqrt(s2 / n):.1f}")
-            means[len(cells) - 1].append((m, s2 / n))
+            means[j].append((m, s2 / n))
         print(f"| {tb['task']} | {tb['n']} | {100 * tb[k]:.1f}% | " + " | ".join(cells) + " |")
     # the task average, its paired s.e. = sqrt(sum of per-task variances) / tasks
     t = len(base["tasks"])
@@ -99,8 +101,7 @@ def paired(base_path, paths):
         m = sum(x for x, _ in ms) / t
         se = math.sqrt(sum(v for _, v in ms)) / t
         cells.append(f"**{100 * m:+.2f} +- {100 * se:.2f}** [{100 * (m - 1.96 * se):+.2f}, {100 * (m + 1.96 * se):+.2f}]")
-    base_avg = sum(tb["acc_norm" if tb["task"] in norm else "acc"] for tb in base["tasks"]) / t
-    print(f"| average | | {100 * base_avg:.1f}% | " + " | ".join(cells) + " |")
+    print(f"| average | | {100 * base_sum / t:.1f}% | " + " | ".join(cells) + " |")
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--plans":
