@@ -326,6 +326,11 @@ enum Cmd {
         out: PathBuf,
         #[arg(long)]
         no_plot: bool,
+        /// What each all-reduce message carries: bf16 (2 bytes per element, what the papers'
+        /// engines move; `--wire bf16` on the other subcommands) or f32 (4 bytes, syncdrop's
+        /// exact default wire).
+        #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
+        wire: String,
     },
     /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
     Distill {
@@ -567,6 +572,7 @@ fn run(cli: Cli) -> Result<()> {
             measured,
             out,
             no_plot,
+            wire,
         } => {
             let opts = syncdrop::latency::LatencyOptions {
                 models: list("models", &models)?,
@@ -580,6 +586,7 @@ fn run(cli: Cli) -> Result<()> {
                 measured,
                 out_dir: out,
                 plots: !no_plot,
+                wire: wire.parse()?,
             };
             syncdrop::latency::report(&opts)?;
         }

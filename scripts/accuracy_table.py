@@ -5,6 +5,11 @@ planner result from `plan` files (their notes hold the planner's outcome).
     python3 scripts/accuracy_table.py docs/accuracy/sweep.json
     python3 scripts/accuracy_table.py --plans docs/accuracy/plan_tp*_acc1.json
     python3 scripts/accuracy_table.py --paired base.json plan_a.json plan_b.json   # eval --out
+    python3 scripts/accuracy_table.py --paired a/base.json+b/base.json a/plan.json+b/plan.json
+
+In --paired, `x.json+y.json` is one run on the union of both files' documents (e.g. two
+`eval --offset` ranges of the same shuffle): a task's documents are concatenated in file order,
+a task missing from a later file keeps the earlier documents, and a document in both is an error.
 """
 import json, sys
 
@@ -68,13 +73,37 @@ def plans(paths):
               f"{o['t1']:.2f}, {o['t2']:.2f} | {val(o['search_base'])} -> {val(o['search_score'])} | "
               f"{val(o['heldout_base'])} -> {val(o['heldout_score'])} | {stat} | {verdict} |")
 
+def load_merged(spec):
+    """`eval --out` JSON, or several joined by '+': one run on the union of their documents."""
+    parts = [json.load(open(p)) for p in spec.split("+")]
+    tasks = {}
+    for part in parts:
+        for t in part["tasks"]:
+            if t["task"] not in tasks:
+                tasks[t["task"]] = dict(t, docs=list(t["docs"]))
+                continue
+            m = tasks[t["task"]]
+            seen = {d["id"] for d in m["docs"]}
+            dup = [d["id"] for d in t["docs"] if d["id"] in seen]
+            if dup:
+                sys.exit(f"{spec}: {t['task']} document {dup[0]} appears twice")
+            m["docs"] += t["docs"]
+    for t in tasks.values():
+        n = len(t["docs"])
+        if n == 0:
+            sys.exit(f"{spec}: {t['task']} has no documents")
+        t["n"] = n
+        t["acc"] = sum(d["acc"] for d in t["docs"]) / n
+        t["acc_norm"] = sum(d["acc_norm"] for d in t["docs"]) / n
+    return {"tasks": list(tasks.values())}
+
 def paired(base_path, paths):
     """Per-task paired losses of `eval --out` scores against a baseline on the same documents
     (the same statistics as tasks::paired_difference)."""
     import math
     norm = {"hellaswag", "arc_easy", "arc_challenge", "piqa"}
-    base = json.load(open(base_path))
-    runs = [json.load(open(p)) for p in paths]
+    base = load_merged(base_path)
+    runs = [load_merged(p) for p in paths]
     print("| task | n | baseline | " + " | ".join(paths) + " |")
     print("|---|---|---|" + "---|" * len(paths))
     means = [[] for _ in runs]  # per run: (task mean, task variance of the mean)

@@ -19,8 +19,10 @@
 //! measured time of the block ([`MeasuredCompute`]), split between the parts in the roofline's
 //! proportion unless the table gives `attn_us`.
 //!
-//! A standard TP block issues two all-reduces of `tokens * hidden * 2` bytes (bf16), an SPD
-//! block one (DESIGN.md section 2). A collective costs `alpha + algorithm bytes / bandwidth`
+//! A standard TP block issues two all-reduces of `tokens * hidden * wire` bytes, an SPD
+//! block one (DESIGN.md section 2). The wire is bf16 (2 bytes) unless a scenario says f32
+//! ([`Scenario::wire`], `latency --wire f32`): bf16 is what the papers' engines move; f32 is
+//! syncdrop's exact default ([`Wire::F32`]), twice the bytes. A collective costs `alpha + algorithm bytes / bandwidth`
 //! ([`LinkProfile::all_reduce_us`]): ring / two-shot / NCCL move `2 (n - 1) / n * size` bytes
 //! per rank; a one-shot kernel (small messages, where the profile has one) pulls all `n - 1`
 //! peers' buffers, `(n - 1) * size` bytes, at the per-GPU link bandwidth.
@@ -46,6 +48,7 @@
 //!   ISO pipeline's edges see the choice).
 //! - Alphas not given by a source are marked "assumption" in the profile's source string.
 
+use crate::comm::Wire;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::iso::IsoCostModel;
@@ -187,9 +190,10 @@ impl ModelShape {
         })
     }
 
-    /// Bytes of one all-reduce message for `rows` token rows (bf16 hidden vectors).
-    pub fn message_bytes(&self, rows: usize) -> f64 {
-        rows as f64 * self.hidden as f64 * BF16
+    /// Bytes of one all-reduce message for `rows` token rows (hidden vectors as `wire`
+    /// carries them: 2 bytes per element for bf16, 4 for f32).
+    pub fn message_bytes(&self, rows: usize, wire: Wire) -> f64 {
+        rows as f64 * self.hidden as f64 * wire.bytes() as f64
     }
 }
 
@@ -857,10 +861,12 @@ pub struct Scenario<'a> {
     pub ctx: usize,
     pub spd_fraction: f64,
     pub iso: bool,
+    /// What the all-reduces move (the logits' all-gather stays bf16).
+    pub wire: Wire,
 }
 
 impl<'a> Scenario<'a> {
-    /// Decode at batch 1, context 1024, no SPD, no ISO; set the rest with struct update
+    /// Decode at batch 1, context 1024, no SPD, no ISO, bf16 on the wire; set the rest with struct update
     /// syntax (`Scenario { tokens: 2048, ..Scenario::new(..) }`).
     pub fn new(
         model: &'a ModelShape,
@@ -880,6 +886,7 @@ impl<'a> Scenario<'a> {
             ctx: 1024,
             spd_fraction: 0.0,
             iso: false,
+            wire: Wire::Bf16,
         }
     }
 }
@@ -908,8 +915,22 @@ pub struct Projection {
     pub speedup: f64,
     /// "measured" or "modelled" (the compute of the blocks).
     pub compute_label: String,
+    /// What the all-reduces moved: "bf16" or "f32" (older reports: bf16).
+    #[serde(default = "bf16_name")]
+    pub wire: String,
     /// Always "modelled" for GPU links; "fitted to measurements" for the CPU profile.
     pub comm_label: String,
+}
+
+fn bf16_name() -> String {
+    "bf16".into()
+}
+
+fn wire_name(w: Wire) -> &'static str {
+    match w {
+        Wire::F32 => "f32",
+        Wire::Bf16 => "bf16",
+    }
 }
 
 /// The ISO split the cost model picks for a `t`-token prompt at TP `tp` (None: ISO off).
@@ -945,7 +966,9 @@ fn run(s: &Scenario, spd: &[bool], split: Option<usize>) -> Result<Timed> {
         costs.push(ChunkCost {
             attn_us,
             mlp_us,
-            ar_us: s.link.all_reduce_us(s.tp, m.message_bytes(c.rows())),
+            ar_us: s
+                .link
+                .all_reduce_us(s.tp, m.message_bytes(c.rows(), s.wire)),
         });
     }
     let rows = match s.phase {
@@ -1022,6 +1045,7 @@ pub fn project(s: &Scenario) -> Result<Projection> {
         total_ms: t.total_ms,
         speedup: base.total_ms / t.total_ms,
         compute_label: t.label.into(),
+        wire: wire_name(s.wire).into(),
         comm_label: s.link.label.clone(),
     })
 }
@@ -1299,6 +1323,8 @@ pub struct LatencyOptions {
     pub out_dir: PathBuf,
     /// Draw the plots (`--no-plot` clears it).
     pub plots: bool,
+    /// What the all-reduces move (`--wire`; default bf16, as the papers' engines).
+    pub wire: Wire,
 }
 
 impl Default for LatencyOptions {
@@ -1315,6 +1341,7 @@ impl Default for LatencyOptions {
             measured: None,
             out_dir: PathBuf::from("docs/latency"),
             plots: true,
+            wire: Wire::Bf16,
         }
     }
 }
@@ -1436,6 +1463,7 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
                             ctx: opts.decode_ctx,
                             spd_fraction: f,
                             iso,
+                            wire: opts.wire,
                             ..Scenario::new(m, tp, link, compute, phase)
                         };
                         // measured where the table has the entries, else the roofline
@@ -1449,6 +1477,11 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
             }
         }
     }
+    println!(
+        "All-reduce messages: {} ({} bytes per element); the papers' points below use bf16.",
+        wire_name(opts.wire),
+        opts.wire.bytes()
+    );
     print_table(&rows);
     let validation = validate()?;
     println!();

@@ -2,6 +2,7 @@
 //! the measured-compute schema, and (ignored, run by hand) model vs measurement on this CPU.
 
 use std::path::PathBuf;
+use syncdrop::comm::Wire;
 use syncdrop::latency::*;
 
 fn nccl() -> LinkProfile {
@@ -139,7 +140,7 @@ fn spd_removes_exactly_the_attention_all_reduces() {
     let m = ModelShape::llama2_70b();
     let link = nccl();
     let compute = h100();
-    let ar = link.all_reduce_us(8, m.message_bytes(1));
+    let ar = link.all_reduce_us(8, m.message_bytes(1, Wire::Bf16));
     let gather = link.all_gather_us(8, m.vocab as f64 * BF16);
     for (f, k) in [(0.0, 0), (0.5, 40), (0.7, 56), (1.0, 80)] {
         assert_eq!(spd_blocks(80, f).iter().filter(|&&d| d).count(), k);
@@ -217,6 +218,54 @@ fn spd_removes_exactly_the_attention_all_reduces() {
         false
     ))
     .is_err());
+}
+
+#[test]
+fn f32_wire_doubles_the_all_reduce_bytes_and_nothing_else() {
+    // prefill (ring-sized messages) and decode (one-shot-sized) on a link with a one-shot kernel
+    let m = ModelShape::llama2_70b();
+    let compute = h100();
+    for link in LinkProfile::known() {
+        for (phase, tokens) in [(Phase::Prefill, 2048), (Phase::Decode, 1)] {
+            let mk = |wire| Scenario {
+                wire,
+                ..scenario(&m, 8, &link, &compute, phase, tokens, 0.5, false)
+            };
+            let b = project(&mk(Wire::Bf16)).unwrap();
+            let f = project(&mk(Wire::F32)).unwrap();
+            assert_eq!((b.wire.as_str(), f.wire.as_str()), ("bf16", "f32"));
+            assert_eq!(b.all_reduces, f.all_reduces);
+            assert!(close(b.compute_ms, f.compute_ms, 1e-12));
+            let rows = if phase == Phase::Prefill { tokens } else { 1 };
+            let bytes = m.message_bytes(rows, Wire::Bf16);
+            assert_eq!(m.message_bytes(rows, Wire::F32), 2.0 * bytes);
+            // every all-reduce costs its f32 time instead of its bf16 time; the gather is unchanged
+            let extra = b.all_reduces as f64
+                * (link.all_reduce_us(8, 2.0 * bytes) - link.all_reduce_us(8, bytes));
+            assert!(extra > 0.0, "{}", link.name);
+            assert!(
+                close(f.comm_ms, b.comm_ms + extra / 1e3, 1e-9),
+                "{}",
+                link.name
+            );
+            assert!(
+                close(f.total_ms, b.total_ms + extra / 1e3, 1e-9),
+                "{}",
+                link.name
+            );
+        }
+    }
+    // at TP 1 nothing crosses a wire
+    let link = nccl();
+    let one = |wire| {
+        project(&Scenario {
+            wire,
+            ..scenario(&m, 1, &link, &compute, Phase::Decode, 1, 0.0, false)
+        })
+        .unwrap()
+        .total_ms
+    };
+    assert_eq!(one(Wire::Bf16), one(Wire::F32));
 }
 
 #[test]
@@ -778,6 +827,7 @@ fn cpu_model_vs_measured() {
             let p = project(&Scenario {
                 tokens: plen,
                 ctx: plen + steps / 2,
+                wire: Wire::F32, // the CPU backend's default: exact f32 sums
                 ..Scenario::new(&m, tp, &link, &compute, phase)
             })
             .unwrap();
@@ -786,12 +836,7 @@ fn cpu_model_vs_measured() {
             let model_comm = p.all_reduces as f64
                 * link.all_reduce_us(
                     tp,
-                    4.0 * m.hidden as f64
-                        * if phase == Phase::Prefill {
-                            plen as f64
-                        } else {
-                            1.0
-                        },
+                    m.message_bytes(if phase == Phase::Prefill { plen } else { 1 }, Wire::F32),
                 )
                 / 1e3;
             let model_total = p.compute_ms + model_comm;
