@@ -4,7 +4,7 @@
 //! a tiny model is tested in tests/spd.rs.)
 
 use std::sync::Arc;
-use syncdrop::planner::{sample_factor_to_resolve, verdict, Metric, Verdict};
+use syncdrop::planner::{resolution_warning, sample_factor_to_resolve, verdict, Metric, Verdict};
 use syncdrop::tasks::{
     self, paired_difference, suite_score, task_score, DocOutcome, SuiteScore, TaskScore,
 };
@@ -119,6 +119,25 @@ fn verdicts_follow_the_interval() {
     let f = sample_factor_to_resolve(0.005, 0.015, limit).unwrap();
     assert!((f - 5.88f64.powi(2)).abs() < 1e-9, "{f}");
     assert!(sample_factor_to_resolve(0.01, 0.015, limit).is_none());
+}
+
+#[test]
+fn small_search_splits_are_flagged() {
+    let limit = 0.01;
+    // TP 8's 80-document search: paired s.e. 1.6 pt, half-width 3.1 pt > 1 pt budget;
+    // resolving half the budget (0.5 pt) needs (3.136 / 0.5)^2 = 39.3x the 560 documents
+    let w = resolution_warning(0.016, limit, 560, "documents (all tasks)").unwrap();
+    assert!(w.contains("cannot resolve"), "{w}");
+    let want = (560.0 * (1.96f64 * 0.016 / 0.005).powi(2)).ceil() as usize;
+    assert!(
+        w.contains(&format!("({want} documents (all tasks))")),
+        "{w}"
+    );
+    assert!(w.contains("39x"), "{w}");
+    // a sample that resolves the budget (half-width 0.98 pt) and degenerate inputs: no warning
+    assert!(resolution_warning(0.005, limit, 22400, "documents").is_none());
+    assert!(resolution_warning(f64::NAN, limit, 10, "passages").is_none());
+    assert!(resolution_warning(0.02, 0.0, 10, "passages").is_none());
 }
 
 #[test]
