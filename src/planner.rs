@@ -249,7 +249,10 @@ pub fn resolution_warning(stderr: f64, limit: f64, samples: usize, units: &str) 
     }
     let factor = (half_width / (limit / 2.0)).powi(2);
     Some(format!(
-        "warning: the search split cannot resolve this budget: paired s.e. {stderr:.4} on {samples}          {units} gives a 95% half-width of {half_width:.4}, wider than the budget {limit}; the          search will keep lucky draws. About {factor:.0}x the sample ({} {units}) would resolve          a loss of half the budget; or use --search-z 1.645 (conservative), or search with          --budget-ppl and verify accuracy with `eval --offset`",
+        "warning: the search split cannot resolve this budget: paired s.e. {stderr:.4} on \
+         {samples} {units} gives a 95% half-width of {half_width:.4}, wider than the budget \
+         {limit}; the search will keep lucky draws. About {factor:.0}x the sample ({} {units}) \
+         would resolve a loss of half the budget",
         (samples as f64 * factor).ceil() as usize
     ))
 }
@@ -417,11 +420,18 @@ pub fn plan(
         ));
         if let (false, Some(d)) = (warned, d) {
             let units = match budget {
-                Budget::AccDrop(_) => "documents (all tasks)",
+                Budget::AccDrop(_) => "documents over all tasks",
                 Budget::PplIncrease(_) => "passages",
             };
             if let Some(w) = resolution_warning(d.stderr, budget.limit(), d.docs, units) {
-                log(&w);
+                let alternatives = match budget {
+                    Budget::AccDrop(_) => {
+                        "; or use --search-z 1.645 (conservative), or search with --budget-ppl \
+                         and verify the accuracy with `eval --offset`"
+                    }
+                    Budget::PplIncrease(_) => "; or use --search-z 1.645 (conservative)",
+                };
+                log(&format!("{w}{alternatives}"));
                 warned = true;
             }
         }

@@ -126,11 +126,15 @@ fn small_search_splits_are_flagged() {
     let limit = 0.01;
     // TP 8's 80-document search: paired s.e. 1.6 pt, half-width 3.1 pt > 1 pt budget;
     // resolving half the budget (0.5 pt) needs (3.136 / 0.5)^2 = 39.3x the 560 documents
-    let w = resolution_warning(0.016, limit, 560, "documents (all tasks)").unwrap();
+    let w = resolution_warning(0.016, limit, 560, "documents over all tasks").unwrap();
     assert!(w.contains("cannot resolve"), "{w}");
+    assert!(
+        !w.contains("  ") && !w.contains('\n'),
+        "one line, single spaces: {w}"
+    );
     let want = (560.0 * (1.96f64 * 0.016 / 0.005).powi(2)).ceil() as usize;
     assert!(
-        w.contains(&format!("({want} documents (all tasks))")),
+        w.contains(&format!("({want} documents over all tasks)")),
         "{w}"
     );
     assert!(w.contains("39x"), "{w}");
