@@ -22,8 +22,8 @@
 //! A standard TP block issues two all-reduces of `tokens * hidden * wire` bytes, an SPD
 //! block one (DESIGN.md section 2). The wire is bf16 (2 bytes) unless a scenario says f32
 //! ([`Scenario::wire`], `latency --wire f32`): bf16 is what the papers' engines move; f32 is
-//! syncdrop's exact default ([`Wire::F32`]), twice the bytes. A collective costs `alpha + algorithm bytes / bandwidth`
-//! ([`LinkProfile::all_reduce_us`]): ring / two-shot / NCCL move `2 (n - 1) / n * size` bytes
+//! syncdrop's exact default ([`Wire::F32`]), twice the bytes. A collective costs
+//! `alpha + algorithm bytes / bandwidth` ([`LinkProfile::all_reduce_us`]): ring / two-shot / NCCL move `2 (n - 1) / n * size` bytes
 //! per rank; a one-shot kernel (small messages, where the profile has one) pulls all `n - 1`
 //! peers' buffers, `(n - 1) * size` bytes, at the per-GPU link bandwidth.
 //!
@@ -866,8 +866,8 @@ pub struct Scenario<'a> {
 }
 
 impl<'a> Scenario<'a> {
-    /// Decode at batch 1, context 1024, no SPD, no ISO, bf16 on the wire; set the rest with struct update
-    /// syntax (`Scenario { tokens: 2048, ..Scenario::new(..) }`).
+    /// Decode at batch 1, context 1024, no SPD, no ISO, bf16 on the wire; set the rest with
+    /// struct update syntax (`Scenario { tokens: 2048, ..Scenario::new(..) }`).
     pub fn new(
         model: &'a ModelShape,
         tp: usize,
@@ -924,13 +924,6 @@ pub struct Projection {
 
 fn bf16_name() -> String {
     "bf16".into()
-}
-
-fn wire_name(w: Wire) -> &'static str {
-    match w {
-        Wire::F32 => "f32",
-        Wire::Bf16 => "bf16",
-    }
 }
 
 /// The ISO split the cost model picks for a `t`-token prompt at TP `tp` (None: ISO off).
@@ -1045,7 +1038,7 @@ pub fn project(s: &Scenario) -> Result<Projection> {
         total_ms: t.total_ms,
         speedup: base.total_ms / t.total_ms,
         compute_label: t.label.into(),
-        wire: wire_name(s.wire).into(),
+        wire: s.wire.name().into(),
         comm_label: s.link.label.clone(),
     })
 }
@@ -1479,7 +1472,7 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
     }
     println!(
         "All-reduce messages: {} ({} bytes per element); the papers' points below use bf16.",
-        wire_name(opts.wire),
+        opts.wire.name(),
         opts.wire.bytes()
     );
     print_table(&rows);

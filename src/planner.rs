@@ -6,9 +6,9 @@
 //! 2. Zero-shot: binary search for the longest prefix of that order within budget on the
 //!    search split (a handful of evaluations, not L); "within" is the point estimate, or,
 //!    with `search_z` > 0, the loss plus that many paired standard errors.
-//!    The first step with a paired s.e. is checked against the budget: when its 95%
-//!    half-width is wider than the budget, the log warns that the split cannot resolve it
-//!    ([`resolution_warning`]) and says what sample would.
+//!    Once, at the first step whose 95% half-width (1.96 paired s.e.) is wider than the
+//!    budget, the log warns that the split cannot resolve it ([`resolution_warning`]) and
+//!    says what sample would.
 //! 3. B2B: the next blocks in order are distilled one by one and kept while the budget holds.
 //! 4. The final plan is scored on a held-out split disjoint from the search split.
 
@@ -419,18 +419,15 @@ pub fn plan(
             budget.limit()
         ));
         if let (false, Some(d)) = (warned, d) {
-            let units = match budget {
-                Budget::AccDrop(_) => "documents over all tasks",
-                Budget::PplIncrease(_) => "passages",
+            let (units, alternatives) = match budget {
+                Budget::AccDrop(_) => (
+                    "documents over all tasks",
+                    "; or use --search-z 1.645 (conservative), or search with --budget-ppl \
+                     and verify the accuracy with `eval --offset`",
+                ),
+                Budget::PplIncrease(_) => ("passages", "; or use --search-z 1.645 (conservative)"),
             };
             if let Some(w) = resolution_warning(d.stderr, budget.limit(), d.docs, units) {
-                let alternatives = match budget {
-                    Budget::AccDrop(_) => {
-                        "; or use --search-z 1.645 (conservative), or search with --budget-ppl \
-                         and verify the accuracy with `eval --offset`"
-                    }
-                    Budget::PplIncrease(_) => "; or use --search-z 1.645 (conservative)",
-                };
                 log(&format!("{w}{alternatives}"));
                 warned = true;
             }

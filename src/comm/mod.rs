@@ -91,6 +91,14 @@ impl Wire {
         }
     }
 
+    /// The name `--wire` takes (the inverse of [`FromStr`](std::str::FromStr)).
+    pub fn name(self) -> &'static str {
+        match self {
+            Wire::F32 => "f32",
+            Wire::Bf16 => "bf16",
+        }
+    }
+
     /// Round `data` in place to what the wire carries.
     pub fn round(self, data: &mut [f32]) {
         if self == Wire::Bf16 {
