@@ -15,7 +15,9 @@
 # Each call stays well inside the device tool's 10-minute limit, and returns at most two
 # files (the device tool brings back at most 8): $OUT/<stage>-summary.txt and
 # $OUT/<stage>-logs.tar.gz (every log and JSON). With no argument all stages run in a row
-# (a machine where everything fits in one call).
+# (a machine where everything fits in one call). Each of the three calls ends by itself within
+# STAGE_BUDGET seconds (default 560; each command at most CMD_BUDGET, default 300): a command
+# that hangs is reported TIMED OUT and the rest still run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -67,16 +69,36 @@ OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 status=0
-run() { # name, log, command...: run, keep the log, remember failures
+STAGE_NAME=all
+# The device tool kills a call at 600 s and then only what is already under $OUT comes back.
+# So every stage has a deadline (STAGE_BUDGET seconds, default 560), every command a cap
+# (CMD_BUDGET, default 300) within what is left of it, and the logs are packed after each
+# command: a hang costs one command's cap, never the logs of the others.
+STAGE_BUDGET_SET=${STAGE_BUDGET:-}
+STAGE_BUDGET=${STAGE_BUDGET:-560}
+CMD_BUDGET=${CMD_BUDGET:-300}
+pack() { tar czf "$OUT/$STAGE_NAME-logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
+run() { # name, log, command...: run under the time caps, keep the log, remember failures
   local name=$1 log=$2; shift 2
   echo "== $name"
-  local t0=$SECONDS
-  "$@" >"$LOGS/$log" 2>&1 || { status=1; echo "FAILED: $name (see $log)"; }
+  local left=$((STAGE_BUDGET - SECONDS - 10))
+  local cap=$((left < CMD_BUDGET ? left : CMD_BUDGET))
+  if [ "$left" -lt 20 ]; then
+    status=1; echo "SKIPPED: $name (the stage's $STAGE_BUDGET s are spent)"; return
+  fi
+  local t0=$SECONDS rc=0
+  timeout --kill-after=5 "$cap" "$@" >"$LOGS/$log" 2>&1 || rc=$?
+  case $rc in
+    0) ;;
+    124 | 137) status=1; echo "TIMED OUT: $name after $cap s (see $log)" ;;
+    *) status=1; echo "FAILED: $name, exit $rc (see $log)" ;;
+  esac
   tail -4 "$LOGS/$log"
   echo "   ($((SECONDS - t0)) s)"
+  pack
 }
-finish() { # stage name: pack the logs into the two files that come back
-  tar czf "$OUT/$1-logs.tar.gz" -C "$LOGS" . && rm -rf "$LOGS"
+finish() { # pack the logs into the second file that comes back
+  pack && rm -rf "$LOGS"
 }
 
 stage1() {
@@ -127,18 +149,22 @@ stage2() {
 
 stage() { # name, functions...: run them with the output also in <name>-summary.txt
   local name=$1; shift
+  STAGE_NAME=$name
+  SECONDS=0
   exec 3>&1 4>&2
   exec > >(tee "$OUT/$name-summary.txt") 2>&1
   for f in "$@"; do "$f" || status=1; done
   exec 1>&3 2>&4
   sleep 0.5 # let tee flush
-  finish "$name"
+  finish
 }
 case "${1:-all}" in
   --stage1) stage stage1 stage1 ;;
   --stage2) stage stage2 stage2 ;;
   --bench) stage bench bench ;;
-  all) stage all stage1 stage2 bench ;;
+  all) # one call on a machine of one's own: no device-tool deadline, unless one is given
+    [ -n "$STAGE_BUDGET_SET" ] || STAGE_BUDGET=100000
+    stage all stage1 stage2 bench ;;
   *) echo "usage: $0 [--build | --stage1 | --stage2 | --bench]" >&2; exit 2 ;;
 esac
 exit $status
