@@ -17,7 +17,8 @@
 # $OUT/<stage>-logs.tar.gz (every log and JSON). With no argument all stages run in a row
 # (a machine where everything fits in one call). Each of the three calls ends by itself within
 # STAGE_BUDGET seconds (default 560; each command at most CMD_BUDGET, default 300): a command
-# that hangs is reported TIMED OUT and the rest still run.
+# that hangs is reported TIMED OUT and the rest still run; ONLY="name ..." re-runs just those
+# commands of a stage (the names after "==" in its summary).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -80,6 +81,8 @@ CMD_BUDGET=${CMD_BUDGET:-300}
 pack() { tar czf "$OUT/$STAGE_NAME-logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
 run() { # name, log, command...: run under the time caps, keep the log, remember failures
   local name=$1 log=$2; shift 2
+  # ONLY="iso torch" runs just those commands of a stage (e.g. again after a TIMED OUT)
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   echo "== $name"
   local left=$((STAGE_BUDGET - SECONDS - 10))
   local cap=$((left < CMD_BUDGET ? left : CMD_BUDGET))
