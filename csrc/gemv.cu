@@ -14,7 +14,8 @@ gemv_bf16(GemvParams p, const __nv_bfloat16* __restrict__ w, const __nv_bfloat16
   const int row = blockIdx.x * WARPS_PER_BLOCK + (threadIdx.x >> 5);
   if (row >= p.n) return;
   const __nv_bfloat16* wr = w + (size_t)row * p.k;
-  const bool vec = (p.k % 8 == 0);
+  const bool vec =
+      p.k % 8 == 0 && ((reinterpret_cast<uintptr_t>(w) | reinterpret_cast<uintptr_t>(x)) & 15) == 0;
   for (int ti = 0; ti < p.t; ++ti) {
     const __nv_bfloat16* xr = x + (size_t)ti * p.k;
     float acc = 0.f;

@@ -21,11 +21,14 @@ __device__ __forceinline__ float dot8(const uint4 wp, const float* __restrict__ 
 }
 
 // Sum over k of w[c] * x[c] for one row, lane-strided in 16-byte packets with four packets
-// in flight per lane (k % 8 == 0), else scalar; reduced over the warp (every lane gets it).
+// in flight per lane (k % 8 == 0 and both rows 16-byte aligned, which every view the backend
+// passes is), else scalar; reduced over the warp (every lane gets it). The alignment test
+// keeps a misaligned view from faulting (a sticky error that would end the context).
 __device__ __forceinline__ float warp_row_dot(const __nv_bfloat16* __restrict__ wr,
                                               const float* __restrict__ xr, int k, int lane) {
   float acc = 0.f;
-  if (k % 8 == 0) {
+  if (k % 8 == 0 &&
+      ((reinterpret_cast<uintptr_t>(wr) | reinterpret_cast<uintptr_t>(xr)) & 15) == 0) {
     constexpr int STEP = 32 * 8;
     int c = lane * 8;
     for (; c + 3 * STEP < k; c += 4 * STEP) {

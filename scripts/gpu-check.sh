@@ -63,6 +63,9 @@ for l in sys.stdin:
   exit 0
 fi
 
+# On the GPU machine a GPU test must run or fail, never pass by saying "skipped: no GPU"
+# (as it would if the driver failed to initialise): see backend::gpu_or_skip.
+export SYNCDROP_REQUIRE_GPU=${SYNCDROP_REQUIRE_GPU:-1}
 # Lazy module loading (the CUDA 12.2+ default) can make a rank's first launch of a kernel
 # wait for a context-wide sync while its peers spin in an all-reduce: load everything eagerly.
 export CUDA_MODULE_LOADING=EAGER

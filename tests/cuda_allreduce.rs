@@ -15,19 +15,13 @@ mod gpu {
     use std::sync::{Arc, Barrier};
     use std::time::{Duration, Instant};
     use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
-    use syncdrop::backend::cuda::{context, device_count, kernels::Kernels};
+    use syncdrop::backend::cuda::{context, kernels::Kernels};
     use syncdrop::comm::Wire;
     use syncdrop::Error;
 
+    /// GPU 0 usable, or "skipped: no GPU" (a failure under SYNCDROP_REQUIRE_GPU=1).
     fn have_gpu() -> bool {
-        match device_count() {
-            Ok(n) if n > 0 => true,
-            _ => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| eprintln!("cuda_allreduce: skipped: no GPU"));
-                false
-            }
-        }
+        syncdrop::backend::gpu_or_skip("cuda_allreduce")
     }
 
     /// Run `f(rank, stream, kernels, p2p)` on `world` virtual ranks (threads) of GPU 0 and

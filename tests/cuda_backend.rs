@@ -21,15 +21,9 @@ mod gpu {
     /// move by a few tenths; the greedy tokens must still agree.
     const BF16_ATOL: f32 = 0.6;
 
+    /// GPU 0 usable, or "skipped: no GPU" (a failure under SYNCDROP_REQUIRE_GPU=1).
     fn have_gpu() -> bool {
-        match syncdrop::backend::cuda::device_count() {
-            Ok(n) if n > 0 => true,
-            _ => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| eprintln!("cuda_backend: skipped: no GPU"));
-                false
-            }
-        }
+        syncdrop::backend::gpu_or_skip("cuda_backend")
     }
 
     fn files() -> Arc<ModelFiles> {

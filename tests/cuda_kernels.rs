@@ -14,27 +14,39 @@ mod gpu {
     use proptest::prelude::*;
     use syncdrop::backend::cpu::rmsnorm;
     use syncdrop::backend::cuda::{
-        argmax, attention, context, device_count, embedding, gemm, gemv, kernels, rmsnorm, rope,
-        sample, swiglu,
+        argmax, attention, context, embedding, gemm, gemv, kernels, rmsnorm, rope, sample, swiglu,
     };
 
-    fn gpu() -> Option<(std::sync::Arc<cudarc::driver::CudaStream>, kernels::Kernels)> {
-        match device_count() {
-            Ok(n) if n > 0 => {
-                let ctx = context(0).ok()?;
-                let k = kernels::Kernels::load(&ctx).expect("kernels load");
-                Some((ctx.default_stream(), k))
-            }
-            _ => {
-                static ONCE: std::sync::Once = std::sync::Once::new();
-                ONCE.call_once(|| eprintln!("cuda_kernels: skipped: no GPU"));
-                None
-            }
+    /// The stream and kernels of GPU 0, opened once per process (a context and its modules
+    /// per proptest case would cost hundreds of fatbin loads, slow under compute-sanitizer),
+    /// or None after "skipped: no GPU" (a failure under SYNCDROP_REQUIRE_GPU=1).
+    fn gpu() -> Option<(
+        std::sync::Arc<cudarc::driver::CudaStream>,
+        &'static kernels::Kernels,
+    )> {
+        static GPU: std::sync::OnceLock<(
+            std::sync::Arc<cudarc::driver::CudaStream>,
+            kernels::Kernels,
+        )> = std::sync::OnceLock::new();
+        if !syncdrop::backend::gpu_or_skip("cuda_kernels") {
+            return None;
         }
+        let (stream, k) = GPU.get_or_init(|| {
+            let ctx = context(0).expect("context on GPU 0");
+            let k = kernels::Kernels::load(&ctx).expect("kernels load");
+            (ctx.default_stream(), k)
+        });
+        Some((stream.clone(), k))
     }
 
+    /// Uniform bf16 values in [-2, 2) from `seed`: distinct seeds give distinct streams
+    /// (the seed is mixed first, so `seed` and `seed ^ 1` differ).
     fn rand_bf16(n: usize, seed: u64) -> Vec<bf16> {
-        let mut s = seed | 1;
+        let mut s =
+            seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29) ^ 0xD1B5_4A32_D192_ED03;
+        if s == 0 {
+            s = 1; // xorshift's one fixed point
+        }
         (0..n)
             .map(|_| {
                 s ^= s << 13;
@@ -67,7 +79,7 @@ mod gpu {
             let dd = stream.clone_htod(&dx).unwrap();
             let wd = stream.clone_htod(&w).unwrap();
             let mut out = stream.alloc_zeros::<bf16>(rows * d).unwrap();
-            rmsnorm::add_rmsnorm_bf16(&stream, &k, rows, d, 1e-5, &mut r, with_delta.then_some(&dd), &wd, &mut out).unwrap();
+            rmsnorm::add_rmsnorm_bf16(&stream, k, rows, d, 1e-5, &mut r, with_delta.then_some(&dd), &wd, &mut out).unwrap();
             let got: Vec<bf16> = stream.clone_dtoh(&out).unwrap();
             let res: Vec<bf16> = stream.clone_dtoh(&r).unwrap();
             for i in 0..rows * d {
@@ -90,7 +102,7 @@ mod gpu {
             let wd = stream.clone_htod(&w).unwrap();
             let xd = stream.clone_htod(&x).unwrap();
             let mut yd = stream.alloc_zeros::<bf16>(t * n).unwrap();
-            gemv::gemv_bf16(&stream, &kern, (t, n, k), &wd, &xd, &mut yd).unwrap();
+            gemv::gemv_bf16(&stream, kern, (t, n, k), &wd, &xd, &mut yd).unwrap();
             let got: Vec<bf16> = stream.clone_dtoh(&yd).unwrap();
             let scale = (k as f32).sqrt();
             for i in 0..t * n {
@@ -116,7 +128,7 @@ mod gpu {
                 }
             }
             let mut xd = stream.clone_htod(&x).unwrap();
-            rope::rope_bf16(&stream, &kern, &mut xd, (t, heads, hd, stride), pos0, 10000.0, style).unwrap();
+            rope::rope_bf16(&stream, kern, &mut xd, (t, heads, hd, stride), pos0, 10000.0, style).unwrap();
             let got: Vec<bf16> = stream.clone_dtoh(&xd).unwrap();
             for i in 0..t * stride {
                 let (g, e) = (got[i].to_f32(), expect[i]);
@@ -133,7 +145,7 @@ mod gpu {
             let expect = syncdrop::distill::swiglu(&guf, t, f);
             let gd = stream.clone_htod(&gu).unwrap();
             let mut hd = stream.alloc_zeros::<bf16>(t * f).unwrap();
-            swiglu::swiglu_bf16(&stream, &kern, t, f, &gd, &mut hd).unwrap();
+            swiglu::swiglu_bf16(&stream, kern, t, f, &gd, &mut hd).unwrap();
             let got: Vec<bf16> = stream.clone_dtoh(&hd).unwrap();
             for i in 0..t * f {
                 let (g, e) = (got[i].to_f32(), expect[i]);
@@ -150,7 +162,7 @@ mod gpu {
             }
             let xd = stream.clone_htod(&x).unwrap();
             let mut od = stream.alloc_zeros::<u32>(rows).unwrap();
-            argmax::argmax_f32(&stream, &kern, rows, n, &xd, &mut od).unwrap();
+            argmax::argmax_f32(&stream, kern, rows, n, &xd, &mut od).unwrap();
             let got: Vec<u32> = stream.clone_dtoh(&od).unwrap();
             for r in 0..rows {
                 prop_assert_eq!(got[r] as usize, syncdrop::generate::argmax(&x[r * n..(r + 1) * n]), "row {}", r);
@@ -180,7 +192,7 @@ mod gpu {
             let wd = stream.clone_htod(&w).unwrap();
             let xd = stream.clone_htod(&x).unwrap();
             let mut yd = stream.alloc_zeros::<f32>(t * n).unwrap();
-            gemv::gemv_bf16_f32(&stream, &kern, (t, n, k), &wd.slice(..), &xd.slice(..), &mut yd.slice_mut(..)).unwrap();
+            gemv::gemv_bf16_f32(&stream, kern, (t, n, k), &wd.slice(..), &xd.slice(..), &mut yd.slice_mut(..)).unwrap();
             let got: Vec<f32> = stream.clone_dtoh(&yd).unwrap();
             for i in 0..t * n {
                 // same bf16 inputs, f32 sums in another order: only rounding differs
@@ -222,9 +234,9 @@ mod gpu {
             let wd = stream.clone_htod(&w).unwrap();
             let mut out = stream.alloc_zeros::<f32>(rows * d).unwrap();
             if with_delta {
-                rmsnorm::add_rmsnorm_f32(&stream, &k, rows, d, 1e-5, &mut r.slice_mut(..), Some(&dd.slice(..)), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
+                rmsnorm::add_rmsnorm_f32(&stream, k, rows, d, 1e-5, &mut r.slice_mut(..), Some(&dd.slice(..)), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
             } else {
-                rmsnorm::rmsnorm_f32(&stream, &k, rows, d, 1e-5, &r.slice(..), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
+                rmsnorm::rmsnorm_f32(&stream, k, rows, d, 1e-5, &r.slice(..), &wd.slice(..), &mut out.slice_mut(..)).unwrap();
             }
             let got: Vec<f32> = stream.clone_dtoh(&out).unwrap();
             let res: Vec<f32> = stream.clone_dtoh(&r).unwrap();
@@ -287,7 +299,7 @@ mod gpu {
             let bd = stream.clone_htod(&b).unwrap();
             let mut qd = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
             let bias_view = bd.slice(..);
-            rope::qkv_rope_cache(&stream, &kern, (t, n_q, n_kv, hd), (cap, style, theta), rope::Pos::Host(pos0),
+            rope::qkv_rope_cache(&stream, kern, (t, n_q, n_kv, hd), (cap, style, theta), rope::Pos::Host(pos0),
                 &qkvd.slice(..), bias.then_some(&bias_view), &mut qd.slice_mut(..), &mut kd.slice_mut(..), &mut vd.slice_mut(..)).unwrap();
             let q_got: Vec<f32> = stream.clone_dtoh(&qd).unwrap();
             for i in 0..t * n_q * hd {
@@ -306,12 +318,12 @@ mod gpu {
             let mut part = stream.alloc_zeros::<f32>(np).unwrap();
             let q2k = stream.clone_htod(&q_to_kv.iter().map(|x| *x as i32).collect::<Vec<_>>()).unwrap();
             let mut od = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
-            attention::attention_f32(&stream, &kern, (t, n_q, n_kv, hd, cap), rope::Pos::Host(pos0), split,
+            attention::attention_f32(&stream, kern, (t, n_q, n_kv, hd, cap), rope::Pos::Host(pos0), split,
                 &qd.slice(..), &kd.slice(..), &vd.slice(..), &q2k, &mut od.slice_mut(..), &mut part.slice_mut(..)).unwrap();
             let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
             for i in 0..t * n_q * hd {
                 // K written by the GPU and the CPU may round differently by one bf16 ulp
-                prop_assert!(close(got[i], att_ref[i], 2e-2, 2e-2), "att[{}] = {} vs {} (split {:?})", i, got[i], att_ref[i], split);
+                prop_assert!(close(got[i], att_ref[i], 5e-3, 5e-3), "att[{}] = {} vs {} (split {:?})", i, got[i], att_ref[i], split);
             }
         }
 
@@ -324,7 +336,7 @@ mod gpu {
             let td = stream.clone_htod(&table).unwrap();
             let idd = stream.clone_htod(&ids).unwrap();
             let mut od = stream.alloc_zeros::<f32>(t * d).unwrap();
-            embedding::embedding_f32(&stream, &kern, d, &ids, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).unwrap();
+            embedding::embedding_f32(&stream, kern, d, &ids, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).unwrap();
             let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
             for (r, id) in ids.iter().enumerate() {
                 for c in 0..d {
@@ -332,12 +344,12 @@ mod gpu {
                 }
             }
             let bad = [vocab as u32];
-            prop_assert!(embedding::embedding_f32(&stream, &kern, d, &bad, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).is_err());
+            prop_assert!(embedding::embedding_f32(&stream, kern, d, &bad, &idd.slice(..), &td.slice(..), &mut od.slice_mut(..)).is_err());
             let gu = f32s(&rand_bf16(t * 2 * d, seed ^ 4));
             let expect = syncdrop::distill::swiglu(&gu, t, d);
             let gd = stream.clone_htod(&gu).unwrap();
             let mut hd = stream.alloc_zeros::<f32>(t * d).unwrap();
-            swiglu::swiglu_f32(&stream, &kern, t, d, &gd.slice(..), &mut hd.slice_mut(..)).unwrap();
+            swiglu::swiglu_f32(&stream, kern, t, d, &gd.slice(..), &mut hd.slice_mut(..)).unwrap();
             let got: Vec<f32> = stream.clone_dtoh(&hd).unwrap();
             for i in 0..t * d {
                 prop_assert!(close(got[i], expect[i], 1e-5, 1e-4), "h[{}] = {} vs {}", i, got[i], expect[i]);
@@ -363,7 +375,7 @@ mod gpu {
         for (temp, top_p) in [(1e-3f32, 1.0f32), (1.0, 0.05)] {
             sample::sample_f32(
                 &stream,
-                &kern,
+                kern,
                 (rows, n),
                 temp,
                 top_p,
@@ -380,7 +392,7 @@ mod gpu {
         }
         sample::sample_f32(
             &stream,
-            &kern,
+            kern,
             (rows, n),
             1.0,
             1.0,
@@ -402,7 +414,7 @@ mod gpu {
         // nucleus 0.6: only tokens 1 (p~.43) and 5 (p~.26) are kept
         sample::sample_f32(
             &stream,
-            &kern,
+            kern,
             (rows, n),
             1.0,
             0.6,
@@ -416,7 +428,7 @@ mod gpu {
         assert!(got.contains(&5) && got.contains(&1));
         assert!(sample::sample_f32(
             &stream,
-            &kern,
+            kern,
             (rows, n),
             0.0,
             1.0,

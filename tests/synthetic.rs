@@ -162,6 +162,53 @@ fn cuda_backend_without_a_gpu_is_a_typed_error() {
     );
 }
 
+/// scripts/gpu-check.sh sets SYNCDROP_REQUIRE_GPU=1 so that a GPU machine whose driver fails
+/// cannot pass the GPU tests by skipping them all: there the skip must become a failure.
+#[test]
+fn a_required_gpu_turns_the_skip_into_a_failure() {
+    const CHILD: &str = "SYNCDROP_TEST_GPU_OR_SKIP_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        let usable = syncdrop::backend::gpu_or_skip("child");
+        println!("child: usable = {usable}");
+        return;
+    }
+    if syncdrop::backend::cuda::probe().is_ok() {
+        eprintln!("skipped: this machine has a GPU");
+        return;
+    }
+    let child = |require: Option<&str>| {
+        let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+        c.args([
+            "--exact",
+            "a_required_gpu_turns_the_skip_into_a_failure",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD, "1")
+        .env_remove(syncdrop::backend::REQUIRE_GPU_ENV);
+        if let Some(v) = require {
+            c.env(syncdrop::backend::REQUIRE_GPU_ENV, v);
+        }
+        let out = c.output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = child(None);
+    assert!(
+        ok && text.contains("child: skipped: no GPU") && text.contains("usable = false"),
+        "{text}"
+    );
+    let (ok, text) = child(Some("0"));
+    assert!(ok && text.contains("usable = false"), "{text}");
+    let (ok, text) = child(Some("1"));
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("SYNCDROP_REQUIRE_GPU=1 but no usable GPU"),
+        "{text}"
+    );
+}
+
 #[test]
 fn cuda_only_options_are_refused_with_clear_errors() {
     let f = synthetic("llama2-7b:layers=1");

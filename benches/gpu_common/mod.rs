@@ -18,8 +18,7 @@ pub fn args(name: &str) -> Option<GpuBenchArgs> {
         .position(|a| a == "--out")
         .and_then(|i| args.get(i + 1))
         .map(PathBuf::from);
-    if !matches!(syncdrop::backend::cuda::device_count(), Ok(n) if n > 0) {
-        eprintln!("{name}: skipped: no GPU");
+    if !syncdrop::backend::gpu_or_skip(name) {
         return None;
     }
     Some(GpuBenchArgs { quick, out })

@@ -8,6 +8,11 @@ pub fn device_count() -> Result<usize> {
     Err(Error::NotCompiledWithCuda)
 }
 
+/// Whether a GPU can be used; always an error without the `cuda` feature.
+pub fn probe() -> Result<()> {
+    Err(Error::NotCompiledWithCuda)
+}
+
 /// Without the feature no CUDA rank can exist: the alias only lets the engine name the type
 /// in code that [`create`] never lets run.
 pub type CudaBackend = crate::backend::cpu::CpuBackend;

@@ -21,6 +21,28 @@ pub mod cuda;
 use crate::comm::CommStats;
 use crate::error::Result;
 
+/// The environment variable that turns a GPU test's "skipped: no GPU" into a failure.
+pub const REQUIRE_GPU_ENV: &str = "SYNCDROP_REQUIRE_GPU";
+
+/// For GPU tests and benches: true when GPU 0 can be used ([`cuda::probe`], once per
+/// process). Without one it prints "`who`: skipped: no GPU (why)" once and returns false, so
+/// CPU-only CI passes them; with `SYNCDROP_REQUIRE_GPU=1` (scripts/gpu-check.sh sets it) it
+/// panics instead, so a GPU machine whose driver fails can never pass by skipping.
+pub fn gpu_or_skip(who: &str) -> bool {
+    static PROBE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    static SAID: std::sync::Once = std::sync::Once::new();
+    match PROBE.get_or_init(|| cuda::probe().map_err(|e| e.to_string())) {
+        Ok(()) => true,
+        Err(why) if std::env::var(REQUIRE_GPU_ENV).is_ok_and(|v| v == "1") => {
+            panic!("{who}: {REQUIRE_GPU_ENV}=1 but no usable GPU: {why}")
+        }
+        Err(why) => {
+            SAID.call_once(|| eprintln!("{who}: skipped: no GPU ({why})"));
+            false
+        }
+    }
+}
+
 /// What the attention output projection does with its partial sum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReduceMode {

@@ -96,6 +96,25 @@ pub fn attention_f32(
     if splits == 0 || chunk == 0 {
         return Err(Error::InvalidArgument("attention: empty split".into()));
     }
+    // every key a query may see must fall in some chunk: pos0 + t on the host, up to the
+    // capacity when the position lives on the device
+    let keys = match pos {
+        Pos::Host(_) => pos0 + t,
+        Pos::Device(_) => capacity,
+    };
+    if splits * chunk < keys {
+        return Err(Error::InvalidArgument(format!(
+            "attention: split {splits} x {chunk} covers {} of {keys} keys",
+            splits * chunk
+        )));
+    }
+    // the grid is (n_q, t, splits): y and z are limited to 65535
+    if t > 65535 || splits > 65535 {
+        return Err(Error::InvalidArgument(format!(
+            "attention: {t} query rows or {splits} splits exceed a grid dimension (65535); \
+             cut the prefill into chunks"
+        )));
+    }
     if t * n_q == 0 {
         return Ok(());
     }

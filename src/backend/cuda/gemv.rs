@@ -89,9 +89,9 @@ pub fn gemv_bf16_f32(
     let (p, cfg) = launch(t, n, k);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(w).arg(x).arg(y);
-    // SAFETY: matches gemv_bf16_f32 in csrc/gemv.cu; sizes checked above. The vector path
-    // needs 16-byte aligned rows: k % 8 == 0 and a 16-byte aligned base, which every view
-    // the backend passes has (allocations are 256-byte aligned, offsets multiples of k).
+    // SAFETY: matches gemv_bf16_f32 in csrc/gemv.cu; sizes checked above. The kernel takes
+    // its 16-byte vector path only when k % 8 == 0 and both bases are 16-byte aligned (every
+    // view the backend passes is: allocations are 256-byte aligned, offsets multiples of k).
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     Ok(())
 }

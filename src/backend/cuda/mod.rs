@@ -66,6 +66,15 @@ pub fn device_count() -> Result<usize> {
         .map_err(cuda_err)
 }
 
+/// Whether GPU 0 can be used: a driver, at least one device, and a context that opens (a
+/// driver that loads but fails to initialise is caught here, not at the first kernel).
+pub fn probe() -> Result<()> {
+    if device_count()? == 0 {
+        return Err(Error::Cuda("the CUDA driver sees no device".into()));
+    }
+    context(0).map(drop)
+}
+
 /// A context on device `ordinal`, or a typed error (no driver, no such device).
 pub fn context(ordinal: usize) -> Result<Arc<cudarc::driver::CudaContext>> {
     let n = device_count()?;
