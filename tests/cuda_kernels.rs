@@ -249,7 +249,8 @@ mod gpu {
         #[test]
         fn qkv_epilogue_and_attention_match_cpu(t in 1usize..6, pos0 in prop::sample::select(vec![0usize, 1, 63, 64, 200, 1000]),
                                                 n_kv in 1usize..3, group in 1usize..4, hd in prop::sample::select(vec![8usize, 64, 128]),
-                                                half_style in any::<bool>(), bias in any::<bool>(), forced_split in any::<bool>(), seed in any::<u64>()) {
+                                                half_style in any::<bool>(), bias in any::<bool>(), forced_split in any::<bool>(),
+                                                device_pos in any::<bool>(), seed in any::<u64>()) {
             let Some((stream, kern)) = gpu() else { return Ok(()); };
             let style = if half_style { syncdrop::RopeStyle::Half } else { syncdrop::RopeStyle::Interleaved };
             let n_q = n_kv * group;
@@ -299,7 +300,11 @@ mod gpu {
             let bd = stream.clone_htod(&b).unwrap();
             let mut qd = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
             let bias_view = bd.slice(..);
-            rope::qkv_rope_cache(&stream, kern, (t, n_q, n_kv, hd), (cap, style, theta), rope::Pos::Host(pos0),
+            // a captured decode graph reads the position on the device (and splits for the
+            // whole capacity): the same results either way
+            let pos_dev = stream.clone_htod(&[pos0 as i32]).unwrap();
+            let pos = if device_pos { rope::Pos::Device(&pos_dev) } else { rope::Pos::Host(pos0) };
+            rope::qkv_rope_cache(&stream, kern, (t, n_q, n_kv, hd), (cap, style, theta), pos,
                 &qkvd.slice(..), bias.then_some(&bias_view), &mut qd.slice_mut(..), &mut kd.slice_mut(..), &mut vd.slice_mut(..)).unwrap();
             let q_got: Vec<f32> = stream.clone_dtoh(&qd).unwrap();
             for i in 0..t * n_q * hd {
@@ -309,21 +314,27 @@ mod gpu {
             for i in 0..n_kv * cap * hd {
                 prop_assert!(close(k_got[i].to_f32(), kc[i], 1e-3, 8e-3), "k[{}] = {} vs {}", i, k_got[i], kc[i]);
             }
+            let v_got: Vec<bf16> = stream.clone_dtoh(&vd).unwrap();
+            for i in 0..n_kv * cap * hd {
+                // V is only biased and rounded: exact
+                prop_assert!(v_got[i].to_f32() == vc[i], "v[{}] = {} vs {}", i, v_got[i], vc[i]);
+            }
+            let keys = if device_pos { cap } else { pos0 + t };
             let split = if forced_split {
-                attention::split_plan(t, n_q, pos0 + t, usize::MAX)
+                attention::split_plan(t, n_q, keys, usize::MAX)
             } else {
-                attention::split_plan(t, n_q, pos0 + t, 1)
+                attention::split_plan(t, n_q, keys, 1)
             };
             let np = attention::partial_len(t, n_q, hd, split.0).max(1);
             let mut part = stream.alloc_zeros::<f32>(np).unwrap();
             let q2k = stream.clone_htod(&q_to_kv.iter().map(|x| *x as i32).collect::<Vec<_>>()).unwrap();
             let mut od = stream.alloc_zeros::<f32>(t * n_q * hd).unwrap();
-            attention::attention_f32(&stream, kern, (t, n_q, n_kv, hd, cap), rope::Pos::Host(pos0), split,
+            attention::attention_f32(&stream, kern, (t, n_q, n_kv, hd, cap), pos, split,
                 &qd.slice(..), &kd.slice(..), &vd.slice(..), &q2k, &mut od.slice_mut(..), &mut part.slice_mut(..)).unwrap();
             let got: Vec<f32> = stream.clone_dtoh(&od).unwrap();
             for i in 0..t * n_q * hd {
                 // K written by the GPU and the CPU may round differently by one bf16 ulp
-                prop_assert!(close(got[i], att_ref[i], 5e-3, 5e-3), "att[{}] = {} vs {} (split {:?})", i, got[i], att_ref[i], split);
+                prop_assert!(close(got[i], att_ref[i], 5e-3, 5e-3), "att[{}] = {} vs {} (split {:?}, device pos {})", i, got[i], att_ref[i], split, device_pos);
             }
         }
 
