@@ -75,6 +75,11 @@ fn main() {
     let Some(gpu_common::GpuBenchArgs { quick, out }) = gpu_common::args("cuda_allreduce") else {
         return;
     };
+    let (gpu, date) = gpu_common::machine();
+    println!(
+        "cuda_allreduce on {gpu}, {date}{}",
+        if quick { " (--quick)" } else { "" }
+    );
     let mut rows = Vec::new();
     let max_bytes = if quick { 1 << 20 } else { 64 << 20 };
     println!(
@@ -246,7 +251,7 @@ fn main() {
     }
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).ok();
-        let v = serde_json::json!({"sweep": rows, "fused_oproj": fused_rows,
+        let v = serde_json::json!({"device": gpu, "date": date, "sweep": rows, "fused_oproj": fused_rows,
             "fused_add_rmsnorm": norm_rows,
             "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
         std::fs::write(

@@ -21,6 +21,11 @@ fn main() {
     let Some(gpu_common::GpuBenchArgs { quick, out }) = gpu_common::args("cuda_iso") else {
         return;
     };
+    let (gpu, date) = gpu_common::machine();
+    println!(
+        "cuda_iso on {gpu}, {date}{}",
+        if quick { " (--quick)" } else { "" }
+    );
     let layers = if quick { 2 } else { 10 };
     let spec = format!("llama2-70b:layers={layers}");
     let lengths: &[usize] = if quick {
@@ -101,7 +106,9 @@ fn main() {
         std::fs::create_dir_all(&dir).ok();
         std::fs::write(
             dir.join("cuda_iso.json"),
-            serde_json::to_string_pretty(&rows).expect("json"),
+            serde_json::to_string_pretty(&serde_json::json!({"device": gpu, "date": date,
+                "rows": rows}))
+            .expect("json"),
         )
         .expect("write cuda_iso.json");
     }

@@ -42,6 +42,27 @@ fn timed(stream: &Arc<CudaStream>, reps: usize, mut f: impl FnMut() -> Result<()
     Ok(a.elapsed_ms(&b).map_err(err)? as f64 * 1e-3 / reps as f64)
 }
 
+/// Uniform bf16 values in [-1, 1): GEMMs on zeros run cooler and faster than on real data.
+fn rand_bf16(n: usize, seed: u64) -> Vec<bf16> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            bf16::from_f32((s >> 40) as f32 / (1u64 << 23) as f32 - 1.0)
+        })
+        .collect()
+}
+
+/// Write the report so far: a bench killed midway still leaves every finished section.
+fn save(out: &std::path::Path, report: &serde_json::Map<String, serde_json::Value>) -> Result<()> {
+    std::fs::create_dir_all(out).map_err(|e| syncdrop::Error::io(out, e))?;
+    let path = out.join("cuda_rank.json");
+    std::fs::write(&path, serde_json::to_string_pretty(report).expect("json"))
+        .map_err(|e| syncdrop::Error::io(&path, e))
+}
+
 fn engine(spec: &str, tp: usize, rank: usize, capacity: usize) -> Result<Engine> {
     let files = Arc::new(ModelFiles::Synthetic(SyntheticModel::parse(spec)?));
     Engine::new(
@@ -89,13 +110,13 @@ fn main() -> Result<()> {
     let kern = Kernels::load(&ctx)?;
     let err = |e| syncdrop::Error::Cuda(format!("{e:?}"));
     let mut report = serde_json::Map::new();
-    let date = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let (gpu, date) = gpu_common::machine();
     report.insert("date".into(), date.clone().into());
+    report.insert("device".into(), gpu.clone().into());
+    println!(
+        "cuda_rank on {gpu}, {date}{}",
+        if quick { " (--quick)" } else { "" }
+    );
 
     // 1. copy bandwidth
     let bytes = if quick { 1 << 26 } else { 1 << 30 };
@@ -112,6 +133,7 @@ fn main() -> Result<()> {
     );
     report.insert("copy_gbps".into(), (copy_bw / 1e9).into());
     drop((src, dst));
+    save(&out, &report)?;
 
     // 2. GEMV vs cuBLAS on LLaMA2-70B TP 8 shard shapes (n, k)
     let gemm = Gemm::new(&stream)?;
@@ -125,24 +147,39 @@ fn main() -> Result<()> {
         ("down", 8192, 3584),
         ("lm_head", 4000, 8192),
     ] {
-        let w = stream.alloc_zeros::<bf16>(n * k).map_err(err)?;
-        let x = stream.alloc_zeros::<f32>(k).map_err(err)?;
-        let xb = stream.alloc_zeros::<bf16>(k).map_err(err)?;
+        // as in a decode step, every launch streams weights that are not in L2 (50 MB on
+        // H100): rotate through copies totalling at least 256 MiB
+        let copies = (256usize << 20).div_ceil(n * k * 2).max(2);
+        let host = rand_bf16(n * k, n as u64 * 31 + k as u64);
+        let ws = (0..copies)
+            .map(|_| stream.clone_htod(&host).map_err(err))
+            .collect::<Result<Vec<_>>>()?;
+        let xh = rand_bf16(k, 7);
+        let x = stream
+            .clone_htod(&xh.iter().map(|v| v.to_f32()).collect::<Vec<f32>>())
+            .map_err(err)?;
+        let xb = stream.clone_htod(&xh).map_err(err)?;
         let mut y = stream.alloc_zeros::<f32>(n).map_err(err)?;
         let reps = if quick { 10 } else { 200 };
+        let mut i = 0;
         let tg = timed(&stream, reps, || {
+            i += 1;
             gemv::gemv_bf16_f32(
                 &stream,
                 &kern,
                 (1, n, k),
-                &w.slice(..),
+                &ws[i % copies].slice(..),
                 &x.slice(..),
                 &mut y.slice_mut(..),
             )
         })?;
+        let mut i = 0;
         let tc = timed(&stream, reps, || {
+            i += 1;
+            let w = &ws[i % copies];
             gemm.bf16_f32((1, n, k), &w.slice(..), &xb.slice(..), &mut y.slice_mut(..))
         })?;
+        drop(ws);
         let bw = (n * k * 2) as f64 / tg;
         println!(
             "| {what} {n}x{k} | {:.1} | {:.0} | {:.0}% | {:.1} | {:.2}x |",
@@ -158,11 +195,12 @@ fn main() -> Result<()> {
         );
     }
     report.insert("gemv".into(), rows.into());
+    save(&out, &report)?;
 
-    // 3. bf16 GEMM peak
+    // 3. bf16 GEMM peak, on random data
     let m = if quick { 2048 } else { 8192 };
-    let a = stream.alloc_zeros::<bf16>(m * m).map_err(err)?;
-    let b = stream.alloc_zeros::<bf16>(m * m).map_err(err)?;
+    let a = stream.clone_htod(&rand_bf16(m * m, 1)).map_err(err)?;
+    let b = stream.clone_htod(&rand_bf16(m * m, 2)).map_err(err)?;
     let mut c = stream.alloc_zeros::<f32>(m * m).map_err(err)?;
     let tg = timed(&stream, 10, || {
         gemm.bf16_f32((m, m, m), &a.slice(..), &b.slice(..), &mut c.slice_mut(..))
@@ -174,6 +212,7 @@ fn main() -> Result<()> {
     );
     report.insert("gemm_peak_tflops".into(), (peak / 1e12).into());
     drop((a, b, c));
+    save(&out, &report)?;
 
     // 4. one rank of LLaMA2-70B at TP 8
     let spec = if quick {
@@ -213,6 +252,7 @@ fn main() -> Result<()> {
             serde_json::json!({"ms": r.decode_median_s() * 1e3, "limit_ms": limit * 1e3,
                 "of_limit": r.decode_median_s() / limit, "steps": r.decode_s}),
         );
+        save(&out, &report)?;
         if graphs {
             let p =
                 syncdrop::bench::bench_engine(&mut e, spec, "cuda", Some(0), (2048, 3), (0, 0))?;
@@ -227,6 +267,7 @@ fn main() -> Result<()> {
                 serde_json::json!({"ms": p.prefill_median_s() * 1e3, "tflops": p.prefill_tflops(),
                     "of_peak": p.prefill_tflops() * 1e12 / peak}),
             );
+            save(&out, &report)?;
         }
     }
 
@@ -272,29 +313,25 @@ fn main() -> Result<()> {
                     n.phase, n.tokens, n.ctx
                 );
             }
+            // the table so far, after every (model, TP): a kill midway keeps what was measured
+            let table = MeasuredCompute {
+                schema: 1,
+                device: gpu.clone(),
+                date: date.clone(),
+                command: "cargo bench --features cuda --bench cuda_rank (scripts/gpu-check.sh)"
+                    .into(),
+                notes: "one rank (only_rank 0), synthetic weights of the real shapes, CUDA graphs for decode; per layer = (3 layers - 1 layer) / 2".into(),
+                entries: entries.clone(),
+            };
+            let path = out.join("measured_compute.json");
+            std::fs::write(&path, serde_json::to_string_pretty(&table).expect("json"))
+                .map_err(|e| syncdrop::Error::io(&path, e))?;
         }
     }
-    let gpu = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=name", "--format=csv,noheader"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_else(|_| "unknown GPU".into());
-    let table = MeasuredCompute {
-        schema: 1,
-        device: gpu.clone(),
-        date,
-        command: "cargo bench --features cuda --bench cuda_rank (scripts/gpu-check.sh)".into(),
-        notes: "one rank (only_rank 0), synthetic weights of the real shapes, CUDA graphs for decode; per layer = (3 layers - 1 layer) / 2".into(),
-        entries,
-    };
-    std::fs::create_dir_all(&out).ok();
-    let path = out.join("measured_compute.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&table).expect("json"))
-        .map_err(|e| syncdrop::Error::io(&path, e))?;
-    report.insert("device".into(), gpu.into());
-    let path = out.join("cuda_rank.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).expect("json"))
-        .map_err(|e| syncdrop::Error::io(&path, e))?;
-    println!("\nwrote {} and measured_compute.json", path.display());
+    save(&out, &report)?;
+    println!(
+        "\nwrote {} and measured_compute.json",
+        out.join("cuda_rank.json").display()
+    );
     Ok(())
 }

@@ -10,7 +10,8 @@
 #                                           #   keeps model part 1 and the executables in /tmp
 #   call 2: scripts/gpu-check.sh --stage2   # carry .gpu2: joins the model (sha256 checked),
 #                                           #   runs the end-to-end tests on SmolLM2
-#   call 3: scripts/gpu-check.sh --bench    # no carry needed: the benches + PyTorch baseline
+#   call 3: scripts/gpu-check.sh --bench    # carry .gpu: the benches + PyTorch baseline
+#                                           #   (without it, the executables stage 1 left)
 #
 # Each call stays well inside the device tool's 10-minute limit, and returns at most two
 # files (the device tool brings back at most 8): $OUT/<stage>-summary.txt and
@@ -33,15 +34,23 @@ if [ "${1:-}" = "--build" ]; then
   grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
   grep -qx '/.gpu2/' .git/info/exclude 2>/dev/null || echo '/.gpu2/' >>.git/info/exclude
   rm -rf .gpu .gpu2 && mkdir -p .gpu/bin .gpu2/bin
-  cargo test --release --features cuda --all-targets --no-run --message-format=json 2>/dev/null \
-    | TESTS="$TESTS $BENCHES" python3 -c 'import json,os,sys
-want=os.environ["TESTS"].split()
+  # tests keep their names, benches are bench_<name> (cuda_allreduce is both a test and a bench)
+  cargo test --release --features cuda --all-targets --no-run --message-format=json \
+    | TESTS="$TESTS" BENCHES="$BENCHES" python3 -c 'import json,os,sys
+tests=os.environ["TESTS"].split(); benches=os.environ["BENCHES"].split()
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"] in want:
-        print(m["target"]["name"], m["executable"])' | while read -r name exe; do
+    if m.get("reason")!="compiler-artifact" or not m.get("executable"):
+        continue
+    name, kind = m["target"]["name"], m["target"]["kind"]
+    if "test" in kind and name in tests: print(name, m["executable"])
+    if "bench" in kind and name in benches: print("bench_" + name, m["executable"])' \
+    | while read -r name exe; do
       cp "$exe" ".gpu/bin/$name" && strip ".gpu/bin/$name"
     done
+  for name in $TESTS $(printf 'bench_%s ' $BENCHES); do
+    [ -x ".gpu/bin/$name" ] || { echo "gpu-check: the build made no $name" >&2; exit 1; }
+  done
   cp scripts/torch_rank_decode.py .gpu/bin/
   rmdir .gpu2/bin
   model="$(scripts/fetch-assets.sh >/dev/null && echo "${SYNCDROP_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/syncdrop}")/models/$MODEL"
@@ -116,10 +125,10 @@ stage1() {
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1
   } >"$LOGS/machine.txt" 2>&1
   mkdir -p "$STAGE" && cp .gpu/model.part1 "$STAGE/" 2>/dev/null
+  # fast and most telling first; the sanitizers (slow, and refused on some machines) last
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
-  run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
-  run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
   run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture
+  run synthetic synthetic.log "$B/synthetic" --test-threads=1
   # compute-sanitizer serialises kernel launches, so P2P ranks spinning on each other can
   # never meet under it: the sanitizers run every P2P kernel at one rank (its barriers meet
   # only itself), the multi-rank paths are checked by their oracles and the timeout test,
@@ -129,16 +138,19 @@ stage1() {
     run "allreduce-$tool" "allreduce-$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 \
       "$B/cuda_allreduce" --test-threads=1 $T
   done
-  run synthetic synthetic.log "$B/synthetic" --test-threads=1
+  run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
 }
 
 bench() {
   local B=.gpu/bin
   [ -d "$B" ] || B="$STAGE/bin"
-  [ -x "$B/cuda_rank" ] || { echo "no executables: carry .gpu or run --stage1 first"; return 1; }
-  run bench bench.log "$B/cuda_rank" --out "$LOGS"
-  run allreduce-sweep allreduce-sweep.log "$B/cuda_allreduce" --out "$LOGS"
-  run iso iso.log "$B/cuda_iso" --out "$LOGS"
+  [ -x "$B/bench_cuda_rank" ] || { echo "no executables: carry .gpu or run --stage1 first"; return 1; }
+  { date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu --format=csv 2>&1; } \
+    >"$LOGS/machine-bench.txt" 2>&1
+  run bench bench.log "$B/bench_cuda_rank" --out "$LOGS"
+  run allreduce-sweep allreduce-sweep.log "$B/bench_cuda_allreduce" --out "$LOGS"
+  run iso iso.log "$B/bench_cuda_iso" --out "$LOGS"
   run torch torch.log python3 "$B/torch_rank_decode.py" --out "$LOGS/torch_rank.json"
 }
 
@@ -159,9 +171,10 @@ stage() { # name, functions...: run them with the output also in <name>-summary.
   SECONDS=0
   exec 3>&1 4>&2
   exec > >(tee "$OUT/$name-summary.txt") 2>&1
+  local tee_pid=$!
   for f in "$@"; do "$f" || status=1; done
   exec 1>&3 2>&4
-  sleep 0.5 # let tee flush
+  wait "$tee_pid" 2>/dev/null || sleep 0.5 # let tee write the last lines
   finish
 }
 case "${1:-all}" in

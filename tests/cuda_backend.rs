@@ -65,6 +65,32 @@ mod gpu {
             .fold(0.0, f32::max)
     }
 
+    /// Each decode row's argmax is the golden's next token (rows are teacher-forced, so a
+    /// flip never cascades), except at a near tie the measured deviation explains: where the
+    /// CPU's own gap between the golden token and the one picked is within twice that row's
+    /// deviation from the CPU.
+    fn assert_greedy(
+        rows: &[Vec<f32>],
+        cpu: &[Vec<f32>],
+        prompt_len: usize,
+        golden: &[u32],
+        what: &str,
+    ) {
+        for (s, &t) in golden.iter().enumerate() {
+            let i = prompt_len - 1 + s;
+            let got = argmax(&rows[i]);
+            if got as u32 != t {
+                let margin = cpu[i][t as usize] - cpu[i][got];
+                let dev = centred_diff(&rows[i], &cpu[i]);
+                assert!(
+                    margin <= 2.0 * dev,
+                    "{what}: step {s} picked {got}, not the golden {t}: CPU margin {margin} > 2 x deviation {dev}"
+                );
+                eprintln!("{what}: step {s} near tie (CPU margin {margin:.3}, deviation {dev:.3}): picked {got}, golden {t}");
+            }
+        }
+    }
+
     /// Prefill rows of the prompt, then decode the given tokens: every logits row.
     fn trace(e: &mut Engine, prompt: &[u32], feed: &[u32]) -> Vec<Vec<f32>> {
         let l = e.forward(prompt, 0, 0..prompt.len()).unwrap();
@@ -105,11 +131,13 @@ mod gpu {
                     "CUDA TP {tp} graphs {graphs}: max centred |logit diff| vs CPU = {worst:.3}"
                 );
                 assert!(worst <= BF16_ATOL, "TP {tp}: {worst} > {BF16_ATOL}");
-                // greedy continuation: each decode row's argmax is the golden's next token
-                for (s, t) in golden_toks.iter().enumerate() {
-                    let row = &rows[prompt.len() - 1 + s];
-                    assert_eq!(argmax(row) as u32, *t, "TP {tp} graphs {graphs}: step {s}");
-                }
+                assert_greedy(
+                    &rows,
+                    &cpu,
+                    prompt.len(),
+                    &golden_toks,
+                    &format!("TP {tp} graphs {graphs}"),
+                );
             }
         }
     }
@@ -124,9 +152,11 @@ mod gpu {
         let a = trace(&mut engine(&f, 1, BackendKind::Cuda, false), &prompt, &toks);
         let b = trace(&mut engine(&f, 1, BackendKind::Cuda, true), &prompt, &toks);
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            // same kernels; only the decode attention's key split differs (capacity vs length)
+            // same kernels; only the decode attention's key split differs (capacity vs length):
+            // f32 sum order, which can flip a bf16 rounding of the next layer's K/V, as ISO
+            // on/off can (the same bound as there)
             let d = centred_diff(x, y);
-            assert!(d <= 1e-2, "row {i}: graphs on/off differ by {d}");
+            assert!(d <= 5e-2, "row {i}: graphs on/off differ by {d}");
         }
     }
 
@@ -294,10 +324,13 @@ mod gpu {
                     "TP 3 {wire:?} wire, fused o_proj {oproj}, fused norm {norm}: max centred |logit diff| vs CPU = {worst:.3}"
                 );
                 assert!(worst <= BF16_ATOL, "{wire:?} {oproj}/{norm}: {worst}");
-                for (s, t) in golden_toks.iter().enumerate() {
-                    let row = &rows[prompt.len() - 1 + s];
-                    assert_eq!(argmax(row) as u32, *t, "{wire:?} {oproj}/{norm}: step {s}");
-                }
+                assert_greedy(
+                    &rows,
+                    &cpu,
+                    prompt.len(),
+                    &golden_toks,
+                    &format!("{wire:?} {oproj}/{norm}"),
+                );
             }
         }
     }

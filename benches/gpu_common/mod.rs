@@ -23,3 +23,21 @@ pub fn args(name: &str) -> Option<GpuBenchArgs> {
     }
     Some(GpuBenchArgs { quick, out })
 }
+
+/// (device name, UTC date) for a bench's report and first line: every number names the GPU
+/// it ran on and when.
+pub fn machine() -> (String, String) {
+    let run = |cmd: &str, args: &[&str]| {
+        std::process::Command::new(cmd)
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    (
+        run("nvidia-smi", &["--query-gpu=name", "--format=csv,noheader"])
+            .unwrap_or_else(|| "unknown GPU".into()),
+        run("date", &["-u", "+%Y-%m-%d"]).unwrap_or_default(),
+    )
+}
