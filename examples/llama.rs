@@ -689,7 +689,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{{\"prompt\": {ids:?}, \"tokens\": {generated:?}}}");
             }
             eprintln!(
-                "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | sync points: {} ({:.0} per forward), {:.1} ms in communication ({:.1}%)",
+                "prefill: {} tokens, {:.1} tok/s | decode: {} tokens, {:.1} tok/s | sync points: {} ({:.0} per forward), {:.1} ms in communication ({:.1}%){}",
                 stats.prefill_tokens,
                 stats.prefill_tps(),
                 stats.decode_tokens,
@@ -697,7 +697,8 @@ fn run(cli: Cli) -> Result<()> {
                 stats.comm.all_reduces,
                 stats.comm.all_reduces as f64 / (stats.decode_tokens + 1) as f64,
                 stats.comm.seconds() * 1e3,
-                100.0 * stats.comm.seconds() / (stats.prefill_secs + stats.decode_secs).max(1e-12)
+                100.0 * stats.comm.seconds() / (stats.prefill_secs + stats.decode_secs).max(1e-12),
+                stats.comm.untimed_note()
             );
         }
         Cmd::Perplexity {
@@ -733,13 +734,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let comm = engine.comm_stats()?[0];
             println!(
-                "perplexity {:.4} on {} ({} tokens scored) | {:.1} tok/s | sync points {} | {:.2} s in communication",
+                "perplexity {:.4} on {} ({} tokens scored) | {:.1} tok/s | sync points {} | {:.2} s in communication{}",
                 r.ppl(),
                 what,
                 r.tokens_scored,
                 r.tokens_per_sec(),
                 comm.all_reduces,
-                comm.seconds()
+                comm.seconds(),
+                comm.untimed_note()
             );
         }
         Cmd::Eval {

@@ -131,6 +131,7 @@ enum Cmd {
     LoadLayer(usize, Box<BlockWeights>),
     Stats,
     ResetStats,
+    CommTiming(bool),
 }
 
 enum Reply {
@@ -191,6 +192,10 @@ fn rank_loop<B: Backend>(
             Cmd::Stats => Ok(Reply::Stats(model.backend.comm_stats())),
             Cmd::ResetStats => {
                 model.backend.reset_comm_stats();
+                Ok(Reply::Done)
+            }
+            Cmd::CommTiming(on) => {
+                model.backend.set_comm_timing(on);
                 Ok(Reply::Done)
             }
         };
@@ -600,6 +605,12 @@ impl Engine {
 
     pub fn reset_comm_stats(&mut self) -> Result<()> {
         self.broadcast(|| Cmd::ResetStats).map(|_| ())
+    }
+
+    /// Time device collectives too (see `Backend::set_comm_timing`; costs two event records
+    /// per collective on the CUDA backend, nothing on the CPU).
+    pub fn set_comm_timing(&mut self, on: bool) -> Result<()> {
+        self.broadcast(|| Cmd::CommTiming(on)).map(|_| ())
     }
 }
 

@@ -160,8 +160,13 @@ impl IsoCostModel {
         };
         let mid = (short + long) / 2;
         let mut points = Vec::new();
-        for len in [short, mid, long] {
-            let (total, comm) = time(engine, len)?;
+        // device collectives run asynchronously: without timing events their time would
+        // read as zero and all of it as compute
+        engine.set_comm_timing(true)?;
+        let timed = [short, mid, long].map(|len| time(engine, len));
+        engine.set_comm_timing(false)?;
+        for (len, r) in [short, mid, long].into_iter().zip(timed) {
+            let (total, comm) = r?;
             points.push((len, total - comm, comm));
         }
         Ok(self.fit(&points))

@@ -282,7 +282,11 @@ impl<B: Backend> RankModel<B> {
                 let ended = be.graph_end();
                 captured?;
                 ended?;
-                be.graph_launch()?;
+                if !be.graph_launch()? {
+                    return Err(Error::Cuda(
+                        "the decode graph just captured could not be launched".into(),
+                    ));
+                }
             }
             let mut host = vec![0f32; nv];
             be.download(&b.logits, &mut host)?;

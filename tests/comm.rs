@@ -126,10 +126,40 @@ fn counts_sync_points_and_time() {
         assert_eq!(s.all_reduces, 7);
         assert_eq!(s.bytes, 7 * 40);
         assert!(s.nanos > 0);
+        // host collectives block, so every one is timed
+        assert_eq!((s.untimed, s.untimed_note()), (0, String::new()));
     }
     let id = Identity::default();
     id.all_reduce_sum(&mut [1.0, 2.0]).unwrap();
     assert_eq!(id.stats().all_reduces, 1);
+}
+
+/// What the CUDA backend adds for device collectives and graph replays.
+#[test]
+fn counters_add_device_collectives_and_say_which_are_untimed() {
+    use syncdrop::comm::{CommCounters, CommStats};
+    let c = CommCounters::default();
+    c.record(std::time::Instant::now(), 40);
+    let replay = CommStats {
+        all_reduces: 61,
+        bytes: 61 * 2304,
+        untimed: 61,
+        nanos: 0,
+    };
+    c.add(replay);
+    c.add(replay);
+    let s = c.get();
+    assert_eq!(
+        (s.all_reduces, s.bytes, s.untimed),
+        (123, 40 + 2 * 61 * 2304, 122)
+    );
+    assert!(
+        s.untimed_note().contains("122 of them untimed"),
+        "{}",
+        s.untimed_note()
+    );
+    c.reset();
+    assert_eq!(c.get(), CommStats::default());
 }
 
 #[test]

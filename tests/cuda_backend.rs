@@ -142,6 +142,44 @@ mod gpu {
         }
     }
 
+    /// The CUDA backend counts every sync point the CPU counts, graph replays included, and
+    /// with lane timing on it times the device collectives (what the ISO calibration needs).
+    #[test]
+    fn comm_counters_match_the_cpu_and_time_the_lane_when_asked() {
+        if !have_gpu() {
+            return;
+        }
+        let f = files();
+        let (prompt, toks) = golden();
+        let count = |e: &mut Engine, timing: bool| {
+            e.set_comm_timing(timing).unwrap();
+            e.reset_comm_stats().unwrap();
+            trace(e, &prompt, &toks[..4]);
+            e.comm_stats().unwrap()[0]
+        };
+        let cpu = count(&mut engine(&f, 3, BackendKind::Cpu, false), false);
+        assert!(cpu.all_reduces > 0 && cpu.untimed == 0, "{cpu:?}");
+        for graphs in [false, true] {
+            let mut g = engine(&f, 3, BackendKind::Cuda, graphs);
+            for timing in [false, true] {
+                let s = count(&mut g, timing);
+                eprintln!("TP 3 CUDA graphs {graphs} timing {timing}: {s:?} (CPU {cpu:?})");
+                assert_eq!(
+                    (s.all_reduces, s.bytes),
+                    (cpu.all_reduces, cpu.bytes),
+                    "graphs {graphs} timing {timing}"
+                );
+                if timing && !graphs {
+                    assert_eq!(s.untimed, 0, "every collective timed");
+                    assert!(s.nanos > 0);
+                }
+                if graphs {
+                    assert!(s.untimed > 0, "decode replays are untimed");
+                }
+            }
+        }
+    }
+
     #[test]
     fn cuda_graphs_on_and_off_agree_step_by_step() {
         if !have_gpu() {

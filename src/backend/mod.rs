@@ -263,6 +263,12 @@ pub trait Backend: Send {
 
     fn comm_stats(&self) -> CommStats;
     fn reset_comm_stats(&mut self);
+    /// Time the device collectives too (the CUDA backend: a pair of timing events around
+    /// each collective on the communication lane, read at `comm_stats`; two event records
+    /// per collective, so off unless asked for, e.g. by the ISO calibration). Collectives
+    /// replayed in a CUDA graph stay untimed. The CPU backend's blocking all-reduces are
+    /// always timed.
+    fn set_comm_timing(&mut self, _on: bool) {}
 
     // ---- CUDA graphs for decode steps (the CPU backend has none) -------------------------
     // The model captures one whole decode step (t = 1, every block and the LM head) between

@@ -28,11 +28,27 @@ pub struct CommStats {
     pub all_reduces: u64,
     pub nanos: u64,
     pub bytes: u64,
+    /// Of `all_reduces`, those whose time `nanos` leaves out: device collectives that ran
+    /// asynchronously while lane timing was off (`Backend::set_comm_timing`), and every
+    /// collective replayed in a captured CUDA graph. 0 on the CPU backend.
+    pub untimed: u64,
 }
 
 impl CommStats {
     pub fn seconds(&self) -> f64 {
         self.nanos as f64 * 1e-9
+    }
+
+    /// "" when every collective was timed, else " (N of them untimed)" for a report line.
+    pub fn untimed_note(&self) -> String {
+        if self.untimed == 0 {
+            String::new()
+        } else {
+            format!(
+                " ({} of them untimed: asynchronous on the device)",
+                self.untimed
+            )
+        }
     }
 }
 
@@ -41,9 +57,17 @@ pub struct CommCounters {
     all_reduces: AtomicU64,
     nanos: AtomicU64,
     bytes: AtomicU64,
+    untimed: AtomicU64,
 }
 
 impl CommCounters {
+    /// Add counts measured elsewhere (device collectives, graph replays).
+    pub fn add(&self, s: CommStats) {
+        self.all_reduces.fetch_add(s.all_reduces, Ordering::Relaxed);
+        self.nanos.fetch_add(s.nanos, Ordering::Relaxed);
+        self.bytes.fetch_add(s.bytes, Ordering::Relaxed);
+        self.untimed.fetch_add(s.untimed, Ordering::Relaxed);
+    }
     pub fn record(&self, start: Instant, bytes: usize) {
         self.all_reduces.fetch_add(1, Ordering::Relaxed);
         self.nanos
@@ -55,12 +79,14 @@ impl CommCounters {
             all_reduces: self.all_reduces.load(Ordering::Relaxed),
             nanos: self.nanos.load(Ordering::Relaxed),
             bytes: self.bytes.load(Ordering::Relaxed),
+            untimed: self.untimed.load(Ordering::Relaxed),
         }
     }
     pub fn reset(&self) {
         self.all_reduces.store(0, Ordering::Relaxed);
         self.nanos.store(0, Ordering::Relaxed);
         self.bytes.store(0, Ordering::Relaxed);
+        self.untimed.store(0, Ordering::Relaxed);
     }
 }
 

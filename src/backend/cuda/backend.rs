@@ -7,13 +7,14 @@
 //!
 //! Ranks: the engine runs one host thread per rank and gives each its own `CudaBackend` on
 //! device `rank % devices`: with fewer GPUs than ranks, several *virtual ranks* share a GPU,
-//! each with its own weight shard, KV cache, stream and cuBLAS handle. The sum between ranks
-//! is a staged copy through the host communicator here (correct, and replaceable: the P2P
-//! kernels of the next issue implement the same `all_reduce`).
+//! each with its own weight shard, KV cache, two streams (compute and a communication lane)
+//! and cuBLAS handle. The sum between ranks is chosen per message by the selection chain
+//! (`comm::select`): the P2P one-shot / two-shot kernels, NCCL, or a copy staged through the
+//! host communicator.
 //!
-//! CUDA graphs: with graphs on and nothing crossing the host inside a step (one rank, or the
-//! one-rank benchmark mode), the model captures a decode step once and replays it; the
-//! position lives in device memory so one graph serves every step.
+//! CUDA graphs: with graphs on and every all-reduce of a decode step on the device (one rank,
+//! or P2P / NCCL for decode-sized messages; see `graphs()`), the model captures a decode step
+//! once and replays it; the position lives in device memory so one graph serves every step.
 
 use super::allreduce::{P2pGroup, P2pRank, NORM_MAX_ROWS};
 use super::attention::{self, partial_len, split_plan};
@@ -120,11 +121,31 @@ pub struct CudaBackend {
     p2p: Option<(P2pRank, Topology)>,
     /// Selection log lines already printed (each fallback is logged once).
     logged: std::collections::HashSet<String>,
-    /// Sync points served by the P2P kernels (the host communicator counts the staged ones).
+    /// Sync points served on the device (P2P, NCCL, emulated holds; the host communicator
+    /// counts the staged ones).
     dev_counters: CommCounters,
+    /// `set_comm_timing`: time device collectives with event pairs on the lane.
+    comm_timing: bool,
+    /// Timed collectives whose events `comm_stats` has not read yet.
+    lane_timed: std::sync::Mutex<Vec<(CudaEvent, CudaEvent)>>,
+    /// Collectives issued while capturing: a graph's replays count them.
+    capture_tally: std::cell::Cell<CommStats>,
     emulate: Option<EmulatedLink>,
     /// NCCL on the communication stream, when the engine asked for it.
     nccl: Option<super::nccl::NcclRank>,
+}
+
+impl Drop for CudaBackend {
+    /// Fields drop in declaration order, and `ex` (the kernels' modules) comes first: wait
+    /// for both lanes and drop the graph, the P2P rank (which waits for its peers) and NCCL
+    /// while the modules their work runs in are still loaded.
+    fn drop(&mut self) {
+        let _ = self.ex.stream.synchronize();
+        let _ = self.ex.comm.synchronize();
+        self.graph = None;
+        self.p2p = None;
+        self.nccl = None;
+    }
 }
 
 /// An all-reduce in flight on the communication lane.
@@ -147,7 +168,8 @@ impl Drop for CudaPending {
 /// A captured decode step. cudarc's graph holds raw driver handles and is not `Send`; a
 /// rank's backend is created, used and dropped on its own thread, and a graph launch binds
 /// the context first, so moving the handle with the backend is sound.
-struct RankGraph(CudaGraph);
+/// A captured decode step and the collectives each replay runs.
+struct RankGraph(CudaGraph, CommStats);
 // SAFETY: see above; the graph is never shared, only owned by one backend at a time.
 unsafe impl Send for RankGraph {}
 
@@ -249,6 +271,19 @@ impl CudaBackend {
         let comm_stream = ctx.new_stream().map_err(cuda_err)?;
         let kern = Kernels::load(&ctx)?;
         let gemm = Gemm::new(&stream)?;
+        // one small GEMM now, so cuBLAS's own first-use work (module loads, workspace) is
+        // done before this rank joins peers that spin in P2P kernels waiting for it
+        {
+            let a = stream.alloc_zeros::<bf16>(64 * 64).map_err(cuda_err)?;
+            let mut c = stream.alloc_zeros::<f32>(64 * 64).map_err(cuda_err)?;
+            gemm.bf16_f32(
+                (64, 64, 64),
+                &a.slice(..),
+                &a.slice(..),
+                &mut c.slice_mut(..),
+            )?;
+            stream.synchronize().map_err(cuda_err)?;
+        }
         let num_sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(cuda_err)? as usize;
@@ -293,6 +328,9 @@ impl CudaBackend {
             p2p: None,
             logged: Default::default(),
             dev_counters: CommCounters::default(),
+            comm_timing: false,
+            lane_timed: Default::default(),
+            capture_tally: Default::default(),
             emulate: None,
             nccl: None,
         })
@@ -353,7 +391,9 @@ impl CudaBackend {
     fn reduce_on_lane(&mut self, buf: &mut CudaSlice<f32>, n: usize) -> Result<bool> {
         if self.world() == 1 {
             self.fork()?;
+            let t0 = self.lane_t0()?;
             self.hold(n)?;
+            self.lane_count(t0, n * self.comm.wire().bytes())?;
             return Ok(true);
         }
         let algo = self.algo(n)?;
@@ -361,7 +401,7 @@ impl CudaBackend {
         if algo == Algo::Nccl {
             if let Some(nc) = &self.nccl {
                 self.fork()?;
-                let t0 = std::time::Instant::now();
+                let t0 = self.lane_t0()?;
                 if wire == Wire::Bf16 {
                     // the same contributions as the other paths; NCCL still moves f32 (its
                     // bf16 sum would round after every ring step)
@@ -373,16 +413,19 @@ impl CudaBackend {
                     )?;
                 }
                 nc.all_reduce(&mut buf.slice_mut(..n))?;
-                self.dev_counters.record(t0, n * 4);
                 self.hold(n)?;
+                self.lane_count(t0, n * 4)?;
                 return Ok(true);
             }
         }
         if matches!(algo, Algo::OneShot | Algo::TwoShot) && self.p2p.is_some() {
             self.fork()?;
         }
+        let t0 = match algo {
+            Algo::OneShot | Algo::TwoShot if self.p2p.is_some() => self.lane_t0()?,
+            _ => None,
+        };
         if let (Algo::OneShot | Algo::TwoShot, Some((p, _))) = (algo, &mut self.p2p) {
-            let t0 = std::time::Instant::now();
             p.all_reduce(
                 &self.ex.comm,
                 &self.ex.kern,
@@ -391,9 +434,8 @@ impl CudaBackend {
                 algo == Algo::TwoShot,
                 wire,
             )?;
-            // launch time only: the kernel runs asynchronously on the lane
-            self.dev_counters.record(t0, n * wire.bytes());
             self.hold(n)?;
+            self.lane_count(t0, n * wire.bytes())?;
             return Ok(true);
         }
         Ok(false)
@@ -403,6 +445,45 @@ impl CudaBackend {
     fn fork(&self) -> Result<()> {
         self.ev_fork.record(&self.ex.stream).map_err(cuda_err)?;
         self.ex.comm.wait(&self.ev_fork).map_err(cuda_err)
+    }
+
+    /// Before a collective on the lane: its start event when timing is on (not while
+    /// capturing: a graph's replays are counted, untimed, at launch).
+    fn lane_t0(&self) -> Result<Option<CudaEvent>> {
+        if !self.comm_timing || self.ex.capturing {
+            return Ok(None);
+        }
+        let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        self.ex.comm.record_event(flags).map(Some).map_err(cuda_err)
+    }
+
+    /// After a collective of `bytes` and its emulated hold: tallied into the graph being
+    /// captured, timed by its lane events (read at `comm_stats`), or counted untimed.
+    fn lane_count(&self, t0: Option<CudaEvent>, bytes: usize) -> Result<()> {
+        let one = CommStats {
+            all_reduces: 1,
+            bytes: bytes as u64,
+            untimed: u64::from(t0.is_none()),
+            nanos: 0,
+        };
+        if self.ex.capturing {
+            let mut t = self.capture_tally.get();
+            t.all_reduces += 1;
+            t.bytes += one.bytes;
+            t.untimed += 1;
+            self.capture_tally.set(t);
+            return Ok(());
+        }
+        if let Some(t0) = t0 {
+            let flags = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+            let t1 = self.ex.comm.record_event(flags).map_err(cuda_err)?;
+            self.lane_timed
+                .lock()
+                .expect("lane timing lock")
+                .push((t0, t1));
+        }
+        self.dev_counters.add(one);
+        Ok(())
     }
 
     /// compute waits for everything issued on the lane so far (an all-reduce joined at once).
@@ -863,7 +944,7 @@ impl Backend for CudaBackend {
             let algo = self.algo(n)?;
             if matches!(algo, Algo::OneShot | Algo::TwoShot) {
                 self.fork()?;
-                let t0 = std::time::Instant::now();
+                let t0 = self.lane_t0()?;
                 let wire = self.comm.wire();
                 let (p, _) = self.p2p.as_mut().expect("checked above");
                 p.all_reduce_add(
@@ -875,8 +956,8 @@ impl Backend for CudaBackend {
                     algo == Algo::TwoShot,
                     wire,
                 )?;
-                self.dev_counters.record(t0, n * wire.bytes());
                 self.hold(n)?;
+                self.lane_count(t0, n * wire.bytes())?;
                 return self.join_lane();
             }
         }
@@ -969,7 +1050,7 @@ impl Backend for CudaBackend {
         let qn = d.n_q * d.head_dim;
         // on the comm lane like every P2P collective (they share the round counters)
         self.fork()?;
-        let t0 = std::time::Instant::now();
+        let t0 = self.lane_t0()?;
         let wire = self.comm.wire();
         let (ex, lay, p) = self.p2p_and_layer(layer)?;
         let n = t * d.hidden;
@@ -982,8 +1063,8 @@ impl Backend for CudaBackend {
             &mut out.slice_mut(..n),
             wire,
         )?;
-        self.dev_counters.record(t0, n * wire.bytes());
         self.hold(n)?;
+        self.lane_count(t0, n * wire.bytes())?;
         self.join_lane()
     }
 
@@ -1022,7 +1103,7 @@ impl Backend for CudaBackend {
         };
         self.o_proj(layer, attn, t, a)?;
         self.fork()?;
-        let t0 = std::time::Instant::now();
+        let t0 = self.lane_t0()?;
         let wire = self.comm.wire();
         let (ex, lay, p) = self.p2p_and_layer(layer)?;
         p.all_reduce_add_rmsnorm(
@@ -1036,22 +1117,42 @@ impl Backend for CudaBackend {
             algo == Algo::TwoShot,
             wire,
         )?;
-        self.dev_counters.record(t0, n * wire.bytes());
         self.hold(n)?;
+        self.lane_count(t0, n * wire.bytes())?;
         self.join_lane()
     }
 
     fn comm_stats(&self) -> CommStats {
+        // read the lane timings recorded so far (waits for those collectives to finish)
+        let timed = std::mem::take(&mut *self.lane_timed.lock().expect("lane timing lock"));
+        for (t0, t1) in timed {
+            match t0.elapsed_ms(&t1) {
+                Ok(ms) => self.dev_counters.add(CommStats {
+                    nanos: (f64::from(ms) * 1e6) as u64,
+                    ..Default::default()
+                }),
+                // a failed lane (reported by the op that failed): count it untimed
+                Err(_) => self.dev_counters.add(CommStats {
+                    untimed: 1,
+                    ..Default::default()
+                }),
+            }
+        }
         let (a, b) = (self.comm.stats(), self.dev_counters.get());
         CommStats {
             all_reduces: a.all_reduces + b.all_reduces,
             nanos: a.nanos + b.nanos,
             bytes: a.bytes + b.bytes,
+            untimed: a.untimed + b.untimed,
         }
     }
     fn reset_comm_stats(&mut self) {
         self.comm.reset_stats();
         self.dev_counters.reset();
+        self.lane_timed.lock().expect("lane timing lock").clear();
+    }
+    fn set_comm_timing(&mut self, on: bool) {
+        self.comm_timing = on;
     }
 
     /// Graphs need every all-reduce of a decode step on the device: one rank, or a P2P
@@ -1092,6 +1193,7 @@ impl Backend for CudaBackend {
         self.reserve_decode()?;
         self.ex.stream.synchronize().map_err(cuda_err)?;
         self.ex.moved.set(false);
+        self.capture_tally.set(CommStats::default());
         self.ex
             .stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -1116,6 +1218,7 @@ impl Backend for CudaBackend {
             .map_err(cuda_err)?;
         self.graph = Some(RankGraph(
             g.ok_or_else(|| Error::Cuda("empty CUDA graph".into()))?,
+            self.capture_tally.take(),
         ));
         Ok(())
     }
@@ -1128,6 +1231,8 @@ impl Backend for CudaBackend {
         match &self.graph {
             Some(g) => {
                 g.0.launch().map_err(cuda_err)?;
+                // the replay runs the captured collectives again (untimed)
+                self.dev_counters.add(g.1);
                 Ok(true)
             }
             None => Ok(false),
