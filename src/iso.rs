@@ -143,7 +143,9 @@ impl IsoCostModel {
         reps: usize,
     ) -> Result<(IsoCostModel, bool)> {
         let time = |engine: &mut Engine, len: usize| -> Result<(f64, f64)> {
-            let toks: Vec<u32> = (0..len as u32).map(|i| 100 + (i * 37) % 1000).collect();
+            // ids spread over the vocabulary (whatever its size)
+            let vocab = engine.cfg.vocab.max(1) as u32;
+            let toks: Vec<u32> = (0..len as u32).map(|i| (100 + i * 37) % vocab).collect();
             let mut best = (f64::MAX, 0.0);
             for _ in 0..reps.max(1) {
                 engine.reset_comm_stats()?;

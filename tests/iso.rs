@@ -113,3 +113,33 @@ fn iso_with_the_fast_gemm_path_is_within_tolerance() {
     }
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// The calibration times three real prefills with the engine's own counters (switching the
+/// device backends' lane timing on and off around them) and leaves the engine as it was.
+#[test]
+fn calibration_times_real_prefills_and_leaves_the_engine_usable() {
+    let t = Tiny {
+        n_heads: 8,
+        n_kv_heads: 2,
+        n_layers: 3,
+        ..Tiny::small()
+    };
+    let dir = tmpdir("iso-calibrate");
+    let path = dir.join("m.gguf");
+    write_gguf(&path, &t, 5, GgmlType::F32, "llama");
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % 64).collect();
+    let mut e = engine(&path, 2);
+    let before = trace(&mut e, &prompt, None);
+    let (m, fitted) = e.iso_model().calibrate(&mut e, 8, 40, 2).unwrap();
+    if fitted {
+        assert!(m.linear > 0.0 && m.attn >= 0.0 && m.fixed >= 0.0, "{m:?}");
+        assert!(m.comm_token >= 0.0 && m.comm_fixed >= 0.0, "{m:?}");
+    }
+    // the host all-reduces of TP 2 were counted and timed during the last prefill
+    let s = e.comm_stats().unwrap()[0];
+    assert!(s.all_reduces > 0 && s.nanos > 0 && s.untimed == 0, "{s:?}");
+    assert!(
+        trace(&mut e, &prompt, None) == before,
+        "calibration changed the engine"
+    );
+}
