@@ -92,6 +92,9 @@ STAGE_BUDGET_SET=${STAGE_BUDGET:-}
 STAGE_BUDGET=${STAGE_BUDGET:-560}
 CMD_BUDGET=${CMD_BUDGET:-300}
 pack() { tar czf "$OUT/$STAGE_NAME-logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
+# Under compute-sanitizer nothing spins on a peer (one rank, or the staged all-reduce), so
+# lazy module loading is safe there, and it spares instrumenting all of cuBLAS up front.
+SANITIZE="env CUDA_MODULE_LOADING=LAZY compute-sanitizer" # a command `timeout` can run
 run() { # name, log, command...: run under the time caps, keep the log, remember failures
   local name=$1 log=$2; shift 2
   # ONLY="iso torch" runs just those commands of a stage (e.g. again after a TIMED OUT)
@@ -147,11 +150,11 @@ stage1() {
   # and the sanitizer runs of the backend use the staged all-reduce.
   local T=single_rank_runs_every_p2p_kernel_for_the_sanitizers
   for tool in memcheck racecheck synccheck; do
-    run "allreduce-$tool" "allreduce-$tool.log" compute-sanitizer --tool $tool --error-exitcode 1 \
+    run "allreduce-$tool" "allreduce-$tool.log" $SANITIZE --tool $tool --error-exitcode 1 \
       "$B/cuda_allreduce" --test-threads=1 $T
   done
-  run memcheck memcheck.log compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
-  run racecheck racecheck.log compute-sanitizer --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run memcheck memcheck.log $SANITIZE --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  run racecheck racecheck.log $SANITIZE --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
 }
 
 bench() {
@@ -174,7 +177,7 @@ stage2() {
   echo "$SHA  $STAGE/cache/models/$MODEL" | sha256sum -c - || return 1
   SYNCDROP_CACHE="$STAGE/cache" run backend backend.log "$B/cuda_backend" --test-threads=1 --nocapture
   SYNCDROP_ALLREDUCE=staged SYNCDROP_CACHE="$STAGE/cache" run backend-memcheck backend-memcheck.log \
-    compute-sanitizer --tool memcheck --error-exitcode 1 "$B/cuda_backend" --test-threads=1 iso_and_spd
+    $SANITIZE --tool memcheck --error-exitcode 1 "$B/cuda_backend" --test-threads=1 iso_and_spd
 }
 
 stage() { # name, functions...: run them with the output also in <name>-summary.txt
