@@ -280,6 +280,13 @@ impl Engine {
             if n == 0 {
                 return Err(Error::Cuda("no CUDA device visible".into()));
             }
+            // NCCL refuses two ranks of one communicator on one GPU ("duplicate GPU")
+            if opts.nccl == Some(NcclMode::InProcess) && layout.tp() > n {
+                return Err(Error::InvalidArgument(format!(
+                    "NCCL needs one GPU per rank: TP {} on {n} visible GPU(s) would put several ranks on one (virtual ranks use the P2P kernels or the staged copy; drop --nccl)",
+                    layout.tp()
+                )));
+            }
         }
         let tp = layout.tp();
         let ranks: Vec<usize> = match opts.only_rank {

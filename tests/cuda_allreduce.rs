@@ -65,6 +65,22 @@ mod gpu {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     }
 
+    /// Virtual ranks on one GPU always reach each other; NVML (matched by PCI bus id) and
+    /// the driver describe GPU 0 without error.
+    #[test]
+    fn topology_of_virtual_ranks_and_the_nvml_survey() {
+        if !have_gpu() {
+            return;
+        }
+        use syncdrop::backend::cuda::topology::{survey_lines, topology};
+        let t = topology(&[0, 0, 0, 0], 4096).unwrap();
+        assert!(t.p2p_all_pairs && t.world == 4 && !t.multi_node, "{t:?}");
+        let lines = survey_lines(&[0]).unwrap();
+        eprintln!("{lines:?}");
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert!(lines[0].starts_with("topology: GPU 0:"), "{lines:?}");
+    }
+
     #[test]
     fn exact_and_tagged_oracles_at_2_3_4_8_ranks_and_many_sizes() {
         if !have_gpu() {

@@ -280,6 +280,35 @@ mod gpu {
         }
     }
 
+    /// NCCL refuses two ranks of a communicator on one GPU: the engine says so up front.
+    #[test]
+    fn nccl_with_virtual_ranks_is_refused_with_a_clear_error() {
+        if !have_gpu() {
+            return;
+        }
+        let gpus = syncdrop::backend::cuda::device_count().unwrap();
+        let files = Arc::new(ModelFiles::Synthetic(
+            syncdrop::synthetic::SyntheticModel::parse("llama2-7b:layers=1").unwrap(),
+        ));
+        let r = Engine::new(
+            files,
+            &EngineOptions {
+                tp: gpus + 1,
+                capacity: 64,
+                backend: BackendKind::Cuda,
+                nccl: Some(syncdrop::engine::NcclMode::InProcess),
+                ..Default::default()
+            },
+        );
+        match r {
+            Err(syncdrop::Error::InvalidArgument(m)) => {
+                assert!(m.contains("one GPU per rank"), "{m}")
+            }
+            Err(e) => panic!("expected the NCCL refusal, got {e}"),
+            Ok(_) => panic!("expected the NCCL refusal, got an engine"),
+        }
+    }
+
     /// NCCL refuses two ranks on one GPU, so this needs two GPUs (and libnccl); elsewhere it
     /// says why it skipped. Forces NCCL through the selector's override.
     #[test]

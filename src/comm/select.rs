@@ -44,7 +44,8 @@ impl std::str::FromStr for Algo {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {
     pub world: usize,
-    /// Every pair of ranks has working peer access (NVML status and a real probe agree).
+    /// Every pair of ranks has peer access: the driver's `cuDeviceCanAccessPeer` both ways
+    /// (ranks on one device always do).
     pub p2p_all_pairs: bool,
     /// Ranks span machines.
     pub multi_node: bool,

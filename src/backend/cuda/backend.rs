@@ -317,7 +317,15 @@ impl CudaBackend {
             head: None,
             stage: Vec::new(),
             graphs_on: graphs,
-            env_algo: std::env::var("SYNCDROP_ALLREDUCE").ok(),
+            env_algo: match std::env::var("SYNCDROP_ALLREDUCE") {
+                // a typo fails here, before any weight is loaded, not at the first all-reduce
+                Ok(v) => Some(
+                    v.parse::<crate::comm::select::Algo>()
+                        .map(|_| v)
+                        .map_err(|e| Error::InvalidArgument(format!("SYNCDROP_ALLREDUCE: {e}")))?,
+                ),
+                Err(_) => None,
+            },
             fused_oproj: std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1"),
             fused_norm: std::env::var("SYNCDROP_FUSED_NORM").is_ok_and(|v| v == "1"),
             algos: Default::default(),
@@ -512,6 +520,23 @@ impl CudaBackend {
         let n_dev = device_count()?.max(1);
         let rank_devices: Vec<usize> = (0..world).map(|r| r % n_dev).collect();
         let per_device = world.div_ceil(n_dev);
+        let mut devs = rank_devices.clone();
+        devs.sort_unstable();
+        devs.dedup();
+        if self.comm.rank() == 0 && devs.len() > 1 {
+            for line in topology::survey_lines(&devs)? {
+                eprintln!("{line}");
+            }
+        }
+        // every rank computes the same answer, so either all join or none does
+        if !topology::topology(&rank_devices, 0)?.p2p_all_pairs {
+            if self.comm.rank() == 0 {
+                eprintln!(
+                    "all-reduce: P2P kernels off: not every pair of the GPUs {rank_devices:?} can access each other's memory (cuDeviceCanAccessPeer); the selection chain falls back to NCCL or the staged copy"
+                );
+            }
+            return Ok(());
+        }
         let rank = P2pRank::join(
             group,
             self.comm.rank(),

@@ -5,8 +5,9 @@
 //! Rendezvous of the 128-byte unique id: in-process ranks share it through memory
 //! ([`Rendezvous::InProcess`], made by the engine); ranks in separate processes (one per GPU,
 //! or across machines on a shared filesystem) through a file that rank 0 writes atomically
-//! and the others poll ([`Rendezvous::File`]). NCCL refuses two ranks on one GPU, so virtual
-//! ranks never use it.
+//! (mode 0600, with the world size in a header line the others check) and removes once every
+//! rank has joined; the others poll it ([`Rendezvous::File`]). NCCL refuses two ranks on one
+//! GPU, so the engine refuses NCCL with virtual ranks.
 
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaStream, CudaViewMut};
@@ -39,7 +40,7 @@ impl Rendezvous {
         Rendezvous::InProcess(Arc::new((Mutex::new(None), Condvar::new())))
     }
 
-    fn exchange(&self, rank: usize, wait: Duration) -> Result<Id> {
+    fn exchange(&self, rank: usize, world: usize, wait: Duration) -> Result<Id> {
         match self {
             Rendezvous::InProcess(cell) => {
                 let (lock, cv) = &**cell;
@@ -61,33 +62,42 @@ impl Rendezvous {
                 }
             }
             Rendezvous::File(path) => {
+                let header = format!("syncdrop-nccl-id v1 world={world}\n");
                 if rank == 0 {
                     let id = Id::new().map_err(nccl_err)?;
-                    let bytes: Vec<u8> = id.internal().iter().map(|c| *c as u8).collect();
-                    let tmp = path.with_extension("tmp");
-                    std::fs::write(&tmp, &bytes).map_err(|e| Error::io(&tmp, e))?;
+                    let mut bytes = header.into_bytes();
+                    bytes.extend(id.internal().iter().map(|c| *c as u8));
+                    // a name no other writer uses, readable by this user only (the id holds
+                    // rank 0's address), then an atomic rename
+                    let mut tmp = path.clone().into_os_string();
+                    tmp.push(format!(".tmp-{}", std::process::id()));
+                    let tmp = PathBuf::from(tmp);
+                    {
+                        use std::io::Write;
+                        use std::os::unix::fs::OpenOptionsExt;
+                        let mut f = std::fs::OpenOptions::new()
+                            .write(true)
+                            .create(true)
+                            .truncate(true)
+                            .mode(0o600)
+                            .open(&tmp)
+                            .map_err(|e| Error::io(&tmp, e))?;
+                        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+                    }
                     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
                     return Ok(id);
                 }
                 let start = Instant::now();
                 loop {
                     if let Ok(b) = std::fs::read(path) {
-                        if b.len() == 128 {
-                            let mut id = [0 as std::ffi::c_char; 128];
-                            for (d, s) in id.iter_mut().zip(&b) {
-                                *d = *s as std::ffi::c_char;
-                            }
+                        if let Some(id) = parse_id_file(&b, world, path)? {
                             return Ok(Id::uninit(id));
                         }
-                        return Err(Error::Comm(format!(
-                            "NCCL rendezvous file {} holds {} bytes, not 128",
-                            path.display(),
-                            b.len()
-                        )));
+                        // incomplete: still being written by something else; wait
                     }
                     if start.elapsed() > wait {
                         return Err(Error::Comm(format!(
-                            "NCCL rendezvous: no id in {} after {wait:?} (is rank 0 running?)",
+                            "NCCL rendezvous: no complete id in {} after {wait:?} (is rank 0 running?)",
                             path.display()
                         )));
                     }
@@ -96,6 +106,42 @@ impl Rendezvous {
             }
         }
     }
+}
+
+/// The id in a rendezvous file's bytes: `Some` when complete, `None` when not yet (a reader
+/// retries), an error for a file that is not a syncdrop id file or was written for another
+/// world size (a stale file from an earlier run, most likely).
+pub fn parse_id_file(
+    bytes: &[u8],
+    world: usize,
+    path: &std::path::Path,
+) -> Result<Option<[std::ffi::c_char; 128]>> {
+    let header = format!("syncdrop-nccl-id v1 world={world}\n");
+    let Some(nl) = bytes.iter().position(|&c| c == b'\n') else {
+        return Ok(None);
+    };
+    let (head, id) = (&bytes[..=nl], &bytes[nl + 1..]);
+    if !head.starts_with(b"syncdrop-nccl-id v1 ") {
+        return Err(Error::Comm(format!(
+            "{} is not a syncdrop NCCL id file",
+            path.display()
+        )));
+    }
+    if head != header.as_bytes() {
+        return Err(Error::Comm(format!(
+            "NCCL rendezvous file {} was written for another world size ({}), this rank's is {world}; a stale file from an earlier run? delete it",
+            path.display(),
+            String::from_utf8_lossy(head).trim()
+        )));
+    }
+    if id.len() != 128 {
+        return Ok(None);
+    }
+    let mut out = [0 as std::ffi::c_char; 128];
+    for (d, s) in out.iter_mut().zip(id) {
+        *d = *s as std::ffi::c_char;
+    }
+    Ok(Some(out))
 }
 
 /// One rank's NCCL communicator on its communication stream.
@@ -120,8 +166,13 @@ impl NcclRank {
                 "NCCL requested but libnccl was not found on this machine".into(),
             ));
         }
-        let id = rendezvous.exchange(rank, Duration::from_secs(120))?;
+        let id = rendezvous.exchange(rank, world, Duration::from_secs(120))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, id).map_err(nccl_err)?;
+        if let (0, Rendezvous::File(path)) = (rank, rendezvous) {
+            // every rank has joined (the init returns when all have): a later run must not
+            // find this id
+            let _ = std::fs::remove_file(path);
+        }
         Ok(NcclRank { comm })
     }
 

@@ -1,6 +1,7 @@
-//! Which GPUs can reach each other: NVML's view (NVLink links up, P2P read status) and the
-//! driver's answer (`cuDeviceCanAccessPeer`, the real probe: P2P is only used when it says
-//! yes). The selection chain (`crate::comm::select`) takes the result as a [`Topology`].
+//! Which GPUs can reach each other: the driver's answer (`cuDeviceCanAccessPeer` both ways:
+//! the P2P kernels are only used when it says yes for every pair) and NVML's view (NVLink
+//! links up, P2P read status; devices matched by PCI bus id), logged beside it when a group
+//! spans GPUs. The selection chain (`crate::comm::select`) takes the result as a [`Topology`].
 
 use super::allreduce::can_access_peer;
 use crate::comm::select::Topology;
@@ -21,10 +22,31 @@ pub struct PairInfo {
 /// Per device: (ordinal, NVLink links up; None where NVML is unavailable).
 pub type LinksUp = Vec<(usize, Option<u32>)>;
 
+/// NVML's handle for CUDA device `ordinal`, matched by PCI bus id (NVML's indices follow
+/// the PCI order, CUDA's may not, and CUDA_VISIBLE_DEVICES renumbers only CUDA's).
+fn nvml_device(nvml: &nvml_wrapper::Nvml, ordinal: usize) -> Option<nvml_wrapper::Device<'_>> {
+    let mut buf = [0 as std::ffi::c_char; 64];
+    // SAFETY: the driver writes a NUL-terminated id of at most `len` bytes into `buf`.
+    unsafe {
+        cudarc::driver::sys::cuDeviceGetPCIBusId(
+            buf.as_mut_ptr(),
+            buf.len() as i32,
+            ordinal as i32,
+        )
+        .result()
+        .ok()?;
+    }
+    // SAFETY: NUL-terminated by the driver (the buffer is zeroed and longer than any id).
+    let id = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_str()
+        .ok()?;
+    nvml.device_by_pci_bus_id(id).ok()
+}
+
 /// NVLink links up per device, and the pairwise P2P status among `devices`.
 pub fn survey(devices: &[usize]) -> Result<(LinksUp, Vec<PairInfo>)> {
     let nvml = nvml_wrapper::Nvml::init().ok();
-    let dev = |i: usize| nvml.as_ref().and_then(|n| n.device_by_index(i as u32).ok());
+    let dev = |i: usize| nvml.as_ref().and_then(|n| nvml_device(n, i));
     let links = devices
         .iter()
         .map(|&i| {
@@ -79,4 +101,33 @@ pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<To
         nccl_available: false,
         custom_buffer_bytes,
     })
+}
+
+/// What [`survey`] found, as log lines: NVLink links per device and, per pair, the driver's
+/// probe beside NVML's P2P read and NVLink status, flagged where they disagree.
+pub fn survey_lines(devices: &[usize]) -> Result<Vec<String>> {
+    let (links, pairs) = survey(devices)?;
+    let mut out: Vec<String> = links
+        .iter()
+        .map(|(d, up)| match up {
+            Some(n) => format!("topology: GPU {d}: {n} NVLink links up"),
+            None => format!("topology: GPU {d}: NVML unavailable"),
+        })
+        .collect();
+    for p in pairs {
+        let nvml_ok = p.nvml_p2p_read.as_deref().map(|s| s == "ok");
+        let note = match nvml_ok {
+            Some(ok) if ok != p.driver_p2p => " (NVML and the driver disagree; the driver decides)",
+            _ => "",
+        };
+        out.push(format!(
+            "topology: GPU {} <-> GPU {}: driver P2P {}, NVML P2P read {}, NVLink {}{note}",
+            p.a,
+            p.b,
+            p.driver_p2p,
+            p.nvml_p2p_read.as_deref().unwrap_or("unknown"),
+            p.nvml_nvlink.as_deref().unwrap_or("unknown"),
+        ));
+    }
+    Ok(out)
 }
