@@ -226,6 +226,12 @@ enum Cmd {
         /// asks for a one-sided 95% upper bound within budget (conservative).
         #[arg(long, default_value_t = 0.0, value_name = "Z")]
         search_z: f64,
+        /// After the longest zero-shot prefix in sensitivity order, try the next N blocks one
+        /// at a time and keep each that still fits: the block that ends the prefix (the
+        /// "wall") can cost far more than those after it. One evaluation per block; 0 keeps
+        /// the prefix only (the paper's classes).
+        #[arg(long, default_value_t = 0, value_name = "N")]
+        past_wall: usize,
         /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
@@ -877,6 +883,7 @@ fn run(cli: Cli) -> Result<()> {
             epochs,
             lr,
             search_z,
+            past_wall,
             sensitivity,
             out,
         } => {
@@ -943,7 +950,10 @@ fn run(cli: Cli) -> Result<()> {
                 &mut engine,
                 &sens,
                 budget,
-                search_z,
+                planner::Search {
+                    z: search_z,
+                    past_wall,
+                },
                 metric.as_mut(),
                 &seqs,
                 b2b.then_some(&dcfg),

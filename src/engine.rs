@@ -160,6 +160,8 @@ pub struct Engine {
     pub last_iso_split: Option<usize>,
     /// Per-block head/FFN assignment that replaces `layout` for that block (head grouping).
     block_shards: Vec<Option<Vec<crate::layout::RankShard>>>,
+    /// The SPD blocks the ranks run now (`set_spd`).
+    spd: Vec<bool>,
 }
 
 /// Aborts the group if a rank thread unwinds, so its peers return errors instead of waiting
@@ -385,8 +387,10 @@ impl Engine {
             iso_model,
             last_iso_split: None,
             block_shards: Vec::new(),
+            spd: Vec::new(),
         };
         engine.block_shards = vec![None; engine.cfg.n_layers];
+        engine.spd = vec![false; engine.cfg.n_layers];
         engine.collect()?;
         Ok(engine)
     }
@@ -534,8 +538,15 @@ impl Engine {
 
     /// Switch blocks to SPD (`spd[l] == true`) or back to standard TP blocks.
     pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
-        let spd = Arc::new(spd.to_vec());
-        self.broadcast(|| Cmd::SetSpd(spd.clone())).map(|_| ())
+        let mask = Arc::new(spd.to_vec());
+        self.broadcast(|| Cmd::SetSpd(mask.clone()))?;
+        self.spd = spd.to_vec();
+        Ok(())
+    }
+
+    /// The SPD blocks in effect (`true`: the block drops its attention all-reduce).
+    pub fn spd(&self) -> &[bool] {
+        &self.spd
     }
 
     /// Replace block `layer`'s weights on every rank (e.g. with distilled ones). `per_rank[r]`

@@ -283,7 +283,8 @@ pub struct PlanOutcome {
     pub groupings: Vec<(usize, crate::headgroup::Grouping)>,
     pub fraction: f64,
     /// Thresholds implied by the choice: every zero-shot block has s <= t1, every B2B block
-    /// t1 < s <= t2; the rest are beyond t2.
+    /// t1 < s <= t2; the rest are beyond t2, except the blocks a search past the wall
+    /// skipped (`skipped`), which can lie below t1.
     pub t1: f64,
     pub t2: f64,
     pub search_base: f64,
@@ -297,6 +298,10 @@ pub struct PlanOutcome {
     pub evaluations: usize,
     /// The search's margin in paired standard errors (0: point estimates).
     pub search_z: f64,
+    /// Blocks tried past the wall ([`Search::past_wall`]), and those of them that were over
+    /// budget (the wall itself first).
+    pub past_wall: usize,
+    pub skipped: Vec<usize>,
     /// The chosen plan's loss on the search split, paired per document (accuracy) or per
     /// passage (perplexity); None for metrics without per-item outcomes.
     pub search_drop: Option<PairedDiff>,
@@ -312,6 +317,26 @@ pub struct PlanOutcome {
     pub verdict: Option<Verdict>,
     /// The verdict in words, with the loss, its paired s.e. and interval.
     pub verdict_text: String,
+}
+
+/// How the planner's search decides and how far it looks. A bare `f64` is the margin `z`
+/// with no look past the wall.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Search {
+    /// A step fits when its loss + `z` paired standard errors is within budget (0: point
+    /// estimates; 1.645: a one-sided 95% upper bound).
+    pub z: f64,
+    /// After the longest zero-shot prefix (in sensitivity order), try the next `past_wall`
+    /// blocks one at a time, keeping each that still fits: the block that ends the prefix
+    /// (the "wall") may cost far more than the ones after it. 0: the prefix only (the
+    /// paper's classes).
+    pub past_wall: usize,
+}
+
+impl From<f64> for Search {
+    fn from(z: f64) -> Search {
+        Search { z, past_wall: 0 }
+    }
 }
 
 /// Distilled blocks: (layer, one shard per rank).
@@ -352,13 +377,17 @@ pub fn plan(
     engine: &mut Engine,
     sens: &Sensitivity,
     budget: Budget,
-    search_z: f64,
+    search: impl Into<Search>,
     metric: &mut dyn Metric,
     calib: &[Vec<u32>],
     b2b: Option<&DistillConfig>,
     mut log: impl FnMut(&str),
 ) -> Result<(PlanOutcome, DistilledBlocks)> {
     let n = engine.cfg.n_layers;
+    let Search {
+        z: search_z,
+        past_wall,
+    } = search.into();
     if !(search_z >= 0.0 && search_z.is_finite()) {
         return Err(Error::InvalidArgument(format!(
             "search confidence margin must be a finite z >= 0, not {search_z}"
@@ -440,17 +469,47 @@ pub fn plan(
             hi = mid - 1;
         }
     }
-    let zs = lo;
+    let prefix = lo;
     let mut recovery: Vec<Option<Recovery>> = vec![None; n];
-    order[..zs]
+    order[..prefix]
         .iter()
         .for_each(|i| recovery[*i] = Some(Recovery::ZeroShot));
-    let mut mask = mask_of(&order, zs, n);
+    let mut mask = mask_of(&order, prefix, n);
+    // past the wall: the search above tried prefix + 1 blocks and found them over budget
+    // (unless every block fit), so the wall is known; try the blocks after it one at a time
+    let mut skipped = Vec::new();
+    if past_wall > 0 && prefix < n {
+        skipped.push(order[prefix]);
+        for &layer in order[prefix + 1..].iter().take(past_wall) {
+            mask[layer] = true;
+            let (fits, s, d) = ok(engine, &mask, &mut evals)?;
+            log(&format!(
+                "past the wall (block {}): zero-shot block {layer:2}: score {s:.4} (loss {:+.4}{}) {}",
+                order[prefix],
+                budget.loss(base, s),
+                se_text(&d),
+                if fits { "kept" } else { "over budget: skipped" }
+            ));
+            if fits {
+                recovery[layer] = Some(Recovery::ZeroShot);
+                best_score = s;
+                best_drop = d;
+            } else {
+                mask[layer] = false;
+                skipped.push(layer);
+            }
+        }
+    }
+    let zs = recovery
+        .iter()
+        .filter(|r| **r == Some(Recovery::ZeroShot))
+        .count();
     let mut distilled = Vec::new();
     let mut groupings = Vec::new();
-    // B2B: distil the next blocks in order while the budget holds
+    // B2B: distil the next blocks in order (those not already SPD) while the budget holds
     if let Some(dcfg) = b2b {
-        for &layer in &order[zs..] {
+        let rest: Vec<usize> = order.iter().copied().filter(|l| !mask[*l]).collect();
+        for layer in rest {
             mask[layer] = true;
             engine.set_spd(&mask)?;
             let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
@@ -566,6 +625,8 @@ pub fn plan(
             within_budget_on_heldout: heldout_loss <= budget.limit(),
             evaluations: evals,
             search_z,
+            past_wall,
+            skipped,
             search_drop: best_drop,
             heldout_drop,
             heldout_loss_ci95: se.map(|se| (heldout_loss - 1.96 * se, heldout_loss + 1.96 * se)),

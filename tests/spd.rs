@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use std::sync::Arc;
-use syncdrop::planner::{order_by_sensitivity, plan, verdict, Budget, Metric, PplMetric, Scored};
+use syncdrop::planner::{
+    order_by_sensitivity, plan, verdict, Budget, Metric, PplMetric, Scored, Search,
+};
 use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
 use syncdrop::tasks::{paired_difference, suite_score, task_score, DocOutcome, SuiteScore};
@@ -364,4 +366,74 @@ fn a_conservative_search_takes_no_more_blocks_and_its_bound_fits() {
     .to_string();
     assert!(err.contains("z >= 0"), "{err}");
     std::fs::remove_dir_all(dir).ok();
+}
+
+/// Past the wall: with a cost per SPD block where the block that ends the zero-shot prefix is
+/// expensive and the ones after it cheap (the shape SmolLM2's block 24 has at TP 3, 4 and 8),
+/// the search past the wall keeps the cheap blocks and skips the expensive ones; without it
+/// the plan is the prefix. The real engine switches the blocks; the metric reads which.
+#[test]
+fn the_search_past_the_wall_keeps_cheap_blocks_after_an_expensive_one() {
+    let (mut e, _) = tiny(2, "wall", 6, false);
+    let calib = seqs(2, 16, 3);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let order = order_by_sensitivity(&sens);
+    let mut cost = vec![0.01; 6];
+    cost[order[2]] = 1.0; // the wall: the 3rd block in sensitivity order
+    let mut metric = move |e: &mut Engine, _split: usize| {
+        Ok(1.0
+            + e.spd()
+                .iter()
+                .zip(&cost)
+                .filter(|(s, _)| **s)
+                .map(|(_, c)| c)
+                .sum::<f64>())
+    };
+    let budget = Budget::PplIncrease(0.045); // four cheap blocks fit, five do not
+    let chosen = |o: &syncdrop::planner::PlanOutcome| -> Vec<usize> {
+        (0..6).filter(|l| o.spd[*l]).collect()
+    };
+    let (o, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        0.0,
+        &mut metric,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    let mut prefix = order[..2].to_vec();
+    prefix.sort_unstable();
+    assert_eq!(chosen(&o), prefix);
+    assert!(o.skipped.is_empty() && o.past_wall == 0);
+    let search = Search {
+        z: 0.0,
+        past_wall: 3,
+    };
+    let mut log = Vec::new();
+    let (o, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        search,
+        &mut metric,
+        &calib,
+        None,
+        |m| log.push(m.to_string()),
+    )
+    .unwrap();
+    let mut want = order[..2].to_vec();
+    want.extend([order[3], order[4]]);
+    want.sort_unstable();
+    assert_eq!(chosen(&o), want, "{log:#?}");
+    assert_eq!(o.skipped, vec![order[2], order[5]]);
+    assert_eq!(o.zero_shot_blocks, 4);
+    assert!((o.heldout_loss - 0.04).abs() < 1e-9, "{}", o.heldout_loss);
+    assert_eq!(e.spd(), &o.spd[..], "the engine ends with the plan loaded");
+    assert_eq!(
+        log.iter().filter(|l| l.contains("past the wall")).count(),
+        3
+    );
 }
