@@ -123,10 +123,12 @@ finish() { # pack the logs into the second file that comes back
 unpack() { # the executables from the carried .gpu/bin (gzipped) into $STAGE/bin
   [ -d .gpu/bin ] || return 0
   mkdir -p "$STAGE/bin"
+  local f to
   for f in .gpu/bin/*; do
+    to="$STAGE/bin/$(basename "$f" .gz)"
     case $f in
-      *.gz) gunzip -c "$f" >"$STAGE/bin/$(basename "$f" .gz)" && chmod +x "$STAGE/bin/$(basename "$f" .gz)" ;;
-      *) cp "$f" "$STAGE/bin/" ;;
+      *.gz) gunzip -c "$f" >"$to" && chmod +x "$to" ;;
+      *) cp "$f" "$to" ;;
     esac
   done
 }

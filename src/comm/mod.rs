@@ -34,6 +34,18 @@ pub struct CommStats {
     pub untimed: u64,
 }
 
+impl std::ops::Add for CommStats {
+    type Output = CommStats;
+    fn add(self, o: CommStats) -> CommStats {
+        CommStats {
+            all_reduces: self.all_reduces + o.all_reduces,
+            nanos: self.nanos + o.nanos,
+            bytes: self.bytes + o.bytes,
+            untimed: self.untimed + o.untimed,
+        }
+    }
+}
+
 impl CommStats {
     pub fn seconds(&self) -> f64 {
         self.nanos as f64 * 1e-9

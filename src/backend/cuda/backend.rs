@@ -428,12 +428,11 @@ impl CudaBackend {
                 return Ok(true);
             }
         }
-        if matches!(algo, Algo::OneShot | Algo::TwoShot) && self.p2p.is_some() {
+        let t0 = if matches!(algo, Algo::OneShot | Algo::TwoShot) && self.p2p.is_some() {
             self.fork()?;
-        }
-        let t0 = match algo {
-            Algo::OneShot | Algo::TwoShot if self.p2p.is_some() => self.lane_t0()?,
-            _ => None,
+            self.lane_t0()?
+        } else {
+            None
         };
         if let (Algo::OneShot | Algo::TwoShot, Some((p, _))) = (algo, &mut self.p2p) {
             p.all_reduce(
@@ -477,11 +476,7 @@ impl CudaBackend {
             nanos: 0,
         };
         if self.ex.capturing {
-            let mut t = self.capture_tally.get();
-            t.all_reduces += 1;
-            t.bytes += one.bytes;
-            t.untimed += 1;
-            self.capture_tally.set(t);
+            self.capture_tally.set(self.capture_tally.get() + one);
             return Ok(());
         }
         if let Some(t0) = t0 {
@@ -522,16 +517,15 @@ impl CudaBackend {
         let n_dev = device_count()?.max(1);
         let rank_devices: Vec<usize> = (0..world).map(|r| r % n_dev).collect();
         let per_device = world.div_ceil(n_dev);
-        let mut devs = rank_devices.clone();
-        devs.sort_unstable();
-        devs.dedup();
+        let devs = topology::distinct(&rank_devices);
         if self.comm.rank() == 0 && devs.len() > 1 {
             for line in topology::survey_lines(&devs)? {
                 eprintln!("{line}");
             }
         }
         // every rank computes the same answer, so either all join or none does
-        if !topology::topology(&rank_devices, 0)?.p2p_all_pairs {
+        let mut topo = topology::topology(&rank_devices, 0)?;
+        if !topo.p2p_all_pairs {
             if self.comm.rank() == 0 {
                 eprintln!(
                     "all-reduce: P2P kernels off: not every pair of the GPUs {rank_devices:?} can access each other's memory (cuDeviceCanAccessPeer); the selection chain falls back to NCCL or the staged copy"
@@ -549,7 +543,7 @@ impl CudaBackend {
             std::time::Duration::from_secs(60),
         )?;
         // the registered buffer holds `capacity` elements of the wire type
-        let topo = topology::topology(&rank_devices, rank.capacity() * self.comm.wire().bytes())?;
+        topo.custom_buffer_bytes = rank.capacity() * self.comm.wire().bytes();
         self.p2p = Some((rank, topo));
         self.algos.clear();
         Ok(())
@@ -1165,13 +1159,7 @@ impl Backend for CudaBackend {
                 }),
             }
         }
-        let (a, b) = (self.comm.stats(), self.dev_counters.get());
-        CommStats {
-            all_reduces: a.all_reduces + b.all_reduces,
-            nanos: a.nanos + b.nanos,
-            bytes: a.bytes + b.bytes,
-            untimed: a.untimed + b.untimed,
-        }
+        self.comm.stats() + self.dev_counters.get()
     }
     fn reset_comm_stats(&mut self) {
         self.comm.reset_stats();

@@ -62,10 +62,9 @@ impl Rendezvous {
                 }
             }
             Rendezvous::File(path) => {
-                let header = format!("syncdrop-nccl-id v1 world={world}\n");
                 if rank == 0 {
                     let id = Id::new().map_err(nccl_err)?;
-                    let mut bytes = header.into_bytes();
+                    let mut bytes = id_header(world).into_bytes();
                     bytes.extend(id.internal().iter().map(|c| *c as u8));
                     // a name no other writer uses, readable by this user only (the id holds
                     // rank 0's address), then an atomic rename
@@ -108,6 +107,11 @@ impl Rendezvous {
     }
 }
 
+/// The first line of a rendezvous file: what it is and for which world size.
+fn id_header(world: usize) -> String {
+    format!("syncdrop-nccl-id v1 world={world}\n")
+}
+
 /// The id in a rendezvous file's bytes: `Some` when complete, `None` when not yet (a reader
 /// retries), an error for a file that is not a syncdrop id file or was written for another
 /// world size (a stale file from an earlier run, most likely).
@@ -116,7 +120,7 @@ pub fn parse_id_file(
     world: usize,
     path: &std::path::Path,
 ) -> Result<Option<[std::ffi::c_char; 128]>> {
-    let header = format!("syncdrop-nccl-id v1 world={world}\n");
+    let header = id_header(world);
     let Some(nl) = bytes.iter().position(|&c| c == b'\n') else {
         return Ok(None);
     };

@@ -81,13 +81,19 @@ pub fn survey(devices: &[usize]) -> Result<(LinksUp, Vec<PairInfo>)> {
     Ok((links, pairs))
 }
 
+/// The devices ranks placed on `rank_devices` use, each once, in order.
+pub fn distinct(rank_devices: &[usize]) -> Vec<usize> {
+    let mut devs = rank_devices.to_vec();
+    devs.sort_unstable();
+    devs.dedup();
+    devs
+}
+
 /// The selector's view of ranks placed on `rank_devices` (rank -> device ordinal), with a
 /// registered buffer of `custom_buffer_bytes`. Ranks on one device (virtual ranks) reach
 /// each other trivially; across devices every pair must pass the driver's probe.
 pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<Topology> {
-    let mut devs: Vec<usize> = rank_devices.to_vec();
-    devs.sort_unstable();
-    devs.dedup();
+    let devs = distinct(rank_devices);
     let mut p2p = true;
     for (x, &a) in devs.iter().enumerate() {
         for &b in &devs[x + 1..] {
