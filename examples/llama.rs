@@ -81,8 +81,13 @@ struct Common {
     nccl: bool,
     /// CUDA, one rank per process (with --rank): rendezvous through this file (rank 0 writes
     /// NCCL's id); the processes' ranks then all-reduce with each other. For `bench`.
-    #[arg(long, conflicts_with = "nccl")]
+    #[arg(long, conflicts_with_all = ["nccl", "nccl_tcp"])]
     nccl_id: Option<PathBuf>,
+    /// CUDA, one rank per process (with --rank), on any machines: rendezvous over TCP at rank
+    /// 0's HOST:PORT (rank 0 listens there; the others connect, and rank 0 names any that do
+    /// not arrive). Waits SYNCDROP_RENDEZVOUS_TIMEOUT seconds (default 120). For `bench`.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with = "nccl")]
+    nccl_tcp: Option<String>,
     /// What all-reduces move between ranks: f32 (exact) or bf16 (each rank's contribution
     /// rounded once to bf16, half the bytes, summed in f32 in rank order; both backends).
     #[arg(long, default_value = "f32", value_parser = ["f32", "bf16"])]
@@ -406,10 +411,11 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             // the hold occupies 8 CTAs, as a P2P all-reduce kernel would (benches/cuda_iso.rs)
             .map(|n| syncdrop::latency::LinkProfile::by_name(n).map(|p| (p, 8)))
             .transpose()?,
-        nccl: match (&common.nccl_id, common.nccl) {
-            (Some(f), _) => Some(syncdrop::engine::NcclMode::File(f.clone())),
-            (None, true) => Some(syncdrop::engine::NcclMode::InProcess),
-            (None, false) => None,
+        nccl: match (&common.nccl_id, &common.nccl_tcp, common.nccl) {
+            (Some(f), _, _) => Some(syncdrop::engine::NcclMode::File(f.clone())),
+            (None, Some(a), _) => Some(syncdrop::engine::NcclMode::Tcp(a.clone())),
+            (None, None, true) => Some(syncdrop::engine::NcclMode::InProcess),
+            (None, None, false) => None,
         },
         wire: common.wire.parse()?,
     };

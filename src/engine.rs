@@ -43,6 +43,9 @@ pub enum NcclMode {
     InProcess,
     /// Ranks in separate processes (with `only_rank`): rank 0 writes the id to this file.
     File(std::path::PathBuf),
+    /// Ranks in separate processes, on any machines (with `only_rank`): rank 0 listens on
+    /// this `host:port` and hands the id to the others (see [`crate::comm::rendezvous`]).
+    Tcp(String),
 }
 
 #[derive(Debug, Clone)]
@@ -266,9 +269,11 @@ impl Engine {
         if opts.nccl.is_some() && opts.backend != BackendKind::Cuda {
             return Err(Error::InvalidArgument("NCCL needs --backend cuda".into()));
         }
-        if matches!(opts.nccl, Some(NcclMode::File(_))) && opts.only_rank.is_none() {
+        if matches!(opts.nccl, Some(NcclMode::File(_) | NcclMode::Tcp(_)))
+            && opts.only_rank.is_none()
+        {
             return Err(Error::InvalidArgument(
-                "an NCCL id file is for one rank per process: give the process's --rank".into(),
+                "an NCCL id file or TCP rendezvous is for one rank per process: give the process's --rank".into(),
             ));
         }
         if opts.emulate_link.is_some() && opts.backend != BackendKind::Cuda {

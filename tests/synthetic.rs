@@ -231,6 +231,14 @@ fn cuda_only_options_are_refused_with_clear_errors() {
         ),
         (
             EngineOptions {
+                backend: BackendKind::Cuda,
+                nccl: Some(syncdrop::engine::NcclMode::Tcp("127.0.0.1:29500".into())),
+                ..opts(2, None)
+            },
+            "--rank",
+        ),
+        (
+            EngineOptions {
                 emulate_link: Some((link, 8)),
                 ..opts(2, None)
             },
@@ -242,27 +250,4 @@ fn cuda_only_options_are_refused_with_clear_errors() {
             other => panic!("expected an error naming {needle}, got {:?}", other.err()),
         }
     }
-}
-
-/// The NCCL id file that ranks in separate processes read (CPU-side parsing; the exchange
-/// itself needs libnccl): complete, incomplete, foreign and stale files.
-#[cfg(feature = "cuda")]
-#[test]
-fn nccl_id_files_are_checked_before_use() {
-    use syncdrop::backend::cuda::nccl::parse_id_file;
-    let p = std::path::Path::new("/tmp/id");
-    let mut good = b"syncdrop-nccl-id v1 world=4\n".to_vec();
-    good.extend((0..128u8).map(|i| i.wrapping_mul(7)));
-    let id = parse_id_file(&good, 4, p).unwrap().expect("complete");
-    assert_eq!(id[3] as u8, 21);
-    assert!(parse_id_file(&good[..good.len() - 1], 4, p)
-        .unwrap()
-        .is_none());
-    assert!(parse_id_file(b"syncdrop-nccl", 4, p).unwrap().is_none());
-    let stale = parse_id_file(&good, 2, p).unwrap_err().to_string();
-    assert!(stale.contains("another world size"), "{stale}");
-    let foreign = parse_id_file(b"hello\nworld", 4, p)
-        .unwrap_err()
-        .to_string();
-    assert!(foreign.contains("not a syncdrop NCCL id file"), "{foreign}");
 }

@@ -1,6 +1,7 @@
 //! Stand-in for the CUDA backend when syncdrop is built without the `cuda` feature: the
 //! same names, each returning `Error::NotCompiledWithCuda`.
 
+use crate::comm::rendezvous::Rendezvous;
 use crate::error::{Error, Result};
 
 /// Number of CUDA devices visible; always an error without the `cuda` feature.
@@ -37,10 +38,6 @@ pub enum P2pGroup {}
 pub fn p2p_group(_world: usize, _elems: usize) -> Result<Option<std::sync::Arc<P2pGroup>>> {
     Ok(None)
 }
-
-/// Stand-in for the NCCL rendezvous (never constructed without the feature).
-#[derive(Clone)]
-pub enum Rendezvous {}
 
 /// NCCL needs the `cuda` feature.
 pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<Rendezvous>> {

@@ -12,6 +12,7 @@
 //! buffers.
 
 pub mod p2p_sim;
+pub mod rendezvous;
 pub mod select;
 pub mod thread;
 

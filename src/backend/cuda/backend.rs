@@ -349,7 +349,7 @@ impl CudaBackend {
     /// Join an NCCL communicator of `world` ranks on the communication stream.
     pub fn join_nccl(
         &mut self,
-        rv: &super::nccl::Rendezvous,
+        rv: &crate::comm::rendezvous::Rendezvous,
         rank: usize,
         world: usize,
     ) -> Result<()> {

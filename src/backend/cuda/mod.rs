@@ -26,6 +26,7 @@ pub mod topology;
 
 pub use backend::CudaBackend;
 
+use crate::comm::rendezvous::Rendezvous;
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -95,7 +96,7 @@ pub fn create(
     graphs: bool,
     group: Option<Arc<allreduce::P2pGroup>>,
     emulate: Option<crate::backend::EmulatedLink>,
-    nccl: Option<(nccl::Rendezvous, usize)>,
+    nccl: Option<(Rendezvous, usize)>,
 ) -> Result<CudaBackend> {
     let dev = CudaBackend::device_for_rank(rank)?;
     let mut be = CudaBackend::new(dims, comm, dev, graphs)?;
@@ -120,12 +121,14 @@ pub fn p2p_group(world: usize, elems: usize) -> Result<Option<Arc<allreduce::P2p
     allreduce::P2pGroup::new(world, elems).map(Some)
 }
 
-/// The NCCL rendezvous for an engine: in-process (its rank threads) or through a file
-/// (ranks in separate processes). None when NCCL is not asked for.
-pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<nccl::Rendezvous>> {
+/// The NCCL rendezvous for an engine: in-process (its rank threads), through a file or over
+/// TCP (ranks in separate processes). None when NCCL is not asked for.
+pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<Rendezvous>> {
+    use crate::engine::NcclMode;
     Ok(match mode {
         None => None,
-        Some(crate::engine::NcclMode::InProcess) => Some(nccl::Rendezvous::in_process()),
-        Some(crate::engine::NcclMode::File(p)) => Some(nccl::Rendezvous::File(p.clone())),
+        Some(NcclMode::InProcess) => Some(Rendezvous::in_process()),
+        Some(NcclMode::File(p)) => Some(Rendezvous::File(p.clone())),
+        Some(NcclMode::Tcp(a)) => Some(Rendezvous::Tcp(a.clone())),
     })
 }

@@ -1,0 +1,387 @@
+//! How ranks that share no memory agree on one opaque 128-byte id (NCCL's unique id, which
+//! holds rank 0's bootstrap address): rank 0 makes it, every other rank receives it.
+//!
+//! Three ways, one contract ([`Rendezvous::exchange`]): every rank returns the same bytes or
+//! an error that says what went wrong, within the wait it was given; nothing hangs.
+//! - [`Rendezvous::InProcess`]: the rank threads of one process (through memory).
+//! - [`Rendezvous::File`]: processes on one machine or a shared filesystem. Rank 0 writes the
+//!   file atomically (mode 0600, a header line with the world size) and the others poll it.
+//!   A stale file from a crashed run with the same world size cannot be told apart: rank 0
+//!   removes the file once everyone has joined, and `Tcp` has no such failure.
+//! - [`Rendezvous::Tcp`]: processes anywhere rank 0's address is reachable (the usual
+//!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens; each other rank connects
+//!   (retrying until rank 0 is up), says who it is, and once **all** ranks have arrived rank 0
+//!   sends the id to each. So a missing rank is named at rank 0, a rank from another run (other
+//!   world size) or a duplicate rank is refused with a reason, and the exchange doubles as a
+//!   start barrier. Nothing is left on disk.
+//!
+//! Lines on the wire (ASCII, newline-terminated), then the raw id:
+//! `syncdrop-rdv v1 world=W rank=R` (peer -> rank 0), `syncdrop-rdv v1 world=W` + 128 bytes
+//! (rank 0 -> peer) or `error: <reason>` (rank 0 -> peer, then it closes).
+
+use crate::error::{Error, Result};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The id ranks agree on.
+pub type Id = [u8; 128];
+
+/// How long ranks wait for each other by default (`SYNCDROP_RENDEZVOUS_TIMEOUT`, seconds,
+/// overrides it): long enough for processes started by hand one after another.
+pub fn default_wait() -> Duration {
+    std::env::var("SYNCDROP_RENDEZVOUS_TIMEOUT")
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map_or(Duration::from_secs(120), Duration::from_secs_f64)
+}
+
+/// How ranks exchange the id.
+#[derive(Clone, Debug)]
+pub enum Rendezvous {
+    /// Threads of one process: rank 0 publishes the id here, the others wait for it.
+    InProcess(Arc<(Mutex<Option<Id>>, Condvar)>),
+    /// Separate processes with a common filesystem: rank 0 writes the id to this file.
+    File(PathBuf),
+    /// Separate processes anywhere: rank 0 listens on this address (`host:port`), the others
+    /// connect to it.
+    Tcp(String),
+}
+
+impl Rendezvous {
+    pub fn in_process() -> Rendezvous {
+        Rendezvous::InProcess(Arc::new((Mutex::new(None), Condvar::new())))
+    }
+
+    /// Rank 0 calls `make` and hands its id to every other rank; the others return it.
+    /// Fails (never hangs) when the ranks have not all met within `wait`.
+    pub fn exchange(
+        &self,
+        rank: usize,
+        world: usize,
+        wait: Duration,
+        make: impl FnOnce() -> Result<Id>,
+    ) -> Result<Id> {
+        if rank >= world {
+            return Err(Error::InvalidArgument(format!(
+                "rendezvous: rank {rank} is not a rank of a world of {world}"
+            )));
+        }
+        match self {
+            Rendezvous::InProcess(cell) => {
+                let (lock, cv) = &**cell;
+                if rank == 0 {
+                    let id = make()?;
+                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+                    cv.notify_all();
+                    return Ok(id);
+                }
+                let slot = lock.lock().unwrap_or_else(|e| e.into_inner());
+                let (slot, _) = cv
+                    .wait_timeout_while(slot, wait, |s| s.is_none())
+                    .unwrap_or_else(|e| e.into_inner());
+                slot.ok_or_else(|| {
+                    Error::Comm(format!(
+                        "rendezvous: rank 0 published no id within {wait:?}"
+                    ))
+                })
+            }
+            Rendezvous::File(path) => {
+                if rank == 0 {
+                    let id = make()?;
+                    write_id_file(path, world, &id)?;
+                    return Ok(id);
+                }
+                read_id_file(path, world, wait)
+            }
+            Rendezvous::Tcp(addr) => {
+                if rank == 0 {
+                    let id = make()?;
+                    serve(addr, world, &id, wait)?;
+                    return Ok(id);
+                }
+                fetch(addr, rank, world, wait)
+            }
+        }
+    }
+
+    /// What rank 0 does once every rank has used the id: a file is removed so that a later
+    /// run cannot pick it up. (TCP and in-process leave nothing behind.)
+    pub fn finish(&self, rank: usize) {
+        if let (0, Rendezvous::File(path)) = (rank, self) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------- file
+
+/// The first line of a rendezvous file: what it is and for which world size.
+fn id_header(world: usize) -> String {
+    format!("syncdrop-nccl-id v1 world={world}\n")
+}
+
+fn write_id_file(path: &Path, world: usize, id: &Id) -> Result<()> {
+    let mut bytes = id_header(world).into_bytes();
+    bytes.extend_from_slice(id);
+    // a name no other writer uses, readable by this user only (the id holds rank 0's
+    // address), then an atomic rename
+    let mut tmp = path.to_path_buf().into_os_string();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn read_id_file(path: &Path, world: usize, wait: Duration) -> Result<Id> {
+    let start = Instant::now();
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            if let Some(id) = parse_id_file(&b, world, path)? {
+                return Ok(id);
+            }
+            // incomplete: still being written by something else; wait
+        }
+        if start.elapsed() > wait {
+            return Err(Error::Comm(format!(
+                "rendezvous: no complete id in {} after {wait:?} (is rank 0 running?)",
+                path.display()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The id in a rendezvous file's bytes: `Some` when complete, `None` when not yet (a reader
+/// retries), an error for a file that is not a syncdrop id file or was written for another
+/// world size (a stale file from an earlier run, most likely).
+pub fn parse_id_file(bytes: &[u8], world: usize, path: &Path) -> Result<Option<Id>> {
+    let Some(nl) = bytes.iter().position(|&c| c == b'\n') else {
+        return Ok(None);
+    };
+    let (head, id) = (&bytes[..=nl], &bytes[nl + 1..]);
+    if !head.starts_with(b"syncdrop-nccl-id v1 ") {
+        return Err(Error::Comm(format!(
+            "{} is not a syncdrop NCCL id file",
+            path.display()
+        )));
+    }
+    if head != id_header(world).as_bytes() {
+        return Err(Error::Comm(format!(
+            "NCCL rendezvous file {} was written for another world size ({}), this rank's is {world}; a stale file from an earlier run? delete it",
+            path.display(),
+            String::from_utf8_lossy(head).trim()
+        )));
+    }
+    Ok(<Id>::try_from(id).ok())
+}
+
+// ----------------------------------------------------------------------------------- tcp
+
+const MAGIC: &str = "syncdrop-rdv v1";
+/// Longest line either side reads: a hello or an error is far shorter; a client that sends
+/// more without a newline is not one of ours.
+const MAX_LINE: usize = 512;
+
+fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
+    let v: Vec<SocketAddr> = addr
+        .to_socket_addrs()
+        .map_err(|e| {
+            Error::InvalidArgument(format!(
+                "rendezvous address {addr:?} (expected host:port): {e}"
+            ))
+        })?
+        .collect();
+    if v.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "rendezvous address {addr:?} resolves to nothing"
+        )));
+    }
+    Ok(v)
+}
+
+/// One newline-terminated line, read byte by byte (what follows it, the id, stays in the
+/// stream) within the stream's timeout and at most `MAX_LINE` bytes long; `None` on EOF or a
+/// line too long.
+fn read_line(r: &mut impl Read) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while buf.len() < MAX_LINE {
+        if r.read(&mut b)? == 0 {
+            return Ok(None);
+        }
+        if b[0] == b'\n' {
+            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
+        }
+        buf.push(b[0]);
+    }
+    Ok(None)
+}
+
+/// Rank 0: accept every other rank's hello, then send each the id.
+fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
+    if world == 1 {
+        return Ok(());
+    }
+    let addrs = resolve(addr)?;
+    let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
+        Error::Comm(format!(
+            "rendezvous: rank 0 cannot listen on {addr} ({e}); give an address of this machine and a free port"
+        ))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::Comm(format!("rendezvous: {e}")))?;
+    let deadline = Instant::now() + wait;
+    let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+    let mut refused: Vec<String> = Vec::new();
+    while peers[1..].iter().any(Option::is_none) {
+        let now = Instant::now();
+        if now >= deadline {
+            let missing: Vec<usize> = (1..world).filter(|&r| peers[r].is_none()).collect();
+            let mut msg = format!(
+                "rendezvous on {addr}: rank(s) {missing:?} of {world} did not connect within {wait:?}"
+            );
+            if !refused.is_empty() {
+                msg += &format!("; refused: {}", refused.join("; "));
+            }
+            return Err(Error::Comm(msg));
+        }
+        let (mut s, from) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            Err(e) => return Err(Error::Comm(format!("rendezvous on {addr}: {e}"))),
+        };
+        // a hello must come promptly; a silent or foreign client is dropped, not waited on
+        let _ = s.set_nonblocking(false);
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5).min(deadline - now)));
+        let hello = read_line(&mut s).ok().flatten().unwrap_or_default();
+        match parse_hello(&hello, world) {
+            Ok(r) if peers[r].is_some() => {
+                let why = format!("rank {r} connected twice (from {from})");
+                let _ = writeln!(s, "error: {why}");
+                refused.push(why);
+            }
+            Ok(r) => peers[r] = Some(s),
+            Err(why) => {
+                let _ = writeln!(s, "error: {why}");
+                refused.push(format!("{from}: {why}"));
+            }
+        }
+    }
+    let mut msg = format!("{MAGIC} world={world}\n").into_bytes();
+    msg.extend_from_slice(id);
+    for (r, s) in peers.iter_mut().enumerate().skip(1) {
+        let s = s.as_mut().expect("every rank arrived");
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+        s.write_all(&msg).map_err(|e| {
+            Error::Comm(format!(
+                "rendezvous on {addr}: sending the id to rank {r}: {e}"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// The rank a peer's hello names, or why it is refused.
+fn parse_hello(line: &str, world: usize) -> std::result::Result<usize, String> {
+    let fields = line
+        .strip_prefix(MAGIC)
+        .and_then(|rest| rest.strip_prefix(" world="))
+        .and_then(|rest| rest.split_once(" rank="))
+        .and_then(|(w, r)| Some((w.parse::<usize>().ok()?, r.parse::<usize>().ok()?)));
+    let Some((w, r)) = fields else {
+        let shown: String = line.chars().take(60).collect();
+        return Err(format!("not a syncdrop rank (said {shown:?})"));
+    };
+    if w != world {
+        return Err(format!(
+            "rank {r} belongs to a world of {w}, rank 0's is {world} (another run, or a wrong --tp?)"
+        ));
+    }
+    if r == 0 || r >= world {
+        return Err(format!("rank {r} is not a peer rank of a world of {world}"));
+    }
+    Ok(r)
+}
+
+/// A peer rank: connect (retrying while rank 0 is not up yet), say who it is, wait for the id.
+fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
+    let deadline = Instant::now() + wait;
+    let timed_out = |what: &str| {
+        Error::Comm(format!(
+            "rendezvous on {addr}: rank {rank} of {world} {what} within {wait:?} (is rank 0 running, and are all {world} ranks started?)"
+        ))
+    };
+    let mut s = loop {
+        let mut last = None;
+        for a in resolve(addr)? {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match TcpStream::connect_timeout(
+                &a,
+                left.clamp(Duration::from_millis(1), Duration::from_secs(2)),
+            ) {
+                Ok(s) => {
+                    last = Some(s);
+                    break;
+                }
+                Err(_) => continue,
+            }
+        }
+        if let Some(s) = last {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            return Err(timed_out("could not connect"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let io = |e: std::io::Error| Error::Comm(format!("rendezvous on {addr}: rank {rank}: {e}"));
+    writeln!(s, "{MAGIC} world={world} rank={rank}").map_err(io)?;
+    // rank 0 answers once every rank has arrived
+    let left = deadline.saturating_duration_since(Instant::now());
+    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+        .map_err(io)?;
+    let line = match read_line(&mut s) {
+        Ok(Some(l)) => l,
+        Ok(None) => {
+            return Err(Error::Comm(format!(
+                "rendezvous on {addr}: rank {rank}: the other end closed without an answer (not a syncdrop rank 0?)"
+            )))
+        }
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            return Err(timed_out("got no id"))
+        }
+        Err(e) => return Err(io(e)),
+    };
+    if let Some(why) = line.strip_prefix("error: ") {
+        return Err(Error::Comm(format!(
+            "rendezvous on {addr}: rank 0 refused rank {rank}: {why}"
+        )));
+    }
+    if line != format!("{MAGIC} world={world}") {
+        let shown: String = line.chars().take(60).collect();
+        return Err(Error::Comm(format!(
+            "rendezvous on {addr}: rank {rank}: unexpected answer {shown:?} (not a syncdrop rank 0?)"
+        )));
+    }
+    let mut id = [0u8; 128];
+    s.read_exact(&mut id).map_err(io)?;
+    Ok(id)
+}
