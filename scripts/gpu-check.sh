@@ -79,6 +79,20 @@ export SYNCDROP_REQUIRE_GPU=${SYNCDROP_REQUIRE_GPU:-1}
 # Lazy module loading (the CUDA 12.2+ default) can make a rank's first launch of a kernel
 # wait for a context-wide sync while its peers spin in an all-reduce: load everything eagerly.
 export CUDA_MODULE_LOADING=EAGER
+# cudarc opens libnccl by the names libnccl.so / libnccl.so.<CUDA major> (not the runtime's
+# soname libnccl.so.2, which is all PyTorch's wheel and the libnccl2 package install): link
+# what is there under a name it tries, so the NCCL tests run instead of skipping.
+nccl_lib() {
+  local so d=/tmp/syncdrop-nccl-lib
+  ldconfig -p | grep -q 'libnccl\.so ' && return 0
+  so=$( (ldconfig -p | awk '/libnccl\.so\.2 /{print $NF}';
+         python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null) | head -1)
+  [ -n "$so" ] && [ -f "$so" ] || { echo "gpu-check: no libnccl.so.2 found; the NCCL tests will skip"; return 0; }
+  mkdir -p "$d" && ln -sf "$so" "$d/libnccl.so"
+  export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "gpu-check: NCCL from $so"
+}
+nccl_lib
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
@@ -144,7 +158,8 @@ stage1() {
   mkdir -p "$STAGE" && cp .gpu/model.part1 "$STAGE/" 2>/dev/null
   # fast and most telling first; the sanitizers (slow, and refused on some machines) last
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
-  run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture
+  run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture --skip nccl_
+  run nccl nccl.log "$B/cuda_allreduce" --test-threads=1 --nocapture nccl_
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
   # compute-sanitizer serialises kernel launches, so P2P ranks spinning on each other can
   # never meet under it: the sanitizers run every P2P kernel at one rank (its barriers meet

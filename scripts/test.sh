@@ -11,7 +11,7 @@ cargo test --release --all-targets "$@"
 NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}"
 export NVCC SYNCDROP_REQUIRE_NVCC=1
 cargo test --release --features cuda --all-targets --no-run
-cargo test --release --features cuda --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
+cargo test --release --features cuda --lib --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
 cargo test --release --features cuda --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)

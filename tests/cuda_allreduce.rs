@@ -736,4 +736,50 @@ mod gpu {
         });
         assert_eq!(out.len(), 1);
     }
+
+    /// NCCL on one GPU (it refuses two ranks on one, so more needs two GPUs: see
+    /// tests/cuda_backend.rs): a world of 1 creates its non-blocking communicator, settles,
+    /// all-reduces (the sum over one rank is its own data) and drops with its watchdog; a
+    /// world of 2 whose rank 1 never comes fails within its init timeout instead of hanging.
+    /// scripts/gpu-check.sh runs it as its own command (a hang here costs only itself).
+    #[test]
+    fn nccl_one_rank_all_reduces_and_a_missing_rank_is_an_error_not_a_hang() {
+        use syncdrop::backend::cuda::nccl::{self, NcclRank, NcclTimeouts};
+        use syncdrop::comm::rendezvous::Rendezvous;
+        if !have_gpu() {
+            return;
+        }
+        if !nccl::available() {
+            eprintln!("nccl: skipped: libnccl.so not loadable (see scripts/gpu-check.sh nccl_lib)");
+            return;
+        }
+        eprintln!("nccl: version {}", nccl::version().unwrap());
+        let ctx = context(0).unwrap();
+        let stream = ctx.new_stream().unwrap();
+        let quick = NcclTimeouts {
+            init: Duration::from_secs(3),
+            call: Duration::from_secs(30),
+        };
+        {
+            let r = NcclRank::join_with(&Rendezvous::in_process(), 0, 1, &stream, quick).unwrap();
+            assert_eq!(r.world(), 1);
+            for n in [1usize, 1000, 1 << 20] {
+                let v: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25 - 7.0).collect();
+                let mut d = stream.clone_htod(&v).unwrap();
+                r.all_reduce(&mut d.slice_mut(..)).unwrap();
+                let got: Vec<f32> = stream.clone_dtoh(&d).unwrap();
+                assert_eq!(got, v, "n {n}");
+            }
+            assert_eq!(r.aborted(), None);
+        }
+        let t0 = Instant::now();
+        let e = NcclRank::join_with(&Rendezvous::in_process(), 0, 2, &stream, quick)
+            .err()
+            .expect("rank 1 never joins")
+            .to_string();
+        let took = t0.elapsed();
+        eprintln!("nccl: missing rank after {took:?}: {e}");
+        assert!(e.contains("did not complete within"), "{e}");
+        assert!(took < Duration::from_secs(15), "took {took:?}");
+    }
 }

@@ -137,8 +137,8 @@ pub struct CudaBackend {
 
 impl Drop for CudaBackend {
     /// Fields drop in declaration order, and `ex` (the kernels' modules) comes first. NCCL
-    /// goes first (cudarc's drop is `ncclCommAbort`, which also ends a collective a dead peer
-    /// left hanging, so the waits below return), then both lanes are waited for and the
+    /// goes first (its drop stops the watchdog and calls `ncclCommAbort`, which also ends a
+    /// collective a dead peer left hanging, so the waits below return), then both lanes are waited for and the
     /// graph and the P2P rank (which waits for its peers; its spins are bounded) dropped
     /// while the modules their work runs in are still loaded.
     fn drop(&mut self) {
