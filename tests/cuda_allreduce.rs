@@ -755,6 +755,9 @@ mod gpu {
         }
         eprintln!("nccl: version {}", nccl::version().unwrap());
         let ctx = context(0).unwrap();
+        // a capture must not wait on events recorded before it (as in on_ranks)
+        // SAFETY: every buffer here lives on its one stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().unwrap();
         let quick = NcclTimeouts {
             init: Duration::from_secs(3),
@@ -770,6 +773,30 @@ mod gpu {
                 let got: Vec<f32> = stream.clone_dtoh(&d).unwrap();
                 assert_eq!(got, v, "n {n}");
             }
+            // the warm-up before a capture, then a collective captured and replayed (the
+            // rank drops after the graph, as CudaBackend does)
+            r.warm(4096).unwrap();
+            let v: Vec<f32> = (0..4096).map(|i| i as f32 - 100.0).collect();
+            let mut d = stream.clone_htod(&v).unwrap();
+            stream.synchronize().unwrap();
+            stream
+                .begin_capture(
+                    cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+                .unwrap();
+            let captured = r.all_reduce(&mut d.slice_mut(..));
+            let g = stream
+                .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+                .unwrap();
+            captured.unwrap();
+            if let Some(g) = &g {
+                for _ in 0..3 {
+                    g.launch().unwrap();
+                }
+            }
+            let got: Vec<f32> = stream.clone_dtoh(&d).unwrap();
+            assert_eq!(got, v, "captured one-rank all-reduce");
+            drop(g);
             assert_eq!(r.aborted(), None);
         }
         let t0 = Instant::now();

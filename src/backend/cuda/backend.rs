@@ -136,16 +136,18 @@ pub struct CudaBackend {
 }
 
 impl Drop for CudaBackend {
-    /// Fields drop in declaration order, and `ex` (the kernels' modules) comes first. NCCL
-    /// goes first (its drop stops the watchdog and calls `ncclCommAbort`, which also ends a
-    /// collective a dead peer left hanging, so the waits below return), then both lanes are waited for and the
-    /// graph and the P2P rank (which waits for its peers; its spins are bounded) dropped
-    /// while the modules their work runs in are still loaded.
+    /// Fields drop in declaration order, and `ex` (the kernels' modules) comes first, so
+    /// this runs first. The graph goes first: an in-flight graph is freed when it completes,
+    /// and NCCL's abort waits until every graph that captured its collectives is gone. Then
+    /// NCCL (its drop drains a healthy communicator, bounded, and aborts, which also ends a
+    /// collective a dead peer left hanging, so the waits below return), then both lanes are
+    /// waited for and the P2P rank (which waits for its peers; its spins are bounded)
+    /// dropped while the modules their work runs in are still loaded.
     fn drop(&mut self) {
+        self.graph = None;
         self.nccl = None;
         let _ = self.ex.stream.synchronize();
         let _ = self.ex.comm.synchronize();
-        self.graph = None;
         self.p2p = None;
     }
 }
@@ -1206,6 +1208,11 @@ impl Backend for CudaBackend {
             return Err(Error::Cuda("CUDA graphs are off for this rank".into()));
         }
         self.reserve_decode()?;
+        if let Some(n) = &self.nccl {
+            // NCCL connects lazily per protocol: connect for the decode size now, not inside
+            // the capture
+            n.warm(self.dims.hidden)?;
+        }
         self.ex.stream.synchronize().map_err(cuda_err)?;
         self.ex.moved.set(false);
         self.capture_tally.set(CommStats::default());
@@ -1239,6 +1246,12 @@ impl Backend for CudaBackend {
     }
 
     fn graph_launch(&mut self) -> Result<bool> {
+        if let Some(why) = self.nccl.as_ref().and_then(|n| n.aborted()) {
+            // a replay would run NCCL kernels that exit at once on the abort flag: garbage
+            // sums and no error. Drop the graph (the abort waits for it) and say why.
+            self.graph = None;
+            return Err(Error::Comm(format!("NCCL communicator aborted: {why}")));
+        }
         if self.ex.moved.replace(false) {
             // scratch moved since the capture (a longer prefill): capture again
             self.graph = None;

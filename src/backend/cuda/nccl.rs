@@ -24,7 +24,7 @@
 
 use crate::comm::rendezvous::Rendezvous;
 use crate::error::{Error, Result};
-use cudarc::driver::{CudaStream, CudaViewMut, DevicePtrMut};
+use cudarc::driver::{CudaContext, CudaStream, CudaViewMut, DevicePtrMut};
 use cudarc::nccl::sys;
 use std::ffi::{c_char, c_int, c_uint, CStr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -149,6 +149,8 @@ struct Shared {
     /// Why it was aborted.
     reason: Mutex<Option<String>>,
     stop: AtomicBool,
+    /// Bound on the thread that aborts (NCCL finds its device itself; this is defensive).
+    ctx: Arc<CudaContext>,
 }
 
 impl Shared {
@@ -167,15 +169,26 @@ impl Shared {
         }
     }
 
-    /// Abort the communicator (once) and record why.
+    /// Abort the communicator (once) and record why. The reason is recorded first and the
+    /// handle taken out under the lock, then `ncclCommAbort` runs without it: an abort waits
+    /// until every CUDA graph that captured one of the communicator's collectives has been
+    /// destroyed, and the owner must be able to see the reason (and drop its graph) meanwhile.
     fn abort(&self, why: String) {
-        let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(h) = c.take() {
-            // SAFETY: a live communicator, taken out so nothing uses it again.
-            unsafe { sys::ncclCommAbort(h.0) };
-            let mut r = self.reason.lock().unwrap_or_else(|e| e.into_inner());
-            r.get_or_insert(why);
-        }
+        let h = {
+            let mut c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(h) = c.take() else {
+                return;
+            };
+            self.reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(why);
+            h
+        };
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: a live communicator, taken out under the lock every call holds, so nothing
+        // uses it again.
+        unsafe { sys::ncclCommAbort(h.0) };
     }
 
     fn aborted(&self) -> Error {
@@ -191,6 +204,10 @@ impl Shared {
     fn settle(&self, what: &str, limit: Duration) -> Result<()> {
         let t0 = Instant::now();
         let mut nap = Duration::from_micros(20);
+        // a collective on a non-blocking communicator launches from an NCCL thread and
+        // settles within microseconds: yield (not sleep) at first, so eager all-reduces pay
+        // no sleep granularity
+        let spin = Duration::from_micros(200);
         loop {
             let state = {
                 let c = self.comm.lock().unwrap_or_else(|e| e.into_inner());
@@ -201,6 +218,7 @@ impl Shared {
             };
             match state {
                 NCCL_SUCCESS => return Ok(()),
+                NCCL_IN_PROGRESS if t0.elapsed() < spin => std::thread::yield_now(),
                 NCCL_IN_PROGRESS if t0.elapsed() < limit => {
                     std::thread::sleep(nap);
                     nap = (nap * 2).min(Duration::from_millis(10));
@@ -229,6 +247,8 @@ pub struct NcclRank {
     stream: Arc<CudaStream>,
     world: usize,
     timeouts: NcclTimeouts,
+    /// The largest all-reduce `warm` has run.
+    warmed: std::cell::Cell<usize>,
 }
 
 impl NcclRank {
@@ -303,6 +323,7 @@ impl NcclRank {
             comm: Mutex::new(Some(Handle(comm))),
             reason: Mutex::new(None),
             stop: AtomicBool::new(false),
+            ctx: stream.context().clone(),
         });
         if let Err(e) = check(r, "ncclCommInitRankConfig") {
             shared.abort(e.to_string());
@@ -329,7 +350,47 @@ impl NcclRank {
             stream: stream.clone(),
             world,
             timeouts,
+            warmed: std::cell::Cell::new(0),
         })
+    }
+
+    /// Before a CUDA graph captures collectives of `n` elements: one eager all-reduce of that
+    /// size (once per size class), so NCCL sets up the connections its protocol for that
+    /// size needs now, not inside the capture. Every rank calls it at the same point (SPMD).
+    pub fn warm(&self, n: usize) -> Result<()> {
+        if n == 0 || self.warmed.get() >= n {
+            return Ok(());
+        }
+        let mut d = self
+            .stream
+            .alloc_zeros::<f32>(n)
+            .map_err(|e| Error::Cuda(format!("NCCL warm-up buffer: {e:?}")))?;
+        self.all_reduce(&mut d.slice_mut(..))?;
+        self.drain("the warm-up all-reduce")?;
+        self.warmed.set(n);
+        Ok(())
+    }
+
+    /// Wait (bounded by the call timeout) until the stream has run everything enqueued on it;
+    /// a dead peer's abort by the watchdog also ends the wait.
+    fn drain(&self, what: &str) -> Result<()> {
+        let ev = self
+            .stream
+            .record_event(None)
+            .map_err(|e| Error::Cuda(format!("{e:?}")))?;
+        let t0 = Instant::now();
+        while !ev.is_complete() {
+            if t0.elapsed() > self.timeouts.call {
+                let why = format!("{what} did not finish within {:?}", self.timeouts.call);
+                self.shared.abort(why.clone());
+                return Err(Error::Comm(format!("NCCL: {why}; communicator aborted")));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+        match self.aborted() {
+            Some(why) => Err(Error::Comm(format!("NCCL communicator aborted: {why}"))),
+            None => Ok(()),
+        }
     }
 
     pub fn world(&self) -> usize {
@@ -410,12 +471,18 @@ fn watch(shared: &Shared) {
 }
 
 impl Drop for NcclRank {
-    /// Stop the watchdog, then abort the communicator: abort (not destroy) ends a collective
-    /// a dead peer left hanging, so the stream waits that follow return.
+    /// Stop the watchdog, let a healthy communicator finish what is queued (bounded: a
+    /// collective killed mid-flight would leave P2P-transport peers spinning), then abort it:
+    /// abort (not destroy) also ends a collective a dead peer left hanging, so the stream
+    /// waits that follow return. The owner drops its CUDA graphs first (an abort waits for
+    /// every graph that captured the communicator's collectives).
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::Release);
         if let Some(w) = self.watchdog.take() {
             let _ = w.join();
+        }
+        if self.aborted().is_none() {
+            let _ = self.drain("the collectives queued at drop");
         }
         self.shared.abort("dropped".into());
     }
