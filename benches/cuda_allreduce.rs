@@ -6,7 +6,9 @@
 //! all-reduce on LLaMA2-7B/70B shard shapes at batch 1, 2 and 4, and the fused all-reduce +
 //! residual add + RMSNorm against all-reduce + add_rmsnorm at 1, 4 and 16 rows. Virtual
 //! ranks share one GPU's SMs and HBM: these numbers measure the kernels and the protocol,
-//! not NVLink.
+//! not NVLink. With two or more GPUs (one rank per GPU, real links), the P2P one-shot and
+//! two-shot kernels and NCCL run side by side on the same sizes; with one GPU that section
+//! says it was skipped.
 //!
 //! `cargo bench --features cuda --bench cuda_allreduce -- [--out DIR] [--quick]`; without a
 //! GPU it prints "skipped: no GPU".
@@ -249,10 +251,11 @@ fn main() {
                 "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}));
         }
     }
+    let real_rows = real_gpus(max_bytes);
     if let Some(dir) = out {
         std::fs::create_dir_all(&dir).ok();
         let v = serde_json::json!({"device": gpu, "date": date, "sweep": rows, "fused_oproj": fused_rows,
-            "fused_add_rmsnorm": norm_rows,
+            "fused_add_rmsnorm": norm_rows, "real_gpus_p2p_vs_nccl": real_rows,
             "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
         std::fs::write(
             dir.join("cuda_allreduce.json"),
@@ -260,4 +263,108 @@ fn main() {
         )
         .expect("write cuda_allreduce.json");
     }
+}
+
+/// One rank per GPU over real links: P2P one-shot / two-shot and NCCL on the same f32
+/// messages, at 2, 4, 8 ranks as far as the GPUs go. Empty (and says so) with one GPU.
+fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
+    use syncdrop::backend::cuda::nccl::{self, NcclRank};
+    use syncdrop::comm::rendezvous::Rendezvous;
+    let gpus = syncdrop::backend::cuda::device_count().unwrap_or(0);
+    println!("\n| ranks (one per GPU) | bytes | P2P one-shot us | P2P two-shot us | NCCL us | NCCL busbw GB/s |");
+    println!("|---|---|---|---|---|---|");
+    if gpus < 2 {
+        println!("| skipped: {gpus} GPU(s); real links need two or more | | | | | |");
+        return Vec::new();
+    }
+    let have_nccl = nccl::available();
+    let mut rows = Vec::new();
+    for world in [2usize, 4, 8].into_iter().filter(|w| *w <= gpus) {
+        let cap = max_bytes / 4;
+        let group = P2pGroup::new(world, cap).expect("group");
+        let rv = Rendezvous::in_process();
+        let start = Arc::new(Barrier::new(world));
+        let hs: Vec<_> = (0..world)
+            .map(|r| {
+                let (group, rv, start) = (group.clone(), rv.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let ctx = context(r).expect("ctx");
+                    // SAFETY: every buffer of this rank lives on its one stream.
+                    unsafe { ctx.disable_event_tracking() };
+                    let s = ctx.new_stream().expect("stream");
+                    let k = Kernels::load(&ctx).expect("kernels");
+                    let mut p = P2pRank::join(
+                        &group,
+                        r,
+                        &s,
+                        r,
+                        1,
+                        Duration::from_secs(2),
+                        Duration::from_secs(30),
+                    )
+                    .ok();
+                    let nc = if have_nccl {
+                        NcclRank::join(&rv, r, world, &s)
+                            .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
+                            .ok()
+                    } else {
+                        None
+                    };
+                    let mut out = Vec::new();
+                    let mut bytes = 1usize << 10;
+                    while bytes <= max_bytes {
+                        let n = bytes / 4;
+                        let iters = if bytes <= 1 << 20 { 200 } else { 20 };
+                        let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
+                        let mut t = [f64::NAN; 3];
+                        for (i, two) in [false, true].into_iter().enumerate() {
+                            if let Some(p) = p.as_mut() {
+                                start.wait();
+                                t[i] = per_iter(&s, iters, || {
+                                    p.all_reduce(&s, &k, &mut d.slice_mut(..), n, two, Wire::F32)
+                                        .expect("p2p")
+                                });
+                            }
+                        }
+                        if let Some(nc) = &nc {
+                            start.wait();
+                            t[2] = per_iter(&s, iters, || {
+                                nc.all_reduce(&mut d.slice_mut(..)).expect("nccl")
+                            });
+                        }
+                        out.push((bytes, t));
+                        bytes *= 4;
+                    }
+                    out
+                })
+            })
+            .collect();
+        let per_rank: Vec<_> = hs.into_iter().map(|h| h.join().expect("rank")).collect();
+        for (i, (bytes, _)) in per_rank[0].iter().enumerate() {
+            // the slowest rank's time (NaN where that path did not run)
+            let t: Vec<f64> = (0..3)
+                .map(|j| {
+                    per_rank.iter().map(|r| r[i].1[j]).fold(0.0, |a: f64, b| {
+                        if a.is_nan() || b.is_nan() {
+                            f64::NAN
+                        } else {
+                            a.max(b)
+                        }
+                    })
+                })
+                .collect();
+            let busbw = *bytes as f64 / t[2] * 2.0 * (world - 1) as f64 / world as f64 / 1e9;
+            println!(
+                "| {world} | {bytes} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                t[0] * 1e6,
+                t[1] * 1e6,
+                t[2] * 1e6,
+                busbw
+            );
+            rows.push(serde_json::json!({"ranks": world, "bytes": bytes,
+                "p2p_one_shot_us": t[0] * 1e6, "p2p_two_shot_us": t[1] * 1e6,
+                "nccl_us": t[2] * 1e6, "nccl_busbw_gbps": busbw}));
+        }
+    }
+    rows
 }
