@@ -6,8 +6,9 @@
 //! - [`Rendezvous::InProcess`]: the rank threads of one process (through memory).
 //! - [`Rendezvous::File`]: processes on one machine or a shared filesystem. Rank 0 writes the
 //!   file atomically (mode 0600, a header line with the world size) and the others poll it.
-//!   A stale file from a crashed run with the same world size cannot be told apart: rank 0
-//!   removes the file once everyone has joined, and `Tcp` has no such failure.
+//!   A stale file from a crashed run with the same world size cannot be told apart (rank 0
+//!   removes the file once everyone has joined, so only a crash leaves one): a rank that
+//!   reads a stale id fails NCCL's init within its timeout. `Tcp` has no such failure.
 //! - [`Rendezvous::Tcp`]: processes anywhere rank 0's address is reachable (the usual
 //!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens; each other rank connects
 //!   (retrying until rank 0 is up), says who it is, and once **all** ranks have arrived rank 0
