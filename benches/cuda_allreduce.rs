@@ -284,9 +284,13 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
         let group = P2pGroup::new(world, cap).expect("group");
         let rv = Rendezvous::in_process();
         let start = Arc::new(Barrier::new(world));
+        // which paths joined on every rank: a path runs only where all ranks have it (a rank
+        // without P2P to some peer would otherwise leave the others spinning)
+        let joined = Arc::new(std::sync::Mutex::new(vec![(false, false); world]));
         let hs: Vec<_> = (0..world)
             .map(|r| {
                 let (group, rv, start) = (group.clone(), rv.clone(), start.clone());
+                let joined = joined.clone();
                 std::thread::spawn(move || {
                     let ctx = context(r).expect("ctx");
                     // SAFETY: every buffer of this rank lives on its one stream.
@@ -310,6 +314,16 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
                     } else {
                         None
                     };
+                    joined.lock().unwrap()[r] = (p.is_some(), nc.is_some());
+                    start.wait();
+                    let (all_p2p, all_nccl) = {
+                        let j = joined.lock().unwrap();
+                        (j.iter().all(|x| x.0), j.iter().all(|x| x.1))
+                    };
+                    if !all_p2p {
+                        p = None;
+                    }
+                    let nc = if all_nccl { nc } else { None };
                     let mut out = Vec::new();
                     let mut bytes = 1usize << 10;
                     while bytes <= max_bytes {

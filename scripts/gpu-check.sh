@@ -84,8 +84,9 @@ export CUDA_MODULE_LOADING=EAGER
 # what is there under a name it tries, so the NCCL tests run instead of skipping.
 nccl_lib() {
   local so d=/tmp/syncdrop-nccl-lib
-  ldconfig -p | grep -q 'libnccl\.so ' && return 0
-  so=$( (ldconfig -p | awk '/libnccl\.so\.2 /{print $NF}';
+  local cache; cache=$(ldconfig -p 2>/dev/null)
+  grep 'libnccl\.so ' >/dev/null <<<"$cache" && return 0
+  so=$( (awk <<<"$cache"  '/libnccl\.so\.2 /{print $NF}';
          python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib", "libnccl.so.2"))' 2>/dev/null) | head -1)
   [ -n "$so" ] && [ -f "$so" ] || { echo "gpu-check: no libnccl.so.2 found; the NCCL tests will skip"; return 0; }
   mkdir -p "$d" && ln -sf "$so" "$d/libnccl.so"

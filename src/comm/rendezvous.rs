@@ -10,9 +10,11 @@
 //!   removes the file once everyone has joined, so only a crash leaves one): a rank that
 //!   reads a stale id fails NCCL's init within its timeout. `Tcp` has no such failure.
 //! - [`Rendezvous::Tcp`]: processes anywhere rank 0's address is reachable (the usual
-//!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens; each other rank connects
-//!   (retrying until rank 0 is up), says who it is, and once **all** ranks have arrived rank 0
-//!   sends the id to each. So a missing rank is named at rank 0, a rank from another run (other
+//!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens on every interface at that
+//!   port; each other rank connects to `host:port` (retrying until rank 0 is up and the name
+//!   resolves), says who it is, and once **all** ranks have arrived rank 0 sends the id to
+//!   each (a rank whose connection died meanwhile may reconnect, e.g. after a restart). If
+//!   rank 0 gives up, every connected rank is told why. So a missing rank is named at rank 0, a rank from another run (other
 //!   world size) or a duplicate rank is refused with a reason, and the exchange doubles as a
 //!   start barrier. Nothing is left on disk.
 //!
@@ -22,7 +24,7 @@
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -147,20 +149,27 @@ fn write_id_file(path: &Path, world: usize, id: &Id) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
+/// Poll the file until it holds a complete id for this world. A file that is not ours, or
+/// was written for another world size (stale, most likely: rank 0 replaces it atomically
+/// when it starts), is waited out too, and only reported when the wait ends.
 fn read_id_file(path: &Path, world: usize, wait: Duration) -> Result<Id> {
     let start = Instant::now();
+    let mut last_problem = None;
     loop {
         if let Ok(b) = std::fs::read(path) {
-            if let Some(id) = parse_id_file(&b, world, path)? {
-                return Ok(id);
+            match parse_id_file(&b, world, path) {
+                Ok(Some(id)) => return Ok(id),
+                Ok(None) => {} // incomplete: still being written; wait
+                Err(e) => last_problem = Some(e),
             }
-            // incomplete: still being written by something else; wait
         }
         if start.elapsed() > wait {
-            return Err(Error::Comm(format!(
-                "rendezvous: no complete id in {} after {wait:?} (is rank 0 running?)",
-                path.display()
-            )));
+            return Err(last_problem.unwrap_or_else(|| {
+                Error::Comm(format!(
+                    "rendezvous: no complete id in {} after {wait:?} (is rank 0 running?)",
+                    path.display()
+                ))
+            }));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -215,13 +224,18 @@ fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
 }
 
 /// One newline-terminated line, read byte by byte (what follows it, the id, stays in the
-/// stream) within the stream's timeout and at most `MAX_LINE` bytes long; `None` on EOF or a
-/// line too long.
-fn read_line(r: &mut impl Read) -> std::io::Result<Option<String>> {
+/// stream) before `deadline` and at most `MAX_LINE` bytes long; `None` on EOF or a line too
+/// long, a `TimedOut` error past the deadline (however slowly the other end trickles).
+fn read_line(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Option<String>> {
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
     while buf.len() < MAX_LINE {
-        if r.read(&mut b)? == 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::ErrorKind::TimedOut.into());
+        }
+        s.set_read_timeout(Some(left))?;
+        if s.read(&mut b)? == 0 {
             return Ok(None);
         }
         if b[0] == b'\n' {
@@ -232,15 +246,41 @@ fn read_line(r: &mut impl Read) -> std::io::Result<Option<String>> {
     Ok(None)
 }
 
-/// Rank 0: accept every other rank's hello, then send each the id.
+/// Whether a peer's earlier connection is gone (closed, reset): a restarted rank may then
+/// take its place.
+fn is_dead(s: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let dead = match s.peek(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    };
+    let _ = s.set_nonblocking(false);
+    dead
+}
+
+/// Rank 0: accept every other rank's hello, then send each the id. On failure every peer
+/// that is connected gets the reason, not just a closed socket.
 fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
     if world == 1 {
         return Ok(());
     }
-    let addrs = resolve(addr)?;
-    let listener = TcpListener::bind(&addrs[..]).map_err(|e| {
+    // listen on every interface at the port: the host the peers use may resolve, on rank
+    // 0's own machine, to loopback (Debian's 127.0.1.1) or to an address it cannot bind
+    // (a service IP)
+    let first = resolve(addr)?[0];
+    let any: SocketAddr = if first.is_ipv6() {
+        (Ipv6Addr::UNSPECIFIED, first.port()).into()
+    } else {
+        (Ipv4Addr::UNSPECIFIED, first.port()).into()
+    };
+    let listener = TcpListener::bind(any).map_err(|e| {
         Error::Comm(format!(
-            "rendezvous: rank 0 cannot listen on {addr} ({e}); give an address of this machine and a free port"
+            "rendezvous: rank 0 cannot listen on port {} ({e}); give a free port",
+            first.port()
         ))
     })?;
     listener
@@ -249,7 +289,24 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
     let deadline = Instant::now() + wait;
     let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
     let mut refused: Vec<String> = Vec::new();
-    while peers[1..].iter().any(Option::is_none) {
+    let tell_all = |peers: &mut [Option<TcpStream>], msg: &str| {
+        for s in peers.iter_mut().flatten() {
+            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+            let _ = writeln!(s, "error: {msg}");
+        }
+    };
+    loop {
+        if peers[1..].iter().all(Option::is_some) {
+            // complete, unless a rank died meanwhile: its restart must find a free slot
+            for p in peers.iter_mut().skip(1) {
+                if p.as_ref().is_some_and(is_dead) {
+                    *p = None;
+                }
+            }
+            if peers[1..].iter().all(Option::is_some) {
+                break;
+            }
+        }
         let now = Instant::now();
         if now >= deadline {
             let missing: Vec<usize> = (1..world).filter(|&r| peers[r].is_none()).collect();
@@ -259,6 +316,7 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
             if !refused.is_empty() {
                 msg += &format!("; refused: {}", refused.join("; "));
             }
+            tell_all(&mut peers, &msg);
             return Err(Error::Comm(msg));
         }
         let (mut s, from) = match listener.accept() {
@@ -267,18 +325,27 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
                 std::thread::sleep(Duration::from_millis(20));
                 continue;
             }
-            Err(e) => return Err(Error::Comm(format!("rendezvous on {addr}: {e}"))),
+            Err(e) => {
+                let msg = format!("rendezvous on {addr}: {e}");
+                tell_all(&mut peers, &msg);
+                return Err(Error::Comm(msg));
+            }
         };
-        // a hello must come promptly; a silent or foreign client is dropped, not waited on
+        // a hello must come promptly (5 s at most, in all): a silent or trickling client is
+        // dropped, not waited on
         let _ = s.set_nonblocking(false);
-        let _ = s.set_read_timeout(Some(Duration::from_secs(5).min(deadline - now)));
-        let hello = read_line(&mut s).ok().flatten().unwrap_or_default();
+        let hello_by = (now + Duration::from_secs(5)).min(deadline);
+        let hello = read_line(&mut s, hello_by)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
         match parse_hello(&hello, world) {
-            Ok(r) if peers[r].is_some() => {
+            Ok(r) if peers[r].as_ref().is_some_and(|old| !is_dead(old)) => {
                 let why = format!("rank {r} connected twice (from {from})");
                 let _ = writeln!(s, "error: {why}");
                 refused.push(why);
             }
+            // new, or a restarted rank replacing its dead connection
             Ok(r) => peers[r] = Some(s),
             Err(why) => {
                 let _ = writeln!(s, "error: {why}");
@@ -288,14 +355,21 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
     }
     let mut msg = format!("{MAGIC} world={world}\n").into_bytes();
     msg.extend_from_slice(id);
+    let mut failed = Vec::new();
     for (r, s) in peers.iter_mut().enumerate().skip(1) {
         let s = s.as_mut().expect("every rank arrived");
         let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
-        s.write_all(&msg).map_err(|e| {
-            Error::Comm(format!(
-                "rendezvous on {addr}: sending the id to rank {r}: {e}"
-            ))
-        })?;
+        if let Err(e) = s.write_all(&msg) {
+            failed.push(format!("rank {r}: {e}"));
+        }
+    }
+    if !failed.is_empty() {
+        // the others got the id but will wait in NCCL's init for the ranks that did not
+        // (and fail there within its timeout)
+        return Err(Error::Comm(format!(
+            "rendezvous on {addr}: sending the id failed for {}",
+            failed.join(", ")
+        )));
     }
     Ok(())
 }
@@ -330,9 +404,14 @@ fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
             "rendezvous on {addr}: rank {rank} of {world} {what} within {wait:?} (is rank 0 running, and are all {world} ranks started?)"
         ))
     };
+    // a name that does not resolve yet (a pod not yet in DNS) is retried like a refused
+    // connection; a malformed address fails at once
+    if !addr.contains(':') {
+        resolve(addr)?;
+    }
     let mut s = loop {
         let mut last = None;
-        for a in resolve(addr)? {
+        for a in resolve(addr).unwrap_or_default() {
             let left = deadline.saturating_duration_since(Instant::now());
             match TcpStream::connect_timeout(
                 &a,
@@ -356,10 +435,7 @@ fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
     let io = |e: std::io::Error| Error::Comm(format!("rendezvous on {addr}: rank {rank}: {e}"));
     writeln!(s, "{MAGIC} world={world} rank={rank}").map_err(io)?;
     // rank 0 answers once every rank has arrived
-    let left = deadline.saturating_duration_since(Instant::now());
-    s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
-        .map_err(io)?;
-    let line = match read_line(&mut s) {
+    let line = match read_line(&mut s, deadline) {
         Ok(Some(l)) => l,
         Ok(None) => {
             return Err(Error::Comm(format!(

@@ -292,6 +292,15 @@ impl NcclRank {
             let id = unsafe { id.assume_init() };
             Ok(id.internal.map(|c| c as u8))
         })?;
+        // rank 0 removes an id file on every way out of here (success, timeout, error), so
+        // a later run never reads this id
+        struct Finish<'a>(&'a Rendezvous, usize);
+        impl Drop for Finish<'_> {
+            fn drop(&mut self) {
+                self.0.finish(self.1);
+            }
+        }
+        let _finish = Finish(rendezvous, rank);
         let unique = sys::ncclUniqueId {
             internal: id.map(|c| c as c_char),
         };
@@ -334,15 +343,19 @@ impl NcclRank {
             &format!("creating the communicator (rank {rank} of {world})"),
             left.max(Duration::from_millis(100)),
         )?;
-        // every rank has joined (the init completes when all have): a later run must not
-        // find an id file
-        rendezvous.finish(rank);
         let watchdog = {
-            let shared = shared.clone();
-            std::thread::Builder::new()
+            let shared2 = shared.clone();
+            match std::thread::Builder::new()
                 .name(format!("nccl-watchdog-{rank}"))
-                .spawn(move || watch(&shared))
-                .map_err(|e| Error::Comm(format!("NCCL watchdog thread: {e}")))?
+                .spawn(move || watch(&shared2))
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    let why = format!("NCCL watchdog thread: {e}");
+                    shared.abort(why.clone());
+                    return Err(Error::Comm(why));
+                }
+            }
         };
         Ok(NcclRank {
             shared,
