@@ -112,10 +112,7 @@ fn main() {
                     let algbw = bytes as f64 / t;
                     let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
                     let algo = if two_shot { "two-shot" } else { "one-shot" };
-                    let wname = match wire {
-                        Wire::F32 => "f32",
-                        Wire::Bf16 => "bf16",
-                    };
+                    let wname = wire.name();
                     println!(
                         "| {world} | {wname} | {bytes} | {algo} | {:.1} | {:.1} | {:.1} | {:.1} |",
                         t * 1e6,

@@ -73,15 +73,21 @@ impl Rendezvous {
                 "rendezvous: rank {rank} is not a rank of a world of {world}"
             )));
         }
+        if rank == 0 {
+            let id = make()?;
+            match self {
+                Rendezvous::InProcess(cell) => {
+                    *cell.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
+                    cell.1.notify_all();
+                }
+                Rendezvous::File(path) => write_id_file(path, world, &id)?,
+                Rendezvous::Tcp(addr) => serve(addr, world, &id, wait)?,
+            }
+            return Ok(id);
+        }
         match self {
             Rendezvous::InProcess(cell) => {
                 let (lock, cv) = &**cell;
-                if rank == 0 {
-                    let id = make()?;
-                    *lock.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
-                    cv.notify_all();
-                    return Ok(id);
-                }
                 let slot = lock.lock().unwrap_or_else(|e| e.into_inner());
                 let (slot, _) = cv
                     .wait_timeout_while(slot, wait, |s| s.is_none())
@@ -92,22 +98,8 @@ impl Rendezvous {
                     ))
                 })
             }
-            Rendezvous::File(path) => {
-                if rank == 0 {
-                    let id = make()?;
-                    write_id_file(path, world, &id)?;
-                    return Ok(id);
-                }
-                read_id_file(path, world, wait)
-            }
-            Rendezvous::Tcp(addr) => {
-                if rank == 0 {
-                    let id = make()?;
-                    serve(addr, world, &id, wait)?;
-                    return Ok(id);
-                }
-                fetch(addr, rank, world, wait)
-            }
+            Rendezvous::File(path) => read_id_file(path, world, wait),
+            Rendezvous::Tcp(addr) => fetch(addr, rank, world, wait),
         }
     }
 
@@ -410,21 +402,15 @@ fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
         resolve(addr)?;
     }
     let mut s = loop {
-        let mut last = None;
-        for a in resolve(addr).unwrap_or_default() {
+        let connected = resolve(addr).unwrap_or_default().into_iter().find_map(|a| {
             let left = deadline.saturating_duration_since(Instant::now());
-            match TcpStream::connect_timeout(
+            TcpStream::connect_timeout(
                 &a,
                 left.clamp(Duration::from_millis(1), Duration::from_secs(2)),
-            ) {
-                Ok(s) => {
-                    last = Some(s);
-                    break;
-                }
-                Err(_) => continue,
-            }
-        }
-        if let Some(s) = last {
+            )
+            .ok()
+        });
+        if let Some(s) = connected {
             break s;
         }
         if Instant::now() >= deadline {

@@ -1246,11 +1246,11 @@ impl Backend for CudaBackend {
     }
 
     fn graph_launch(&mut self) -> Result<bool> {
-        if let Some(why) = self.nccl.as_ref().and_then(|n| n.aborted()) {
+        if let Some(Err(e)) = self.nccl.as_ref().map(|n| n.check()) {
             // a replay would run NCCL kernels that exit at once on the abort flag: garbage
             // sums and no error. Drop the graph (the abort waits for it) and say why.
             self.graph = None;
-            return Err(Error::Comm(format!("NCCL communicator aborted: {why}")));
+            return Err(e);
         }
         if self.ex.moved.replace(false) {
             // scratch moved since the capture (a longer prefill): capture again

@@ -199,6 +199,13 @@ impl Shared {
         ))
     }
 
+    /// Abort because of `why` and return the error that says so.
+    fn fail(&self, why: String) -> Error {
+        let e = Error::Comm(format!("NCCL: {why}; communicator aborted"));
+        self.abort(why);
+        e
+    }
+
     /// Poll until the communicator leaves `ncclInProgress` (`what` settles), aborting it
     /// with a timeout error past `limit`.
     fn settle(&self, what: &str, limit: Duration) -> Result<()> {
@@ -224,16 +231,16 @@ impl Shared {
                     nap = (nap * 2).min(Duration::from_millis(10));
                 }
                 NCCL_IN_PROGRESS => {
-                    let why = format!(
+                    return Err(self.fail(format!(
                         "{what} did not complete within {limit:?} (a rank missing or stuck?)"
-                    );
-                    self.abort(why.clone());
-                    return Err(Error::Comm(format!("NCCL: {why}; communicator aborted")));
+                    )));
                 }
                 r => {
-                    let why = format!("{what}: {} ({r}){}", result_name(r), last_error());
-                    self.abort(why.clone());
-                    return Err(Error::Comm(format!("NCCL {why}; communicator aborted")));
+                    return Err(self.fail(format!(
+                        "{what}: {} ({r}){}",
+                        result_name(r),
+                        last_error()
+                    )));
                 }
             }
         }
@@ -350,11 +357,7 @@ impl NcclRank {
                 .spawn(move || watch(&shared2))
             {
                 Ok(w) => w,
-                Err(e) => {
-                    let why = format!("NCCL watchdog thread: {e}");
-                    shared.abort(why.clone());
-                    return Err(Error::Comm(why));
-                }
+                Err(e) => return Err(shared.fail(format!("the watchdog thread: {e}"))),
             }
         };
         Ok(NcclRank {
@@ -394,16 +397,14 @@ impl NcclRank {
         let t0 = Instant::now();
         while !ev.is_complete() {
             if t0.elapsed() > self.timeouts.call {
-                let why = format!("{what} did not finish within {:?}", self.timeouts.call);
-                self.shared.abort(why.clone());
-                return Err(Error::Comm(format!("NCCL: {why}; communicator aborted")));
+                return Err(self.shared.fail(format!(
+                    "{what} did not finish within {:?}",
+                    self.timeouts.call
+                )));
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-        match self.aborted() {
-            Some(why) => Err(Error::Comm(format!("NCCL communicator aborted: {why}"))),
-            None => Ok(()),
-        }
+        self.check()
     }
 
     pub fn world(&self) -> usize {
@@ -438,11 +439,11 @@ impl NcclRank {
         match r {
             NCCL_SUCCESS => Ok(()),
             NCCL_IN_PROGRESS => self.shared.settle("ncclAllReduce", self.timeouts.call),
-            r => {
-                let why = format!("ncclAllReduce: {} ({r}){}", result_name(r), last_error());
-                self.shared.abort(why.clone());
-                Err(Error::Comm(format!("NCCL {why}; communicator aborted")))
-            }
+            r => Err(self.shared.fail(format!(
+                "ncclAllReduce: {} ({r}){}",
+                result_name(r),
+                last_error()
+            ))),
         }
     }
 
@@ -457,6 +458,14 @@ impl NcclRank {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// An error naming the reason if the communicator was aborted.
+    pub fn check(&self) -> Result<()> {
+        match self.aborted() {
+            Some(_) => Err(self.shared.aborted()),
+            None => Ok(()),
+        }
     }
 }
 
