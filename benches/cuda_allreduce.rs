@@ -266,7 +266,7 @@ fn main() {
 /// messages, at 2, 4, 8 ranks as far as the GPUs go. Empty (and says so) with one GPU.
 fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
     use syncdrop::backend::cuda::nccl::{self, NcclRank};
-    use syncdrop::comm::rendezvous::Rendezvous;
+    use syncdrop::comm::rendezvous::{Rendezvous, Terms};
     let gpus = syncdrop::backend::cuda::device_count().unwrap_or(0);
     println!("\n| ranks (one per GPU) | bytes | P2P one-shot us | P2P two-shot us | NCCL us | NCCL busbw GB/s |");
     println!("|---|---|---|---|---|---|");
@@ -305,7 +305,7 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
                     )
                     .ok();
                     let nc = if have_nccl {
-                        NcclRank::join(&rv, r, world, &s)
+                        NcclRank::join(&rv, r, world, &Terms::new(), &s)
                             .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
                             .ok()
                     } else {

@@ -394,6 +394,41 @@ fn open(common: &Common) -> Result<Opened> {
     Ok(Opened { engine, tok, sha })
 }
 
+/// Whether this process runs one rank of several processes (`--nccl-id` / `--nccl-tcp`).
+fn separate_processes(common: &Common) -> bool {
+    common.nccl_id.is_some() || common.nccl_tcp.is_some()
+}
+
+/// What this runner sets after the engine starts that changes the collectives a rank
+/// issues, for ranks in separate processes to compare at their rendezvous: the SPD plan
+/// (a plan file by its contents) and the ISO mode.
+fn rank_terms(common: &Common) -> Result<syncdrop::comm::rendezvous::Terms> {
+    let mut t = syncdrop::comm::rendezvous::Terms::new();
+    if !separate_processes(common) {
+        return Ok(t);
+    }
+    let spd = match common.spd.as_str() {
+        s @ ("none" | "all") => s.to_string(),
+        s if s.starts_with("layers:") => s.to_string(),
+        plan => {
+            use sha2::Digest;
+            let bytes = std::fs::read(plan).map_err(|e| Error::io(Path::new(plan), e))?;
+            let sha = sha2::Sha256::digest(&bytes);
+            let name = Path::new(plan).file_name().unwrap_or_default();
+            format!(
+                "plan:{}:sha256={}",
+                name.to_string_lossy(),
+                sha.iter()
+                    .take(8)
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            )
+        }
+    };
+    t.set("spd", spd).set("iso", format!("{:?}", common.iso));
+    Ok(t)
+}
+
 fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Option<String>)> {
     let path = files.path().to_path_buf();
     let opts = EngineOptions {
@@ -418,6 +453,7 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             (None, None, false) => None,
         },
         wire: common.wire.parse()?,
+        rank_terms: rank_terms(common)?,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;
@@ -468,7 +504,12 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             )
         }
     };
-    if common.iso == syncdrop::iso::IsoMode::Auto {
+    if common.iso == syncdrop::iso::IsoMode::Auto && separate_processes(common) {
+        // every rank must cut a prefill at the same token, and each process would time its
+        // own calibration prefills differently
+        eprintln!("ISO cost model: FLOP counts (ranks in separate processes must all split a prefill alike, so none calibrates on its own timings)");
+        engine.set_iso(common.iso, None);
+    } else if common.iso == syncdrop::iso::IsoMode::Auto {
         let (m, fitted) = engine.iso_model().calibrate(&mut engine, 64, 256, 2)?;
         if fitted {
             eprintln!(

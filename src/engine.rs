@@ -81,6 +81,12 @@ pub struct EngineOptions {
     /// What all-reduces put on the wire: f32 (exact, the default) or bf16 (each rank's
     /// contribution rounded once, half the bytes; see [`crate::comm::Wire`]).
     pub wire: Wire,
+    /// What ranks in separate processes must also agree on, besides the options above (the
+    /// engine adds those itself, see [`Engine::rank_terms`]): whatever the caller will set
+    /// after `Engine::new` that changes the collectives a rank issues, such as the SPD plan
+    /// and the ISO mode. Compared with rank 0's at the NCCL rendezvous; a rank that differs
+    /// stops with an error naming each difference, instead of mis-pairing collectives.
+    pub rank_terms: crate::comm::rendezvous::Terms,
 }
 
 impl Default for EngineOptions {
@@ -97,6 +103,7 @@ impl Default for EngineOptions {
             emulate_link: None,
             nccl: None,
             wire: Wire::F32,
+            rank_terms: Default::default(),
         }
     }
 }
@@ -334,7 +341,9 @@ impl Engine {
             let (row_invariant, graphs, kind) =
                 (opts.row_invariant, opts.cuda_graphs, opts.backend);
             let p2p = p2p.clone();
-            let nccl = nccl.clone().map(|rv| (rv, tp));
+            let nccl = nccl
+                .clone()
+                .map(|rv| (rv, tp, Engine::rank_terms(&files, &cfg, &layout, opts)));
             let emulate =
                 opts.emulate_link
                     .clone()
@@ -402,6 +411,57 @@ impl Engine {
 
     pub fn tp(&self) -> usize {
         self.layout.tp()
+    }
+
+    /// What a rank brings to the NCCL rendezvous for its peers to match: the model (its
+    /// shapes and file), the head and MLP partition, the options that change which
+    /// collectives run or how (wire, CUDA graphs, link emulation, the `SYNCDROP_ALLREDUCE`,
+    /// `SYNCDROP_FUSED_OPROJ` and `SYNCDROP_FUSED_NORM` variables) and the caller's
+    /// `rank_terms`. (The TP degree is the world size, checked by the rendezvous itself.)
+    pub fn rank_terms(
+        files: &ModelFiles,
+        cfg: &LlamaConfig,
+        layout: &TpLayout,
+        opts: &EngineOptions,
+    ) -> crate::comm::rendezvous::Terms {
+        let path = files.path();
+        let model = match files {
+            // the same file may sit in different folders on different machines
+            ModelFiles::Synthetic(m) => format!("{}:seed={}", m.spec, m.seed),
+            _ => path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            ),
+        };
+        let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+        let shards: Vec<String> = layout
+            .ranks
+            .iter()
+            .map(|r| format!("{}:{}..{}", list(&r.q_heads), r.ffn.start, r.ffn.end))
+            .collect();
+        let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "unset".into());
+        crate::comm::rendezvous::Terms::new()
+            .with("model", model)
+            .with(
+                "shape",
+                format!(
+                    "{}x{}h{}q{}kv{}ffn{}v",
+                    cfg.n_layers, cfg.hidden, cfg.n_heads, cfg.n_kv_heads, cfg.ffn, cfg.vocab
+                ),
+            )
+            .with("shards", shards.join("/"))
+            .with("wire", opts.wire.name())
+            .with("graphs", if opts.cuda_graphs { "on" } else { "off" })
+            .with(
+                "emulate",
+                opts.emulate_link
+                    .as_ref()
+                    .map_or("off".to_string(), |(p, ctas)| format!("{}@{ctas}", p.name)),
+            )
+            .with("SYNCDROP_ALLREDUCE", env("SYNCDROP_ALLREDUCE"))
+            .with("SYNCDROP_FUSED_OPROJ", env("SYNCDROP_FUSED_OPROJ"))
+            .with("SYNCDROP_FUSED_NORM", env("SYNCDROP_FUSED_NORM"))
+            .extended(&opts.rank_terms)
     }
 
     /// Ranks this engine runs (all of them, or the one of `EngineOptions::only_rank`).
@@ -481,6 +541,9 @@ impl Engine {
     }
 
     /// Choose how `prefill` splits prompts (ISO off, a fixed split, or the cost model's).
+    /// Ranks in separate processes must split every prompt alike: give them the same mode,
+    /// and either no model (the FLOP-count one) or the same one; a model each calibrated on
+    /// its own timings would not be (put the mode in `EngineOptions::rank_terms`).
     pub fn set_iso(&mut self, mode: crate::iso::IsoMode, model: Option<crate::iso::IsoCostModel>) {
         self.iso = mode;
         if let Some(m) = model {
@@ -541,7 +604,9 @@ impl Engine {
         }
     }
 
-    /// Switch blocks to SPD (`spd[l] == true`) or back to standard TP blocks.
+    /// Switch blocks to SPD (`spd[l] == true`) or back to standard TP blocks. Ranks in
+    /// separate processes must all switch the same blocks (put the plan in
+    /// `EngineOptions::rank_terms` so that the rendezvous compares it).
     pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
         let mask = Arc::new(spd.to_vec());
         self.broadcast(|| Cmd::SetSpd(mask.clone()))?;

@@ -745,7 +745,8 @@ mod gpu {
     #[test]
     fn nccl_one_rank_all_reduces_and_a_missing_rank_is_an_error_not_a_hang() {
         use syncdrop::backend::cuda::nccl::{self, NcclRank, NcclTimeouts};
-        use syncdrop::comm::rendezvous::Rendezvous;
+        use syncdrop::comm::rendezvous::{Rendezvous, Terms};
+        let none = Terms::new();
         if !have_gpu() {
             return;
         }
@@ -764,7 +765,8 @@ mod gpu {
             call: Duration::from_secs(30),
         };
         {
-            let r = NcclRank::join_with(&Rendezvous::in_process(), 0, 1, &stream, quick).unwrap();
+            let r = NcclRank::join_with(&Rendezvous::in_process(), 0, 1, &none, &stream, quick)
+                .unwrap();
             assert_eq!(r.world(), 1);
             for n in [1usize, 1000, 1 << 20] {
                 let v: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.25 - 7.0).collect();
@@ -800,7 +802,7 @@ mod gpu {
             assert_eq!(r.aborted(), None);
         }
         let t0 = Instant::now();
-        let e = NcclRank::join_with(&Rendezvous::in_process(), 0, 2, &stream, quick)
+        let e = NcclRank::join_with(&Rendezvous::in_process(), 0, 2, &none, &stream, quick)
             .err()
             .expect("rank 1 never joins")
             .to_string();

@@ -26,7 +26,7 @@ pub fn create(
     _graphs: bool,
     _group: Option<std::sync::Arc<P2pGroup>>,
     _emulate: Option<crate::backend::EmulatedLink>,
-    _nccl: Option<(Rendezvous, usize)>,
+    _nccl: Option<(Rendezvous, usize, crate::comm::rendezvous::Terms)>,
 ) -> Result<CudaBackend> {
     Err(Error::NotCompiledWithCuda)
 }

@@ -18,9 +18,16 @@
 //!   world size) or a duplicate rank is refused with a reason, and the exchange doubles as a
 //!   start barrier. Nothing is left on disk.
 //!
-//! Lines on the wire (ASCII, newline-terminated), then the raw id:
-//! `syncdrop-rdv v1 world=W rank=R` (peer -> rank 0), `syncdrop-rdv v1 world=W` + 128 bytes
-//! (rank 0 -> peer) or `error: <reason>` (rank 0 -> peer, then it closes).
+//! Every rank also brings its [`Terms`]: the options that decide which collectives it will
+//! issue (model, head layout, SPD plan, ISO mode, all-reduce path, CUDA graphs, ...). Ranks
+//! in separate processes are started separately and can be started differently; a rank that
+//! differs from rank 0 would pair its collectives with the wrong ones of its peers (wrong
+//! sums or a hang), so the exchange stops both with an error that names each difference.
+//!
+//! Lines on the wire (newline-terminated), then the raw id:
+//! `syncdrop-rdv v2 world=W rank=R terms: k=v k=v` (peer -> rank 0), `syncdrop-rdv v2
+//! world=W` + 128 bytes (rank 0 -> peer) or `error: <reason>` (rank 0 -> peer, then it
+//! closes). The file holds `syncdrop-nccl-id v2 world=W`, `terms: k=v k=v`, then the id.
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
@@ -60,14 +67,20 @@ impl Rendezvous {
     }
 
     /// Rank 0 calls `make` and hands its id to every other rank; the others return it.
-    /// Fails (never hangs) when the ranks have not all met within `wait`.
+    /// Fails (never hangs) when the ranks have not all met within `wait`, and when a rank's
+    /// `terms` (with the syncdrop version added) differ from rank 0's: in separate processes
+    /// (file, TCP) rank 0 and the differing rank both stop with an error naming each
+    /// difference. (The threads of one process share their options; `terms` is not
+    /// compared in process.)
     pub fn exchange(
         &self,
         rank: usize,
         world: usize,
         wait: Duration,
+        terms: &Terms,
         make: impl FnOnce() -> Result<Id>,
     ) -> Result<Id> {
+        let terms = terms.versioned();
         if rank >= world {
             return Err(Error::InvalidArgument(format!(
                 "rendezvous: rank {rank} is not a rank of a world of {world}"
@@ -80,8 +93,8 @@ impl Rendezvous {
                     *cell.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
                     cell.1.notify_all();
                 }
-                Rendezvous::File(path) => write_id_file(path, world, &id)?,
-                Rendezvous::Tcp(addr) => serve(addr, world, &id, wait)?,
+                Rendezvous::File(path) => write_id_file(path, world, &terms, &id)?,
+                Rendezvous::Tcp(addr) => serve(addr, world, &terms, &id, wait)?,
             }
             return Ok(id);
         }
@@ -98,8 +111,8 @@ impl Rendezvous {
                     ))
                 })
             }
-            Rendezvous::File(path) => read_id_file(path, world, wait),
-            Rendezvous::Tcp(addr) => fetch(addr, rank, world, wait),
+            Rendezvous::File(path) => read_id_file(path, rank, world, &terms, wait),
+            Rendezvous::Tcp(addr) => fetch(addr, rank, world, &terms, wait),
         }
     }
 
@@ -112,15 +125,145 @@ impl Rendezvous {
     }
 }
 
-// ---------------------------------------------------------------------------------- file
+// ---------------------------------------------------------------------------------- terms
 
-/// The first line of a rendezvous file: what it is and for which world size.
-fn id_header(world: usize) -> String {
-    format!("syncdrop-nccl-id v1 world={world}\n")
+/// What ranks started separately must have in common besides the world size: the options
+/// that decide which collectives each rank issues, in what order and how large. A rank that
+/// differs would pair its collectives with the wrong ones of its peers (wrong sums, or a
+/// hang), so rank 0 compares every rank's terms with its own at the rendezvous and stops
+/// the run naming each difference. `key=value` pairs; [`Rendezvous::exchange`] adds the
+/// syncdrop version itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Terms(Vec<(String, String)>);
+
+/// Percent-encodes what would break a `key=value key=value` line: whitespace, control
+/// characters, `%` (and `=` in keys).
+fn encode_term(s: &str, key: bool) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_whitespace() || c.is_control() || c == '%' || (key && c == '=') {
+            let mut b = [0u8; 4];
+            for byte in c.encode_utf8(&mut b).bytes() {
+                out += &format!("%{byte:02X}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
-fn write_id_file(path: &Path, world: usize, id: &Id) -> Result<()> {
-    let mut bytes = id_header(world).into_bytes();
+impl Terms {
+    pub fn new() -> Terms {
+        Terms::default()
+    }
+
+    /// Sets `key` (replacing an earlier value).
+    pub fn set(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Terms {
+        let (k, v) = (
+            encode_term(key, true),
+            encode_term(&value.to_string(), false),
+        );
+        match self.0.iter_mut().find(|(old, _)| *old == k) {
+            Some(slot) => slot.1 = v,
+            None => self.0.push((k, v)),
+        }
+        self
+    }
+
+    /// `self` with `key` set.
+    pub fn with(mut self, key: &str, value: impl std::fmt::Display) -> Terms {
+        self.set(key, value);
+        self
+    }
+
+    /// `self` with the syncdrop version first (what every exchange compares too).
+    fn versioned(&self) -> Terms {
+        Terms::new()
+            .with("syncdrop", env!("CARGO_PKG_VERSION"))
+            .extended(self)
+    }
+
+    /// `self` with every pair of `other` set too (`other`'s values win).
+    pub fn extended(mut self, other: &Terms) -> Terms {
+        for (k, v) in &other.0 {
+            match self.0.iter_mut().find(|(m, _)| m == k) {
+                Some(slot) => slot.1 = v.clone(),
+                None => self.0.push((k.clone(), v.clone())),
+            }
+        }
+        self
+    }
+
+    /// The value of `key` as written on the wire (percent-encoded), if set.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        let k = encode_term(key, true);
+        self.0
+            .iter()
+            .find(|(m, _)| *m == k)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// One line of `key=value` pairs separated by spaces.
+    pub fn encode(&self) -> String {
+        self.0
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The pairs of a line [`Terms::encode`] wrote; a word without `=` is a key with an
+    /// empty value.
+    pub fn decode(line: &str) -> Terms {
+        Terms(
+            line.split_whitespace()
+                .map(|w| match w.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => (w.to_string(), String::new()),
+                })
+                .collect(),
+        )
+    }
+
+    /// Each key whose value differs between `self` (called `me`) and `other` (`them`),
+    /// as `key (me: value, them: value)`; empty when they agree (order does not matter).
+    pub fn differences(&self, me: &str, other: &Terms, them: &str) -> Vec<String> {
+        let keys = self.0.iter().chain(&other.0).map(|(k, _)| k.as_str()).fold(
+            Vec::new(),
+            |mut ks: Vec<&str>, k| {
+                if !ks.contains(&k) {
+                    ks.push(k);
+                }
+                ks
+            },
+        );
+        let value = |t: &Terms, k: &str| {
+            t.0.iter()
+                .find(|(m, _)| m == k)
+                .map_or("(unset)".to_string(), |(_, v)| v.clone())
+        };
+        keys.into_iter()
+            .filter_map(|k| {
+                let (a, b) = (value(self, k), value(other, k));
+                (a != b).then(|| format!("{k} ({me}: {a}, {them}: {b})"))
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------- file
+
+const FILE_MAGIC: &str = "syncdrop-nccl-id v2";
+
+/// The first two lines of a rendezvous file: what it is and for which world size, and rank
+/// 0's terms.
+fn id_header(world: usize, terms: &Terms) -> String {
+    format!("{FILE_MAGIC} world={world}\nterms: {}\n", terms.encode())
+}
+
+fn write_id_file(path: &Path, world: usize, terms: &Terms, id: &Id) -> Result<()> {
+    let mut bytes = id_header(world, terms).into_bytes();
     bytes.extend_from_slice(id);
     // a name no other writer uses, readable by this user only (the id holds rank 0's
     // address), then an atomic rename
@@ -141,18 +284,37 @@ fn write_id_file(path: &Path, world: usize, id: &Id) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Poll the file until it holds a complete id for this world. A file that is not ours, or
-/// was written for another world size (stale, most likely: rank 0 replaces it atomically
-/// when it starts), is waited out too, and only reported when the wait ends.
-fn read_id_file(path: &Path, world: usize, wait: Duration) -> Result<Id> {
+/// Poll the file until it holds a complete id for this world and these terms. A file that
+/// does not fit and was written before this rank started waiting is most likely stale (rank
+/// 0 replaces it atomically when it starts): it is waited out, and only reported when the
+/// wait ends. One written since cannot be stale: its rank 0 was started for another world
+/// size or with other options, and this rank stops at once.
+fn read_id_file(
+    path: &Path,
+    rank: usize,
+    world: usize,
+    terms: &Terms,
+    wait: Duration,
+) -> Result<Id> {
     let start = Instant::now();
+    let started = std::time::SystemTime::now();
     let mut last_problem = None;
     loop {
         if let Ok(b) = std::fs::read(path) {
-            match parse_id_file(&b, world, path) {
+            match parse_id_file(&b, world, terms, path) {
                 Ok(Some(id)) => return Ok(id),
                 Ok(None) => {} // incomplete: still being written; wait
-                Err(e) => last_problem = Some(e),
+                Err(e) => {
+                    // file timestamps lag the clock (coarse), never lead it: a stale file
+                    // never looks fresh
+                    let fresh = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t >= started);
+                    if fresh {
+                        return Err(Error::Comm(format!("rank {rank}: {e}")));
+                    }
+                    last_problem = Some(e);
+                }
             }
         }
         if start.elapsed() > wait {
@@ -168,24 +330,53 @@ fn read_id_file(path: &Path, world: usize, wait: Duration) -> Result<Id> {
 }
 
 /// The id in a rendezvous file's bytes: `Some` when complete, `None` when not yet (a reader
-/// retries), an error for a file that is not a syncdrop id file or was written for another
-/// world size (a stale file from an earlier run, most likely).
-pub fn parse_id_file(bytes: &[u8], world: usize, path: &Path) -> Result<Option<Id>> {
-    let Some(nl) = bytes.iter().position(|&c| c == b'\n') else {
-        return Ok(None);
-    };
-    let (head, id) = (&bytes[..=nl], &bytes[nl + 1..]);
-    if !head.starts_with(b"syncdrop-nccl-id v1 ") {
+/// retries), an error for a file that is not a syncdrop id file, or was written for another
+/// world size, by another syncdrop version or by a rank 0 whose terms differ from `terms`
+/// (each difference named).
+pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> Result<Option<Id>> {
+    let mut lines = bytes.splitn(3, |&c| c == b'\n');
+    let head = lines.next().unwrap_or_default();
+    if !FILE_MAGIC
+        .as_bytes()
+        .starts_with(&head[..head.len().min(FILE_MAGIC.len())])
+    {
+        let other_version = head.starts_with(b"syncdrop-nccl-id v");
         return Err(Error::Comm(format!(
-            "{} is not a syncdrop NCCL id file",
-            path.display()
+            "{} is not a syncdrop NCCL id file{}",
+            path.display(),
+            if other_version {
+                " of this version (written by another syncdrop version?)"
+            } else {
+                ""
+            }
         )));
     }
-    if head != id_header(world).as_bytes() {
+    let (Some(theirs), Some(id)) = (lines.next(), lines.next()) else {
+        return Ok(None); // the header lines are not all there yet
+    };
+    let head = String::from_utf8_lossy(head);
+    if head != format!("{FILE_MAGIC} world={world}") {
         return Err(Error::Comm(format!(
             "NCCL rendezvous file {} was written for another world size ({}), this rank's is {world}; a stale file from an earlier run? delete it",
             path.display(),
-            String::from_utf8_lossy(head).trim()
+            head.trim()
+        )));
+    }
+    let theirs = String::from_utf8_lossy(theirs);
+    let Some(theirs) = theirs.strip_prefix("terms: ") else {
+        return Err(Error::Comm(format!(
+            "{} is not a syncdrop NCCL id file (no terms line)",
+            path.display()
+        )));
+    };
+    let diff = terms
+        .versioned()
+        .differences("this rank", &Terms::decode(theirs), "rank 0");
+    if !diff.is_empty() {
+        return Err(Error::Comm(format!(
+            "NCCL rendezvous file {} was written by a rank 0 started with other options: {}; start every rank with the same options (a stale file from an earlier run? delete it)",
+            path.display(),
+            diff.join("; ")
         )));
     }
     Ok(<Id>::try_from(id).ok())
@@ -193,10 +384,10 @@ pub fn parse_id_file(bytes: &[u8], world: usize, path: &Path) -> Result<Option<I
 
 // ----------------------------------------------------------------------------------- tcp
 
-const MAGIC: &str = "syncdrop-rdv v1";
-/// Longest line either side reads: a hello or an error is far shorter; a client that sends
-/// more without a newline is not one of ours.
-const MAX_LINE: usize = 512;
+const MAGIC: &str = "syncdrop-rdv v2";
+/// Longest line either side reads: a hello (its terms included) or an error is far shorter;
+/// a client that sends more without a newline is not one of ours.
+const MAX_LINE: usize = 16 << 10;
 
 fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
     let v: Vec<SocketAddr> = addr
@@ -256,7 +447,7 @@ fn is_dead(s: &TcpStream) -> bool {
 
 /// Rank 0: accept every other rank's hello, then send each the id. On failure every peer
 /// that is connected gets the reason, not just a closed socket.
-fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
+fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Result<()> {
     if world == 1 {
         return Ok(());
     }
@@ -332,13 +523,26 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
             .flatten()
             .unwrap_or_default();
         match parse_hello(&hello, world) {
-            Ok(r) if peers[r].as_ref().is_some_and(|old| !is_dead(old)) => {
+            Ok((r, _)) if peers[r].as_ref().is_some_and(|old| !is_dead(old)) => {
                 let why = format!("rank {r} connected twice (from {from})");
                 let _ = writeln!(s, "error: {why}");
                 refused.push(why);
             }
-            // new, or a restarted rank replacing its dead connection
-            Ok(r) => peers[r] = Some(s),
+            Ok((r, theirs)) => {
+                let diff = theirs.differences(&format!("rank {r}"), terms, "rank 0");
+                if !diff.is_empty() {
+                    // a rank of this run started with other options: waiting cannot fix it
+                    let msg = format!(
+                        "rendezvous on {addr}: rank {r} was started with other options than rank 0: {}; start every rank with the same options",
+                        diff.join("; ")
+                    );
+                    let _ = writeln!(s, "error: {msg}");
+                    tell_all(&mut peers, &msg);
+                    return Err(Error::Comm(msg));
+                }
+                // new, or a restarted rank replacing its dead connection
+                peers[r] = Some(s);
+            }
             Err(why) => {
                 let _ = writeln!(s, "error: {why}");
                 refused.push(format!("{from}: {why}"));
@@ -366,15 +570,23 @@ fn serve(addr: &str, world: usize, id: &Id, wait: Duration) -> Result<()> {
     Ok(())
 }
 
-/// The rank a peer's hello names, or why it is refused.
-fn parse_hello(line: &str, world: usize) -> std::result::Result<usize, String> {
+/// The rank and terms a peer's hello names, or why it is refused.
+fn parse_hello(line: &str, world: usize) -> std::result::Result<(usize, Terms), String> {
     let fields = line
         .strip_prefix(MAGIC)
         .and_then(|rest| rest.strip_prefix(" world="))
         .and_then(|rest| rest.split_once(" rank="))
-        .and_then(|(w, r)| Some((w.parse::<usize>().ok()?, r.parse::<usize>().ok()?)));
-    let Some((w, r)) = fields else {
+        .and_then(|(w, rest)| {
+            let (r, terms) = rest.split_once(" terms: ")?;
+            Some((w.parse::<usize>().ok()?, r.parse::<usize>().ok()?, terms))
+        });
+    let Some((w, r, terms)) = fields else {
         let shown: String = line.chars().take(60).collect();
+        if line.starts_with("syncdrop-rdv v") && !line.starts_with(MAGIC) {
+            return Err(format!(
+                "a rank of another syncdrop version (said {shown:?}, rank 0 speaks {MAGIC:?})"
+            ));
+        }
         return Err(format!("not a syncdrop rank (said {shown:?})"));
     };
     if w != world {
@@ -385,11 +597,11 @@ fn parse_hello(line: &str, world: usize) -> std::result::Result<usize, String> {
     if r == 0 || r >= world {
         return Err(format!("rank {r} is not a peer rank of a world of {world}"));
     }
-    Ok(r)
+    Ok((r, Terms::decode(terms)))
 }
 
 /// A peer rank: connect (retrying while rank 0 is not up yet), say who it is, wait for the id.
-fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
+fn fetch(addr: &str, rank: usize, world: usize, terms: &Terms, wait: Duration) -> Result<Id> {
     let deadline = Instant::now() + wait;
     let timed_out = |what: &str| {
         Error::Comm(format!(
@@ -419,7 +631,12 @@ fn fetch(addr: &str, rank: usize, world: usize, wait: Duration) -> Result<Id> {
         std::thread::sleep(Duration::from_millis(100));
     };
     let io = |e: std::io::Error| Error::Comm(format!("rendezvous on {addr}: rank {rank}: {e}"));
-    writeln!(s, "{MAGIC} world={world} rank={rank}").map_err(io)?;
+    writeln!(
+        s,
+        "{MAGIC} world={world} rank={rank} terms: {}",
+        terms.encode()
+    )
+    .map_err(io)?;
     // rank 0 answers once every rank has arrived
     let line = match read_line(&mut s, deadline) {
         Ok(Some(l)) => l,

@@ -348,14 +348,22 @@ impl CudaBackend {
         })
     }
 
-    /// Join an NCCL communicator of `world` ranks on the communication stream.
+    /// Join an NCCL communicator of `world` ranks on the communication stream (ranks in
+    /// separate processes must agree on `terms`).
     pub fn join_nccl(
         &mut self,
         rv: &crate::comm::rendezvous::Rendezvous,
         rank: usize,
         world: usize,
+        terms: &crate::comm::rendezvous::Terms,
     ) -> Result<()> {
-        self.nccl = Some(super::nccl::NcclRank::join(rv, rank, world, &self.ex.comm)?);
+        self.nccl = Some(super::nccl::NcclRank::join(
+            rv,
+            rank,
+            world,
+            terms,
+            &self.ex.comm,
+        )?);
         self.algos.clear();
         Ok(())
     }

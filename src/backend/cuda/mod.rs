@@ -26,7 +26,7 @@ pub mod topology;
 
 pub use backend::CudaBackend;
 
-use crate::comm::rendezvous::Rendezvous;
+use crate::comm::rendezvous::{Rendezvous, Terms};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -88,7 +88,8 @@ pub fn context(ordinal: usize) -> Result<Arc<cudarc::driver::CudaContext>> {
 }
 
 /// The backend of `rank`: on device `rank % devices` (virtual ranks share a GPU). With a
-/// group, the rank joins its P2P all-reduce (the selection chain still decides per message).
+/// group, the rank joins its P2P all-reduce (the selection chain still decides per message);
+/// with `nccl` = (rendezvous, world, terms) an NCCL communicator of `world` ranks.
 pub fn create(
     dims: crate::backend::RankDims,
     comm: Arc<dyn crate::comm::Communicator>,
@@ -96,12 +97,12 @@ pub fn create(
     graphs: bool,
     group: Option<Arc<allreduce::P2pGroup>>,
     emulate: Option<crate::backend::EmulatedLink>,
-    nccl: Option<(Rendezvous, usize)>,
+    nccl: Option<(Rendezvous, usize, Terms)>,
 ) -> Result<CudaBackend> {
     let dev = CudaBackend::device_for_rank(rank)?;
     let mut be = CudaBackend::new(dims, comm, dev, graphs)?;
-    if let Some((rv, world)) = nccl {
-        be.join_nccl(&rv, rank, world)?;
+    if let Some((rv, world, terms)) = nccl {
+        be.join_nccl(&rv, rank, world, &terms)?;
     }
     if let Some(e) = emulate {
         be.emulate_link(e);

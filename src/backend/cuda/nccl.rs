@@ -22,7 +22,7 @@
 //! calls the raw bindings. All calls on one communicator hold one mutex (the watchdog's polls
 //! and abort included); the enqueue calls it guards are short, and a stream wait is outside it.
 
-use crate::comm::rendezvous::Rendezvous;
+use crate::comm::rendezvous::{Rendezvous, Terms};
 use crate::error::{Error, Result};
 use cudarc::driver::{CudaContext, CudaStream, CudaViewMut, DevicePtrMut};
 use cudarc::nccl::sys;
@@ -264,17 +264,28 @@ impl NcclRank {
         rendezvous: &Rendezvous,
         rank: usize,
         world: usize,
+        terms: &Terms,
         stream: &Arc<CudaStream>,
     ) -> Result<NcclRank> {
-        Self::join_with(rendezvous, rank, world, stream, NcclTimeouts::default())
+        Self::join_with(
+            rendezvous,
+            rank,
+            world,
+            terms,
+            stream,
+            NcclTimeouts::default(),
+        )
     }
 
-    /// Exchange the id, create the communicator (every rank of `world` must join within
-    /// `timeouts.init`, else this rank aborts it and returns an error) and start its watchdog.
+    /// Exchange the id (ranks in separate processes must agree on `terms`: see
+    /// [`Rendezvous::exchange`]), create the communicator (every rank of `world` must join
+    /// within `timeouts.init`, else this rank aborts it and returns an error) and start its
+    /// watchdog.
     pub fn join_with(
         rendezvous: &Rendezvous,
         rank: usize,
         world: usize,
+        terms: &Terms,
         stream: &Arc<CudaStream>,
         timeouts: NcclTimeouts,
     ) -> Result<NcclRank> {
@@ -290,7 +301,7 @@ impl NcclRank {
             )));
         }
         let t0 = Instant::now();
-        let id = rendezvous.exchange(rank, world, timeouts.init, || {
+        let id = rendezvous.exchange(rank, world, timeouts.init, terms, || {
             let mut id = std::mem::MaybeUninit::<sys::ncclUniqueId>::uninit();
             // SAFETY: fills the id.
             let r = unsafe { sys::ncclGetUniqueId(id.as_mut_ptr()) } as u32;
