@@ -262,11 +262,31 @@ fn main() {
     }
 }
 
+/// `per_iter` for calls that can fail: the first error stops the timing.
+fn try_per_iter(
+    s: &Stream,
+    iters: usize,
+    mut f: impl FnMut() -> syncdrop::Result<()>,
+) -> Result<f64, String> {
+    let sync = |s: &Stream| s.synchronize().map_err(|e| format!("sync: {e:?}"));
+    f().map_err(|e| e.to_string())?;
+    sync(s)?;
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f().map_err(|e| e.to_string())?;
+    }
+    sync(s)?;
+    Ok(t0.elapsed().as_secs_f64() / iters as f64)
+}
+
 /// One rank per GPU over real links: P2P one-shot / two-shot and NCCL on the same f32
-/// messages, at 2, 4, 8 ranks as far as the GPUs go. Empty (and says so) with one GPU.
+/// messages, at 2, 4, 8 ranks as far as the GPUs go. Empty (and says so) with one GPU. A
+/// rank whose collective fails stops its world's sweep on every rank (the others would
+/// wait for it at the next step): the table says so and the next world size runs.
 fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
     use syncdrop::backend::cuda::nccl::{self, NcclRank};
     use syncdrop::comm::rendezvous::{Rendezvous, Terms};
+    use syncdrop::comm::{Communicator, ThreadComm};
     let gpus = syncdrop::backend::cuda::device_count().unwrap_or(0);
     println!("\n| ranks (one per GPU) | bytes | P2P one-shot us | P2P two-shot us | NCCL us | NCCL busbw GB/s |");
     println!("|---|---|---|---|---|---|");
@@ -280,77 +300,110 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
         let cap = max_bytes / 4;
         let group = P2pGroup::new(world, cap).expect("group");
         let rv = Rendezvous::in_process();
-        let start = Arc::new(Barrier::new(world));
+        // steps in lockstep: a barrier that a failing rank aborts (with its reason), so
+        // that nobody waits for it
+        let gates = ThreadComm::group(world).expect("gates");
         // which paths joined on every rank: a path runs only where all ranks have it (a rank
         // without P2P to some peer would otherwise leave the others spinning)
         let joined = Arc::new(std::sync::Mutex::new(vec![(false, false); world]));
-        let hs: Vec<_> = (0..world)
-            .map(|r| {
-                let (group, rv, start) = (group.clone(), rv.clone(), start.clone());
-                let joined = joined.clone();
-                std::thread::spawn(move || {
-                    let ctx = context(r).expect("ctx");
-                    // SAFETY: every buffer of this rank lives on its one stream.
-                    unsafe { ctx.disable_event_tracking() };
-                    let s = ctx.new_stream().expect("stream");
-                    let k = Kernels::load(&ctx).expect("kernels");
-                    let mut p = P2pRank::join(
-                        &group,
-                        r,
-                        &s,
-                        r,
-                        1,
-                        Duration::from_secs(2),
-                        Duration::from_secs(30),
-                    )
-                    .ok();
-                    let nc = if have_nccl {
-                        NcclRank::join(&rv, r, world, &Terms::new(), &s)
-                            .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
-                            .ok()
-                    } else {
-                        None
-                    };
-                    joined.lock().unwrap()[r] = (p.is_some(), nc.is_some());
-                    start.wait();
-                    let (all_p2p, all_nccl) = {
-                        let j = joined.lock().unwrap();
-                        (j.iter().all(|x| x.0), j.iter().all(|x| x.1))
-                    };
-                    if !all_p2p {
-                        p = None;
-                    }
-                    let nc = if all_nccl { nc } else { None };
-                    let mut out = Vec::new();
-                    let mut bytes = 1usize << 10;
-                    while bytes <= max_bytes {
-                        let n = bytes / 4;
-                        let iters = if bytes <= 1 << 20 { 200 } else { 20 };
-                        let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
-                        let mut t = [f64::NAN; 3];
-                        for (i, two) in [false, true].into_iter().enumerate() {
-                            if let Some(p) = p.as_mut() {
-                                start.wait();
-                                t[i] = per_iter(&s, iters, || {
-                                    p.all_reduce(&s, &k, &mut d.slice_mut(..), n, two, Wire::F32)
-                                        .expect("p2p")
-                                });
+        let hs: Vec<_> = gates
+            .into_iter()
+            .enumerate()
+            .map(|(r, gate)| {
+                let (group, rv, joined) = (group.clone(), rv.clone(), joined.clone());
+                std::thread::spawn(move || -> Result<Vec<(usize, [f64; 3])>, String> {
+                    let sweep = || -> Result<Vec<(usize, [f64; 3])>, String> {
+                        let cuda = |e: cudarc::driver::DriverError| format!("{e:?}");
+                        let ctx = context(r).map_err(|e| e.to_string())?;
+                        // SAFETY: every buffer of this rank lives on its one stream.
+                        unsafe { ctx.disable_event_tracking() };
+                        let s = ctx.new_stream().map_err(cuda)?;
+                        let k = Kernels::load(&ctx).map_err(|e| e.to_string())?;
+                        let mut p = P2pRank::join(
+                            &group,
+                            r,
+                            &s,
+                            r,
+                            1,
+                            Duration::from_secs(2),
+                            Duration::from_secs(30),
+                        )
+                        .ok();
+                        let nc = if have_nccl {
+                            NcclRank::join(&rv, r, world, &Terms::new(), &s)
+                                .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
+                                .ok()
+                        } else {
+                            None
+                        };
+                        joined.lock().unwrap()[r] = (p.is_some(), nc.is_some());
+                        let gate = || gate.barrier().map_err(|e| e.to_string());
+                        gate()?;
+                        let (all_p2p, all_nccl) = {
+                            let j = joined.lock().unwrap();
+                            (j.iter().all(|x| x.0), j.iter().all(|x| x.1))
+                        };
+                        if !all_p2p {
+                            p = None;
+                        }
+                        let nc = if all_nccl { nc } else { None };
+                        let mut out = Vec::new();
+                        let mut bytes = 1usize << 10;
+                        while bytes <= max_bytes {
+                            let n = bytes / 4;
+                            let iters = if bytes <= 1 << 20 { 200 } else { 20 };
+                            let mut d = s.alloc_zeros::<f32>(n).map_err(cuda)?;
+                            let mut t = [f64::NAN; 3];
+                            for (i, two) in [false, true].into_iter().enumerate() {
+                                if let Some(p) = p.as_mut() {
+                                    gate()?;
+                                    t[i] = try_per_iter(&s, iters, || {
+                                        p.all_reduce(
+                                            &s,
+                                            &k,
+                                            &mut d.slice_mut(..),
+                                            n,
+                                            two,
+                                            Wire::F32,
+                                        )
+                                    })
+                                    .map_err(|e| format!("P2P {bytes} B: {e}"))?;
+                                }
                             }
+                            if let Some(nc) = &nc {
+                                gate()?;
+                                t[2] =
+                                    try_per_iter(&s, iters, || nc.all_reduce(&mut d.slice_mut(..)))
+                                        .map_err(|e| format!("NCCL {bytes} B: {e}"))?;
+                            }
+                            out.push((bytes, t));
+                            bytes *= 4;
                         }
-                        if let Some(nc) = &nc {
-                            start.wait();
-                            t[2] = per_iter(&s, iters, || {
-                                nc.all_reduce(&mut d.slice_mut(..)).expect("nccl")
-                            });
-                        }
-                        out.push((bytes, t));
-                        bytes *= 4;
-                    }
-                    out
+                        Ok(out)
+                    };
+                    // abort the gate first: the others then stop at their next step
+                    // instead of waiting for this rank (NCCL's watchdog and the P2P
+                    // kernels' bounded spins end a collective already started)
+                    sweep().inspect_err(|e| gate.abort(e))
                 })
             })
             .collect();
-        let per_rank: Vec<_> = hs.into_iter().map(|h| h.join().expect("rank")).collect();
+        let results: Vec<_> = hs
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("rank panicked".into())))
+            .collect();
+        // the rank that failed first names the cause; the others only saw the abort
+        let failed: Vec<String> = results
+            .iter()
+            .enumerate()
+            .filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {e}")))
+            .collect();
+        if !failed.is_empty() {
+            println!("| {world} | failed: {} | | | | |", failed.join("; "));
+            rows.push(serde_json::json!({"ranks": world, "failed": failed}));
+            continue;
+        }
+        let per_rank: Vec<_> = results.into_iter().map(Result::unwrap).collect();
         for (i, (bytes, _)) in per_rank[0].iter().enumerate() {
             // the slowest rank's time (NaN where that path did not run)
             let t: Vec<f64> = (0..3)
