@@ -379,6 +379,11 @@ fn model_files(common: &Common) -> Result<Arc<ModelFiles>> {
 }
 
 fn open(common: &Common) -> Result<Opened> {
+    if let Some(r) = common.rank {
+        return Err(Error::InvalidArgument(format!(
+            "--rank {r} runs one rank's share of the model, whose logits hold only that rank's slice of the vocabulary: it is for `bench` only (as are --nccl-id and --nccl-tcp)"
+        )));
+    }
     let files = model_files(common)?;
     let tok = match &*files {
         ModelFiles::Gguf(g) => Tokenizer::from_gguf(g)?,
@@ -390,7 +395,7 @@ fn open(common: &Common) -> Result<Opened> {
             ))
         }
     };
-    let (engine, sha) = open_engine(common, files)?;
+    let (engine, sha) = open_engine(common, files, &Default::default())?;
     Ok(Opened { engine, tok, sha })
 }
 
@@ -399,37 +404,30 @@ fn separate_processes(common: &Common) -> bool {
     common.nccl_id.is_some() || common.nccl_tcp.is_some()
 }
 
-/// What this runner sets after the engine starts that changes the collectives a rank
-/// issues, for ranks in separate processes to compare at their rendezvous: the SPD plan
-/// (a plan file by its contents) and the ISO mode.
-fn rank_terms(common: &Common) -> Result<syncdrop::comm::rendezvous::Terms> {
-    let mut t = syncdrop::comm::rendezvous::Terms::new();
+/// What this runner does after the engine starts that changes the collectives a rank issues,
+/// for ranks in separate processes to compare at their rendezvous: the SPD blocks and head
+/// groups (a plan by what it switches, not by its file), the ISO mode, the KV capacity and
+/// `job` (the subcommand and its sizes).
+fn rank_terms(
+    common: &Common,
+    files: &ModelFiles,
+    job: &syncdrop::comm::rendezvous::Terms,
+) -> Result<syncdrop::comm::rendezvous::Terms> {
     if !separate_processes(common) {
-        return Ok(t);
+        return Ok(Default::default());
     }
-    let spd = match common.spd.as_str() {
-        s @ ("none" | "all") => s.to_string(),
-        s if s.starts_with("layers:") => s.to_string(),
-        plan => {
-            use sha2::Digest;
-            let bytes = std::fs::read(plan).map_err(|e| Error::io(Path::new(plan), e))?;
-            let sha = sha2::Sha256::digest(&bytes);
-            let name = Path::new(plan).file_name().unwrap_or_default();
-            format!(
-                "plan:{}:sha256={}",
-                name.to_string_lossy(),
-                sha.iter()
-                    .take(8)
-                    .map(|b| format!("{b:02x}"))
-                    .collect::<String>()
-            )
-        }
-    };
-    t.set("spd", spd).set("iso", format!("{:?}", common.iso));
-    Ok(t)
+    let n = files.config()?.n_layers;
+    Ok(spd::rank_terms(&common.spd, n)?
+        .with("iso", format!("{:?}", common.iso))
+        .with("ctx", common.ctx)
+        .extended(job))
 }
 
-fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Option<String>)> {
+fn open_engine(
+    common: &Common,
+    files: Arc<ModelFiles>,
+    job: &syncdrop::comm::rendezvous::Terms,
+) -> Result<(Engine, Option<String>)> {
     let path = files.path().to_path_buf();
     let opts = EngineOptions {
         tp: common.tp,
@@ -453,7 +451,7 @@ fn open_engine(common: &Common, files: Arc<ModelFiles>) -> Result<(Engine, Optio
             (None, None, false) => None,
         },
         wire: common.wire.parse()?,
-        rank_terms: rank_terms(common)?,
+        rank_terms: rank_terms(common, &files, job)?,
     };
     let t0 = std::time::Instant::now();
     let mut engine = Engine::new(files, &opts)?;
@@ -653,7 +651,13 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let files = model_files(&common)?;
             let model = files.path().display().to_string();
-            let (mut engine, _) = open_engine(&common, files)?;
+            let job = syncdrop::comm::rendezvous::Terms::new()
+                .with("cmd", "bench")
+                .with("prompt", prompt)
+                .with("prefill_reps", prefill_reps)
+                .with("warmup", warmup)
+                .with("steps", steps);
+            let (mut engine, _) = open_engine(&common, files, &job)?;
             let backend = format!("{:?}", common.backend).to_lowercase();
             let r = syncdrop::bench::bench_engine(
                 &mut engine,

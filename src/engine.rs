@@ -424,14 +424,23 @@ impl Engine {
         layout: &TpLayout,
         opts: &EngineOptions,
     ) -> crate::comm::rendezvous::Terms {
-        let path = files.path();
         let model = match files {
-            // the same file may sit in different folders on different machines
-            ModelFiles::Synthetic(m) => format!("{}:seed={}", m.spec, m.seed),
-            _ => path.file_name().map_or_else(
-                || path.display().to_string(),
-                |n| n.to_string_lossy().into(),
+            ModelFiles::Synthetic(m) => format!(
+                "{}:layers={}:seed={}",
+                m.spec.split(':').next().unwrap_or_default(),
+                m.cfg.n_layers,
+                m.seed
             ),
+            // by name, not folder: the same file may sit in different folders on different
+            // machines (`--model .` names the folder it is)
+            _ => {
+                let path = files.path();
+                let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+                path.file_name().map_or_else(
+                    || path.display().to_string(),
+                    |n| n.to_string_lossy().into(),
+                )
+            }
         };
         let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         let shards: Vec<String> = layout
@@ -439,7 +448,15 @@ impl Engine {
             .iter()
             .map(|r| format!("{}:{}..{}", list(&r.q_heads), r.ffn.start, r.ffn.end))
             .collect();
-        let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "unset".into());
+        // the variables as the CUDA backend reads them (an unparsable path fails there)
+        let forced = std::env::var("SYNCDROP_ALLREDUCE")
+            .ok()
+            .and_then(|v| v.parse::<crate::comm::select::Algo>().ok())
+            .map_or("auto".to_string(), |a| format!("{a:?}"));
+        let on = |k: &str| match std::env::var(k).is_ok_and(|v| v == "1") {
+            true => "on",
+            false => "off",
+        };
         crate::comm::rendezvous::Terms::new()
             .with("model", model)
             .with(
@@ -458,9 +475,9 @@ impl Engine {
                     .as_ref()
                     .map_or("off".to_string(), |(p, ctas)| format!("{}@{ctas}", p.name)),
             )
-            .with("SYNCDROP_ALLREDUCE", env("SYNCDROP_ALLREDUCE"))
-            .with("SYNCDROP_FUSED_OPROJ", env("SYNCDROP_FUSED_OPROJ"))
-            .with("SYNCDROP_FUSED_NORM", env("SYNCDROP_FUSED_NORM"))
+            .with("SYNCDROP_ALLREDUCE", forced)
+            .with("SYNCDROP_FUSED_OPROJ", on("SYNCDROP_FUSED_OPROJ"))
+            .with("SYNCDROP_FUSED_NORM", on("SYNCDROP_FUSED_NORM"))
             .extended(&opts.rank_terms)
     }
 

@@ -14,6 +14,45 @@ use std::path::{Path, PathBuf};
 
 pub const PLAN_VERSION: u32 = 1;
 
+/// What an SPD choice (`--spd`: `none`, `all`, `layers:LIST` or a plan file) changes in the
+/// collectives of a model of `n_layers` blocks, as rendezvous terms: the blocks that drop
+/// their attention all-reduce (`spd`, one digit per block) and the head groups
+/// (`head_groups`). A plan counts by what it switches, not by its file's name or bytes.
+pub fn rank_terms(spec: &str, n_layers: usize) -> Result<crate::comm::rendezvous::Terms> {
+    let (mask, groups) = match spec {
+        "none" => (vec![false; n_layers], Vec::new()),
+        "all" => (vec![true; n_layers], Vec::new()),
+        s if s.starts_with("layers:") => (layer_mask(&s["layers:".len()..], n_layers)?, Vec::new()),
+        plan => {
+            let plan = SpdPlan::load(Path::new(plan))?;
+            let groups = plan
+                .layers
+                .iter()
+                .enumerate()
+                .filter_map(|(l, lp)| {
+                    Some(format!(
+                        "{l}:{:?}:{:?}",
+                        lp.heads.as_ref()?,
+                        lp.ffn_order.as_ref()?
+                    ))
+                })
+                .collect();
+            (plan.spd_mask(), groups)
+        }
+    };
+    let bits: String = mask.iter().map(|b| if *b { '1' } else { '0' }).collect();
+    Ok(crate::comm::rendezvous::Terms::new()
+        .with("spd", bits)
+        .with(
+            "head_groups",
+            if groups.is_empty() {
+                "none".to_string()
+            } else {
+                groups.join(";")
+            },
+        ))
+}
+
 /// A zero-shot SPD mask from a block list such as `5,8,20-28` (numbered from 0, ranges
 /// inclusive): the runner's `--spd layers:...`, for evaluating any set of blocks without a
 /// plan file. Errors name the offending item.

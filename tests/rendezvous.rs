@@ -16,6 +16,18 @@ fn id(seed: u8) -> Id {
     id
 }
 
+/// Connects to `addr`, retrying while rank 0 is not listening yet (10 s at most).
+fn connect(addr: &str) -> std::net::TcpStream {
+    let t0 = Instant::now();
+    loop {
+        match std::net::TcpStream::connect(addr) {
+            Ok(s) => return s,
+            Err(e) if t0.elapsed() > Duration::from_secs(10) => panic!("connect {addr}: {e}"),
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 /// A localhost port nobody listens on right now.
 fn free_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -109,7 +121,10 @@ fn a_missing_rank_is_named_at_rank_0_and_the_others_time_out_instead_of_hanging(
     assert!(e0.contains("[2]") && e0.contains("did not connect"), "{e0}");
     for p in peers {
         let e = p.join().unwrap().unwrap_err();
-        assert!(e.contains("rank 0 refused") && e.contains("[2]"), "{e}");
+        assert!(
+            e.contains("rank 0 stopped the run") && e.contains("[2]"),
+            "{e}"
+        );
     }
     let took = t0.elapsed();
     assert!(took < wait + Duration::from_secs(3), "took {took:?}");
@@ -180,17 +195,13 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
         thread::spawn(move || rv.exchange(0, 3, wait, &Terms::new(), || Ok(id(7))))
     };
     // a stranger that says nothing useful, then closes
-    let stranger = loop {
-        match std::net::TcpStream::connect(&addr) {
-            Ok(mut s) => {
-                use std::io::{Read, Write};
-                s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
-                let mut answer = String::new();
-                let _ = s.read_to_string(&mut answer);
-                break answer;
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
+    let stranger = {
+        use std::io::{Read, Write};
+        let mut s = connect(&addr);
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        let _ = s.read_to_string(&mut answer);
+        answer
     };
     assert!(
         stranger.starts_with("error: not a syncdrop rank"),
@@ -337,14 +348,61 @@ fn id_files_are_checked_before_use() {
     assert_eq!(reader.join().unwrap().unwrap(), id(5));
     rv.finish(0);
     assert!(!f.exists());
+
+    // a stale file of the same world and options (a crashed run's) is answered but never
+    // used: the reader takes the id of the rank 0 that replaces it, and rank 0 clears the
+    // stale answer first
+    let same = file(2, "graphs=on spd=layers:1,2");
+    std::fs::write(&f, &same).unwrap();
+    let reader = {
+        let (rv, mine) = (Rendezvous::File(f.clone()), mine.clone());
+        thread::spawn(move || rv.exchange(1, 2, Duration::from_secs(20), &mine, || unreachable!()))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let ack = std::path::PathBuf::from(format!("{}.ack-1", f.display()));
+    assert!(ack.exists(), "the reader answered the stale file");
+    let rv = Rendezvous::File(f.clone());
+    rv.exchange(0, 2, Duration::from_secs(10), &mine, || Ok(id(6)))
+        .unwrap();
+    let got = reader.join().unwrap().unwrap();
+    assert_eq!(got, id(6), "not the stale id");
+    rv.finish(0);
+    let dir = f.parent().unwrap();
+    let name = f.file_name().unwrap().to_string_lossy().into_owned();
+    let left: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&name))
+        .collect();
+    assert!(left.is_empty(), "finish leaves nothing: {left:?}");
+
+    // a missing rank is named at rank 0 and the others hear it, as over TCP
+    let one = {
+        let (rv, mine) = (Rendezvous::File(f.clone()), mine.clone());
+        thread::spawn(move || rv.exchange(1, 3, Duration::from_secs(20), &mine, || unreachable!()))
+    };
+    let e0 = rv
+        .exchange(0, 3, Duration::from_millis(1500), &mine, || Ok(id(8)))
+        .unwrap_err()
+        .to_string();
+    assert!(e0.contains("[2]") && e0.contains("did not answer"), "{e0}");
+    let e1 = one.join().unwrap().unwrap_err().to_string();
+    assert!(
+        e1.contains("rank 0 stopped the run") && e1.contains("[2]"),
+        "{e1}"
+    );
+    assert!(!f.exists(), "a stopped rank 0 removes its id");
+    let _ = std::fs::remove_file(format!("{}.go", f.display()));
 }
 
 /// Ranks started separately can be started differently. One whose options differ from rank
 /// 0's (SPD plan, ISO mode, CUDA graphs, ...) would pair its collectives with the wrong ones:
-/// the rendezvous stops it and rank 0 at once, naming each difference, over TCP and through
-/// a file written since the rank started (an older file may be stale and is waited out).
+/// the rendezvous stops rank 0 and every rank within seconds, naming each difference, over
+/// TCP and through a file, whichever rank starts first.
 #[test]
 fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
+    use std::io::{Read, Write};
     let base = Terms::new()
         .with("model", "SmolLM2 135M.gguf")
         .with("graphs", "on")
@@ -353,20 +411,29 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
     let wait = Duration::from_secs(20);
     let t0 = Instant::now();
 
-    // tcp: ranks 1 and 3 agree with rank 0, rank 2 does not
+    // tcp: rank 1 agrees with rank 0 (a hand-written client, so that it is surely in the
+    // accept queue first), rank 2 does not
     let addr = free_addr();
-    let rv = Rendezvous::Tcp(addr);
-    let spawn = |r: usize, t: &Terms| {
-        let (rv, t) = (rv.clone(), t.clone());
+    let rv = Rendezvous::Tcp(addr.clone());
+    let r0 = {
+        let (rv, base) = (rv.clone(), base.clone());
         thread::spawn(move || {
-            rv.exchange(r, 4, wait, &t, || Ok(id(3)))
+            rv.exchange(0, 4, wait, &base, || Ok(id(3)))
                 .map_err(|e| e.to_string())
         })
     };
-    let r0 = spawn(0, &base);
-    let r1 = spawn(1, &base);
-    thread::sleep(Duration::from_millis(300));
-    let r2 = spawn(2, &odd);
+    let mut one = connect(&addr);
+    writeln!(
+        one,
+        "syncdrop-rdv v2 world=4 rank=1 terms: syncdrop={} {}",
+        env!("CARGO_PKG_VERSION"),
+        base.encode()
+    )
+    .unwrap();
+    let e2 = rv
+        .exchange(2, 4, wait, &odd, || unreachable!())
+        .unwrap_err()
+        .to_string();
     let e0 = r0.join().unwrap().unwrap_err();
     assert!(
         e0.contains("rank 2 was started with other options")
@@ -375,52 +442,66 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
         "{e0}"
     );
     assert!(!e0.contains("model ("), "only differences are named: {e0}");
-    let e2 = r2.join().unwrap().unwrap_err();
     assert!(
-        e2.contains("rank 0 refused rank 2") && e2.contains("graphs"),
+        e2.contains("rank 2: rank 0 stopped the run") && e2.contains("graphs"),
         "{e2}"
     );
-    // a rank that agreed hears why the run stopped
-    let e1 = r1.join().unwrap().unwrap_err();
-    assert!(e1.contains("rank 2 was started with other options"), "{e1}");
-    // values with spaces and '=' survive the line
-    let spaced = Rendezvous::Tcp(free_addr());
-    let t = base.clone().with("spd", "plan: a=b %c");
-    let (a, b) = (spawn_one(&spaced, 0, &t), spawn_one(&spaced, 1, &t));
-    assert_eq!(a.join().unwrap().unwrap(), id(3));
-    assert_eq!(b.join().unwrap().unwrap(), id(3));
+    // the rank that agreed hears why the run stopped
+    let mut heard = String::new();
+    one.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = one.read_to_string(&mut heard);
+    assert!(
+        heard.starts_with("error: rank 2 was started with other options"),
+        "{heard}"
+    );
 
-    // file: a reader started before rank 0 wrote its file stops at once
+    // file: rank 0 reads the refusal and stops, and so does every rank, whoever starts first
     let f = std::env::temp_dir().join(format!("syncdrop-rdv-terms-{}", std::process::id()));
-    let _ = std::fs::remove_file(&f);
-    let reader = {
-        let (rv, odd) = (Rendezvous::File(f.clone()), odd.clone());
-        thread::spawn(move || {
-            let t = Instant::now();
-            let r = rv.exchange(1, 2, wait, &odd, || unreachable!());
-            (r.map_err(|e| e.to_string()), t.elapsed())
-        })
+    let file_run = |peer_first: bool| {
+        let rv = Rendezvous::File(f.clone());
+        let start = |r: usize, t: &Terms| {
+            let (rv, t) = (rv.clone(), t.clone());
+            thread::spawn(move || {
+                rv.exchange(r, 3, wait, &t, || Ok(id(4)))
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let (zero, one, two);
+        if peer_first {
+            two = start(2, &odd);
+            one = start(1, &base);
+            thread::sleep(Duration::from_millis(200));
+            zero = start(0, &base);
+        } else {
+            zero = start(0, &base);
+            thread::sleep(Duration::from_millis(200));
+            one = start(1, &base);
+            two = start(2, &odd);
+        }
+        let out = [zero, one, two].map(|h| h.join().unwrap().unwrap_err());
+        let _ = std::fs::remove_file(format!("{}.go", f.display()));
+        out
     };
-    thread::sleep(Duration::from_millis(300));
-    let rv = Rendezvous::File(f.clone());
-    rv.exchange(0, 2, wait, &base, || Ok(id(4))).unwrap();
-    let (e, took) = reader.join().unwrap();
-    let e = e.unwrap_err();
+    for peer_first in [true, false] {
+        let [e0, e1, e2] = file_run(peer_first);
+        assert!(
+            e0.contains("rank 2 refused rank 0's id")
+                && e0.contains("graphs (this rank: off, rank 0: on)")
+                && e0.contains("iso (this rank: Auto, rank 0: (unset))"),
+            "peer first {peer_first}: {e0}"
+        );
+        for e in [&e1, &e2] {
+            assert!(
+                e.contains("rank 0 stopped the run: rank 2 refused"),
+                "peer first {peer_first}: {e}"
+            );
+        }
+    }
     assert!(
-        e.contains("rank 1") && e.contains("graphs (this rank: off, rank 0: on)"),
-        "{e}"
+        t0.elapsed() < Duration::from_secs(10),
+        "no wait ran out: {:?}",
+        t0.elapsed()
     );
-    assert!(
-        took < Duration::from_secs(5),
-        "stopped at once, took {took:?}"
-    );
-    rv.finish(0);
-    assert!(t0.elapsed() < Duration::from_secs(10), "no wait ran out");
-}
-
-fn spawn_one(rv: &Rendezvous, r: usize, t: &Terms) -> thread::JoinHandle<syncdrop::Result<Id>> {
-    let (rv, t) = (rv.clone(), t.clone());
-    thread::spawn(move || rv.exchange(r, 2, Duration::from_secs(20), &t, || Ok(id(3))))
 }
 
 #[test]
@@ -443,6 +524,15 @@ fn terms_round_trip_and_compare_by_key() {
         t.differences("me", &u, "them").is_empty(),
         "order does not matter"
     );
+    // a value that reads "(unset)" is not a missing key; differently escaped values differ
+    let unset = Terms::new().with("k", "(unset)");
+    assert_eq!(unset.differences("me", &Terms::new(), "them").len(), 1);
+    let (sp, us) = (Terms::new().with("k", "a b"), Terms::new().with("k", "a_b"));
+    assert_eq!(
+        sp.differences("me", &us, "them"),
+        vec!["k (me: a b, them: a_b)".to_string()],
+        "values are shown decoded"
+    );
     let v = u.clone().with("a", "other").with("extra", 1);
     assert_eq!(
         t.differences("me", &v, "them"),
@@ -460,17 +550,13 @@ fn terms_round_trip_and_compare_by_key() {
             rv.exchange(0, 2, Duration::from_secs(1), &Terms::new(), || Ok(id(1)))
         })
     };
-    let answer = loop {
-        match std::net::TcpStream::connect(&addr) {
-            Ok(mut s) => {
-                use std::io::{Read, Write};
-                writeln!(s, "syncdrop-rdv v1 world=2 rank=1").unwrap();
-                let mut a = String::new();
-                let _ = s.read_to_string(&mut a);
-                break a;
-            }
-            Err(_) => thread::sleep(Duration::from_millis(20)),
-        }
+    let answer = {
+        use std::io::{Read, Write};
+        let mut s = connect(&addr);
+        writeln!(s, "syncdrop-rdv v1 world=2 rank=1").unwrap();
+        let mut a = String::new();
+        let _ = s.read_to_string(&mut a);
+        a
     };
     assert!(answer.contains("another syncdrop version"), "{answer}");
     let e = r0.join().unwrap().unwrap_err().to_string();
@@ -532,7 +618,16 @@ fn an_engines_terms_name_what_changes_its_collectives() {
     permuted.ranks[0].q_heads.swap(0, 1);
     let d = t.differences("a", &terms(&base, &permuted), "b").join("; ");
     assert!(d.starts_with("shards ("), "{d}");
-    // another seed is another model
+    // the same model however its spec is written; another seed is another model
+    let spelled =
+        ModelFiles::Synthetic(SyntheticModel::parse("llama2-7b:seed=0,layers=2").unwrap());
+    assert!(t
+        .differences(
+            "a",
+            &Engine::rank_terms(&spelled, &cfg, &layout, &base),
+            "b"
+        )
+        .is_empty());
     let other = ModelFiles::Synthetic(SyntheticModel::parse("llama2-7b:layers=2,seed=9").unwrap());
     let d = t
         .differences("a", &Engine::rank_terms(&other, &cfg, &layout, &base), "b")

@@ -194,6 +194,43 @@ fn plan_files_round_trip_and_mismatches_are_named() {
     std::fs::remove_dir_all(dir3).ok();
 }
 
+/// What ranks in separate processes compare about their SPD choice: the blocks switched and
+/// the head groups, whichever way they were given (a plan under another name is the same
+/// plan; a list naming the same blocks is the same choice).
+#[test]
+fn spd_rank_terms_count_what_a_plan_switches_not_its_file() {
+    use syncdrop::spd::rank_terms;
+    let (e, dir) = tiny(2, "planterms", 3, false);
+    let sha = model_sha256(&e.files).unwrap();
+    let plan = SpdPlan::new(&e, sha, &[true, false, true], Recovery::ZeroShot);
+    let (a, b) = (dir.join("a.json"), dir.join("renamed copy.json"));
+    plan.save(&a).unwrap();
+    plan.save(&b).unwrap();
+    let terms = |spec: &std::path::Path| rank_terms(spec.to_str().unwrap(), 3).unwrap();
+    let ta = terms(&a);
+    assert!(ta.differences("a", &terms(&b), "b").is_empty());
+    assert!(ta
+        .differences("a", &rank_terms("layers:0,2", 3).unwrap(), "list")
+        .is_empty());
+    let none = rank_terms("none", 3).unwrap();
+    assert_eq!(
+        ta.differences("a", &none, "none"),
+        vec!["spd (a: 101, none: 000)".to_string()]
+    );
+    assert_eq!(rank_terms("all", 3).unwrap().get("spd"), Some("111"));
+    // head grouping on a block is another collective layout
+    let mut grouped = plan.clone();
+    grouped.layers[2].heads = Some(vec![vec![1], vec![0]]);
+    grouped.layers[2].ffn_order = Some(vec![1, 0]);
+    grouped.save(&b).unwrap();
+    let d = ta.differences("a", &terms(&b), "b").join("; ");
+    assert!(d.starts_with("head_groups (a: none, b: 2:"), "{d}");
+    // a bad choice is an error, not a term
+    assert!(rank_terms("layers:7", 3).is_err());
+    assert!(rank_terms(dir.join("missing.json").to_str().unwrap(), 3).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[test]
 fn spd_with_qkv_biases_is_standard_at_tp1_and_differs_at_tp3() {
     let (mut e1, d1) = tiny(1, "bias1", 2, true);

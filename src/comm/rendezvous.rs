@@ -4,11 +4,17 @@
 //! Three ways, one contract ([`Rendezvous::exchange`]): every rank returns the same bytes or
 //! an error that says what went wrong, within the wait it was given; nothing hangs.
 //! - [`Rendezvous::InProcess`]: the rank threads of one process (through memory).
-//! - [`Rendezvous::File`]: processes on one machine or a shared filesystem. Rank 0 writes the
-//!   file atomically (mode 0600, a header line with the world size) and the others poll it.
-//!   A stale file from a crashed run with the same world size cannot be told apart (rank 0
-//!   removes the file once everyone has joined, so only a crash leaves one): a rank that
-//!   reads a stale id fails NCCL's init within its timeout. `Tcp` has no such failure.
+//! - [`Rendezvous::File`]: processes on one machine or a shared filesystem. Rank 0 clears an
+//!   earlier run's answers and writes the id file atomically (mode 0600: a line with the
+//!   world size, one with its terms, the id); every other rank answers it in
+//!   `<path>.ack-<rank>` (`ok <tag>`, or `refused <tag> <reason>`), and once all have
+//!   answered `ok` rank 0 writes its verdict `<path>.go` (`ok <tag>`, else `error <tag>
+//!   <reason>`); a rank takes the id only on an `ok` for it. The tag names one id, so
+//!   answers and verdicts of an earlier run are ignored, and a stale id file is answered
+//!   but never used: a rank waits until a starting rank 0 replaces it. So a missing rank
+//!   is named at rank 0, a refusal stops rank 0 and every rank, and the exchange doubles as
+//!   a start barrier, as over TCP. Rank 0 removes the files once NCCL has started (the
+//!   verdict of a stopped run stays for the ranks still to read it).
 //! - [`Rendezvous::Tcp`]: processes anywhere rank 0's address is reachable (the usual
 //!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens on every interface at that
 //!   port; each other rank connects to `host:port` (retrying until rank 0 is up and the name
@@ -22,12 +28,13 @@
 //! issue (model, head layout, SPD plan, ISO mode, all-reduce path, CUDA graphs, ...). Ranks
 //! in separate processes are started separately and can be started differently; a rank that
 //! differs from rank 0 would pair its collectives with the wrong ones of its peers (wrong
-//! sums or a hang), so the exchange stops both with an error that names each difference.
+//! sums or a hang), so the exchange stops rank 0 and every rank with an error that names
+//! each difference.
 //!
 //! Lines on the wire (newline-terminated), then the raw id:
 //! `syncdrop-rdv v2 world=W rank=R terms: k=v k=v` (peer -> rank 0), `syncdrop-rdv v2
 //! world=W` + 128 bytes (rank 0 -> peer) or `error: <reason>` (rank 0 -> peer, then it
-//! closes). The file holds `syncdrop-nccl-id v2 world=W`, `terms: k=v k=v`, then the id.
+//! closes).
 
 use crate::error::{Error, Result};
 use std::io::{Read, Write};
@@ -93,7 +100,7 @@ impl Rendezvous {
                     *cell.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(id);
                     cell.1.notify_all();
                 }
-                Rendezvous::File(path) => write_id_file(path, world, &terms, &id)?,
+                Rendezvous::File(path) => serve_file(path, world, &terms, &id, wait)?,
                 Rendezvous::Tcp(addr) => serve(addr, world, &terms, &id, wait)?,
             }
             return Ok(id);
@@ -111,16 +118,18 @@ impl Rendezvous {
                     ))
                 })
             }
-            Rendezvous::File(path) => read_id_file(path, rank, world, &terms, wait),
+            Rendezvous::File(path) => fetch_file(path, rank, world, &terms, wait),
             Rendezvous::Tcp(addr) => fetch(addr, rank, world, &terms, wait),
         }
     }
 
-    /// What rank 0 does once every rank has used the id: a file is removed so that a later
-    /// run cannot pick it up. (TCP and in-process leave nothing behind.)
+    /// What rank 0 does once every rank has used the id: the id file, the answers and the
+    /// verdict are removed so that a later run cannot pick them up. (TCP and in-process
+    /// leave nothing behind.)
     pub fn finish(&self, rank: usize) {
         if let (0, Rendezvous::File(path)) = (rank, self) {
-            let _ = std::fs::remove_file(path);
+            remove_id_and_answers(path);
+            let _ = std::fs::remove_file(beside(path, "go"));
         }
     }
 }
@@ -151,6 +160,30 @@ fn encode_term(s: &str, key: bool) -> String {
         }
     }
     out
+}
+
+/// The text [`encode_term`] encoded (for messages); a malformed escape stays as it is.
+fn decode_term(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = b
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (b[i], hex) {
+            (b'%', Some(v)) => {
+                out.push(v);
+                i += 3;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Terms {
@@ -238,15 +271,19 @@ impl Terms {
                 ks
             },
         );
-        let value = |t: &Terms, k: &str| {
-            t.0.iter()
-                .find(|(m, _)| m == k)
-                .map_or("(unset)".to_string(), |(_, v)| v.clone())
-        };
+        let value = |t: &Terms, k: &str| t.0.iter().find(|(m, _)| m == k).map(|(_, v)| v.clone());
+        let shown = |v: Option<String>| v.map_or("(unset)".to_string(), |v| decode_term(&v));
         keys.into_iter()
             .filter_map(|k| {
                 let (a, b) = (value(self, k), value(other, k));
-                (a != b).then(|| format!("{k} ({me}: {a}, {them}: {b})"))
+                (a != b).then(|| {
+                    format!(
+                        "{} ({me}: {}, {them}: {})",
+                        decode_term(k),
+                        shown(a),
+                        shown(b)
+                    )
+                })
             })
             .collect()
     }
@@ -255,21 +292,32 @@ impl Terms {
 // ---------------------------------------------------------------------------------- file
 
 const FILE_MAGIC: &str = "syncdrop-nccl-id v2";
+/// How often file readers and rank 0 look again.
+const POLL: Duration = Duration::from_millis(50);
 
-/// The first two lines of a rendezvous file: what it is and for which world size, and rank
-/// 0's terms.
-fn id_header(world: usize, terms: &Terms) -> String {
-    format!("{FILE_MAGIC} world={world}\nterms: {}\n", terms.encode())
+/// A file beside the id file: `<path>.<suffix>`.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut p = path.to_path_buf().into_os_string();
+    p.push(format!(".{suffix}"));
+    PathBuf::from(p)
 }
 
-fn write_id_file(path: &Path, world: usize, terms: &Terms, id: &Id) -> Result<()> {
-    let mut bytes = id_header(world, terms).into_bytes();
-    bytes.extend_from_slice(id);
-    // a name no other writer uses, readable by this user only (the id holds rank 0's
-    // address), then an atomic rename
-    let mut tmp = path.to_path_buf().into_os_string();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
+/// A short name for one id (its bytes hold rank 0's address and a random magic): answers
+/// and the verdict carry it, so that anything written for another id (an earlier run's) is
+/// ignored.
+fn id_tag(id: &Id) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(id)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Write `bytes` under a name no other writer uses, readable by this user only (the id
+/// holds rank 0's address), then rename: readers see all of it or nothing.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = beside(path, &format!("tmp-{}", std::process::id()));
     {
         use std::os::unix::fs::OpenOptionsExt;
         let mut f = std::fs::OpenOptions::new()
@@ -279,54 +327,41 @@ fn write_id_file(path: &Path, world: usize, terms: &Terms, id: &Id) -> Result<()
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io(&tmp, e))?;
-        f.write_all(&bytes).map_err(|e| Error::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| Error::io(&tmp, e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Poll the file until it holds a complete id for this world and these terms. A file that
-/// does not fit and was written before this rank started waiting is most likely stale (rank
-/// 0 replaces it atomically when it starts): it is waited out, and only reported when the
-/// wait ends. One written since cannot be stale: its rank 0 was started for another world
-/// size or with other options, and this rank stops at once.
-fn read_id_file(
-    path: &Path,
-    rank: usize,
-    world: usize,
-    terms: &Terms,
-    wait: Duration,
-) -> Result<Id> {
-    let start = Instant::now();
-    let started = std::time::SystemTime::now();
-    let mut last_problem = None;
-    loop {
-        if let Ok(b) = std::fs::read(path) {
-            match parse_id_file(&b, world, terms, path) {
-                Ok(Some(id)) => return Ok(id),
-                Ok(None) => {} // incomplete: still being written; wait
-                Err(e) => {
-                    // file timestamps lag the clock (coarse), never lead it: a stale file
-                    // never looks fresh
-                    let fresh = std::fs::metadata(path)
-                        .and_then(|m| m.modified())
-                        .is_ok_and(|t| t >= started);
-                    if fresh {
-                        return Err(Error::Comm(format!("rank {rank}: {e}")));
-                    }
-                    last_problem = Some(e);
-                }
+/// Removes rank 0's id file and every rank's answer (`<path>.ack-<rank>`).
+fn remove_id_and_answers(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!("{}.ack-", name.to_string_lossy());
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = std::fs::remove_file(e.path());
             }
         }
-        if start.elapsed() > wait {
-            return Err(last_problem.unwrap_or_else(|| {
-                Error::Comm(format!(
-                    "rendezvous: no complete id in {} after {wait:?} (is rank 0 running?)",
-                    path.display()
-                ))
-            }));
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The parts of a complete id file: first line, terms line, id. `None` while incomplete.
+fn split_id_file(bytes: &[u8]) -> Option<(String, String, Id)> {
+    let mut lines = bytes.splitn(3, |&c| c == b'\n');
+    let (head, terms, id) = (lines.next()?, lines.next()?, lines.next()?);
+    Some((
+        String::from_utf8_lossy(head).into_owned(),
+        String::from_utf8_lossy(terms).into_owned(),
+        <Id>::try_from(id).ok()?,
+    ))
 }
 
 /// The id in a rendezvous file's bytes: `Some` when complete, `None` when not yet (a reader
@@ -334,13 +369,16 @@ fn read_id_file(
 /// world size, by another syncdrop version or by a rank 0 whose terms differ from `terms`
 /// (each difference named).
 pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> Result<Option<Id>> {
-    let mut lines = bytes.splitn(3, |&c| c == b'\n');
-    let head = lines.next().unwrap_or_default();
-    if !FILE_MAGIC
-        .as_bytes()
-        .starts_with(&head[..head.len().min(FILE_MAGIC.len())])
-    {
-        let other_version = head.starts_with(b"syncdrop-nccl-id v");
+    let first = bytes.split(|&c| c == b'\n').next().unwrap_or_default();
+    let complete_line = first.len() < bytes.len();
+    // a first line still being written may be a prefix of ours
+    let ours = if complete_line {
+        first.starts_with(format!("{FILE_MAGIC} ").as_bytes())
+    } else {
+        FILE_MAGIC.as_bytes().starts_with(first) || first.starts_with(FILE_MAGIC.as_bytes())
+    };
+    if !ours {
+        let other_version = first.starts_with(b"syncdrop-nccl-id v");
         return Err(Error::Comm(format!(
             "{} is not a syncdrop NCCL id file{}",
             path.display(),
@@ -351,18 +389,15 @@ pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> 
             }
         )));
     }
-    let (Some(theirs), Some(id)) = (lines.next(), lines.next()) else {
-        return Ok(None); // the header lines are not all there yet
+    let Some((head, theirs, id)) = split_id_file(bytes) else {
+        return Ok(None);
     };
-    let head = String::from_utf8_lossy(head);
     if head != format!("{FILE_MAGIC} world={world}") {
         return Err(Error::Comm(format!(
-            "NCCL rendezvous file {} was written for another world size ({}), this rank's is {world}; a stale file from an earlier run? delete it",
+            "{} was written for another world size ({head}), this rank's is {world}",
             path.display(),
-            head.trim()
         )));
     }
-    let theirs = String::from_utf8_lossy(theirs);
     let Some(theirs) = theirs.strip_prefix("terms: ") else {
         return Err(Error::Comm(format!(
             "{} is not a syncdrop NCCL id file (no terms line)",
@@ -374,12 +409,143 @@ pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> 
         .differences("this rank", &Terms::decode(theirs), "rank 0");
     if !diff.is_empty() {
         return Err(Error::Comm(format!(
-            "NCCL rendezvous file {} was written by a rank 0 started with other options: {}; start every rank with the same options (a stale file from an earlier run? delete it)",
+            "{} was written by a rank 0 started with other options: {}",
             path.display(),
             diff.join("; ")
         )));
     }
-    Ok(<Id>::try_from(id).ok())
+    Ok(Some(id))
+}
+
+/// Rank 0 through a file: clear an earlier run's answers, write the id file, then wait until
+/// every rank has answered for this id. An answer `refused` (the rank's world size or terms
+/// differ) or a rank missing at the deadline stops the run; the verdict file
+/// (`<path>.go`: `ok <tag>` or `error <tag> <reason>`) tells the ranks either way.
+fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Result<()> {
+    if world == 1 {
+        return Ok(());
+    }
+    let go = beside(path, "go");
+    remove_id_and_answers(path);
+    let _ = std::fs::remove_file(&go);
+    let mut bytes = format!("{FILE_MAGIC} world={world}\nterms: {}\n", terms.encode()).into_bytes();
+    bytes.extend_from_slice(id);
+    write_atomic(path, &bytes)?;
+    let tag = id_tag(id);
+    let deadline = Instant::now() + wait;
+    let mut arrived = vec![false; world];
+    arrived[0] = true;
+    let stop = |why: String| {
+        // the verdict stays for the ranks to read; the id and the answers go
+        let _ = write_atomic(&go, format!("error {tag} {why}\n").as_bytes());
+        remove_id_and_answers(path);
+        Err(Error::Comm(format!(
+            "rendezvous through {}: {why}",
+            path.display()
+        )))
+    };
+    loop {
+        for (r, done) in arrived.iter_mut().enumerate().skip(1).filter(|(_, d)| !**d) {
+            let answer = std::fs::read_to_string(beside(path, &format!("ack-{r}")));
+            let answer = answer.unwrap_or_default();
+            let mut words = answer.trim_end().splitn(3, ' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some("ok"), Some(t), _) if t == tag => *done = true,
+                (Some("refused"), Some(t), why) if t == tag => {
+                    return stop(format!(
+                        "rank {r} refused rank 0's id: {}; start every rank with the same options",
+                        why.unwrap_or("no reason given")
+                    ))
+                }
+                _ => {} // none yet, or an answer to another id
+            }
+        }
+        if arrived.iter().all(|a| *a) {
+            return write_atomic(&go, format!("ok {tag}\n").as_bytes());
+        }
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = (1..world).filter(|&r| !arrived[r]).collect();
+            return stop(format!(
+                "rank(s) {missing:?} of {world} did not answer within {wait:?}"
+            ));
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// An error's own words (without the `communicator: ` of its display), to pass on.
+fn message(e: Error) -> String {
+    match e {
+        Error::Comm(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// A peer through a file: poll the id file; answer each id it holds (`ok`, or `refused` with
+/// the reason when the world size or terms differ: rank 0 then stops the run, naming it);
+/// return the id once rank 0's verdict for it is `ok`. A file that changes meanwhile (a
+/// stale one replaced by a starting rank 0) is answered again.
+fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Duration) -> Result<Id> {
+    let (ack, go) = (beside(path, &format!("ack-{rank}")), beside(path, "go"));
+    let deadline = Instant::now() + wait;
+    // (tag answered, the id if accepted, the reason if refused)
+    let mut answered: Option<(String, Option<Id>, Option<String>)> = None;
+    let mut not_ours = None;
+    let fail = |msg: String| {
+        let _ = std::fs::remove_file(&ack);
+        Err(Error::Comm(format!(
+            "rendezvous through {}: rank {rank}: {msg}",
+            path.display()
+        )))
+    };
+    loop {
+        let bytes = std::fs::read(path).unwrap_or_default();
+        if let Some((_, _, file_id)) = split_id_file(&bytes) {
+            let tag = id_tag(&file_id);
+            if answered.as_ref().is_none_or(|a| a.0 != tag) {
+                let (reply, verdict) = match parse_id_file(&bytes, world, terms, path) {
+                    Ok(id) => (format!("ok {tag}\n"), (id, None)),
+                    Err(e) => {
+                        let why = message(e);
+                        (format!("refused {tag} {why}\n"), (None, Some(why)))
+                    }
+                };
+                write_atomic(&ack, reply.as_bytes())?;
+                answered = Some((tag, verdict.0, verdict.1));
+            }
+        } else if let Err(e) = parse_id_file(&bytes, world, terms, path) {
+            // a file that is not ours (yet): named if the wait ends
+            not_ours = Some(message(e));
+        }
+        if let Some((tag, id, refused)) = &answered {
+            let verdict = std::fs::read_to_string(&go).unwrap_or_default();
+            let mut words = verdict.trim_end().splitn(3, ' ');
+            match (words.next(), words.next(), words.next(), id) {
+                (Some("ok"), Some(t), _, Some(id)) if t == tag => return Ok(*id),
+                (Some("error"), Some(t), why, _) if t == tag => {
+                    return fail(format!(
+                        "rank 0 stopped the run: {}",
+                        why.unwrap_or("no reason given")
+                    ))
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return fail(match refused {
+                    Some(why) => format!("{why} (a stale file from an earlier run? delete it)"),
+                    None => format!(
+                        "rank 0 did not confirm within {wait:?} (are all {world} ranks started?)"
+                    ),
+                });
+            }
+        } else if Instant::now() >= deadline {
+            return fail(match not_ours.take().filter(|_| !bytes.is_empty()) {
+                Some(e) => e,
+                None => format!("no complete id after {wait:?} (is rank 0 running?)"),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 // ----------------------------------------------------------------------------------- tcp
@@ -493,14 +659,12 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
         let now = Instant::now();
         if now >= deadline {
             let missing: Vec<usize> = (1..world).filter(|&r| peers[r].is_none()).collect();
-            let mut msg = format!(
-                "rendezvous on {addr}: rank(s) {missing:?} of {world} did not connect within {wait:?}"
-            );
+            let mut msg = format!("rank(s) {missing:?} of {world} did not connect within {wait:?}");
             if !refused.is_empty() {
                 msg += &format!("; refused: {}", refused.join("; "));
             }
             tell_all(&mut peers, &msg);
-            return Err(Error::Comm(msg));
+            return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
         }
         let (mut s, from) = match listener.accept() {
             Ok(c) => c,
@@ -509,9 +673,9 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                 continue;
             }
             Err(e) => {
-                let msg = format!("rendezvous on {addr}: {e}");
+                let msg = format!("rank 0 could not accept: {e}");
                 tell_all(&mut peers, &msg);
-                return Err(Error::Comm(msg));
+                return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
             }
         };
         // a hello must come promptly (5 s at most, in all): a silent or trickling client is
@@ -533,12 +697,12 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                 if !diff.is_empty() {
                     // a rank of this run started with other options: waiting cannot fix it
                     let msg = format!(
-                        "rendezvous on {addr}: rank {r} was started with other options than rank 0: {}; start every rank with the same options",
+                        "rank {r} was started with other options than rank 0: {}; start every rank with the same options",
                         diff.join("; ")
                     );
                     let _ = writeln!(s, "error: {msg}");
                     tell_all(&mut peers, &msg);
-                    return Err(Error::Comm(msg));
+                    return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
                 }
                 // new, or a restarted rank replacing its dead connection
                 peers[r] = Some(s);
@@ -582,7 +746,7 @@ fn parse_hello(line: &str, world: usize) -> std::result::Result<(usize, Terms), 
         });
     let Some((w, r, terms)) = fields else {
         let shown: String = line.chars().take(60).collect();
-        if line.starts_with("syncdrop-rdv v") && !line.starts_with(MAGIC) {
+        if line.starts_with("syncdrop-rdv v") && !line.starts_with(&format!("{MAGIC} ")) {
             return Err(format!(
                 "a rank of another syncdrop version (said {shown:?}, rank 0 speaks {MAGIC:?})"
             ));
@@ -652,7 +816,7 @@ fn fetch(addr: &str, rank: usize, world: usize, terms: &Terms, wait: Duration) -
     };
     if let Some(why) = line.strip_prefix("error: ") {
         return Err(Error::Comm(format!(
-            "rendezvous on {addr}: rank 0 refused rank {rank}: {why}"
+            "rendezvous on {addr}: rank {rank}: rank 0 stopped the run: {why}"
         )));
     }
     if line != format!("{MAGIC} world={world}") {
