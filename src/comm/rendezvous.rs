@@ -435,9 +435,26 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
     let deadline = Instant::now() + wait;
     let mut arrived = vec![false; world];
     arrived[0] = true;
+    // rank r's answer for this id: (accepted, the reason if refused)
+    let answer = |r: usize| -> Option<(bool, String)> {
+        let text = std::fs::read_to_string(beside(path, &format!("ack-{r}"))).ok()?;
+        let mut words = text.trim_end().splitn(3, ' ');
+        match (words.next()?, words.next()?, words.next()) {
+            ("ok", t, _) if t == tag => Some((true, String::new())),
+            ("refused", t, why) if t == tag => {
+                Some((false, why.unwrap_or("no reason given").to_string()))
+            }
+            _ => None, // an answer to another id
+        }
+    };
     let stop = |why: String| {
-        // the verdict stays for the ranks to read; the id and the answers go
+        // the verdict first, then the id stays a moment (1 s at most) for the ranks that
+        // have not read it yet: they need its tag to take the verdict as theirs
         let _ = write_atomic(&go, format!("error {tag} {why}\n").as_bytes());
+        let grace = Instant::now() + 20 * POLL;
+        while Instant::now() < grace && (1..world).any(|r| answer(r).is_none()) {
+            std::thread::sleep(POLL);
+        }
         remove_id_and_answers(path);
         Err(Error::Comm(format!(
             "rendezvous through {}: {why}",
@@ -446,18 +463,12 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
     };
     loop {
         for (r, done) in arrived.iter_mut().enumerate().skip(1).filter(|(_, d)| !**d) {
-            let answer = std::fs::read_to_string(beside(path, &format!("ack-{r}")));
-            let answer = answer.unwrap_or_default();
-            let mut words = answer.trim_end().splitn(3, ' ');
-            match (words.next(), words.next(), words.next()) {
-                (Some("ok"), Some(t), _) if t == tag => *done = true,
-                (Some("refused"), Some(t), why) if t == tag => {
-                    return stop(format!(
-                        "rank {r} refused rank 0's id: {}; start every rank with the same options",
-                        why.unwrap_or("no reason given")
-                    ))
-                }
-                _ => {} // none yet, or an answer to another id
+            match answer(r) {
+                Some((true, _)) => *done = true,
+                Some((false, why)) => return stop(format!(
+                    "rank {r} refused rank 0's id: {why}; start every rank with the same options"
+                )),
+                None => {} // none yet
             }
         }
         if arrived.iter().all(|a| *a) {
@@ -510,8 +521,12 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                         (format!("refused {tag} {why}\n"), (None, Some(why)))
                     }
                 };
-                write_atomic(&ack, reply.as_bytes())?;
-                answered = Some((tag, verdict.0, verdict.1));
+                // rank 0 clearing an earlier run's answers may take a half-written one
+                // with it: answer again at the next look
+                match write_atomic(&ack, reply.as_bytes()) {
+                    Ok(()) => answered = Some((tag, verdict.0, verdict.1)),
+                    Err(e) => not_ours = Some(message(e)),
+                }
             }
         } else if let Err(e) = parse_id_file(&bytes, world, terms, path) {
             // a file that is not ours (yet): named if the wait ends
@@ -539,7 +554,7 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                 });
             }
         } else if Instant::now() >= deadline {
-            return fail(match not_ours.take().filter(|_| !bytes.is_empty()) {
+            return fail(match not_ours.take() {
                 Some(e) => e,
                 None => format!("no complete id after {wait:?} (is rank 0 running?)"),
             });
