@@ -14,6 +14,7 @@ use crate::layout::{even_split, TpLayout};
 use crate::model::{embed, rank_dims, validate_shapes, RankModel};
 use crate::weights::ModelFiles;
 use std::ops::Range;
+use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
@@ -435,11 +436,11 @@ impl Engine {
             // machines (`--model .` names the folder it is)
             _ => {
                 let path = files.path();
-                let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-                path.file_name().map_or_else(
-                    || path.display().to_string(),
-                    |n| n.to_string_lossy().into(),
-                )
+                let named = |p: &Path| p.file_name().map(|n| n.to_string_lossy().into_owned());
+                // (not through links: a cache's link names the file, its target a hash)
+                named(path)
+                    .or_else(|| path.canonicalize().ok().as_deref().and_then(named))
+                    .unwrap_or_else(|| path.display().to_string())
             }
         };
         let list = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");

@@ -41,16 +41,17 @@ pub fn rank_terms(spec: &str, n_layers: usize) -> Result<crate::comm::rendezvous
         }
     };
     let bits: String = mask.iter().map(|b| if *b { '1' } else { '0' }).collect();
+    // a digest keeps the term short (a 64-head model's groups on 80 blocks run to kilobytes)
+    let groups = if groups.is_empty() {
+        "none".to_string()
+    } else {
+        let sha = Sha256::digest(groups.join(";").as_bytes());
+        let hex: String = sha.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        format!("{}-blocks-sha256:{hex}", groups.len())
+    };
     Ok(crate::comm::rendezvous::Terms::new()
         .with("spd", bits)
-        .with(
-            "head_groups",
-            if groups.is_empty() {
-                "none".to_string()
-            } else {
-                groups.join(";")
-            },
-        ))
+        .with("head_groups", groups))
 }
 
 /// A zero-shot SPD mask from a block list such as `5,8,20-28` (numbered from 0, ranges

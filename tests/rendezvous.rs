@@ -81,7 +81,7 @@ fn every_rank_gets_rank_0s_id_in_process_through_a_file_and_over_tcp() {
         for (r, g) in ranks.iter().zip(&got) {
             assert_eq!(g.as_ref().unwrap(), &id(99), "{rv:?} rank {r}");
         }
-        rv.finish(0);
+        rv.finish(0, world);
     }
     assert!(
         !file.exists(),
@@ -346,7 +346,7 @@ fn id_files_are_checked_before_use() {
         id(5)
     );
     assert_eq!(reader.join().unwrap().unwrap(), id(5));
-    rv.finish(0);
+    rv.finish(0, 2);
     assert!(!f.exists());
 
     // a stale file of the same world and options (a crashed run's) is answered but never
@@ -366,7 +366,7 @@ fn id_files_are_checked_before_use() {
         .unwrap();
     let got = reader.join().unwrap().unwrap();
     assert_eq!(got, id(6), "not the stale id");
-    rv.finish(0);
+    rv.finish(0, 2);
     let dir = f.parent().unwrap();
     let name = f.file_name().unwrap().to_string_lossy().into_owned();
     let left: Vec<String> = std::fs::read_dir(dir)
@@ -375,7 +375,13 @@ fn id_files_are_checked_before_use() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with(&name))
         .collect();
-    assert!(left.is_empty(), "finish leaves nothing: {left:?}");
+    // only the verdict stays (for ranks still to read it), and it names an id with no file
+    assert_eq!(
+        left,
+        vec![format!("{name}.go")],
+        "finish leaves only the verdict"
+    );
+    assert!(!f.exists());
 
     // a missing rank is named at rank 0 and the others hear it, as over TCP
     let one = {
@@ -486,8 +492,8 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
         let [e0, e1, e2] = file_run(peer_first);
         assert!(
             e0.contains("rank 2 refused rank 0's id")
-                && e0.contains("graphs (this rank: off, rank 0: on)")
-                && e0.contains("iso (this rank: Auto, rank 0: (unset))"),
+                && e0.contains("graphs (rank 2: off, rank 0: on)")
+                && e0.contains("iso (rank 2: Auto, rank 0: (unset))"),
             "peer first {peer_first}: {e0}"
         );
         for e in [&e1, &e2] {
@@ -633,4 +639,81 @@ fn an_engines_terms_name_what_changes_its_collectives() {
         .differences("a", &Engine::rank_terms(&other, &cfg, &layout, &base), "b")
         .join("; ");
     assert!(d.starts_with("model ("), "{d}");
+}
+
+/// The file handshake's loose ends: what a crash after the verdict leaves is never used by a
+/// later run; a rank that gave up after answering is not counted; a rank of another world
+/// size is heard; an over-long TCP hello is named.
+#[test]
+fn file_rendezvous_leftovers_quitters_and_outsiders() {
+    let dir = std::env::temp_dir().join(format!("syncdrop-rdv-loose-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("id");
+    let t = Terms::new().with("graphs", "on");
+    let spawn = |r: usize, world: usize, wait_ms: u64, seed: u8| {
+        let (rv, t) = (Rendezvous::File(f.clone()), t.clone());
+        thread::spawn(move || {
+            rv.exchange(r, world, Duration::from_millis(wait_ms), &t, || {
+                Ok(id(seed))
+            })
+            .map_err(|e| e.to_string())
+        })
+    };
+    // a run that "crashes" right after its verdict (no finish): a later run's early peer
+    // still gets the later rank 0's id
+    let (a0, a1) = (spawn(0, 2, 5000, 1), spawn(1, 2, 5000, 0));
+    assert_eq!(a0.join().unwrap().unwrap(), id(1));
+    assert_eq!(a1.join().unwrap().unwrap(), id(1));
+    let peer = spawn(1, 2, 10_000, 0);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(spawn(0, 2, 10_000, 2).join().unwrap().unwrap(), id(2));
+    assert_eq!(
+        peer.join().unwrap().unwrap(),
+        id(2),
+        "not the crashed run's id"
+    );
+    Rendezvous::File(f.clone()).finish(0, 2);
+
+    // rank 1 answers, then gives up before rank 2 arrives: rank 0 names it, not NCCL later
+    let zero = spawn(0, 3, 2000, 3);
+    let one = spawn(1, 3, 300, 0);
+    thread::sleep(Duration::from_millis(800));
+    let two = spawn(2, 3, 10_000, 0);
+    let e1 = one.join().unwrap().unwrap_err();
+    assert!(e1.contains("rank 0 did not confirm"), "{e1}");
+    let e0 = zero.join().unwrap().unwrap_err();
+    assert!(e0.contains("[1]") && e0.contains("did not answer"), "{e0}");
+    let e2 = two.join().unwrap().unwrap_err();
+    assert!(
+        e2.contains("rank 0 stopped the run") && e2.contains("[1]"),
+        "{e2}"
+    );
+
+    // a rank 3 of a world of 4 (a wrong --tp) answering a world of 2 stops it, named
+    let zero = spawn(0, 2, 10_000, 4);
+    let outsider = spawn(3, 4, 10_000, 0);
+    let e0 = zero.join().unwrap().unwrap_err();
+    assert!(
+        e0.contains("a rank 3 answered, but the world is 2 ranks") && e0.contains("world size"),
+        "{e0}"
+    );
+    let e3 = outsider.join().unwrap().unwrap_err();
+    assert!(e3.contains("rank 0 stopped the run"), "{e3}");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // tcp: a hello longer than rank 0 reads is named, not taken for a stranger's
+    let addr = free_addr();
+    let rv = Rendezvous::Tcp(addr.clone());
+    let r0 = {
+        let rv = rv.clone();
+        thread::spawn(move || {
+            rv.exchange(0, 2, Duration::from_millis(1500), &Terms::new(), || {
+                Ok(id(1))
+            })
+        })
+    };
+    let huge = Terms::new().with("x", "y".repeat(70_000));
+    let _ = rv.exchange(1, 2, Duration::from_millis(1000), &huge, || unreachable!());
+    let e = r0.join().unwrap().unwrap_err().to_string();
+    assert!(e.contains("longer than 65536 bytes"), "{e}");
 }

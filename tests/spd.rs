@@ -224,7 +224,10 @@ fn spd_rank_terms_count_what_a_plan_switches_not_its_file() {
     grouped.layers[2].ffn_order = Some(vec![1, 0]);
     grouped.save(&b).unwrap();
     let d = ta.differences("a", &terms(&b), "b").join("; ");
-    assert!(d.starts_with("head_groups (a: none, b: 2:"), "{d}");
+    assert!(
+        d.starts_with("head_groups (a: none, b: 1-blocks-sha256:"),
+        "{d}"
+    );
     // a bad choice is an error, not a term
     assert!(rank_terms("layers:7", 3).is_err());
     assert!(rank_terms(dir.join("missing.json").to_str().unwrap(), 3).is_err());

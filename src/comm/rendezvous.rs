@@ -13,8 +13,12 @@
 //!   answers and verdicts of an earlier run are ignored, and a stale id file is answered
 //!   but never used: a rank waits until a starting rank 0 replaces it. So a missing rank
 //!   is named at rank 0, a refusal stops rank 0 and every rank, and the exchange doubles as
-//!   a start barrier, as over TCP. Rank 0 removes the files once NCCL has started (the
-//!   verdict of a stopped run stays for the ranks still to read it).
+//!   a start barrier, as over TCP. Rank 0 removes the id file before an `ok` (so no crash
+//!   can leave an id beside an `ok` for it) and the answers once NCCL has started; the
+//!   verdict stays until the next rank 0 clears it. One run per path at a time. On NFS,
+//!   attribute caching can delay each of the three hops (id, answer, verdict) by its cache
+//!   time (`lookupcache=positive`, `actimeo`); ranks on several machines are better served
+//!   by TCP.
 //! - [`Rendezvous::Tcp`]: processes anywhere rank 0's address is reachable (the usual
 //!   `MASTER_ADDR:PORT` of multi-node launchers). Rank 0 listens on every interface at that
 //!   port; each other rank connects to `host:port` (retrying until rank 0 is up and the name
@@ -123,13 +127,14 @@ impl Rendezvous {
         }
     }
 
-    /// What rank 0 does once every rank has used the id: the id file, the answers and the
-    /// verdict are removed so that a later run cannot pick them up. (TCP and in-process
-    /// leave nothing behind.)
-    pub fn finish(&self, rank: usize) {
-        if let (0, Rendezvous::File(path)) = (rank, self) {
+    /// What rank 0 of `world` does once NCCL has started (or failed to): the answers (and an
+    /// id file a failure left) are removed. The verdict stays, for ranks that have not read
+    /// it yet; it names an id whose file is gone, so no later run can use it, and the next
+    /// rank 0 clears it. (TCP and in-process leave nothing behind; a world of 1 wrote
+    /// nothing to remove.)
+    pub fn finish(&self, rank: usize, world: usize) {
+        if let (0, 2.., Rendezvous::File(path)) = (rank, world, self) {
             remove_id_and_answers(path);
-            let _ = std::fs::remove_file(beside(path, "go"));
         }
     }
 }
@@ -332,7 +337,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-/// Removes rank 0's id file and every rank's answer (`<path>.ack-<rank>`).
+/// Removes rank 0's id file, every rank's answer (`<path>.ack-<rank>`) and what a writer
+/// that died mid-write left (`<path>.tmp-*`, `<path>.go.tmp-*`).
 fn remove_id_and_answers(path: &Path) {
     let _ = std::fs::remove_file(path);
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
@@ -343,10 +349,12 @@ fn remove_id_and_answers(path: &Path) {
     } else {
         dir
     };
-    let prefix = format!("{}.ack-", name.to_string_lossy());
+    let name = name.to_string_lossy();
+    let ours = ["ack-", "tmp-", "go.tmp-"].map(|s| format!("{name}.{s}"));
     if let Ok(entries) = std::fs::read_dir(dir) {
         for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if ours.iter().any(|p| n.starts_with(p.as_str())) {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -369,6 +377,17 @@ fn split_id_file(bytes: &[u8]) -> Option<(String, String, Id)> {
 /// world size, by another syncdrop version or by a rank 0 whose terms differ from `terms`
 /// (each difference named).
 pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> Result<Option<Id>> {
+    check_id_file(bytes, world, terms, path, "this rank")
+}
+
+/// [`parse_id_file`], naming the reader `me` in the differences it lists.
+fn check_id_file(
+    bytes: &[u8],
+    world: usize,
+    terms: &Terms,
+    path: &Path,
+    me: &str,
+) -> Result<Option<Id>> {
     let first = bytes.split(|&c| c == b'\n').next().unwrap_or_default();
     let complete_line = first.len() < bytes.len();
     // a first line still being written may be a prefix of ours
@@ -394,8 +413,7 @@ pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> 
     };
     if head != format!("{FILE_MAGIC} world={world}") {
         return Err(Error::Comm(format!(
-            "{} was written for another world size ({head}), this rank's is {world}",
-            path.display(),
+            "the id file was written for another world size ({head}), {me}'s is {world}"
         )));
     }
     let Some(theirs) = theirs.strip_prefix("terms: ") else {
@@ -406,21 +424,34 @@ pub fn parse_id_file(bytes: &[u8], world: usize, terms: &Terms, path: &Path) -> 
     };
     let diff = terms
         .versioned()
-        .differences("this rank", &Terms::decode(theirs), "rank 0");
+        .differences(me, &Terms::decode(theirs), "rank 0");
     if !diff.is_empty() {
         return Err(Error::Comm(format!(
-            "{} was written by a rank 0 started with other options: {}",
-            path.display(),
+            "the id file was written by a rank 0 started with other options: {}",
             diff.join("; ")
         )));
     }
     Ok(Some(id))
 }
 
+/// A rank's answer (`ok <tag>` / `refused <tag> <reason>`) if it is for the id `tag`:
+/// (accepted, the reason if refused).
+fn answer_for(text: &str, tag: &str) -> Option<(bool, String)> {
+    let mut words = text.trim_end().splitn(3, ' ');
+    match (words.next()?, words.next()?, words.next()) {
+        ("ok", t, _) if t == tag => Some((true, String::new())),
+        ("refused", t, why) if t == tag => Some((false, why.unwrap_or("no reason given").into())),
+        _ => None, // an answer to another id
+    }
+}
+
 /// Rank 0 through a file: clear an earlier run's answers, write the id file, then wait until
 /// every rank has answered for this id. An answer `refused` (the rank's world size or terms
-/// differ) or a rank missing at the deadline stops the run; the verdict file
-/// (`<path>.go`: `ok <tag>` or `error <tag> <reason>`) tells the ranks either way.
+/// differ), an answer from a rank outside the world, or a rank missing at the deadline stops
+/// the run; the verdict file (`<path>.go`: `ok <tag>` or `error <tag> <reason>`) tells the
+/// ranks either way. The id file is removed before an `ok`: every rank that may use the id
+/// holds it already, and no file is ever left beside an `ok` for it (a crash right after
+/// cannot hand a later run's ranks this id).
 fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Result<()> {
     if world == 1 {
         return Ok(());
@@ -433,19 +464,28 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
     write_atomic(path, &bytes)?;
     let tag = id_tag(id);
     let deadline = Instant::now() + wait;
-    let mut arrived = vec![false; world];
-    arrived[0] = true;
-    // rank r's answer for this id: (accepted, the reason if refused)
-    let answer = |r: usize| -> Option<(bool, String)> {
+    let answer = |r: usize| {
         let text = std::fs::read_to_string(beside(path, &format!("ack-{r}"))).ok()?;
-        let mut words = text.trim_end().splitn(3, ' ');
-        match (words.next()?, words.next()?, words.next()) {
-            ("ok", t, _) if t == tag => Some((true, String::new())),
-            ("refused", t, why) if t == tag => {
-                Some((false, why.unwrap_or("no reason given").to_string()))
-            }
-            _ => None, // an answer to another id
-        }
+        answer_for(&text, &tag)
+    };
+    // an answer for this id from a rank of another world size (a wrong --tp)
+    let outsider = || -> Option<(usize, String)> {
+        let prefix = format!("{}.ack-", path.file_name()?.to_string_lossy());
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        std::fs::read_dir(dir.unwrap_or(Path::new(".")))
+            .ok()?
+            .flatten()
+            .find_map(|e| {
+                let r: usize = e
+                    .file_name()
+                    .to_string_lossy()
+                    .strip_prefix(&prefix)?
+                    .parse()
+                    .ok()?;
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let (_, why) = answer_for(&text, &tag).filter(|_| r >= world)?;
+                Some((r, why))
+            })
     };
     let stop = |why: String| {
         // the verdict first, then the id stays a moment (1 s at most) for the ranks that
@@ -462,20 +502,32 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         )))
     };
     loop {
-        for (r, done) in arrived.iter_mut().enumerate().skip(1).filter(|(_, d)| !**d) {
+        let mut arrived = 1;
+        for r in 1..world {
             match answer(r) {
-                Some((true, _)) => *done = true,
-                Some((false, why)) => return stop(format!(
+                Some((true, _)) => arrived += 1,
+                Some((false, why)) => {
+                    return stop(format!(
                     "rank {r} refused rank 0's id: {why}; start every rank with the same options"
-                )),
-                None => {} // none yet
+                ))
+                }
+                // none yet; or none any more: a rank that gave up removes its answer
+                None => {}
             }
         }
-        if arrived.iter().all(|a| *a) {
+        if let Some((r, why)) = outsider() {
+            return stop(format!(
+                "a rank {r} answered, but the world is {world} ranks: {why}"
+            ));
+        }
+        if arrived == world {
+            let _ = std::fs::remove_file(path);
             return write_atomic(&go, format!("ok {tag}\n").as_bytes());
         }
         if Instant::now() >= deadline {
-            let missing: Vec<usize> = (1..world).filter(|&r| !arrived[r]).collect();
+            let missing: Vec<usize> = (1..world)
+                .filter(|&r| answer(r) != Some((true, String::new())))
+                .collect();
             return stop(format!(
                 "rank(s) {missing:?} of {world} did not answer within {wait:?}"
             ));
@@ -498,54 +550,65 @@ fn message(e: Error) -> String {
 /// stale one replaced by a starting rank 0) is answered again.
 fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Duration) -> Result<Id> {
     let (ack, go) = (beside(path, &format!("ack-{rank}")), beside(path, "go"));
+    let me = format!("rank {rank}");
     let deadline = Instant::now() + wait;
     // (tag answered, the id if accepted, the reason if refused)
     let mut answered: Option<(String, Option<Id>, Option<String>)> = None;
     let mut not_ours = None;
     let fail = |msg: String| {
-        let _ = std::fs::remove_file(&ack);
         Err(Error::Comm(format!(
-            "rendezvous through {}: rank {rank}: {msg}",
+            "rendezvous through {}: {me}: {msg}",
             path.display()
         )))
+    };
+    // rank 0's verdict for `tag`: Some(Ok) to go, Some(Err(reason)) to stop
+    let verdict = |tag: &str| -> Option<std::result::Result<(), String>> {
+        let text = std::fs::read_to_string(&go).ok()?;
+        let mut words = text.trim_end().splitn(3, ' ');
+        match (words.next()?, words.next()?, words.next()) {
+            ("ok", t, _) if t == tag => Some(Ok(())),
+            ("error", t, why) if t == tag => Some(Err(why.unwrap_or("no reason given").into())),
+            _ => None,
+        }
     };
     loop {
         let bytes = std::fs::read(path).unwrap_or_default();
         if let Some((_, _, file_id)) = split_id_file(&bytes) {
             let tag = id_tag(&file_id);
             if answered.as_ref().is_none_or(|a| a.0 != tag) {
-                let (reply, verdict) = match parse_id_file(&bytes, world, terms, path) {
-                    Ok(id) => (format!("ok {tag}\n"), (id, None)),
+                let (reply, id, why) = match check_id_file(&bytes, world, terms, path, &me) {
+                    Ok(id) => (format!("ok {tag}\n"), id, None),
                     Err(e) => {
                         let why = message(e);
-                        (format!("refused {tag} {why}\n"), (None, Some(why)))
+                        (format!("refused {tag} {why}\n"), None, Some(why))
                     }
                 };
-                // rank 0 clearing an earlier run's answers may take a half-written one
-                // with it: answer again at the next look
                 match write_atomic(&ack, reply.as_bytes()) {
-                    Ok(()) => answered = Some((tag, verdict.0, verdict.1)),
-                    Err(e) => not_ours = Some(message(e)),
+                    Ok(()) => answered = Some((tag, id, why)),
+                    // rank 0 clearing an earlier run's answers took the half-written one
+                    // with it: answer again at the next look
+                    Err(Error::Io { source, .. })
+                        if source.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return fail(message(e)),
                 }
             }
-        } else if let Err(e) = parse_id_file(&bytes, world, terms, path) {
+        } else if let Err(e) = check_id_file(&bytes, world, terms, path, &me) {
             // a file that is not ours (yet): named if the wait ends
             not_ours = Some(message(e));
         }
         if let Some((tag, id, refused)) = &answered {
-            let verdict = std::fs::read_to_string(&go).unwrap_or_default();
-            let mut words = verdict.trim_end().splitn(3, ' ');
-            match (words.next(), words.next(), words.next(), id) {
-                (Some("ok"), Some(t), _, Some(id)) if t == tag => return Ok(*id),
-                (Some("error"), Some(t), why, _) if t == tag => {
-                    return fail(format!(
-                        "rank 0 stopped the run: {}",
-                        why.unwrap_or("no reason given")
-                    ))
-                }
+            match (verdict(tag), id) {
+                (Some(Ok(())), Some(id)) => return Ok(*id),
+                (Some(Err(why)), _) => return fail(format!("rank 0 stopped the run: {why}")),
                 _ => {}
             }
             if Instant::now() >= deadline {
+                // withdraw the answer, then look once more: a rank 0 that counted it
+                // before it went has told every rank to go
+                let _ = std::fs::remove_file(&ack);
+                if let (Some(Ok(())), Some(id)) = (verdict(tag), id) {
+                    return Ok(*id);
+                }
                 return fail(match refused {
                     Some(why) => format!("{why} (a stale file from an earlier run? delete it)"),
                     None => format!(
@@ -554,9 +617,14 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                 });
             }
         } else if Instant::now() >= deadline {
-            return fail(match not_ours.take() {
-                Some(e) => e,
-                None => format!("no complete id after {wait:?} (is rank 0 running?)"),
+            let last = std::fs::read_to_string(&go).unwrap_or_default();
+            return fail(match (not_ours.take(), last.strip_prefix("error ")) {
+                (Some(e), _) => e,
+                (None, Some(old)) => format!(
+                    "no id after {wait:?}; the last run through this file stopped: {}",
+                    old.split_once(' ').map_or(old, |(_, why)| why).trim_end()
+                ),
+                (None, None) => format!("no complete id after {wait:?} (is rank 0 running?)"),
             });
         }
         std::thread::sleep(POLL);
@@ -568,7 +636,7 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
 const MAGIC: &str = "syncdrop-rdv v2";
 /// Longest line either side reads: a hello (its terms included) or an error is far shorter;
 /// a client that sends more without a newline is not one of ours.
-const MAX_LINE: usize = 16 << 10;
+const MAX_LINE: usize = 64 << 10;
 
 fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
     let v: Vec<SocketAddr> = addr
@@ -588,8 +656,9 @@ fn resolve(addr: &str) -> Result<Vec<SocketAddr>> {
 }
 
 /// One newline-terminated line, read byte by byte (what follows it, the id, stays in the
-/// stream) before `deadline` and at most `MAX_LINE` bytes long; `None` on EOF or a line too
-/// long, a `TimedOut` error past the deadline (however slowly the other end trickles).
+/// stream) before `deadline` and at most `MAX_LINE` bytes long; `None` on EOF, an
+/// `InvalidData` error for a line too long, a `TimedOut` error past the deadline (however
+/// slowly the other end trickles).
 fn read_line(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Option<String>> {
     let mut buf = Vec::new();
     let mut b = [0u8; 1];
@@ -607,7 +676,10 @@ fn read_line(s: &mut TcpStream, deadline: Instant) -> std::io::Result<Option<Str
         }
         buf.push(b[0]);
     }
-    Ok(None)
+    Err(std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        format!("a line longer than {MAX_LINE} bytes"),
+    ))
 }
 
 /// Whether a peer's earlier connection is gone (closed, reset): a restarted rank may then
@@ -697,11 +769,14 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
         // dropped, not waited on
         let _ = s.set_nonblocking(false);
         let hello_by = (now + Duration::from_secs(5)).min(deadline);
-        let hello = read_line(&mut s, hello_by)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
-        match parse_hello(&hello, world) {
+        let hello = match read_line(&mut s, hello_by) {
+            Ok(line) => Ok(line.unwrap_or_default()),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(format!("its hello is {e} (terms too long?)"))
+            }
+            Err(_) => Ok(String::new()),
+        };
+        match hello.and_then(|h| parse_hello(&h, world)) {
             Ok((r, _)) if peers[r].as_ref().is_some_and(|old| !is_dead(old)) => {
                 let why = format!("rank {r} connected twice (from {from})");
                 let _ = writeln!(s, "error: {why}");

@@ -300,7 +300,6 @@ impl NcclRank {
                 "NCCL {v} is too old: syncdrop needs 2.17 or newer (non-blocking communicators, so that a missing rank is an error, not a hang)"
             )));
         }
-        let t0 = Instant::now();
         let id = rendezvous.exchange(rank, world, timeouts.init, terms, || {
             let mut id = std::mem::MaybeUninit::<sys::ncclUniqueId>::uninit();
             // SAFETY: fills the id.
@@ -310,15 +309,17 @@ impl NcclRank {
             let id = unsafe { id.assume_init() };
             Ok(id.internal.map(|c| c as u8))
         })?;
-        // rank 0 removes an id file on every way out of here (success, timeout, error), so
-        // a later run never reads this id
-        struct Finish<'a>(&'a Rendezvous, usize);
+        // the rendezvous was a start barrier: NCCL's init gets its own budget from here
+        let t0 = Instant::now();
+        // rank 0 clears what the rendezvous left on every way out of here (success,
+        // timeout, error)
+        struct Finish<'a>(&'a Rendezvous, usize, usize);
         impl Drop for Finish<'_> {
             fn drop(&mut self) {
-                self.0.finish(self.1);
+                self.0.finish(self.1, self.2);
             }
         }
-        let _finish = Finish(rendezvous, rank);
+        let _finish = Finish(rendezvous, rank, world);
         let unique = sys::ncclUniqueId {
             internal: id.map(|c| c as c_char),
         };
