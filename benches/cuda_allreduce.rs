@@ -3,7 +3,8 @@
 //! ranks, one-shot and two-shot, f32 and bf16 on the wire (same bytes: a bf16 message has
 //! twice the elements), next to the floor of a local device copy of the same bytes
 //! (one launch); then the fused decode o_proj + all-reduce against GEMV + separate
-//! all-reduce on LLaMA2-7B/70B shard shapes at batch 1, 2 and 4, and the fused all-reduce +
+//! all-reduce and cuBLAS GEMM + separate all-reduce on LLaMA2-7B/70B shard shapes at batch
+//! 1 to 64, and the fused all-reduce +
 //! residual add + RMSNorm against all-reduce + add_rmsnorm at 1, 4 and 16 rows. Virtual
 //! ranks share one GPU's SMs and HBM: these numbers measure the kernels and the protocol,
 //! not NVLink. With two or more GPUs (one rank per GPU, real links), the P2P one-shot and
@@ -17,6 +18,9 @@ use half::bf16;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
+use syncdrop::backend::cuda::backend::GEMV_MAX_T;
+use syncdrop::backend::cuda::elementwise::f32_to_bf16;
+use syncdrop::backend::cuda::gemm::Gemm;
 use syncdrop::backend::cuda::rmsnorm::add_rmsnorm_f32;
 use syncdrop::backend::cuda::{context, gemv::gemv_bf16_f32, kernels::Kernels};
 use syncdrop::comm::Wire;
@@ -24,11 +28,11 @@ use syncdrop::comm::Wire;
 mod gpu_common;
 
 type Stream = Arc<cudarc::driver::CudaStream>;
-/// A timed job on one rank: returns (seconds per iteration, reference seconds).
-type Job = dyn Fn(&Stream, &Kernels, &mut P2pRank) -> (f64, f64) + Send + Sync;
+/// A timed job on one rank: returns N timings (seconds per iteration).
+type Job<const N: usize> = dyn Fn(&Stream, &Kernels, &mut P2pRank) -> [f64; N] + Send + Sync;
 
-/// Run `job` on `world` virtual ranks of GPU 0; the slowest rank's times.
-fn on_ranks(world: usize, cap: usize, job: Arc<Job>) -> (f64, f64) {
+/// Run `job` on `world` virtual ranks of GPU 0; the slowest rank's time of each timing.
+fn on_ranks<const N: usize>(world: usize, cap: usize, job: Arc<Job<N>>) -> [f64; N] {
     let group = P2pGroup::new(world, cap).expect("group");
     let start = Arc::new(Barrier::new(world));
     let hs: Vec<_> = (0..world)
@@ -59,7 +63,7 @@ fn on_ranks(world: usize, cap: usize, job: Arc<Job>) -> (f64, f64) {
         .collect();
     hs.into_iter()
         .map(|h| h.join().expect("rank"))
-        .fold((0.0, 0.0), |a, b| (a.0.max(b.0), a.1.max(b.1)))
+        .fold([0.0; N], |a, b| std::array::from_fn(|i| a[i].max(b[i])))
 }
 
 fn per_iter(s: &Stream, iters: usize, mut f: impl FnMut()) -> f64 {
@@ -96,7 +100,7 @@ fn main() {
                 let n = bytes / wire.bytes();
                 let iters = if bytes <= 1 << 20 { 200 } else { 20 };
                 for two_shot in [false, true] {
-                    let job: Arc<Job> = Arc::new(move |s, k, p| {
+                    let job: Arc<Job<2>> = Arc::new(move |s, k, p| {
                         let mut d = s.alloc_zeros::<f32>(n).expect("alloc");
                         let mut dst = s.alloc_zeros::<u8>(bytes).expect("alloc");
                         let src = s.alloc_zeros::<u8>(bytes).expect("alloc");
@@ -106,9 +110,9 @@ fn main() {
                         });
                         let floor =
                             per_iter(s, iters, || s.memcpy_dtod(&src, &mut dst).expect("copy"));
-                        (t, floor)
+                        [t, floor]
                     });
-                    let (t, floor) = on_ranks(world, n, job);
+                    let [t, floor] = on_ranks(world, n, job);
                     let algbw = bytes as f64 / t;
                     let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
                     let algo = if two_shot { "two-shot" } else { "one-shot" };
@@ -130,12 +134,15 @@ fn main() {
             }
         }
     }
-    // fused o_proj + all-reduce vs GEMV + all-reduce, decode batches 1..GEMV_MAX_T (above
-    // that the backend's o_proj is a cuBLAS GEMM and the fused kernel does not apply)
+    // fused o_proj + all-reduce against the unfused ways, decode batches 1 to 64: GEMV +
+    // all-reduce (the backend's o_proj up to GEMV_MAX_T tokens), bf16 conversion + cuBLAS
+    // GEMM + all-reduce (above it), each all-reduce the one the selection chain picks for
+    // its size. The fused kernel is a GEMV (a warp per output element): where cuBLAS wins,
+    // the table says at which batch the fusion stops paying.
     println!(
-        "\n| model | ranks | batch | o_proj (n x k) | GEMV + all-reduce us | fused us | fused speedup |"
+        "\n| model | ranks | batch | o_proj (n x k) | GEMV + all-reduce us | cuBLAS + all-reduce us | fused us | backend's unfused / fused |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut fused_rows = Vec::new();
     for (model, world, n, k) in [
         ("llama2-7b", 2usize, 4096usize, 2048usize),
@@ -143,14 +150,29 @@ fn main() {
         ("llama2-7b", 8, 4096, 512),
         ("llama2-70b", 8, 8192, 1024),
     ] {
-        for t in [1usize, 2, 4] {
+        for t in [1usize, 2, 4, 8, 16, 32, 64] {
             let m = t * n;
-            let iters = if quick { 20 } else { 500 };
-            let job: Arc<Job> = Arc::new(move |s, kern, p| {
+            let iters = if quick {
+                20
+            } else if t <= 8 {
+                500
+            } else {
+                100
+            };
+            // as comm::select picks for a message of m f32
+            let one_shot_max = if world <= 4 {
+                syncdrop::comm::select::ONE_SHOT_MAX_BYTES_SMALL_WORLD
+            } else {
+                syncdrop::comm::select::ONE_SHOT_MAX_BYTES_LARGE_WORLD
+            };
+            let two_shot = m * 4 > one_shot_max;
+            let job: Arc<Job<3>> = Arc::new(move |s, kern, p| {
+                let gemm = Gemm::new(s).expect("cuBLAS");
                 let w = s.alloc_zeros::<bf16>(n * k).expect("alloc");
                 let x = s.alloc_zeros::<f32>(t * k).expect("alloc");
+                let mut xb = s.alloc_zeros::<bf16>(t * k).expect("alloc");
                 let mut y = s.alloc_zeros::<f32>(m).expect("alloc");
-                let unfused = per_iter(s, iters, || {
+                let gemv = per_iter(s, iters, || {
                     gemv_bf16_f32(
                         s,
                         kern,
@@ -160,7 +182,15 @@ fn main() {
                         &mut y.slice_mut(..),
                     )
                     .expect("gemv");
-                    p.all_reduce(s, kern, &mut y.slice_mut(..), m, false, Wire::F32)
+                    p.all_reduce(s, kern, &mut y.slice_mut(..), m, two_shot, Wire::F32)
+                        .expect("all-reduce");
+                });
+                let cublas = per_iter(s, iters, || {
+                    f32_to_bf16(s, kern, t * k, &x.slice(..), &mut xb.slice_mut(..))
+                        .expect("convert");
+                    gemm.bf16_f32((t, n, k), &w.slice(..), &xb.slice(..), &mut y.slice_mut(..))
+                        .expect("gemm");
+                    p.all_reduce(s, kern, &mut y.slice_mut(..), m, two_shot, Wire::F32)
                         .expect("all-reduce");
                 });
                 let fused = per_iter(s, iters, || {
@@ -175,18 +205,22 @@ fn main() {
                     )
                     .expect("fused")
                 });
-                (unfused, fused)
+                [gemv, cublas, fused]
             });
-            let (unfused, fused) = on_ranks(world, m, job);
+            let [gemv, cublas, fused] = on_ranks(world, m, job);
+            let backend = if t <= GEMV_MAX_T { gemv } else { cublas };
             println!(
-                "| {model} | {world} | {t} | {n} x {k} | {:.1} | {:.1} | {:.2}x |",
-                unfused * 1e6,
+                "| {model} | {world} | {t} | {n} x {k} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+                gemv * 1e6,
+                cublas * 1e6,
                 fused * 1e6,
-                unfused / fused
+                backend / fused
             );
             fused_rows.push(
                 serde_json::json!({"model": model, "ranks": world, "batch": t,
-                "n": n, "k": k, "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}),
+                "n": n, "k": k, "gemv_unfused_us": gemv * 1e6, "cublas_unfused_us": cublas * 1e6,
+                "unfused_us": backend * 1e6, "fused_us": fused * 1e6,
+                "all_reduce": if two_shot { "two-shot" } else { "one-shot" }}),
             );
         }
     }
@@ -200,7 +234,7 @@ fn main() {
         for t in [1usize, 4, 16] {
             let n = t * d;
             let iters = if quick { 20 } else { 500 };
-            let job: Arc<Job> = Arc::new(move |s, kern, p| {
+            let job: Arc<Job<2>> = Arc::new(move |s, kern, p| {
                 let mut delta = s.alloc_zeros::<f32>(n).expect("alloc");
                 let mut x = s.alloc_zeros::<f32>(n).expect("alloc");
                 let w = s.alloc_zeros::<f32>(d).expect("alloc");
@@ -235,9 +269,9 @@ fn main() {
                     )
                     .expect("fused")
                 });
-                (unfused, fused)
+                [unfused, fused]
             });
-            let (unfused, fused) = on_ranks(world, n, job);
+            let [unfused, fused] = on_ranks(world, n, job);
             println!(
                 "| {d} | {world} | {t} | {:.1} | {:.1} | {:.2}x |",
                 unfused * 1e6,
