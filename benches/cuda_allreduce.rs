@@ -157,7 +157,7 @@ fn main() {
             } else if t <= 8 {
                 500
             } else {
-                100
+                50
             };
             // as comm::select picks for a message of m f32
             let one_shot_max = if world <= 4 {
