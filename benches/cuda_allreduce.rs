@@ -15,6 +15,7 @@
 //! GPU it prints "skipped: no GPU".
 
 use half::bf16;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 use syncdrop::backend::cuda::allreduce::{P2pGroup, P2pRank};
@@ -172,6 +173,10 @@ fn main() {
                 let x = s.alloc_zeros::<f32>(t * k).expect("alloc");
                 let mut xb = s.alloc_zeros::<bf16>(t * k).expect("alloc");
                 let mut y = s.alloc_zeros::<f32>(m).expect("alloc");
+                // cuBLAS sets itself up (workspace) here, before any collective of this job
+                gemm.bf16_f32((t, n, k), &w.slice(..), &xb.slice(..), &mut y.slice_mut(..))
+                    .expect("gemm");
+                s.synchronize().expect("sync");
                 let gemv = per_iter(s, iters, || {
                     gemv_bf16_f32(
                         s,
@@ -296,29 +301,77 @@ fn main() {
     }
 }
 
-/// `per_iter` for calls that can fail: the first error stops the timing.
+/// `per_iter` for calls that can fail, on ranks that can fail: the first error stops the
+/// timing, and the waits for the stream are bounded (`limit`) and give up as soon as another
+/// rank has failed (`stop`): an NCCL kernel waiting for a peer that left never ends by
+/// itself, so `synchronize` could hang (the communicator's drop then aborts it).
 fn try_per_iter(
     s: &Stream,
     iters: usize,
+    stop: &AtomicBool,
+    limit: Duration,
     mut f: impl FnMut() -> syncdrop::Result<()>,
 ) -> Result<f64, String> {
-    let sync = |s: &Stream| s.synchronize().map_err(|e| format!("sync: {e:?}"));
+    let wait = |s: &Stream| -> Result<(), String> {
+        let ev = s.record_event(None).map_err(|e| format!("event: {e:?}"))?;
+        let deadline = Instant::now() + limit;
+        while !ev.try_is_complete().map_err(|e| format!("CUDA: {e:?}"))? {
+            if stop.load(Ordering::Acquire) {
+                return Err("stopped: another rank failed".into());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the stream did not finish within {limit:?}"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    };
     f().map_err(|e| e.to_string())?;
-    sync(s)?;
+    wait(s)?;
     let t0 = Instant::now();
     for _ in 0..iters {
         f().map_err(|e| e.to_string())?;
     }
-    sync(s)?;
+    wait(s)?;
     Ok(t0.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// Stops the other ranks of a real-GPU world when this one fails or panics: sets `stop` and
+/// aborts the lockstep barrier with the reason (the first failure is the one reported).
+struct Stopper<'a> {
+    gate: &'a syncdrop::comm::ThreadComm,
+    stop: &'a AtomicBool,
+    first: &'a std::sync::Mutex<Option<(usize, String)>>,
+    rank: usize,
+}
+
+impl Stopper<'_> {
+    fn fail(&self, why: String) -> String {
+        use syncdrop::comm::Communicator;
+        let mut first = self.first.lock().unwrap_or_else(|e| e.into_inner());
+        if !self.stop.swap(true, Ordering::AcqRel) {
+            *first = Some((self.rank, why.clone()));
+        }
+        drop(first);
+        self.gate.abort(&why);
+        why
+    }
+}
+
+impl Drop for Stopper<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.fail("panicked".into());
+        }
+    }
 }
 
 /// One rank per GPU over real links: P2P one-shot / two-shot and NCCL on the same f32
 /// messages, at 2, 4, 8 ranks as far as the GPUs go. Empty (and says so) with one GPU. A
-/// rank whose collective fails stops its world's sweep on every rank (the others would
-/// wait for it at the next step): the table says so and the next world size runs.
+/// rank whose collective (or setup) fails stops its world's sweep on every rank at once:
+/// the table says which rank failed first and why, and the next world size runs.
 fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
-    use syncdrop::backend::cuda::nccl::{self, NcclRank};
+    use syncdrop::backend::cuda::nccl::{self, NcclRank, NcclTimeouts};
     use syncdrop::comm::rendezvous::{Rendezvous, Terms};
     use syncdrop::comm::{Communicator, ThreadComm};
     let gpus = syncdrop::backend::cuda::device_count().unwrap_or(0);
@@ -329,14 +382,21 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
         return Vec::new();
     }
     let have_nccl = nccl::available();
+    // bounded waits, short enough that a failed world costs well under the bench stage
+    let limit = Duration::from_secs(30);
+    let nccl_timeouts = NcclTimeouts {
+        init: limit,
+        call: limit,
+    };
     let mut rows = Vec::new();
     for world in [2usize, 4, 8].into_iter().filter(|w| *w <= gpus) {
         let cap = max_bytes / 4;
         let group = P2pGroup::new(world, cap).expect("group");
         let rv = Rendezvous::in_process();
-        // steps in lockstep: a barrier that a failing rank aborts (with its reason), so
-        // that nobody waits for it
+        // steps in lockstep: a barrier that a failing rank aborts (with its reason)
         let gates = ThreadComm::group(world).expect("gates");
+        let stop = Arc::new(AtomicBool::new(false));
+        let first = Arc::new(std::sync::Mutex::new(None));
         // which paths joined on every rank: a path runs only where all ranks have it (a rank
         // without P2P to some peer would otherwise leave the others spinning)
         let joined = Arc::new(std::sync::Mutex::new(vec![(false, false); world]));
@@ -345,96 +405,102 @@ fn real_gpus(max_bytes: usize) -> Vec<serde_json::Value> {
             .enumerate()
             .map(|(r, gate)| {
                 let (group, rv, joined) = (group.clone(), rv.clone(), joined.clone());
+                let (stop, first) = (stop.clone(), first.clone());
                 std::thread::spawn(move || -> Result<Vec<(usize, [f64; 3])>, String> {
-                    let sweep = || -> Result<Vec<(usize, [f64; 3])>, String> {
-                        let cuda = |e: cudarc::driver::DriverError| format!("{e:?}");
-                        let ctx = context(r).map_err(|e| e.to_string())?;
-                        // SAFETY: every buffer of this rank lives on its one stream.
-                        unsafe { ctx.disable_event_tracking() };
-                        let s = ctx.new_stream().map_err(cuda)?;
-                        let k = Kernels::load(&ctx).map_err(|e| e.to_string())?;
-                        let mut p = P2pRank::join(
-                            &group,
-                            r,
-                            &s,
-                            r,
-                            1,
-                            Duration::from_secs(2),
-                            Duration::from_secs(30),
-                        )
-                        .ok();
-                        let nc = if have_nccl {
-                            NcclRank::join(&rv, r, world, &Terms::new(), &s)
-                                .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
-                                .ok()
-                        } else {
-                            None
-                        };
-                        joined.lock().unwrap()[r] = (p.is_some(), nc.is_some());
-                        let gate = || gate.barrier().map_err(|e| e.to_string());
-                        gate()?;
-                        let (all_p2p, all_nccl) = {
-                            let j = joined.lock().unwrap();
-                            (j.iter().all(|x| x.0), j.iter().all(|x| x.1))
-                        };
-                        if !all_p2p {
-                            p = None;
-                        }
-                        let nc = if all_nccl { nc } else { None };
-                        let mut out = Vec::new();
-                        let mut bytes = 1usize << 10;
-                        while bytes <= max_bytes {
-                            let n = bytes / 4;
-                            let iters = if bytes <= 1 << 20 { 200 } else { 20 };
-                            let mut d = s.alloc_zeros::<f32>(n).map_err(cuda)?;
-                            let mut t = [f64::NAN; 3];
-                            for (i, two) in [false, true].into_iter().enumerate() {
-                                if let Some(p) = p.as_mut() {
-                                    gate()?;
-                                    t[i] = try_per_iter(&s, iters, || {
-                                        p.all_reduce(
-                                            &s,
-                                            &k,
-                                            &mut d.slice_mut(..),
-                                            n,
-                                            two,
-                                            Wire::F32,
-                                        )
-                                    })
-                                    .map_err(|e| format!("P2P {bytes} B: {e}"))?;
-                                }
-                            }
-                            if let Some(nc) = &nc {
-                                gate()?;
-                                t[2] =
-                                    try_per_iter(&s, iters, || nc.all_reduce(&mut d.slice_mut(..)))
-                                        .map_err(|e| format!("NCCL {bytes} B: {e}"))?;
-                            }
-                            out.push((bytes, t));
-                            bytes *= 4;
-                        }
-                        Ok(out)
+                    let cuda = |e: cudarc::driver::DriverError| format!("{e:?}");
+                    let ctx = context(r).map_err(|e| e.to_string());
+                    let stopper = Stopper {
+                        gate: &gate,
+                        stop: &stop,
+                        first: &first,
+                        rank: r,
                     };
-                    // abort the gate first: the others then stop at their next step
-                    // instead of waiting for this rank (NCCL's watchdog and the P2P
-                    // kernels' bounded spins end a collective already started)
-                    sweep().inspect_err(|e| gate.abort(e))
+                    let fail = |e: String| stopper.fail(e);
+                    let ctx = ctx.map_err(fail)?;
+                    // SAFETY: every buffer of this rank lives on its one stream.
+                    unsafe { ctx.disable_event_tracking() };
+                    let s = ctx.new_stream().map_err(cuda).map_err(fail)?;
+                    let k = Kernels::load(&ctx).map_err(|e| fail(e.to_string()))?;
+                    let mut p = P2pRank::join(
+                        &group,
+                        r,
+                        &s,
+                        r,
+                        1,
+                        Duration::from_secs(2),
+                        Duration::from_secs(10),
+                    )
+                    .ok();
+                    let nc = if have_nccl {
+                        NcclRank::join_with(&rv, r, world, &Terms::new(), &s, nccl_timeouts)
+                            .map_err(|e| eprintln!("rank {r}: NCCL: {e}"))
+                            .ok()
+                    } else {
+                        None
+                    };
+                    // declared after the resources, so dropped (aborting the others on a
+                    // panic) before they are
+                    let stopper = stopper;
+                    let fail = |e: String| stopper.fail(e);
+                    joined.lock().unwrap()[r] = (p.is_some(), nc.is_some());
+                    let gate = || gate.barrier().map_err(|e| e.to_string());
+                    gate()?;
+                    let (all_p2p, all_nccl) = {
+                        let j = joined.lock().unwrap();
+                        (j.iter().all(|x| x.0), j.iter().all(|x| x.1))
+                    };
+                    if !all_p2p {
+                        p = None;
+                    }
+                    let nc = if all_nccl { nc } else { None };
+                    let mut out = Vec::new();
+                    let mut bytes = 1usize << 10;
+                    while bytes <= max_bytes {
+                        let n = bytes / 4;
+                        let iters = if bytes <= 1 << 20 { 200 } else { 20 };
+                        let mut d = s.alloc_zeros::<f32>(n).map_err(cuda).map_err(fail)?;
+                        let mut t = [f64::NAN; 3];
+                        for (i, two) in [false, true].into_iter().enumerate() {
+                            if let Some(p) = p.as_mut() {
+                                gate()?;
+                                t[i] = try_per_iter(&s, iters, &stop, limit, || {
+                                    p.all_reduce(&s, &k, &mut d.slice_mut(..), n, two, Wire::F32)
+                                })
+                                // a spin that timed out only sets the rank's error flag
+                                .and_then(|t| p.check(&s).map(|_| t).map_err(|e| e.to_string()))
+                                .map_err(|e| fail(format!("P2P {bytes} B: {e}")))?;
+                            }
+                        }
+                        if let Some(nc) = &nc {
+                            gate()?;
+                            t[2] = try_per_iter(&s, iters, &stop, limit, || {
+                                nc.all_reduce(&mut d.slice_mut(..))
+                            })
+                            // the watchdog may have aborted it meanwhile
+                            .and_then(|t| nc.check().map(|_| t).map_err(|e| e.to_string()))
+                            .map_err(|e| fail(format!("NCCL {bytes} B: {e}")))?;
+                        }
+                        out.push((bytes, t));
+                        bytes *= 4;
+                    }
+                    Ok(out)
                 })
             })
             .collect();
         let results: Vec<_> = hs
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err("rank panicked".into())))
+            .map(|h| h.join().unwrap_or_else(|_| Err("panicked".into())))
             .collect();
-        // the rank that failed first names the cause; the others only saw the abort
-        let failed: Vec<String> = results
-            .iter()
-            .enumerate()
-            .filter_map(|(r, x)| x.as_ref().err().map(|e| format!("rank {r}: {e}")))
-            .collect();
-        if !failed.is_empty() {
-            println!("| {world} | failed: {} | | | | |", failed.join("; "));
-            rows.push(serde_json::json!({"ranks": world, "failed": failed}));
+        if results.iter().any(Result::is_err) {
+            let why = first
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .map_or("a rank stopped".to_string(), |(r, why)| {
+                    format!("first rank {r}: {why}")
+                });
+            println!("| {world} | failed ({why}) | | | | |");
+            rows.push(serde_json::json!({"ranks": world, "failed": why}));
             continue;
         }
         let per_rank: Vec<_> = results.into_iter().map(Result::unwrap).collect();
