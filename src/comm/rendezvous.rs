@@ -24,7 +24,7 @@
 //!   port; each other rank connects to `host:port` (retrying until rank 0 is up and the name
 //!   resolves), says who it is, and once **all** ranks have arrived rank 0 sends the id to
 //!   each (a rank whose connection died meanwhile may reconnect, e.g. after a restart). If
-//!   rank 0 gives up, every connected rank is told why. So a missing rank is named at rank 0, a rank from another run (other
+//!   rank 0 gives up, every connected rank is told why (and ranks still starting, for 2 s). So a missing rank is named at rank 0, a rank from another run (other
 //!   world size) or a duplicate rank is refused with a reason, and the exchange doubles as a
 //!   start barrier. Nothing is left on disk.
 //!
@@ -634,6 +634,8 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
 // ----------------------------------------------------------------------------------- tcp
 
 const MAGIC: &str = "syncdrop-rdv v2";
+/// How long a rank 0 that stopped the run still answers late ranks with the reason.
+const LINGER: Duration = Duration::from_secs(2);
 /// Longest line either side reads: a hello (its terms included) or an error is far shorter;
 /// a client that sends more without a newline is not one of ours.
 const MAX_LINE: usize = 64 << 10;
@@ -731,6 +733,21 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
             let _ = writeln!(s, "error: {msg}");
         }
     };
+    // after a stop, ranks still starting get the reason for a moment (they would otherwise
+    // retry connecting until their own wait ends, not knowing why)
+    let linger = |msg: &str| {
+        let until = Instant::now() + LINGER;
+        while Instant::now() < until {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    let _ = s.set_nonblocking(false);
+                    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = writeln!(s, "error: {msg}");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    };
     loop {
         if peers[1..].iter().all(Option::is_some) {
             // complete, unless a rank died meanwhile: its restart must find a free slot
@@ -751,6 +768,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                 msg += &format!("; refused: {}", refused.join("; "));
             }
             tell_all(&mut peers, &msg);
+            linger(&msg);
             return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
         }
         let (mut s, from) = match listener.accept() {
@@ -792,6 +810,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                     );
                     let _ = writeln!(s, "error: {msg}");
                     tell_all(&mut peers, &msg);
+                    linger(&msg);
                     return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
                 }
                 // new, or a restarted rank replacing its dead connection
