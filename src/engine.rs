@@ -450,14 +450,11 @@ impl Engine {
             .map(|r| format!("{}:{}..{}", list(&r.q_heads), r.ffn.start, r.ffn.end))
             .collect();
         // the variables as the CUDA backend reads them (an unparsable path fails there)
-        let forced = std::env::var("SYNCDROP_ALLREDUCE")
-            .ok()
-            .and_then(|v| v.parse::<crate::comm::select::Algo>().ok())
-            .map_or("auto".to_string(), |a| format!("{a:?}"));
-        let on = |k: &str| match std::env::var(k).is_ok_and(|v| v == "1") {
-            true => "on",
-            false => "off",
-        };
+        let env = crate::comm::select::EnvSwitches::read().unwrap_or_default();
+        let forced = env
+            .forced
+            .map_or("auto".to_string(), |(_, a)| format!("{a:?}"));
+        let on = |b: bool| if b { "on" } else { "off" };
         crate::comm::rendezvous::Terms::new()
             .with("model", model)
             .with(
@@ -469,7 +466,7 @@ impl Engine {
             )
             .with("shards", shards.join("/"))
             .with("wire", opts.wire.name())
-            .with("graphs", if opts.cuda_graphs { "on" } else { "off" })
+            .with("graphs", on(opts.cuda_graphs))
             .with(
                 "emulate",
                 opts.emulate_link
@@ -477,8 +474,8 @@ impl Engine {
                     .map_or("off".to_string(), |(p, ctas)| format!("{}@{ctas}", p.name)),
             )
             .with("SYNCDROP_ALLREDUCE", forced)
-            .with("SYNCDROP_FUSED_OPROJ", on("SYNCDROP_FUSED_OPROJ"))
-            .with("SYNCDROP_FUSED_NORM", on("SYNCDROP_FUSED_NORM"))
+            .with("SYNCDROP_FUSED_OPROJ", on(env.fused_oproj))
+            .with("SYNCDROP_FUSED_NORM", on(env.fused_norm))
             .extended(&opts.rank_terms)
     }
 

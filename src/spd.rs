@@ -45,8 +45,7 @@ pub fn rank_terms(spec: &str, n_layers: usize) -> Result<crate::comm::rendezvous
     let groups = if groups.is_empty() {
         "none".to_string()
     } else {
-        let sha = Sha256::digest(groups.join(";").as_bytes());
-        let hex: String = sha.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let hex = crate::comm::rendezvous::short_digest(groups.join(";").as_bytes());
         format!("{}-blocks-sha256:{hex}", groups.len())
     };
     Ok(crate::comm::rendezvous::Terms::new()

@@ -28,6 +28,13 @@ fn connect(addr: &str) -> std::net::TcpStream {
     }
 }
 
+/// The error a peer rank (`rank` > 0) of `world` gets from `rv`.
+fn peer_err(rv: &Rendezvous, rank: usize, world: usize, wait: Duration, terms: &Terms) -> String {
+    rv.exchange(rank, world, wait, terms, || unreachable!())
+        .unwrap_err()
+        .to_string()
+}
+
 /// A localhost port nobody listens on right now.
 fn free_addr() -> String {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -138,16 +145,7 @@ fn a_missing_rank_is_named_at_rank_0_and_the_others_time_out_instead_of_hanging(
             rv.exchange(0, 3, Duration::from_secs(3), &Terms::new(), || Ok(id(1)))
         })
     };
-    let e = rv
-        .exchange(
-            1,
-            3,
-            Duration::from_millis(700),
-            &Terms::new(),
-            || unreachable!(),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(&rv, 1, 3, Duration::from_millis(700), &Terms::new());
     assert!(
         e.contains("got no id") || e.contains("could not connect"),
         "{e}"
@@ -156,32 +154,20 @@ fn a_missing_rank_is_named_at_rank_0_and_the_others_time_out_instead_of_hanging(
 
     // no rank 0 at all: a peer gives up connecting within its wait
     let t0 = Instant::now();
-    let e = Rendezvous::Tcp(free_addr())
-        .exchange(
-            1,
-            2,
-            Duration::from_millis(400),
-            &Terms::new(),
-            || unreachable!(),
-        )
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(
+        &Rendezvous::Tcp(free_addr()),
+        1,
+        2,
+        Duration::from_millis(400),
+        &Terms::new(),
+    );
     assert!(e.contains("could not connect"), "{e}");
     assert!(t0.elapsed() < Duration::from_secs(3));
 
     // the same through a file and in process
     let f = std::env::temp_dir().join(format!("syncdrop-rdv-none-{}", std::process::id()));
     for rv in [Rendezvous::File(f), Rendezvous::in_process()] {
-        let e = rv
-            .exchange(
-                1,
-                2,
-                Duration::from_millis(200),
-                &Terms::new(),
-                || unreachable!(),
-            )
-            .unwrap_err()
-            .to_string();
+        let e = peer_err(&rv, 1, 2, Duration::from_millis(200), &Terms::new());
         assert!(e.contains("id"), "{rv:?}: {e}");
     }
 }
@@ -209,10 +195,7 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
         "{stranger}"
     );
     // a rank of a world of 4 (another run, or a wrong --tp)
-    let e = rv
-        .exchange(1, 4, wait, &Terms::new(), || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(&rv, 1, 4, wait, &Terms::new());
     assert!(
         e.contains("world of 4") && e.contains("rank 0's is 3"),
         "{e}"
@@ -237,10 +220,7 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
         thread::spawn(move || rv.exchange(1, 3, wait, &Terms::new(), || unreachable!()))
     };
     thread::sleep(Duration::from_millis(300));
-    let e = rv
-        .exchange(1, 3, wait, &Terms::new(), || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(&rv, 1, 3, wait, &Terms::new());
     assert!(e.contains("rank 1 connected twice"), "{e}");
     let two = rv
         .exchange(2, 3, wait, &Terms::new(), || unreachable!())
@@ -250,16 +230,16 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
     assert_eq!(r0.join().unwrap().unwrap(), id(7));
 
     // a rank outside the world is refused before anything is attempted
-    let e = rv
-        .exchange(3, 3, wait, &Terms::new(), || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(&rv, 3, 3, wait, &Terms::new());
     assert!(e.contains("not a rank"), "{e}");
     // an address that is not host:port
-    let e = Rendezvous::Tcp("no-port-here".into())
-        .exchange(1, 2, wait, &Terms::new(), || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e = peer_err(
+        &Rendezvous::Tcp("no-port-here".into()),
+        1,
+        2,
+        wait,
+        &Terms::new(),
+    );
     assert!(e.contains("host:port"), "{e}");
 }
 
@@ -437,16 +417,10 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
         base.encode()
     )
     .unwrap();
-    let e2 = rv
-        .exchange(2, 4, wait, &odd, || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e2 = peer_err(&rv, 2, 4, wait, &odd);
     // a rank that arrives after the stop still hears why, instead of retrying for its wait
     let late = Instant::now();
-    let e3 = rv
-        .exchange(3, 4, wait, &base, || unreachable!())
-        .unwrap_err()
-        .to_string();
+    let e3 = peer_err(&rv, 3, 4, wait, &base);
     assert!(
         e3.contains("rank 0 stopped the run: rank 2 was started with other options"),
         "{e3}"

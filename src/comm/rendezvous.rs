@@ -196,16 +196,20 @@ impl Terms {
         Terms::default()
     }
 
-    /// Sets `key` (replacing an earlier value).
-    pub fn set(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Terms {
-        let (k, v) = (
-            encode_term(key, true),
-            encode_term(&value.to_string(), false),
-        );
+    /// Sets an encoded key to an encoded value (replacing an earlier value).
+    fn put(&mut self, k: String, v: String) {
         match self.0.iter_mut().find(|(old, _)| *old == k) {
             Some(slot) => slot.1 = v,
             None => self.0.push((k, v)),
         }
+    }
+
+    /// Sets `key` (replacing an earlier value).
+    pub fn set(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Terms {
+        self.put(
+            encode_term(key, true),
+            encode_term(&value.to_string(), false),
+        );
         self
     }
 
@@ -225,10 +229,7 @@ impl Terms {
     /// `self` with every pair of `other` set too (`other`'s values win).
     pub fn extended(mut self, other: &Terms) -> Terms {
         for (k, v) in &other.0 {
-            match self.0.iter_mut().find(|(m, _)| m == k) {
-                Some(slot) => slot.1 = v.clone(),
-                None => self.0.push((k.clone(), v.clone())),
-            }
+            self.put(k.clone(), v.clone());
         }
         self
     }
@@ -307,16 +308,22 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// A short name for one id (its bytes hold rank 0's address and a random magic): answers
-/// and the verdict carry it, so that anything written for another id (an earlier run's) is
-/// ignored.
-fn id_tag(id: &Id) -> String {
+/// The first 8 bytes of `bytes`' sha256, in hex: a short name for a longer value in terms
+/// and tags.
+pub(crate) fn short_digest(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(id)
+    sha2::Sha256::digest(bytes)
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// A short name for one id (its bytes hold rank 0's address and a random magic): answers
+/// and the verdict carry it, so that anything written for another id (an earlier run's) is
+/// ignored.
+fn id_tag(id: &Id) -> String {
+    short_digest(id)
 }
 
 /// Write `bytes` under a name no other writer uses, readable by this user only (the id
@@ -341,24 +348,33 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 /// that died mid-write left (`<path>.tmp-*`, `<path>.go.tmp-*`).
 fn remove_id_and_answers(path: &Path) {
     let _ = std::fs::remove_file(path);
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return;
-    };
-    let dir = if dir.as_os_str().is_empty() {
-        Path::new(".")
-    } else {
-        dir
-    };
-    let name = name.to_string_lossy();
-    let ours = ["ack-", "tmp-", "go.tmp-"].map(|s| format!("{name}.{s}"));
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if ours.iter().any(|p| n.starts_with(p.as_str())) {
-                let _ = std::fs::remove_file(e.path());
-            }
+    for (suffix, p) in beside_files(path) {
+        if ["ack-", "tmp-", "go.tmp-"]
+            .iter()
+            .any(|s| suffix.starts_with(s))
+        {
+            let _ = std::fs::remove_file(p);
         }
     }
+}
+
+/// The files beside `path` named `<its name>.<suffix>`, as (suffix, path).
+fn beside_files(path: &Path) -> Vec<(String, PathBuf)> {
+    let Some(name) = path.file_name() else {
+        return Vec::new();
+    };
+    let prefix = format!("{}.", name.to_string_lossy());
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let Ok(entries) = std::fs::read_dir(dir.unwrap_or(Path::new("."))) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            Some((n.strip_prefix(&prefix)?.to_string(), e.path()))
+        })
+        .collect()
 }
 
 /// The parts of a complete id file: first line, terms line, id. `None` while incomplete.
@@ -434,14 +450,17 @@ fn check_id_file(
     Ok(Some(id))
 }
 
-/// A rank's answer (`ok <tag>` / `refused <tag> <reason>`) if it is for the id `tag`:
-/// (accepted, the reason if refused).
-fn answer_for(text: &str, tag: &str) -> Option<(bool, String)> {
+/// The reply in `file` (a rank's answer `ok <tag>` / `refused <tag> <reason>`, or rank 0's
+/// verdict `ok <tag>` / `error <tag> <reason>`) if there is one for the id `tag`: Ok to go
+/// on, Err with the reason to stop.
+fn reply_for(file: &Path, tag: &str) -> Option<std::result::Result<(), String>> {
+    let text = std::fs::read_to_string(file).ok()?;
     let mut words = text.trim_end().splitn(3, ' ');
     match (words.next()?, words.next()?, words.next()) {
-        ("ok", t, _) if t == tag => Some((true, String::new())),
-        ("refused", t, why) if t == tag => Some((false, why.unwrap_or("no reason given").into())),
-        _ => None, // an answer to another id
+        (_, t, _) if t != tag => None, // a reply about another id
+        ("ok", _, _) => Some(Ok(())),
+        ("refused" | "error", _, why) => Some(Err(why.unwrap_or("no reason given").into())),
+        _ => None,
     }
 }
 
@@ -464,28 +483,16 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
     write_atomic(path, &bytes)?;
     let tag = id_tag(id);
     let deadline = Instant::now() + wait;
-    let answer = |r: usize| {
-        let text = std::fs::read_to_string(beside(path, &format!("ack-{r}"))).ok()?;
-        answer_for(&text, &tag)
-    };
+    let answer = |r: usize| reply_for(&beside(path, &format!("ack-{r}")), &tag);
     // an answer for this id from a rank of another world size (a wrong --tp)
     let outsider = || -> Option<(usize, String)> {
-        let prefix = format!("{}.ack-", path.file_name()?.to_string_lossy());
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
-        std::fs::read_dir(dir.unwrap_or(Path::new(".")))
-            .ok()?
-            .flatten()
-            .find_map(|e| {
-                let r: usize = e
-                    .file_name()
-                    .to_string_lossy()
-                    .strip_prefix(&prefix)?
-                    .parse()
-                    .ok()?;
-                let text = std::fs::read_to_string(e.path()).ok()?;
-                let (_, why) = answer_for(&text, &tag).filter(|_| r >= world)?;
-                Some((r, why))
-            })
+        beside_files(path).into_iter().find_map(|(suffix, p)| {
+            let r: usize = suffix.strip_prefix("ack-")?.parse().ok()?;
+            if r < world {
+                return None;
+            }
+            Some((r, reply_for(&p, &tag)?.err().unwrap_or_default()))
+        })
     };
     let stop = |why: String| {
         // the verdict first, then the id stays a moment (1 s at most) for the ranks that
@@ -505,8 +512,8 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         let mut arrived = 1;
         for r in 1..world {
             match answer(r) {
-                Some((true, _)) => arrived += 1,
-                Some((false, why)) => {
+                Some(Ok(())) => arrived += 1,
+                Some(Err(why)) => {
                     return stop(format!(
                     "rank {r} refused rank 0's id: {why}; start every rank with the same options"
                 ))
@@ -525,9 +532,7 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
             return write_atomic(&go, format!("ok {tag}\n").as_bytes());
         }
         if Instant::now() >= deadline {
-            let missing: Vec<usize> = (1..world)
-                .filter(|&r| answer(r) != Some((true, String::new())))
-                .collect();
+            let missing: Vec<usize> = (1..world).filter(|&r| answer(r) != Some(Ok(()))).collect();
             return stop(format!(
                 "rank(s) {missing:?} of {world} did not answer within {wait:?}"
             ));
@@ -552,8 +557,8 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
     let (ack, go) = (beside(path, &format!("ack-{rank}")), beside(path, "go"));
     let me = format!("rank {rank}");
     let deadline = Instant::now() + wait;
-    // (tag answered, the id if accepted, the reason if refused)
-    let mut answered: Option<(String, Option<Id>, Option<String>)> = None;
+    // the tag answered, and the id if accepted or the reason if refused
+    let mut answered: Option<(String, std::result::Result<Id, String>)> = None;
     let mut not_ours = None;
     let fail = |msg: String| {
         Err(Error::Comm(format!(
@@ -562,29 +567,21 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
         )))
     };
     // rank 0's verdict for `tag`: Some(Ok) to go, Some(Err(reason)) to stop
-    let verdict = |tag: &str| -> Option<std::result::Result<(), String>> {
-        let text = std::fs::read_to_string(&go).ok()?;
-        let mut words = text.trim_end().splitn(3, ' ');
-        match (words.next()?, words.next()?, words.next()) {
-            ("ok", t, _) if t == tag => Some(Ok(())),
-            ("error", t, why) if t == tag => Some(Err(why.unwrap_or("no reason given").into())),
-            _ => None,
-        }
-    };
+    let verdict = |tag: &str| reply_for(&go, tag);
     loop {
         let bytes = std::fs::read(path).unwrap_or_default();
         if let Some((_, _, file_id)) = split_id_file(&bytes) {
             let tag = id_tag(&file_id);
             if answered.as_ref().is_none_or(|a| a.0 != tag) {
-                let (reply, id, why) = match check_id_file(&bytes, world, terms, path, &me) {
-                    Ok(id) => (format!("ok {tag}\n"), id, None),
-                    Err(e) => {
-                        let why = message(e);
-                        (format!("refused {tag} {why}\n"), None, Some(why))
-                    }
+                let mine = check_id_file(&bytes, world, terms, path, &me)
+                    .map(|_| file_id)
+                    .map_err(message);
+                let reply = match &mine {
+                    Ok(_) => format!("ok {tag}\n"),
+                    Err(why) => format!("refused {tag} {why}\n"),
                 };
                 match write_atomic(&ack, reply.as_bytes()) {
-                    Ok(()) => answered = Some((tag, id, why)),
+                    Ok(()) => answered = Some((tag, mine)),
                     // rank 0 clearing an earlier run's answers took the half-written one
                     // with it: answer again at the next look
                     Err(Error::Io { source, .. })
@@ -596,9 +593,9 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
             // a file that is not ours (yet): named if the wait ends
             not_ours = Some(message(e));
         }
-        if let Some((tag, id, refused)) = &answered {
-            match (verdict(tag), id) {
-                (Some(Ok(())), Some(id)) => return Ok(*id),
+        if let Some((tag, mine)) = &answered {
+            match (verdict(tag), mine) {
+                (Some(Ok(())), Ok(id)) => return Ok(*id),
                 (Some(Err(why)), _) => return fail(format!("rank 0 stopped the run: {why}")),
                 _ => {}
             }
@@ -606,12 +603,12 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                 // withdraw the answer, then look once more: a rank 0 that counted it
                 // before it went has told every rank to go
                 let _ = std::fs::remove_file(&ack);
-                if let (Some(Ok(())), Some(id)) = (verdict(tag), id) {
+                if let (Some(Ok(())), Ok(id)) = (verdict(tag), mine) {
                     return Ok(*id);
                 }
-                return fail(match refused {
-                    Some(why) => format!("{why} (a stale file from an earlier run? delete it)"),
-                    None => format!(
+                return fail(match mine {
+                    Err(why) => format!("{why} (a stale file from an earlier run? delete it)"),
+                    Ok(_) => format!(
                         "rank 0 did not confirm within {wait:?} (are all {world} ranks started?)"
                     ),
                 });

@@ -40,6 +40,36 @@ impl std::str::FromStr for Algo {
     }
 }
 
+/// The all-reduce switches the environment sets, read once where the CUDA backend starts
+/// (and where ranks compare their options): `SYNCDROP_ALLREDUCE` (a forced algorithm, as
+/// written and parsed; a typo is an error), `SYNCDROP_FUSED_OPROJ` and `SYNCDROP_FUSED_NORM`
+/// (`1` = on).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EnvSwitches {
+    pub forced: Option<(String, Algo)>,
+    pub fused_oproj: bool,
+    pub fused_norm: bool,
+}
+
+impl EnvSwitches {
+    pub fn read() -> Result<EnvSwitches> {
+        let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
+        Ok(EnvSwitches {
+            forced: match std::env::var("SYNCDROP_ALLREDUCE") {
+                Ok(v) => {
+                    let a = v
+                        .parse::<Algo>()
+                        .map_err(|e| Error::InvalidArgument(format!("SYNCDROP_ALLREDUCE: {e}")))?;
+                    Some((v, a))
+                }
+                Err(_) => None,
+            },
+            fused_oproj: on("SYNCDROP_FUSED_OPROJ"),
+            fused_norm: on("SYNCDROP_FUSED_NORM"),
+        })
+    }
+}
+
 /// What the selector needs to know about the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {

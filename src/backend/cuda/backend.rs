@@ -302,6 +302,9 @@ impl CudaBackend {
         };
         let pos_dev = stream.alloc_zeros::<i32>(1).map_err(cuda_err)?;
         let n_layers = dims.n_layers;
+        // a typo in SYNCDROP_ALLREDUCE fails here, before any weight is loaded, not at the
+        // first all-reduce
+        let env = crate::comm::select::EnvSwitches::read()?;
         Ok(CudaBackend {
             dims,
             comm,
@@ -321,17 +324,9 @@ impl CudaBackend {
             head: None,
             stage: Vec::new(),
             graphs_on: graphs,
-            env_algo: match std::env::var("SYNCDROP_ALLREDUCE") {
-                // a typo fails here, before any weight is loaded, not at the first all-reduce
-                Ok(v) => Some(
-                    v.parse::<crate::comm::select::Algo>()
-                        .map(|_| v)
-                        .map_err(|e| Error::InvalidArgument(format!("SYNCDROP_ALLREDUCE: {e}")))?,
-                ),
-                Err(_) => None,
-            },
-            fused_oproj: std::env::var("SYNCDROP_FUSED_OPROJ").is_ok_and(|v| v == "1"),
-            fused_norm: std::env::var("SYNCDROP_FUSED_NORM").is_ok_and(|v| v == "1"),
+            env_algo: env.forced.map(|(v, _)| v),
+            fused_oproj: env.fused_oproj,
+            fused_norm: env.fused_norm,
             algos: Default::default(),
             ev_fork,
             ev_join,
