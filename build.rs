@@ -7,12 +7,23 @@
 // (scripts/setup-nvcc.sh puts it in the syncdrop cache). Missing nvcc is a warning and the
 // crate builds with no kernels (the CUDA backend then reports it at run time), unless
 // SYNCDROP_REQUIRE_NVCC=1 makes it an error. Never needs nvidia-smi or /usr/local/cuda.
+//
+// Each fatbin is kept in $OUT_DIR with a key (sha256 of nvcc's version, the flags, the .cu and
+// every header in csrc/) and rebuilt only when the key changes, so the script can rerun on any
+// source edit without recompiling kernels.
+//
+// It also sets SYNCDROP_SOURCE_ID, a short sha256 over the crate's sources (src/, csrc/,
+// build.rs, Cargo.toml): ranks started as separate processes compare it at the rendezvous, so
+// two builds of the same version from different sources are told apart (crate::BUILD).
+use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=csrc");
+    for watched in ["build.rs", "Cargo.toml", "csrc", "src"] {
+        println!("cargo:rerun-if-changed={watched}");
+    }
+    println!("cargo:rustc-env=SYNCDROP_SOURCE_ID={}", source_id());
     for v in [
         "NVCC",
         "SYNCDROP_CUDA_ARCHS",
@@ -37,25 +48,50 @@ fn main() {
         Some(nvcc) => {
             let archs = std::env::var("SYNCDROP_CUDA_ARCHS").unwrap_or_else(|_| "80,90".into());
             let archs: Vec<&str> = archs.split(',').map(str::trim).filter(|a| !a.is_empty()).collect();
+            let mut flags: Vec<String> = ["-fatbin", "-O3", "-std=c++17", "-Icsrc"].map(String::from).into();
+            for (i, a) in archs.iter().enumerate() {
+                let code = if i + 1 == archs.len() {
+                    format!("[sm_{a},compute_{a}]")
+                } else {
+                    format!("sm_{a}")
+                };
+                flags.push("-gencode".into());
+                flags.push(format!("arch=compute_{a},code={code}"));
+            }
+            // what every fatbin depends on besides its own .cu
+            let mut common = Sha256::new();
+            let version = Command::new(&nvcc).arg("--version").output();
+            match version {
+                Ok(o) if o.status.success() => common.update(&o.stdout),
+                other => panic!("{} --version failed: {other:?}", nvcc.display()),
+            }
+            common.update(flags.join(" ").as_bytes());
+            for header in files_under(Path::new("csrc"))
+                .into_iter()
+                .filter(|p| p.extension().is_some_and(|x| x != "cu"))
+            {
+                hash_file(&mut common, &header);
+            }
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 let fatbin = out.join(format!("{stem}.fatbin"));
-                let mut cmd = Command::new(&nvcc);
-                cmd.arg("-fatbin").arg("-O3").arg("-std=c++17").arg("-Icsrc");
-                for (i, a) in archs.iter().enumerate() {
-                    let code = if i + 1 == archs.len() {
-                        format!("[sm_{a},compute_{a}]")
-                    } else {
-                        format!("sm_{a}")
-                    };
-                    cmd.arg("-gencode").arg(format!("arch=compute_{a},code={code}"));
+                let key_file = out.join(format!("{stem}.fatbin.key"));
+                let mut key = common.clone();
+                hash_file(&mut key, src);
+                let key = hex(&key.finalize());
+                let cached = fatbin.exists()
+                    && std::fs::read_to_string(&key_file).is_ok_and(|k| k == key);
+                if !cached {
+                    let _ = std::fs::remove_file(&key_file);
+                    let status = Command::new(&nvcc).args(&flags).arg("-o").arg(&fatbin).arg(src).status();
+                    match status {
+                        Ok(s) if s.success() => {
+                            std::fs::write(&key_file, &key).expect("write fatbin key")
+                        }
+                        other => panic!("nvcc failed on {}: {other:?}", src.display()),
+                    }
                 }
-                cmd.arg("-o").arg(&fatbin).arg(src);
-                let status = cmd.status();
-                match status {
-                    Ok(s) if s.success() => entries.push((stem, fatbin)),
-                    other => panic!("nvcc failed on {}: {other:?}", src.display()),
-                }
+                entries.push((stem, fatbin));
             }
         }
         None if required => panic!(
@@ -74,6 +110,54 @@ fn main() {
     }
     rs.push_str("];\n");
     std::fs::write(out.join("kernels.rs"), rs).expect("write kernels.rs");
+}
+
+/// Every file under `dir`, sorted (a missing directory has none).
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Hashes a file's path (with `/` separators) and its bytes, each length-prefixed.
+fn hash_file(h: &mut Sha256, path: &Path) {
+    let name: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let name = name.join("/");
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    h.update((name.len() as u64).to_le_bytes());
+    h.update(name.as_bytes());
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(&bytes);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// 12 hex digits of sha256 over src/, csrc/, build.rs and Cargo.toml (paths and bytes).
+fn source_id() -> String {
+    let mut h = Sha256::new();
+    let mut files = files_under(Path::new("src"));
+    files.extend(files_under(Path::new("csrc")));
+    files.extend([PathBuf::from("build.rs"), PathBuf::from("Cargo.toml")]);
+    for f in &files {
+        hash_file(&mut h, f);
+    }
+    hex(&h.finalize())[..12].to_string()
 }
 
 fn find_nvcc() -> Option<PathBuf> {

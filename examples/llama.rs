@@ -23,7 +23,7 @@ use syncdrop::tokenizer::{chatml, Tokenizer};
 use syncdrop::{assets, Error, ModelFiles, Result};
 
 #[derive(Parser)]
-#[command(name = "llama", about = "syncdrop reference runner: tensor-parallel LLaMA inference and SPD tools", long_about = None)]
+#[command(name = "llama", version = syncdrop::BUILD, about = "syncdrop reference runner: tensor-parallel LLaMA inference and SPD tools", long_about = None)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

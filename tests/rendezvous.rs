@@ -208,7 +208,7 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
         writeln!(
             s,
             "syncdrop-rdv v2 world=3 rank=2 terms: syncdrop={}",
-            env!("CARGO_PKG_VERSION")
+            syncdrop::BUILD
         )
         .unwrap();
         thread::sleep(Duration::from_millis(100));
@@ -264,7 +264,7 @@ fn id_files_are_checked_before_use() {
     let file = |world: usize, terms: &str| {
         let mut b = format!(
             "syncdrop-nccl-id v2 world={world}\nterms: syncdrop={} {terms}\n",
-            env!("CARGO_PKG_VERSION")
+            syncdrop::BUILD
         )
         .into_bytes();
         b.extend((0..128u8).map(|i| i.wrapping_mul(7)));
@@ -413,7 +413,7 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
     writeln!(
         one,
         "syncdrop-rdv v2 world=4 rank=1 terms: syncdrop={} {}",
-        env!("CARGO_PKG_VERSION"),
+        syncdrop::BUILD,
         base.encode()
     )
     .unwrap();
@@ -497,6 +497,48 @@ fn a_rank_started_with_other_options_stops_the_run_naming_the_difference() {
         t0.elapsed() < Duration::from_secs(10),
         "no wait ran out: {:?}",
         t0.elapsed()
+    );
+}
+
+/// A rank built from other sources (same version, another source id) is refused like one
+/// started with other options: its collectives may differ.
+#[test]
+fn a_rank_built_from_other_sources_is_refused() {
+    use std::io::{Read, Write};
+    let version = env!("CARGO_PKG_VERSION");
+    let id_part = syncdrop::BUILD
+        .strip_prefix(&format!("{version}+src."))
+        .unwrap_or_else(|| panic!("BUILD is version+src.<id>: {}", syncdrop::BUILD));
+    assert!(
+        id_part.len() == 12 && id_part.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{id_part}"
+    );
+    let other = format!("{version}+src.{}", "0".repeat(12));
+    assert_ne!(other, syncdrop::BUILD);
+    let addr = free_addr();
+    let rv = Rendezvous::Tcp(addr.clone());
+    let r0 = {
+        let rv = rv.clone();
+        thread::spawn(move || {
+            rv.exchange(0, 2, Duration::from_secs(20), &Terms::new(), || Ok(id(5)))
+                .map_err(|e| e.to_string())
+        })
+    };
+    let mut one = connect(&addr);
+    writeln!(
+        one,
+        "syncdrop-rdv v2 world=2 rank=1 terms: syncdrop={other}"
+    )
+    .unwrap();
+    let mut heard = String::new();
+    one.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = one.read_to_string(&mut heard);
+    let e0 = r0.join().unwrap().unwrap_err();
+    let named = format!("syncdrop (rank 1: {other}, rank 0: {})", syncdrop::BUILD);
+    assert!(e0.contains(&named), "{e0}");
+    assert!(
+        heard.starts_with("error: ") && heard.contains(&named),
+        "{heard}"
     );
 }
 

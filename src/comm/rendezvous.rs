@@ -79,9 +79,9 @@ impl Rendezvous {
 
     /// Rank 0 calls `make` and hands its id to every other rank; the others return it.
     /// Fails (never hangs) when the ranks have not all met within `wait`, and when a rank's
-    /// `terms` (with the syncdrop version added) differ from rank 0's: in separate processes
-    /// (file, TCP) rank 0 and the differing rank both stop with an error naming each
-    /// difference. (The threads of one process share their options; `terms` is not
+    /// `terms` (with the syncdrop build added: version and source id, [`crate::BUILD`])
+    /// differ from rank 0's: in separate processes (file, TCP) rank 0 and the differing rank
+    /// both stop with an error naming each difference. (The threads of one process share their options; `terms` is not
     /// compared in process.)
     pub fn exchange(
         &self,
@@ -146,7 +146,7 @@ impl Rendezvous {
 /// differs would pair its collectives with the wrong ones of its peers (wrong sums, or a
 /// hang), so rank 0 compares every rank's terms with its own at the rendezvous and stops
 /// the run naming each difference. `key=value` pairs; [`Rendezvous::exchange`] adds the
-/// syncdrop version itself.
+/// syncdrop build (version and source id) itself.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Terms(Vec<(String, String)>);
 
@@ -219,11 +219,10 @@ impl Terms {
         self
     }
 
-    /// `self` with the syncdrop version first (what every exchange compares too).
+    /// `self` with the syncdrop build first (version and source id, [`crate::BUILD`]: what
+    /// every exchange compares too).
     fn versioned(&self) -> Terms {
-        Terms::new()
-            .with("syncdrop", env!("CARGO_PKG_VERSION"))
-            .extended(self)
+        Terms::new().with("syncdrop", crate::BUILD).extended(self)
     }
 
     /// `self` with every pair of `other` set too (`other`'s values win).
