@@ -749,3 +749,87 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
     let e = r0.join().unwrap().unwrap_err().to_string();
     assert!(e.contains("longer than 65536 bytes"), "{e}");
 }
+
+/// One run per id file: a second rank 0 on a path that is being served is refused (naming
+/// the first), and an `error` verdict left by a rank 0 that died while stopping its run
+/// (its id file still there, its lock free) does not stop a later run's early peer.
+#[test]
+fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("syncdrop-rdv-lock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("id");
+    let beside = |suffix: &str| dir.join(format!("id.{suffix}"));
+    let t = Terms::new().with("graphs", "on");
+    let spawn = |r: usize, wait_ms: u64, seed: u8| {
+        let (rv, t) = (Rendezvous::File(f.clone()), t.clone());
+        thread::spawn(move || {
+            rv.exchange(r, 2, Duration::from_millis(wait_ms), &t, || Ok(id(seed)))
+                .map_err(|e| e.to_string())
+        })
+    };
+
+    // a second rank 0 while the first one waits for its peer
+    let first = spawn(0, 10_000, 1);
+    thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    let e = spawn(0, 10_000, 2).join().unwrap().unwrap_err();
+    assert!(
+        e.contains("another rank 0 (pid ")
+            && e.contains(&format!("pid {} on ", std::process::id()))
+            && e.contains("two runs cannot share one id file"),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // the first run is untouched by it
+    assert_eq!(spawn(1, 10_000, 0).join().unwrap().unwrap(), id(1));
+    assert_eq!(first.join().unwrap().unwrap(), id(1));
+    assert!(!beside("lock").exists(), "rank 0 removes its lock file");
+    Rendezvous::File(f.clone()).finish(0, 2);
+
+    // what a rank 0 killed during its stop leaves: its id file, an `error` verdict for it,
+    // and an unlocked lock file
+    let dead = id(7);
+    let tag: String = sha2::Sha256::digest(dead)
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let leave_dead_run = || {
+        let mut bytes = format!(
+            "syncdrop-nccl-id v2 world=2\nterms: syncdrop={} graphs=on\n",
+            syncdrop::BUILD
+        )
+        .into_bytes();
+        bytes.extend_from_slice(&dead);
+        std::fs::write(&f, bytes).unwrap();
+        std::fs::write(
+            beside("go"),
+            format!("error {tag} rank 1 refused: old reason\n"),
+        )
+        .unwrap();
+        std::fs::write(beside("lock"), "pid 1 on gone\n").unwrap();
+    };
+    // a later run's peer, started first, waits for the later rank 0 and gets its id
+    leave_dead_run();
+    let peer = spawn(1, 10_000, 0);
+    thread::sleep(Duration::from_millis(400));
+    assert_eq!(spawn(0, 10_000, 3).join().unwrap().unwrap(), id(3));
+    assert_eq!(
+        peer.join().unwrap().unwrap(),
+        id(3),
+        "not stopped by the dead run's verdict"
+    );
+    Rendezvous::File(f.clone()).finish(0, 2);
+    // with no later rank 0, the peer's own wait ends, naming what it found
+    leave_dead_run();
+    let e = spawn(1, 700, 0).join().unwrap().unwrap_err();
+    assert!(
+        e.contains("rank 0 did not confirm")
+            && e.contains(
+                "left by a rank 0 that died while stopping its run (rank 1 refused: old reason)"
+            ),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -15,7 +15,11 @@
 //!   is named at rank 0, a refusal stops rank 0 and every rank, and the exchange doubles as
 //!   a start barrier, as over TCP. Rank 0 removes the id file before an `ok` (so no crash
 //!   can leave an id beside an `ok` for it) and the answers once NCCL has started; the
-//!   verdict stays until the next rank 0 clears it. One run per path at a time. On NFS,
+//!   verdict stays until the next rank 0 clears it. One run per path at a time: rank 0
+//!   holds `<path>.lock` (flock, released by the kernel if it dies) while it serves, so a
+//!   second rank 0 on the path is refused, and a peer can tell an `error` verdict whose
+//!   rank 0 died before clearing its id (ignored: the peer waits for the next rank 0) from
+//!   one whose rank 0 is still there or finished cleanly. On NFS,
 //!   attribute caching can delay each of the three hops (id, answer, verdict) by its cache
 //!   time (`lookupcache=positive`, `actimeo`); ranks on several machines are better served
 //!   by TCP.
@@ -463,6 +467,114 @@ fn reply_for(file: &Path, tag: &str) -> Option<std::result::Result<(), String>> 
     }
 }
 
+/// Rank 0's hold on `<path>.lock` while it serves an id file: an exclusive `flock`, which
+/// the kernel releases if the process dies. A second rank 0 on the same path is refused
+/// while the first serves; a peer that finds an `error` verdict beside an id file whose
+/// lock is free knows that rank 0 died before clearing up (see [`rank0_serving`]). Dropping
+/// it removes the lock file, then unlocks. Where the filesystem has no locks, rank 0 goes on
+/// without one (and peers trust every verdict, as they would a held lock).
+struct ServeLock {
+    hold: Option<(std::fs::File, PathBuf)>,
+}
+
+/// `flock(fd, op | LOCK_NB)`: Ok(true) locked, Ok(false) held by another, Err otherwise.
+fn try_flock(file: &std::fs::File, op: libc::c_int) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor this File owns; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(false),
+        _ => Err(e),
+    }
+}
+
+/// This process and machine, as a lock holder names itself.
+fn holder_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let host = if unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0 {
+        let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "?".into()
+    };
+    format!("pid {} on {host}", std::process::id())
+}
+
+impl ServeLock {
+    fn take(id_path: &Path) -> Result<ServeLock> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let path = beside(id_path, "lock");
+        // a peer probing the lock holds it for a moment: look again before calling it taken
+        let deadline = Instant::now() + 10 * POLL;
+        loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| Error::io(&path, e))?;
+            match try_flock(&file, libc::LOCK_EX) {
+                Ok(true) => {
+                    // the last holder may have removed the file between our open and lock
+                    let same = match (file.metadata(), std::fs::metadata(&path)) {
+                        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                        _ => false,
+                    };
+                    if !same {
+                        continue;
+                    }
+                    let _ = file.set_len(0);
+                    let _ = writeln!(file, "{}", holder_name());
+                    return Ok(ServeLock {
+                        hold: Some((file, path)),
+                    });
+                }
+                Ok(false) if Instant::now() < deadline => std::thread::sleep(POLL / 5),
+                Ok(false) => {
+                    let who = std::fs::read_to_string(&path).unwrap_or_default();
+                    let who = who.trim();
+                    return Err(Error::Comm(format!(
+                        "rendezvous through {}: another rank 0 ({}) is serving this file right \
+                         now; two runs cannot share one id file: give each run its own path \
+                         (and stop any rank of this run that may have answered the other)",
+                        id_path.display(),
+                        if who.is_empty() { "unnamed" } else { who }
+                    )));
+                }
+                // no locks on this filesystem: serve without one
+                Err(_) => return Ok(ServeLock { hold: None }),
+            }
+        }
+    }
+}
+
+impl Drop for ServeLock {
+    fn drop(&mut self) {
+        if let Some((file, path)) = self.hold.take() {
+            // remove, then unlock (by closing): a rank 0 that opened the old file before the
+            // removal sees that it locked a removed file and opens again
+            let _ = std::fs::remove_file(&path);
+            drop(file);
+        }
+    }
+}
+
+/// Whether a rank 0 serves through `id_path` now: its lock is held (or cannot be probed:
+/// assume so). False when there is no lock file or it is free: rank 0 finished, or died.
+fn rank0_serving(id_path: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(beside(id_path, "lock")) else {
+        return false;
+    };
+    // a shared probe, released when `file` closes
+    !matches!(try_flock(&file, libc::LOCK_SH), Ok(true))
+}
+
 /// Rank 0 through a file: clear an earlier run's answers, write the id file, then wait until
 /// every rank has answered for this id. An answer `refused` (the rank's world size or terms
 /// differ), an answer from a rank outside the world, or a rank missing at the deadline stops
@@ -475,6 +587,8 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         return Ok(());
     }
     let go = beside(path, "go");
+    // held until this returns: after the id is removed (or the verdict written)
+    let _lock = ServeLock::take(path)?;
     remove_id_and_answers(path);
     let _ = std::fs::remove_file(&go);
     let mut bytes = format!("{FILE_MAGIC} world={world}\nterms: {}\n", terms.encode()).into_bytes();
@@ -559,6 +673,8 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
     // the tag answered, and the id if accepted or the reason if refused
     let mut answered: Option<(String, std::result::Result<Id, String>)> = None;
     let mut not_ours = None;
+    // an `error` verdict left by a rank 0 that died before clearing its id: (tag, reason)
+    let mut orphan: Option<(String, String)> = None;
     let fail = |msg: String| {
         Err(Error::Comm(format!(
             "rendezvous through {}: {me}: {msg}",
@@ -595,7 +711,19 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
         if let Some((tag, mine)) = &answered {
             match (verdict(tag), mine) {
                 (Some(Ok(())), Ok(id)) => return Ok(*id),
-                (Some(Err(why)), _) => return fail(format!("rank 0 stopped the run: {why}")),
+                (Some(Err(_)), _) if orphan.as_ref().is_some_and(|o| &o.0 == tag) => {}
+                (Some(Err(why)), _) => {
+                    // its rank 0 is gone (lock free) yet its id is still there: it died
+                    // during its stop, and the verdict was not for this run; wait for the
+                    // next rank 0. (A rank 0 that ends cleanly removes the id first.)
+                    let id_now = split_id_file(&std::fs::read(path).unwrap_or_default());
+                    let left = !rank0_serving(path)
+                        && id_now.is_some_and(|(_, _, id)| &id_tag(&id) == tag);
+                    if !left {
+                        return fail(format!("rank 0 stopped the run: {why}"));
+                    }
+                    orphan = Some((tag.clone(), why));
+                }
                 _ => {}
             }
             if Instant::now() >= deadline {
@@ -605,10 +733,20 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                 if let (Some(Ok(())), Ok(id)) = (verdict(tag), mine) {
                     return Ok(*id);
                 }
+                let left = match orphan.take() {
+                    Some((_, why)) => format!(
+                        "; the id file there was left by a rank 0 that died while stopping \
+                         its run ({why})"
+                    ),
+                    None => String::new(),
+                };
                 return fail(match mine {
-                    Err(why) => format!("{why} (a stale file from an earlier run? delete it)"),
+                    Err(why) => {
+                        format!("{why} (a stale file from an earlier run? delete it){left}")
+                    }
                     Ok(_) => format!(
-                        "rank 0 did not confirm within {wait:?} (are all {world} ranks started?)"
+                        "rank 0 did not confirm within {wait:?} (are all {world} ranks \
+                         started?){left}"
                     ),
                 });
             }
