@@ -8,19 +8,20 @@
 // crate builds with no kernels (the CUDA backend then reports it at run time), unless
 // SYNCDROP_REQUIRE_NVCC=1 makes it an error. Never needs nvidia-smi or /usr/local/cuda.
 //
-// Each fatbin is kept in $OUT_DIR with a key (sha256 of nvcc's version, the flags, the .cu and
-// every header in csrc/) and rebuilt only when the key changes, so the script can rerun on any
-// source edit without recompiling kernels.
+// Each fatbin is kept in $OUT_DIR with a key (sha256 of nvcc's version, its flags and
+// environment, and every source in csrc/) and rebuilt only when the key changes, so the script
+// can rerun on any Rust edit without recompiling kernels.
 //
-// It also sets SYNCDROP_SOURCE_ID, a short sha256 over the crate's sources (src/, csrc/,
-// build.rs, Cargo.toml): ranks started as separate processes compare it at the rendezvous, so
-// two builds of the same version from different sources are told apart (crate::BUILD).
+// It also sets SYNCDROP_SOURCE_ID, a short sha256 over the crate's sources (src/**.rs, csrc/'s
+// .cu/.cuh/.h, build.rs; regular files only): ranks started as separate processes compare it
+// at the rendezvous, so two builds of the same version from different sources are told apart
+// (crate::BUILD).
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    for watched in ["build.rs", "Cargo.toml", "csrc", "src"] {
+    for watched in ["build.rs", "csrc", "src"] {
         println!("cargo:rerun-if-changed={watched}");
     }
     println!("cargo:rustc-env=SYNCDROP_SOURCE_ID={}", source_id());
@@ -29,7 +30,10 @@ fn main() {
         "SYNCDROP_CUDA_ARCHS",
         "SYNCDROP_REQUIRE_NVCC",
         "SYNCDROP_CACHE",
-    ] {
+    ]
+    .iter()
+    .chain(&NVCC_ENV)
+    {
         println!("cargo:rerun-if-env-changed={v}");
     }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -66,11 +70,13 @@ fn main() {
                 other => panic!("{} --version failed: {other:?}", nvcc.display()),
             }
             common.update(flags.join(" ").as_bytes());
-            for header in files_under(Path::new("csrc"))
-                .into_iter()
-                .filter(|p| p.extension().is_some_and(|x| x != "cu"))
-            {
-                hash_file(&mut common, &header);
+            for v in NVCC_ENV {
+                let value = std::env::var_os(v).unwrap_or_default();
+                common.update(format!("{v}={}\n", value.to_string_lossy()).as_bytes());
+            }
+            // every source nvcc may read (a .cu may include another)
+            for f in files_under(Path::new("csrc"), &CUDA_SOURCES) {
+                hash_file(&mut common, &f);
             }
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
@@ -112,23 +118,39 @@ fn main() {
     std::fs::write(out.join("kernels.rs"), rs).expect("write kernels.rs");
 }
 
-/// Every file under `dir`, sorted (a missing directory has none).
-fn files_under(dir: &Path) -> Vec<PathBuf> {
+/// The regular files under `dir` whose extension is one of `exts`, sorted (a missing
+/// directory has none). Symbolic links (an editor's lock file, say), hidden files and other
+/// kinds are skipped: a stray file must not change the source id or stop the build.
+fn files_under(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
     let mut files = Vec::new();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
         for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                files.push(p);
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => todo.push(p),
+                Ok(m)
+                    if m.is_file()
+                        && p.extension().is_some_and(|x| exts.iter().any(|e| x == *e)) =>
+                {
+                    files.push(p)
+                }
+                _ => {}
             }
         }
     }
     files.sort();
     files
 }
+
+/// nvcc's own environment, which changes what it builds.
+const NVCC_ENV: [&str; 3] = ["NVCC_PREPEND_FLAGS", "NVCC_APPEND_FLAGS", "NVCC_CCBIN"];
+
+/// What csrc/ holds that nvcc reads: kernels and headers.
+const CUDA_SOURCES: [&str; 3] = ["cu", "cuh", "h"];
 
 /// Hashes a file's path (with `/` separators) and its bytes, each length-prefixed.
 fn hash_file(h: &mut Sha256, path: &Path) {
@@ -148,12 +170,13 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// 12 hex digits of sha256 over src/, csrc/, build.rs and Cargo.toml (paths and bytes).
+/// 12 hex digits of sha256 over src/*.rs, csrc/'s sources and build.rs (paths and bytes).
+/// Not Cargo.toml: packaging rewrites it, and the version is in `BUILD` already.
 fn source_id() -> String {
     let mut h = Sha256::new();
-    let mut files = files_under(Path::new("src"));
-    files.extend(files_under(Path::new("csrc")));
-    files.extend([PathBuf::from("build.rs"), PathBuf::from("Cargo.toml")]);
+    let mut files = files_under(Path::new("src"), &["rs"]);
+    files.extend(files_under(Path::new("csrc"), &CUDA_SOURCES));
+    files.push(PathBuf::from("build.rs"));
     for f in &files {
         hash_file(&mut h, f);
     }

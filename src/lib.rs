@@ -39,8 +39,9 @@ pub mod tokenizer;
 pub mod weights;
 
 /// This build: the crate version and a short sha256 of its sources (`0.1.0+src.1a2b3c4d5e6f`),
-/// computed by build.rs. Ranks in separate processes compare it at the rendezvous, so builds
-/// of one version from different sources do not pair their collectives.
+/// computed by build.rs over src/**.rs, csrc/ and build.rs. Ranks in separate processes
+/// compare it at the rendezvous, so builds of one version from different sources do not pair
+/// their collectives.
 pub const BUILD: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     "+src.",

@@ -696,6 +696,7 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
     let (a0, a1) = (spawn(0, 2, 5000, 1), spawn(1, 2, 5000, 0));
     assert_eq!(a0.join().unwrap().unwrap(), id(1));
     assert_eq!(a1.join().unwrap().unwrap(), id(1));
+    Rendezvous::File(f.clone()).abandon();
     let peer = spawn(1, 2, 10_000, 0);
     thread::sleep(Duration::from_millis(300));
     assert_eq!(spawn(0, 2, 10_000, 2).join().unwrap().unwrap(), id(2));
@@ -750,9 +751,23 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
     assert!(e.contains("longer than 65536 bytes"), "{e}");
 }
 
-/// One run per id file: a second rank 0 on a path that is being served is refused (naming
-/// the first), and an `error` verdict left by a rank 0 that died while stopping its run
-/// (its id file still there, its lock free) does not stop a later run's early peer.
+/// Waits (10 s at most) until `p` exists.
+fn wait_for(p: &std::path::Path) {
+    let t0 = Instant::now();
+    while !p.exists() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            p.display()
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One run per id file: a second rank 0 on a path that is being served (or whose ranks are
+/// still starting NCCL) is refused, naming the first; an `error` verdict left by a rank 0
+/// that died while stopping its run (its id file still there, its lock free) does not stop a
+/// later run's early peer, while one whose rank 0 is alive or finished cleanly does.
 #[test]
 fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
     use sha2::Digest;
@@ -768,27 +783,29 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
                 .map_err(|e| e.to_string())
         })
     };
+    let second_rank_0_refused = || {
+        let t0 = Instant::now();
+        let e = spawn(0, 10_000, 2).join().unwrap().unwrap_err();
+        assert!(
+            e.contains(&format!("another rank 0 (pid {} on ", std::process::id()))
+                && e.contains("two runs cannot share one id file"),
+            "{e}"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    };
 
-    // a second rank 0 while the first one waits for its peer
+    // a second rank 0 while the first one waits for its peer, and while its ranks start NCCL
     let first = spawn(0, 10_000, 1);
-    thread::sleep(Duration::from_millis(300));
-    let t0 = Instant::now();
-    let e = spawn(0, 10_000, 2).join().unwrap().unwrap_err();
-    assert!(
-        e.contains("another rank 0 (pid ")
-            && e.contains(&format!("pid {} on ", std::process::id()))
-            && e.contains("two runs cannot share one id file"),
-        "{e}"
-    );
-    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
-    // the first run is untouched by it
+    wait_for(&f);
+    second_rank_0_refused();
     assert_eq!(spawn(1, 10_000, 0).join().unwrap().unwrap(), id(1));
-    assert_eq!(first.join().unwrap().unwrap(), id(1));
-    assert!(!beside("lock").exists(), "rank 0 removes its lock file");
+    assert_eq!(first.join().unwrap().unwrap(), id(1), "untouched by it");
+    second_rank_0_refused();
     Rendezvous::File(f.clone()).finish(0, 2);
+    assert!(!beside("lock").exists(), "finish removes the lock file");
 
     // what a rank 0 killed during its stop leaves: its id file, an `error` verdict for it,
-    // and an unlocked lock file
+    // and its lock file, unlocked
     let dead = id(7);
     let tag: String = sha2::Sha256::digest(dead)
         .iter()
@@ -813,7 +830,7 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
     // a later run's peer, started first, waits for the later rank 0 and gets its id
     leave_dead_run();
     let peer = spawn(1, 10_000, 0);
-    thread::sleep(Duration::from_millis(400));
+    thread::sleep(Duration::from_millis(300));
     assert_eq!(spawn(0, 10_000, 3).join().unwrap().unwrap(), id(3));
     assert_eq!(
         peer.join().unwrap().unwrap(),
@@ -823,7 +840,7 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
     Rendezvous::File(f.clone()).finish(0, 2);
     // with no later rank 0, the peer's own wait ends, naming what it found
     leave_dead_run();
-    let e = spawn(1, 700, 0).join().unwrap().unwrap_err();
+    let e = spawn(1, 3000, 0).join().unwrap().unwrap_err();
     assert!(
         e.contains("rank 0 did not confirm")
             && e.contains(
@@ -831,5 +848,28 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
             ),
         "{e}"
     );
+
+    // the same files while a rank 0 holds the lock (in its stop grace, or clearing the path
+    // as it starts): the peer looks again instead of failing; once the id is gone (a clean
+    // stop) it believes the verdict at once
+    leave_dead_run();
+    let lock = std::fs::File::open(beside("lock")).unwrap();
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor `lock` owns.
+        assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    }
+    let peer = spawn(1, 10_000, 0);
+    thread::sleep(Duration::from_millis(2500)); // past ORPHAN_AFTER: the lock counts
+    assert!(!peer.is_finished(), "a held lock means: look again");
+    std::fs::remove_file(&f).unwrap();
+    let t0 = Instant::now();
+    let e = peer.join().unwrap().unwrap_err();
+    assert!(
+        e.contains("rank 0 stopped the run: rank 1 refused: old reason"),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    drop(lock);
     let _ = std::fs::remove_dir_all(&dir);
 }

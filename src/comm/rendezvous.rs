@@ -16,10 +16,11 @@
 //!   a start barrier, as over TCP. Rank 0 removes the id file before an `ok` (so no crash
 //!   can leave an id beside an `ok` for it) and the answers once NCCL has started; the
 //!   verdict stays until the next rank 0 clears it. One run per path at a time: rank 0
-//!   holds `<path>.lock` (flock, released by the kernel if it dies) while it serves, so a
-//!   second rank 0 on the path is refused, and a peer can tell an `error` verdict whose
-//!   rank 0 died before clearing its id (ignored: the peer waits for the next rank 0) from
-//!   one whose rank 0 is still there or finished cleanly. On NFS,
+//!   holds `<path>.lock` (flock, released by the kernel if it dies) from before it clears
+//!   the path until [`Rendezvous::finish`], so a second rank 0 on the path is refused, and
+//!   a peer can tell an `error` verdict whose rank 0 died before clearing its id (its id
+//!   stays, its lock free for 2 s: ignored, the peer waits for the next rank 0) from one
+//!   whose rank 0 is still there or stopped cleanly. On NFS,
 //!   attribute caching can delay each of the three hops (id, answer, verdict) by its cache
 //!   time (`lookupcache=positive`, `actimeo`); ranks on several machines are better served
 //!   by TCP.
@@ -131,14 +132,29 @@ impl Rendezvous {
         }
     }
 
+    /// What a rank 0 that dies after serving leaves behind: the kernel releases its lock,
+    /// its files stay. For tests of what later runs make of leftovers; a running rank 0
+    /// calls [`Rendezvous::finish`] instead.
+    #[doc(hidden)]
+    pub fn abandon(&self) {
+        if let Rendezvous::File(path) = self {
+            if let Some(mut lock) = held_locks().remove(path) {
+                drop(lock.hold.take()); // unlock, keep the lock file
+            }
+        }
+    }
+
     /// What rank 0 of `world` does once NCCL has started (or failed to): the answers (and an
-    /// id file a failure left) are removed. The verdict stays, for ranks that have not read
-    /// it yet; it names an id whose file is gone, so no later run can use it, and the next
-    /// rank 0 clears it. (TCP and in-process leave nothing behind; a world of 1 wrote
+    /// id file a failure left) are removed, then its lock on the path (held since it served)
+    /// is released. The verdict stays, for ranks that have not read it yet; it names an id
+    /// whose file is gone, so no later run can use it, and the next rank 0 clears it. (TCP and in-process leave nothing behind; a world of 1 wrote
     /// nothing to remove.)
     pub fn finish(&self, rank: usize, world: usize) {
         if let (0, 2.., Rendezvous::File(path)) = (rank, world, self) {
             remove_id_and_answers(path);
+            // then the lock serve_file kept (no other rank 0 could clear or replace the
+            // files above meanwhile)
+            held_locks().remove(path);
         }
     }
 }
@@ -303,6 +319,11 @@ impl Terms {
 const FILE_MAGIC: &str = "syncdrop-nccl-id v2";
 /// How often file readers and rank 0 look again.
 const POLL: Duration = Duration::from_millis(50);
+/// How long an `error` verdict's id file must stand with its lock free before a peer takes
+/// both for a dead rank 0's leftovers: twice a stopping rank 0's grace (20 polls), which
+/// also covers filesystems whose locks are local to each machine (a peer elsewhere sees
+/// every lock free).
+const ORPHAN_AFTER: Duration = Duration::from_secs(2);
 
 /// A file beside the id file: `<path>.<suffix>`.
 fn beside(path: &Path, suffix: &str) -> PathBuf {
@@ -467,14 +488,26 @@ fn reply_for(file: &Path, tag: &str) -> Option<std::result::Result<(), String>> 
     }
 }
 
-/// Rank 0's hold on `<path>.lock` while it serves an id file: an exclusive `flock`, which
-/// the kernel releases if the process dies. A second rank 0 on the same path is refused
-/// while the first serves; a peer that finds an `error` verdict beside an id file whose
-/// lock is free knows that rank 0 died before clearing up (see [`rank0_serving`]). Dropping
-/// it removes the lock file, then unlocks. Where the filesystem has no locks, rank 0 goes on
-/// without one (and peers trust every verdict, as they would a held lock).
+/// Rank 0's hold on `<path>.lock` from before it clears the path's files until they are
+/// cleared again: an exclusive `flock`, which the kernel releases if the process dies. A
+/// second rank 0 on the same path is refused meanwhile; a peer that finds an `error`
+/// verdict beside an id file whose lock stays free knows that rank 0 died before clearing up
+/// (see `fetch_file`). Dropping it removes the lock file, then unlocks. Where the filesystem
+/// has no locks, rank 0 goes on without one (and peers cannot tell a dead rank 0's verdict
+/// from a live one's: they wait for the id to go, as for a live one).
 struct ServeLock {
     hold: Option<(std::fs::File, PathBuf)>,
+}
+
+/// The locks of ranks 0 that served successfully in this process, kept until
+/// [`Rendezvous::finish`]: the id's ranks are still starting NCCL, and a rank 0 of another
+/// run clearing the path meanwhile would remove answers and a verdict they may still read.
+fn held_locks() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, ServeLock>> {
+    static HELD: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, ServeLock>>> =
+        std::sync::OnceLock::new();
+    HELD.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
 }
 
 /// `flock(fd, op | LOCK_NB)`: Ok(true) locked, Ok(false) held by another, Err otherwise.
@@ -522,11 +555,18 @@ impl ServeLock {
             match try_flock(&file, libc::LOCK_EX) {
                 Ok(true) => {
                     // the last holder may have removed the file between our open and lock
+                    // (inode numbers only: some overlay filesystems report another st_dev
+                    // through the descriptor)
                     let same = match (file.metadata(), std::fs::metadata(&path)) {
-                        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+                        (Ok(a), Ok(b)) => a.ino() == b.ino(),
                         _ => false,
                     };
                     if !same {
+                        if Instant::now() >= deadline {
+                            // a filesystem whose inodes do not compare: serve unlocked
+                            return Ok(ServeLock { hold: None });
+                        }
+                        std::thread::sleep(POLL / 5);
                         continue;
                     }
                     let _ = file.set_len(0);
@@ -544,7 +584,7 @@ impl ServeLock {
                          now; two runs cannot share one id file: give each run its own path \
                          (and stop any rank of this run that may have answered the other)",
                         id_path.display(),
-                        if who.is_empty() { "unnamed" } else { who }
+                        if who.is_empty() { "not named yet" } else { who }
                     )));
                 }
                 // no locks on this filesystem: serve without one
@@ -565,8 +605,8 @@ impl Drop for ServeLock {
     }
 }
 
-/// Whether a rank 0 serves through `id_path` now: its lock is held (or cannot be probed:
-/// assume so). False when there is no lock file or it is free: rank 0 finished, or died.
+/// Whether a rank 0 holds `id_path`'s lock now (or it cannot be probed: assume so). False
+/// when there is no lock file or it is free: rank 0 finished, or died.
 fn rank0_serving(id_path: &Path) -> bool {
     let Ok(file) = std::fs::File::open(beside(id_path, "lock")) else {
         return false;
@@ -587,10 +627,12 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         return Ok(());
     }
     let go = beside(path, "go");
-    // held until this returns: after the id is removed (or the verdict written)
-    let _lock = ServeLock::take(path)?;
-    remove_id_and_answers(path);
+    // held until this fails (after the id is removed) or, on success, until `finish`
+    let lock = ServeLock::take(path)?;
+    // the old verdict first: a peer that saw it beside the old id and finds the id gone
+    // looks at the verdict again before it believes it
     let _ = std::fs::remove_file(&go);
+    remove_id_and_answers(path);
     let mut bytes = format!("{FILE_MAGIC} world={world}\nterms: {}\n", terms.encode()).into_bytes();
     bytes.extend_from_slice(id);
     write_atomic(path, &bytes)?;
@@ -642,7 +684,9 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         }
         if arrived == world {
             let _ = std::fs::remove_file(path);
-            return write_atomic(&go, format!("ok {tag}\n").as_bytes());
+            write_atomic(&go, format!("ok {tag}\n").as_bytes())?;
+            held_locks().insert(path.to_path_buf(), lock);
+            return Ok(());
         }
         if Instant::now() >= deadline {
             let missing: Vec<usize> = (1..world).filter(|&r| answer(r) != Some(Ok(()))).collect();
@@ -673,8 +717,10 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
     // the tag answered, and the id if accepted or the reason if refused
     let mut answered: Option<(String, std::result::Result<Id, String>)> = None;
     let mut not_ours = None;
-    // an `error` verdict left by a rank 0 that died before clearing its id: (tag, reason)
-    let mut orphan: Option<(String, String)> = None;
+    // an `error` verdict for the id answered, not yet believed: (tag, reason, since when its
+    // id file has stood beside it with the lock free, and whether that lasted ORPHAN_AFTER:
+    // then it is a dead rank 0's, ignored)
+    let mut doubted: Option<(String, String, Option<Instant>, bool)> = None;
     let fail = |msg: String| {
         Err(Error::Comm(format!(
             "rendezvous through {}: {me}: {msg}",
@@ -711,18 +757,32 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
         if let Some((tag, mine)) = &answered {
             match (verdict(tag), mine) {
                 (Some(Ok(())), Ok(id)) => return Ok(*id),
-                (Some(Err(_)), _) if orphan.as_ref().is_some_and(|o| &o.0 == tag) => {}
                 (Some(Err(why)), _) => {
-                    // its rank 0 is gone (lock free) yet its id is still there: it died
-                    // during its stop, and the verdict was not for this run; wait for the
-                    // next rank 0. (A rank 0 that ends cleanly removes the id first.)
-                    let id_now = split_id_file(&std::fs::read(path).unwrap_or_default());
-                    let left = !rank0_serving(path)
-                        && id_now.is_some_and(|(_, _, id)| &id_tag(&id) == tag);
-                    if !left {
-                        return fail(format!("rank 0 stopped the run: {why}"));
+                    // A rank 0 that stops removes its id within its grace (1 s), then
+                    // unlocks. So: the id gone and the verdict still there -> believe it;
+                    // the id there with the lock held -> rank 0 is in its grace (or a new
+                    // rank 0 is clearing the path): look again; the id there with the lock
+                    // free for ORPHAN_AFTER -> its rank 0 died mid-stop, the verdict was for
+                    // nobody now: wait for the next rank 0. (Lock first, then the id.)
+                    let d = match &mut doubted {
+                        Some(d) if &d.0 == tag => d,
+                        d => d.insert((tag.clone(), why.clone(), None, false)),
+                    };
+                    if !d.3 {
+                        let free = !rank0_serving(path);
+                        let id_now = split_id_file(&std::fs::read(path).unwrap_or_default());
+                        let id_there = id_now.is_some_and(|(_, _, id)| &id_tag(&id) == tag);
+                        if !id_there {
+                            if let Some(Err(why)) = verdict(tag) {
+                                return fail(format!("rank 0 stopped the run: {why}"));
+                            }
+                        } else if !free {
+                            d.2 = None;
+                        } else {
+                            let since = *d.2.get_or_insert_with(Instant::now);
+                            d.3 = since.elapsed() >= ORPHAN_AFTER;
+                        }
                     }
-                    orphan = Some((tag.clone(), why));
                 }
                 _ => {}
             }
@@ -733,12 +793,12 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                 if let (Some(Ok(())), Ok(id)) = (verdict(tag), mine) {
                     return Ok(*id);
                 }
-                let left = match orphan.take() {
-                    Some((_, why)) => format!(
+                let left = match doubted.take() {
+                    Some((t, why, Some(_), _)) if &t == tag => format!(
                         "; the id file there was left by a rank 0 that died while stopping \
                          its run ({why})"
                     ),
-                    None => String::new(),
+                    _ => String::new(),
                 };
                 return fail(match mine {
                     Err(why) => {
