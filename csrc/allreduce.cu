@@ -13,6 +13,11 @@
 // On a spin timeout the block records {1, rank, peer, seen, expected} in err and returns;
 // every later launch returns at once while err is set, and the host turns it into
 // Error::CommTimeout at its next synchronisation.
+//
+// Every kernel here needs one block per SM at most (the host caps each rank's grid at SMs /
+// ranks on the device, for co-residency), so each declares __launch_bounds__(256, 1):
+// with (256) alone ptxas aimed at higher occupancy and gave the bf16-wire all-reduces 48
+// registers plus 24 B of spills (sm_90), and the fused f32 norm the same on sm_80.
 #include "common.cuh"
 #include "gemv_row.cuh"
 
@@ -119,14 +124,18 @@ __device__ __forceinline__ void acc_pack(float (&acc)[4], uint4 raw) {
     acc[0] += f.x; acc[1] += f.y; acc[2] += f.z; acc[3] += f.w;
   }
 }
+// 8 bf16 in four 32-bit words, element 2k in the low half of word k (little-endian). A bf16
+// is the top half of its f32, so each converts exactly by a shift or a mask, straight from
+// the registers (viewing `raw` through a bf16 pointer put it on the stack: 16 B of local
+// memory and 24 B of spills per thread in ptxas's report).
 template <bool First>
 __device__ __forceinline__ void acc_pack(float (&acc)[8], uint4 raw) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+  const uint32_t w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const float2 f = __bfloat1622float2(h[k]);
-    acc[2 * k] = First ? f.x : acc[2 * k] + f.x;
-    acc[2 * k + 1] = First ? f.y : acc[2 * k + 1] + f.y;
+    const float lo = __uint_as_float(w[k] << 16), hi = __uint_as_float(w[k] & 0xffff0000u);
+    acc[2 * k] = First ? lo : acc[2 * k] + lo;
+    acc[2 * k + 1] = First ? hi : acc[2 * k + 1] + hi;
   }
 }
 __device__ __forceinline__ uint4 ld16_cg(const void* p) {
@@ -237,14 +246,14 @@ __device__ __forceinline__ bool allreduce_impl(const ArParams& p, const PeerPtrs
 }
 
 // f32 in and out, f32 on the wire (exact sums of the callers' values).
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 allreduce_f32(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
               uint32_t* __restrict__ err, const float* in, float* out, const float* residual) {
   allreduce_impl<float, float, float>(p, data, flags, ctr, err, in, out, residual);
 }
 
 // f32 in and out, bf16 on the wire: half the bytes, each contribution rounded once.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 allreduce_f32_bf16wire(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                        uint32_t* __restrict__ err, const float* in, float* out,
                        const float* residual) {
@@ -253,7 +262,7 @@ allreduce_f32_bf16wire(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __r
 
 // bf16 in and out (an engine's bf16 activations), f32 accumulation in rank order, the
 // result (residual + sum when fused) rounded once to bf16.
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 allreduce_bf16(ArgParams p, ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                uint32_t* __restrict__ err, const __nv_bfloat16* in, __nv_bfloat16* out,
                const __nv_bfloat16* residual) {
@@ -305,7 +314,7 @@ __device__ __forceinline__ void oproj_impl(const ArParams& p, int32_t k, int32_t
   if (threadIdx.x == 0) ctr[blockIdx.x] = c;
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 oproj_allreduce_f32(ArgParams p, int32_t k, int32_t rows, const __nv_bfloat16* __restrict__ w,
                     const float* __restrict__ x, ArgPeers data, ArgPeers flags,
                     uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
@@ -313,7 +322,7 @@ oproj_allreduce_f32(ArgParams p, int32_t k, int32_t rows, const __nv_bfloat16* _
   oproj_impl<float>(p, k, rows, w, x, data, flags, ctr, err, out);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 oproj_allreduce_f32_bf16wire(ArgParams p, int32_t k, int32_t rows,
                              const __nv_bfloat16* __restrict__ w, const float* __restrict__ x,
                              ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
@@ -404,7 +413,7 @@ __device__ __forceinline__ void ar_add_rmsnorm_impl(const ArParams& p, int32_t r
   for (long i = first; i < p.n; i += stride) normed[i] = x[i] * inv[i / d] * weight[i % d];
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 allreduce_add_rmsnorm_f32(ArgParams p, int32_t rows, int32_t d, float eps, ArgPeers data,
                           ArgPeers flags, uint32_t* __restrict__ ctr, uint32_t* __restrict__ err,
                           const float* delta, float* x, const float* __restrict__ weight,
@@ -414,7 +423,7 @@ allreduce_add_rmsnorm_f32(ArgParams p, int32_t rows, int32_t d, float eps, ArgPe
                              scratch, gbar);
 }
 
-extern "C" __global__ void __launch_bounds__(256)
+extern "C" __global__ void __launch_bounds__(256, 1)
 allreduce_add_rmsnorm_f32_bf16wire(ArgParams p, int32_t rows, int32_t d, float eps,
                                    ArgPeers data, ArgPeers flags, uint32_t* __restrict__ ctr,
                                    uint32_t* __restrict__ err, const float* delta, float* x,
