@@ -17,9 +17,11 @@
 # files (the device tool brings back at most 8): $OUT/<stage>-summary.txt and
 # $OUT/<stage>-logs.tar.gz (every log and JSON). With no argument all stages run in a row
 # (a machine where everything fits in one call). Each of the three calls ends by itself within
-# STAGE_BUDGET seconds (default 560; each command at most CMD_BUDGET, default 300): a command
+# STAGE_BUDGET seconds (default 470; each command at most CMD_BUDGET, default 300): a command
 # that hangs is reported TIMED OUT and the rest still run; ONLY="name ..." re-runs just those
-# commands of a stage (the names after "==" in its summary).
+# commands of a stage (the names after "==" in its summary). 470 s because a developer
+# session has 30 device minutes in all, machine start and transfers included: three calls of
+# 470 s leave ~6 minutes for those.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -100,11 +102,11 @@ LOGS=$(mktemp -d)
 status=0
 STAGE_NAME=all
 # The device tool kills a call at 600 s and then only what is already under $OUT comes back.
-# So every stage has a deadline (STAGE_BUDGET seconds, default 560), every command a cap
+# So every stage has a deadline (STAGE_BUDGET seconds, default 470), every command a cap
 # (CMD_BUDGET, default 300) within what is left of it, and the logs are packed after each
 # command: a hang costs one command's cap, never the logs of the others.
 STAGE_BUDGET_SET=${STAGE_BUDGET:-}
-STAGE_BUDGET=${STAGE_BUDGET:-560}
+STAGE_BUDGET=${STAGE_BUDGET:-470}
 CMD_BUDGET=${CMD_BUDGET:-300}
 pack() { tar czf "$OUT/$STAGE_NAME-logs.tar.gz" -C "$LOGS" . 2>/dev/null; }
 # Under compute-sanitizer nothing spins on a peer (one rank, or the staged all-reduce), so
