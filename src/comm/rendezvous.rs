@@ -493,8 +493,8 @@ fn reply_for(file: &Path, tag: &str) -> Option<std::result::Result<(), String>> 
 /// second rank 0 on the same path is refused meanwhile; a peer that finds an `error`
 /// verdict beside an id file whose lock stays free knows that rank 0 died before clearing up
 /// (see `fetch_file`). Dropping it removes the lock file, then unlocks. Where the filesystem
-/// has no locks, rank 0 goes on without one (and peers cannot tell a dead rank 0's verdict
-/// from a live one's: they wait for the id to go, as for a live one).
+/// has no locks, rank 0 goes on without one and removes the file (peers then judge a verdict
+/// by its id file alone: gone within the grace, or left for ORPHAN_AFTER).
 struct ServeLock {
     hold: Option<(std::fs::File, PathBuf)>,
 }
@@ -587,8 +587,13 @@ impl ServeLock {
                         if who.is_empty() { "not named yet" } else { who }
                     )));
                 }
-                // no locks on this filesystem: serve without one
-                Err(_) => return Ok(ServeLock { hold: None }),
+                // no locks on this filesystem: serve without one (and leave no lock file;
+                // peers then judge a verdict by its id file alone)
+                Err(_) => {
+                    drop(file);
+                    let _ = std::fs::remove_file(&path);
+                    return Ok(ServeLock { hold: None });
+                }
             }
         }
     }
