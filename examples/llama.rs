@@ -52,7 +52,7 @@ struct Common {
     #[arg(long, default_value = "none")]
     spd: String,
     /// Intra-Sequence Overlap for prefills: off, on/auto (split by a cost model calibrated
-    /// on two timed prefills), or a fixed split length.
+    /// on three timed prefills), or a fixed split length.
     #[arg(long, default_value = "off")]
     iso: syncdrop::iso::IsoMode,
     /// CPU: row-by-row matrix products, so ISO on/off give identical bits (slower prefill).
@@ -276,7 +276,9 @@ enum Cmd {
         lr: f32,
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
-        /// Keep the points of other TP degrees already in --out (to add degrees in later runs).
+        /// Add to an existing --out: keep its points that this run does not measure again
+        /// (other TP degrees, methods or fractions), if it was measured with the same
+        /// settings. Without it an existing --out is refused, not overwritten.
         #[arg(long)]
         resume: bool,
         /// Only redraw the SVG from the JSON in --out.
@@ -486,6 +488,13 @@ fn open_engine(
             }
             if let Some(w) = &plan.distilled {
                 let w = plan_path.parent().unwrap_or(Path::new(".")).join(w);
+                if !w.is_file() {
+                    return Err(Error::InvalidArgument(format!(
+                        "{}: its distilled weights {} are missing (they are written beside the plan; copy them with it)",
+                        plan_path.display(),
+                        w.display()
+                    )));
+                }
                 let layers: Vec<usize> = (0..n)
                     .filter(|i| {
                         matches!(
@@ -611,6 +620,80 @@ fn list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>> {
         .collect()
 }
 
+fn bad(msg: impl Into<String>) -> Error {
+    Error::InvalidArgument(msg.into())
+}
+
+/// Refuses a count below `min` (`--name N`).
+fn at_least(name: &str, v: usize, min: usize) -> Result<()> {
+    if v < min {
+        return Err(bad(format!("--{name} {v}: must be at least {min}")));
+    }
+    Ok(())
+}
+
+/// Makes sure an output can be written before the work that produces it: creates its folder
+/// if missing (as `latency` does), and refuses a path that is a folder.
+fn prepare_out(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(bad(format!(
+            "{}: is a folder, not a file to write",
+            path.display()
+        )));
+    }
+    match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) if !dir.is_dir() => std::fs::create_dir_all(dir).map_err(|e| {
+            bad(format!(
+                "cannot create {} for {}: {e}",
+                dir.display(),
+                path.display()
+            ))
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Options every subcommand that opens a model shares: checked before the model loads.
+fn check_common(c: &Common) -> Result<()> {
+    if c.threads == Some(0) {
+        return Err(bad(
+            "--threads 0: give at least 1 (or leave it out: all cores)",
+        ));
+    }
+    if let Some(m) = &c.model {
+        if !m.exists() {
+            return Err(bad(format!(
+                "--model {}: no such file or folder",
+                m.display()
+            )));
+        }
+    }
+    let spd = c.spd.as_str();
+    if !(matches!(spd, "none" | "all") || spd.starts_with("layers:") || Path::new(spd).is_file()) {
+        return Err(bad(format!(
+            "--spd {spd}: not `none`, `all`, `layers:I,J-K` nor a plan file (JSON from `plan`) that exists"
+        )));
+    }
+    Ok(())
+}
+
+/// Subcommands that choose SPD blocks themselves refuse an --spd that they would ignore.
+fn no_spd(c: &Common, cmd: &str) -> Result<()> {
+    if c.spd != "none" {
+        return Err(bad(format!(
+            "`{cmd}` chooses the SPD blocks itself and starts from none: drop --spd {}",
+            c.spd
+        )));
+    }
+    Ok(())
+}
+
+/// At least one calibration passage of at least two tokens (perplexity needs a next token).
+fn check_calib(c: &Calib) -> Result<()> {
+    at_least("calib", c.calib, 1)?;
+    at_least("seq-len", c.seq_len, 2)
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Latency {
@@ -651,6 +734,13 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             out,
         } => {
+            check_common(&common)?;
+            at_least("prompt", prompt, 1)?;
+            at_least("prefill-reps", prefill_reps, 1)?;
+            at_least("steps", steps, 1)?;
+            if let Some(out) = &out {
+                prepare_out(out)?;
+            }
             let files = model_files(&common)?;
             let model = files.path().display().to_string();
             let job = syncdrop::comm::rendezvous::Terms::new()
@@ -700,6 +790,10 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             print_ids,
         } => {
+            check_common(&common)?;
+            if system.is_some() && !chat {
+                return Err(bad("--system is the system prompt of --chat: add --chat"));
+            }
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
@@ -709,6 +803,17 @@ fn run(cli: Cli) -> Result<()> {
                 prompt.clone()
             };
             let ids = tok.encode(&text)?;
+            if ids.is_empty() {
+                return Err(bad("the prompt is empty: give --prompt some text"));
+            }
+            if ids.len() + max_tokens > common.ctx {
+                return Err(bad(format!(
+                    "the prompt ({} tokens) and -n {max_tokens} need {} positions, more than the KV cache's --ctx {}: raise --ctx or lower -n",
+                    ids.len(),
+                    ids.len() + max_tokens,
+                    common.ctx
+                )));
+            }
             let mut sampler = Sampler::new(SamplerConfig {
                 temperature,
                 top_p,
@@ -767,6 +872,16 @@ fn run(cli: Cli) -> Result<()> {
             window,
             stride,
         } => {
+            check_common(&common)?;
+            if n_lambada == Some(0) {
+                return Err(bad("--lambada 0: give at least 1 passage"));
+            }
+            if window > common.ctx {
+                return Err(bad(format!(
+                    "--window {window} is longer than the KV cache (--ctx {}): lower --window or raise --ctx",
+                    common.ctx
+                )));
+            }
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
@@ -791,6 +906,11 @@ fn run(cli: Cli) -> Result<()> {
                     (format!("LAMBADA, first {} passages", texts.len()), r)
                 }
             };
+            if r.tokens_scored == 0 {
+                return Err(bad(format!(
+                    "{what}: no token to score (an empty file, or passages of one token)"
+                )));
+            }
             let comm = engine.comm_stats()?[0];
             println!(
                 "perplexity {:.4} on {} ({} tokens scored) | {:.1} tok/s | sync points {} | {:.2} s in communication{}",
@@ -814,6 +934,21 @@ fn run(cli: Cli) -> Result<()> {
             budget_acc,
             out,
         } => {
+            check_common(&common)?;
+            at_least("limit", limit, 1)?;
+            if let Some(k) = split.filter(|k| *k > 1) {
+                return Err(bad(format!(
+                    "--split {k}: 0 (the search half) or 1 (the held-out half)"
+                )));
+            }
+            if let Some(b) = budget_acc.filter(|b| b.is_nan() || *b < 0.0) {
+                return Err(bad(format!(
+                    "--budget-acc {b}: a budget is 0 points or more"
+                )));
+            }
+            if let Some(out) = &out {
+                prepare_out(out)?;
+            }
             // Read the reference first: a bad file should fail before an hour of evaluation.
             let reference: Option<SuiteScore> =
                 paired_with.as_deref().map(read_json).transpose()?;
@@ -893,9 +1028,29 @@ fn run(cli: Cli) -> Result<()> {
             plot,
             from_json,
         } => {
-            let (s, tp, n_calib): (Sensitivity, usize, usize) = match from_json {
-                Some(p) => (read_json(&p)?, common.tp, calib.calib),
+            if let (Some(a), Some(b)) = (t1, t2) {
+                if a > b {
+                    return Err(bad(format!(
+                        "--t1 {a} is above --t2 {b}: t1 separates in-sensitive from sensitive blocks, t2 sensitive from extremely sensitive"
+                    )));
+                }
+            }
+            prepare_out(&plot)?;
+            let (s, tp, n_calib): (Sensitivity, usize, String) = match from_json {
+                Some(p) => {
+                    let s: Sensitivity = read_json(&p)?;
+                    let passages = match s.passages {
+                        Some(n) => format!("{n} calibration passages ({})", p.display()),
+                        None => format!("the calibration passages of {}", p.display()),
+                    };
+                    let tp = s.tp.unwrap_or(common.tp);
+                    (s, tp, passages)
+                }
                 None => {
+                    check_common(&common)?;
+                    no_spd(&common, "sensitivity")?;
+                    check_calib(&calib)?;
+                    prepare_out(&out)?;
                     let Opened {
                         mut engine, tok, ..
                     } = open(&common)?;
@@ -903,17 +1058,21 @@ fn run(cli: Cli) -> Result<()> {
                     let s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
                     write_json(&out, &s)?;
                     eprintln!("wrote {}", out.display());
-                    (s, engine.tp(), seqs.len())
+                    (
+                        s,
+                        engine.tp(),
+                        format!("{} calibration passages", seqs.len()),
+                    )
                 }
             };
+            if s.sensitivity.is_empty() {
+                return Err(bad("the sensitivity has no blocks"));
+            }
             let mut sorted = s.sensitivity.clone();
             sorted.sort_by(f64::total_cmp);
             let t1 = t1.unwrap_or(sorted[sorted.len() / 2]);
             let t2 = t2.unwrap_or(sorted[(sorted.len() * 9 / 10).min(sorted.len() - 1)]);
-            println!(
-                "base perplexity {:.4} on {} calibration passages",
-                s.base_ppl, n_calib
-            );
+            println!("base perplexity {:.4} on {n_calib}", s.base_ppl);
             println!("| block | ppl with blocks i.. SPD | sensitivity | class |");
             println!("|---|---|---|---|");
             for (i, v) in s.sensitivity.iter().enumerate() {
@@ -940,6 +1099,28 @@ fn run(cli: Cli) -> Result<()> {
             sensitivity,
             out,
         } => {
+            check_common(&common)?;
+            no_spd(&common, "plan")?;
+            check_calib(&calib)?;
+            at_least("limit", limit, 1)?;
+            if common.tp < 2 {
+                return Err(bad(format!(
+                    "--tp {}: SPD drops all-reduces between ranks, and one rank has none: plan for TP 2 or more",
+                    common.tp
+                )));
+            }
+            if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
+                return Err(bad(format!("budget {b}: a budget is 0 or more")));
+            }
+            if b2b {
+                DistillConfig {
+                    epochs,
+                    lr,
+                    ..Default::default()
+                }
+                .validate()?;
+            }
+            prepare_out(&out)?;
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
@@ -954,7 +1135,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let seqs = calibration(&tok, &calib)?;
             let sens: Sensitivity = match sensitivity {
-                Some(p) => read_json(&p)?,
+                Some(p) => {
+                    let s: Sensitivity = read_json(&p)?;
+                    s.check_for(&engine)
+                        .map_err(|e| bad(format!("--sensitivity {}: {e}", p.display())))?;
+                    s
+                }
                 None => spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?,
             };
             let dir = assets::eval_dir()?;
@@ -1094,11 +1280,33 @@ fn run(cli: Cli) -> Result<()> {
                     })
                     .collect()
             };
+            check_common(&common)?;
+            no_spd(&common, "sweep")?;
+            check_calib(&calib)?;
+            at_least("limit", limit, 1)?;
+            at_least("lambada", n_lambada, 1)?;
             let (fracs, b2b_fracs, hg_fracs) = (
                 parse(&fractions)?,
                 parse(&b2b_fractions)?,
                 parse(&hg_fractions)?,
             );
+            if let Some(f) = fracs
+                .iter()
+                .chain(&b2b_fracs)
+                .chain(&hg_fracs)
+                .find(|f| !(0.0..=1.0).contains(*f))
+            {
+                return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
+            }
+            if !b2b_fracs.is_empty() || !hg_fracs.is_empty() {
+                DistillConfig {
+                    epochs,
+                    lr,
+                    ..Default::default()
+                }
+                .validate()?;
+            }
+            prepare_out(&out)?;
             let mut methods = Vec::new();
             for (m, f) in [
                 ("zero-shot", &fracs),
@@ -1125,18 +1333,67 @@ fn run(cli: Cli) -> Result<()> {
                 .map(|t| t.trim().parse::<usize>())
                 .collect::<std::result::Result<Vec<_>, _>>()
                 .map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
+            // the settings every point of one file shares (--resume adds to a file only
+            // when they agree)
+            let settings = serde_json::json!({
+                "limit_per_task": limit,
+                "lambada_passages": texts.len(),
+                "calib": calib.calib,
+                "seq_len": calib.seq_len,
+                "epochs": epochs,
+                "lr": lr,
+            });
+            if out.exists() && !resume {
+                return Err(bad(format!(
+                    "{} exists: add --resume to keep its points that this run does not \
+                     measure again, or choose another --out",
+                    out.display()
+                )));
+            }
+            // the blocks each method measures here, so --resume keeps every other point
+            let n_layers = model_files(&common)?.config()?.n_layers;
+            let blocks_at = |f: &[f64]| -> Vec<usize> {
+                f.iter()
+                    .map(|f| (f * n_layers as f64).round() as usize)
+                    .collect()
+            };
+            let remeasured = [
+                ("zero-shot", blocks_at(&fracs)),
+                ("b2b", blocks_at(&b2b_fracs)),
+                ("hg+b2b", blocks_at(&hg_fracs)),
+            ];
             let (mut points, mut sens_all): (Vec<spd::SweepPoint>, Vec<serde_json::Value>) =
                 if resume && out.exists() {
                     let old: serde_json::Value = read_json(&out)?;
+                    let differ: Vec<String> = settings
+                        .as_object()
+                        .expect("an object")
+                        .iter()
+                        .filter(|(k, v)| old.get(k.as_str()).is_some_and(|o| o != *v))
+                        .map(|(k, v)| format!("{k} {} there, {v} here", old[k.as_str()]))
+                        .collect();
+                    if !differ.is_empty() {
+                        return Err(bad(format!(
+                            "--resume: {} was measured with other settings ({}): its points \
+                             and this run's would not compare; use the same settings or \
+                             another --out",
+                            out.display(),
+                            differ.join(", ")
+                        )));
+                    }
                     // keep what this run does not re-measure
                     let pts: Vec<spd::SweepPoint> =
                         serde_json::from_value(old["points"].clone()).unwrap_or_default();
                     let sens: Vec<serde_json::Value> =
                         old["sensitivity"].as_array().cloned().unwrap_or_default();
+                    let again = |p: &spd::SweepPoint| {
+                        tp_list.contains(&p.tp)
+                            && remeasured
+                                .iter()
+                                .any(|(m, ks)| *m == p.method && ks.contains(&p.spd_blocks))
+                    };
                     (
-                        pts.into_iter()
-                            .filter(|p| !(tp_list.contains(&p.tp) && methods.contains(&p.method)))
-                            .collect(),
+                        pts.into_iter().filter(|p| !again(p)).collect(),
                         sens.into_iter()
                             .filter(|s| {
                                 s["tp"]
@@ -1212,8 +1469,11 @@ fn run(cli: Cli) -> Result<()> {
                         }
                         let (_, rep) = distill_layer(&mut engine, &seqs, layer, &dcfg)?;
                         eprintln!(
-                            "TP {tp} {method} block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s)",
-                            rep.mse_before, rep.mse_after, rep.secs
+                            "TP {tp} {method} block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s){}",
+                            rep.mse_before,
+                            rep.mse_after,
+                            rep.secs,
+                            rep.note()
                         );
                         if targets.contains(&(k + 1)) {
                             points.push(measure(&mut engine, method, k + 1)?);
@@ -1221,10 +1481,13 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 }
                 sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": sens }));
-                write_json(
-                    &out,
-                    &serde_json::json!({ "sensitivity": sens_all, "points": points, "limit_per_task": limit, "lambada_passages": texts.len() }),
-                )?;
+                points.sort_by(|a, b| {
+                    (a.tp, &a.method, a.spd_blocks).cmp(&(b.tp, &b.method, b.spd_blocks))
+                });
+                let mut file = settings.clone();
+                file["sensitivity"] = serde_json::json!(sens_all);
+                file["points"] = serde_json::json!(points);
+                write_json(&out, &file)?;
                 spd::plot_sweep(
                     &points,
                     "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
@@ -1244,31 +1507,64 @@ fn run(cli: Cli) -> Result<()> {
             lr,
             out,
         } => {
-            let Opened {
-                mut engine,
-                tok,
-                sha,
-            } = open(&common)?;
-            let plan_path = PathBuf::from(&common.spd);
-            let mut plan = SpdPlan::load(&plan_path)
-                .map_err(|_| Error::InvalidArgument("distill needs --spd PLAN.json".into()))?;
-            let seqs = calibration(&tok, &calib)?;
+            check_common(&common)?;
+            check_calib(&calib)?;
             let dcfg = DistillConfig {
                 epochs,
                 lr,
                 ..Default::default()
             };
+            dcfg.validate()?;
+            let plan_path = PathBuf::from(&common.spd);
+            if !plan_path.is_file() {
+                return Err(bad(format!(
+                    "distill needs --spd PLAN.json, the plan whose SPD blocks it distils (not `{}`)",
+                    common.spd
+                )));
+            }
+            let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
+            if same(&out, &plan_path) {
+                return Err(bad(format!(
+                    "--out {} is the input plan: write the distilled plan to another file",
+                    out.display()
+                )));
+            }
+            prepare_out(&out)?;
+            let Opened {
+                mut engine,
+                tok,
+                sha,
+            } = open(&common)?;
+            let mut plan = SpdPlan::load(&plan_path)?;
+            let seqs = calibration(&tok, &calib)?;
             let mut blocks = Vec::new();
             for l in 0..engine.cfg.n_layers {
                 if plan.layers[l].spd {
                     let (w, rep) = distill_layer(&mut engine, &seqs, l, &dcfg)?;
                     eprintln!(
-                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s",
-                        rep.mse_before, rep.mse_after, rep.secs
+                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s{}",
+                        rep.mse_before,
+                        rep.mse_after,
+                        rep.secs,
+                        rep.note()
                     );
-                    plan.layers[l].recovery = Some(Recovery::B2b);
+                    let r = &mut plan.layers[l].recovery;
+                    if rep.kept_original {
+                        // its original weights: no distilled weights in the file for it
+                        *r = Some(Recovery::ZeroShot);
+                        continue;
+                    }
+                    if *r != Some(Recovery::HgB2b) {
+                        *r = Some(Recovery::B2b);
+                    }
                     blocks.push((l, w));
                 }
+            }
+            if blocks.is_empty() {
+                return Err(Error::InvalidArgument(format!(
+                    "distillation improved no SPD block of {} (see above); nothing written",
+                    plan_path.display()
+                )));
             }
             let w = sibling(&out, "safetensors");
             save_distilled(&w, &blocks)?;

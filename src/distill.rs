@@ -415,13 +415,53 @@ impl Default for DistillConfig {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DistillReport {
     pub mse_before: f64,
+    /// The mean loss of the parameters returned: the trained ones, or the original ones
+    /// again when training made the loss worse (`kept_original`).
     pub mse_after: f64,
+    /// The mean loss the training ended with.
+    pub mse_trained: f64,
+    /// Training did not lower the loss (too large a learning rate, say), so the original
+    /// parameters were returned: distillation never leaves a block worse than it found it.
+    pub kept_original: bool,
     pub steps: usize,
     pub secs: f64,
 }
 
+impl DistillReport {
+    /// "" or, when the original parameters were kept, a note saying why (for log lines).
+    pub fn note(&self) -> String {
+        if self.kept_original {
+            format!(
+                " (training ended at mse {:.3e}, worse: kept the original weights; a smaller --lr?)",
+                self.mse_trained
+            )
+        } else {
+            String::new()
+        }
+    }
+}
+
+impl DistillConfig {
+    /// At least one epoch and a positive, finite learning rate.
+    pub fn validate(&self) -> Result<()> {
+        if self.epochs == 0 {
+            return Err(Error::InvalidArgument(
+                "distillation needs at least one epoch (--epochs)".into(),
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "distillation's learning rate must be a positive number (--lr {})",
+                self.lr
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Adam over all samples for `epochs` epochs (one step per sample). Returns the trained
-/// parameters and the mean loss before and after.
+/// parameters and the mean loss before and after; if training did not lower the loss, the
+/// original parameters (see [`DistillReport::kept_original`]).
 pub fn distill(
     init: Vec<StudentParams>,
     data: &[Sample],
@@ -429,6 +469,7 @@ pub fn distill(
     eps: f32,
     cfg: &DistillConfig,
 ) -> Result<(Vec<StudentParams>, DistillReport)> {
+    cfg.validate()?;
     if data.is_empty() {
         return Err(Error::InvalidArgument(
             "distillation needs at least one sample".into(),
@@ -443,6 +484,7 @@ pub fn distill(
             / data.len() as f64
     };
     let before = mean_loss(&init);
+    let original = init.clone();
     let mut params = init;
     let mut m: Vec<StudentParams> = params.iter().map(StudentParams::zeros_like).collect();
     let mut v = m.clone();
@@ -476,12 +518,16 @@ pub fn distill(
             }
         }
     }
-    let after = mean_loss(&params);
+    let trained = mean_loss(&params);
+    // worse, or not a number: keep what the block had
+    let kept_original = trained.is_nan() || trained > before;
     Ok((
-        params,
+        if kept_original { original } else { params },
         DistillReport {
             mse_before: before,
-            mse_after: after,
+            mse_after: if kept_original { before } else { trained },
+            mse_trained: trained,
+            kept_original,
             steps: step,
             secs: t0.elapsed().as_secs_f64(),
         },

@@ -346,6 +346,9 @@ fn blocks<B: Backend>(
 ) -> Result<()> {
     let d = be.dims().hidden;
     for (l, &spd_l) in spd.iter().enumerate().take(stop) {
+        // one rank has no sync point to drop: its SPD block is the standard block (the same
+        // sum, and no all-reduce of one rank to count)
+        let spd_l = spd_l && world > 1;
         be.attn_in(l, &b.x, t, pos0, &mut b.q)?;
         be.attention(l, &b.q, t, pos0, &mut b.att)?;
         if spd_l {
@@ -420,7 +423,8 @@ impl<B: Backend> RankModel<B> {
         }
         let mut mlp_pending: [Option<B::Pending>; 2] = [None, None];
         for (l, &spd_l) in spd.iter().enumerate() {
-            // attention of both chunks; chunk c first takes in its previous MLP all-reduce
+            let spd_l = spd_l && world > 1; // one rank has no sync point to drop
+                                            // attention of both chunks; chunk c first takes in its previous MLP all-reduce
             let mut attn_pending: [Option<B::Pending>; 2] = [None, None];
             for c in 0..2 {
                 let n = lens[c] * d;

@@ -515,9 +515,10 @@ pub fn plan(
             let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
             let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
-                "b2b block {layer:2}: block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}{}) {}",
+                "b2b block {layer:2}: block mse {:.3e} -> {:.3e}{}; score {s:.4} (loss {:+.4}{}) {}",
                 rep.mse_before,
                 rep.mse_after,
+                rep.note(),
                 budget.loss(base, s),
                 se_text(&d),
                 if fits {
@@ -539,12 +540,13 @@ pub fn plan(
             let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
             let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
-                "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}; score {s:.4} (loss {:+.4}{}) {}",
+                "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}{}; score {s:.4} (loss {:+.4}{}) {}",
                 g.dissimilarity_before,
                 g.dissimilarity_after,
                 g.ffn_order,
                 rep.mse_before,
                 rep.mse_after,
+                rep.note(),
                 budget.loss(base, s),
                 se_text(&d),
                 if fits { "kept" } else { "over budget: stop" }

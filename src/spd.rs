@@ -279,6 +279,34 @@ pub struct Sensitivity {
     pub ppl_from: Vec<f64>,
     /// `sensitivity[i] = ppl_from[i] - ppl_from[i + 1]` (`ppl_from[L]` = base).
     pub sensitivity: Vec<f64>,
+    /// The TP degree it was measured at (absent in files from before it was recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tp: Option<usize>,
+    /// Calibration passages scored (likewise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passages: Option<usize>,
+}
+
+impl Sensitivity {
+    /// Refuses a sensitivity measured for another model depth or TP degree than `engine`'s.
+    pub fn check_for(&self, engine: &Engine) -> Result<()> {
+        let n = engine.cfg.n_layers;
+        if self.sensitivity.len() != n || self.ppl_from.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "the sensitivity has {} blocks, the model {n}: it was measured on another model",
+                self.sensitivity.len()
+            )));
+        }
+        if let Some(tp) = self.tp.filter(|tp| *tp != engine.tp()) {
+            return Err(Error::InvalidArgument(format!(
+                "the sensitivity was measured at TP {tp}, this run is TP {}: SPD's error depends \
+                 on the TP degree, measure it again at TP {}",
+                engine.tp(),
+                engine.tp()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The SPD paper's Algorithm 1 on `calib` sequences. Leaves the engine's plan all-off.
@@ -313,6 +341,8 @@ pub fn sensitivity(
         base_ppl: base,
         ppl_from,
         sensitivity: sens,
+        tp: Some(engine.tp()),
+        passages: Some(calib.iter().filter(|s| s.len() >= 2).count()),
     })
 }
 

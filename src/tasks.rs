@@ -43,6 +43,31 @@ pub struct Task {
 }
 
 /// Load a task's documents.
+/// The tasks [`load_task`] can read from `eval_dir`: those with zero-shot ranked-choice
+/// requests, and lambada.
+pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(eval_dir.join("oe_eval_tasks"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let variant = if name == "lambada" {
+                "bpb_0shot"
+            } else {
+                "rc_0shot"
+            };
+            e.path()
+                .join(variant)
+                .join("requests.jsonl.gz")
+                .is_file()
+                .then_some(name)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
     let variant = if name == "lambada" {
         "bpb_0shot"
@@ -50,7 +75,16 @@ pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
         "rc_0shot"
     };
     let path = eval_dir.join(format!("oe_eval_tasks/{name}/{variant}/requests.jsonl.gz"));
-    let f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+    let f = std::fs::File::open(&path).map_err(|e| {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            return Error::io(&path, e);
+        }
+        Error::InvalidArgument(format!(
+            "no task '{name}' in the eval data ({} has no {variant} requests); tasks there: {}",
+            eval_dir.display(),
+            available_tasks(eval_dir).join(", ")
+        ))
+    })?;
     let bad = |msg: String| Error::EvalData {
         path: path.clone(),
         msg,

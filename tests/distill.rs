@@ -160,3 +160,45 @@ fn distillation_lowers_the_block_loss_and_round_trips_through_a_file() {
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(dir2).ok();
 }
+
+/// Bad settings are refused before any work, and a run that makes the block worse (a
+/// learning rate far too large) returns the original weights, so the engine is unchanged.
+#[test]
+fn distillation_refuses_bad_settings_and_never_leaves_a_block_worse() {
+    let (mut e, dir) = setup(2, "dbad");
+    let calib: Vec<Vec<u32>> = (0..3)
+        .map(|s| (0..10).map(|i| (i * 5 + s * 11) % 64).collect())
+        .collect();
+    e.set_spd(&[true, false]).unwrap();
+    for (epochs, lr) in [(0, 1e-3), (5, 0.0), (5, -1.0), (5, f32::NAN)] {
+        let cfg = DistillConfig {
+            epochs,
+            lr,
+            threads: 1,
+        };
+        let err = distill_layer(&mut e, &calib, 0, &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("epoch") || err.contains("learning rate"),
+            "{err}"
+        );
+    }
+    let before = e.block_input(&calib[0], 1).unwrap();
+    let cfg = DistillConfig {
+        epochs: 3,
+        lr: 10.0,
+        threads: 1,
+    };
+    let (_, report) = distill_layer(&mut e, &calib, 0, &cfg).unwrap();
+    assert!(report.kept_original, "{report:?}");
+    assert!(report.mse_trained > report.mse_before, "{report:?}");
+    assert_eq!(report.mse_after, report.mse_before);
+    assert!(report.note().contains("kept the original weights"));
+    assert_eq!(
+        e.block_input(&calib[0], 1).unwrap(),
+        before,
+        "the engine still has the original block"
+    );
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -1,0 +1,213 @@
+//! The runner (`examples/llama.rs`) refuses bad input before any long work, with a message
+//! that says what to change. Runs the example binary cargo builds beside the tests (skipped,
+//! saying so, when it is not built; `cargo test --test cli` alone does not rebuild it, so run
+//! it after a build of the example, as `scripts/test.sh`'s `--all-targets` does).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn runner() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("examples/llama");
+    p.is_file().then_some(p)
+}
+
+/// Runs the runner with `args` in `dir`; returns (exit code, stderr). Every case must end
+/// fast: the point is that nothing long starts.
+fn run(llama: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
+    let t0 = Instant::now();
+    let out = Command::new(llama)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run the runner");
+    assert!(
+        t0.elapsed() < Duration::from_secs(60),
+        "{args:?} took {:?}",
+        t0.elapsed()
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_input_is_refused_before_the_work_with_what_to_change() {
+    let Some(llama) = runner() else {
+        println!("skipped: examples/llama is not built (cargo test builds it)");
+        return;
+    };
+    let dir = common::tmpdir("cli");
+    let plan = dir.join("plan.json");
+    std::fs::write(&plan, "{}").unwrap();
+    let plan = plan.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["sweep", "--fractions", "0,1.5"],
+            "SPD fraction 1.5 is not in [0, 1]",
+        ),
+        (
+            vec!["sweep", "--lambada", "0"],
+            "--lambada 0: must be at least 1",
+        ),
+        (
+            vec!["distill", "--spd", plan, "--lr=-1", "--out", "d.json"],
+            "learning rate must be a positive number",
+        ),
+        (
+            vec!["distill", "--spd", plan, "--epochs", "0", "--out", "d.json"],
+            "at least one epoch",
+        ),
+        (
+            vec!["distill", "--spd", plan, "--out", plan],
+            "is the input plan",
+        ),
+        (
+            vec!["distill", "--spd", "all", "--out", "d.json"],
+            "distill needs --spd PLAN.json",
+        ),
+        (
+            vec!["eval", "--split", "2"],
+            "--split 2: 0 (the search half) or 1",
+        ),
+        (
+            vec!["eval", "--limit", "0"],
+            "--limit 0: must be at least 1",
+        ),
+        (
+            vec!["sensitivity", "--calib", "0"],
+            "--calib 0: must be at least 1",
+        ),
+        (
+            vec!["sensitivity", "--seq-len", "1"],
+            "--seq-len 1: must be at least 2",
+        ),
+        (
+            vec!["sensitivity", "--t1", "5", "--t2", "1"],
+            "--t1 5 is above --t2 1",
+        ),
+        (vec!["sensitivity", "--spd", "all"], "drop --spd all"),
+        (
+            vec!["plan", "--tp", "1", "--budget-acc", "1"],
+            "plan for TP 2 or more",
+        ),
+        (
+            vec!["plan", "--tp", "2", "--budget-ppl=-5"],
+            "a budget is 0 or more",
+        ),
+        (
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-acc",
+                "1",
+                "--b2b",
+                "--lr",
+                "0",
+            ],
+            "learning rate",
+        ),
+        (
+            vec!["perplexity", "--lambada", "0"],
+            "--lambada 0: give at least 1",
+        ),
+        (
+            vec!["perplexity", "--ctx", "100"],
+            "--window 512 is longer than the KV cache",
+        ),
+        (
+            vec!["bench", "--steps", "0"],
+            "--steps 0: must be at least 1",
+        ),
+        (vec!["generate", "--system", "be brief"], "add --chat"),
+        (vec!["generate", "--threads", "0"], "--threads 0"),
+        (
+            vec!["generate", "--model", "/nonexistent.gguf"],
+            "no such file or folder",
+        ),
+        (
+            vec!["perplexity", "--spd", "no-such-plan"],
+            "not `none`, `all`, `layers:I,J-K`",
+        ),
+    ];
+    for (args, want) in &cases {
+        let (code, err) = run(&llama, &dir, args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // a saved sensitivity of another TP degree, or of another model depth
+    let sens = |blocks: usize, tp: usize| {
+        let v = vec![0.1; blocks];
+        serde_json::json!({"base_ppl": 10.0, "ppl_from": v, "sensitivity": v, "tp": tp}).to_string()
+    };
+    std::fs::write(dir.join("s3.json"), sens(30, 3)).unwrap();
+    std::fs::write(dir.join("s5.json"), sens(5, 2)).unwrap();
+    for (file, want) in [
+        ("s3.json", "measured at TP 3, this run is TP 2"),
+        ("s5.json", "has 5 blocks, the model 30"),
+    ] {
+        let args = [
+            "plan",
+            "--tp",
+            "2",
+            "--budget-acc",
+            "1",
+            "--sensitivity",
+            file,
+            "--calib",
+            "1",
+        ];
+        let (code, err) = run(&llama, &dir, &args);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
+    }
+    // nothing was written by the refused runs
+    assert!(!dir.join("d.json").exists() && !dir.join("plan.svg").exists());
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// An existing sweep file is kept: added to only with --resume, and only by a run with the
+/// same settings.
+#[test]
+fn sweep_keeps_an_existing_file() {
+    let Some(llama) = runner() else {
+        println!("skipped: examples/llama is not built (cargo test builds it)");
+        return;
+    };
+    let dir = common::tmpdir("cli-sweep");
+    let old = r#"{"limit_per_task": 1, "lambada_passages": 1, "points": [], "sensitivity": []}"#;
+    std::fs::write(dir.join("sw.json"), old).unwrap();
+    let base = [
+        "sweep",
+        "--tps",
+        "2",
+        "--fractions",
+        "0",
+        "--b2b-fractions=",
+        "--lambada",
+        "1",
+        "--out",
+        "sw.json",
+    ];
+    let (code, err) = run(&llama, &dir, &[&base[..], &["--limit", "1"]].concat());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("sw.json exists: add --resume"), "{err}");
+    let (code, err) = run(
+        &llama,
+        &dir,
+        &[&base[..], &["--limit", "2", "--resume"]].concat(),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("other settings (limit_per_task 1 there, 2 here)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("sw.json")).unwrap(), old);
+    std::fs::remove_dir_all(dir).ok();
+}
