@@ -688,6 +688,20 @@ fn no_spd(c: &Common, cmd: &str) -> Result<()> {
     Ok(())
 }
 
+/// The distillation settings of --epochs and --lr, checked when `used` (a run that distils
+/// nothing ignores them).
+fn distill_config(epochs: usize, lr: f32, used: bool) -> Result<DistillConfig> {
+    let cfg = DistillConfig {
+        epochs,
+        lr,
+        ..Default::default()
+    };
+    if used {
+        cfg.validate()?;
+    }
+    Ok(cfg)
+}
+
 /// At least one calibration passage of at least two tokens (perplexity needs a next token).
 fn check_calib(c: &Calib) -> Result<()> {
     at_least("calib", c.calib, 1)?;
@@ -1112,14 +1126,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
                 return Err(bad(format!("budget {b}: a budget is 0 or more")));
             }
-            if b2b {
-                DistillConfig {
-                    epochs,
-                    lr,
-                    ..Default::default()
-                }
-                .validate()?;
-            }
+            let dcfg = distill_config(epochs, lr, b2b)?;
             prepare_out(&out)?;
             let Opened {
                 mut engine, tok, ..
@@ -1179,11 +1186,6 @@ fn run(cli: Cli) -> Result<()> {
                     // the planner gets per-document outcomes: paired s.e. of the drop
                     Box::new(planner::SuiteMetric { tok: tok2, splits })
                 }
-            };
-            let dcfg = DistillConfig {
-                epochs,
-                lr,
-                ..Default::default()
             };
             let (outcome, distilled) = planner::plan(
                 &mut engine,
@@ -1298,14 +1300,7 @@ fn run(cli: Cli) -> Result<()> {
             {
                 return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
             }
-            if !b2b_fracs.is_empty() || !hg_fracs.is_empty() {
-                DistillConfig {
-                    epochs,
-                    lr,
-                    ..Default::default()
-                }
-                .validate()?;
-            }
+            let dcfg = distill_config(epochs, lr, !b2b_fracs.is_empty() || !hg_fracs.is_empty())?;
             prepare_out(&out)?;
             let mut methods = Vec::new();
             for (m, f) in [
@@ -1443,11 +1438,6 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 // B2B (and HG+B2B): distil blocks in sensitivity order, each with the earlier
                 // ones already SPD (and recovered); measure at the requested fractions.
-                let dcfg = DistillConfig {
-                    epochs,
-                    lr,
-                    ..Default::default()
-                };
                 for (method, fr) in [("b2b", &b2b_fracs), ("hg+b2b", &hg_fracs)] {
                     let targets: Vec<usize> =
                         fr.iter().map(|f| (f * n as f64).round() as usize).collect();
@@ -1509,12 +1499,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             check_common(&common)?;
             check_calib(&calib)?;
-            let dcfg = DistillConfig {
-                epochs,
-                lr,
-                ..Default::default()
-            };
-            dcfg.validate()?;
+            let dcfg = distill_config(epochs, lr, true)?;
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
                 return Err(bad(format!(

@@ -45,7 +45,27 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
     let plan = dir.join("plan.json");
     std::fs::write(&plan, "{}").unwrap();
     let plan = plan.to_str().unwrap();
+    // a saved sensitivity of another TP degree, or of another model depth
+    let sens = |blocks: usize, tp: usize| {
+        let v = vec![0.1; blocks];
+        serde_json::json!({"base_ppl": 10.0, "ppl_from": v, "sensitivity": v, "tp": tp}).to_string()
+    };
+    std::fs::write(dir.join("s3.json"), sens(30, 3)).unwrap();
+    std::fs::write(dir.join("s5.json"), sens(5, 2)).unwrap();
+    let plan_with = |file| {
+        vec![
+            "plan",
+            "--tp",
+            "2",
+            "--budget-acc",
+            "1",
+            "--sensitivity",
+            file,
+        ]
+    };
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (plan_with("s3.json"), "measured at TP 3, this run is TP 2"),
+        (plan_with("s5.json"), "has 5 blocks, the model 30"),
         (
             vec!["sweep", "--fractions", "0,1.5"],
             "SPD fraction 1.5 is not in [0, 1]",
@@ -140,32 +160,6 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
-    }
-    // a saved sensitivity of another TP degree, or of another model depth
-    let sens = |blocks: usize, tp: usize| {
-        let v = vec![0.1; blocks];
-        serde_json::json!({"base_ppl": 10.0, "ppl_from": v, "sensitivity": v, "tp": tp}).to_string()
-    };
-    std::fs::write(dir.join("s3.json"), sens(30, 3)).unwrap();
-    std::fs::write(dir.join("s5.json"), sens(5, 2)).unwrap();
-    for (file, want) in [
-        ("s3.json", "measured at TP 3, this run is TP 2"),
-        ("s5.json", "has 5 blocks, the model 30"),
-    ] {
-        let args = [
-            "plan",
-            "--tp",
-            "2",
-            "--budget-acc",
-            "1",
-            "--sensitivity",
-            file,
-            "--calib",
-            "1",
-        ];
-        let (code, err) = run(&llama, &dir, &args);
-        assert_eq!(code, 1, "{args:?}: {err}");
-        assert!(err.contains(want), "{args:?}: wanted {want:?} in: {err}");
     }
     // nothing was written by the refused runs
     assert!(!dir.join("d.json").exists() && !dir.join("plan.svg").exists());
