@@ -62,7 +62,8 @@ fn main() {
                 flags.push("-gencode".into());
                 flags.push(format!("arch=compute_{a},code={code}"));
             }
-            // what every fatbin depends on besides its own .cu
+            // what every fatbin depends on: nvcc, its flags and environment, every csrc source
+            // (a .cu may include another); one key for all of them
             let mut common = Sha256::new();
             let version = Command::new(&nvcc).arg("--version").output();
             match version {
@@ -74,17 +75,14 @@ fn main() {
                 let value = std::env::var_os(v).unwrap_or_default();
                 common.update(format!("{v}={}\n", value.to_string_lossy()).as_bytes());
             }
-            // every source nvcc may read (a .cu may include another)
             for f in files_under(Path::new("csrc"), &CUDA_SOURCES) {
                 hash_file(&mut common, &f);
             }
+            let key = hex(&common.finalize());
             for src in &sources {
                 let stem = src.file_stem().unwrap().to_string_lossy().to_string();
                 let fatbin = out.join(format!("{stem}.fatbin"));
                 let key_file = out.join(format!("{stem}.fatbin.key"));
-                let mut key = common.clone();
-                hash_file(&mut key, src);
-                let key = hex(&key.finalize());
                 let cached = fatbin.exists()
                     && std::fs::read_to_string(&key_file).is_ok_and(|k| k == key);
                 if !cached {

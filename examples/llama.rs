@@ -370,6 +370,7 @@ struct Opened {
 }
 
 fn model_files(common: &Common) -> Result<Arc<ModelFiles>> {
+    check_common(common)?;
     if let Some(spec) = &common.synthetic {
         return Ok(Arc::new(ModelFiles::Synthetic(
             syncdrop::synthetic::SyntheticModel::parse(spec)?,
@@ -653,7 +654,8 @@ fn prepare_out(path: &Path) -> Result<()> {
     }
 }
 
-/// Options every subcommand that opens a model shares: checked before the model loads.
+/// Options every subcommand that opens a model shares: checked before the model loads, by
+/// [`model_files`], which every path to a model takes.
 fn check_common(c: &Common) -> Result<()> {
     if c.threads == Some(0) {
         return Err(bad(
@@ -748,7 +750,6 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             out,
         } => {
-            check_common(&common)?;
             at_least("prompt", prompt, 1)?;
             at_least("prefill-reps", prefill_reps, 1)?;
             at_least("steps", steps, 1)?;
@@ -804,7 +805,6 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             print_ids,
         } => {
-            check_common(&common)?;
             if system.is_some() && !chat {
                 return Err(bad("--system is the system prompt of --chat: add --chat"));
             }
@@ -886,7 +886,6 @@ fn run(cli: Cli) -> Result<()> {
             window,
             stride,
         } => {
-            check_common(&common)?;
             if n_lambada == Some(0) {
                 return Err(bad("--lambada 0: give at least 1 passage"));
             }
@@ -948,7 +947,6 @@ fn run(cli: Cli) -> Result<()> {
             budget_acc,
             out,
         } => {
-            check_common(&common)?;
             at_least("limit", limit, 1)?;
             if let Some(k) = split.filter(|k| *k > 1) {
                 return Err(bad(format!(
@@ -1061,7 +1059,6 @@ fn run(cli: Cli) -> Result<()> {
                     (s, tp, passages)
                 }
                 None => {
-                    check_common(&common)?;
                     no_spd(&common, "sensitivity")?;
                     check_calib(&calib)?;
                     prepare_out(&out)?;
@@ -1113,7 +1110,6 @@ fn run(cli: Cli) -> Result<()> {
             sensitivity,
             out,
         } => {
-            check_common(&common)?;
             no_spd(&common, "plan")?;
             check_calib(&calib)?;
             at_least("limit", limit, 1)?;
@@ -1282,7 +1278,6 @@ fn run(cli: Cli) -> Result<()> {
                     })
                     .collect()
             };
-            check_common(&common)?;
             no_spd(&common, "sweep")?;
             check_calib(&calib)?;
             at_least("limit", limit, 1)?;
@@ -1302,16 +1297,6 @@ fn run(cli: Cli) -> Result<()> {
             }
             let dcfg = distill_config(epochs, lr, !b2b_fracs.is_empty() || !hg_fracs.is_empty())?;
             prepare_out(&out)?;
-            let mut methods = Vec::new();
-            for (m, f) in [
-                ("zero-shot", &fracs),
-                ("b2b", &b2b_fracs),
-                ("hg+b2b", &hg_fracs),
-            ] {
-                if !f.is_empty() {
-                    methods.push(m.to_string());
-                }
-            }
             let dir = assets::eval_dir()?;
             let sets = tasks::PAPER_TASKS
                 .iter()
@@ -1497,7 +1482,6 @@ fn run(cli: Cli) -> Result<()> {
             lr,
             out,
         } => {
-            check_common(&common)?;
             check_calib(&calib)?;
             let dcfg = distill_config(epochs, lr, true)?;
             let plan_path = PathBuf::from(&common.spd);

@@ -86,8 +86,8 @@ impl Rendezvous {
     /// Fails (never hangs) when the ranks have not all met within `wait`, and when a rank's
     /// `terms` (with the syncdrop build added: version and source id, [`crate::BUILD`])
     /// differ from rank 0's: in separate processes (file, TCP) rank 0 and the differing rank
-    /// both stop with an error naming each difference. (The threads of one process share their options; `terms` is not
-    /// compared in process.)
+    /// both stop with an error naming each difference. (The threads of one process share
+    /// their options; `terms` is not compared in process.)
     pub fn exchange(
         &self,
         rank: usize,
@@ -147,8 +147,8 @@ impl Rendezvous {
     /// What rank 0 of `world` does once NCCL has started (or failed to): the answers (and an
     /// id file a failure left) are removed, then its lock on the path (held since it served)
     /// is released. The verdict stays, for ranks that have not read it yet; it names an id
-    /// whose file is gone, so no later run can use it, and the next rank 0 clears it. (TCP and in-process leave nothing behind; a world of 1 wrote
-    /// nothing to remove.)
+    /// whose file is gone, so no later run can use it, and the next rank 0 clears it. (TCP
+    /// and in-process leave nothing behind; a world of 1 wrote nothing to remove.)
     pub fn finish(&self, rank: usize, world: usize) {
         if let (0, 2.., Rendezvous::File(path)) = (rank, world, self) {
             remove_id_and_answers(path);
@@ -722,10 +722,20 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
     // the tag answered, and the id if accepted or the reason if refused
     let mut answered: Option<(String, std::result::Result<Id, String>)> = None;
     let mut not_ours = None;
-    // an `error` verdict for the id answered, not yet believed: (tag, reason, since when its
-    // id file has stood beside it with the lock free, and whether that lasted ORPHAN_AFTER:
-    // then it is a dead rank 0's, ignored)
-    let mut doubted: Option<(String, String, Option<Instant>, bool)> = None;
+    // an `error` verdict for the id answered, not yet believed
+    struct Doubt {
+        tag: String,
+        why: String,
+        /// Since when its id file has stood beside it with the lock free; ORPHAN_AFTER of
+        /// that and it is a dead rank 0's verdict, ignored from then on.
+        free_since: Option<Instant>,
+    }
+    impl Doubt {
+        fn orphan(&self) -> bool {
+            self.free_since.is_some_and(|t| t.elapsed() >= ORPHAN_AFTER)
+        }
+    }
+    let mut doubted: Option<Doubt> = None;
     let fail = |msg: String| {
         Err(Error::Comm(format!(
             "rendezvous through {}: {me}: {msg}",
@@ -770,10 +780,14 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                     // free for ORPHAN_AFTER -> its rank 0 died mid-stop, the verdict was for
                     // nobody now: wait for the next rank 0. (Lock first, then the id.)
                     let d = match &mut doubted {
-                        Some(d) if &d.0 == tag => d,
-                        d => d.insert((tag.clone(), why.clone(), None, false)),
+                        Some(d) if &d.tag == tag => d,
+                        d => d.insert(Doubt {
+                            tag: tag.clone(),
+                            why,
+                            free_since: None,
+                        }),
                     };
-                    if !d.3 {
+                    if !d.orphan() {
                         let free = !rank0_serving(path);
                         let id_now = split_id_file(&std::fs::read(path).unwrap_or_default());
                         let id_there = id_now.is_some_and(|(_, _, id)| &id_tag(&id) == tag);
@@ -782,10 +796,9 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                                 return fail(format!("rank 0 stopped the run: {why}"));
                             }
                         } else if !free {
-                            d.2 = None;
+                            d.free_since = None;
                         } else {
-                            let since = *d.2.get_or_insert_with(Instant::now);
-                            d.3 = since.elapsed() >= ORPHAN_AFTER;
+                            d.free_since.get_or_insert_with(Instant::now);
                         }
                     }
                 }
@@ -799,9 +812,10 @@ fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Durat
                     return Ok(*id);
                 }
                 let left = match doubted.take() {
-                    Some((t, why, Some(_), _)) if &t == tag => format!(
+                    Some(d) if &d.tag == tag && d.free_since.is_some() => format!(
                         "; the id file there was left by a rank 0 that died while stopping \
-                         its run ({why})"
+                         its run ({})",
+                        d.why
                     ),
                     _ => String::new(),
                 };
