@@ -7,7 +7,10 @@
 //! 4. one rank of LLaMA2-70B at TP 8 (synthetic weights of the real shapes): decode step at a
 //!    1k context with CUDA graphs on and off vs the weight-streaming limit, and a 2k-token
 //!    prefill in TFLOP/s vs the GEMM peak;
-//! 5. per-layer compute of one rank of LLaMA2-7B/13B/70B at TP 2/4/8 for the latency model
+//! 5. block-to-block distillation: one Adam step of an SPD block of SmolLM2-135M (TP 3, 8) and
+//!    LLaMA2-7B (TP 8) shapes on the default calibration (16 passages of 256 tokens), GPU
+//!    trainer vs the CPU trainer on every host core;
+//! 6. per-layer compute of one rank of LLaMA2-7B/13B/70B at TP 2/4/8 for the latency model
 //!    (the entries `syncdrop::latency::needed_entries` asks for), as a `MeasuredCompute`
 //!    JSON: per layer = (time with 3 layers - time with 1 layer) / 2, so embedding, LM head
 //!    and host overheads cancel.
@@ -94,6 +97,87 @@ fn forward_s(e: &mut Engine, tokens: usize, pos0: usize, reps: usize) -> Result<
         v.push(t0.elapsed().as_secs_f64());
     }
     Ok(median(v))
+}
+
+/// Seconds per Adam step of the CPU and GPU distillation trainers on one SPD block of each
+/// shape (random weights and samples: a step's cost does not depend on the values).
+fn distill_section(
+    quick: bool,
+    report: &mut serde_json::Map<String, serde_json::Value>,
+) -> Result<()> {
+    use syncdrop::distill::{CpuTrainer, Sample, StudentParams, Trainer};
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let (samples, t) = if quick { (4, 128) } else { (16, 256) };
+    println!(
+        "\ndistillation, {samples} samples x {t} tokens: seconds per Adam step (all ranks of the block); CPU on {threads} threads"
+    );
+    println!("| model, TP | d | q, f per rank | CPU ms/step | GPU ms/step | speedup |");
+    println!("|---|---|---|---|---|---|");
+    let mut rows = Vec::new();
+    // (name, d, q heads, head dim, ffn, tp)
+    for (name, d, heads, hd, ffn, tp) in [
+        ("SmolLM2-135M", 576usize, 9usize, 64, 1536usize, 3),
+        ("SmolLM2-135M", 576, 9, 64, 1536, 8),
+        ("LLaMA2-7B", 4096, 32, 128, 11008, 8),
+    ] {
+        let (q, f) = (heads.div_ceil(tp) * hd, ffn.div_ceil(tp));
+        let mut seed = d as u64 * 7 + tp as u64;
+        let mut rand = |n: usize, scale: f32| -> Vec<f32> {
+            seed += 1;
+            rand_bf16(n, seed)
+                .iter()
+                .map(|v| v.to_f32() * scale)
+                .collect()
+        };
+        let init: Vec<StudentParams> = (0..tp)
+            .map(|_| StudentParams {
+                wo: rand(d * q, 0.05),
+                ffn_norm: vec![1.0; d],
+                w_gate_up: rand(2 * f * d, 0.05),
+                w_down: rand(d * f, 0.05),
+            })
+            .collect();
+        let data: Vec<Sample> = (0..samples)
+            .map(|_| Sample {
+                x: rand(t * d, 1.0),
+                att: (0..tp).map(|_| rand(t * q, 1.0)).collect(),
+                target: rand(t * d, 1.0),
+            })
+            .collect();
+        let eps = 1e-5;
+        // CPU: one warm-up step, then a few (a 7B block's step takes seconds)
+        let cpu_steps = if quick || d > 1024 { 2 } else { 8 };
+        let mut cpu = CpuTrainer::new(init.clone(), &data, d, eps, threads);
+        cpu.adam_step(0, 1, 1e-4)?;
+        let t0 = Instant::now();
+        for s in 0..cpu_steps {
+            cpu.adam_step(s % samples, s + 2, 1e-4)?;
+        }
+        let cpu_s = t0.elapsed().as_secs_f64() / cpu_steps as f64;
+        let mut gpu = cuda::distill::trainer(0, &init, &data, d, eps)?;
+        gpu.adam_step(0, 1, 1e-4)?;
+        gpu.synchronize()?;
+        let gpu_steps = 4 * samples;
+        let t0 = Instant::now();
+        for s in 0..gpu_steps {
+            gpu.adam_step(s % samples, s + 2, 1e-4)?;
+        }
+        gpu.synchronize()?;
+        let gpu_s = t0.elapsed().as_secs_f64() / gpu_steps as f64;
+        println!(
+            "| {name}, TP {tp} | {d} | {q}, {f} | {:.2} | {:.3} | {:.0}x |",
+            cpu_s * 1e3,
+            gpu_s * 1e3,
+            cpu_s / gpu_s
+        );
+        rows.push(
+            serde_json::json!({"model": name, "tp": tp, "d": d, "q": q, "f": f,
+            "samples": samples, "tokens": t, "cpu_threads": threads,
+            "cpu_ms_per_step": cpu_s * 1e3, "gpu_ms_per_step": gpu_s * 1e3}),
+        );
+        report.insert("distill".into(), rows.clone().into());
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -271,7 +355,11 @@ fn main() -> Result<()> {
         }
     }
 
-    // 5. per-layer compute for the latency model
+    // 5. distillation steps: GPU trainer vs CPU trainer (all host cores)
+    distill_section(quick, &mut report)?;
+    save(&out, &report)?;
+
+    // 6. per-layer compute for the latency model
     let opts = LatencyOptions {
         models: vec!["llama2-7b".into(), "llama2-13b".into(), "llama2-70b".into()],
         tp: vec![2, 4, 8],

@@ -127,3 +127,31 @@ typedef struct {
   int32_t two_shot;
   int32_t has_residual;  // 1: out = residual + sum (fused residual add; residual may be out)
 } ArParams;
+
+// Block-to-block distillation on the GPU (csrc/distill.cu): RMSNorm forward and backward of
+// `rows` rows of d.
+typedef struct {
+  int32_t rows;
+  int32_t d;
+  float eps;
+} DistillNormParams;
+
+// MSE over n elements: dout = scale * (out - target), scale = 2 / n; each block of the fixed
+// grid writes its sum of squared errors (f64) to partial[blockIdx.x].
+#define DISTILL_MSE_BLOCKS 128
+typedef struct {
+  int64_t n;
+  float scale;
+  int32_t pad;
+} MseParams;
+
+// One Adam step over n parameters; c1, c2 = the bias corrections 1 - b1^step, 1 - b2^step.
+typedef struct {
+  int64_t n;
+  float lr;
+  float b1;
+  float b2;
+  float eps;
+  float c1;
+  float c2;
+} AdamParams;

@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use syncdrop::distill::{distill_layer, load_distilled, save_distilled, DistillConfig};
+use syncdrop::distill::{
+    distill_layer, load_distilled, save_distilled, DistillConfig, DistillDevice,
+};
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
 use syncdrop::eval::{lambada, perplexity_texts, score_tokens};
 use syncdrop::generate::{generate, Sampler, SamplerConfig};
@@ -38,7 +40,8 @@ struct Common {
     /// Tensor-parallel degree: 1 ..= number of query heads (uneven head splits are fine).
     #[arg(long, default_value_t = 1)]
     tp: usize,
-    /// Backend: cpu (threads as ranks) or cuda.
+    /// Backend: cpu (threads as ranks) or cuda (distill, plan and sweep then also train on
+    /// GPU 0).
     #[arg(long, default_value = "cpu")]
     backend: BackendKind,
     /// Compute threads in total (split evenly over ranks). Default: all cores.
@@ -691,11 +694,20 @@ fn no_spd(c: &Common, cmd: &str) -> Result<()> {
 }
 
 /// The distillation settings of --epochs and --lr, checked when `used` (a run that distils
-/// nothing ignores them).
-fn distill_config(epochs: usize, lr: f32, used: bool) -> Result<DistillConfig> {
+/// nothing ignores them). With `--backend cuda` the training runs on GPU 0.
+fn distill_config(
+    epochs: usize,
+    lr: f32,
+    used: bool,
+    backend: BackendKind,
+) -> Result<DistillConfig> {
     let cfg = DistillConfig {
         epochs,
         lr,
+        device: match backend {
+            BackendKind::Cpu => DistillDevice::Cpu,
+            BackendKind::Cuda => DistillDevice::Cuda(0),
+        },
         ..Default::default()
     };
     if used {
@@ -1122,7 +1134,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
                 return Err(bad(format!("budget {b}: a budget is 0 or more")));
             }
-            let dcfg = distill_config(epochs, lr, b2b)?;
+            let dcfg = distill_config(epochs, lr, b2b, common.backend)?;
             prepare_out(&out)?;
             let Opened {
                 mut engine, tok, ..
@@ -1295,7 +1307,12 @@ fn run(cli: Cli) -> Result<()> {
             {
                 return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
             }
-            let dcfg = distill_config(epochs, lr, !b2b_fracs.is_empty() || !hg_fracs.is_empty())?;
+            let dcfg = distill_config(
+                epochs,
+                lr,
+                !b2b_fracs.is_empty() || !hg_fracs.is_empty(),
+                common.backend,
+            )?;
             prepare_out(&out)?;
             let dir = assets::eval_dir()?;
             let sets = tasks::PAPER_TASKS
@@ -1483,7 +1500,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             check_calib(&calib)?;
-            let dcfg = distill_config(epochs, lr, true)?;
+            let dcfg = distill_config(epochs, lr, true, common.backend)?;
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
                 return Err(bad(format!(

@@ -8,7 +8,9 @@
 //! itself is exact, so its outputs are computed once and cached.
 //!
 //! Gradients are written by hand (RMSNorm, SwiGLU, matmuls) and checked against finite
-//! differences in tests; the optimiser is Adam.
+//! differences in tests; the optimiser is Adam. The training loop runs on host threads or on
+//! a GPU ([`DistillDevice`]): both are a [`Trainer`], and GPU tests hold the GPU one to the
+//! host one.
 
 use crate::backend::cpu::{attend, gemm_strided, rmsnorm, rope_head, rope_tables};
 use crate::backend::BlockWeights;
@@ -395,11 +397,23 @@ pub fn loss_and_grads(
     (loss / n, grads)
 }
 
+/// Where distillation's training loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DistillDevice {
+    /// Host threads (`DistillConfig::threads`); the reference.
+    #[default]
+    Cpu,
+    /// GPU `n`: samples, parameters and Adam's moments live there; cuBLAS f32 GEMMs and the
+    /// kernels of csrc/distill.cu. Needs the `cuda` feature and a GPU.
+    Cuda(usize),
+}
+
 #[derive(Debug, Clone)]
 pub struct DistillConfig {
     pub epochs: usize,
     pub lr: f32,
     pub threads: usize,
+    pub device: DistillDevice,
 }
 
 impl Default for DistillConfig {
@@ -408,7 +422,116 @@ impl Default for DistillConfig {
             epochs: 10,
             lr: 5e-5,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device: DistillDevice::Cpu,
         }
+    }
+}
+
+/// Adam's (beta1, beta2, epsilon), on every device.
+pub const ADAM: (f32, f32, f32) = (0.9, 0.999, 1e-8);
+
+/// Adam's bias corrections (1 - beta1^step, 1 - beta2^step) for `step` counted from 1.
+pub fn adam_corrections(step: usize) -> (f32, f32) {
+    let (b1, b2, _) = ADAM;
+    (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32))
+}
+
+/// The training loop's state on one device: the samples, every rank's parameters and
+/// Adam's moments. [`distill`] drives it; [`CpuTrainer`] is the reference and
+/// `backend::cuda::distill_trainer` the GPU one.
+pub trait Trainer {
+    /// The loss of sample `i` and its gradients at the current parameters.
+    fn loss_and_grads(&mut self, i: usize) -> Result<(f64, Vec<StudentParams>)>;
+    /// The mean loss over every sample.
+    fn mean_loss(&mut self) -> Result<f64>;
+    /// One Adam step on sample `i`; `step` counts from 1 (the bias corrections).
+    fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()>;
+    /// The current parameters of every rank.
+    fn params(&mut self) -> Result<Vec<StudentParams>>;
+}
+
+/// The reference trainer: host f32, `threads` threads per GEMM.
+pub struct CpuTrainer<'a> {
+    data: &'a [Sample],
+    params: Vec<StudentParams>,
+    m: Vec<StudentParams>,
+    v: Vec<StudentParams>,
+    d: usize,
+    eps: f32,
+    threads: usize,
+}
+
+impl<'a> CpuTrainer<'a> {
+    pub fn new(
+        init: Vec<StudentParams>,
+        data: &'a [Sample],
+        d: usize,
+        eps: f32,
+        threads: usize,
+    ) -> Self {
+        let m: Vec<StudentParams> = init.iter().map(StudentParams::zeros_like).collect();
+        CpuTrainer {
+            data,
+            v: m.clone(),
+            m,
+            params: init,
+            d,
+            eps,
+            threads,
+        }
+    }
+}
+
+impl Trainer for CpuTrainer<'_> {
+    fn loss_and_grads(&mut self, i: usize) -> Result<(f64, Vec<StudentParams>)> {
+        Ok(loss_and_grads(
+            &self.params,
+            &self.data[i],
+            self.d,
+            self.eps,
+            self.threads,
+        ))
+    }
+
+    fn mean_loss(&mut self) -> Result<f64> {
+        let sum: f64 = self
+            .data
+            .iter()
+            .map(|s| loss_and_grads(&self.params, s, self.d, self.eps, self.threads).0)
+            .sum();
+        Ok(sum / self.data.len() as f64)
+    }
+
+    fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()> {
+        let (_, grads) = self.loss_and_grads(i)?;
+        let (b1, b2, e) = ADAM;
+        let (c1, c2) = adam_corrections(step);
+        for (((p, mut g), mr), vr) in self
+            .params
+            .iter_mut()
+            .zip(grads)
+            .zip(self.m.iter_mut())
+            .zip(self.v.iter_mut())
+        {
+            for (((pt, gt), mt), vt) in p
+                .tensors_mut()
+                .into_iter()
+                .zip(g.tensors_mut())
+                .zip(mr.tensors_mut())
+                .zip(vr.tensors_mut())
+            {
+                for i in 0..pt.len() {
+                    mt[i] = b1 * mt[i] + (1.0 - b1) * gt[i];
+                    vt[i] = b2 * vt[i] + (1.0 - b2) * gt[i] * gt[i];
+                    pt[i] -= lr * (mt[i] / c1) / ((vt[i] / c2).sqrt() + e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn params(&mut self) -> Result<Vec<StudentParams>> {
+        Ok(self.params.clone())
     }
 }
 
@@ -476,53 +599,29 @@ pub fn distill(
         ));
     }
     let t0 = std::time::Instant::now();
-    let th = cfg.threads;
-    let mean_loss = |p: &[StudentParams]| -> f64 {
-        data.iter()
-            .map(|s| loss_and_grads(p, s, d, eps, th).0)
-            .sum::<f64>()
-            / data.len() as f64
+    let mut trainer: Box<dyn Trainer + '_> = match cfg.device {
+        DistillDevice::Cpu => Box::new(CpuTrainer::new(init.clone(), data, d, eps, cfg.threads)),
+        DistillDevice::Cuda(gpu) => {
+            crate::backend::cuda::distill_trainer(gpu, &init, data, d, eps)?
+        }
     };
-    let before = mean_loss(&init);
-    let original = init.clone();
-    let mut params = init;
-    let mut m: Vec<StudentParams> = params.iter().map(StudentParams::zeros_like).collect();
-    let mut v = m.clone();
-    let (b1, b2, e) = (0.9f32, 0.999f32, 1e-8f32);
+    let before = trainer.mean_loss()?;
     let mut step = 0;
     for _ in 0..cfg.epochs {
-        for s in data {
+        for i in 0..data.len() {
             step += 1;
-            let (_, grads) = loss_and_grads(&params, s, d, eps, th);
-            let (c1, c2) = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
-            for (((p, g), mr), vr) in params
-                .iter_mut()
-                .zip(grads)
-                .zip(m.iter_mut())
-                .zip(v.iter_mut())
-            {
-                let mut g = g;
-                for (((pt, gt), mt), vt) in p
-                    .tensors_mut()
-                    .into_iter()
-                    .zip(g.tensors_mut())
-                    .zip(mr.tensors_mut())
-                    .zip(vr.tensors_mut())
-                {
-                    for i in 0..pt.len() {
-                        mt[i] = b1 * mt[i] + (1.0 - b1) * gt[i];
-                        vt[i] = b2 * vt[i] + (1.0 - b2) * gt[i] * gt[i];
-                        pt[i] -= cfg.lr * (mt[i] / c1) / ((vt[i] / c2).sqrt() + e);
-                    }
-                }
-            }
+            trainer.adam_step(i, step, cfg.lr)?;
         }
     }
-    let trained = mean_loss(&params);
+    let trained = trainer.mean_loss()?;
     // worse, or not a number: keep what the block had
     let kept_original = trained.is_nan() || trained > before;
     Ok((
-        if kept_original { original } else { params },
+        if kept_original {
+            init
+        } else {
+            trainer.params()?
+        },
         DistillReport {
             mse_before: before,
             mse_after: if kept_original { before } else { trained },

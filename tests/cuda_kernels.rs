@@ -491,5 +491,151 @@ mod gpu {
         use syncdrop::backend::cuda::allreduce;
         assert_eq!(define("AR_MAX_WORLD"), allreduce::MAX_WORLD);
         assert_eq!(define("AR_MAX_BLOCKS"), allreduce::MAX_BLOCKS);
+        assert_eq!(
+            define("DISTILL_MSE_BLOCKS"),
+            syncdrop::backend::cuda::distill::MSE_BLOCKS
+        );
+    }
+
+    /// Uniform f32 in [-scale, scale) from `seed`.
+    fn rand_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        rand_bf16(n, seed)
+            .iter()
+            .map(|v| v.to_f32() * scale / 2.0)
+            .collect()
+    }
+
+    /// A distillation problem of `ranks` ranks (q attention and f MLP columns each), hidden
+    /// size d, one sample per length in `ts`; weights scaled like a trained block's.
+    fn distill_problem(
+        ranks: usize,
+        (d, q, f): (usize, usize, usize),
+        ts: &[usize],
+        seed: u64,
+    ) -> (
+        Vec<syncdrop::distill::StudentParams>,
+        Vec<syncdrop::distill::Sample>,
+    ) {
+        let mut k = seed.wrapping_mul(1000);
+        let mut next = |n: usize, scale: f32| {
+            k += 1;
+            rand_f32(n, k, scale)
+        };
+        let init = (0..ranks)
+            .map(|_| syncdrop::distill::StudentParams {
+                wo: next(d * q, 1.0 / (q as f32).sqrt()),
+                ffn_norm: next(d, 0.2).iter().map(|v| 1.0 + v).collect(),
+                w_gate_up: next(2 * f * d, 1.5 / (d as f32).sqrt()),
+                w_down: next(d * f, 1.0 / (f as f32).sqrt()),
+            })
+            .collect();
+        let data = ts
+            .iter()
+            .map(|&t| {
+                let x = next(t * d, 1.0);
+                // any target will do for the gradients; this one is near the output
+                let target = x.iter().zip(next(t * d, 0.5)).map(|(x, e)| x + e).collect();
+                syncdrop::distill::Sample {
+                    att: (0..ranks).map(|_| next(t * q, 1.0)).collect(),
+                    x,
+                    target,
+                }
+            })
+            .collect();
+        (init, data)
+    }
+
+    /// ||a - b|| / ||b||
+    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+        (num / den.max(1e-30)).sqrt()
+    }
+
+    fn tensors(p: &syncdrop::distill::StudentParams) -> [(&str, &Vec<f32>); 4] {
+        [
+            ("wo", &p.wo),
+            ("ffn_norm", &p.ffn_norm),
+            ("w_gate_up", &p.w_gate_up),
+            ("w_down", &p.w_down),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+        /// The GPU trainer's losses and gradients, and its parameters after Adam steps, are
+        /// the CPU trainer's (f32 sums in another order: relative 1e-4, 1e-3 after steps).
+        #[test]
+        fn gpu_distillation_matches_cpu(ranks in 1usize..4, d in prop::sample::select(vec![8usize, 64, 96]),
+                                        q in prop::sample::select(vec![8usize, 64]), f in prop::sample::select(vec![8usize, 48, 128]),
+                                        t in 1usize..40, seed in any::<u64>()) {
+            use syncdrop::distill::{CpuTrainer, Trainer};
+            if gpu().is_none() { return Ok(()); }
+            let (init, data) = distill_problem(ranks, (d, q, f), &[t, t / 2 + 1], seed);
+            let eps = 1e-5;
+            let mut cpu = CpuTrainer::new(init.clone(), &data, d, eps, 1);
+            let mut gpu = syncdrop::backend::cuda::distill_trainer(0, &init, &data, d, eps).unwrap();
+            for i in 0..data.len() {
+                let (lc, gc) = cpu.loss_and_grads(i).unwrap();
+                let (lg, gg) = gpu.loss_and_grads(i).unwrap();
+                prop_assert!((lg - lc).abs() <= 1e-4 * lc.abs(), "sample {i}: loss {lg} vs {lc}");
+                for (r, (a, b)) in gg.iter().zip(&gc).enumerate() {
+                    for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                        let e = rel_err(x, y);
+                        prop_assert!(e < 1e-4, "sample {i} rank {r} d{name}: relative error {e:.2e}");
+                    }
+                }
+            }
+            for step in 1..=6 {
+                let i = step % data.len();
+                cpu.adam_step(i, step, 1e-3).unwrap();
+                gpu.adam_step(i, step, 1e-3).unwrap();
+            }
+            for (r, (a, b)) in gpu.params().unwrap().iter().zip(&cpu.params().unwrap()).enumerate() {
+                for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                    let e = rel_err(x, y);
+                    prop_assert!(e < 1e-3, "rank {r} {name} after 6 steps: relative error {e:.2e}");
+                }
+            }
+            let (mg, mc) = (gpu.mean_loss().unwrap(), cpu.mean_loss().unwrap());
+            prop_assert!((mg - mc).abs() <= 1e-3 * mc, "mean loss {mg} vs {mc}");
+        }
+    }
+
+    /// `distill` on the GPU at SmolLM2's TP 3 shapes: it lowers the loss as the CPU run does,
+    /// to the same numbers.
+    #[test]
+    fn gpu_distillation_trains_like_the_cpu_at_smollm2_shapes() {
+        use syncdrop::distill::{distill, DistillConfig, DistillDevice};
+        if gpu().is_none() {
+            return;
+        }
+        let (d, eps) = (576, 1e-5);
+        let (init, data) = distill_problem(3, (d, 192, 512), &[64, 64, 40], 7);
+        let run = |device| {
+            let cfg = DistillConfig {
+                epochs: 3,
+                lr: 1e-4,
+                device,
+                ..Default::default()
+            };
+            distill(init.clone(), &data, d, eps, &cfg).unwrap()
+        };
+        let (pc, rc) = run(DistillDevice::Cpu);
+        let (pg, rg) = run(DistillDevice::Cuda(0));
+        eprintln!("cpu {rc:?}\ngpu {rg:?}");
+        assert!(
+            !rg.kept_original && rg.mse_after < 0.9 * rg.mse_before,
+            "{rg:?}"
+        );
+        assert_eq!(rg.steps, rc.steps);
+        assert!((rg.mse_before - rc.mse_before).abs() <= 1e-4 * rc.mse_before);
+        assert!((rg.mse_after - rc.mse_after).abs() <= 1e-2 * rc.mse_after);
+        for (a, b) in pg.iter().zip(&pc) {
+            for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                assert!(rel_err(x, y) < 1e-3, "{name}: {:.2e}", rel_err(x, y));
+            }
+        }
     }
 }

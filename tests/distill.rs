@@ -136,6 +136,7 @@ fn distillation_lowers_the_block_loss_and_round_trips_through_a_file() {
         epochs: 30,
         lr: 3e-3,
         threads: 1,
+        ..Default::default()
     };
     e.set_spd(&[true, false]).unwrap();
     let before = e.block_input(&calib[0], 1).unwrap();
@@ -175,6 +176,7 @@ fn distillation_refuses_bad_settings_and_never_leaves_a_block_worse() {
             epochs,
             lr,
             threads: 1,
+            ..Default::default()
         };
         let err = distill_layer(&mut e, &calib, 0, &cfg)
             .unwrap_err()
@@ -189,6 +191,7 @@ fn distillation_refuses_bad_settings_and_never_leaves_a_block_worse() {
         epochs: 3,
         lr: 10.0,
         threads: 1,
+        ..Default::default()
     };
     let (_, report) = distill_layer(&mut e, &calib, 0, &cfg).unwrap();
     assert!(report.kept_original, "{report:?}");
@@ -200,5 +203,40 @@ fn distillation_refuses_bad_settings_and_never_leaves_a_block_worse() {
         before,
         "the engine still has the original block"
     );
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// Distillation on a GPU where none can be used (no `cuda` feature, no driver, no device)
+/// fails with an error that names CUDA, before any training; where one can, it trains.
+#[test]
+fn distillation_on_a_gpu_needs_one() {
+    let (mut e, dir) = setup(2, "dgpu");
+    let calib: Vec<Vec<u32>> = (0..2)
+        .map(|s| (0..10).map(|i| (i * 3 + s * 17) % 64).collect())
+        .collect();
+    e.set_spd(&[true, false]).unwrap();
+    let cfg = DistillConfig {
+        epochs: 2,
+        lr: 1e-3,
+        threads: 1,
+        device: DistillDevice::Cuda(0),
+    };
+    let before = e.block_input(&calib[0], 1).unwrap();
+    let got = distill_layer(&mut e, &calib, 0, &cfg);
+    match syncdrop::backend::cuda::probe() {
+        Err(_) => {
+            let err = got.unwrap_err().to_string();
+            assert!(err.to_lowercase().contains("cuda"), "{err}");
+            assert_eq!(
+                e.block_input(&calib[0], 1).unwrap(),
+                before,
+                "a failed distillation leaves the engine alone"
+            );
+        }
+        Ok(()) => {
+            let (_, report) = got.unwrap();
+            assert!(report.mse_after <= report.mse_before, "{report:?}");
+        }
+    }
     std::fs::remove_dir_all(dir).ok();
 }

@@ -134,6 +134,7 @@ fn planner_b2b_keeps_budget_and_leaves_no_rejected_weights() {
         epochs: 40,
         lr: 3e-3,
         threads: 1,
+        ..Default::default()
     };
     let mut metric = |e: &mut Engine, split: usize| perplexity_of(e, &splits[split], 32);
     let (o, distilled) = plan(

@@ -46,3 +46,14 @@ pub fn nccl_rendezvous(mode: &Option<crate::engine::NcclMode>) -> Result<Option<
         Some(_) => Err(Error::NotCompiledWithCuda),
     }
 }
+
+/// GPU distillation needs the `cuda` feature.
+pub fn distill_trainer(
+    _gpu: usize,
+    _init: &[crate::distill::StudentParams],
+    _data: &[crate::distill::Sample],
+    _d: usize,
+    _eps: f32,
+) -> Result<Box<dyn crate::distill::Trainer>> {
+    Err(Error::NotCompiledWithCuda)
+}

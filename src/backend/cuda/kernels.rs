@@ -72,6 +72,17 @@ pub const KERNEL_NAMES: &[(&str, &[&str])] = &[
     ),
     ("argmax", &["argmax_f32"]),
     ("attention", &["attention_f32", "attention_combine_f32"]),
+    (
+        "distill",
+        &[
+            "distill_norm_fwd",
+            "distill_swiglu_bwd",
+            "distill_norm_bwd",
+            "distill_norm_wgrad",
+            "distill_mse",
+            "distill_adam",
+        ],
+    ),
     ("elementwise", &["add_f32", "f32_to_bf16", "round_bf16_f32"]),
     ("embedding", &["embedding_f32"]),
     ("emulate", &["hold_link"]),

@@ -12,6 +12,7 @@ pub mod allreduce;
 pub mod argmax;
 pub mod attention;
 pub mod backend;
+pub mod distill;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
@@ -111,6 +112,18 @@ pub fn create(
         be.join_p2p(&g)?;
     }
     Ok(be)
+}
+
+/// Distillation's training loop on GPU `gpu` ([`distill::GpuTrainer`]): the samples and
+/// parameters are copied there once.
+pub fn distill_trainer(
+    gpu: usize,
+    init: &[crate::distill::StudentParams],
+    data: &[crate::distill::Sample],
+    d: usize,
+    eps: f32,
+) -> Result<Box<dyn crate::distill::Trainer>> {
+    Ok(Box::new(distill::trainer(gpu, init, data, d, eps)?))
 }
 
 /// The P2P rendezvous for `world` ranks with all-reduces up to `elems` f32 (None for one
