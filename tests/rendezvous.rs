@@ -88,7 +88,9 @@ fn every_rank_gets_rank_0s_id_in_process_through_a_file_and_over_tcp() {
         for (r, g) in ranks.iter().zip(&got) {
             assert_eq!(g.as_ref().unwrap(), &id(99), "{rv:?} rank {r}");
         }
-        rv.finish(0, world);
+        for r in 0..world {
+            rv.finish(r, world);
+        }
     }
     assert!(
         !file.exists(),
@@ -328,6 +330,7 @@ fn id_files_are_checked_before_use() {
     );
     assert_eq!(reader.join().unwrap().unwrap(), id(5));
     rv.finish(0, 2);
+    rv.finish(1, 2);
     assert!(!f.exists());
 
     // a stale file of the same world and options (a crashed run's) is answered but never
@@ -348,6 +351,7 @@ fn id_files_are_checked_before_use() {
     let got = reader.join().unwrap().unwrap();
     assert_eq!(got, id(6), "not the stale id");
     rv.finish(0, 2);
+    rv.finish(1, 2);
     let dir = f.parent().unwrap();
     let name = f.file_name().unwrap().to_string_lossy().into_owned();
     let left: Vec<String> = std::fs::read_dir(dir)
@@ -706,6 +710,7 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
         "not the crashed run's id"
     );
     Rendezvous::File(f.clone()).finish(0, 2);
+    Rendezvous::File(f.clone()).finish(1, 2);
 
     // rank 1 answers, then gives up before rank 2 arrives: rank 0 names it, not NCCL later
     let zero = spawn(0, 3, 2000, 3);
@@ -803,6 +808,8 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
     second_rank_0_refused();
     Rendezvous::File(f.clone()).finish(0, 2);
     assert!(!beside("lock").exists(), "finish removes the lock file");
+    Rendezvous::File(f.clone()).finish(1, 2);
+    assert!(!beside("lock-1").exists(), "and a peer's finish its claim");
 
     // what a rank 0 killed during its stop leaves: its id file, an `error` verdict for it,
     // and its lock file, unlocked
@@ -838,6 +845,7 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
         "not stopped by the dead run's verdict"
     );
     Rendezvous::File(f.clone()).finish(0, 2);
+    Rendezvous::File(f.clone()).finish(1, 2);
     // with no later rank 0, the peer's own wait ends, naming what it found
     leave_dead_run();
     let e = spawn(1, 3000, 0).join().unwrap().unwrap_err();
@@ -871,5 +879,67 @@ fn file_rendezvous_one_run_per_path_and_verdicts_of_dead_rank_0s() {
     );
     assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     drop(lock);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One process per rank: a second process answering as a rank that one already holds (a
+/// peer of an earlier run that outlived its rank 0, say) is refused at once, naming the
+/// first; it would otherwise answer into the same file and both would take the id. The
+/// claim ends with the first's `finish`, or with its failure.
+#[test]
+fn file_rendezvous_one_process_per_rank() {
+    let dir = std::env::temp_dir().join(format!("syncdrop-rdv-claim-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("id");
+    let t = Terms::new().with("graphs", "on");
+    let spawn = |r: usize, wait_ms: u64, seed: u8| {
+        let (rv, t) = (Rendezvous::File(f.clone()), t.clone());
+        thread::spawn(move || {
+            rv.exchange(r, 3, Duration::from_millis(wait_ms), &t, || Ok(id(seed)))
+                .map_err(|e| e.to_string())
+        })
+    };
+    let claim = dir.join("id.lock-1");
+    // the first rank 1 waits for a rank 0; a second one is refused within a second
+    let first = spawn(1, 10_000, 0);
+    wait_for(&claim);
+    let t0 = Instant::now();
+    let e = spawn(1, 10_000, 0).join().unwrap().unwrap_err();
+    assert!(
+        e.contains(&format!(
+            "rank 1 is already taken on this file by another process (pid {} on ",
+            std::process::id()
+        )),
+        "{e}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    // the run goes on with the first, untouched
+    let (zero, two) = (spawn(0, 10_000, 4), spawn(2, 10_000, 0));
+    for h in [first, zero, two] {
+        assert_eq!(h.join().unwrap().unwrap(), id(4));
+    }
+    // still claimed until finish (its run is starting NCCL)
+    let e = spawn(1, 500, 0).join().unwrap().unwrap_err();
+    assert!(e.contains("rank 1 is already taken"), "{e}");
+    let rv = Rendezvous::File(f.clone());
+    for r in 0..3 {
+        rv.finish(r, 3);
+    }
+    assert!(!claim.exists(), "finish removes the claim");
+    // a rank that fails lets go of its claim: the next process may take the rank
+    let e = spawn(1, 300, 0).join().unwrap().unwrap_err();
+    assert!(e.contains("no complete id") || e.contains("no id"), "{e}");
+    assert!(!claim.exists(), "a failed rank leaves no claim");
+    let (zero, one, two) = (
+        spawn(0, 10_000, 5),
+        spawn(1, 10_000, 0),
+        spawn(2, 10_000, 0),
+    );
+    for h in [zero, one, two] {
+        assert_eq!(h.join().unwrap().unwrap(), id(5));
+    }
+    for r in 0..3 {
+        rv.finish(r, 3);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -20,7 +20,10 @@
 //!   the path until [`Rendezvous::finish`], so a second rank 0 on the path is refused, and
 //!   a peer can tell an `error` verdict whose rank 0 died before clearing its id (its id
 //!   stays, its lock free for 2 s: ignored, the peer waits for the next rank 0) from one
-//!   whose rank 0 is still there or stopped cleanly. On NFS,
+//!   whose rank 0 is still there or stopped cleanly. Likewise each peer holds
+//!   `<path>.lock-<rank>` from before it answers until `finish`, so a second process
+//!   answering as the same rank (say, a peer of an earlier run that outlived its rank 0) is
+//!   refused, naming the first, instead of sharing its answer file. On NFS,
 //!   attribute caching can delay each of the three hops (id, answer, verdict) by its cache
 //!   time (`lookupcache=positive`, `actimeo`); ranks on several machines are better served
 //!   by TCP.
@@ -132,29 +135,36 @@ impl Rendezvous {
         }
     }
 
-    /// What a rank 0 that dies after serving leaves behind: the kernel releases its lock,
-    /// its files stay. For tests of what later runs make of leftovers; a running rank 0
-    /// calls [`Rendezvous::finish`] instead.
+    /// What the ranks of a run (in this process) that die after the rendezvous leave
+    /// behind: the kernel releases their locks, their files stay. For tests of what later
+    /// runs make of leftovers; a running rank calls [`Rendezvous::finish`] instead.
     #[doc(hidden)]
     pub fn abandon(&self) {
         if let Rendezvous::File(path) = self {
-            if let Some(mut lock) = held_locks().remove(path) {
-                drop(lock.hold.take()); // unlock, keep the lock file
+            let mut held = held_locks();
+            let ranks: Vec<usize> = held.keys().filter(|k| &k.0 == path).map(|k| k.1).collect();
+            for r in ranks {
+                if let Some(mut lock) = held.remove(&(path.clone(), r)) {
+                    drop(lock.hold.take()); // unlock, keep the lock file
+                }
             }
         }
     }
 
-    /// What rank 0 of `world` does once NCCL has started (or failed to): the answers (and an
-    /// id file a failure left) are removed, then its lock on the path (held since it served)
-    /// is released. The verdict stays, for ranks that have not read it yet; it names an id
+    /// What every rank of `world` does once NCCL has started (or failed to). Through a file,
+    /// rank 0 removes the answers (and an id file a failure left), then releases its lock on
+    /// the path (held since it served); a peer releases its claim on its rank (held since it
+    /// answered). The verdict stays, for ranks that have not read it yet; it names an id
     /// whose file is gone, so no later run can use it, and the next rank 0 clears it. (TCP
     /// and in-process leave nothing behind; a world of 1 wrote nothing to remove.)
     pub fn finish(&self, rank: usize, world: usize) {
-        if let (0, 2.., Rendezvous::File(path)) = (rank, world, self) {
-            remove_id_and_answers(path);
-            // then the lock serve_file kept (no other rank 0 could clear or replace the
-            // files above meanwhile)
-            held_locks().remove(path);
+        if let (2.., Rendezvous::File(path)) = (world, self) {
+            if rank == 0 {
+                remove_id_and_answers(path);
+            }
+            // then the lock (no other rank 0 could clear or replace the files above
+            // meanwhile), or the claim
+            held_locks().remove(&(path.clone(), rank));
         }
     }
 }
@@ -488,23 +498,29 @@ fn reply_for(file: &Path, tag: &str) -> Option<std::result::Result<(), String>> 
     }
 }
 
-/// Rank 0's hold on `<path>.lock` from before it clears the path's files until they are
-/// cleared again: an exclusive `flock`, which the kernel releases if the process dies. A
-/// second rank 0 on the same path is refused meanwhile; a peer that finds an `error`
-/// verdict beside an id file whose lock stays free knows that rank 0 died before clearing up
-/// (see `fetch_file`). Dropping it removes the lock file, then unlocks. Where the filesystem
-/// has no locks, rank 0 goes on without one and removes the file (peers then judge a verdict
-/// by its id file alone: gone within the grace, or left for ORPHAN_AFTER).
+/// A rank's hold on its lock file beside the id file: an exclusive `flock`, which the kernel
+/// releases if the process dies. Rank 0 holds `<path>.lock` from before it clears the
+/// path's files until they are cleared again: a second rank 0 on the same path is refused
+/// meanwhile, and a peer that finds an `error` verdict beside an id file whose lock stays
+/// free knows that rank 0 died before clearing up (see `fetch_file`). Peer r holds
+/// `<path>.lock-<r>` from before it answers until [`Rendezvous::finish`]: a second process
+/// answering as rank r (a peer of an earlier run that outlived its rank 0, and would answer
+/// this run's id into the same answer file) is refused, naming the first. Dropping it
+/// removes the lock file, then unlocks. Where the filesystem has no locks, the rank goes on
+/// without one and removes the file (peers then judge a verdict by its id file alone: gone
+/// within the grace, or left for ORPHAN_AFTER).
 struct ServeLock {
     hold: Option<(std::fs::File, PathBuf)>,
 }
 
-/// The locks of ranks 0 that served successfully in this process, kept until
-/// [`Rendezvous::finish`]: the id's ranks are still starting NCCL, and a rank 0 of another
-/// run clearing the path meanwhile would remove answers and a verdict they may still read.
-fn held_locks() -> std::sync::MutexGuard<'static, std::collections::HashMap<PathBuf, ServeLock>> {
-    static HELD: std::sync::OnceLock<Mutex<std::collections::HashMap<PathBuf, ServeLock>>> =
-        std::sync::OnceLock::new();
+/// The locks of ranks that went through a file rendezvous successfully in this process, by
+/// (path, rank), kept until [`Rendezvous::finish`]: the id's ranks are still starting NCCL,
+/// and a rank 0 of another run clearing the path meanwhile would remove answers and a
+/// verdict they may still read; another process answering as one of them would be mistaken
+/// for it.
+type HeldLocks = std::collections::HashMap<(PathBuf, usize), ServeLock>;
+fn held_locks() -> std::sync::MutexGuard<'static, HeldLocks> {
+    static HELD: std::sync::OnceLock<Mutex<HeldLocks>> = std::sync::OnceLock::new();
     HELD.get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -538,9 +554,10 @@ fn holder_name() -> String {
 }
 
 impl ServeLock {
-    fn take(id_path: &Path) -> Result<ServeLock> {
+    /// The lock of `rank` on `id_path`: rank 0's, or peer `rank`'s claim.
+    fn take(id_path: &Path, rank: usize) -> Result<ServeLock> {
         use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-        let path = beside(id_path, "lock");
+        let path = beside(id_path, &lock_suffix(rank));
         // a peer probing the lock holds it for a moment: look again before calling it taken
         let deadline = Instant::now() + 10 * POLL;
         loop {
@@ -579,13 +596,23 @@ impl ServeLock {
                 Ok(false) => {
                     let who = std::fs::read_to_string(&path).unwrap_or_default();
                     let who = who.trim();
-                    return Err(Error::Comm(format!(
-                        "rendezvous through {}: another rank 0 ({}) is serving this file right \
-                         now; two runs cannot share one id file: give each run its own path \
-                         (and stop any rank of this run that may have answered the other)",
-                        id_path.display(),
-                        if who.is_empty() { "not named yet" } else { who }
-                    )));
+                    let who = if who.is_empty() { "not named yet" } else { who };
+                    return Err(Error::Comm(if rank == 0 {
+                        format!(
+                            "rendezvous through {}: another rank 0 ({who}) is serving this file \
+                             right now; two runs cannot share one id file: give each run its \
+                             own path (and stop any rank of this run that may have answered \
+                             the other)",
+                            id_path.display(),
+                        )
+                    } else {
+                        format!(
+                            "rendezvous through {}: rank {rank} is already taken on this file by \
+                             another process ({who}): a rank of an earlier run still waiting? \
+                             stop it, or give each run its own path",
+                            id_path.display(),
+                        )
+                    }));
                 }
                 // no locks on this filesystem: serve without one (and leave no lock file;
                 // peers then judge a verdict by its id file alone)
@@ -607,6 +634,15 @@ impl Drop for ServeLock {
             let _ = std::fs::remove_file(&path);
             drop(file);
         }
+    }
+}
+
+/// The lock file of `rank` beside an id file: `lock` for rank 0, `lock-<r>` for a peer.
+fn lock_suffix(rank: usize) -> String {
+    if rank == 0 {
+        "lock".into()
+    } else {
+        format!("lock-{rank}")
     }
 }
 
@@ -633,7 +669,7 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
     }
     let go = beside(path, "go");
     // held until this fails (after the id is removed) or, on success, until `finish`
-    let lock = ServeLock::take(path)?;
+    let lock = ServeLock::take(path, 0)?;
     // the old verdict first: a peer that saw it beside the old id and finds the id gone
     // looks at the verdict again before it believes it
     let _ = std::fs::remove_file(&go);
@@ -690,7 +726,7 @@ fn serve_file(path: &Path, world: usize, terms: &Terms, id: &Id, wait: Duration)
         if arrived == world {
             let _ = std::fs::remove_file(path);
             write_atomic(&go, format!("ok {tag}\n").as_bytes())?;
-            held_locks().insert(path.to_path_buf(), lock);
+            held_locks().insert((path.to_path_buf(), 0), lock);
             return Ok(());
         }
         if Instant::now() >= deadline {
@@ -711,11 +747,26 @@ fn message(e: Error) -> String {
     }
 }
 
-/// A peer through a file: poll the id file; answer each id it holds (`ok`, or `refused` with
+/// A peer through a file: claim its rank (`<path>.lock-<rank>`, refused while another
+/// process holds it), then poll the id file; answer each id it holds (`ok`, or `refused` with
 /// the reason when the world size or terms differ: rank 0 then stops the run, naming it);
 /// return the id once rank 0's verdict for it is `ok`. A file that changes meanwhile (a
 /// stale one replaced by a starting rank 0) is answered again.
 fn fetch_file(path: &Path, rank: usize, world: usize, terms: &Terms, wait: Duration) -> Result<Id> {
+    // this rank's claim, kept until `finish` once the id is ours (dropped on every error)
+    let claim = ServeLock::take(path, rank)?;
+    let id = fetch_file_claimed(path, rank, world, terms, wait)?;
+    held_locks().insert((path.to_path_buf(), rank), claim);
+    Ok(id)
+}
+
+fn fetch_file_claimed(
+    path: &Path,
+    rank: usize,
+    world: usize,
+    terms: &Terms,
+    wait: Duration,
+) -> Result<Id> {
     let (ack, go) = (beside(path, &format!("ack-{rank}")), beside(path, "go"));
     let me = format!("rank {rank}");
     let deadline = Instant::now() + wait;
