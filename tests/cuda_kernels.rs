@@ -562,7 +562,7 @@ mod gpu {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+        #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
 
         /// The GPU trainer's losses and gradients, and its parameters after Adam steps, are
         /// the CPU trainer's (f32 sums in another order: relative 1e-4, 1e-3 after steps).
