@@ -1461,10 +1461,11 @@ fn run(cli: Cli) -> Result<()> {
                         }
                         let (_, rep) = distill_layer(&mut engine, &seqs, layer, &dcfg)?;
                         eprintln!(
-                            "TP {tp} {method} block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s){}",
+                            "TP {tp} {method} block {layer:2}: mse {:.3e} -> {:.3e} ({:.1}s on {}){}",
                             rep.mse_before,
                             rep.mse_after,
                             rep.secs,
+                            rep.device,
                             rep.note()
                         );
                         if targets.contains(&(k + 1)) {
@@ -1528,10 +1529,11 @@ fn run(cli: Cli) -> Result<()> {
                 if plan.layers[l].spd {
                     let (w, rep) = distill_layer(&mut engine, &seqs, l, &dcfg)?;
                     eprintln!(
-                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s{}",
+                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s on {}{}",
                         rep.mse_before,
                         rep.mse_after,
                         rep.secs,
+                        rep.device,
                         rep.note()
                     );
                     let r = &mut plan.layers[l].recovery;

@@ -548,6 +548,8 @@ pub struct DistillReport {
     pub kept_original: bool,
     pub steps: usize,
     pub secs: f64,
+    /// Where it trained: `cpu (N threads)` or `cuda:N`.
+    pub device: String,
 }
 
 impl DistillReport {
@@ -629,6 +631,10 @@ pub fn distill(
             kept_original,
             steps: step,
             secs: t0.elapsed().as_secs_f64(),
+            device: match cfg.device {
+                DistillDevice::Cpu => format!("cpu ({} threads)", cfg.threads),
+                DistillDevice::Cuda(n) => format!("cuda:{n}"),
+            },
         },
     ))
 }
