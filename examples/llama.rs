@@ -128,10 +128,10 @@ enum Cmd {
         #[arg(short = 'n', long, default_value_t = 64)]
         max_tokens: usize,
         /// Sampling temperature; 0 = greedy.
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
         temperature: f32,
         /// Nucleus sampling mass (0, 1].
-        #[arg(long, default_value_t = 1.0)]
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
         top_p: f32,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -182,7 +182,7 @@ enum Cmd {
         paired_with: Option<PathBuf>,
         /// With --paired-with: the accuracy budget in points, for a within / over /
         /// inconclusive verdict.
-        #[arg(long, requires = "paired_with")]
+        #[arg(long, requires = "paired_with", allow_negative_numbers = true)]
         budget_acc: Option<f64>,
         /// Write the scores as JSON.
         #[arg(long)]
@@ -195,10 +195,10 @@ enum Cmd {
         #[command(flatten)]
         calib: Calib,
         /// In-sensitive threshold t1 for the plot (default: median sensitivity).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         t1: Option<f64>,
         /// Extremely-sensitive threshold t2 (default: 90th percentile).
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         t2: Option<f64>,
         #[arg(long, default_value = "sensitivity.json")]
         out: PathBuf,
@@ -215,10 +215,10 @@ enum Cmd {
         #[command(flatten)]
         calib: Calib,
         /// Budget as a maximum relative perplexity increase in percent (LAMBADA passages).
-        #[arg(long, conflicts_with = "budget_acc")]
+        #[arg(long, conflicts_with = "budget_acc", allow_negative_numbers = true)]
         budget_ppl: Option<f64>,
         /// Budget as a maximum drop of average task accuracy, in points.
-        #[arg(long)]
+        #[arg(long, allow_negative_numbers = true)]
         budget_acc: Option<f64>,
         /// Documents per task (accuracy budget) or LAMBADA passages (perplexity budget) in
         /// each of the search and held-out splits.
@@ -229,12 +229,17 @@ enum Cmd {
         b2b: bool,
         #[arg(long, default_value_t = 10)]
         epochs: usize,
-        #[arg(long, default_value_t = 5e-5)]
+        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
         lr: f32,
         /// A search step fits when its loss + Z paired standard errors is within budget:
         /// 0 compares point estimates (prone to the winner's curse on small samples), 1.645
         /// asks for a one-sided 95% upper bound within budget (conservative).
-        #[arg(long, default_value_t = 0.0, value_name = "Z")]
+        #[arg(
+            long,
+            default_value_t = 0.0,
+            value_name = "Z",
+            allow_negative_numbers = true
+        )]
         search_z: f64,
         /// After the longest zero-shot prefix in sensitivity order, try the next N blocks one
         /// at a time and keep each that still fits: the block that ends the prefix (the
@@ -275,7 +280,7 @@ enum Cmd {
         lambada: usize,
         #[arg(long, default_value_t = 10)]
         epochs: usize,
-        #[arg(long, default_value_t = 5e-5)]
+        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
         lr: f32,
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
@@ -358,7 +363,7 @@ enum Cmd {
         calib: Calib,
         #[arg(long, default_value_t = 10)]
         epochs: usize,
-        #[arg(long, default_value_t = 5e-5)]
+        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
         lr: f32,
         /// Output plan (the weights go beside it as <name>.safetensors).
         #[arg(long)]
@@ -820,6 +825,12 @@ fn run(cli: Cli) -> Result<()> {
             if system.is_some() && !chat {
                 return Err(bad("--system is the system prompt of --chat: add --chat"));
             }
+            // the sampling settings before the model loads
+            let mut sampler = Sampler::new(SamplerConfig {
+                temperature,
+                top_p,
+                seed,
+            })?;
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
@@ -840,11 +851,6 @@ fn run(cli: Cli) -> Result<()> {
                     common.ctx
                 )));
             }
-            let mut sampler = Sampler::new(SamplerConfig {
-                temperature,
-                top_p,
-                seed,
-            })?;
             let stop = if chat {
                 tok.token_id("<|im_end|>").or(tok.eos)
             } else {

@@ -78,6 +78,19 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             vec!["distill", "--spd", plan, "--lr=-1", "--out", "d.json"],
             "learning rate must be a positive number",
         ),
+        // negative numbers without `=` are values, not flags
+        (
+            vec!["distill", "--spd", plan, "--lr", "-1", "--out", "d.json"],
+            "learning rate must be a positive number",
+        ),
+        (
+            vec!["generate", "--top-p", "-0.5"],
+            "top-p in (0, 1]; got 0 and -0.5",
+        ),
+        (
+            vec!["plan", "--tp", "2", "--budget-ppl", "-1"],
+            "budget -1: a budget is 0 or more",
+        ),
         (
             vec!["distill", "--spd", plan, "--epochs", "0", "--out", "d.json"],
             "at least one epoch",
