@@ -699,21 +699,19 @@ fn no_spd(c: &Common, cmd: &str) -> Result<()> {
 }
 
 /// The distillation settings of --epochs and --lr, checked when `used` (a run that distils
-/// nothing ignores them). With `--backend cuda` the training runs on GPU 0.
-fn distill_config(
-    epochs: usize,
-    lr: f32,
-    used: bool,
-    backend: BackendKind,
-) -> Result<DistillConfig> {
+/// nothing ignores them). With `--backend cuda` the training runs on GPU 0, else on
+/// `--threads` host threads.
+fn distill_config(epochs: usize, lr: f32, used: bool, common: &Common) -> Result<DistillConfig> {
     let cfg = DistillConfig {
         epochs,
         lr,
-        device: match backend {
+        device: match common.backend {
             BackendKind::Cpu => DistillDevice::Cpu,
             BackendKind::Cuda => DistillDevice::Cuda(0),
         },
-        ..Default::default()
+        threads: common
+            .threads
+            .unwrap_or_else(|| DistillConfig::default().threads),
     };
     if used {
         cfg.validate()?;
@@ -1140,7 +1138,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
                 return Err(bad(format!("budget {b}: a budget is 0 or more")));
             }
-            let dcfg = distill_config(epochs, lr, b2b, common.backend)?;
+            let dcfg = distill_config(epochs, lr, b2b, &common)?;
             prepare_out(&out)?;
             let Opened {
                 mut engine, tok, ..
@@ -1317,7 +1315,7 @@ fn run(cli: Cli) -> Result<()> {
                 epochs,
                 lr,
                 !b2b_fracs.is_empty() || !hg_fracs.is_empty(),
-                common.backend,
+                &common,
             )?;
             prepare_out(&out)?;
             let dir = assets::eval_dir()?;
@@ -1507,7 +1505,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
         } => {
             check_calib(&calib)?;
-            let dcfg = distill_config(epochs, lr, true, common.backend)?;
+            let dcfg = distill_config(epochs, lr, true, &common)?;
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
                 return Err(bad(format!(
