@@ -1,5 +1,5 @@
-// Kernel parameter structs shared with Rust (src/backend/cuda/kernels.rs mirrors them with
-// #[repr(C)] and asserts size and field offsets at compile time).
+// Kernel parameter structs shared with Rust (each kernel family's module in src/backend/cuda/
+// mirrors its structs with #[repr(C)] and asserts size and field offsets at compile time).
 #pragma once
 #include <stdint.h>
 

@@ -194,6 +194,11 @@ pub fn trainer(
     let mut dev_data = Vec::with_capacity(data.len());
     for s in data {
         let t = s.x.len() / d;
+        if t == 0 {
+            return Err(Error::InvalidArgument(
+                "GPU distillation: a sample of no tokens".into(),
+            ));
+        }
         if t * d != s.x.len() || s.target.len() != s.x.len() || s.att.len() != ranks.len() {
             return Err(Error::InvalidArgument(
                 "GPU distillation: a sample's input, target or attention outputs do not match the ranks".into(),
@@ -325,6 +330,7 @@ impl GpuTrainer {
 
     /// The mean squared error of the last forward (waits for the stream).
     fn read_loss(&self, i: usize) -> Result<f64> {
+        self.synchronize()?;
         let partial = self.stream.clone_dtoh(&self.partial).map_err(cuda_err)?;
         Ok(partial.iter().sum::<f64>() / (self.data[i].t * self.d) as f64)
     }
@@ -410,6 +416,13 @@ impl GpuTrainer {
             w_gate_up: get(wgu)?,
             w_down: get(wd)?,
         })
+    }
+}
+
+impl Drop for GpuTrainer {
+    /// Queued steps finish before their buffers, kernels and cuBLAS handle go.
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
     }
 }
 
