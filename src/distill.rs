@@ -705,7 +705,23 @@ pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights
     safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
         msg: e.to_string(),
-    })
+    })?;
+    // safetensors writes through a private temporary file (mode 0600): give the weights the
+    // mode any file this process creates gets (0666 less the umask), like the plan beside them
+    if let Some(mask) = process_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !mask))
+            .map_err(|e| Error::io(path, e))?;
+    }
+    Ok(())
+}
+
+/// This process's umask, from /proc (Linux 4.7+); None where it cannot be read (calling
+/// umask(2) to read it would change it for every thread meanwhile).
+fn process_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(v.trim(), 8).ok()
 }
 
 /// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed).

@@ -150,6 +150,14 @@ fn distillation_lowers_the_block_loss_and_round_trips_through_a_file() {
     // save, reload into a fresh engine: same outputs
     let path = dir.join("distilled.safetensors");
     save_distilled(&path, &[(0, blocks)]).unwrap();
+    // saved like any file this process writes (safetensors' temporary file was 0600)
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let plain = dir.join("plain");
+        std::fs::write(&plain, b"x").unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&plain));
+    }
     let (mut e2, dir2) = setup(2, "dtrain2");
     e2.set_spd(&[true, false]).unwrap();
     load_distilled(&path, &mut e2, &[0]).unwrap();
