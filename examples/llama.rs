@@ -84,8 +84,9 @@ struct Common {
     nccl: bool,
     /// CUDA, one rank per process (with --rank): rendezvous through this file (rank 0 writes
     /// NCCL's id, every rank answers, rank 0 confirms; one run per file at a time: a second
-    /// rank 0 on it is refused); the processes' ranks then all-reduce with each other. Every rank must get the same
-    /// options (compared at the rendezvous). Across machines prefer --nccl-tcp. For `bench`.
+    /// rank 0 on it is refused); the processes' ranks then all-reduce with each other.
+    /// Every rank must get the same options (compared at the rendezvous). Across machines
+    /// prefer --nccl-tcp. For `bench`.
     #[arg(long, conflicts_with_all = ["nccl", "nccl_tcp"])]
     nccl_id: Option<PathBuf>,
     /// CUDA, one rank per process (with --rank), on any machines: rendezvous over TCP at rank

@@ -494,10 +494,19 @@ impl Trainer for CpuTrainer<'_> {
     }
 
     fn mean_loss(&mut self) -> Result<f64> {
+        // the forward pass alone: the same sums as loss_and_grads', without the gradients
         let sum: f64 = self
             .data
             .iter()
-            .map(|s| loss_and_grads(&self.params, s, self.d, self.eps, self.threads).0)
+            .map(|s| {
+                let out = student_output(&self.params, s, self.d, self.eps, self.threads);
+                let se: f64 = out
+                    .iter()
+                    .zip(&s.target)
+                    .map(|(o, t)| ((o - t) as f64).powi(2))
+                    .sum();
+                se / out.len() as f64
+            })
             .sum();
         Ok(sum / self.data.len() as f64)
     }

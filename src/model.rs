@@ -423,8 +423,9 @@ impl<B: Backend> RankModel<B> {
         }
         let mut mlp_pending: [Option<B::Pending>; 2] = [None, None];
         for (l, &spd_l) in spd.iter().enumerate() {
-            let spd_l = spd_l && world > 1; // one rank has no sync point to drop
-                                            // attention of both chunks; chunk c first takes in its previous MLP all-reduce
+            // one rank has no sync point to drop
+            let spd_l = spd_l && world > 1;
+            // attention of both chunks; chunk c first takes in its previous MLP all-reduce
             let mut attn_pending: [Option<B::Pending>; 2] = [None, None];
             for c in 0..2 {
                 let n = lens[c] * d;

@@ -15,7 +15,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The SPD paper's task list (DESIGN.md section 3).
 pub const PAPER_TASKS: [&str; 7] = [
@@ -42,7 +42,18 @@ pub struct Task {
     pub docs: Vec<Doc>,
 }
 
-/// Load a task's documents.
+/// Where a task's requests sit in `eval_dir`, and which variant they are: zero-shot
+/// ranked-choice, or lambada's bits-per-byte set.
+fn requests_path(eval_dir: &Path, name: &str) -> (PathBuf, &'static str) {
+    let variant = if name == "lambada" {
+        "bpb_0shot"
+    } else {
+        "rc_0shot"
+    };
+    let path = eval_dir.join(format!("oe_eval_tasks/{name}/{variant}/requests.jsonl.gz"));
+    (path, variant)
+}
+
 /// The tasks [`load_task`] can read from `eval_dir`: those with zero-shot ranked-choice
 /// requests, and lambada.
 pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
@@ -50,31 +61,16 @@ pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let variant = if name == "lambada" {
-                "bpb_0shot"
-            } else {
-                "rc_0shot"
-            };
-            e.path()
-                .join(variant)
-                .join("requests.jsonl.gz")
-                .is_file()
-                .then_some(name)
-        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| requests_path(eval_dir, name).0.is_file())
         .collect();
     names.sort();
     names
 }
 
+/// Load a task's documents.
 pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
-    let variant = if name == "lambada" {
-        "bpb_0shot"
-    } else {
-        "rc_0shot"
-    };
-    let path = eval_dir.join(format!("oe_eval_tasks/{name}/{variant}/requests.jsonl.gz"));
+    let (path, variant) = requests_path(eval_dir, name);
     let f = std::fs::File::open(&path).map_err(|e| {
         if e.kind() != std::io::ErrorKind::NotFound {
             return Error::io(&path, e);

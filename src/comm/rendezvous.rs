@@ -141,13 +141,13 @@ impl Rendezvous {
     #[doc(hidden)]
     pub fn abandon(&self) {
         if let Rendezvous::File(path) = self {
-            let mut held = held_locks();
-            let ranks: Vec<usize> = held.keys().filter(|k| &k.0 == path).map(|k| k.1).collect();
-            for r in ranks {
-                if let Some(mut lock) = held.remove(&(path.clone(), r)) {
-                    drop(lock.hold.take()); // unlock, keep the lock file
+            held_locks().retain(|(p, _), lock| {
+                if p != path {
+                    return true;
                 }
-            }
+                drop(lock.hold.take()); // unlock, keep the lock file
+                false
+            });
         }
     }
 
