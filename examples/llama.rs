@@ -110,6 +110,26 @@ struct Calib {
     seq_len: usize,
 }
 
+/// Distillation (B2B) settings, shared by `distill`, `plan` and `sweep`.
+#[derive(Args)]
+struct Train {
+    /// Distillation: the most epochs of Adam (one step per calibration passage).
+    #[arg(long, default_value_t = 10)]
+    epochs: usize,
+    /// Distillation: Adam's learning rate.
+    #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
+    lr: f32,
+    /// Distillation: hold the last N calibration passages out of training; after every
+    /// epoch their loss is measured and the best epoch's weights are kept (early stopping).
+    /// 0: train on every passage and keep the last epoch.
+    #[arg(long, default_value_t = 0)]
+    holdout: usize,
+    /// Distillation with --holdout: stop after this many epochs without a better held-out
+    /// loss.
+    #[arg(long, default_value_t = 3)]
+    patience: usize,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Generate text from a prompt (or a chat message with --chat), streaming tokens.
@@ -228,10 +248,8 @@ enum Cmd {
         /// Also distil (B2B) the blocks beyond the zero-shot set while the budget holds.
         #[arg(long)]
         b2b: bool,
-        #[arg(long, default_value_t = 10)]
-        epochs: usize,
-        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
-        lr: f32,
+        #[command(flatten)]
+        train: Train,
         /// A search step fits when its loss + Z paired standard errors is within budget:
         /// 0 compares point estimates (prone to the winner's curse on small samples), 1.645
         /// asks for a one-sided 95% upper bound within budget (conservative).
@@ -279,10 +297,8 @@ enum Cmd {
         /// LAMBADA passages for perplexity.
         #[arg(long, default_value_t = 40)]
         lambada: usize,
-        #[arg(long, default_value_t = 10)]
-        epochs: usize,
-        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
-        lr: f32,
+        #[command(flatten)]
+        train: Train,
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
         /// Add to an existing --out: keep its points that this run does not measure again
@@ -362,10 +378,8 @@ enum Cmd {
         common: Common,
         #[command(flatten)]
         calib: Calib,
-        #[arg(long, default_value_t = 10)]
-        epochs: usize,
-        #[arg(long, default_value_t = 5e-5, allow_negative_numbers = true)]
-        lr: f32,
+        #[command(flatten)]
+        train: Train,
         /// Output plan (the weights go beside it as <name>.safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -699,13 +713,20 @@ fn no_spd(c: &Common, cmd: &str) -> Result<()> {
     Ok(())
 }
 
-/// The distillation settings of --epochs and --lr, checked when `used` (a run that distils
-/// nothing ignores them). With `--backend cuda` the training runs on GPU 0, else on
-/// `--threads` host threads.
-fn distill_config(epochs: usize, lr: f32, used: bool, common: &Common) -> Result<DistillConfig> {
+/// The distillation settings of --epochs, --lr, --holdout and --patience, checked when
+/// `used` (a run that distils nothing ignores them). With `--backend cuda` the training runs
+/// on GPU 0, else on `--threads` host threads.
+fn distill_config(
+    train: &Train,
+    calib: &Calib,
+    used: bool,
+    common: &Common,
+) -> Result<DistillConfig> {
     let cfg = DistillConfig {
-        epochs,
-        lr,
+        epochs: train.epochs,
+        lr: train.lr,
+        holdout: train.holdout,
+        patience: train.patience,
         device: match common.backend {
             BackendKind::Cpu => DistillDevice::Cpu,
             BackendKind::Cuda => DistillDevice::Cuda(0),
@@ -716,6 +737,12 @@ fn distill_config(epochs: usize, lr: f32, used: bool, common: &Common) -> Result
     };
     if used {
         cfg.validate()?;
+        if train.holdout >= calib.calib {
+            return Err(bad(format!(
+                "--holdout {} leaves none of the {} calibration passages (--calib) to train on",
+                train.holdout, calib.calib
+            )));
+        }
     }
     Ok(cfg)
 }
@@ -1120,8 +1147,7 @@ fn run(cli: Cli) -> Result<()> {
             budget_acc,
             limit,
             b2b,
-            epochs,
-            lr,
+            train,
             search_z,
             past_wall,
             sensitivity,
@@ -1139,7 +1165,7 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
                 return Err(bad(format!("budget {b}: a budget is 0 or more")));
             }
-            let dcfg = distill_config(epochs, lr, b2b, &common)?;
+            let dcfg = distill_config(&train, &calib, b2b, &common)?;
             prepare_out(&out)?;
             let Opened {
                 mut engine, tok, ..
@@ -1267,8 +1293,7 @@ fn run(cli: Cli) -> Result<()> {
             hg_fractions,
             limit,
             lambada: n_lambada,
-            epochs,
-            lr,
+            train,
             out,
             resume,
             plot_only,
@@ -1313,8 +1338,8 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
             }
             let dcfg = distill_config(
-                epochs,
-                lr,
+                &train,
+                &calib,
                 !b2b_fracs.is_empty() || !hg_fracs.is_empty(),
                 &common,
             )?;
@@ -1342,9 +1367,15 @@ fn run(cli: Cli) -> Result<()> {
                 "lambada_passages": texts.len(),
                 "calib": calib.calib,
                 "seq_len": calib.seq_len,
-                "epochs": epochs,
-                "lr": lr,
+                "epochs": train.epochs,
+                "lr": train.lr,
             });
+            let mut settings = settings;
+            if train.holdout > 0 {
+                // only then, so that files measured before --holdout existed still resume
+                settings["holdout"] = train.holdout.into();
+                settings["patience"] = train.patience.into();
+            }
             if out.exists() && !resume {
                 return Err(bad(format!(
                     "{} exists: add --resume to keep its points that this run does not \
@@ -1501,12 +1532,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Distill {
             common,
             calib,
-            epochs,
-            lr,
+            train,
             out,
         } => {
             check_calib(&calib)?;
-            let dcfg = distill_config(epochs, lr, true, &common)?;
+            let dcfg = distill_config(&train, &calib, true, &common)?;
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
                 return Err(bad(format!(

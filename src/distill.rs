@@ -410,10 +410,18 @@ pub enum DistillDevice {
 
 #[derive(Debug, Clone)]
 pub struct DistillConfig {
+    /// The most epochs; with a held-out set training stops earlier once the held-out loss
+    /// has not improved for [`DistillConfig::patience`] epochs.
     pub epochs: usize,
     pub lr: f32,
     pub threads: usize,
     pub device: DistillDevice,
+    /// The last `holdout` samples are not trained on: after every epoch the held-out mean
+    /// loss is measured, and the parameters of the epoch with the lowest one are returned
+    /// (early stopping). 0: train on every sample and return the last epoch's parameters.
+    pub holdout: usize,
+    /// With a held-out set: stop after this many epochs without a new best held-out loss.
+    pub patience: usize,
 }
 
 impl Default for DistillConfig {
@@ -423,6 +431,8 @@ impl Default for DistillConfig {
             lr: 5e-5,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             device: DistillDevice::Cpu,
+            holdout: 0,
+            patience: 3,
         }
     }
 }
@@ -442,12 +452,14 @@ pub fn adam_corrections(step: usize) -> (f32, f32) {
 pub trait Trainer {
     /// The loss of sample `i` and its gradients at the current parameters.
     fn loss_and_grads(&mut self, i: usize) -> Result<(f64, Vec<StudentParams>)>;
-    /// The mean loss over every sample.
-    fn mean_loss(&mut self) -> Result<f64>;
+    /// The mean loss over the samples `samples` (indices into the trainer's samples).
+    fn mean_loss(&mut self, samples: std::ops::Range<usize>) -> Result<f64>;
     /// One Adam step on sample `i`; `step` counts from 1 (the bias corrections).
     fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()>;
     /// The current parameters of every rank.
     fn params(&mut self) -> Result<Vec<StudentParams>>;
+    /// Replace every rank's parameters (Adam's moments stay): to measure earlier ones again.
+    fn set_params(&mut self, params: &[StudentParams]) -> Result<()>;
 }
 
 /// The reference trainer: host f32, `threads` threads per GEMM.
@@ -493,10 +505,10 @@ impl Trainer for CpuTrainer<'_> {
         ))
     }
 
-    fn mean_loss(&mut self) -> Result<f64> {
+    fn mean_loss(&mut self, samples: std::ops::Range<usize>) -> Result<f64> {
         // the forward pass alone: the same sums as loss_and_grads', without the gradients
-        let sum: f64 = self
-            .data
+        let n = samples.len();
+        let sum: f64 = self.data[samples]
             .iter()
             .map(|s| {
                 let out = student_output(&self.params, s, self.d, self.eps, self.threads);
@@ -508,7 +520,7 @@ impl Trainer for CpuTrainer<'_> {
                 se / out.len() as f64
             })
             .sum();
-        Ok(sum / self.data.len() as f64)
+        Ok(sum / n.max(1) as f64)
     }
 
     fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()> {
@@ -542,42 +554,96 @@ impl Trainer for CpuTrainer<'_> {
     fn params(&mut self) -> Result<Vec<StudentParams>> {
         Ok(self.params.clone())
     }
+
+    fn set_params(&mut self, params: &[StudentParams]) -> Result<()> {
+        self.params = params.to_vec();
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DistillReport {
+    /// The mean loss over the training samples, before training.
     pub mse_before: f64,
-    /// The mean loss of the parameters returned: the trained ones, or the original ones
-    /// again when training made the loss worse (`kept_original`).
+    /// The mean training loss of the parameters returned: the trained ones, those of the
+    /// best held-out epoch, or the original ones again (`kept_original`).
     pub mse_after: f64,
-    /// The mean loss the training ended with.
+    /// The mean training loss the last epoch ended with.
     pub mse_trained: f64,
-    /// Training did not lower the loss (too large a learning rate, say), so the original
-    /// parameters were returned: distillation never leaves a block worse than it found it.
+    /// Training did not help (the training loss, or with a held-out set the held-out loss,
+    /// did not go down: too large a learning rate, say), so the original parameters were
+    /// returned: distillation never leaves a block worse than it found it.
     pub kept_original: bool,
     pub steps: usize,
     pub secs: f64,
     /// Where it trained: `cpu (N threads)` or `cuda:N`.
     pub device: String,
+    /// With [`DistillConfig::holdout`] samples: the held-out losses.
+    pub heldout: Option<HeldoutCurve>,
 }
 
-impl DistillReport {
-    /// "" or, when the original parameters were kept, a note saying why (for log lines).
-    pub fn note(&self) -> String {
-        if self.kept_original {
-            format!(
-                " (training ended at mse {:.3e}, worse: kept the original weights; a smaller --lr?)",
-                self.mse_trained
-            )
-        } else {
-            String::new()
+/// The held-out loss over a distillation: what early stopping chose from.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HeldoutCurve {
+    /// Held-out samples (the last ones given).
+    pub samples: usize,
+    /// Before training (the original parameters).
+    pub before: f64,
+    /// After each epoch run (fewer than `epochs` when training stopped early).
+    pub epochs: Vec<f64>,
+    /// The epoch whose parameters were returned, from 1; 0 = the original parameters.
+    pub best_epoch: usize,
+}
+
+impl HeldoutCurve {
+    /// The held-out loss of the parameters returned.
+    pub fn best(&self) -> f64 {
+        match self.best_epoch {
+            0 => self.before,
+            e => self.epochs[e - 1],
         }
     }
 }
 
+impl DistillReport {
+    /// "" or, for log lines, the held-out losses and, when the original parameters were
+    /// kept, a note saying why.
+    pub fn note(&self) -> String {
+        let mut note = String::new();
+        if let Some(h) = &self.heldout {
+            note += &format!(
+                " (held-out {:.3e} -> {:.3e} on {} samples, epoch {} of {} run)",
+                h.before,
+                h.best(),
+                h.samples,
+                h.best_epoch,
+                h.epochs.len()
+            );
+        }
+        if self.kept_original {
+            let what = if self.heldout.is_some() {
+                "held-out loss never went down"
+            } else {
+                "worse"
+            };
+            note += &format!(
+                " (training ended at mse {:.3e}, {what}: kept the original weights; a smaller --lr?)",
+                self.mse_trained
+            );
+        }
+        note
+    }
+}
+
 impl DistillConfig {
-    /// At least one epoch and a positive, finite learning rate.
+    /// At least one epoch, a positive, finite learning rate and, with a held-out set, a
+    /// patience of at least one epoch.
     pub fn validate(&self) -> Result<()> {
+        if self.holdout > 0 && self.patience == 0 {
+            return Err(Error::InvalidArgument(
+                "early stopping needs a patience of at least one epoch".into(),
+            ));
+        }
         if self.epochs == 0 {
             return Err(Error::InvalidArgument(
                 "distillation needs at least one epoch (--epochs)".into(),
@@ -593,9 +659,11 @@ impl DistillConfig {
     }
 }
 
-/// Adam over all samples for `epochs` epochs (one step per sample). Returns the trained
-/// parameters and the mean loss before and after; if training did not lower the loss, the
-/// original parameters (see [`DistillReport::kept_original`]).
+/// Adam for up to `epochs` epochs (one step per training sample). Without a held-out set
+/// (`cfg.holdout == 0`), trains on every sample and returns the last epoch's parameters; with
+/// one, trains on the others and returns the parameters of the epoch with the lowest held-out
+/// loss, stopping after `cfg.patience` epochs without a new best. Either way, if training did
+/// not help, the original parameters (see [`DistillReport::kept_original`]).
 pub fn distill(
     init: Vec<StudentParams>,
     data: &[Sample],
@@ -609,6 +677,14 @@ pub fn distill(
             "distillation needs at least one sample".into(),
         ));
     }
+    if cfg.holdout >= data.len() {
+        return Err(Error::InvalidArgument(format!(
+            "distillation holds out {} of {} samples: none would be left to train on \
+             (more calibration passages, or a smaller hold-out)",
+            cfg.holdout,
+            data.len()
+        )));
+    }
     let t0 = std::time::Instant::now();
     let mut trainer: Box<dyn Trainer + '_> = match cfg.device {
         DistillDevice::Cpu => Box::new(CpuTrainer::new(init.clone(), data, d, eps, cfg.threads)),
@@ -616,26 +692,58 @@ pub fn distill(
             crate::backend::cuda::distill_trainer(gpu, &init, data, d, eps)?
         }
     };
-    let before = trainer.mean_loss()?;
+    let n_train = data.len() - cfg.holdout;
+    let (train, held) = (0..n_train, n_train..data.len());
+    let before = trainer.mean_loss(train.clone())?;
+    let mut heldout = if cfg.holdout > 0 {
+        Some(HeldoutCurve {
+            samples: cfg.holdout,
+            before: trainer.mean_loss(held.clone())?,
+            epochs: Vec::new(),
+            best_epoch: 0,
+        })
+    } else {
+        None
+    };
+    // the parameters of the best held-out epoch so far (None: the original ones)
+    let mut best: Option<Vec<StudentParams>> = None;
     let mut step = 0;
-    for _ in 0..cfg.epochs {
-        for i in 0..data.len() {
+    for epoch in 1..=cfg.epochs {
+        for i in train.clone() {
             step += 1;
             trainer.adam_step(i, step, cfg.lr)?;
         }
+        if let Some(h) = &mut heldout {
+            let loss = trainer.mean_loss(held.clone())?;
+            h.epochs.push(loss);
+            if loss < h.best() {
+                h.best_epoch = epoch;
+                best = Some(trainer.params()?);
+            } else if epoch - h.best_epoch >= cfg.patience {
+                break;
+            }
+        }
     }
-    let trained = trainer.mean_loss()?;
-    // worse, or not a number: keep what the block had
-    let kept_original = trained.is_nan() || trained > before;
+    let trained = trainer.mean_loss(train.clone())?;
+    let (params, after, kept_original) = match &heldout {
+        // no held-out set: the last epoch, unless it is worse (or not a number)
+        None if trained.is_nan() || trained > before => (init, before, true),
+        None => (trainer.params()?, trained, false),
+        // held-out: the best epoch; the original parameters when no epoch beat them
+        Some(h) if h.best_epoch == 0 => (init, before, true),
+        Some(h) if h.best_epoch == h.epochs.len() => (best.unwrap_or(init), trained, false),
+        Some(_) => {
+            let params = best.unwrap_or(init);
+            trainer.set_params(&params)?;
+            let after = trainer.mean_loss(train)?;
+            (params, after, false)
+        }
+    };
     Ok((
-        if kept_original {
-            init
-        } else {
-            trainer.params()?
-        },
+        params,
         DistillReport {
             mse_before: before,
-            mse_after: if kept_original { before } else { trained },
+            mse_after: after,
             mse_trained: trained,
             kept_original,
             steps: step,
@@ -644,6 +752,7 @@ pub fn distill(
                 DistillDevice::Cpu => format!("cpu ({} threads)", cfg.threads),
                 DistillDevice::Cuda(n) => format!("cuda:{n}"),
             },
+            heldout,
         },
     ))
 }

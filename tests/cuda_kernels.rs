@@ -598,8 +598,16 @@ mod gpu {
                     prop_assert!(e < 1e-3, "rank {r} {name} after 6 steps: relative error {e:.2e}");
                 }
             }
-            let (mg, mc) = (gpu.mean_loss().unwrap(), cpu.mean_loss().unwrap());
-            prop_assert!((mg - mc).abs() <= 1e-3 * mc, "mean loss {mg} vs {mc}");
+            for range in [0..data.len(), 1..data.len()] {
+                let (mg, mc) = (gpu.mean_loss(range.clone()).unwrap(), cpu.mean_loss(range.clone()).unwrap());
+                prop_assert!((mg - mc).abs() <= 1e-3 * mc, "mean loss over {range:?}: {mg} vs {mc}");
+            }
+            // back to the initial parameters (early stopping's restore): the initial losses
+            gpu.set_params(&init).unwrap();
+            let back = CpuTrainer::new(init.clone(), &data, d, eps, 1).mean_loss(0..data.len()).unwrap();
+            let mg = gpu.mean_loss(0..data.len()).unwrap();
+            prop_assert!((mg - back).abs() <= 1e-4 * back, "after set_params: {mg} vs {back}");
+            prop_assert!(gpu.params().unwrap()[0].wo == init[0].wo);
         }
     }
 
@@ -613,17 +621,27 @@ mod gpu {
         }
         let (d, eps) = (576, 1e-5);
         let (init, data) = distill_problem(3, (d, 192, 512), &[64, 64, 40], 7);
-        let run = |device| {
+        let run = |device, holdout| {
             let cfg = DistillConfig {
                 epochs: 3,
                 lr: 1e-4,
                 device,
+                holdout,
                 ..Default::default()
             };
             distill(init.clone(), &data, d, eps, &cfg).unwrap()
         };
-        let (pc, rc) = run(DistillDevice::Cpu);
-        let (pg, rg) = run(DistillDevice::Cuda(0));
+        // with a held-out sample: the same curve on both devices
+        let (_, hc) = run(DistillDevice::Cpu, 1);
+        let (_, hg) = run(DistillDevice::Cuda(0), 1);
+        let (hc, hg) = (hc.heldout.unwrap(), hg.heldout.unwrap());
+        assert_eq!(hg.epochs.len(), hc.epochs.len(), "{hg:?} vs {hc:?}");
+        assert!((hg.before - hc.before).abs() <= 1e-4 * hc.before);
+        for (g, c) in hg.epochs.iter().zip(&hc.epochs) {
+            assert!((g - c).abs() <= 1e-2 * c, "{hg:?} vs {hc:?}");
+        }
+        let (pc, rc) = run(DistillDevice::Cpu, 0);
+        let (pg, rg) = run(DistillDevice::Cuda(0), 0);
         eprintln!("cpu {rc:?}\ngpu {rg:?}");
         assert!(
             !rg.kept_original && rg.mse_after < 0.9 * rg.mse_before,

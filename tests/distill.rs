@@ -228,6 +228,7 @@ fn distillation_on_a_gpu_needs_one() {
         lr: 1e-3,
         threads: 1,
         device: DistillDevice::Cuda(0),
+        ..Default::default()
     };
     let before = e.block_input(&calib[0], 1).unwrap();
     let got = distill_layer(&mut e, &calib, 0, &cfg);
@@ -245,6 +246,103 @@ fn distillation_on_a_gpu_needs_one() {
             let (_, report) = got.unwrap();
             assert!(report.mse_after <= report.mse_before, "{report:?}");
         }
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// With a held-out set, distillation trains on the other samples only, measures the
+/// held-out loss after every epoch, returns the parameters of the best epoch (exactly those
+/// the same training reaches after that many epochs) and stops once `patience` epochs bring
+/// no new best. A held-out loss that never improves keeps the original weights.
+#[test]
+fn early_stopping_returns_the_best_heldout_epoch() {
+    let (mut e, dir) = setup(2, "dhold");
+    e.set_spd(&[true, false]).unwrap();
+    let (d, eps) = (e.cfg.hidden, e.cfg.rms_eps);
+    let mut data = Vec::new();
+    let mut init = Vec::new();
+    for s in 0..5u32 {
+        let toks: Vec<u32> = (0..10).map(|i| (i * 7 + s * 13) % 64).collect();
+        let (sample, weights) = sample(&mut e, &toks, 0);
+        data.push(sample);
+        init = weights.iter().map(StudentParams::from_block).collect();
+    }
+    let cfg = DistillConfig {
+        epochs: 60,
+        lr: 1e-3,
+        threads: 1,
+        holdout: 1,
+        patience: 3,
+        ..Default::default()
+    };
+    let (got, rep) = distill(init.clone(), &data, d, eps, &cfg).unwrap();
+    let h = rep.heldout.clone().expect("a held-out curve");
+    assert_eq!(h.samples, 1);
+    assert_eq!(
+        rep.steps,
+        4 * h.epochs.len(),
+        "one step per training sample"
+    );
+    // the best epoch is the curve's minimum, and training stopped `patience` epochs later
+    let (argmin, min) =
+        h.epochs.iter().enumerate().fold(
+            (0, h.before),
+            |(a, m), (i, &v)| if v < m { (i + 1, v) } else { (a, m) },
+        );
+    assert_eq!((h.best_epoch, h.best()), (argmin, min), "{h:?}");
+    assert!(
+        h.best_epoch >= 1 && h.epochs.len() == h.best_epoch + cfg.patience,
+        "this problem overfits: it should improve, then stop early: {h:?}"
+    );
+    // what was returned scores as reported, on both sets
+    let mut check = CpuTrainer::new(got.clone(), &data, d, eps, 1);
+    assert_eq!(check.mean_loss(4..5).unwrap(), h.best());
+    assert_eq!(check.mean_loss(0..4).unwrap(), rep.mse_after);
+    assert!(
+        rep.mse_after < rep.mse_before && !rep.kept_original,
+        "{rep:?}"
+    );
+    assert!(rep.note().contains("held-out"), "{}", rep.note());
+    // the best epoch's parameters are plain training's after that many epochs on the
+    // training samples: the held-out sample was never trained on
+    let plain = DistillConfig {
+        epochs: h.best_epoch,
+        holdout: 0,
+        ..cfg.clone()
+    };
+    let (want, _) = distill(init.clone(), &data[..4], d, eps, &plain).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.wo, w.wo);
+        assert_eq!(g.ffn_norm, w.ffn_norm);
+        assert_eq!(g.w_gate_up, w.w_gate_up);
+        assert_eq!(g.w_down, w.w_down);
+    }
+    // a learning rate far too large: no epoch beats the original weights on held-out data
+    let wild = DistillConfig {
+        lr: 10.0,
+        ..cfg.clone()
+    };
+    let (kept, rep) = distill(init.clone(), &data, d, eps, &wild).unwrap();
+    let h = rep.heldout.clone().unwrap();
+    assert!(rep.kept_original && h.best_epoch == 0, "{rep:?}");
+    assert_eq!(
+        h.epochs.len(),
+        wild.patience,
+        "stops after `patience` epochs"
+    );
+    assert_eq!(kept[0].wo, init[0].wo);
+    assert!(rep.note().contains("held-out loss never went down"));
+    // refused settings: nothing left to train on; no patience
+    for (holdout, patience, want) in [(5, 3, "none would be left"), (1, 0, "patience")] {
+        let bad = DistillConfig {
+            holdout,
+            patience,
+            ..cfg.clone()
+        };
+        let err = distill(init.clone(), &data, d, eps, &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
     }
     std::fs::remove_dir_all(dir).ok();
 }

@@ -439,13 +439,14 @@ impl Trainer for GpuTrainer {
         Ok((loss, grads))
     }
 
-    fn mean_loss(&mut self) -> Result<f64> {
+    fn mean_loss(&mut self, samples: std::ops::Range<usize>) -> Result<f64> {
+        let n = samples.len();
         let mut sum = 0.0;
-        for i in 0..self.data.len() {
+        for i in samples {
             self.forward(i)?;
             sum += self.read_loss(i)?;
         }
-        Ok(sum / self.data.len().max(1) as f64)
+        Ok(sum / n.max(1) as f64)
     }
 
     fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()> {
@@ -488,5 +489,27 @@ impl Trainer for GpuTrainer {
             .iter()
             .map(|r| self.download(&r.params))
             .collect()
+    }
+
+    fn set_params(&mut self, params: &[StudentParams]) -> Result<()> {
+        if params.len() != self.ranks.len() {
+            return Err(Error::InvalidArgument(format!(
+                "GPU distillation: {} ranks' parameters for a trainer of {}",
+                params.len(),
+                self.ranks.len()
+            )));
+        }
+        for (r, p) in self.ranks.iter_mut().zip(params) {
+            let host = [&p.wo, &p.ffn_norm, &p.w_gate_up, &p.w_down];
+            for (dev, src) in r.params.0.iter_mut().zip(host) {
+                if dev.len() != src.len() {
+                    return Err(Error::InvalidArgument(
+                        "GPU distillation: parameters of another shape".into(),
+                    ));
+                }
+                self.stream.memcpy_htod(src, dev).map_err(cuda_err)?;
+            }
+        }
+        Ok(())
     }
 }
