@@ -581,7 +581,15 @@ fn open_engine(
 }
 
 fn calibration(tok: &Tokenizer, c: &Calib) -> Result<Vec<Vec<u32>>> {
-    tasks::boolq_passages(&assets::eval_dir()?, c.calib)?
+    let passages = tasks::boolq_passages(&assets::eval_dir()?, c.calib)?;
+    if passages.len() < c.calib {
+        return Err(bad(format!(
+            "--calib {}: BoolQ has {} distinct passages",
+            c.calib,
+            passages.len()
+        )));
+    }
+    passages
         .iter()
         .map(|p| {
             let mut ids = tok.encode(p)?;
