@@ -755,6 +755,19 @@ fn distill_config(
     Ok(cfg)
 }
 
+/// What a plan records of how its distilled weights were made.
+fn distill_settings(calib: &Calib, cfg: &DistillConfig) -> serde_json::Value {
+    serde_json::json!({
+        "calib_passages": calib.calib,
+        "seq_len": calib.seq_len,
+        "epochs": cfg.epochs,
+        "lr": cfg.lr,
+        "holdout": cfg.holdout,
+        "patience": cfg.patience,
+        "device": format!("{:?}", cfg.device),
+    })
+}
+
 /// At least one calibration passage of at least two tokens (perplexity needs a next token).
 fn check_calib(c: &Calib) -> Result<()> {
     at_least("calib", c.calib, 1)?;
@@ -1253,6 +1266,8 @@ fn run(cli: Cli) -> Result<()> {
                 let w = sibling(&out, "safetensors");
                 save_distilled(&w, &distilled)?;
                 plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
+                // how the weights were made (the per-block reports are in the outcome)
+                plan.notes["distillation_settings"] = distill_settings(&calib, &dcfg);
             }
             plan.save(&out)?;
             spd::plot_sensitivity(
@@ -1568,9 +1583,11 @@ fn run(cli: Cli) -> Result<()> {
             let mut plan = SpdPlan::load(&plan_path)?;
             let seqs = calibration(&tok, &calib)?;
             let mut blocks = Vec::new();
+            let mut reports = Vec::new();
             for l in 0..engine.cfg.n_layers {
                 if plan.layers[l].spd {
                     let (w, rep) = distill_layer(&mut engine, &seqs, l, &dcfg)?;
+                    reports.push((l, rep.clone()));
                     eprintln!(
                         "block {l}: mse {:.3e} -> {:.3e} in {:.1}s on {}{}",
                         rep.mse_before,
@@ -1601,6 +1618,11 @@ fn run(cli: Cli) -> Result<()> {
             save_distilled(&w, &blocks)?;
             plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
             plan.model_sha256 = sha.unwrap_or(plan.model_sha256);
+            if !plan.notes.is_object() {
+                plan.notes = serde_json::json!({});
+            }
+            plan.notes["distillation_settings"] = distill_settings(&calib, &dcfg);
+            plan.notes["distillation"] = serde_json::json!(reports);
             plan.save(&out)?;
             eprintln!("wrote {} and {}", out.display(), w.display());
         }

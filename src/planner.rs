@@ -281,6 +281,9 @@ pub struct PlanOutcome {
     pub hg_b2b_blocks: usize,
     /// Head groupings applied (layer, grouping).
     pub groupings: Vec<(usize, crate::headgroup::Grouping)>,
+    /// How each block the plan keeps distilled (B2B or HG+B2B) trained: (layer, report).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub distillation: Vec<(usize, crate::distill::DistillReport)>,
     pub fraction: f64,
     /// Thresholds implied by the choice: every zero-shot block has s <= t1, every B2B block
     /// t1 < s <= t2; the rest are beyond t2, except the blocks a search past the wall
@@ -505,6 +508,7 @@ pub fn plan(
         .filter(|r| **r == Some(Recovery::ZeroShot))
         .count();
     let mut distilled = Vec::new();
+    let mut reports = Vec::new();
     let mut groupings = Vec::new();
     // B2B: distil the next blocks in order (those not already SPD) while the budget holds
     if let Some(dcfg) = b2b {
@@ -532,6 +536,7 @@ pub fn plan(
                 best_drop = d;
                 recovery[layer] = Some(Recovery::B2b);
                 distilled.push((layer, blocks));
+                reports.push((layer, rep));
                 continue;
             }
             // head grouping, then B2B again from the original weights
@@ -561,6 +566,7 @@ pub fn plan(
             recovery[layer] = Some(Recovery::HgB2b);
             groupings.push((layer, g));
             distilled.push((layer, blocks));
+            reports.push((layer, rep));
         }
     }
     engine.set_spd(&mask)?;
@@ -616,6 +622,7 @@ pub fn plan(
             b2b_blocks: distilled.len() - groupings.len(),
             hg_b2b_blocks: groupings.len(),
             groupings,
+            distillation: reports,
             fraction: k as f64 / n as f64,
             t1,
             t2,

@@ -153,6 +153,12 @@ fn planner_b2b_keeps_budget_and_leaves_no_rejected_weights() {
     for (l, _) in &distilled {
         assert_eq!(o.recovery[*l], Some(Recovery::B2b));
     }
+    // a training report for every block kept distilled, none for the rejected one
+    assert!(o
+        .distillation
+        .iter()
+        .map(|(l, _)| l)
+        .eq(distilled.iter().map(|(l, _)| l)));
     // The engine holds exactly the plan: a fresh engine with the same mask and only the kept
     // distilled blocks gives the same bits (a rejected block's weights were restored).
     let got = e.forward(&splits[1][0], 0, 0..16).unwrap().data;
