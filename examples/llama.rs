@@ -266,6 +266,11 @@ enum Cmd {
         /// the prefix only (the paper's classes).
         #[arg(long, default_value_t = 0, value_name = "N")]
         past_wall: usize,
+        /// With --b2b: distil the zero-shot blocks too once they are chosen (kept when that
+        /// lowers the loss), so that more blocks fit the budget. The paper leaves them
+        /// zero-shot.
+        #[arg(long, requires = "b2b")]
+        distill_zero_shot: bool,
         /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
@@ -1171,6 +1176,7 @@ fn run(cli: Cli) -> Result<()> {
             train,
             search_z,
             past_wall,
+            distill_zero_shot,
             sensitivity,
             out,
         } => {
@@ -1254,6 +1260,7 @@ fn run(cli: Cli) -> Result<()> {
                 planner::Search {
                     z: search_z,
                     past_wall,
+                    distill_zero_shot,
                 },
                 metric.as_mut(),
                 &seqs,

@@ -285,7 +285,8 @@ pub struct PlanOutcome {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub distillation: Vec<(usize, crate::distill::DistillReport)>,
     pub fraction: f64,
-    /// Thresholds implied by the choice: every zero-shot block has s <= t1, every B2B block
+    /// Thresholds implied by the choice: every block of the zero-shot class has s <= t1
+    /// (zero-shot, or B2B with [`Search::distill_zero_shot`]), every other B2B block
     /// t1 < s <= t2; the rest are beyond t2, except the blocks a search past the wall
     /// skipped (`skipped`), which can lie below t1.
     pub t1: f64,
@@ -334,11 +335,19 @@ pub struct Search {
     /// (the "wall") may cost far more than the ones after it. 0: the prefix only (the
     /// paper's classes).
     pub past_wall: usize,
+    /// With B2B: once the zero-shot blocks are chosen, distil them too (in layer order, each
+    /// on inputs from the model with the earlier ones distilled), and keep that when it
+    /// lowers the loss. The budget it frees goes to more B2B blocks. (The paper leaves
+    /// in-sensitive blocks zero-shot.)
+    pub distill_zero_shot: bool,
 }
 
 impl From<f64> for Search {
     fn from(z: f64) -> Search {
-        Search { z, past_wall: 0 }
+        Search {
+            z,
+            ..Search::default()
+        }
     }
 }
 
@@ -390,6 +399,7 @@ pub fn plan(
     let Search {
         z: search_z,
         past_wall,
+        distill_zero_shot,
     } = search.into();
     if !(search_z >= 0.0 && search_z.is_finite()) {
         return Err(Error::InvalidArgument(format!(
@@ -406,7 +416,10 @@ pub fn plan(
     engine.set_spd(&vec![false; n])?;
     let base_scored = metric.score_detailed(engine, 0)?;
     let base = base_scored.value;
-    evals += 1;
+    // the held-out baseline now, while every block has its original weights (distilled
+    // blocks keep their weights with SPD off: that would not be the TP model)
+    let held_base = metric.score_detailed(engine, 1)?;
+    evals += 2;
     // paired drop (base - plan) when both scores carry per-document outcomes
     let paired = |b: &Scored, p: &Scored| -> Option<PairedDiff> {
         match (budget, &b.suite, &p.suite, &b.passages, &p.passages) {
@@ -503,13 +516,54 @@ pub fn plan(
             }
         }
     }
-    let zs = recovery
-        .iter()
-        .filter(|r| **r == Some(Recovery::ZeroShot))
-        .count();
+    // the zero-shot class, whether or not it is distilled below (t1 is its edge)
+    let zero_shot_class: Vec<usize> = (0..n)
+        .filter(|l| recovery[*l] == Some(Recovery::ZeroShot))
+        .collect();
     let mut distilled = Vec::new();
     let mut reports = Vec::new();
     let mut groupings = Vec::new();
+    if let (Some(dcfg), true, false) = (b2b, distill_zero_shot, zero_shot_class.is_empty()) {
+        engine.set_spd(&mask)?;
+        let mut got = Vec::new();
+        for &layer in &zero_shot_class {
+            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            log(&format!(
+                "b2b zero-shot block {layer:2}: block mse {:.3e} -> {:.3e}{}",
+                rep.mse_before,
+                rep.mse_after,
+                rep.note()
+            ));
+            got.push((layer, blocks, rep));
+        }
+        let (fits, s, d) = ok(engine, &mask, &mut evals)?;
+        let better = fits && budget.loss(base, s) < budget.loss(base, best_score);
+        log(&format!(
+            "b2b on the {} zero-shot blocks: score {s:.4} (loss {:+.4}{}, zero-shot {:+.4}) {}",
+            got.len(),
+            budget.loss(base, s),
+            se_text(&d),
+            budget.loss(base, best_score),
+            if better {
+                "kept"
+            } else {
+                "no better: zero-shot kept"
+            }
+        ));
+        if better {
+            best_score = s;
+            best_drop = d;
+            for (layer, blocks, rep) in got {
+                recovery[layer] = Some(Recovery::B2b);
+                distilled.push((layer, blocks));
+                reports.push((layer, rep));
+            }
+        } else {
+            for &layer in &zero_shot_class {
+                restore_block(engine, layer)?;
+            }
+        }
+    }
     // B2B: distil the next blocks in order (those not already SPD) while the budget holds
     if let Some(dcfg) = b2b {
         let rest: Vec<usize> = order.iter().copied().filter(|l| !mask[*l]).collect();
@@ -576,14 +630,14 @@ pub fn plan(
             .map(|i| sens.sensitivity[i])
             .fold(f64::NEG_INFINITY, f64::max)
     };
-    let t1 = s_of(Recovery::ZeroShot);
+    let t1 = zero_shot_class
+        .iter()
+        .map(|i| sens.sensitivity[*i])
+        .fold(f64::NEG_INFINITY, f64::max);
     let t2 = s_of(Recovery::B2b).max(s_of(Recovery::HgB2b)).max(t1);
     // held-out verification
     let held_plan = metric.score_detailed(engine, 1)?;
-    engine.set_spd(&vec![false; n])?;
-    let held_base = metric.score_detailed(engine, 1)?;
-    engine.set_spd(&mask)?;
-    evals += 2;
+    evals += 1;
     let (heldout_score, heldout_base) = (held_plan.value, held_base.value);
     let heldout_loss = budget.loss(heldout_base, heldout_score);
     let heldout_drop = paired(&held_base, &held_plan);
@@ -614,11 +668,15 @@ pub fn plan(
         "held-out split: {heldout_base:.4} -> {heldout_score:.4}: {verdict_text}"
     ));
     let k = mask.iter().filter(|m| **m).count();
+    let zero_shot_blocks = recovery
+        .iter()
+        .filter(|r| **r == Some(Recovery::ZeroShot))
+        .count();
     Ok((
         PlanOutcome {
             spd: mask,
             recovery,
-            zero_shot_blocks: zs,
+            zero_shot_blocks,
             b2b_blocks: distilled.len() - groupings.len(),
             hg_b2b_blocks: groupings.len(),
             groupings,

@@ -462,6 +462,7 @@ fn the_search_past_the_wall_keeps_cheap_blocks_after_an_expensive_one() {
     let search = Search {
         z: 0.0,
         past_wall: 3,
+        ..Search::default()
     };
     let mut log = Vec::new();
     let (o, _) = plan(
@@ -487,4 +488,104 @@ fn the_search_past_the_wall_keeps_cheap_blocks_after_an_expensive_one() {
         log.iter().filter(|l| l.contains("past the wall")).count(),
         3
     );
+}
+
+/// `Search::distill_zero_shot`: the zero-shot blocks the search chose are distilled too, and
+/// kept so when that lowers the loss; the engine ends with exactly the plan's weights and the
+/// outcome's search score is that plan's.
+#[test]
+fn planner_can_distil_the_zero_shot_blocks() {
+    let (mut e, dir) = tiny(2, "planzs", 6, false);
+    let calib = seqs(4, 16, 2);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let splits = [seqs(3, 20, 5), seqs(3, 20, 9)];
+    // The score: 1 + the mean squared distance of the logits from the TP model's (a random
+    // model's perplexity can fall under SPD; its distance from the TP model cannot).
+    let logits = |e: &mut Engine, split: usize| -> Vec<Vec<f32>> {
+        splits[split]
+            .iter()
+            .map(|s| e.forward(s, 0, 0..s.len()).unwrap().data)
+            .collect()
+    };
+    let reference = [logits(&mut e, 0), logits(&mut e, 1)];
+    let mut metric = |e: &mut Engine, split: usize| -> syncdrop::Result<f64> {
+        let got = logits(e, split);
+        let (mut se, mut n) = (0.0f64, 0usize);
+        for (g, r) in got.iter().zip(&reference[split]) {
+            se += g
+                .iter()
+                .zip(r)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
+            n += g.len();
+        }
+        Ok(1.0 + se / n as f64)
+    };
+    let order = order_by_sensitivity(&sens);
+    let mut mask = vec![false; 6];
+    let mut dist = vec![metric(&mut e, 0).unwrap()];
+    for &l in &order {
+        mask[l] = true;
+        e.set_spd(&mask).unwrap();
+        dist.push(metric(&mut e, 0).unwrap());
+    }
+    e.set_spd(&[false; 6]).unwrap();
+    eprintln!("zero-shot score by prefix length: {dist:?}");
+    // a budget between the 2- and 3-block prefixes
+    let loss = |k: usize| dist[k] / dist[0] - 1.0;
+    assert!(dist[0] == 1.0 && loss(2) < loss(3), "{dist:?}");
+    let budget = Budget::PplIncrease((loss(2) + loss(3)) / 2.0);
+    let dcfg = syncdrop::distill::DistillConfig {
+        epochs: 40,
+        lr: 3e-3,
+        threads: 1,
+        ..Default::default()
+    };
+    let search = Search {
+        distill_zero_shot: true,
+        ..Search::default()
+    };
+    let mut log = Vec::new();
+    let (o, distilled) = plan(
+        &mut e,
+        &sens,
+        budget,
+        search,
+        &mut metric,
+        &calib,
+        Some(&dcfg),
+        |m| log.push(m.to_string()),
+    )
+    .unwrap();
+    let log = log.join("\n");
+    eprintln!("{log}");
+    // the zero-shot class is the 2-block prefix, and distilling it paid
+    for &l in &order[..2] {
+        assert_eq!(o.recovery[l], Some(Recovery::B2b), "block {l}:\n{log}");
+        assert!(o.distillation.iter().any(|(d, _)| *d == l), "{log}");
+    }
+    assert_eq!(o.zero_shot_blocks, 0);
+    assert!(log.contains("b2b on the 2 zero-shot blocks"), "{log}");
+    let t1 = order[..2]
+        .iter()
+        .map(|l| sens.sensitivity[*l])
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(o.t1, t1);
+    // the held-out baseline is the TP model (distance 0), not the distilled weights with
+    // SPD off
+    assert_eq!(o.heldout_base, 1.0);
+    // the engine holds exactly the plan, and the search score is the plan's
+    let got = metric(&mut e, 0).unwrap();
+    assert_eq!(got, o.search_score);
+    // the budget zero-shot SPD used up on 2 blocks now holds a third
+    assert!(got < dist[3], "distilled {got} vs zero-shot {}", dist[3]);
+    assert_eq!(o.spd.iter().filter(|s| **s).count(), 3, "{log}");
+    let (mut fresh, dir2) = tiny(2, "planzs2", 6, false);
+    fresh.set_spd(&o.spd).unwrap();
+    for (l, w) in distilled {
+        fresh.load_layer(l, w).unwrap();
+    }
+    assert_eq!(metric(&mut fresh, 0).unwrap(), got);
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir2).ok();
 }
