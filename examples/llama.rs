@@ -766,10 +766,11 @@ fn distill_settings(calib: &Calib, cfg: &DistillConfig) -> serde_json::Value {
         "calib_passages": calib.calib,
         "seq_len": calib.seq_len,
         "epochs": cfg.epochs,
-        "lr": cfg.lr,
+        // the f32 as written on the command line (5e-5, not 4.99999987e-5)
+        "lr": cfg.lr.to_string().parse::<f64>().unwrap_or(f64::from(cfg.lr)),
         "holdout": cfg.holdout,
         "patience": cfg.patience,
-        "device": format!("{:?}", cfg.device),
+        "device": cfg.device_name(),
     })
 }
 

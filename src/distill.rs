@@ -636,6 +636,14 @@ impl DistillReport {
 }
 
 impl DistillConfig {
+    /// Where it trains, in words: `cpu (N threads)` or `cuda:N`.
+    pub fn device_name(&self) -> String {
+        match self.device {
+            DistillDevice::Cpu => format!("cpu ({} threads)", self.threads),
+            DistillDevice::Cuda(n) => format!("cuda:{n}"),
+        }
+    }
+
     /// At least one epoch, a positive, finite learning rate and, with a held-out set, a
     /// patience of at least one epoch.
     pub fn validate(&self) -> Result<()> {
@@ -748,10 +756,7 @@ pub fn distill(
             kept_original,
             steps: step,
             secs: t0.elapsed().as_secs_f64(),
-            device: match cfg.device {
-                DistillDevice::Cpu => format!("cpu ({} threads)", cfg.threads),
-                DistillDevice::Cuda(n) => format!("cuda:{n}"),
-            },
+            device: cfg.device_name(),
             heldout,
         },
     ))
