@@ -1393,7 +1393,7 @@ fn run(cli: Cli) -> Result<()> {
                 .map_err(|e| Error::InvalidArgument(format!("--tps: {e}")))?;
             // the settings every point of one file shares (--resume adds to a file only
             // when they agree)
-            let settings = serde_json::json!({
+            let mut settings = serde_json::json!({
                 "limit_per_task": limit,
                 "lambada_passages": texts.len(),
                 "calib": calib.calib,
@@ -1401,7 +1401,6 @@ fn run(cli: Cli) -> Result<()> {
                 "epochs": train.epochs,
                 "lr": train.lr,
             });
-            let mut settings = settings;
             if train.holdout > 0 {
                 // only then, so that files measured before --holdout existed still resume
                 settings["holdout"] = train.holdout.into();
