@@ -12,9 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use syncdrop::distill::{
-    distill_layer, load_distilled, save_distilled, DistillConfig, DistillDevice,
-};
+use syncdrop::distill::{distill_layer, save_distilled, DistillConfig, DistillDevice};
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
 use syncdrop::eval::{lambada, perplexity_texts, score_tokens};
 use syncdrop::generate::{generate, Sampler, SamplerConfig};
@@ -506,34 +504,8 @@ fn open_engine(
         }
         plan_path => {
             let plan_path = Path::new(plan_path);
-            let plan = SpdPlan::load(plan_path)?;
             let s = model_sha256(&engine.files)?;
-            plan.validate(&engine, &s)?;
-            engine.set_spd(&plan.spd_mask())?;
-            for (l, lp) in plan.layers.iter().enumerate() {
-                if let (Some(h), Some(f)) = (&lp.heads, &lp.ffn_order) {
-                    syncdrop::headgroup::apply(&mut engine, l, h.clone(), f.clone())?;
-                }
-            }
-            if let Some(w) = &plan.distilled {
-                let w = plan_path.parent().unwrap_or(Path::new(".")).join(w);
-                if !w.is_file() {
-                    return Err(Error::InvalidArgument(format!(
-                        "{}: its distilled weights {} are missing (they are written beside the plan; copy them with it)",
-                        plan_path.display(),
-                        w.display()
-                    )));
-                }
-                let layers: Vec<usize> = (0..n)
-                    .filter(|i| {
-                        matches!(
-                            plan.layers[*i].recovery,
-                            Some(Recovery::B2b | Recovery::HgB2b)
-                        )
-                    })
-                    .collect();
-                load_distilled(&w, &mut engine, &layers)?;
-            }
+            let plan = SpdPlan::load_into(plan_path, &mut engine, &s)?;
             sha = Some(s);
             format!(
                 "{} ({:.0}% of blocks)",
@@ -631,8 +603,12 @@ fn print_suite(s: &SuiteScore) {
 }
 
 fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(v).expect("serialisable"))
-        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", path.display())))
+    syncdrop::files::write_atomic(
+        path,
+        serde_json::to_string_pretty(v)
+            .expect("serialisable")
+            .as_bytes(),
+    )
 }
 
 /// Parse a JSON file; errors name the file.
@@ -1273,7 +1249,7 @@ fn run(cli: Cli) -> Result<()> {
             if !distilled.is_empty() {
                 let w = sibling(&out, "safetensors");
                 save_distilled(&w, &distilled)?;
-                plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
+                plan.set_distilled(&w)?;
                 // how the weights were made (the per-block reports are in the outcome)
                 plan.notes["distillation_settings"] = distill_settings(&calib, &dcfg);
             }
@@ -1623,7 +1599,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let w = sibling(&out, "safetensors");
             save_distilled(&w, &blocks)?;
-            plan.distilled = Some(PathBuf::from(w.file_name().expect("file name")));
+            plan.set_distilled(&w)?;
             plan.model_sha256 = sha.unwrap_or(plan.model_sha256);
             if !plan.notes.is_object() {
                 plan.notes = serde_json::json!({});

@@ -1504,7 +1504,7 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
     let json_path = opts.out_dir.join("projection.json");
     let json = serde_json::to_string_pretty(&rep)
         .map_err(|e| Error::InvalidArgument(format!("serialise projection: {e}")))?;
-    std::fs::write(&json_path, json).map_err(|e| Error::io(&json_path, e))?;
+    crate::files::write_atomic(&json_path, json.as_bytes())?;
     println!();
     println!("wrote {}", json_path.display());
     if opts.plots {

@@ -22,6 +22,7 @@ pub mod distill;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod files;
 pub mod generate;
 pub mod gguf;
 pub mod headgroup;

@@ -126,6 +126,11 @@ pub struct SpdPlan {
     /// safetensors file with distilled block weights, relative to the plan file.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub distilled: Option<PathBuf>,
+    /// sha256 of that file when the plan was written: a plan refuses weights that are not
+    /// the ones it was made with (a later run writing to the same name, a mix-up in copying).
+    /// Absent in plans from before it was recorded; those load without the check.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub distilled_sha256: Option<String>,
     /// Free-form provenance: budget, thresholds, scores.
     #[serde(default)]
     pub notes: serde_json::Value,
@@ -137,7 +142,7 @@ pub fn model_sha256(files: &ModelFiles) -> Result<String> {
         ModelFiles::Synthetic(m) => {
             let mut h = Sha256::new();
             h.update(format!("{}:{}", m.spec, m.seed));
-            return Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect());
+            return Ok(crate::files::hex(&h.finalize()));
         }
         ModelFiles::Gguf(g) => vec![g.path.clone()],
         ModelFiles::SafeTensors(s) => std::fs::read_dir(&s.dir)
@@ -152,7 +157,7 @@ pub fn model_sha256(files: &ModelFiles) -> Result<String> {
         let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;
         std::io::copy(&mut f, &mut h).map_err(|e| Error::io(&p, e))?;
     }
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(crate::files::hex(&h.finalize()))
 }
 
 impl SpdPlan {
@@ -174,6 +179,7 @@ impl SpdPlan {
                 })
                 .collect(),
             distilled: None,
+            distilled_sha256: None,
             notes: serde_json::Value::Null,
         }
     }
@@ -200,9 +206,95 @@ impl SpdPlan {
         Ok(plan)
     }
 
+    /// Write the plan (atomically: an interrupted write leaves the previous file).
     pub fn save(&self, path: &Path) -> Result<()> {
         let text = serde_json::to_string_pretty(self).expect("plan serialises");
-        std::fs::write(path, text).map_err(|e| Error::io(path, e))
+        crate::files::write_atomic(path, text.as_bytes())
+    }
+
+    /// Name `weights` (written by [`crate::distill::save_distilled`] beside the plan's file)
+    /// as this plan's distilled weights, with their sha256.
+    pub fn set_distilled(&mut self, weights: &Path) -> Result<()> {
+        let name = weights.file_name().ok_or_else(|| {
+            Error::InvalidArgument(format!("{}: not a file name", weights.display()))
+        })?;
+        self.distilled_sha256 = Some(crate::files::sha256_file(weights)?);
+        self.distilled = Some(PathBuf::from(name));
+        Ok(())
+    }
+
+    /// The blocks whose weights come from the distilled file (recovery B2B or HG+B2B).
+    pub fn distilled_layers(&self) -> Vec<usize> {
+        (0..self.layers.len())
+            .filter(|i| {
+                self.layers[*i].spd
+                    && matches!(
+                        self.layers[*i].recovery,
+                        Some(Recovery::B2b | Recovery::HgB2b)
+                    )
+            })
+            .collect()
+    }
+
+    /// Load the plan at `path` and switch `engine` to it: checked against the model (`sha`,
+    /// from [`model_sha256`]) and the layout, SPD blocks set, head groups applied, distilled
+    /// weights (beside the plan) checked against the plan's sha256 and loaded. What an
+    /// inference engine calls to run a plan the tools made.
+    pub fn load_into(path: &Path, engine: &mut Engine, sha: &str) -> Result<SpdPlan> {
+        let plan = SpdPlan::load(path)?;
+        plan.validate(engine, sha)?;
+        let weights = plan.distilled_path(path)?;
+        engine.set_spd(&plan.spd_mask())?;
+        for (l, lp) in plan.layers.iter().enumerate() {
+            if let (Some(h), Some(f)) = (&lp.heads, &lp.ffn_order) {
+                crate::headgroup::apply(engine, l, h.clone(), f.clone())?;
+            }
+        }
+        if let Some(w) = weights {
+            crate::distill::load_distilled(&w, engine, &plan.distilled_layers())?;
+        }
+        Ok(plan)
+    }
+
+    /// The distilled weights file of the plan stored at `plan_path`, checked: present when a
+    /// block needs it, and the bytes the plan was written with. None when no block needs it.
+    pub fn distilled_path(&self, plan_path: &Path) -> Result<Option<PathBuf>> {
+        let needs = self.distilled_layers();
+        let Some(name) = &self.distilled else {
+            if needs.is_empty() {
+                return Ok(None);
+            }
+            return Err(Error::InvalidArgument(format!(
+                "plan {}: blocks {needs:?} are distilled (B2B) but the plan names no distilled \
+                 weights file; distil them again (`distill --spd {}`)",
+                plan_path.display(),
+                plan_path.display()
+            )));
+        };
+        let w = plan_path.parent().unwrap_or(Path::new(".")).join(name);
+        if !w.is_file() {
+            return Err(Error::InvalidArgument(format!(
+                "plan {}: its distilled weights {} are missing (they are written beside the \
+                 plan; copy them with it)",
+                plan_path.display(),
+                w.display()
+            )));
+        }
+        if let Some(want) = &self.distilled_sha256 {
+            let got = crate::files::sha256_file(&w)?;
+            if &got != want {
+                return Err(Error::InvalidArgument(format!(
+                    "plan {}: its distilled weights {} are not the ones it was written with \
+                     (sha256 {}.., the plan expects {}..): another run wrote to that name, or \
+                     the files were mixed up in copying",
+                    plan_path.display(),
+                    w.display(),
+                    &got[..12],
+                    &want[..12.min(want.len())]
+                )));
+            }
+        }
+        Ok(Some(w))
     }
 
     /// Check the plan against a loaded engine: same model bytes, TP degree, head partition

@@ -201,6 +201,93 @@ fn plan_files_round_trip_and_mismatches_are_named() {
     std::fs::remove_dir_all(dir3).ok();
 }
 
+/// `SpdPlan::load_into`, what an engine calls to run a plan: the mask, the distilled weights
+/// (checked against the sha256 the plan recorded), and clear errors for every way the plan
+/// and its weights can come apart.
+#[test]
+fn a_plan_loads_into_an_engine_with_its_distilled_weights_checked() {
+    use syncdrop::distill::{distill_layer, save_distilled, DistillConfig};
+    let (mut e, dir) = tiny(2, "planload", 3, false);
+    let sha = model_sha256(&e.files).unwrap();
+    let mask = [false, true, false];
+    e.set_spd(&mask).unwrap();
+    let calib = seqs(3, 12, 5);
+    let original: Vec<_> = e
+        .block_shards(1)
+        .iter()
+        .map(|sh| syncdrop::model::load_block(&e.files, &e.cfg, sh, 1).unwrap())
+        .collect();
+    let dcfg = DistillConfig {
+        epochs: 5,
+        lr: 3e-3,
+        threads: 1,
+        ..Default::default()
+    };
+    let (w, _) = distill_layer(&mut e, &calib, 1, &dcfg).unwrap();
+    let want = e.forward(&calib[0], 0, 0..12).unwrap().data;
+
+    let weights = dir.join("plan.safetensors");
+    save_distilled(&weights, &[(1, w)]).unwrap();
+    let mut plan = SpdPlan::new(&e, sha.clone(), &mask, Recovery::ZeroShot);
+    plan.layers[1].recovery = Some(Recovery::B2b);
+    plan.set_distilled(&weights).unwrap();
+    let p = dir.join("plan.json");
+    plan.save(&p).unwrap();
+    assert_eq!(plan.distilled_layers(), vec![1]);
+
+    // a fresh engine on the same model runs exactly the distilled SPD model
+    let (mut f, dir2) = tiny(2, "planload2", 3, false);
+    let loaded = SpdPlan::load_into(&p, &mut f, &sha).unwrap();
+    assert_eq!(loaded, plan);
+    assert_eq!(f.forward(&calib[0], 0, 0..12).unwrap().data, want);
+    // (and the weights mattered: the same mask with the original block differs)
+    let (mut g, dir3) = tiny(2, "planload3", 3, false);
+    g.set_spd(&mask).unwrap();
+    assert_ne!(g.forward(&calib[0], 0, 0..12).unwrap().data, want);
+
+    // other weights under the plan's file name: refused, naming both hashes
+    save_distilled(&weights, &[(1, original)]).unwrap();
+    let err = SpdPlan::load_into(&p, &mut g, &sha)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not the ones it was written with"), "{err}");
+    // a plan from before the sha was recorded loads them (nothing to check against)
+    let mut old = plan.clone();
+    old.distilled_sha256 = None;
+    old.save(&p).unwrap();
+    SpdPlan::load_into(&p, &mut g, &sha).unwrap();
+    // weights missing
+    std::fs::remove_file(&weights).unwrap();
+    let err = SpdPlan::load_into(&p, &mut g, &sha)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("distilled weights") && err.contains("missing"),
+        "{err}"
+    );
+    // a B2B block but no weights named
+    let mut none = plan.clone();
+    none.distilled = None;
+    none.distilled_sha256 = None;
+    none.save(&p).unwrap();
+    let err = SpdPlan::load_into(&p, &mut g, &sha)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blocks [1]") && err.contains("names no distilled"),
+        "{err}"
+    );
+    // and a plan for another model is refused before anything is switched
+    plan.save(&p).unwrap();
+    let err = SpdPlan::load_into(&p, &mut g, "deadbeef")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sha256"), "{err}");
+    for d in [dir, dir2, dir3] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}
+
 /// What ranks in separate processes compare about their SPD choice: the blocks switched and
 /// the head groups, whichever way they were given (a plan under another name is the same
 /// plan; a list naming the same blocks is the same choice).
