@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust (rustup)" >&2; exit 1; }
 scripts/fetch-assets.sh all
 cargo test --release --all-targets "$@"
+# the usage examples in the API docs compile (they name files a test machine lacks: no_run)
+cargo test --release --doc
 # The CUDA code and every kernel must keep compiling on machines without a GPU: nvcc comes
 # from PyPI wheels, cudarc loads the driver at run time, GPU tests report "skipped: no GPU".
 NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}"

@@ -12,6 +12,37 @@
 //! 5. [`engine`]: ranks as threads, the driver, logits assembly;
 //! 6. [`gguf`], [`quant`], [`weights`], [`tokenizer`]: getting real models in;
 //! 7. [`generate`], [`eval`]: what the runner (`examples/llama.rs`) does with it.
+//!
+//! ## From an inference engine
+//!
+//! Load a model at a TP degree (ranks as threads here; `backend: BackendKind::Cuda` puts
+//! them on GPUs), switch it to an SPD plan the tools made (`llama plan --tp 4 ...`), and
+//! generate. [`spd::SpdPlan::load_into`] refuses a plan made for another model, TP degree or
+//! head partition, or whose distilled weights are not the ones it was written with.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use syncdrop::generate::{generate, Sampler, SamplerConfig};
+//! use syncdrop::spd::{model_sha256, SpdPlan};
+//! use syncdrop::tokenizer::Tokenizer;
+//! use syncdrop::{Engine, EngineOptions, ModelFiles};
+//!
+//! # fn main() -> syncdrop::Result<()> {
+//! let files = Arc::new(ModelFiles::open("SmolLM2-135M-Instruct.Q4_1.gguf")?);
+//! let ModelFiles::Gguf(gguf) = &*files else { unreachable!("a GGUF file") };
+//! let tok = Tokenizer::from_gguf(gguf)?;
+//! let opts = EngineOptions { tp: 4, ..Default::default() };
+//! let mut engine = Engine::new(files.clone(), &opts)?;
+//! let sha = model_sha256(&engine.files)?;
+//! let plan = SpdPlan::load_into("plan.json".as_ref(), &mut engine, &sha)?;
+//! println!("{:.0}% of blocks skip their attention all-reduce", 100.0 * plan.fraction());
+//! let prompt = tok.encode("The capital of France is")?;
+//! let mut greedy = Sampler::new(SamplerConfig::default())?;
+//! let (out, stats) = generate(&mut engine, &prompt, 16, &mut greedy, tok.eos, |_| Ok(()))?;
+//! println!("{} ({} all-reduces on rank 0)", tok.decode(&out, true)?, stats.comm.all_reduces);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod assets;
 pub mod backend;
