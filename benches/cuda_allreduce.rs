@@ -87,6 +87,29 @@ fn main() {
         "cuda_allreduce on {gpu}, {date}{}",
         if quick { " (--quick)" } else { "" }
     );
+    // Hold the primary context for the whole run: every `on_ranks` call drops its ranks'
+    // handles, and without this one the context (and its 12 modules per rank) would be torn
+    // down and rebuilt for each of the sweep's hundred-odd points.
+    let _primary = context(0).expect("a CUDA context on GPU 0");
+    // What is measured so far, written after every section: a run the caller times out
+    // keeps its finished sections in the JSON, not only in the printed tables.
+    let save = |sweep: &[serde_json::Value],
+                fused: &[serde_json::Value],
+                norm: &[serde_json::Value],
+                real: &serde_json::Value| {
+        if let Some(dir) = &out {
+            std::fs::create_dir_all(dir).ok();
+            let v = serde_json::json!({"device": gpu, "date": date, "sweep": sweep,
+                "fused_oproj": fused, "fused_add_rmsnorm": norm, "real_gpus_p2p_vs_nccl": real,
+                "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
+            std::fs::write(
+                dir.join("cuda_allreduce.json"),
+                serde_json::to_string_pretty(&v).expect("json"),
+            )
+            .expect("write cuda_allreduce.json");
+        }
+    };
+    let pending = serde_json::Value::Null;
     let mut rows = Vec::new();
     let max_bytes = if quick { 1 << 20 } else { 64 << 20 };
     println!(
@@ -134,6 +157,7 @@ fn main() {
                 bytes *= 4;
             }
         }
+        save(&rows, &[], &[], &pending);
     }
     // fused o_proj + all-reduce against the unfused ways, decode batches 1 to 64: GEMV +
     // all-reduce (the backend's o_proj up to GEMV_MAX_T tokens), bf16 conversion + cuBLAS
@@ -229,6 +253,7 @@ fn main() {
             );
         }
     }
+    save(&rows, &fused_rows, &[], &pending);
     // all-reduce + residual add + RMSNorm: one kernel vs all-reduce then add_rmsnorm
     println!(
         "\n| hidden | ranks | rows | all-reduce + add_rmsnorm us | fused us | fused speedup |"
@@ -287,18 +312,14 @@ fn main() {
                 "unfused_us": unfused * 1e6, "fused_us": fused * 1e6}));
         }
     }
+    save(&rows, &fused_rows, &norm_rows, &pending);
     let real_rows = real_gpus(max_bytes);
-    if let Some(dir) = out {
-        std::fs::create_dir_all(&dir).ok();
-        let v = serde_json::json!({"device": gpu, "date": date, "sweep": rows, "fused_oproj": fused_rows,
-            "fused_add_rmsnorm": norm_rows, "real_gpus_p2p_vs_nccl": real_rows,
-            "note": "virtual ranks on one GPU: kernels and protocol, not NVLink"});
-        std::fs::write(
-            dir.join("cuda_allreduce.json"),
-            serde_json::to_string_pretty(&v).expect("json"),
-        )
-        .expect("write cuda_allreduce.json");
-    }
+    save(
+        &rows,
+        &fused_rows,
+        &norm_rows,
+        &serde_json::json!(real_rows),
+    );
 }
 
 /// `per_iter` for calls that can fail, on ranks that can fail: the first error stops the

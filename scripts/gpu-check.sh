@@ -21,7 +21,9 @@
 # that hangs is reported TIMED OUT and the rest still run; ONLY="name ..." re-runs just those
 # commands of a stage (the names after "==" in its summary). 470 s because a developer
 # session has 30 device minutes in all, machine start and transfers included: three calls of
-# 470 s leave ~6 minutes for those.
+# 470 s leave ~6 minutes for those. Issue call 2 right after call 1 returns, before reading
+# its results: a machine idle ~30 s goes back, with model part 1 and the executables, and
+# stage 2 then needs stage 1 again (a new machine start).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -96,6 +98,29 @@ nccl_lib() {
   echo "gpu-check: NCCL from $so"
 }
 nccl_lib
+# cudarc opens cuBLAS by bare name (libcublas.so.13, .12, ...) and searches no folder: with
+# no toolkit registered in ldconfig, PyTorch's CUDA wheels hold it (nvidia/cu13/lib or
+# nvidia/cublas/lib), off the loader's path. Put the folder that has it first; libcublasLt
+# beside it is found through libcublas's $ORIGIN run path.
+cuda_libs() {
+  grep -qE 'libcublas\.so(\.1[23])? ' <<<"$(ldconfig -p 2>/dev/null)" && { echo "gpu-check: cuBLAS from ldconfig"; return 0; }
+  local so
+  so=$( (ls /usr/local/cuda/lib64/libcublas.so.13 /usr/local/cuda/lib64/libcublas.so.12 2>/dev/null
+         python3 - 2>/dev/null <<'PY'
+import glob, os
+import nvidia
+for v in ("13", "12"):
+    for p in nvidia.__path__:
+        for f in sorted(glob.glob(os.path.join(p, "*", "lib", "libcublas.so." + v))):
+            print(f)
+PY
+        ) | head -1)
+  [ -n "$so" ] || { echo "gpu-check: no libcublas.so.13/.12 found: every CudaBackend test will fail"; return 0; }
+  export LD_LIBRARY_PATH="$(dirname "$so")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "gpu-check: cuBLAS from $so"
+}
+cuda_libs
+command -v compute-sanitizer >/dev/null || export PATH="$PATH:/usr/local/cuda/bin"
 OUT="${OUT:-gpu-logs}"
 mkdir -p "$OUT"
 LOGS=$(mktemp -d)
@@ -157,12 +182,13 @@ stage1() {
     date -u; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
     ldconfig -p | grep -E 'libcuda|nvrtc|cublas|nccl' | head -20
     python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' 2>&1
+    echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+    echo "compute-sanitizer: $(command -v compute-sanitizer || echo missing)"
   } >"$LOGS/machine.txt" 2>&1
   mkdir -p "$STAGE" && cp .gpu/model.part1 "$STAGE/" 2>/dev/null
   # fast and most telling first; the sanitizers (slow, and refused on some machines) last
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
   run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture --skip nccl_
-  run nccl nccl.log "$B/cuda_allreduce" --test-threads=1 --nocapture nccl_
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
   # compute-sanitizer serialises kernel launches, so P2P ranks spinning on each other can
   # never meet under it: the sanitizers run every P2P kernel at one rank (its barriers meet
@@ -175,6 +201,11 @@ stage1() {
   done
   run memcheck memcheck.log $SANITIZE --tool memcheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
   run racecheck racecheck.log $SANITIZE --tool racecheck --error-exitcode 1 "$B/cuda_kernels" --test-threads=1
+  # NCCL last, on a short leash: its test provokes an abort during a non-blocking init that
+  # never completes (a rank that never arrives), where NCCL itself has been known to hang.
+  # One rank, nothing spins on a peer: lazy loading is safe, and keeps NCCL's kernel loads
+  # out of the test's 3 s init window.
+  CMD_BUDGET=60 run nccl nccl.log env CUDA_MODULE_LOADING=LAZY "$B/cuda_allreduce" --test-threads=1 --nocapture nccl_
 }
 
 bench() {
@@ -186,7 +217,9 @@ bench() {
   run bench bench.log "$B/bench_cuda_rank" --out "$LOGS"
   run allreduce-sweep allreduce-sweep.log "$B/bench_cuda_allreduce" --out "$LOGS"
   run iso iso.log "$B/bench_cuda_iso" --out "$LOGS"
-  run torch torch.log python3 "$B/torch_rank_decode.py" --out "$LOGS/torch_rank.json"
+  # PyTorch sets lazy loading only when the variable is unset: eager would load every
+  # kernel of libtorch_cuda, cuBLAS and cuDNN first
+  run torch torch.log env CUDA_MODULE_LOADING=LAZY python3 "$B/torch_rank_decode.py" --out "$LOGS/torch_rank.json"
 }
 
 stage2() {

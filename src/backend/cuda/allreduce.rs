@@ -275,9 +275,13 @@ impl P2pRank {
             data_peers.p[p] = reg.data;
             flag_peers.p[p] = reg.flags;
         }
-        let khz = ctx
+        // the spin budget is counted in SM clock cycles (clock64); a device (or a VM) that
+        // reports no clock rate would otherwise time every barrier out at its first poll:
+        // assume at least 1 GHz (a slower clock only makes the timeout later, never earlier)
+        let khz = (ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
-            .map_err(cuda_err)? as i64;
+            .map_err(cuda_err)? as i64)
+            .max(1_000_000);
         // every rank must launch the same grid: the smallest GPU of the group sets it
         let sms = peers.iter().map(|p| p.sms).min().unwrap_or(sms);
         Ok(P2pRank {

@@ -136,13 +136,14 @@ pub struct CudaBackend {
 }
 
 impl Drop for CudaBackend {
-    /// Fields drop in declaration order, and `ex` (the kernels' modules) comes first, so
-    /// this runs first. The graph goes first: an in-flight graph is freed when it completes,
-    /// and NCCL's abort waits until every graph that captured its collectives is gone. Then
-    /// NCCL (its drop drains a healthy communicator, bounded, and aborts, which also ends a
-    /// collective a dead peer left hanging, so the waits below return), then both lanes are
-    /// waited for and the P2P rank (which waits for its peers; its spins are bounded)
-    /// dropped while the modules their work runs in are still loaded.
+    /// This runs before any field drops (fields then drop in declaration order; every
+    /// stream, buffer and module holds its own `Arc` of the context, so `_ctx` going first
+    /// among them frees nothing early). The graph goes first: an in-flight graph is freed
+    /// when it completes, and NCCL's abort waits until every graph that captured its
+    /// collectives is gone. Then NCCL (its drop drains a healthy communicator, bounded, and
+    /// aborts, which also ends a collective a dead peer left hanging, so the waits below
+    /// return), then both lanes are waited for and the P2P rank (which waits for its peers;
+    /// its spins are bounded) dropped while the modules their work runs in are still loaded.
     fn drop(&mut self) {
         self.graph = None;
         self.nccl = None;
