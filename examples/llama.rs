@@ -302,6 +302,10 @@ enum Cmd {
         lambada: usize,
         #[command(flatten)]
         train: Train,
+        /// Order the blocks by a sensitivity JSON from `sensitivity` (or `plan`'s) instead of
+        /// measuring it on the calibration passages; needs a single TP degree in --tps.
+        #[arg(long)]
+        sensitivity: Option<PathBuf>,
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
         /// Add to an existing --out: keep its points that this run does not measure again
@@ -635,6 +639,14 @@ fn list<T: std::str::FromStr>(what: &str, s: &str) -> Result<Vec<T>> {
 
 fn bad(msg: impl Into<String>) -> Error {
     Error::InvalidArgument(msg.into())
+}
+
+/// `e` as an invalid argument that names where it came from (`--sensitivity FILE: ...`).
+fn named(what: impl std::fmt::Display, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument(m) => bad(format!("{what}: {m}")),
+        e => bad(format!("{what}: {e}")),
+    }
 }
 
 /// Refuses a count below `min` (`--name N`).
@@ -1188,7 +1200,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(p) => {
                     let s: Sensitivity = read_json(&p)?;
                     s.check_for(&engine)
-                        .map_err(|e| bad(format!("--sensitivity {}: {e}", p.display())))?;
+                        .map_err(|e| named(format_args!("--sensitivity {}", p.display()), e))?;
                     s
                 }
                 None => spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?,
@@ -1301,6 +1313,7 @@ fn run(cli: Cli) -> Result<()> {
             limit,
             lambada: n_lambada,
             train,
+            sensitivity,
             out,
             resume,
             plot_only,
@@ -1382,6 +1395,21 @@ fn run(cli: Cli) -> Result<()> {
                 settings["holdout"] = train.holdout.into();
                 settings["patience"] = train.patience.into();
             }
+            let given_sens: Option<Sensitivity> = match &sensitivity {
+                None => None,
+                Some(_) if tp_list.len() != 1 => {
+                    return Err(bad(format!(
+                        "--sensitivity orders the blocks of one TP degree (SPD's error depends \
+                         on it), but --tps lists {}: sweep one TP degree per run (--resume \
+                         adds it to the same --out)",
+                        tp_list.len()
+                    )))
+                }
+                Some(p) => {
+                    settings["sensitivity_file"] = p.display().to_string().into();
+                    Some(read_json(p)?)
+                }
+            };
             if out.exists() && !resume {
                 return Err(bad(format!(
                     "{} exists: add --resume to keep its points that this run does not \
@@ -1453,7 +1481,16 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
                 let n = engine.cfg.n_layers;
                 let seqs = calibration(&tok, &calib)?;
-                let sens = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+                let sens = match &given_sens {
+                    Some(s) => {
+                        let file = sensitivity.as_deref().unwrap_or(Path::new(""));
+                        s.check_for(&engine).map_err(|e| {
+                            named(format_args!("--sensitivity {}", file.display()), e)
+                        })?;
+                        s.clone()
+                    }
+                    None => spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?,
+                };
                 let order = planner::order_by_sensitivity(&sens);
                 let measure =
                     |engine: &mut Engine, method: &str, k: usize| -> Result<spd::SweepPoint> {

@@ -75,6 +75,22 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--lambada 0: must be at least 1",
         ),
         (
+            vec!["sweep", "--tps", "2,3", "--sensitivity", "s3.json"],
+            "sweep one TP degree per run",
+        ),
+        (
+            vec![
+                "sweep",
+                "--tps",
+                "2",
+                "--sensitivity",
+                "s3.json",
+                "--limit",
+                "1",
+            ],
+            "--sensitivity s3.json: the sensitivity was measured at TP 3, this run is TP 2",
+        ),
+        (
             vec!["distill", "--spd", plan, "--lr=-1", "--out", "d.json"],
             "learning rate must be a positive number",
         ),
