@@ -12,6 +12,8 @@
 //! a GPU ([`DistillDevice`]): both are a [`Trainer`], and GPU tests hold the GPU one to the
 //! host one.
 
+#![warn(missing_docs)]
+
 use crate::backend::cpu::{attend, gemm_strided, rmsnorm, rope_head, rope_tables};
 use crate::backend::BlockWeights;
 use crate::config::LlamaConfig;
@@ -110,13 +112,18 @@ pub fn attention_output(
 /// The trainable part of one rank's SPD block.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StudentParams {
-    pub wo: Vec<f32>,        // (d, q)
-    pub ffn_norm: Vec<f32>,  // (d)
-    pub w_gate_up: Vec<f32>, // (2f, d)
-    pub w_down: Vec<f32>,    // (d, f)
+    /// The rank's attention output projection, (d, q_r) row-major.
+    pub wo: Vec<f32>,
+    /// The FFN RMSNorm gain, (d).
+    pub ffn_norm: Vec<f32>,
+    /// The rank's gate and up projections stacked, (2 f_r, d).
+    pub w_gate_up: Vec<f32>,
+    /// The rank's down projection, (d, f_r).
+    pub w_down: Vec<f32>,
 }
 
 impl StudentParams {
+    /// The trainable tensors of a rank's block weights (copied).
     pub fn from_block(w: &BlockWeights) -> Self {
         StudentParams {
             wo: w.wo.clone(),
@@ -125,6 +132,7 @@ impl StudentParams {
             w_down: w.w_down.clone(),
         }
     }
+    /// Write these tensors into a rank's block weights (Q/K/V and the attention norm stay).
     pub fn apply(&self, w: &mut BlockWeights) {
         w.wo.clone_from(&self.wo);
         w.ffn_norm.clone_from(&self.ffn_norm);
@@ -313,8 +321,12 @@ fn rank_backward(
 /// One sequence of training data for a block: its input X (t, d), each rank's cached
 /// attention output (t, q_r), and the teacher's output (t, d).
 pub struct Sample {
+    /// The block's input X, (t, d).
     pub x: Vec<f32>,
+    /// Per rank: its attention output before o_proj, (t, q_r); fixed in training, since
+    /// Q/K/V are not trained.
     pub att: Vec<Vec<f32>>,
+    /// The original TP block's output on X, (t, d): what the SPD block learns to give.
     pub target: Vec<f32>,
 }
 
@@ -408,13 +420,18 @@ pub enum DistillDevice {
     Cuda(usize),
 }
 
+/// Block-to-block distillation settings: Adam on MSE between the SPD block's output and the
+/// original TP block's.
 #[derive(Debug, Clone)]
 pub struct DistillConfig {
     /// The most epochs; with a held-out set training stops earlier once the held-out loss
     /// has not improved for [`DistillConfig::patience`] epochs.
     pub epochs: usize,
+    /// Adam's learning rate.
     pub lr: f32,
+    /// Host threads of the CPU trainer (and of capturing the samples).
     pub threads: usize,
+    /// Where the training runs.
     pub device: DistillDevice,
     /// The last `holdout` samples are not trained on: after every epoch the held-out mean
     /// loss is measured, and the parameters of the epoch with the lowest one are returned
@@ -474,6 +491,8 @@ pub struct CpuTrainer<'a> {
 }
 
 impl<'a> CpuTrainer<'a> {
+    /// A trainer starting from `init` (one per rank) on `data`, for hidden size `d`, with the
+    /// RMSNorm epsilon `eps` of the model and `threads` threads per GEMM.
     pub fn new(
         init: Vec<StudentParams>,
         data: &'a [Sample],
@@ -561,6 +580,7 @@ impl Trainer for CpuTrainer<'_> {
     }
 }
 
+/// How one block's distillation went.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DistillReport {
     /// The mean loss over the training samples, before training.
@@ -574,7 +594,9 @@ pub struct DistillReport {
     /// did not go down: too large a learning rate, say), so the original parameters were
     /// returned: distillation never leaves a block worse than it found it.
     pub kept_original: bool,
+    /// Adam steps taken (one per training sample per epoch).
     pub steps: usize,
+    /// Wall time of the training, seconds.
     pub secs: f64,
     /// Where it trained: `cpu (N threads)` or `cuda:N`.
     pub device: String,

@@ -12,6 +12,8 @@
 //! 3. B2B: the next blocks in order are distilled one by one and kept while the budget holds.
 //! 4. The final plan is scored on a held-out split disjoint from the search split.
 
+#![warn(missing_docs)]
+
 use crate::distill::{distill_layer, DistillConfig};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -32,7 +34,9 @@ pub enum Budget {
 /// per-passage log-likelihoods (perplexity) behind it.
 #[derive(Debug, Clone)]
 pub struct Scored {
+    /// The score: perplexity, or average accuracy in [0, 1].
     pub value: f64,
+    /// Accuracy metrics: the suite with its per-document outcomes.
     pub suite: Option<SuiteScore>,
     /// Perplexity metrics: (summed NLL, tokens scored) per passage, in passage order.
     pub passages: Option<Vec<(f64, usize)>>,
@@ -98,6 +102,7 @@ pub fn paired_ppl_increase(base: &[(f64, usize)], plan: &[(f64, usize)]) -> Resu
 
 /// A quality metric on one data split: perplexity (lower is better) or accuracy (higher).
 pub trait Metric {
+    /// The score of `engine` as it is now on `split` (0: search, 1: held out).
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64>;
 
     /// The score with its per-document outcomes where the metric has them ([`SuiteMetric`]
@@ -115,6 +120,7 @@ impl<F: FnMut(&mut Engine, usize) -> Result<f64>> Metric for F {
 
 /// Average task accuracy on a search split (0) and a held-out split (1) of documents.
 pub struct SuiteMetric {
+    /// The model's tokenizer.
     pub tok: Tokenizer,
     /// Per split: (task, documents) as [`evaluate_suite`] takes them.
     pub splits: [Vec<(String, Vec<Doc>)>; 2],
@@ -139,7 +145,9 @@ impl Metric for SuiteMetric {
 /// per-passage log-likelihoods, so the planner gives a perplexity budget a paired standard
 /// error ([`paired_ppl_increase`]).
 pub struct PplMetric {
+    /// Token sequences of the search split (0) and the held-out split (1).
     pub splits: [Vec<Vec<u32>>; 2],
+    /// Window length in tokens.
     pub window: usize,
 }
 
@@ -265,6 +273,7 @@ impl Budget {
             Budget::AccDrop(_) => base - score,
         }
     }
+    /// The budget, in its units (the largest loss allowed).
     pub fn limit(&self) -> f64 {
         match self {
             Budget::PplIncrease(x) | Budget::AccDrop(x) => *x,
@@ -272,39 +281,55 @@ impl Budget {
     }
 }
 
+/// What [`plan`] chose and how it checked it: the SPD blocks, their recovery, the implied
+/// thresholds, and the scores on the search and held-out splits.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PlanOutcome {
+    /// Which blocks are SPD, in layer order.
     pub spd: Vec<bool>,
+    /// Per block: how an SPD block is recovered (None: standard block).
     pub recovery: Vec<Option<Recovery>>,
+    /// SPD blocks switched as they are.
     pub zero_shot_blocks: usize,
+    /// SPD blocks distilled.
     pub b2b_blocks: usize,
+    /// SPD blocks head-grouped, then distilled.
     pub hg_b2b_blocks: usize,
     /// Head groupings applied (layer, grouping).
     pub groupings: Vec<(usize, crate::headgroup::Grouping)>,
     /// How each block the plan keeps distilled (B2B or HG+B2B) trained: (layer, report).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub distillation: Vec<(usize, crate::distill::DistillReport)>,
+    /// SPD blocks over all blocks.
     pub fraction: f64,
     /// Thresholds implied by the choice: every block of the zero-shot class has s <= t1
     /// (zero-shot, or B2B with [`Search::distill_zero_shot`]), every other B2B block
     /// t1 < s <= t2; the rest are beyond t2, except the blocks a search past the wall
     /// skipped (`skipped`), which can lie below t1.
     pub t1: f64,
+    /// The upper threshold (see `t1`).
     pub t2: f64,
+    /// The metric with no SPD block on the search split.
     pub search_base: f64,
+    /// The chosen plan's metric on the search split.
     pub search_score: f64,
+    /// The metric of the TP model (no SPD block, original weights) on the held-out split.
     pub heldout_base: f64,
+    /// The chosen plan's metric on the held-out split.
     pub heldout_score: f64,
+    /// The chosen plan's loss on the held-out split, in the budget's units.
     pub heldout_loss: f64,
     /// Point estimate only: `heldout_loss <= budget`. Read `verdict` for what the sample
     /// supports.
     pub within_budget_on_heldout: bool,
+    /// Metric evaluations the search made (each a pass over a split).
     pub evaluations: usize,
     /// The search's margin in paired standard errors (0: point estimates).
     pub search_z: f64,
     /// Blocks tried past the wall ([`Search::past_wall`]), and those of them that were over
     /// budget (the wall itself first).
     pub past_wall: usize,
+    /// The blocks tried past the wall and left out (over budget).
     pub skipped: Vec<usize>,
     /// The chosen plan's loss on the search split, paired per document (accuracy) or per
     /// passage (perplexity); None for metrics without per-item outcomes.
@@ -318,6 +343,8 @@ pub struct PlanOutcome {
     /// Perplexity budget: passages in each split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passages_per_split: Option<usize>,
+    /// What the held-out sample supports (within, over, or not resolved), where the metric
+    /// has per-item outcomes.
     pub verdict: Option<Verdict>,
     /// The verdict in words, with the loss, its paired s.e. and interval.
     pub verdict_text: String,

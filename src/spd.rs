@@ -5,6 +5,8 @@
 //! to SPD with every later block already SPD, walking from the last block to the first (L+1
 //! perplexity evaluations).
 
+#![warn(missing_docs)]
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::{score_tokens, PplResult};
@@ -12,6 +14,7 @@ use crate::weights::ModelFiles;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 
+/// The plan file format this build reads and writes; [`SpdPlan::load`] refuses others.
 pub const PLAN_VERSION: u32 = 1;
 
 /// What an SPD choice (`--spd`: `none`, `all`, `layers:LIST` or a plan file) changes in the
@@ -96,9 +99,12 @@ pub enum Recovery {
     HgB2b,
 }
 
+/// One block's entry in a plan.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LayerPlan {
+    /// The block drops its attention all-reduce (SPD block).
     pub spd: bool,
+    /// How an SPD block was recovered; None for a standard block.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub recovery: Option<Recovery>,
     /// Head permutation of this block (head grouping); None = the default layout.
@@ -116,12 +122,15 @@ pub struct LayerPlan {
 /// TP layout, and how each was recovered.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct SpdPlan {
+    /// [`PLAN_VERSION`] when written.
     pub version: u32,
     /// sha256 of the model file(s).
     pub model_sha256: String,
+    /// The TP degree the plan was made for (SPD's error depends on it).
     pub tp: usize,
     /// e.g. "3/2/2/2"
     pub head_partition: String,
+    /// One entry per block, in layer order.
     pub layers: Vec<LayerPlan>,
     /// safetensors file with distilled block weights, relative to the plan file.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -184,14 +193,18 @@ impl SpdPlan {
         }
     }
 
+    /// Which blocks are SPD, in layer order (what [`Engine::set_spd`] takes).
     pub fn spd_mask(&self) -> Vec<bool> {
         self.layers.iter().map(|l| l.spd).collect()
     }
 
+    /// The fraction of blocks that are SPD, in [0, 1].
     pub fn fraction(&self) -> f64 {
         self.layers.iter().filter(|l| l.spd).count() as f64 / self.layers.len().max(1) as f64
     }
 
+    /// Read a plan file (refusing another format version). Not checked against a model:
+    /// [`SpdPlan::validate`] or [`SpdPlan::load_into`] do that.
     pub fn load(path: &Path) -> Result<SpdPlan> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let plan: SpdPlan = serde_json::from_str(&text)
@@ -363,6 +376,8 @@ pub fn passage_nlls(
         .collect()
 }
 
+/// Per-block SPD sensitivity (the paper's Algorithm 1), as [`sensitivity`] measures it and
+/// `llama sensitivity` saves it.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Sensitivity {
     /// Perplexity with no SPD block.
@@ -442,11 +457,15 @@ pub fn sensitivity(
 /// extremely sensitive (s > t2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub enum Class {
+    /// s <= t1: switched zero-shot.
     InSensitive,
+    /// t1 < s <= t2: switched after distillation (B2B).
     Sensitive,
+    /// s > t2: switched after head grouping and distillation (HG+B2B), or kept standard.
     ExtremelySensitive,
 }
 
+/// The class of a block of sensitivity `s` under thresholds `t1 <= t2`.
 pub fn classify(s: f64, t1: f64, t2: f64) -> Class {
     if s <= t1 {
         Class::InSensitive
@@ -535,13 +554,19 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
 /// One point of an accuracy-vs-SPD-fraction sweep.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct SweepPoint {
+    /// TP degree.
     pub tp: usize,
-    /// "zero-shot" or "b2b"
+    /// "zero-shot", "b2b" or "hg+b2b".
     pub method: String,
+    /// Number of SPD blocks (the least sensitive ones).
     pub spd_blocks: usize,
+    /// `spd_blocks` over the number of blocks.
     pub fraction: f64,
+    /// LAMBADA perplexity.
     pub ppl: f64,
+    /// Average zero-shot accuracy over the tasks, in [0, 1].
     pub acc: f64,
+    /// Its standard error (unpaired), in [0, 1].
     pub acc_stderr: f64,
 }
 
