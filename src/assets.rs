@@ -1,11 +1,16 @@
 //! Where the registry assets live (fetched by `scripts/fetch-assets.sh`): the cache is
 //! `$SYNCDROP_CACHE`, else `$XDG_CACHE_HOME/syncdrop`, else `~/.cache/syncdrop`.
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
+/// File name of the SmolLM2 GGUF in the cache's `models/` folder.
 pub const SMOLLM2_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The asset cache folder (see the module docs); `./.cache/syncdrop` when `HOME` is unset too.
+/// Not checked to exist.
 pub fn cache_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("SYNCDROP_CACHE") {
         return PathBuf::from(p);

@@ -3,26 +3,35 @@
 //! binary (benches/cuda_rank.rs); numbers are wall-clock per call on the driver thread,
 //! which includes the host embedding and the copy of the logits back.
 
+#![warn(missing_docs)]
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use std::time::Instant;
 
+/// Result of [`bench_engine`]: raw timings and the work of one rank they cover.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct EngineBench {
+    /// Model label, as given by the caller.
     pub model: String,
+    /// Backend label, as given by the caller.
     pub backend: String,
+    /// Tensor-parallel degree of the engine.
     pub tp: usize,
     /// The one rank that ran (`only_rank`), or None when all ranks ran.
     pub rank: Option<usize>,
+    /// Prompt length in tokens.
     pub prompt: usize,
+    /// Timed decode steps (warm-up steps excluded).
     pub decode_steps: usize,
     /// Prefill seconds per repetition.
     pub prefill_s: Vec<f64>,
     /// Decode seconds per timed step.
     pub decode_s: Vec<f64>,
-    /// Linear-layer weights one rank streams per decode step (parameters of its shard).
+    /// Linear-layer weights one rank streams per decode step (parameters of its shard):
+    /// [`rank_params`] of `rank`, or of rank 0 when all ran.
     pub rank_params: u64,
-    /// FLOPs of one rank's prefill (linear layers + causal attention).
+    /// FLOPs of that rank's prefill of `prompt` tokens (linear layers + causal attention).
     pub rank_prefill_flops: f64,
 }
 
@@ -37,16 +46,20 @@ fn median(v: &[f64]) -> f64 {
 }
 
 impl EngineBench {
+    /// Median prefill seconds (NaN when there are none).
     pub fn prefill_median_s(&self) -> f64 {
         median(&self.prefill_s)
     }
+    /// Median decode-step seconds (NaN when there are none).
     pub fn decode_median_s(&self) -> f64 {
         median(&self.decode_s)
     }
-    /// Achieved weight-streaming bandwidth of a decode step at `bytes_per_param`.
+    /// Achieved weight-streaming bandwidth of a decode step at `bytes_per_param`, in GB/s
+    /// (10^9 bytes), from the median step.
     pub fn decode_gbps(&self, bytes_per_param: f64) -> f64 {
         self.rank_params as f64 * bytes_per_param / self.decode_median_s() / 1e9
     }
+    /// Achieved prefill throughput in TFLOP/s (10^12), from the median prefill.
     pub fn prefill_tflops(&self) -> f64 {
         self.rank_prefill_flops / self.prefill_median_s() / 1e12
     }

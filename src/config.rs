@@ -1,5 +1,7 @@
 //! Model configuration: read from GGUF metadata or a Hugging Face `config.json`.
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use std::path::Path;
@@ -13,27 +15,46 @@ pub enum RopeStyle {
     Half,
 }
 
+/// The shapes and constants of a LLaMA-family model (LLaMA, Mistral, Qwen2). Both readers
+/// return only configs that pass [`LlamaConfig::validate`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LlamaConfig {
+    /// Architecture: `llama`, `mistral` or `qwen2` (GGUF `general.architecture`, or
+    /// `model_type`).
     pub arch: String,
+    /// Hidden size d: the width of the residual stream.
     pub hidden: usize,
+    /// Transformer blocks.
     pub n_layers: usize,
+    /// Query heads.
     pub n_heads: usize,
+    /// KV heads (fewer than `n_heads` with GQA; they divide `n_heads`).
     pub n_kv_heads: usize,
+    /// Dimension of one head (given by the file, else `hidden / n_heads`).
     pub head_dim: usize,
+    /// FFN width: columns of gate and up, rows of down.
     pub ffn: usize,
+    /// Vocabulary size: rows of the token embedding.
     pub vocab: usize,
+    /// RoPE base frequency (10000 when the file gives none).
     pub rope_theta: f32,
+    /// RMSNorm epsilon.
     pub rms_eps: f32,
+    /// How RoPE pairs a head's dimensions.
     pub rope_style: RopeStyle,
     /// LM head shares the token embedding.
     pub tied_embeddings: bool,
     /// Q/K/V projections carry biases (Qwen2).
     pub qkv_bias: bool,
+    /// The context length the model was trained for, in tokens (2048 when the file gives
+    /// none). Informational: the KV cache is sized by `EngineOptions::capacity`.
     pub context_length: usize,
 }
 
 impl LlamaConfig {
+    /// Check what the rest of the crate relies on: no zero hidden size, layer or head count,
+    /// query heads a multiple of KV heads, an even `head_dim` (RoPE pairs), positive `ffn`
+    /// and `vocab`. `Error::Config` names the first that fails.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.hidden == 0 || self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {

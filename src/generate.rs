@@ -1,18 +1,22 @@
 //! Token generation on an [`Engine`]: prefill, then decode one token at a time with greedy or
 //! temperature / top-p sampling from a seeded RNG.
 
+#![warn(missing_docs)]
+
 use crate::comm::CommStats;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
 
+/// How [`Sampler`] picks a token; the default is greedy.
 #[derive(Debug, Clone)]
 pub struct SamplerConfig {
-    /// 0 = greedy.
+    /// Softmax temperature, >= 0; 0 = greedy.
     pub temperature: f32,
     /// Nucleus mass in (0, 1]; 1 disables top-p.
     pub top_p: f32,
+    /// Seed of the sampler's RNG: the same seed and logits give the same tokens.
     pub seed: u64,
 }
 
@@ -26,6 +30,8 @@ impl Default for SamplerConfig {
     }
 }
 
+/// Picks the next token from a row of logits under a [`SamplerConfig`], with its own seeded
+/// RNG.
 pub struct Sampler {
     cfg: SamplerConfig,
     rng: rand::rngs::StdRng,
@@ -43,6 +49,8 @@ pub fn argmax(x: &[f32]) -> usize {
 }
 
 impl Sampler {
+    /// A sampler whose RNG is seeded from `cfg.seed`. `InvalidArgument` unless the
+    /// temperature is >= 0 and top-p in (0, 1] (NaN fails both).
     pub fn new(cfg: SamplerConfig) -> Result<Sampler> {
         // written so that NaN fails too
         let ok = cfg.temperature >= 0.0 && cfg.top_p > 0.0 && cfg.top_p <= 1.0;
@@ -56,6 +64,9 @@ impl Sampler {
         Ok(Sampler { cfg, rng })
     }
 
+    /// The next token id: the [`argmax`] at temperature 0; otherwise a draw from
+    /// softmax(logits / temperature), restricted when top-p < 1 to the fewest most probable
+    /// tokens whose mass reaches top-p.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature == 0.0 {
             return argmax(logits) as u32;
@@ -92,20 +103,27 @@ impl Sampler {
     }
 }
 
+/// Token counts and wall-clock timings of one [`generate`] call.
 #[derive(Debug, Clone, Default)]
 pub struct GenStats {
+    /// Prompt tokens prefilled.
     pub prefill_tokens: usize,
+    /// Seconds of the prefill (which also yields the first new token's logits).
     pub prefill_secs: f64,
+    /// Decode steps run: one fewer than the new tokens (the first comes from the prefill).
     pub decode_tokens: usize,
+    /// Seconds from the first new token to the end, `on_token` callbacks included.
     pub decode_secs: f64,
     /// Rank 0's communicator counters for the whole generation.
     pub comm: CommStats,
 }
 
 impl GenStats {
+    /// Prefill throughput, tokens per second.
     pub fn prefill_tps(&self) -> f64 {
         self.prefill_tokens as f64 / self.prefill_secs.max(1e-12)
     }
+    /// Decode throughput, decode steps per second.
     pub fn decode_tps(&self) -> f64 {
         self.decode_tokens as f64 / self.decode_secs.max(1e-12)
     }

@@ -6,6 +6,8 @@
 //! ne1 rows of ne0 elements: for a linear layer that is [out, in] row-major, as in PyTorch.
 //! Every read is bounds-checked and turned into `Error::GgufFormat` with the byte offset.
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::quant::{dequantize_row, GgmlType};
 use std::collections::BTreeMap;
@@ -17,22 +19,38 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// GGUF type 0.
     U8(u8),
+    /// GGUF type 1.
     I8(i8),
+    /// GGUF type 2.
     U16(u16),
+    /// GGUF type 3.
     I16(i16),
+    /// GGUF type 4.
     U32(u32),
+    /// GGUF type 5.
     I32(i32),
+    /// GGUF type 6.
     F32(f32),
+    /// GGUF type 7 (one byte; any non-zero byte reads as true).
     Bool(bool),
+    /// GGUF type 8: u64 length, then UTF-8 bytes.
     String(String),
+    /// GGUF type 9: element type, u64 length, then the elements (all of one type; the reader
+    /// accepts nesting up to three levels).
     Array(Vec<Value>),
+    /// GGUF type 10.
     U64(u64),
+    /// GGUF type 11.
     I64(i64),
+    /// GGUF type 12.
     F64(f64),
 }
 
 impl Value {
+    /// The value as u64 if it is an unsigned integer or a non-negative signed one; None for
+    /// negative integers, floats, bools, strings and arrays.
     pub fn as_u64(&self) -> Option<u64> {
         match *self {
             Value::U8(v) => Some(v as u64),
@@ -46,6 +64,7 @@ impl Value {
             _ => None,
         }
     }
+    /// The value as f64 if it is a float or an integer that [`Value::as_u64`] accepts.
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             Value::F32(v) => Some(v as f64),
@@ -53,12 +72,14 @@ impl Value {
             _ => self.as_u64().map(|v| v as f64),
         }
     }
+    /// The string, if the value is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
             _ => None,
         }
     }
+    /// The elements, if the value is an array.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(a) => Some(a),
@@ -87,12 +108,15 @@ impl Value {
 /// One entry of the tensor table.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// Tensor name, e.g. `blk.0.attn_q.weight`.
     pub name: String,
     /// ggml order: `dims[0]` is the fastest-varying (row length).
     pub dims: Vec<usize>,
+    /// Element format of the data.
     pub ty: GgmlType,
     /// Absolute byte offset of the data in the file.
     pub offset: usize,
+    /// Size of the data in bytes (a whole number of `ty` blocks).
     pub n_bytes: usize,
 }
 
@@ -112,9 +136,13 @@ impl TensorInfo {
 /// A memory-mapped GGUF file. Tensor data stays in the page cache; dequantisation reads
 /// straight from the mapping, so loading never holds two full copies of the weights.
 pub struct GgufFile {
+    /// The path the file was opened from.
     pub path: PathBuf,
+    /// GGUF version of the file: 2 or 3.
     pub version: u32,
+    /// Every metadata key/value (a key repeated in the file keeps its last value).
     pub metadata: BTreeMap<String, Value>,
+    /// The tensor table by name, each entry checked to lie inside the file.
     pub tensors: BTreeMap<String, TensorInfo>,
     map: memmap2::Mmap,
 }
@@ -201,6 +229,10 @@ impl<'a> Cursor<'a> {
 }
 
 impl GgufFile {
+    /// Map and parse a GGUF v2/v3 file: header, metadata and tensor table. The tensor data is
+    /// not read, only checked to lie inside the file at aligned offsets. Errors: `Io`,
+    /// `GgufFormat` (with the byte offset) for anything malformed or truncated, and
+    /// `UnsupportedQuant` for a tensor type outside [`GgmlType`].
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile> {
         let path = path.as_ref().to_path_buf();
         let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
@@ -313,6 +345,7 @@ impl GgufFile {
         })
     }
 
+    /// The metadata value of `key`, if present.
     pub fn meta(&self, key: &str) -> Option<&Value> {
         self.metadata.get(key)
     }
@@ -323,21 +356,27 @@ impl GgufFile {
             key: key.into(),
         }
     }
+    /// `key` as u64 (see [`Value::as_u64`]); `MissingMetadata` when absent or not such a
+    /// value.
     pub fn meta_u64(&self, key: &str) -> Result<u64> {
         self.meta(key)
             .and_then(Value::as_u64)
             .ok_or_else(|| self.missing(key))
     }
+    /// `key` as f64 (see [`Value::as_f64`]); `MissingMetadata` when absent or not a number.
     pub fn meta_f64(&self, key: &str) -> Result<f64> {
         self.meta(key)
             .and_then(Value::as_f64)
             .ok_or_else(|| self.missing(key))
     }
+    /// `key` as a string; `MissingMetadata` when absent or not a string.
     pub fn meta_str(&self, key: &str) -> Result<&str> {
         self.meta(key)
             .and_then(Value::as_str)
             .ok_or_else(|| self.missing(key))
     }
+    /// `key` as an array of strings; `MissingMetadata` when absent, not an array, or holding
+    /// anything but strings.
     pub fn meta_strings(&self, key: &str) -> Result<Vec<&str>> {
         let arr = self
             .meta(key)
@@ -348,6 +387,7 @@ impl GgufFile {
             .collect()
     }
 
+    /// The tensor table entry of `name`; `MissingTensor` when there is none.
     pub fn tensor(&self, name: &str) -> Result<&TensorInfo> {
         self.tensors
             .get(name)
@@ -378,9 +418,12 @@ pub struct GgufWriter {
 }
 
 impl GgufWriter {
+    /// An empty file: no metadata, no tensors.
     pub fn new() -> Self {
         Self::default()
     }
+    /// Append a metadata key/value (written in the order added). An array's elements must all
+    /// be of one type: its first element's type is written as the element type (U32 if empty).
     pub fn meta(&mut self, key: &str, v: Value) -> &mut Self {
         self.metadata.push((key.into(), v));
         self
@@ -401,6 +444,8 @@ impl GgufWriter {
             .push((name.into(), dims.to_vec(), type_id, data));
         self
     }
+    /// The whole file: GGUF v3 header, metadata and tensor table in the order added, then each
+    /// tensor's data padded to the default alignment of 32 bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         fn put_str(b: &mut Vec<u8>, s: &str) {
             b.extend((s.len() as u64).to_le_bytes());
@@ -456,6 +501,7 @@ impl GgufWriter {
         }
         b
     }
+    /// Write [`GgufWriter::to_bytes`] to `path` (plainly, not atomically); `Io` on failure.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         std::fs::write(path.as_ref(), self.to_bytes()).map_err(|e| Error::io(path.as_ref(), e))
     }

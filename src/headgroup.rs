@@ -10,6 +10,8 @@
 //! the group size); otherwise heads move one by one and a rank computes every KV head its
 //! query heads use.
 
+#![warn(missing_docs)]
+
 use crate::backend::cpu::{gemm_strided, rmsnorm};
 use crate::config::LlamaConfig;
 use crate::distill::{attention_output, mlp_into, qkv_rope};
@@ -230,16 +232,24 @@ pub fn pair_mlp(score: &[Vec<f64>]) -> Result<Vec<usize>> {
     Ok(best.1)
 }
 
+/// The head grouping of one block: which query heads and which FFN shard each rank gets.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Grouping {
+    /// `heads[r]`: the global query heads of rank r.
     pub heads: Vec<Vec<usize>>,
     /// `ffn_order[r]`: which of the even FFN shards rank r gets.
     pub ffn_order: Vec<usize>,
+    /// [`within_rank_dissimilarity`] of the engine's layout before grouping (0 for a grouping
+    /// read from a plan).
     pub dissimilarity_before: f64,
+    /// [`within_rank_dissimilarity`] of `heads` (0 for a grouping read from a plan).
     pub dissimilarity_after: f64,
 }
 
 impl Grouping {
+    /// Every rank's shard of the block: `heads` with the KV heads they use, and FFN shard
+    /// `ffn_order[r]` of an even split. `InvalidArgument` when `ffn_order` is not a
+    /// permutation of the ranks; the errors of [`TpLayout::with_heads`] for bad `heads`.
     pub fn shards(&self, cfg: &LlamaConfig) -> Result<Vec<RankShard>> {
         let mut sorted = self.ffn_order.clone();
         sorted.sort_unstable();

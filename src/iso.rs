@@ -16,14 +16,20 @@
 //! second weight pass costs more than the link time it hides); without a measurement, a
 //! plain length threshold decides.
 
+#![warn(missing_docs)]
+
 use crate::config::LlamaConfig;
 use crate::engine::Engine;
 use crate::error::Result;
 
+/// Whether and where a prefill is split into two ISO chunks (`--iso off|auto|N`; `on` is
+/// `auto`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IsoMode {
+    /// Never split.
     Off,
-    /// A fixed split (tokens in chunk 0).
+    /// A fixed split (tokens in chunk 0); 0, or a prefill of at most that many tokens, runs
+    /// without ISO.
     Split(usize),
     /// Split chosen by the cost model.
     Auto,
@@ -44,6 +50,8 @@ impl std::str::FromStr for IsoMode {
     }
 }
 
+/// The cost model that picks the ISO split: per-token, attention and per-chunk compute costs,
+/// and optionally communication costs, all in one unit (FLOPs or seconds).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct IsoCostModel {
     /// Cost per token of the per-token work (projections, MLP), in seconds or FLOPs.
@@ -61,6 +69,7 @@ pub struct IsoCostModel {
     /// unit. Both 0 = not measured (then only `min_len` decides).
     #[serde(default)]
     pub comm_token: f64,
+    /// The per-chunk part of the communication (see `comm_token`).
     #[serde(default)]
     pub comm_fixed: f64,
 }

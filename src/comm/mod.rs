@@ -11,6 +11,8 @@
 //! sharing memory). The CUDA P2P and NCCL communicators implement the same contract on device
 //! buffers.
 
+#![warn(missing_docs)]
+
 pub mod p2p_sim;
 pub mod rendezvous;
 pub mod select;
@@ -26,8 +28,12 @@ pub use thread::ThreadComm;
 /// inside the collective, waiting for slower ranks included), and how many bytes were reduced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CommStats {
+    /// All-reduces completed (the sync points).
     pub all_reduces: u64,
+    /// Wall time inside those all-reduces, in nanoseconds.
     pub nanos: u64,
+    /// Bytes reduced: elements times [`Wire::bytes`] between ranks; [`Identity`] counts f32
+    /// bytes.
     pub bytes: u64,
     /// Of `all_reduces`, those whose time `nanos` leaves out: device collectives that ran
     /// asynchronously while lane timing was off (`Backend::set_comm_timing`), and every
@@ -48,6 +54,7 @@ impl std::ops::Add for CommStats {
 }
 
 impl CommStats {
+    /// `nanos` in seconds.
     pub fn seconds(&self) -> f64 {
         self.nanos as f64 * 1e-9
     }
@@ -65,6 +72,8 @@ impl CommStats {
     }
 }
 
+/// A communicator's running [`CommStats`], kept in relaxed atomics so that collectives taking
+/// `&self` can count.
 #[derive(Debug, Default)]
 pub struct CommCounters {
     all_reduces: AtomicU64,
@@ -81,12 +90,14 @@ impl CommCounters {
         self.bytes.fetch_add(s.bytes, Ordering::Relaxed);
         self.untimed.fetch_add(s.untimed, Ordering::Relaxed);
     }
+    /// Count one all-reduce of `bytes` that began at `start` (timed from then to now).
     pub fn record(&self, start: Instant, bytes: usize) {
         self.all_reduces.fetch_add(1, Ordering::Relaxed);
         self.nanos
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
     }
+    /// The counts so far.
     pub fn get(&self) -> CommStats {
         CommStats {
             all_reduces: self.all_reduces.load(Ordering::Relaxed),
@@ -95,6 +106,7 @@ impl CommCounters {
             untimed: self.untimed.load(Ordering::Relaxed),
         }
     }
+    /// Set every count back to zero.
     pub fn reset(&self) {
         self.all_reduces.store(0, Ordering::Relaxed);
         self.nanos.store(0, Ordering::Relaxed);
@@ -116,8 +128,10 @@ impl CommCounters {
 /// At one rank nothing crosses a wire and nothing is rounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Wire {
+    /// f32 values as given: 4 bytes an element, exact.
     #[default]
     F32,
+    /// Each rank's contribution rounded once to bf16: 2 bytes an element.
     Bf16,
 }
 
@@ -161,8 +175,12 @@ impl std::str::FromStr for Wire {
     }
 }
 
+/// One rank's handle to the collectives of its TP group; every implementation keeps the
+/// contract in the module docs (rank-order sums, SPMD call order, `abort` wakes the peers).
 pub trait Communicator: Send + Sync {
+    /// This rank's index in the group, `0..world()`.
     fn rank(&self) -> usize;
+    /// Number of ranks in the group.
     fn world(&self) -> usize;
     /// What this group's all-reduces put on the wire (see [`Wire`]).
     fn wire(&self) -> Wire {
@@ -170,10 +188,14 @@ pub trait Communicator: Send + Sync {
     }
     /// In-place sum over ranks, in rank order (see the module contract).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()>;
+    /// Return once every rank of the group has called it; an error when the group was
+    /// aborted or the wait timed out.
     fn barrier(&self) -> Result<()>;
     /// Wake every peer blocked in a collective with an error (call when this rank fails).
     fn abort(&self, reason: &str);
+    /// This rank's counters since it was created or last reset.
     fn stats(&self) -> CommStats;
+    /// Set this rank's counters back to zero.
     fn reset_stats(&self);
 }
 
@@ -187,6 +209,7 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// A single rank whose [`Communicator::wire`] reports `wire` (it rounds nothing itself).
     pub fn with_wire(wire: Wire) -> Identity {
         Identity {
             counters: CommCounters::default(),

@@ -81,6 +81,8 @@ pub enum Rendezvous {
 }
 
 impl Rendezvous {
+    /// A rendezvous for the rank threads of one process, with no id yet: give each rank a
+    /// clone. It serves one exchange (the id rank 0 publishes stays).
     pub fn in_process() -> Rendezvous {
         Rendezvous::InProcess(Arc::new((Mutex::new(None), Condvar::new())))
     }
@@ -222,6 +224,7 @@ fn decode_term(s: &str) -> String {
 }
 
 impl Terms {
+    /// No terms (the exchange still compares the syncdrop build).
     pub fn new() -> Terms {
         Terms::default()
     }

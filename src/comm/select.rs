@@ -13,13 +13,19 @@
 
 use crate::error::{Error, Result};
 
+/// An all-reduce algorithm: what [`select`] picks, or what `SYNCDROP_ALLREDUCE` forces
+/// (`oneshot`, `twoshot`, `nccl`, `staged`; [`Algo::Identity`] cannot be forced).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algo {
     /// One rank: nothing to communicate.
     Identity,
+    /// Every rank reads all peers' buffers and sums them: small messages; P2P between all pairs.
     OneShot,
+    /// Reduce-scatter then all-gather over P2P: larger messages, up to the registered buffer.
     TwoShot,
+    /// NCCL's all-reduce, where the ranks have an NCCL communicator.
     Nccl,
+    /// A copy through host memory, reduced by the host communicator: always available.
     StagedCopy,
 }
 
@@ -46,12 +52,17 @@ impl std::str::FromStr for Algo {
 /// (`1` = on).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EnvSwitches {
+    /// `SYNCDROP_ALLREDUCE` as written and the algorithm it names; `None` when unset.
     pub forced: Option<(String, Algo)>,
+    /// `SYNCDROP_FUSED_OPROJ=1`: the CUDA backend's fused o_proj + all-reduce (one-shot).
     pub fused_oproj: bool,
+    /// `SYNCDROP_FUSED_NORM=1`: the CUDA backend's fused all-reduce + residual add + RMSNorm.
     pub fused_norm: bool,
 }
 
 impl EnvSwitches {
+    /// Read the variables now; an `InvalidArgument` error when `SYNCDROP_ALLREDUCE` names no
+    /// algorithm.
     pub fn read() -> Result<EnvSwitches> {
         let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
         Ok(EnvSwitches {
@@ -73,18 +84,23 @@ impl EnvSwitches {
 /// What the selector needs to know about the group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Topology {
+    /// Ranks in the group.
     pub world: usize,
     /// Every pair of ranks has peer access: the driver's `cuDeviceCanAccessPeer` both ways
     /// (ranks on one device always do).
     pub p2p_all_pairs: bool,
     /// Ranks span machines.
     pub multi_node: bool,
+    /// The ranks share an NCCL communicator.
     pub nccl_available: bool,
     /// Bytes of the registered buffer the custom kernels can use.
     pub custom_buffer_bytes: usize,
 }
 
+/// The largest message (bytes) whose chain starts at one-shot, at up to 4 ranks; larger ones
+/// start at two-shot.
 pub const ONE_SHOT_MAX_BYTES_SMALL_WORLD: usize = 512 << 10;
+/// The largest message (bytes) whose chain starts at one-shot, at more than 4 ranks.
 pub const ONE_SHOT_MAX_BYTES_LARGE_WORLD: usize = 256 << 10;
 
 /// Choose the algorithm for a message of `bytes`. `env` is the override
