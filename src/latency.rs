@@ -48,6 +48,8 @@
 //!   ISO pipeline's edges see the choice).
 //! - Alphas not given by a source are marked "assumption" in the profile's source string.
 
+#![warn(missing_docs)]
+
 use crate::comm::Wire;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
@@ -75,22 +77,34 @@ fn find_named<T>(items: Vec<T>, name: &str, key: fn(&T) -> &String, what: &str) 
 /// The shape of a LLaMA-architecture model: all the latency model needs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelShape {
+    /// Name the shape is known by ([`ModelShape::by_name`]), e.g. `llama2-70b`.
     pub name: String,
+    /// Hidden size (elements per token row).
     pub hidden: usize,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Query heads.
     pub heads: usize,
+    /// KV heads (fewer than `heads` with GQA).
     pub kv_heads: usize,
+    /// Elements per head.
     pub head_dim: usize,
+    /// MLP intermediate width (columns of gate and up).
     pub ffn: usize,
+    /// Vocabulary size (rows of the LM head).
     pub vocab: usize,
 }
 
 /// What the largest rank owns at TP n (see the module's assumptions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct RankShape {
+    /// Query heads: `ceil(heads / n)`.
     pub q_heads: usize,
+    /// KV heads: `ceil(kv_heads / n)`, or 1 when `n > kv_heads` (replicated).
     pub kv_heads: usize,
+    /// FFN columns: `ceil(ffn / n)`.
     pub ffn: usize,
+    /// Vocabulary rows of the LM head: `ceil(vocab / n)`.
     pub vocab: usize,
 }
 
@@ -124,6 +138,7 @@ impl ModelShape {
     pub fn smollm2_135m() -> ModelShape {
         Self::new("smollm2-135m", [576, 30, 9, 3, 1536, 64], 49152)
     }
+    /// The built-in shapes: LLaMA2-7B, LLaMA2-13B, LLaMA2-70B and SmolLM2-135M.
     pub fn known() -> Vec<ModelShape> {
         vec![
             Self::llama2_7b(),
@@ -132,9 +147,11 @@ impl ModelShape {
             Self::smollm2_135m(),
         ]
     }
+    /// The built-in shape called `name`, or an error listing the known names.
     pub fn by_name(name: &str) -> Result<ModelShape> {
         find_named(Self::known(), name, |m| &m.name, "model shape")
     }
+    /// The shape of `cfg` (from GGUF metadata or config.json), called `name`.
     pub fn from_config(name: &str, cfg: &LlamaConfig) -> ModelShape {
         Self::new(
             name,
@@ -200,7 +217,9 @@ impl ModelShape {
 /// Bytes moved through memory and floating-point operations.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Work {
+    /// Bytes read from and written to memory.
     pub bytes: f64,
+    /// Floating-point operations (a multiply-add counts 2).
     pub flops: f64,
 }
 
@@ -226,6 +245,7 @@ pub struct Chunk {
 }
 
 impl Chunk {
+    /// A prefill chunk: `tokens` new tokens of one sequence after `prefix` cached ones.
     pub fn prefill(tokens: usize, prefix: usize) -> Chunk {
         Chunk {
             seqs: 1,
@@ -233,6 +253,7 @@ impl Chunk {
             prefix,
         }
     }
+    /// A decode step: one new token for each of `batch` sequences, each with `ctx` cached tokens.
     pub fn decode(batch: usize, ctx: usize) -> Chunk {
         Chunk {
             seqs: batch,
@@ -249,7 +270,9 @@ impl Chunk {
 /// One of the two parts of a block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Part {
+    /// RMSNorm + QKV projection + RoPE + KV write, attention over the cache, output projection.
     Attn,
+    /// RMSNorm + gate/up projection + SwiGLU + down projection.
     Mlp,
 }
 
@@ -306,6 +329,7 @@ impl ModelShape {
 /// A one-shot all-reduce kernel: every rank pulls the `n - 1` peer buffers and sums.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OneShot {
+    /// Latency of one one-shot all-reduce (us).
     pub alpha_us: f64,
     /// Per-GPU link bandwidth the pulls share (GB/s, one direction).
     pub link_gbs: f64,
@@ -316,6 +340,7 @@ pub struct OneShot {
 /// Per-collective latency and bandwidth of one interconnect + library, with its source.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkProfile {
+    /// Name the profile is known by ([`LinkProfile::by_name`]), e.g. `h100-nvlink-nccl`.
     pub name: String,
     /// Key of the [`Device`] whose compute goes with this link.
     pub device: String,
@@ -323,6 +348,8 @@ pub struct LinkProfile {
     pub alpha_us: f64,
     /// Bandwidth applied to the algorithm bytes `2 (n - 1) / n * size` (bus bandwidth, GB/s).
     pub busbw_gbs: f64,
+    /// A one-shot kernel for messages up to its `max_bytes`, where the profile has one (all-reduce
+    /// only: the all-gather always takes `alpha_us` and `busbw_gbs`).
     pub one_shot: Option<OneShot>,
     /// Where the numbers come from.
     pub source: String,
@@ -446,6 +473,7 @@ impl LinkProfile {
         ]
     }
 
+    /// The known profile called `name`, or an error listing the known names.
     pub fn by_name(name: &str) -> Result<LinkProfile> {
         find_named(Self::known(), name, |p| &p.name, "link profile")
     }
@@ -457,6 +485,7 @@ impl LinkProfile {
 /// A roofline device (modelled compute).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Device {
+    /// Name a [`LinkProfile::device`] refers to, e.g. `h100-sxm`.
     pub key: String,
     /// Memory bandwidth (GB/s) the roofline uses.
     pub mem_gbs: f64,
@@ -470,10 +499,13 @@ pub struct Device {
     pub layer_overhead_us: f64,
     /// Bytes per element (2 for bf16).
     pub elem_bytes: f64,
+    /// Where the constants come from.
     pub source: String,
 }
 
 impl Device {
+    /// The GPU roofline devices (H100 SXM, A100, A800, RTX 4090), each with its source; bf16
+    /// elements and 4 us of per-block overhead for all of them.
     pub fn known() -> Vec<Device> {
         let d = |key: &str, mem: f64, peak: f64, eff: (f64, f64), source: &str| Device {
             key: key.into(),
@@ -523,6 +555,7 @@ impl Device {
         ]
     }
 
+    /// The known device with key `key`, or an error listing the known keys.
     pub fn by_key(key: &str) -> Result<Device> {
         find_named(Self::known(), key, |d| &d.key, "compute device")
     }
@@ -547,7 +580,9 @@ impl Device {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// A prompt of one sequence in one forward (or in ISO's two chunks).
     Prefill,
+    /// One new token for each sequence of a batch.
     Decode,
 }
 
@@ -590,24 +625,39 @@ pub const MEASURED_SCHEMA: u32 = 1;
 /// [`needed_entries`] lists the keys a given set of [`LatencyOptions`] looks up.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeasuredCompute {
+    /// Schema version; must be [`MEASURED_SCHEMA`].
     pub schema: u32,
+    /// The GPU as the benchmark names it (free text; [`device_key_of`] maps it to a [`Device`]).
     pub device: String,
+    /// When the table was measured (free text, e.g. `2026-12-01`).
     pub date: String,
+    /// The command that wrote the table.
     pub command: String,
+    /// Anything else about the run (may be left out of the JSON).
     #[serde(default)]
     pub notes: String,
+    /// The timed blocks; a lookup takes the first entry with a matching key.
     pub entries: Vec<MeasuredEntry>,
 }
 
+/// One row of a [`MeasuredCompute`] table: one block on the largest rank, compute only.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MeasuredEntry {
+    /// A [`ModelShape`] name.
     pub model: String,
+    /// TP degree (1 to the model's query heads).
     pub tp: usize,
+    /// `prefill` or `decode` in the JSON.
     pub phase: Phase,
+    /// New tokens per sequence (1 for decode).
     pub tokens: usize,
+    /// Sequences (1 for prefill).
     pub batch: usize,
+    /// Tokens already in each sequence's KV cache before the call.
     pub ctx: usize,
+    /// Time of one block, attention part + MLP part (us, > 0).
     pub layer_us: f64,
+    /// Time of the attention part alone (us, in `[0, layer_us]`); absent: the roofline's split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attn_us: Option<f64>,
 }
@@ -626,11 +676,15 @@ impl MeasuredCompute {
         Ok(m)
     }
 
+    /// Read, parse and validate the table at `path`.
     pub fn load(path: &Path) -> Result<MeasuredCompute> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         Self::from_json(&text, &path.display().to_string())
     }
 
+    /// Check the schema version and every entry: a known model, `tp` in 1..=heads, `tokens` and
+    /// `batch` >= 1 (prefill: batch 1; decode: tokens 1), a finite `layer_us` > 0 and `attn_us`
+    /// in `[0, layer_us]`. `origin` names the source in errors.
     pub fn validate(&self, origin: &str) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidArgument(format!("{origin}: {m}")));
         if self.schema != MEASURED_SCHEMA {
@@ -690,7 +744,9 @@ pub enum Compute {
     /// A measured table; `split` gives the attention / MLP proportion when the table has no
     /// `attn_us`, and the LM head (not in the table: modelled).
     Measured {
+        /// The measured per-block times.
         table: MeasuredCompute,
+        /// Roofline device for the attention / MLP split and for the LM head.
         split: Device,
     },
 }
@@ -741,17 +797,23 @@ impl Compute {
 // ---------------------------------------------------------------------------------------------
 // Two-lane event simulation
 
+/// One of a rank's two FIFO lanes in [`simulate`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum Lane {
+    /// Block compute and the LM head (a CUDA compute stream; the CPU rank thread).
     Compute,
+    /// All-reduces and the logits' all-gather (a CUDA communication stream; the CPU comm thread).
     Comm,
 }
 
 /// An operation on a lane; `deps` are indices of earlier operations whose end it waits for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Op {
+    /// The lane that runs it.
     pub lane: Lane,
+    /// Duration (us); a negative one counts as 0.
     pub us: f64,
+    /// Indices of ops issued before this one whose end it waits for.
     pub deps: Vec<usize>,
 }
 
@@ -786,7 +848,9 @@ pub fn simulate(ops: &[Op]) -> Result<Vec<(f64, f64)>> {
 /// Cost of one chunk's ops in one block (us).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ChunkCost {
+    /// Attention part of the block (us).
     pub attn_us: f64,
+    /// MLP part of the block (us).
     pub mlp_us: f64,
     /// One all-reduce of this chunk's rows (0 at TP 1).
     pub ar_us: f64,
@@ -848,10 +912,15 @@ pub fn spd_blocks(layers: usize, f: f64) -> Vec<bool> {
 /// One projected configuration.
 #[derive(Debug, Clone)]
 pub struct Scenario<'a> {
+    /// The model shape.
     pub model: &'a ModelShape,
+    /// TP degree (ranks).
     pub tp: usize,
+    /// The interconnect: all-reduces and the logits' all-gather.
     pub link: &'a LinkProfile,
+    /// Per-block compute: roofline or a measured table.
     pub compute: &'a Compute,
+    /// Prefill or decode.
     pub phase: Phase,
     /// Prompt length (prefill).
     pub tokens: usize,
@@ -859,7 +928,9 @@ pub struct Scenario<'a> {
     pub batch: usize,
     /// Decode context per sequence.
     pub ctx: usize,
+    /// Fraction of blocks with SPD, in [0, 1] (the last ones: [`spd_blocks`]).
     pub spd_fraction: f64,
+    /// Split a prefill into ISO's two chunks where [`iso_split`] says it pays (decode: ignored).
     pub iso: bool,
     /// What the all-reduces move (the logits' all-gather stays bf16).
     pub wire: Wire,
@@ -894,22 +965,38 @@ impl<'a> Scenario<'a> {
 /// One row of the projection table.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Projection {
+    /// Model shape name.
     pub model: String,
+    /// TP degree.
     pub tp: usize,
+    /// Link profile name.
     pub profile: String,
+    /// Prefill or decode.
     pub phase: Phase,
+    /// Prompt length (1 for decode).
     pub tokens: usize,
+    /// Sequences (1 for prefill).
     pub batch: usize,
+    /// KV context per sequence for decode (0 for prefill).
     pub ctx: usize,
+    /// Requested SPD fraction, in [0, 1].
     pub spd_fraction: f64,
+    /// Blocks with SPD: the last `round(spd_fraction * layers)`.
     pub spd_blocks: usize,
+    /// ISO requested; `iso_split` says whether the prompt was split.
     pub iso: bool,
     /// Tokens in ISO's first chunk (None without ISO, or when the cost model turns it off).
     pub iso_split: Option<usize>,
+    /// All-reduces per forward: 2 per standard block and 1 per SPD block, per chunk; 0 at TP 1
+    /// (the logits' all-gather not counted).
     pub all_reduces: usize,
+    /// Busy time of the compute lane: blocks and LM head (ms).
     pub compute_ms: f64,
+    /// Busy time of the communication lane: all-reduces and the logits' all-gather (ms).
     pub comm_ms: f64,
+    /// Time not covered by compute: `total_ms - compute_ms`, at least 0 (ms).
     pub exposed_comm_ms: f64,
+    /// Projected latency of the forward: the end of its last op (ms).
     pub total_ms: f64,
     /// Baseline (same setting, no SPD, no ISO) total / this total.
     pub speedup: f64,
@@ -1049,13 +1136,18 @@ pub fn project(s: &Scenario) -> Result<Projection> {
 /// One comparison of the projection with a published point.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ValidationPoint {
+    /// The published claim and the setting compared, in short.
     pub claim: String,
+    /// The paper, and the part of it the claim comes from.
     pub source: String,
     /// The paper's number (latency reduction in %).
     pub paper_pct: f64,
     /// The model's number for the closest setting we can express (latency reduction in %).
     pub model_pct: f64,
+    /// Profile and compute behind `model_pct` (and the prompt lengths, where several).
     pub setting: String,
+    /// Context for the comparison: the alpha that would reproduce the paper, the communication
+    /// share, or the range over prompt lengths.
     pub note: String,
 }
 
@@ -1194,8 +1286,11 @@ pub fn validate() -> Result<Vec<ValidationPoint>> {
 /// One timed all-reduce size on the thread communicator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CommSample {
+    /// Ranks (threads) in the group.
     pub world: usize,
+    /// Message length (f32 elements).
     pub floats: usize,
+    /// Message size (bytes, 4 per element).
     pub bytes: f64,
     /// Median over repetitions of the slowest rank's time per all-reduce (us).
     pub us: f64,
@@ -1357,11 +1452,18 @@ pub fn device_key_of(device: &str) -> Option<&'static str> {
 /// What [`report`] writes to `projection.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LatencyReport {
+    /// What the labels `modelled` and `measured` stand for.
     pub note: String,
+    /// The measured table used, as "device date (command)"; None: roofline only.
     pub measured_table: Option<String>,
+    /// Every known roofline device ([`Device::known`]).
     pub devices: Vec<Device>,
+    /// The link profiles projected.
     pub profiles: Vec<LinkProfile>,
+    /// The projections, by profile, model, TP, setting (prefill, prefill with ISO, decode) and SPD
+    /// fraction.
     pub rows: Vec<Projection>,
+    /// The papers' points ([`validate`]).
     pub validation: Vec<ValidationPoint>,
 }
 

@@ -20,6 +20,9 @@ struct Layer {
     v: Vec<f32>, // (n_kv, capacity, head_dim)
 }
 
+/// One rank on the CPU: its f32 weight shard and KV cache per loaded block, its communicator,
+/// RoPE tables up to the context capacity, an optional rank-private thread pool, and a
+/// communication thread as the ISO lane (started by the first `all_reduce_start`).
 pub struct CpuBackend {
     dims: RankDims,
     comm: Arc<dyn Communicator>,
@@ -83,6 +86,11 @@ impl Drop for CommLane {
 }
 
 impl CpuBackend {
+    /// A rank of shape `dims` with no weights loaded yet (`load_layer` and `load_head` follow).
+    /// `threads` (at least 1) sizes the rank-private rayon pool; with 1 the ops run inline on the
+    /// calling thread. `row_invariant` sends every product through [`matmul_rowwise`]: results
+    /// independent of how a sequence is chunked (ISO bit-exactness), at a prefill speed cost.
+    /// Errors if the pool cannot be built.
     pub fn new(
         dims: RankDims,
         comm: Arc<dyn Communicator>,
