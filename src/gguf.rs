@@ -103,6 +103,12 @@ impl Value {
             Value::F64(_) => 12,
         }
     }
+    fn type_name(&self) -> &'static str {
+        [
+            "U8", "I8", "U16", "I16", "U32", "I32", "F32", "Bool", "String", "Array", "U64", "I64",
+            "F64",
+        ][self.type_id() as usize]
+    }
 }
 
 /// One entry of the tensor table.
@@ -285,7 +291,11 @@ impl GgufFile {
             }
             let mut dims = Vec::with_capacity(nd);
             for _ in 0..nd {
-                dims.push(c.u64()? as usize);
+                let d = c.u64()?;
+                dims.push(
+                    usize::try_from(d)
+                        .map_err(|_| c.err(format!("tensor '{name}' dimension {d} overflows")))?,
+                );
             }
             let tid = c.u32()?;
             let off = c.u64()?;
@@ -303,19 +313,28 @@ impl GgufFile {
                 .iter()
                 .try_fold(1usize, |a, d| a.checked_mul(*d))
                 .ok_or_else(|| c.err(format!("tensor '{name}' size overflows")))?;
-            let n_bytes = ty.row_bytes(numel).ok_or_else(|| {
-                c.err(format!(
+            if numel % ty.block_elems() != 0 {
+                return Err(c.err(format!(
                     "tensor '{name}' has {numel} elements, not a multiple of the {ty:?} block"
-                ))
-            })?;
+                )));
+            }
+            let n_bytes = ty
+                .row_bytes(numel)
+                .ok_or_else(|| c.err(format!("tensor '{name}' size in bytes overflows")))?;
             if dims[0] % ty.block_elems() != 0 {
                 return Err(c.err(format!("tensor '{name}' rows are not whole {ty:?} blocks")));
             }
             if off % alignment != 0 {
                 return Err(c.err(format!("tensor '{name}' offset {off} is not aligned")));
             }
-            let offset = data_start + off;
-            if offset + n_bytes as u64 > map.len() as u64 {
+            let offset = data_start.checked_add(off);
+            let end = offset.and_then(|o| o.checked_add(u64::try_from(n_bytes).ok()?));
+            let (Some(offset), Some(end)) = (offset, end) else {
+                return Err(c.err(format!(
+                    "tensor '{name}' offset {off} plus its {n_bytes} bytes overflows a file offset"
+                )));
+            };
+            if end > map.len() as u64 {
                 return Err(Error::GgufFormat {
                     path: path.clone(),
                     offset,
@@ -423,7 +442,8 @@ impl GgufWriter {
         Self::default()
     }
     /// Append a metadata key/value (written in the order added). An array's elements must all
-    /// be of one type: its first element's type is written as the element type (U32 if empty).
+    /// be of one type, written as the array's element type (U32 if empty): `to_bytes` refuses
+    /// an array that mixes types.
     pub fn meta(&mut self, key: &str, v: Value) -> &mut Self {
         self.metadata.push((key.into(), v));
         self
@@ -445,13 +465,14 @@ impl GgufWriter {
         self
     }
     /// The whole file: GGUF v3 header, metadata and tensor table in the order added, then each
-    /// tensor's data padded to the default alignment of 32 bytes.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    /// tensor's data padded to the default alignment of 32 bytes. `InvalidArgument` for a
+    /// metadata array whose elements are not all of one type (GGUF cannot store it).
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
         fn put_str(b: &mut Vec<u8>, s: &str) {
             b.extend((s.len() as u64).to_le_bytes());
             b.extend(s.as_bytes());
         }
-        fn put_val(b: &mut Vec<u8>, v: &Value) {
+        fn put_val(b: &mut Vec<u8>, v: &Value, key: &str) -> Result<()> {
             match v {
                 Value::U8(x) => b.push(*x),
                 Value::I8(x) => b.push(*x as u8),
@@ -464,14 +485,24 @@ impl GgufWriter {
                 Value::String(s) => put_str(b, s),
                 Value::Array(a) => {
                     let ety = a.first().map(Value::type_id).unwrap_or(4);
+                    if let Some(i) = a.iter().position(|e| e.type_id() != ety) {
+                        return Err(Error::InvalidArgument(format!(
+                            "GGUF metadata '{key}': array element {i} is {}, element 0 is {}; an array holds one type",
+                            a[i].type_name(),
+                            a[0].type_name()
+                        )));
+                    }
                     b.extend(ety.to_le_bytes());
                     b.extend((a.len() as u64).to_le_bytes());
-                    a.iter().for_each(|e| put_val(b, e));
+                    for e in a {
+                        put_val(b, e, key)?;
+                    }
                 }
                 Value::U64(x) => b.extend(x.to_le_bytes()),
                 Value::I64(x) => b.extend(x.to_le_bytes()),
                 Value::F64(x) => b.extend(x.to_le_bytes()),
             }
+            Ok(())
         }
         let align = DEFAULT_ALIGNMENT as usize;
         let mut b = Vec::new();
@@ -482,7 +513,7 @@ impl GgufWriter {
         for (k, v) in &self.metadata {
             put_str(&mut b, k);
             b.extend(v.type_id().to_le_bytes());
-            put_val(&mut b, v);
+            put_val(&mut b, v, k)?;
         }
         let mut off = 0usize;
         for (name, dims, ty, data) in &self.tensors {
@@ -499,10 +530,11 @@ impl GgufWriter {
             b.extend(data);
             b.resize(b.len().div_ceil(align) * align, 0);
         }
-        b
+        Ok(b)
     }
-    /// Write [`GgufWriter::to_bytes`] to `path` (plainly, not atomically); `Io` on failure.
+    /// Write [`GgufWriter::to_bytes`] to `path` (plainly, not atomically); its error, or `Io`
+    /// on failure.
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
-        std::fs::write(path.as_ref(), self.to_bytes()).map_err(|e| Error::io(path.as_ref(), e))
+        std::fs::write(path.as_ref(), self.to_bytes()?).map_err(|e| Error::io(path.as_ref(), e))
     }
 }

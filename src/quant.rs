@@ -4,6 +4,7 @@
 
 #![warn(missing_docs)]
 
+use crate::error::{Error, Result};
 use half::{bf16, f16};
 
 /// The GGML element types syncdrop knows by number (`enum ggml_type`).
@@ -87,9 +88,13 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of a row of `n` elements, or None when `n` is not a whole number of blocks.
+    /// Bytes of a row of `n` elements, or None when `n` is not a whole number of blocks or the
+    /// byte count overflows `usize`.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_elems() == 0).then(|| n / self.block_elems() * self.block_bytes())
+        if n % self.block_elems() != 0 {
+            return None;
+        }
+        (n / self.block_elems()).checked_mul(self.block_bytes())
     }
 }
 
@@ -204,10 +209,29 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
-/// Quantise f32 to Q8_0 / Q4_1 (the reference rounding of ggml). Used by tests and by the
-/// GGUF writer that tests use to build small model files.
+/// [`try_quantize_row`] for input known to be valid: used by tests and benchmarks to build
+/// small model files.
+///
+/// # Panics
+///
+/// With the message of [`try_quantize_row`]'s error: a type it cannot write, or a length
+/// that is not a whole number of blocks.
 pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(ty.row_bytes(x.len()).unwrap_or(0));
+    try_quantize_row(ty, x).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Encode f32 as F32, F16, BF16, Q8_0 or Q4_1 (the reference rounding of ggml), for the GGUF
+/// writer. `InvalidArgument` for Q4_0, Q4_K and Q6_K (not written by syncdrop) and for a
+/// length that is not a whole number of blocks (32 elements for Q8_0 and Q4_1).
+pub fn try_quantize_row(ty: GgmlType, x: &[f32]) -> Result<Vec<u8>> {
+    let n_bytes = ty.row_bytes(x.len()).ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "cannot quantise {} values to {ty:?}: not a multiple of its {}-element block",
+            x.len(),
+            ty.block_elems()
+        ))
+    })?;
+    let mut out = Vec::with_capacity(n_bytes);
     match ty {
         GgmlType::F32 => x.iter().for_each(|v| out.extend(v.to_le_bytes())),
         GgmlType::F16 => x
@@ -217,7 +241,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
             .iter()
             .for_each(|v| out.extend(bf16::from_f32(*v).to_le_bytes())),
         GgmlType::Q8_0 => {
-            for b in x.chunks(32) {
+            for b in x.chunks_exact(32) {
                 let amax = b.iter().fold(0f32, |a, v| a.max(v.abs()));
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -226,7 +250,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
             }
         }
         GgmlType::Q4_1 => {
-            for b in x.chunks(32) {
+            for b in x.chunks_exact(32) {
                 let min = b.iter().cloned().fold(f32::INFINITY, f32::min);
                 let max = b.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let d = (max - min) / 15.0;
@@ -241,10 +265,12 @@ pub fn quantize_row(ty: GgmlType, x: &[f32]) -> Vec<u8> {
             }
         }
         GgmlType::Q4_0 | GgmlType::Q4K | GgmlType::Q6K => {
-            unimplemented!("quantize_row({ty:?}) is not needed by syncdrop")
+            return Err(Error::InvalidArgument(format!(
+                "quantising to {ty:?} is not supported (F32, F16, BF16, Q8_0 and Q4_1 are)"
+            )))
         }
     }
-    out
+    Ok(out)
 }
 
 #[cfg(test)]

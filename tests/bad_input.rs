@@ -8,7 +8,7 @@ use common::*;
 use proptest::prelude::*;
 use std::sync::Arc;
 use syncdrop::gguf::{GgufFile, GgufWriter, Value};
-use syncdrop::quant::GgmlType;
+use syncdrop::quant::{try_quantize_row, GgmlType};
 use syncdrop::{Engine, EngineOptions, Error, ModelFiles};
 
 fn tiny_bytes() -> Vec<u8> {
@@ -99,13 +99,112 @@ fn unsupported_quant_type_names_the_tensor_and_type() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// Position in `b` of tensor `name`'s data offset in the tensor table: after its name (u64
+/// length, bytes), u32 dimension count, u64 dimensions and u32 type.
+fn offset_field(b: &[u8], name: &str) -> usize {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend(name.as_bytes());
+    let p = b.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    let nd = u32::from_le_bytes(b[p..p + 4].try_into().unwrap()) as usize;
+    p + 4 + 8 * nd + 4
+}
+
+#[test]
+fn tensor_offsets_that_overflow_are_format_errors() {
+    let b = tiny_bytes();
+    let name = "token_embd.weight";
+    let p = offset_field(&b, name);
+    let dir = tmpdir("offsets");
+    std::fs::write(dir.join("m.gguf"), &b).unwrap();
+    let t = GgufFile::open(dir.join("m.gguf")).unwrap().tensors[name].clone();
+    std::fs::remove_dir_all(dir).ok();
+    let off = u64::from_le_bytes(b[p..p + 8].try_into().unwrap());
+    let data_start = t.offset as u64 - off;
+    // Both aligned to 32: the first wraps `data start + offset` back into the header, the
+    // second puts the data's end just past 2^64, where it wraps to a small number.
+    for huge in [u64::MAX - 31, u64::MAX - 31 - data_start] {
+        let mut c = b.clone();
+        c[p..p + 8].copy_from_slice(&huge.to_le_bytes());
+        match load(&c, "offset") {
+            Err(Error::GgufFormat { what, .. }) => {
+                assert!(what.contains(name) && what.contains("overflows"), "{what}")
+            }
+            other => panic!("offset {huge}: expected GgufFormat, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn tensor_byte_sizes_that_overflow_are_format_errors() {
+    // 2^62 f32 or 2^63 bf16 elements: the element count fits in 64 bits, the byte count does
+    // not (it would wrap to 0 and pass the end-of-file check).
+    for (ty, n) in [(GgmlType::F32, 1usize << 62), (GgmlType::BF16, 1 << 63)] {
+        let mut w = GgufWriter::new();
+        w.tensor("huge", &[n], ty, vec![]);
+        let dir = tmpdir("bytesize");
+        w.write(dir.join("m.gguf")).unwrap();
+        match GgufFile::open(dir.join("m.gguf")) {
+            Err(Error::GgufFormat { what, .. }) => {
+                assert!(
+                    what.contains("'huge'") && what.contains("overflows"),
+                    "{what}"
+                )
+            }
+            other => panic!("{ty:?}: expected GgufFormat, got {:?}", other.map(|_| ())),
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
+
+#[test]
+fn quantising_a_partial_block_or_an_unsupported_type_is_an_error() {
+    let x = vec![0.5f32; 33];
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_1] {
+        match try_quantize_row(ty, &x) {
+            Err(Error::InvalidArgument(m)) => {
+                assert!(m.contains("33") && m.contains("32-element block"), "{m}")
+            }
+            other => panic!("{ty:?}: expected InvalidArgument, got {other:?}"),
+        }
+        assert_eq!(
+            try_quantize_row(ty, &x[..32]).unwrap().len(),
+            ty.block_bytes()
+        );
+    }
+    for ty in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
+        match try_quantize_row(ty, &[0.0; 256]) {
+            Err(Error::InvalidArgument(m)) => assert!(m.contains("not supported"), "{m}"),
+            other => panic!("{ty:?}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn writing_an_array_of_mixed_types_is_an_error() {
+    let mut w = GgufWriter::new();
+    w.meta(
+        "tokenizer.ggml.tokens",
+        Value::Array(vec![Value::String("a".into()), Value::U32(1)]),
+    );
+    match w.to_bytes() {
+        Err(Error::InvalidArgument(m)) => assert!(
+            m.contains("tokenizer.ggml.tokens") && m.contains("U32") && m.contains("String"),
+            "{m}"
+        ),
+        other => panic!("expected InvalidArgument, got {:?}", other.map(|b| b.len())),
+    }
+    let dir = tmpdir("mixed");
+    assert!(w.write(dir.join("m.gguf")).is_err());
+    std::fs::remove_dir_all(dir).ok();
+}
+
 fn with_meta_override(key: &str, v: Value) -> syncdrop::Result<()> {
     let t = Tiny::small();
     let mut w = GgufWriter::new();
     let mut tmp = GgufWriter::new();
     gguf_metadata(&mut tmp, &t, "llama");
     // rewrite: same metadata, with `key` replaced
-    let bytes = tmp.to_bytes();
+    let bytes = tmp.to_bytes().unwrap();
     let dir = tmpdir("metaread");
     std::fs::write(dir.join("meta.gguf"), &bytes).unwrap();
     let g = GgufFile::open(dir.join("meta.gguf")).unwrap();
@@ -113,7 +212,7 @@ fn with_meta_override(key: &str, v: Value) -> syncdrop::Result<()> {
         w.meta(k, if k == key { v.clone() } else { val.clone() });
     }
     add_tensors(&mut w, &t, 2, GgmlType::F32, false);
-    let out = load(&w.to_bytes(), "meta");
+    let out = load(&w.to_bytes().unwrap(), "meta");
     std::fs::remove_dir_all(dir).ok();
     out
 }
