@@ -53,8 +53,8 @@ pub struct LlamaConfig {
 
 impl LlamaConfig {
     /// Check what the rest of the crate relies on: no zero hidden size, layer or head count,
-    /// query heads a multiple of KV heads, an even `head_dim` (RoPE pairs), positive `ffn`
-    /// and `vocab`. `Error::Config` names the first that fails.
+    /// query heads a multiple of KV heads, a positive even `head_dim` (RoPE pairs), positive
+    /// `ffn` and `vocab`. `Error::Config` names the first that fails.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Config(m));
         if self.hidden == 0 || self.n_layers == 0 || self.n_heads == 0 || self.n_kv_heads == 0 {
@@ -64,6 +64,12 @@ impl LlamaConfig {
             return bad(format!(
                 "{} query heads are not a multiple of {} KV heads",
                 self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim == 0 {
+            return bad(format!(
+                "head_dim is 0 (a file that gives none gets hidden / heads = {} / {})",
+                self.hidden, self.n_heads
             ));
         }
         if self.head_dim % 2 != 0 {
@@ -187,5 +193,29 @@ impl LlamaConfig {
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A config.json without `head_dim` and fewer hidden units than heads would give heads
+    /// of width 0: refused, naming head_dim.
+    #[test]
+    fn zero_head_dim_is_refused() {
+        let dir = std::env::temp_dir().join(format!("syncdrop-config-hd0-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::fs::write(
+            &path,
+            r#"{"model_type": "llama", "hidden_size": 2, "num_attention_heads": 4,
+                "num_hidden_layers": 1, "intermediate_size": 8, "vocab_size": 16}"#,
+        )
+        .unwrap();
+        let e = LlamaConfig::from_hf_json(&path).unwrap_err();
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(matches!(e, Error::Config(_)), "{e:?}");
+        assert!(e.to_string().contains("head_dim is 0"), "{e}");
     }
 }

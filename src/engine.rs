@@ -530,19 +530,31 @@ impl Engine {
         }
     }
 
-    fn broadcast(&mut self, mk: impl Fn() -> Cmd) -> Result<Vec<Reply>> {
-        if let Some(p) = &self.poisoned {
-            return Err(Error::Comm(format!(
+    /// The error every command returns once a rank has failed.
+    fn check_usable(&self) -> Result<()> {
+        match &self.poisoned {
+            Some(p) => Err(Error::Comm(format!(
                 "engine unusable after an earlier failure: {p}"
-            )));
+            ))),
+            None => Ok(()),
         }
-        for (rank, w) in self.workers.iter().enumerate() {
-            w.tx.send(mk()).map_err(|_| Error::Rank {
+    }
+
+    /// Send `cmds[r]` to rank r (after the failure check), then wait for every reply.
+    fn send_each(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> Result<Vec<Reply>> {
+        self.check_usable()?;
+        for (rank, (w, cmd)) in self.workers.iter().zip(cmds).enumerate() {
+            w.tx.send(cmd).map_err(|_| Error::Rank {
                 rank,
                 msg: "rank thread is gone".into(),
             })?;
         }
         self.collect()
+    }
+
+    fn broadcast(&mut self, mk: impl Fn() -> Cmd) -> Result<Vec<Reply>> {
+        let n = self.workers.len();
+        self.send_each((0..n).map(|_| mk()))
     }
 
     /// Run `tokens` at positions pos0.. through the model (filling the KV cache) and return
@@ -663,10 +675,12 @@ impl Engine {
                 "one block shard per rank expected (and every rank running)".into(),
             ));
         }
-        for (w, shard) in self.workers.iter().zip(per_rank) {
-            let _ = w.tx.send(Cmd::LoadLayer(layer, Box::new(shard)));
-        }
-        self.collect().map(|_| ())
+        self.send_each(
+            per_rank
+                .into_iter()
+                .map(|shard| Cmd::LoadLayer(layer, Box::new(shard))),
+        )
+        .map(|_| ())
     }
 
     /// Each rank's heads and FFN columns in block `layer` (the layout, unless head grouping

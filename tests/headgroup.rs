@@ -124,3 +124,29 @@ fn bad_groupings_are_rejected() {
     assert!(apply(&mut e, 0, vec![vec![0, 1], vec![2, 3]], vec![0]).is_err());
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// After a rank has failed (here: a forward past the KV cache), loading weights is refused
+/// like every other command, with the same error, instead of going to the ranks.
+#[test]
+fn a_failed_engine_refuses_to_load_weights() {
+    let dir = tmpdir("hgfail");
+    let path = dir.join("m.gguf");
+    write_gguf(&path, &Tiny::small(), 3, GgmlType::F32, "llama");
+    let mut e = engine(&path, 2);
+    let shards = e.block_shards(0);
+    let w: Vec<_> = shards
+        .iter()
+        .map(|s| syncdrop::model::load_block(&e.files, &e.cfg, s, 0).unwrap())
+        .collect();
+    assert!(
+        e.forward(&[1], 64, 0..1).is_err(),
+        "a token at position 64 must overflow the 64-token cache"
+    );
+    let refused = e.forward(&[1], 0, 0..1).unwrap_err().to_string();
+    assert!(refused.contains("earlier failure"), "{refused}");
+    let got = e.load_layer(0, w).unwrap_err().to_string();
+    assert_eq!(got, refused, "load_layer");
+    let got = e.set_block_shards(0, shards).unwrap_err().to_string();
+    assert_eq!(got, refused, "set_block_shards");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -66,18 +66,27 @@ impl EnvSwitches {
     pub fn read() -> Result<EnvSwitches> {
         let on = |k: &str| std::env::var(k).is_ok_and(|v| v == "1");
         Ok(EnvSwitches {
-            forced: match std::env::var("SYNCDROP_ALLREDUCE") {
-                Ok(v) => {
-                    let a = v
-                        .parse::<Algo>()
-                        .map_err(|e| Error::InvalidArgument(format!("SYNCDROP_ALLREDUCE: {e}")))?;
-                    Some((v, a))
-                }
-                Err(_) => None,
-            },
+            forced: forced(std::env::var("SYNCDROP_ALLREDUCE"))?,
             fused_oproj: on("SYNCDROP_FUSED_OPROJ"),
             fused_norm: on("SYNCDROP_FUSED_NORM"),
         })
+    }
+}
+
+/// `SYNCDROP_ALLREDUCE` as `std::env::var` read it: `None` when unset; a value that is not
+/// UTF-8 or names no algorithm is an `InvalidArgument` error (the parse error names the
+/// variable).
+fn forced(var: std::result::Result<String, std::env::VarError>) -> Result<Option<(String, Algo)>> {
+    match var {
+        Ok(v) => {
+            let a = v.parse::<Algo>()?;
+            Ok(Some((v, a)))
+        }
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(v)) => Err(Error::InvalidArgument(format!(
+            "SYNCDROP_ALLREDUCE='{}' is not valid UTF-8: expected oneshot, twoshot, nccl or staged",
+            v.to_string_lossy()
+        ))),
     }
 }
 
@@ -235,5 +244,29 @@ mod tests {
             .to_string();
         assert!(e.contains("P2P"), "{e}");
         assert!(select(8 << 10, &nvlink(2), Some("magic")).is_err());
+    }
+
+    /// `SYNCDROP_ALLREDUCE` unset is no override; a typo, or a value that is not UTF-8, is an
+    /// error that names the variable once.
+    #[test]
+    fn the_env_override_is_read_strictly() {
+        use std::env::VarError;
+        use std::os::unix::ffi::OsStringExt;
+        assert_eq!(forced(Err(VarError::NotPresent)).unwrap(), None);
+        assert_eq!(
+            forced(Ok("TwoShot".into())).unwrap(),
+            Some(("TwoShot".into(), Algo::TwoShot))
+        );
+        let e = forced(Ok("magic".into())).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "invalid argument: SYNCDROP_ALLREDUCE='magic': expected oneshot, twoshot, nccl or staged"
+        );
+        let bytes = std::ffi::OsString::from_vec(b"one\xffshot".to_vec());
+        let e = forced(Err(VarError::NotUnicode(bytes)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not valid UTF-8"), "{e}");
+        assert_eq!(e.matches("SYNCDROP_ALLREDUCE").count(), 1, "{e}");
     }
 }
