@@ -1528,6 +1528,8 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
         .map(|m| ModelShape::by_name(m))
         .collect::<Result<_>>()?;
     let mut rows = Vec::new();
+    // the scenarios the measured table could not cover, each said once (never silently)
+    let mut fell_back = std::collections::BTreeSet::new();
     for link in &profiles {
         let dev = Device::by_key(&link.device)?;
         let roof = Compute::Roofline(dev.clone());
@@ -1563,7 +1565,19 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
                         };
                         // measured where the table has the entries, else the roofline
                         let p = match &meas {
-                            Some(c) => project(&mk(c)).or_else(|_| project(&mk(&roof)))?,
+                            Some(c) => match project(&mk(c)) {
+                                Ok(p) => p,
+                                Err(e) => {
+                                    if fell_back.insert(e.to_string()) {
+                                        eprintln!(
+                                            "latency: {} TP {tp} {phase:?}: the measured table \
+                                             does not cover it ({e}); roofline (modelled) instead",
+                                            m.name
+                                        );
+                                    }
+                                    project(&mk(&roof))?
+                                }
+                            },
                             None => project(&mk(&roof))?,
                         };
                         rows.push(p);
