@@ -112,7 +112,9 @@ pub struct GenStats {
     pub prefill_secs: f64,
     /// Decode steps run: one fewer than the new tokens (the first comes from the prefill).
     pub decode_tokens: usize,
-    /// Seconds from the first new token to the end, `on_token` callbacks included.
+    /// Seconds of the `decode_tokens` steps: from after the first new token's `on_token`
+    /// (that token comes from the prefill) to the end, each step's forward, sampling and the
+    /// `on_token` of the token it made included.
     pub decode_secs: f64,
     /// Rank 0's communicator counters for the whole generation.
     pub comm: CommStats,
@@ -152,10 +154,14 @@ pub fn generate(
     stats.prefill_secs = t0.elapsed().as_secs_f64();
     let mut next = sampler.sample(logits.row(0));
     let mut out = Vec::new();
-    let t1 = Instant::now();
+    let mut t1 = Instant::now();
     while out.len() < max_new {
         out.push(next);
         on_token(next)?;
+        if out.len() == 1 {
+            // the decode clock starts once the prefill's token is handed over
+            t1 = Instant::now();
+        }
         if Some(next) == stop || out.len() == max_new {
             break;
         }

@@ -20,7 +20,7 @@
 
 use crate::config::LlamaConfig;
 use crate::engine::Engine;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Whether and where a prefill is split into two ISO chunks (`--iso off|auto|N`; `on` is
 /// `auto`).
@@ -143,7 +143,8 @@ impl IsoCostModel {
     /// on `engine` (best of `reps`), with the engine's own communication counters separating
     /// compute from communication: compute(L) = fixed + linear * L + attn * L(L+1)/2 and
     /// comm(L) = comm_fixed + comm_token * L. Returns the model and whether the fit was usable
-    /// (non-negative coefficients, positive linear); if not, `self` is kept.
+    /// (non-negative coefficients, positive linear); if not, `self` is kept. `InvalidArgument`
+    /// when `short` or `long` is 0 (a prefill needs a token).
     pub fn calibrate(
         self,
         engine: &mut Engine,
@@ -151,6 +152,11 @@ impl IsoCostModel {
         long: usize,
         reps: usize,
     ) -> Result<(IsoCostModel, bool)> {
+        if short == 0 || long == 0 {
+            return Err(Error::InvalidArgument(format!(
+                "ISO calibration needs prefills of at least one token (short {short}, long {long})"
+            )));
+        }
         let time = |engine: &mut Engine, len: usize| -> Result<(f64, f64)> {
             // ids spread over the vocabulary (whatever its size)
             let vocab = engine.cfg.vocab.max(1) as u32;

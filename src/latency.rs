@@ -40,8 +40,9 @@
 //! - bf16 weights, activations and KV cache (2 bytes); one sequence per prefill; decode is
 //!   one token per sequence for `batch` sequences that each hold `ctx` tokens of cache.
 //! - Uneven head splits take the largest rank (the slowest rank sets the pace): query heads
-//!   `ceil(heads / n)`, KV heads `ceil(kv / n)`, or 1 when `n > kv` (replicated), FFN columns
-//!   `ceil(ffn / n)`, vocabulary rows `ceil(vocab / n)`.
+//!   `ceil(heads / n)`, KV heads the most any rank of the engine's [`TpLayout`] holds
+//!   (`ceil(kv / n)`, or 1 when `n > kv`, unless a KV head's query heads span two ranks,
+//!   which both hold it), FFN columns `ceil(ffn / n)`, vocabulary rows `ceil(vocab / n)`.
 //! - Embedding lookup, sampling and host overheads are left out; so is SM contention between
 //!   a communication kernel and compute under ISO (DESIGN section 4 caps it at 2-8 CTAs).
 //! - SPD blocks are the last `round(f * layers)` blocks (all blocks cost the same, so only the
@@ -54,6 +55,7 @@ use crate::comm::Wire;
 use crate::config::{LlamaConfig, RopeStyle};
 use crate::error::{Error, Result};
 use crate::iso::IsoCostModel;
+use crate::layout::TpLayout;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -100,7 +102,9 @@ pub struct ModelShape {
 pub struct RankShape {
     /// Query heads: `ceil(heads / n)`.
     pub q_heads: usize,
-    /// KV heads: `ceil(kv_heads / n)`, or 1 when `n > kv_heads` (replicated).
+    /// KV heads: the most any rank of [`TpLayout::new`] holds. `ceil(kv_heads / n)`, or 1
+    /// when `n > kv_heads`, unless a KV head's query heads span two ranks, which both hold
+    /// it (SmolLM2 at TP 4: 2; LLaMA2-70B at TP 3: 4).
     pub kv_heads: usize,
     /// FFN columns: `ceil(ffn / n)`.
     pub ffn: usize,
@@ -187,7 +191,8 @@ impl ModelShape {
         }
     }
 
-    /// The largest rank's share at TP `tp`.
+    /// The largest rank's share at TP `tp`. `InvalidTpDegree` unless `tp` is in
+    /// `1..=heads`; `Config` when `heads` is not a multiple of `kv_heads` (no GQA layout).
     pub fn rank(&self, tp: usize) -> Result<RankShape> {
         if tp == 0 || tp > self.heads {
             return Err(Error::InvalidTpDegree {
@@ -195,13 +200,23 @@ impl ModelShape {
                 n_heads: self.heads,
             });
         }
+        if self.kv_heads == 0 || self.heads % self.kv_heads != 0 {
+            return Err(Error::Config(format!(
+                "{} query heads are not a multiple of {} KV heads",
+                self.heads, self.kv_heads
+            )));
+        }
+        // the KV heads the engine's layout really gives each rank (a KV head whose query
+        // heads span two ranks is on both)
+        let layout = TpLayout::new(&self.to_config(), tp)?;
         Ok(RankShape {
             q_heads: self.heads.div_ceil(tp),
-            kv_heads: if tp > self.kv_heads {
-                1
-            } else {
-                self.kv_heads.div_ceil(tp)
-            },
+            kv_heads: layout
+                .ranks
+                .iter()
+                .map(|r| r.kv_heads.len())
+                .max()
+                .unwrap_or(1),
             ffn: self.ffn.div_ceil(tp),
             vocab: self.vocab.div_ceil(tp),
         })

@@ -272,10 +272,15 @@ pub fn evaluate(
             let shared = d.choices.iter().all(|c| c.0 == d.choices[0].0);
             let shared_ctx = if shared {
                 // One prefill of the common context; each choice then continues from it
-                // (its KV positions are simply overwritten by the next choice).
+                // (its KV positions are simply overwritten by the next choice). A context of
+                // no tokens has no last row to continue from: each choice is scored alone.
                 let ctx = tok.encode(&d.choices[0].0)?;
-                let last = engine.forward(&ctx, 0, ctx.len() - 1..ctx.len())?;
-                Some((ctx, last.row(0).to_vec()))
+                if ctx.is_empty() {
+                    None
+                } else {
+                    let last = engine.forward(&ctx, 0, ctx.len() - 1..ctx.len())?;
+                    Some((ctx, last.row(0).to_vec()))
+                }
             } else {
                 None
             };

@@ -226,7 +226,7 @@ pub struct StFolder {
 impl StFolder {
     /// Read `config.json` and map every `*.safetensors` file in `dir`, indexing their tensors
     /// by Hugging Face name. `MissingAsset` when there is no safetensors file, `Safetensors`
-    /// for a bad header or a dtype other than F32 / F16 / BF16.
+    /// for a bad header, a dtype other than F32 / F16 / BF16, or a tensor name in two files.
     pub fn open(dir: &Path) -> Result<StFolder> {
         let config = LlamaConfig::from_hf_json(&dir.join("config.json"))?;
         let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -242,7 +242,7 @@ impl StFolder {
             });
         }
         let mut maps = Vec::new();
-        let mut index = HashMap::new();
+        let mut index: HashMap<String, StEntry> = HashMap::new();
         for (fi, p) in files.iter().enumerate() {
             let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
             // SAFETY: read-only mapping of a file we never write.
@@ -264,6 +264,12 @@ impl StFolder {
                         )))
                     }
                 };
+                if let Some(first) = index.get(&name) {
+                    return Err(st_err(format!(
+                        "tensor '{name}' is also in {}",
+                        files[first.file].display()
+                    )));
+                }
                 index.insert(
                     name,
                     StEntry {

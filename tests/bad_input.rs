@@ -273,6 +273,32 @@ fn malformed_safetensors_folders() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A tensor name in two safetensors files of one folder is an error naming the tensor and
+/// both files (the later file silently replaced the earlier one's tensor).
+#[test]
+fn a_tensor_in_two_safetensors_files_is_an_error() {
+    let dir = tmpdir("st-dup");
+    let t = Tiny::small();
+    write_hf_folder(&dir, &t, 1);
+    let name = syncdrop::weights::hf_name("output_norm.weight");
+    let bytes: Vec<u8> = (0..t.hidden).flat_map(|_| 1f32.to_le_bytes()).collect();
+    let view =
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![t.hidden], &bytes)
+            .unwrap();
+    let second = dir.join("model-2.safetensors");
+    safetensors::serialize_to_file([(name.clone(), view)], None, &second).unwrap();
+    match ModelFiles::open(&dir) {
+        Err(e @ Error::Safetensors { .. }) => {
+            let msg = e.to_string();
+            for part in [name.as_str(), "model.safetensors", "model-2.safetensors"] {
+                assert!(msg.contains(part), "{part} missing from: {msg}");
+            }
+        }
+        other => panic!("a duplicate tensor: {:?}", other.map(|_| ())),
+    }
+    std::fs::remove_dir_all(dir).ok();
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 

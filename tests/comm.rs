@@ -134,6 +134,53 @@ fn counts_sync_points_and_time() {
     assert_eq!(id.stats().all_reduces, 1);
 }
 
+/// Every communicator counts alike: bytes are elements times its wire's bytes (one rank
+/// included), and a barrier is not an all-reduce.
+#[test]
+fn communicators_count_wire_bytes_and_not_barriers() {
+    use syncdrop::comm::p2p_sim::P2pSimComm;
+    use syncdrop::comm::CommStats;
+    // 2 barriers around 3 all-reduces of 5 elements, on every rank of a group
+    fn exercise(comms: Vec<impl Communicator + 'static>) -> Vec<CommStats> {
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|c| {
+                std::thread::spawn(move || {
+                    c.barrier().unwrap();
+                    for _ in 0..3 {
+                        c.all_reduce_sum(&mut [1.0; 5]).unwrap();
+                    }
+                    c.barrier().unwrap();
+                    c.stats()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+    let counts = |s: &[CommStats]| -> Vec<(u64, u64)> {
+        s.iter().map(|s| (s.all_reduces, s.bytes)).collect()
+    };
+    for wire in [Wire::F32, Wire::Bf16] {
+        let b = 3 * 5 * wire.bytes() as u64;
+        let one = exercise(vec![Identity::with_wire(wire)]);
+        assert_eq!(counts(&one), [(3, b)], "Identity, {wire:?} wire");
+        for world in [1, 3] {
+            let s = exercise(ThreadComm::group_with_wire(world, wire).unwrap());
+            assert_eq!(
+                counts(&s),
+                vec![(3, b); world],
+                "ThreadComm {world}, {wire:?}"
+            );
+        }
+    }
+    let p2p = P2pSimComm::group(3, 8, std::time::Duration::from_secs(20), 0).unwrap();
+    assert_eq!(
+        counts(&exercise(p2p)),
+        vec![(3, 3 * 5 * 4); 3],
+        "P2pSimComm"
+    );
+}
+
 /// What the CUDA backend adds for device collectives and graph replays.
 #[test]
 fn counters_add_device_collectives_and_say_which_are_untimed() {

@@ -143,3 +143,25 @@ fn calibration_times_real_prefills_and_leaves_the_engine_usable() {
         "calibration changed the engine"
     );
 }
+
+/// Calibration lengths of 0 tokens are an `InvalidArgument` naming them, refused before any
+/// prefill (a 0-token prefill panicked on `len - 1` in a debug build; in a release build it
+/// asked for logits rows from usize::MAX, which failed the engine).
+#[test]
+fn calibration_refuses_zero_token_prefills() {
+    let dir = tmpdir("iso-calibrate-zero");
+    let path = dir.join("m.gguf");
+    write_gguf(&path, &Tiny::small(), 5, GgmlType::F32, "llama");
+    let mut e = engine(&path, 2);
+    for (short, long) in [(0, 40), (8, 0)] {
+        match e.iso_model().calibrate(&mut e, short, long, 1) {
+            Err(syncdrop::Error::InvalidArgument(m)) => {
+                assert!(m.contains(&format!("short {short}, long {long}")), "{m}")
+            }
+            other => panic!("short {short} long {long}: {other:?}"),
+        }
+    }
+    // refused before any prefill: the engine is still usable
+    e.forward(&[1, 2, 3], 0, 0..3).unwrap();
+    std::fs::remove_dir_all(dir).ok();
+}

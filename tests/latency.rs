@@ -94,10 +94,38 @@ fn rank_shapes_replicate_kv_heads_and_take_the_largest_rank() {
     let s = ModelShape::smollm2_135m();
     let r2 = s.rank(2).unwrap();
     assert_eq!((r2.q_heads, r2.kv_heads, r2.ffn), (5, 2, 768));
+    // 4 ranks > 3 KV heads, yet rank 2 (query heads 5, 6: groups of 3) holds KV heads 1, 2
     let r4 = s.rank(4).unwrap();
-    assert_eq!((r4.q_heads, r4.kv_heads), (3, 1)); // 4 ranks > 3 KV heads: replicated
+    assert_eq!((r4.q_heads, r4.kv_heads), (3, 2));
     assert!(s.rank(0).is_err());
     assert!(s.rank(10).is_err());
+}
+
+/// Uneven splits take the KV heads of the engine's own layout, the largest rank's.
+#[test]
+fn rank_kv_heads_are_the_layouts_largest() {
+    use syncdrop::layout::TpLayout;
+    for (m, tp, kv) in [
+        // 22/21/21 query heads in groups of 8: rank 1's heads 22..43 use KV heads 2..=5
+        (ModelShape::llama2_70b(), 3, 4),
+        (ModelShape::smollm2_135m(), 4, 2),
+        // even splits keep ceil(kv / n), or 1 when n > kv
+        (ModelShape::llama2_70b(), 8, 1),
+        (ModelShape::llama2_70b(), 2, 4),
+        (ModelShape::llama2_70b(), 16, 1),
+        (ModelShape::llama2_7b(), 4, 8),
+        (ModelShape::smollm2_135m(), 3, 1),
+    ] {
+        assert_eq!(m.rank(tp).unwrap().kv_heads, kv, "{} TP {tp}", m.name);
+        let layout = TpLayout::new(&m.to_config(), tp).unwrap();
+        let most = layout.ranks.iter().map(|r| r.kv_heads.len()).max();
+        assert_eq!(most, Some(kv), "{} TP {tp}", m.name);
+    }
+    let odd = ModelShape {
+        kv_heads: 5,
+        ..ModelShape::smollm2_135m()
+    };
+    assert!(odd.rank(3).is_err(), "9 query heads over 5 KV heads");
 }
 
 #[test]

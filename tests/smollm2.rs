@@ -299,3 +299,26 @@ fn bf16_wire_stays_close_to_the_f32_wire_and_keeps_the_greedy_continuation() {
         assert!(worst < 0.5, "TP {tp}: bf16 wire moved a logit by {worst}");
     }
 }
+
+/// A multiple-choice document whose choices share a context that encodes to no tokens is
+/// scored (each choice on its own, its first token unscored) instead of panicking on the
+/// shared prefill's last row.
+#[test]
+fn choices_sharing_an_empty_context_are_scored() {
+    use syncdrop::tasks::{evaluate, Doc};
+    let f = files();
+    let tok = tokenizer(&f);
+    let doc = Doc {
+        id: 7,
+        choices: vec![
+            (String::new(), "The capital of France is Paris.".into()),
+            (String::new(), "The capital of France is banana.".into()),
+        ],
+        gold: 0,
+    };
+    assert!(tok.encode(&doc.choices[0].0).unwrap().is_empty());
+    let bar = indicatif::ProgressBar::hidden();
+    let s = evaluate(&mut engine(&f, 2), &tok, "sciq", &[doc], &bar).unwrap();
+    assert_eq!((s.n, s.docs[0].id), (1, 7));
+    assert!(s.docs[0].acc, "Paris over banana: {s:?}");
+}

@@ -28,12 +28,13 @@ pub use thread::ThreadComm;
 /// inside the collective, waiting for slower ranks included), and how many bytes were reduced.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct CommStats {
-    /// All-reduces completed (the sync points).
+    /// All-reduces completed (the sync points); barriers are not counted.
     pub all_reduces: u64,
     /// Wall time inside those all-reduces, in nanoseconds.
     pub nanos: u64,
-    /// Bytes reduced: elements times [`Wire::bytes`] between ranks; [`Identity`] counts f32
-    /// bytes.
+    /// Bytes reduced: elements times the communicator's [`Wire::bytes`] (at one rank too,
+    /// where nothing crosses a wire: what TP would move). A barrier moves no data and is not
+    /// counted.
     pub bytes: u64,
     /// Of `all_reduces`, those whose time `nanos` leaves out: device collectives that ran
     /// asynchronously while lane timing was off (`Backend::set_comm_timing`), and every
@@ -230,7 +231,7 @@ impl Communicator for Identity {
     }
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
         self.counters
-            .record(Instant::now(), std::mem::size_of_val(data));
+            .record(Instant::now(), data.len() * self.wire.bytes());
         Ok(())
     }
     fn barrier(&self) -> Result<()> {

@@ -88,18 +88,10 @@ impl P2pSimComm {
             })
             .collect())
     }
-}
 
-impl Communicator for P2pSimComm {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world(&self) -> usize {
-        self.sh.world
-    }
-
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
-        let start = Instant::now();
+    /// One round of the protocol (module docs) on `data`, uncounted: an all-reduce, or with
+    /// no data a barrier.
+    fn exchange(&self, data: &mut [f32]) -> Result<()> {
         let sh = &*self.sh;
         if data.len() > sh.capacity {
             return Err(Error::InvalidArgument(format!(
@@ -159,12 +151,28 @@ impl Communicator for P2pSimComm {
             }
             *out = acc;
         }
+        Ok(())
+    }
+}
+
+impl Communicator for P2pSimComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.sh.world
+    }
+
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<()> {
+        let start = Instant::now();
+        self.exchange(data)?;
         self.counters.record(start, std::mem::size_of_val(data));
         Ok(())
     }
 
+    /// A round with no data (the same flags and counters), not counted as an all-reduce.
     fn barrier(&self) -> Result<()> {
-        self.all_reduce_sum(&mut [])
+        self.exchange(&mut [])
     }
 
     fn abort(&self, reason: &str) {

@@ -186,12 +186,7 @@ impl Communicator for ThreadComm {
                 data[range].copy_from_slice(&c);
             }
         }
-        let bytes = if sh.world > 1 {
-            data.len() * self.wire.bytes()
-        } else {
-            std::mem::size_of_val(data)
-        };
-        self.counters.record(start, bytes);
+        self.counters.record(start, data.len() * self.wire.bytes());
         Ok(())
     }
 
