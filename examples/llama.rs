@@ -724,23 +724,31 @@ fn no_spd(c: &Common, cmd: &str) -> Result<()> {
     Ok(())
 }
 
+/// The distillation's (and head grouping's) calibration text, `--distill-calib` passages of
+/// `--distill-seq-len` tokens; none when not `used`.
+fn distill_data(tok: &Tokenizer, train: &Train, used: bool) -> Result<Vec<Vec<u32>>> {
+    if !used {
+        return Ok(Vec::new());
+    }
+    let c = Calib {
+        calib: train.distill_calib,
+        seq_len: train.distill_seq_len,
+    };
+    calibration(tok, &c, "distill-calib")
+}
+
+/// A sensitivity saved by `sensitivity` (or `plan`), checked against `engine`'s model and
+/// TP degree.
+fn saved_sensitivity(path: &Path, engine: &Engine) -> Result<Sensitivity> {
+    let s: Sensitivity = read_json(path)?;
+    s.check_for(engine)
+        .map_err(|e| named(format_args!("--sensitivity {}", path.display()), e))?;
+    Ok(s)
+}
+
 /// The distillation settings of --epochs, --lr, --holdout and --patience, checked when
 /// `used` (a run that distils nothing ignores them). With `--backend cuda` the training runs
 /// on GPU 0, else on `--threads` host threads.
-/// The distillation's calibration text (`--distill-calib` x `--distill-seq-len`).
-fn distill_data(tok: &Tokenizer, train: &Train) -> Result<Vec<Vec<u32>>> {
-    calibration(tok, &train.data(), "distill-calib")
-}
-
-impl Train {
-    fn data(&self) -> Calib {
-        Calib {
-            calib: self.distill_calib,
-            seq_len: self.distill_seq_len,
-        }
-    }
-}
-
 fn distill_config(train: &Train, used: bool, common: &Common) -> Result<DistillConfig> {
     let cfg = DistillConfig {
         epochs: train.epochs,
@@ -1219,18 +1227,9 @@ fn run(cli: Cli) -> Result<()> {
             };
             // the distillation's (and head grouping's) calibration text, none without B2B:
             // read before the sensitivity, so that a bad --distill-calib stops the run early
-            let seqs = if b2b {
-                distill_data(&tok, &train)?
-            } else {
-                Vec::new()
-            };
+            let seqs = distill_data(&tok, &train, b2b)?;
             let sens: Sensitivity = match sensitivity {
-                Some(p) => {
-                    let s: Sensitivity = read_json(&p)?;
-                    s.check_for(&engine)
-                        .map_err(|e| named(format_args!("--sensitivity {}", p.display()), e))?;
-                    s
-                }
+                Some(p) => saved_sensitivity(&p, &engine)?,
                 None => {
                     let seqs = calibration(&tok, &calib, "calib")?;
                     spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?
@@ -1421,8 +1420,8 @@ fn run(cli: Cli) -> Result<()> {
                 "holdout": train.holdout,
                 "patience": train.patience,
             });
-            let given_sens: Option<Sensitivity> = match &sensitivity {
-                None => None,
+            match &sensitivity {
+                None => {}
                 Some(_) if tp_list.len() != 1 => {
                     return Err(bad(format!(
                         "--sensitivity orders the blocks of one TP degree (SPD's error depends \
@@ -1431,11 +1430,8 @@ fn run(cli: Cli) -> Result<()> {
                         tp_list.len()
                     )))
                 }
-                Some(p) => {
-                    settings["sensitivity_file"] = p.display().to_string().into();
-                    Some(read_json(p)?)
-                }
-            };
+                Some(p) => settings["sensitivity_file"] = p.display().to_string().into(),
+            }
             if out.exists() && !resume {
                 return Err(bad(format!(
                     "{} exists: add --resume to keep its points that this run does not \
@@ -1535,20 +1531,9 @@ fn run(cli: Cli) -> Result<()> {
                     ..common.clone()
                 })?;
                 let n = engine.cfg.n_layers;
-                // the distillation's (and head grouping's) calibration text
-                let seqs = if distils {
-                    distill_data(&tok, &train)?
-                } else {
-                    Vec::new()
-                };
-                let sens = match &given_sens {
-                    Some(s) => {
-                        let file = sensitivity.as_deref().unwrap_or(Path::new(""));
-                        s.check_for(&engine).map_err(|e| {
-                            named(format_args!("--sensitivity {}", file.display()), e)
-                        })?;
-                        s.clone()
-                    }
+                let seqs = distill_data(&tok, &train, distils)?;
+                let sens = match &sensitivity {
+                    Some(p) => saved_sensitivity(p, &engine)?,
                     None => {
                         let seqs = calibration(&tok, &calib, "calib")?;
                         spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?
@@ -1658,7 +1643,7 @@ fn run(cli: Cli) -> Result<()> {
                 sha,
             } = open(&common)?;
             let mut plan = SpdPlan::load(&plan_path)?;
-            let seqs = distill_data(&tok, &train)?;
+            let seqs = distill_data(&tok, &train, true)?;
             let mut blocks = Vec::new();
             let mut reports = Vec::new();
             for l in 0..engine.cfg.n_layers {

@@ -238,14 +238,11 @@ impl SpdPlan {
 
     /// The blocks whose weights come from the distilled file (recovery B2B or HG+B2B).
     pub fn distilled_layers(&self) -> Vec<usize> {
-        (0..self.layers.len())
-            .filter(|i| {
-                self.layers[*i].spd
-                    && matches!(
-                        self.layers[*i].recovery,
-                        Some(Recovery::B2b | Recovery::HgB2b)
-                    )
-            })
+        self.layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.spd && matches!(l.recovery, Some(Recovery::B2b | Recovery::HgB2b)))
+            .map(|(i, _)| i)
             .collect()
     }
 

@@ -349,11 +349,7 @@ fn beside(path: &Path, suffix: &str) -> PathBuf {
 /// and tags.
 pub(crate) fn short_digest(bytes: &[u8]) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::files::hex(&sha2::Sha256::digest(bytes)[..8])
 }
 
 /// A short name for one id (its bytes hold rank 0's address and a random magic): answers
