@@ -65,29 +65,38 @@ impl EngineBench {
     }
 }
 
-/// Parameters of rank `r`'s share of every block and its LM-head slice.
+/// Parameters of rank `r`'s share of every block and its LM-head slice. Each block counts
+/// the shards it runs with ([`Engine::block_shards`]: head grouping may give a rank other
+/// heads, and with an uneven split another number of them, in some blocks).
 pub fn rank_params(engine: &Engine, r: usize) -> u64 {
     let c = &engine.cfg;
-    let s = &engine.layout.ranks[r];
     let (d, hd) = (c.hidden as u64, c.head_dim as u64);
-    let (nq, nkv, f) = (
-        s.q_heads.len() as u64,
-        s.kv_heads.len() as u64,
-        s.ffn.len() as u64,
-    );
-    let block = (nq + 2 * nkv) * hd * d + d * nq * hd + 3 * d * f;
+    let blocks: u64 = (0..c.n_layers)
+        .map(|l| {
+            let shards = engine.block_shards(l);
+            let s = &shards[r];
+            let (nq, nkv, f) = (
+                s.q_heads.len() as u64,
+                s.kv_heads.len() as u64,
+                s.ffn.len() as u64,
+            );
+            (nq + 2 * nkv) * hd * d + d * nq * hd + 3 * d * f
+        })
+        .sum();
     let vocab = crate::layout::even_split(c.vocab, engine.tp())[r].len() as u64;
-    c.n_layers as u64 * block + vocab * d
+    blocks + vocab * d
 }
 
 /// FLOPs of rank `r` prefilling `t` tokens: 2 per multiply-add of every linear layer, plus
-/// QK^T and PV over the causal triangle.
+/// QK^T and PV over the causal triangle (over each block's own query heads).
 pub fn rank_prefill_flops(engine: &Engine, r: usize, t: usize) -> f64 {
     let c = &engine.cfg;
-    let nq = engine.layout.ranks[r].q_heads.len() as f64;
+    let heads: f64 = (0..c.n_layers)
+        .map(|l| engine.block_shards(l)[r].q_heads.len() as f64)
+        .sum();
     let t = t as f64;
-    let attn = 2.0 * 2.0 * (t * (t + 1.0) / 2.0) * nq * c.head_dim as f64;
-    2.0 * t * rank_params(engine, r) as f64 + c.n_layers as f64 * attn
+    let attn = 2.0 * 2.0 * (t * (t + 1.0) / 2.0) * c.head_dim as f64;
+    2.0 * t * rank_params(engine, r) as f64 + heads * attn
 }
 
 /// Prefill `prompt` random tokens `reps` times (each from position 0), then decode

@@ -211,19 +211,43 @@ impl TaskScore {
     }
 }
 
-/// Log-likelihood of `cont` after `ctx`, and whether every continuation token was the argmax.
+/// `text`'s tokens as a scoring context. A context of no tokens has no row of logits to predict
+/// the continuation's first token from; as lm-evaluation-harness does, it becomes the
+/// tokenizer's start (BOS) token, or its end-of-text token, so every continuation token is scored.
+fn context_ids(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
+    let ids = tok.encode(text)?;
+    if !ids.is_empty() {
+        return Ok(ids);
+    }
+    match tok.bos.or(tok.eos) {
+        Some(t) => Ok(vec![t]),
+        None => Err(Error::Config(
+            "cannot score a continuation after an empty context: the tokenizer has neither a \
+             BOS nor an end-of-text token to stand in for it"
+                .into(),
+        )),
+    }
+}
+
+/// Log-likelihood of `cont` after `ctx` (at least one token, see [`context_ids`]), and whether
+/// every continuation token was the argmax. An empty continuation has log-likelihood 0.
 fn loglik(engine: &mut Engine, ctx: &[u32], cont: &[u32]) -> Result<(f64, bool)> {
+    if ctx.is_empty() {
+        return Err(Error::Config("loglik: empty context".into()));
+    }
+    if cont.is_empty() {
+        return Ok((0.0, true));
+    }
     let mut all: Vec<u32> = ctx.to_vec();
     all.extend_from_slice(cont);
-    let start = ctx.len().max(1) - 1;
+    let start = ctx.len() - 1;
     let logits = engine.forward(&all, 0, start..all.len() - 1)?;
     let mut ll = 0.0;
     let mut greedy = true;
-    for (i, t) in all[start + 1..].iter().enumerate() {
+    for (i, t) in cont.iter().enumerate() {
         ll -= nll(logits.row(i), *t);
         greedy &= argmax(logits.row(i)) as u32 == *t;
     }
-    // with an empty context the first token is unscored (never happens with this data)
     Ok((ll, greedy))
 }
 
@@ -260,7 +284,7 @@ pub fn evaluate(
     for d in docs {
         if task == "lambada" {
             let (ctx, cont) = &d.choices[0];
-            let (_, greedy) = loglik(engine, &tok.encode(ctx)?, &tok.encode(cont)?)?;
+            let (_, greedy) = loglik(engine, &context_ids(tok, ctx)?, &tok.encode(cont)?)?;
             outcomes.push(DocOutcome {
                 id: d.id,
                 acc: greedy,
@@ -272,15 +296,10 @@ pub fn evaluate(
             let shared = d.choices.iter().all(|c| c.0 == d.choices[0].0);
             let shared_ctx = if shared {
                 // One prefill of the common context; each choice then continues from it
-                // (its KV positions are simply overwritten by the next choice). A context of
-                // no tokens has no last row to continue from: each choice is scored alone.
-                let ctx = tok.encode(&d.choices[0].0)?;
-                if ctx.is_empty() {
-                    None
-                } else {
-                    let last = engine.forward(&ctx, 0, ctx.len() - 1..ctx.len())?;
-                    Some((ctx, last.row(0).to_vec()))
-                }
+                // (its KV positions are simply overwritten by the next choice).
+                let ctx = context_ids(tok, &d.choices[0].0)?;
+                let last = engine.forward(&ctx, 0, ctx.len() - 1..ctx.len())?;
+                Some((ctx, last.row(0).to_vec()))
             } else {
                 None
             };
@@ -290,7 +309,7 @@ pub fn evaluate(
                     Some((ctx_ids, last)) => {
                         continuation_loglik(engine, ctx_ids.len(), last, &cont_ids)?
                     }
-                    None => loglik(engine, &tok.encode(ctx)?, &cont_ids)?.0,
+                    None => loglik(engine, &context_ids(tok, ctx)?, &cont_ids)?.0,
                 };
                 lls.push(ll);
                 norm.push(ll / cont.chars().count().max(1) as f64);

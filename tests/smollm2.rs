@@ -301,8 +301,8 @@ fn bf16_wire_stays_close_to_the_f32_wire_and_keeps_the_greedy_continuation() {
 }
 
 /// A multiple-choice document whose choices share a context that encodes to no tokens is
-/// scored (each choice on its own, its first token unscored) instead of panicking on the
-/// shared prefill's last row.
+/// scored (after the tokenizer's BOS/end-of-text token, as lm-evaluation-harness does) instead
+/// of panicking on the shared prefill's last row.
 #[test]
 fn choices_sharing_an_empty_context_are_scored() {
     use syncdrop::tasks::{evaluate, Doc};
@@ -321,4 +321,82 @@ fn choices_sharing_an_empty_context_are_scored() {
     let s = evaluate(&mut engine(&f, 2), &tok, "sciq", &[doc], &bar).unwrap();
     assert_eq!((s.n, s.docs[0].id), (1, 7));
     assert!(s.docs[0].acc, "Paris over banana: {s:?}");
+}
+
+/// With an empty context every continuation token is scored, the first one included (it is
+/// predicted from the BOS/end-of-text token that stands in for the context). Single-token
+/// choices would all score 0, a tie that picks choice 0, if the first token went unscored.
+#[test]
+fn the_first_token_after_an_empty_context_is_scored() {
+    use syncdrop::tasks::{evaluate, Doc};
+    let f = files();
+    let tok = tokenizer(&f);
+    assert!(tok.bos.or(tok.eos).is_some());
+    let rare = "ixel";
+    let common = "The";
+    for w in [rare, common] {
+        assert_eq!(tok.encode(w).unwrap().len(), 1, "{w:?} is not one token");
+    }
+    let doc = Doc {
+        id: 3,
+        choices: vec![(String::new(), rare.into()), (String::new(), common.into())],
+        gold: 1,
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    let s = evaluate(&mut engine(&f, 1), &tok, "sciq", &[doc], &bar).unwrap();
+    assert!(s.docs[0].acc, "{common:?} after BOS over {rare:?}: {s:?}");
+    // LAMBADA's last word is right only if greedy decoding produces it: a rare first token
+    // after BOS is not the argmax (unscored, it passed vacuously).
+    let word = Doc {
+        id: 4,
+        choices: vec![(String::new(), rare.into())],
+        gold: 0,
+    };
+    let s = evaluate(&mut engine(&f, 1), &tok, "lambada", &[word], &bar).unwrap();
+    assert!(
+        !s.docs[0].acc,
+        "{rare:?} is not the argmax after BOS: {s:?}"
+    );
+}
+
+/// A rank's parameter count follows head grouping: a block whose heads were re-assigned
+/// counts the KV heads that rank now loads (under GQA a rank may need more or fewer of them).
+#[test]
+fn rank_params_count_each_blocks_own_shards() {
+    let f = files();
+    let mut e = engine(&f, 4);
+    let cfg = e.cfg.clone();
+    let count = |e: &Engine, r: usize| -> u64 {
+        let mut n = 0u64;
+        for l in 0..cfg.n_layers {
+            let w = syncdrop::model::load_block(&f, &cfg, &e.block_shards(l)[r], l).unwrap();
+            n += (w.wqkv.len() + w.wo.len() + w.w_gate_up.len() + w.w_down.len()) as u64;
+        }
+        n + (syncdrop::layout::even_split(cfg.vocab, 4)[r].len() * cfg.hidden) as u64
+    };
+    let before: Vec<u64> = (0..4)
+        .map(|r| syncdrop::bench::rank_params(&e, r))
+        .collect();
+    assert_eq!(before[1], count(&e, 1));
+    // 9 heads in 3 KV groups: ranks hold 3/2/2/2 heads; rank 1 gets heads 3 and 6 (two KV
+    // groups) and rank 2 heads 4 and 5 (one), in block 5 only
+    let heads = vec![vec![0, 1, 2], vec![3, 6], vec![4, 5], vec![7, 8]];
+    let shards = syncdrop::layout::TpLayout::with_heads(&cfg, heads)
+        .unwrap()
+        .ranks;
+    assert_ne!(
+        shards[1].kv_heads.len(),
+        e.layout.ranks[1].kv_heads.len(),
+        "the new assignment must change rank 1's KV heads"
+    );
+    e.set_block_shards(5, shards).unwrap();
+    for r in 0..4 {
+        assert_eq!(
+            syncdrop::bench::rank_params(&e, r),
+            count(&e, r),
+            "rank {r}"
+        );
+    }
+    assert!(syncdrop::bench::rank_params(&e, 1) > before[1]);
+    assert!(syncdrop::bench::rank_params(&e, 2) < before[2]);
 }
