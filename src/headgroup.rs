@@ -5,10 +5,10 @@
 //! dissimilar — the sum of pairwise distances between their attention-score patterns on
 //! calibration data is maximised — and (2) pairs each head group with the MLP shard whose
 //! output norm on that group's attention output is largest (an assignment over the N!
-//! pairings, exhaustive up to 8 ranks). Every rank keeps its number of query heads. With GQA
-//! whole KV groups move when the partition allows it (every rank's head count a multiple of
-//! the group size); otherwise heads move one by one and a rank computes every KV head its
-//! query heads use.
+//! pairings, exhaustive up to 8 ranks, the Hungarian algorithm beyond). Every rank keeps its
+//! number of query heads. With GQA whole KV groups move when the partition allows it (every
+//! rank holds whole KV groups); otherwise heads move one by one and a rank computes every KV
+//! head its query heads use.
 
 #![warn(missing_docs)]
 
@@ -92,17 +92,19 @@ pub fn within_rank_dissimilarity(heads: &[Vec<usize>], dist: &[Vec<f64>]) -> f64
 /// single heads) until none improves.
 pub fn group_heads(cfg: &LlamaConfig, start: &[Vec<usize>], dist: &[Vec<f64>]) -> Vec<Vec<usize>> {
     let g = cfg.group_size();
-    let whole_groups = g > 1 && start.iter().all(|r| r.len() % g == 0);
+    // KV-group ids of a rank's heads, sorted and unique
+    let groups_of = |r: &[usize], unit: usize| -> Vec<usize> {
+        let mut u: Vec<usize> = r.iter().map(|h| h / unit).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    };
+    // whole groups only when every rank holds complete KV groups (an explicit layout need
+    // not be contiguous: [[0, 2], [1, 3]] has two heads per rank but splits both groups)
+    let whole_groups = g > 1 && start.iter().all(|r| groups_of(r, g).len() * g == r.len());
     let unit = if whole_groups { g } else { 1 };
     // units per rank, as lists of unit ids; a unit is `unit` consecutive heads
-    let mut ranks: Vec<Vec<usize>> = start
-        .iter()
-        .map(|r| {
-            let mut u: Vec<usize> = r.iter().map(|h| h / unit).collect();
-            u.dedup();
-            u
-        })
-        .collect();
+    let mut ranks: Vec<Vec<usize>> = start.iter().map(|r| groups_of(r, unit)).collect();
     let heads_of = |ranks: &Vec<Vec<usize>>| -> Vec<Vec<usize>> {
         ranks
             .iter()
@@ -214,13 +216,23 @@ pub fn mlp_scores(
     Ok(score)
 }
 
-/// The MLP shard for each head group maximising the summed score (exhaustive, tp <= 8).
+/// The MLP shard for each head group maximising the summed score: exhaustive up to 8 ranks,
+/// the Hungarian algorithm beyond (same optimum, ties aside). `InvalidArgument` for a score
+/// matrix that is not square, or (beyond 8 ranks) has a non-finite entry.
 pub fn pair_mlp(score: &[Vec<f64>]) -> Result<Vec<usize>> {
     let n = score.len();
-    if n > 8 {
+    if score.iter().any(|r| r.len() != n) {
         return Err(Error::InvalidArgument(format!(
-            "MLP pairing is exhaustive up to 8 ranks; got {n}"
+            "MLP pairing needs a square score matrix ({n} head groups)"
         )));
+    }
+    if n > 8 {
+        if score.iter().flatten().any(|v| !v.is_finite()) {
+            return Err(Error::InvalidArgument(
+                "MLP pairing: non-finite MLP output norm".into(),
+            ));
+        }
+        return Ok(hungarian_max(score));
     }
     let mut best = (f64::NEG_INFINITY, (0..n).collect::<Vec<_>>());
     for p in permutations(n) {
@@ -230,6 +242,61 @@ pub fn pair_mlp(score: &[Vec<f64>]) -> Result<Vec<usize>> {
         }
     }
     Ok(best.1)
+}
+
+/// Maximum-weight perfect matching of rows to columns of a square, finite matrix (the
+/// Hungarian algorithm with potentials, O(n^3), on costs -score): `out[row]` = column.
+fn hungarian_max(score: &[Vec<f64>]) -> Vec<usize> {
+    let n = score.len();
+    // 1-based; column 0 is the virtual start, p[j] the row matched to column j (0: none)
+    let (mut u, mut v) = (vec![0f64; n + 1], vec![0f64; n + 1]);
+    let (mut p, mut way) = (vec![0usize; n + 1], vec![0usize; n + 1]);
+    for i in 1..=n {
+        p[0] = i;
+        let mut j0 = 0;
+        let mut minv = vec![f64::INFINITY; n + 1];
+        let mut used = vec![false; n + 1];
+        loop {
+            used[j0] = true;
+            let i0 = p[j0];
+            let (mut delta, mut j1) = (f64::INFINITY, 0);
+            for j in 1..=n {
+                if !used[j] {
+                    let cur = -score[i0 - 1][j - 1] - u[i0] - v[j];
+                    if cur < minv[j] {
+                        minv[j] = cur;
+                        way[j] = j0;
+                    }
+                    if minv[j] < delta {
+                        delta = minv[j];
+                        j1 = j;
+                    }
+                }
+            }
+            for j in 0..=n {
+                if used[j] {
+                    u[p[j]] += delta;
+                    v[j] -= delta;
+                } else {
+                    minv[j] -= delta;
+                }
+            }
+            j0 = j1;
+            if p[j0] == 0 {
+                break;
+            }
+        }
+        while j0 != 0 {
+            let j1 = way[j0];
+            p[j0] = p[j1];
+            j0 = j1;
+        }
+    }
+    let mut out = vec![0; n];
+    for j in 1..=n {
+        out[p[j] - 1] = j - 1;
+    }
+    out
 }
 
 /// The head grouping of one block: which query heads and which FFN shard each rank gets.
@@ -272,6 +339,12 @@ impl Grouping {
 /// Head grouping of block `layer` on calibration sequences; applies it to the engine (original
 /// weights, re-assigned) and returns it.
 pub fn group_block(engine: &mut Engine, layer: usize, calib: &[Vec<u32>]) -> Result<Grouping> {
+    if calib.iter().all(|s| s.is_empty()) {
+        return Err(Error::InvalidArgument(format!(
+            "head grouping of block {layer} needs calibration tokens; got {} empty sequences",
+            calib.len()
+        )));
+    }
     let xs = calib
         .iter()
         .map(|s| engine.block_input(s, layer))

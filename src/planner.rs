@@ -409,8 +409,9 @@ fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
 /// split plus `search_z` paired standard errors is within the budget: 0 compares the point
 /// estimate (the paper's way, and prone to the winner's curse on small samples: the search
 /// keeps lucky draws), 1.645 asks for a one-sided 95% upper bound within budget (a step
-/// without a standard error is judged by its point estimate). The engine ends with the
-/// chosen plan (and distilled blocks) loaded. Returns the outcome and the distilled blocks.
+/// without a standard error is judged by its point estimate). The baseline is the engine as
+/// given: pass one with the original weights (not one that already holds distilled or
+/// head-grouped blocks). The engine ends with the chosen plan (and distilled blocks) loaded. Returns the outcome and the distilled blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     engine: &mut Engine,
@@ -432,6 +433,22 @@ pub fn plan(
         return Err(Error::InvalidArgument(format!(
             "search confidence margin must be a finite z >= 0, not {search_z}"
         )));
+    }
+    if budget.limit().is_nan() {
+        return Err(Error::InvalidArgument(format!(
+            "budget {budget:?}: the largest loss allowed must be a number"
+        )));
+    }
+    if let Some(d) = b2b {
+        // checked now, not after the zero-shot search (distillation would refuse them then)
+        d.validate()?;
+        if calib.len() <= d.holdout {
+            return Err(Error::InvalidArgument(format!(
+                "B2B distillation needs calibration passages: {} given, {} held out",
+                calib.len(),
+                d.holdout
+            )));
+        }
     }
     if sens.sensitivity.len() != n {
         return Err(Error::InvalidArgument(
