@@ -411,7 +411,8 @@ fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
 /// keeps lucky draws), 1.645 asks for a one-sided 95% upper bound within budget (a step
 /// without a standard error is judged by its point estimate). The baseline is the engine as
 /// given: pass one with the original weights (not one that already holds distilled or
-/// head-grouped blocks). The engine ends with the chosen plan (and distilled blocks) loaded. Returns the outcome and the distilled blocks.
+/// head-grouped blocks). The engine ends with the chosen plan (and distilled blocks) loaded.
+/// Returns the outcome and the distilled blocks.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     engine: &mut Engine,
