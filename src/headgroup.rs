@@ -177,6 +177,19 @@ pub fn mlp_scores(
     let ffn = even_split(cfg.ffn, tp);
     let d = cfg.hidden;
     let mut score = vec![vec![0.0; tp]; tp];
+    // each MLP shard's weights, loaded (dequantised) once for every group and passage
+    let mlps = ffn
+        .iter()
+        .map(|range| {
+            // only the MLP is used: the smallest attention share (head 0) comes along
+            let shard = RankShard {
+                q_heads: vec![0],
+                kv_heads: vec![0],
+                ffn: range.clone(),
+            };
+            load_block(&engine.files, cfg, &shard, layer)
+        })
+        .collect::<Result<Vec<_>>>()?;
     for (g, hs) in heads.iter().enumerate() {
         let shard_g = TpLayout::with_heads(cfg, {
             let mut all = vec![hs.clone()];
@@ -197,13 +210,7 @@ pub fn mlp_scores(
             gemm_strided(t, d, q, &mut u, true, (&att, q, 1), (&wg.wo, 1, q), 1);
             let mut n = vec![0f32; t * d];
             rmsnorm(&u, &wg.ffn_norm, cfg.rms_eps, &mut n);
-            for (m, range) in ffn.iter().enumerate() {
-                let shard_m = RankShard {
-                    q_heads: shard_g.q_heads.clone(),
-                    kv_heads: shard_g.kv_heads.clone(),
-                    ffn: range.clone(),
-                };
-                let wm = load_block(&engine.files, cfg, &shard_m, layer)?;
+            for (m, wm) in mlps.iter().enumerate() {
                 let mut out = vec![0f32; t * d];
                 mlp_into(&n, &wm.w_gate_up, &wm.w_down, d, 1, &mut out);
                 score[g][m] += out
