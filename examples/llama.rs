@@ -1307,15 +1307,15 @@ fn run(cli: Cli) -> Result<()> {
                 &sibling(&out, "svg"),
             )?;
             println!(
-                "plan: {} of {} blocks SPD ({:.0}%): {} zero-shot, {} B2B, {} HG+B2B; thresholds t1 = {:.4}, t2 = {:.4}",
+                "plan: {} of {} blocks SPD ({:.0}%): {} zero-shot, {} B2B, {} HG+B2B; thresholds t1 = {}, t2 = {}",
                 outcome.spd.iter().filter(|s| **s).count(),
                 outcome.spd.len(),
                 100.0 * outcome.fraction,
                 outcome.zero_shot_blocks,
                 outcome.b2b_blocks,
                 outcome.hg_b2b_blocks,
-                outcome.t1,
-                outcome.t2
+                threshold(outcome.t1),
+                threshold(outcome.t2)
             );
             println!(
                 "search split: {:.4} -> {:.4}; held-out split: {:.4} -> {:.4} (loss {:+.4}, budget {}): {}",
@@ -1696,5 +1696,14 @@ fn main() {
     if let Err(e) = run(Cli::parse()) {
         eprintln!("error: {e}");
         std::process::exit(1);
+    }
+}
+
+/// A planner threshold for the log: -inf (no block in that class) reads "none".
+fn threshold(t: f64) -> String {
+    if t.is_finite() {
+        format!("{t:.4}")
+    } else {
+        "none (no block in that class)".into()
     }
 }

@@ -473,7 +473,9 @@ pub fn classify(s: f64, t1: f64, t2: f64) -> Class {
     }
 }
 
-/// Bar chart of per-block sensitivity with the two thresholds, as SVG.
+/// Bar chart of per-block sensitivity with the two thresholds, as SVG. A threshold that is not
+/// finite (a plan with no block in that class has t = -inf) draws no line; its legend entry
+/// says so.
 pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &Path) -> Result<()> {
     use plotters::prelude::*;
     let err = |e: String| Error::InvalidArgument(format!("plot {}: {e}", path.display()));
@@ -529,6 +531,15 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
         )
         .map_err(|e| err(e.to_string()))?;
     for (t, label) in [(t1, "t1"), (t2, "t2")] {
+        if !t.is_finite() {
+            // no line; an empty series keeps the legend entry
+            chart
+                .draw_series(LineSeries::new(Vec::<(f64, f64)>::new(), BLACK.mix(0.5)))
+                .map_err(|e| err(e.to_string()))?
+                .label(format!("{label}: none (no block in that class)"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], BLACK.mix(0.5)));
+            continue;
+        }
         chart
             .draw_series(LineSeries::new(
                 vec![(-0.5, t), (n as f64 - 0.5, t)],

@@ -676,3 +676,29 @@ fn planner_can_distil_the_zero_shot_blocks() {
     std::fs::remove_dir_all(dir).ok();
     std::fs::remove_dir_all(dir2).ok();
 }
+
+/// A plan with no block in a class has that threshold at -inf: the sensitivity plot draws no
+/// line for it (no infinite or NaN coordinates in the SVG) and says so in the legend.
+#[test]
+fn the_sensitivity_plot_draws_no_line_for_an_empty_class() {
+    let s = syncdrop::spd::Sensitivity {
+        base_ppl: 30.0,
+        ppl_from: vec![40.0, 35.0, 31.0],
+        sensitivity: vec![5.0, 4.0, 1.0],
+        tp: Some(2),
+        passages: Some(4),
+    };
+    let dir = tmpdir("plot_empty_class");
+    for (t1, t2, lines) in [(f64::NEG_INFINITY, f64::NEG_INFINITY, 0), (1.0, 4.0, 2)] {
+        let path = dir.join(format!("s{lines}.svg"));
+        syncdrop::spd::plot_sensitivity(&s, t1, t2, "t", &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let low = svg.to_lowercase();
+        assert!(!low.contains("inf") && !low.contains("nan"), "{svg}");
+        assert_eq!(
+            svg.matches("none (no block in that class)").count(),
+            2 - lines
+        );
+        assert_eq!(svg.matches("t1 = 1.000").count(), usize::from(lines == 2));
+    }
+}
