@@ -26,16 +26,31 @@ pub fn head_patterns(engine: &Engine, layer: usize, xs: &[Vec<f32>]) -> Result<V
     let cfg = &engine.cfg;
     let full = TpLayout::new(cfg, 1)?.ranks.remove(0);
     let w = load_block(&engine.files, cfg, &full, layer)?;
+    let mut pats = vec![Vec::new(); cfg.n_heads];
+    for x in xs {
+        for (pat, p) in pats.iter_mut().zip(passage_patterns(cfg, &w, x)) {
+            pat.extend(p);
+        }
+    }
+    Ok(pats)
+}
+
+/// One passage's attention probabilities per head (see [`head_patterns`]).
+fn passage_patterns(
+    cfg: &LlamaConfig,
+    w: &crate::backend::BlockWeights,
+    x: &[f32],
+) -> Vec<Vec<f32>> {
     let (d, hd) = (cfg.hidden, cfg.head_dim);
     let (nq, nkv) = (cfg.n_heads, cfg.n_kv_heads);
     let width = (nq + 2 * nkv) * hd;
-    let mut pats = vec![Vec::new(); nq];
-    for x in xs {
-        let t = x.len() / d;
-        let qkv = qkv_rope(cfg, &w, x, nq, nkv);
-        let scale = 1.0 / (hd as f32).sqrt();
-        for (h, pat) in pats.iter_mut().enumerate() {
+    let t = x.len() / d;
+    let qkv = qkv_rope(cfg, w, x, nq, nkv);
+    let scale = 1.0 / (hd as f32).sqrt();
+    (0..nq)
+        .map(|h| {
             let kh = h / cfg.group_size();
+            let mut pat = Vec::with_capacity(t * (t + 1) / 2);
             for p in 0..t {
                 let q = &qkv[p * width + h * hd..p * width + (h + 1) * hd];
                 let scores: Vec<f32> = (0..=p)
@@ -48,27 +63,55 @@ pub fn head_patterns(engine: &Engine, layer: usize, xs: &[Vec<f32>]) -> Result<V
                 let z: f32 = scores.iter().map(|s| (s - m).exp()).sum();
                 pat.extend(scores.iter().map(|s| (s - m).exp() / z));
             }
-        }
-    }
-    Ok(pats)
+            pat
+        })
+        .collect()
 }
 
 /// Pairwise Euclidean distances between head patterns.
 pub fn distances(p: &[Vec<f32>]) -> Vec<Vec<f64>> {
+    let mut sq = vec![vec![0.0; p.len()]; p.len()];
+    add_squared_distances(&mut sq, p);
+    roots(sq)
+}
+
+/// Add the squared distances between `p`'s patterns to `sq` (upper triangle).
+fn add_squared_distances(sq: &mut [Vec<f64>], p: &[Vec<f32>]) {
     let n = p.len();
-    let mut d = vec![vec![0.0; n]; n];
     for i in 0..n {
         for j in i + 1..n {
-            let s: f64 = p[i]
+            sq[i][j] = p[i]
                 .iter()
                 .zip(&p[j])
-                .map(|(a, b)| ((a - b) as f64).powi(2))
-                .sum();
-            d[i][j] = s.sqrt();
-            d[j][i] = d[i][j];
+                .fold(sq[i][j], |s, (a, b)| s + ((a - b) as f64).powi(2));
         }
     }
-    d
+}
+
+/// Square roots of the upper triangle, mirrored.
+fn roots(mut sq: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+    let n = sq.len();
+    for i in 0..n {
+        sq[i][i] = 0.0;
+        for j in i + 1..n {
+            sq[i][j] = sq[i][j].sqrt();
+            sq[j][i] = sq[i][j];
+        }
+    }
+    sq
+}
+
+/// `distances(&head_patterns(engine, layer, xs))`, bit for bit, one passage at a time: memory
+/// for one passage's patterns (heads x t^2 / 2), not every passage's.
+pub fn head_distances(engine: &Engine, layer: usize, xs: &[Vec<f32>]) -> Result<Vec<Vec<f64>>> {
+    let cfg = &engine.cfg;
+    let full = TpLayout::new(cfg, 1)?.ranks.remove(0);
+    let w = load_block(&engine.files, cfg, &full, layer)?;
+    let mut sq = vec![vec![0.0; cfg.n_heads]; cfg.n_heads];
+    for x in xs {
+        add_squared_distances(&mut sq, &passage_patterns(cfg, &w, x));
+    }
+    Ok(roots(sq))
 }
 
 /// Sum over ranks of the pairwise distances between the heads on that rank.
@@ -362,7 +405,7 @@ pub fn group_block(engine: &mut Engine, layer: usize, calib: &[Vec<u32>]) -> Res
         .iter()
         .map(|r| r.q_heads.clone())
         .collect();
-    let dist = distances(&head_patterns(engine, layer, &xs)?);
+    let dist = head_distances(engine, layer, &xs)?;
     let heads = group_heads(&engine.cfg, &start, &dist);
     let score = mlp_scores(engine, layer, &heads, &xs)?;
     let g = Grouping {

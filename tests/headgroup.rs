@@ -150,3 +150,34 @@ fn a_failed_engine_refuses_to_load_weights() {
     assert_eq!(got, refused, "set_block_shards");
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// Head distances computed one passage at a time are those of the concatenated patterns, bit
+/// for bit (the memory-light path head grouping uses).
+#[test]
+fn streamed_head_distances_equal_the_whole_patterns() {
+    use syncdrop::headgroup::{distances, head_distances, head_patterns};
+    let t = Tiny {
+        n_heads: 6,
+        n_kv_heads: 3,
+        n_layers: 2,
+        ..Tiny::small()
+    };
+    let dir = tmpdir("hgdist");
+    let path = dir.join("m.gguf");
+    write_gguf(&path, &t, 7, GgmlType::F32, "llama");
+    let e = engine(&path, 2);
+    let d = e.cfg.hidden;
+    let xs: Vec<Vec<f32>> = [5usize, 9, 3]
+        .iter()
+        .enumerate()
+        .map(|(s, len)| {
+            (0..len * d)
+                .map(|i| ((i * 7 + s * 13) % 17) as f32 / 9.0 - 0.9)
+                .collect()
+        })
+        .collect();
+    let whole = distances(&head_patterns(&e, 1, &xs).unwrap());
+    let streamed = head_distances(&e, 1, &xs).unwrap();
+    assert_eq!(whole, streamed);
+    assert!(whole[0][1] > 0.0 && whole[1][0] == whole[0][1] && whole[2][2] == 0.0);
+}
