@@ -598,20 +598,21 @@ fn task_list(s: &Option<String>) -> Vec<String> {
 }
 
 fn print_suite(s: &SuiteScore) {
-    println!("| task | n | acc | acc_norm | stderr |");
-    println!("|---|---|---|---|---|");
+    println!("| task | n | acc | +- s.e. | acc_norm | +- s.e. |");
+    println!("|---|---|---|---|---|---|");
     for t in &s.tasks {
         println!(
-            "| {} | {} | {:.4} | {:.4} | {:.4} |",
+            "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |",
             t.task,
             t.n,
             t.acc,
+            t.stderr(),
             t.acc_norm,
-            t.stderr()
+            t.stderr_norm()
         );
     }
     println!(
-        "| **average** (acc_norm for arc/hellaswag/piqa) | | {:.4} | | {:.4} |",
+        "| **average** (acc_norm for arc/hellaswag/piqa) | | {:.4} | {:.4} | | |",
         s.average, s.average_stderr
     );
 }

@@ -48,7 +48,9 @@ impl PplResult {
 }
 
 /// Score every token of `tokens` after the first, with windows of at most `window` tokens
-/// advancing by `stride` (each window re-reads up to window - stride tokens of context).
+/// advancing by `stride` (each window re-reads up to window - stride tokens of context). A
+/// window never starts after the first token it scores has a token of context: with
+/// stride == window the windows overlap by one token, so no token is skipped.
 pub fn score_tokens(
     engine: &mut Engine,
     tokens: &[u32],
@@ -66,6 +68,9 @@ pub fn score_tokens(
     let mut prev_end = 1; // the first token is never scored
     let mut begin = 0;
     while prev_end < n {
+        // the token before the first one to score is this window's context (only with
+        // stride == window does this move the window back, by one token)
+        begin = begin.min(prev_end - 1);
         let end = (begin + window).min(n);
         let first = prev_end.max(begin + 1);
         if first < end {

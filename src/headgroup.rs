@@ -89,16 +89,19 @@ fn add_squared_distances(sq: &mut [Vec<f64>], p: &[Vec<f32>]) {
 }
 
 /// Square roots of the upper triangle, mirrored.
-fn roots(mut sq: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
+fn roots(sq: Vec<Vec<f64>>) -> Vec<Vec<f64>> {
     let n = sq.len();
-    for i in 0..n {
-        sq[i][i] = 0.0;
-        for j in i + 1..n {
-            sq[i][j] = sq[i][j].sqrt();
-            sq[j][i] = sq[i][j];
-        }
-    }
-    sq
+    (0..n)
+        .map(|i| {
+            (0..n)
+                .map(|j| match i.cmp(&j) {
+                    std::cmp::Ordering::Less => sq[i][j].sqrt(),
+                    std::cmp::Ordering::Greater => sq[j][i].sqrt(),
+                    std::cmp::Ordering::Equal => 0.0,
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// `distances(&head_patterns(engine, layer, xs))`, bit for bit, one passage at a time: memory

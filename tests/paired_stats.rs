@@ -212,3 +212,17 @@ fn paired_perplexity_increase_on_hand_made_passages() {
     assert!(paired_ppl_increase(&base, &[(21.0, 10), (54.0, 21), (61.0, 30)]).is_err());
     assert!(paired_ppl_increase(&[], &[]).is_err());
 }
+
+/// Each accuracy has its own standard error: acc_norm's is not acc's.
+#[test]
+fn acc_and_acc_norm_have_their_own_standard_errors() {
+    let s = syncdrop::tasks::TaskScore {
+        task: "arc_easy".into(),
+        n: 100,
+        acc: 0.5,
+        acc_norm: 0.9,
+        docs: vec![],
+    };
+    assert!((s.stderr() - 0.05).abs() < 1e-12);
+    assert!((s.stderr_norm() - 0.03).abs() < 1e-12);
+}

@@ -400,3 +400,35 @@ fn rank_params_count_each_blocks_own_shards() {
     assert!(syncdrop::bench::rank_params(&e, 1) > before[1]);
     assert!(syncdrop::bench::rank_params(&e, 2) < before[2]);
 }
+
+/// A model whose logits are NaN (here: one block's MLP weights poisoned) is an error when
+/// scored, not a silent "first choice" for every document.
+#[test]
+fn nan_logits_are_an_error_not_a_first_choice() {
+    use syncdrop::tasks::{evaluate, Doc};
+    let f = files();
+    let tok = tokenizer(&f);
+    let mut e = engine(&f, 2);
+    let cfg = e.cfg.clone();
+    let poisoned = (0..2)
+        .map(|r| {
+            let mut w = syncdrop::model::load_block(&f, &cfg, &e.layout.ranks[r], 3).unwrap();
+            w.w_down.iter_mut().for_each(|v| *v = f32::NAN);
+            w
+        })
+        .collect();
+    e.load_layer(3, poisoned).unwrap();
+    let doc = Doc {
+        id: 11,
+        choices: vec![
+            ("The capital of France is".into(), " Paris".into()),
+            ("The capital of France is".into(), " banana".into()),
+        ],
+        gold: 1,
+    };
+    let bar = indicatif::ProgressBar::hidden();
+    for task in ["sciq", "lambada"] {
+        let err = evaluate(&mut e, &tok, task, std::slice::from_ref(&doc), &bar).unwrap_err();
+        assert!(err.to_string().contains("NaN"), "{task}: {err}");
+    }
+}
