@@ -125,20 +125,48 @@ pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
         };
         let (ctx, cont) = (s("context")?, s("continuation")?);
         let idx = j["idx"].as_u64().unwrap_or(0) as usize;
-        let gold = j["label"].as_u64().unwrap_or(0) as usize;
+        // a choice's index; LAMBADA's one request carries its answer words as the label
+        let gold = match &j["label"] {
+            serde_json::Value::Number(n) => n
+                .as_u64()
+                .ok_or_else(|| bad(format!("line {}: label {n} is not a choice index", i + 1)))?
+                as usize,
+            serde_json::Value::Null => {
+                return Err(bad(format!("line {}: no label", i + 1)));
+            }
+            _ => 0,
+        };
         let d = docs.entry(id).or_insert_with(|| Doc {
             id,
             choices: Vec::new(),
             gold,
         });
-        if idx == d.choices.len() {
-            d.choices.push((ctx, cont));
+        // choices come in order 0, 1, ...; a gap or repeat would shift every later choice
+        if idx != d.choices.len() {
+            return Err(bad(format!(
+                "line {}: document {id} choice {idx} where choice {} was due",
+                i + 1,
+                d.choices.len()
+            )));
         }
+        if gold != d.gold {
+            return Err(bad(format!(
+                "line {}: document {id} labelled {gold}, its earlier lines {}",
+                i + 1,
+                d.gold
+            )));
+        }
+        d.choices.push((ctx, cont));
     }
-    let docs: Vec<Doc> = docs
-        .into_values()
-        .filter(|d| d.gold < d.choices.len())
-        .collect();
+    if let Some(d) = docs.values().find(|d| d.gold >= d.choices.len()) {
+        return Err(bad(format!(
+            "document {}: label {} but {} choice(s)",
+            d.id,
+            d.gold,
+            d.choices.len()
+        )));
+    }
+    let docs: Vec<Doc> = docs.into_values().collect();
     if docs.is_empty() {
         return Err(bad("no documents".into()));
     }
