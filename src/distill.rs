@@ -847,26 +847,13 @@ pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights
                 })
         })
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors {
+    let bytes = safetensors::serialize(views, None).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    // safetensors writes through a private temporary file (mode 0600): give the weights the
-    // mode any file this process creates gets (0666 less the umask), like the plan beside them
-    if let Some(mask) = process_umask() {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !mask))
-            .map_err(|e| Error::io(path, e))?;
-    }
-    Ok(())
-}
-
-/// This process's umask, from /proc (Linux 4.7+); None where it cannot be read (calling
-/// umask(2) to read it would change it for every thread meanwhile).
-fn process_umask() -> Option<u32> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let v = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
-    u32::from_str_radix(v.trim(), 8).ok()
+    // like the plan beside them: temporary file, fsync, rename (an interrupted or power-cut
+    // write leaves the previous weights, never a short file), mode 0666 less the umask
+    crate::files::write_atomic(path, &bytes)
 }
 
 /// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed).
@@ -895,18 +882,26 @@ pub fn load_distilled(
                 let t = st
                     .tensor(&key)
                     .map_err(|_| Error::MissingTensor(format!("{key} in {}", path.display())))?;
+                // save_distilled writes f32 vectors: another dtype of the same byte count
+                // (f16 of twice the elements) would be read as garbage
+                if t.dtype() != safetensors::Dtype::F32 {
+                    return Err(Error::Safetensors {
+                        path: path.to_path_buf(),
+                        msg: format!("{key} is {:?}; distilled weights are F32", t.dtype()),
+                    });
+                }
+                if t.shape() != [dst.len()] {
+                    return Err(Error::ShapeMismatch {
+                        tensor: key,
+                        expected: vec![dst.len()],
+                        found: t.shape().to_vec(),
+                    });
+                }
                 let vals: Vec<f32> = t
                     .data()
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect();
-                if vals.len() != dst.len() {
-                    return Err(Error::ShapeMismatch {
-                        tensor: key,
-                        expected: vec![dst.len()],
-                        found: vec![vals.len()],
-                    });
-                }
                 *dst = vals;
             }
             ranks.push(w);

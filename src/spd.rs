@@ -128,7 +128,8 @@ pub struct SpdPlan {
     pub model_sha256: String,
     /// The TP degree the plan was made for (SPD's error depends on it).
     pub tp: usize,
-    /// e.g. "3/2/2/2"
+    /// Query heads per rank, e.g. "3/2/2/2" (the contiguous layout); an engine with another
+    /// head assignment adds it, e.g. "2/2 (heads 0,2/1,3)".
     pub head_partition: String,
     /// One entry per block, in layer order.
     pub layers: Vec<LayerPlan>,
@@ -176,7 +177,7 @@ impl SpdPlan {
             version: PLAN_VERSION,
             model_sha256: sha,
             tp: engine.tp(),
-            head_partition: engine.layout.head_partition(),
+            head_partition: head_partition(engine),
             layers: spd
                 .iter()
                 .map(|s| LayerPlan {
@@ -207,16 +208,22 @@ impl SpdPlan {
     /// [`SpdPlan::validate`] or [`SpdPlan::load_into`] do that.
     pub fn load(path: &Path) -> Result<SpdPlan> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let plan: SpdPlan = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidArgument(format!("plan {}: {e}", path.display())))?;
-        if plan.version != PLAN_VERSION {
-            return Err(Error::InvalidArgument(format!(
-                "plan {}: version {} (this syncdrop reads version {PLAN_VERSION})",
-                path.display(),
-                plan.version
-            )));
+        let bad =
+            |e: serde_json::Error| Error::InvalidArgument(format!("plan {}: {e}", path.display()));
+        // the version first: a plan of another version may have other fields, and saying
+        // "missing field" about it would hide what is wrong
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(bad)?;
+        match value.get("version") {
+            Some(v) if v.as_u64() == Some(PLAN_VERSION as u64) => {}
+            v => {
+                return Err(Error::InvalidArgument(format!(
+                    "plan {}: version {} (this syncdrop reads version {PLAN_VERSION})",
+                    path.display(),
+                    v.map_or("missing".to_string(), |v| v.to_string())
+                )))
+            }
         }
-        Ok(plan)
+        serde_json::from_value(value).map_err(bad)
     }
 
     /// Write the plan (atomically: an interrupted write leaves the previous file).
@@ -300,7 +307,7 @@ impl SpdPlan {
                     plan_path.display(),
                     w.display(),
                     &got[..12],
-                    &want[..12.min(want.len())]
+                    want.get(..12).unwrap_or(want)
                 )));
             }
         }
@@ -325,11 +332,11 @@ impl SpdPlan {
                 engine.tp()
             ));
         }
-        if self.head_partition != engine.layout.head_partition() {
+        let partition = head_partition(engine);
+        if self.head_partition != partition {
             bad.push(format!(
-                "head partition {} but the engine has {}",
-                self.head_partition,
-                engine.layout.head_partition()
+                "head partition {} but the engine has {partition}",
+                self.head_partition
             ));
         }
         if self.layers.len() != engine.cfg.n_layers {
@@ -338,6 +345,26 @@ impl SpdPlan {
                 self.layers.len(),
                 engine.cfg.n_layers
             ));
+        }
+        for (l, lp) in self.layers.iter().enumerate() {
+            match (&lp.heads, &lp.ffn_order) {
+                (Some(heads), Some(ffn_order)) => {
+                    if let Err(e) = check_grouping(engine, heads, ffn_order) {
+                        bad.push(format!("block {l}: {e}"));
+                    }
+                }
+                (None, None) => {
+                    if lp.spd && lp.recovery == Some(Recovery::HgB2b) {
+                        bad.push(format!(
+                            "block {l} is recovered by head grouping (hg-b2b) but has no \
+                             head permutation"
+                        ));
+                    }
+                }
+                _ => bad.push(format!(
+                    "block {l} has a head permutation or an MLP shard order, not both"
+                )),
+            }
         }
         if bad.is_empty() {
             Ok(())
@@ -350,6 +377,52 @@ impl SpdPlan {
     }
 }
 
+/// The engine's head partition as a plan records it: the query heads of each rank
+/// ("3/2/2/2"), which names the contiguous layout; any other assignment of heads to ranks (an
+/// explicit `EngineOptions::layout`) is spelled out, since SPD's error and the distilled
+/// weights depend on which heads share a rank, not only on how many.
+fn head_partition(engine: &Engine) -> String {
+    let counts = engine.layout.head_partition();
+    let contiguous = crate::layout::TpLayout::new(&engine.cfg, engine.tp()).ok();
+    if contiguous.as_ref() == Some(&engine.layout) {
+        return counts;
+    }
+    let heads: Vec<String> = engine
+        .layout
+        .ranks
+        .iter()
+        .map(|r| {
+            let h: Vec<String> = r.q_heads.iter().map(|h| h.to_string()).collect();
+            h.join(",")
+        })
+        .collect();
+    format!("{counts} (heads {})", heads.join("/"))
+}
+
+/// A block's recorded head grouping fits the engine's model and layout: every head once, an
+/// MLP order that permutes the ranks, each rank keeping its number of query heads.
+fn check_grouping(engine: &Engine, heads: &[Vec<usize>], ffn_order: &[usize]) -> Result<()> {
+    let g = crate::headgroup::Grouping {
+        heads: heads.to_vec(),
+        ffn_order: ffn_order.to_vec(),
+        dissimilarity_before: 0.0,
+        dissimilarity_after: 0.0,
+    };
+    let shards = g.shards(&engine.cfg)?;
+    let counts = |s: &[crate::layout::RankShard]| -> Vec<usize> {
+        s.iter().map(|r| r.q_heads.len()).collect()
+    };
+    if counts(&shards) != counts(&engine.layout.ranks) {
+        return Err(Error::InvalidArgument(format!(
+            "head permutation {heads:?} gives the ranks {:?} query heads, the engine's \
+             layout {:?}",
+            counts(&shards),
+            counts(&engine.layout.ranks)
+        )));
+    }
+    Ok(())
+}
+
 /// Perplexity of several token sequences (each scored on its own).
 pub fn perplexity_of(engine: &mut Engine, seqs: &[Vec<u32>], window: usize) -> Result<f64> {
     let mut total = PplResult::default();
@@ -357,11 +430,19 @@ pub fn perplexity_of(engine: &mut Engine, seqs: &[Vec<u32>], window: usize) -> R
         total.nll_sum += nll;
         total.tokens_scored += n;
     }
+    if total.tokens_scored == 0 {
+        // a perplexity of nothing would read 1.0, and every block's sensitivity 0
+        return Err(Error::InvalidArgument(format!(
+            "perplexity: none of the {} sequences has 2 or more tokens to score",
+            seqs.len()
+        )));
+    }
     Ok(total.ppl())
 }
 
-/// (summed NLL, tokens scored) of every sequence of 2 or more tokens, each scored in
-/// non-overlapping windows of `window` tokens; shorter sequences are skipped.
+/// (summed NLL, tokens scored) of every sequence of 2 or more tokens, each scored in windows
+/// of `window` tokens that overlap by one (every token after the first scored once, see
+/// [`score_tokens`]); shorter sequences are skipped.
 pub fn passage_nlls(
     engine: &mut Engine,
     seqs: &[Vec<u32>],
