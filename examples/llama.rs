@@ -531,8 +531,15 @@ fn open_engine(
         // own calibration prefills differently
         eprintln!("ISO cost model: FLOP counts (ranks in separate processes must all split a prefill alike, so none calibrates on its own timings)");
         engine.set_iso(common.iso, None);
+    } else if common.iso == syncdrop::iso::IsoMode::Auto && engine.tp() == 1 {
+        eprintln!("ISO: off at TP 1 (no all-reduce to hide)");
+        engine.set_iso(common.iso, None);
     } else if common.iso == syncdrop::iso::IsoMode::Auto {
-        let (m, fitted) = engine.iso_model().calibrate(&mut engine, 64, 256, 2)?;
+        // three timed prefills of up to 256 tokens, within the KV cache (--ctx)
+        let long = 256.min(common.ctx);
+        let (m, fitted) = engine
+            .iso_model()
+            .calibrate(&mut engine, (long / 4).max(1), long, 2)?;
         if fitted {
             eprintln!(
                 "ISO cost model calibrated on three prefills: {:.3e} s/token + {:.3e} s per attention pair + {:.3e} s per chunk; communication {:.3e} s/token + {:.3e} s per chunk; ISO off below {} tokens{}",

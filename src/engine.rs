@@ -609,6 +609,8 @@ impl Engine {
         let split = match self.iso {
             IsoMode::Off => None,
             IsoMode::Split(s) => (s > 0 && s < tokens.len()).then_some(s),
+            // one rank has no all-reduce to hide: a second chunk would only cost
+            IsoMode::Auto if self.tp() == 1 => None,
             IsoMode::Auto => self.iso_model.split(tokens.len()),
         };
         self.last_iso_split = split;

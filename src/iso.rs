@@ -31,7 +31,7 @@ pub enum IsoMode {
     /// A fixed split (tokens in chunk 0); 0, or a prefill of at most that many tokens, runs
     /// without ISO.
     Split(usize),
-    /// Split chosen by the cost model.
+    /// Split chosen by the cost model; never at TP 1 (no all-reduce to hide).
     Auto,
 }
 
@@ -96,9 +96,9 @@ impl IsoCostModel {
     /// None when communication was not measured. Without ISO the communication runs after
     /// the compute it depends on; with two chunks each chunk's all-reduces can hide under
     /// the other chunk's compute, at the price of one more chunk's fixed and collective
-    /// latency costs.
+    /// latency costs. None also for a split that leaves a chunk empty (s = 0 or s >= t).
     pub fn iso_gain(&self, t: usize, s: usize) -> Option<f64> {
-        if self.comm_token == 0.0 && self.comm_fixed == 0.0 {
+        if (self.comm_token == 0.0 && self.comm_fixed == 0.0) || s == 0 || s >= t {
             return None;
         }
         let (c0, c1) = (self.chunk_cost(0, s), self.chunk_cost(s, t - s));
@@ -117,7 +117,9 @@ impl IsoCostModel {
 
     /// The balanced split of a `t`-token prefill, or None when ISO should be off.
     pub fn split(&self, t: usize) -> Option<usize> {
-        if t < self.min_len.max(2 * self.multiple) {
+        // at least one multiple per chunk (so 0 < s < t), with `multiple` 0 read as 1
+        let m = self.multiple.max(1);
+        if t < self.min_len.max(m.saturating_mul(2)) {
             return None;
         }
         // cost(0, s) - cost(s, t - s) increases with s: bisect for the crossing
@@ -131,7 +133,6 @@ impl IsoCostModel {
                 hi = mid;
             }
         }
-        let m = self.multiple.max(1);
         let s = ((lo + m / 2) / m * m).clamp(m, t - m);
         match self.iso_gain(t, s) {
             Some(g) if g <= 0.0 => None,
@@ -181,11 +182,14 @@ impl IsoCostModel {
         // read as zero and all of it as compute
         engine.set_comm_timing(true)?;
         let timed = [short, mid, long].map(|len| time(engine, len));
-        engine.set_comm_timing(false)?;
+        let timing_off = engine.set_comm_timing(false);
+        // a failed prefill poisons the engine, so report its own error, not the later
+        // "engine unusable" of the calls after it
         for (len, r) in [short, mid, long].into_iter().zip(timed) {
             let (total, comm) = r?;
             points.push((len, total - comm, comm));
         }
+        timing_off?;
         Ok(self.fit(&points))
     }
 

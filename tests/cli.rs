@@ -289,3 +289,26 @@ fn sweep_keeps_an_existing_file() {
     assert_eq!(std::fs::read_to_string(dir.join("sw.json")).unwrap(), old);
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `--iso auto` calibrates on prefills that fit the KV cache: with `--ctx 100` (below the
+/// default 256-token calibration prefill) generation still runs; at TP 1 ISO is off.
+#[test]
+fn iso_auto_calibrates_within_a_small_kv_cache() {
+    let Some(llama) = runner() else {
+        println!("skipped: examples/llama is not built (cargo test builds it)");
+        return;
+    };
+    let dir = common::tmpdir("cli_iso_ctx");
+    let (code, err) = run(
+        &llama,
+        &dir,
+        &[
+            "generate", "--tp", "2", "--iso", "auto", "--ctx", "100", "-n", "2",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ISO cost model"), "{err}");
+    let (code, err) = run(&llama, &dir, &["generate", "--iso", "auto", "-n", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ISO: off at TP 1"), "{err}");
+}
