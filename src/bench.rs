@@ -69,6 +69,12 @@ impl EngineBench {
 /// the shards it runs with ([`Engine::block_shards`]: head grouping may give a rank other
 /// heads, and with an uneven split another number of them, in some blocks).
 pub fn rank_params(engine: &Engine, r: usize) -> u64 {
+    let (blocks, head) = rank_block_and_head_params(engine, r);
+    blocks + head
+}
+
+/// Rank `r`'s parameters of all blocks, and of its LM-head slice.
+fn rank_block_and_head_params(engine: &Engine, r: usize) -> (u64, u64) {
     let c = &engine.cfg;
     let (d, hd) = (c.hidden as u64, c.head_dim as u64);
     let blocks: u64 = (0..c.n_layers)
@@ -84,19 +90,23 @@ pub fn rank_params(engine: &Engine, r: usize) -> u64 {
         })
         .sum();
     let vocab = crate::layout::even_split(c.vocab, engine.tp())[r].len() as u64;
-    blocks + vocab * d
+    (blocks, vocab * d)
 }
 
-/// FLOPs of rank `r` prefilling `t` tokens: 2 per multiply-add of every linear layer, plus
+/// FLOPs of rank `r` prefilling `t` tokens: 2 per multiply-add of every block's linear
+/// layers for all `t` rows, of the LM-head slice for the last row only (the logits
+/// [`bench_engine`] asks for; the engine runs the LM head on the requested rows alone), plus
 /// QK^T and PV over the causal triangle (over each block's own query heads).
 pub fn rank_prefill_flops(engine: &Engine, r: usize, t: usize) -> f64 {
     let c = &engine.cfg;
     let heads: f64 = (0..c.n_layers)
         .map(|l| engine.block_shards(l)[r].q_heads.len() as f64)
         .sum();
+    let (blocks, head) = rank_block_and_head_params(engine, r);
+    let logit_rows = t.min(1) as f64;
     let t = t as f64;
     let attn = 2.0 * 2.0 * (t * (t + 1.0) / 2.0) * c.head_dim as f64;
-    2.0 * t * rank_params(engine, r) as f64 + heads * attn
+    2.0 * t * blocks as f64 + 2.0 * logit_rows * head as f64 + heads * attn
 }
 
 /// Prefill `prompt` random tokens `reps` times (each from position 0), then decode

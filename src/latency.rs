@@ -1029,7 +1029,12 @@ fn bf16_name() -> String {
 }
 
 /// The ISO split the cost model picks for a `t`-token prompt at TP `tp` (None: ISO off).
+/// None at TP 1 (or 0), as in the engine (`Engine::prefill`): one rank has no all-reduce to
+/// hide, so a second chunk would only cost.
 pub fn iso_split(m: &ModelShape, tp: usize, t: usize) -> Option<usize> {
+    if tp <= 1 {
+        return None;
+    }
     IsoCostModel::from_config(&m.to_config(), tp).split(t)
 }
 
@@ -1313,12 +1318,18 @@ pub struct CommSample {
 
 /// Time `reps` back-to-back all-reduces of each size on a [`crate::comm::ThreadComm`] group
 /// of `world` threads (measured, this machine). Per repetition the slowest rank counts.
+/// `InvalidArgument` when `reps` is 0 (no median to take).
 pub fn measure_thread_all_reduce(
     world: usize,
     sizes: &[usize],
     reps: usize,
 ) -> Result<Vec<CommSample>> {
     use crate::comm::{Communicator, ThreadComm};
+    if reps == 0 {
+        return Err(Error::InvalidArgument(
+            "measure_thread_all_reduce needs at least one repetition".into(),
+        ));
+    }
     let mut out = Vec::new();
     for &n in sizes {
         let comms = ThreadComm::group(world)?;
@@ -1656,6 +1667,7 @@ pub fn print_table(rows: &[Projection]) {
         let iso = match (r.iso, r.iso_split) {
             (false, _) => "off".to_string(),
             (true, Some(s)) => format!("{s}+{}", r.tokens - s),
+            (true, None) if r.tp <= 1 => "off (TP 1)".to_string(),
             (true, None) => "off (short)".to_string(),
         };
         println!(
