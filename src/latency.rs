@@ -476,6 +476,16 @@ impl LinkProfile {
                  is an assumption",
             ),
             p(
+                "a800-nvlink-200gbs",
+                "a800",
+                15.0,
+                200.0,
+                "the same A800s per direction: the datasheet's 400 GB/s NVLink is the two-way \
+                 total of 8 NVLink 3 links at 25 GB/s each way (the A100's 600 GB/s counts 12 \
+                 links the same way), so 200 GB/s each way, used as bus bandwidth (NCCL reaches \
+                 ~75-80% of it: still optimistic); alpha 15 us is an assumption",
+            ),
+            p(
                 "rtx4090-pcie-nop2p",
                 "rtx4090",
                 40.0,
@@ -1266,7 +1276,11 @@ pub fn validate() -> Result<Vec<ValidationPoint>> {
     }
     let iso_src = "ISO paper, Xiao & Su, arXiv 2409.11155 (abstract: prefill -35% on RTX 4090, \
                    -15% on A800, 30B/70B models)";
-    for (profile, paper) in [("a800-nvlink-400gbs", 15.0), ("rtx4090-pcie-nop2p", 35.0)] {
+    for (profile, paper) in [
+        ("a800-nvlink-400gbs", 15.0),
+        ("a800-nvlink-200gbs", 15.0),
+        ("rtx4090-pcie-nop2p", 35.0),
+    ] {
         let link = LinkProfile::by_name(profile)?;
         let dev = Device::by_key(&link.device)?;
         let compute = Compute::Roofline(dev.clone());

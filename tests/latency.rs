@@ -672,7 +672,7 @@ fn needed_entries_cover_the_iso_chunks_and_make_the_report_measured() {
     }
     assert!(dir.join("spd_decode_70b_tp8.svg").exists());
     assert!(dir.join("iso_prefill_70b_tp8.svg").exists());
-    assert_eq!(rep.validation.len(), 6);
+    assert_eq!(rep.validation.len(), 7);
     std::fs::remove_dir_all(&dir).ok();
     // bad options are errors, not panics
     let bad = LatencyOptions {
