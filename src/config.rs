@@ -110,6 +110,8 @@ impl LlamaConfig {
             Err(_) if n_heads > 0 => hidden / n_heads,
             Err(e) => return Err(e),
         };
+        check_gguf_rope(g, &arch, head_dim)?;
+        check_gguf_biases(g)?;
         let emb = g.tensor("token_embd.weight")?;
         let (vocab, emb_dim) = emb.matrix_shape();
         if emb_dim != hidden {
@@ -161,6 +163,13 @@ impl LlamaConfig {
         }
         let hidden = num("hidden_size")? as usize;
         let n_heads = num("num_attention_heads")? as usize;
+        check_hf_unsupported(&j, path)?;
+        // transformers >= 4.56 may write RoPE's base inside `rope_parameters` instead
+        let rope_theta = j
+            .get("rope_theta")
+            .or_else(|| j.get("rope_parameters").and_then(|r| r.get("rope_theta")))
+            .and_then(|v| v.as_f64())
+            .unwrap_or(10000.0) as f32;
         let cfg = LlamaConfig {
             hidden,
             n_layers: num("num_hidden_layers")? as usize,
@@ -171,10 +180,7 @@ impl LlamaConfig {
                 .unwrap_or(hidden / n_heads.max(1)),
             ffn: num("intermediate_size")? as usize,
             vocab: num("vocab_size")? as usize,
-            rope_theta: j
-                .get("rope_theta")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(10000.0) as f32,
+            rope_theta,
             rms_eps: j
                 .get("rms_norm_eps")
                 .and_then(|v| v.as_f64())
@@ -194,6 +200,100 @@ impl LlamaConfig {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+/// RoPE variants the engine does not implement (scaled or partial rotary embeddings): a
+/// `Config` error rather than a model whose positions are silently encoded differently.
+fn check_gguf_rope(g: &GgufFile, arch: &str, head_dim: usize) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(format!("{}: {m}", g.path.display())));
+    if let Some(t) = g
+        .meta(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.as_str())
+    {
+        let factor = g
+            .meta_f64(&format!("{arch}.rope.scaling.factor"))
+            .unwrap_or(1.0);
+        if t != "none" && factor != 1.0 {
+            return bad(format!(
+                "RoPE scaling '{t}' (factor {factor}) is not supported"
+            ));
+        }
+    }
+    if let Ok(f) = g.meta_f64(&format!("{arch}.rope.scale_linear")) {
+        if f != 1.0 {
+            return bad(format!("linear RoPE scaling {f} is not supported"));
+        }
+    }
+    if g.tensors.contains_key("rope_freqs.weight") {
+        return bad(
+            "RoPE frequency factors (rope_freqs.weight, Llama 3.1-style scaling) are not supported"
+                .into(),
+        );
+    }
+    if let Ok(n) = g.meta_u64(&format!("{arch}.rope.dimension_count")) {
+        if n as usize != head_dim {
+            return bad(format!(
+                "RoPE over {n} of {head_dim} head dimensions (partial rotary) is not supported"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Biases the engine would not load (attention output, MLP; K/V without Q): refused, since
+/// dropping them silently gives a different model.
+fn check_gguf_biases(g: &GgufFile) -> Result<()> {
+    let has_q = g.tensors.contains_key("blk.0.attn_q.bias");
+    for name in g.tensors.keys() {
+        let Some(part) = name
+            .strip_prefix("blk.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(_, t)| t.strip_suffix(".bias"))
+        else {
+            continue;
+        };
+        let loaded = has_q && matches!(part, "attn_q" | "attn_k" | "attn_v");
+        if !loaded {
+            return Err(Error::Config(format!(
+                "{}: tensor '{name}' is not supported (only Q/K/V biases are)",
+                g.path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// config.json settings that change the model in ways the engine does not implement.
+fn check_hf_unsupported(j: &serde_json::Value, path: &Path) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(format!("{}: {m}", path.display())));
+    for key in ["rope_scaling", "rope_parameters"] {
+        let Some(r) = j.get(key).filter(|v| !v.is_null()) else {
+            continue;
+        };
+        let ty = r
+            .get("rope_type")
+            .or_else(|| r.get("type"))
+            .and_then(|v| v.as_str())
+            .unwrap_or("?");
+        if ty != "default" {
+            return bad(format!("{key} of type '{ty}' is not supported: {r}"));
+        }
+    }
+    let partial = j.get("partial_rotary_factor").or_else(|| {
+        j.get("rope_parameters")
+            .and_then(|r| r.get("partial_rotary_factor"))
+    });
+    if let Some(f) = partial.and_then(|v| v.as_f64()) {
+        if f != 1.0 {
+            return bad(format!("partial_rotary_factor {f} is not supported"));
+        }
+    }
+    if let Some(act) = j.get("hidden_act").and_then(|v| v.as_str()) {
+        if act != "silu" {
+            return bad(format!("hidden_act '{act}' is not supported (silu only)"));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

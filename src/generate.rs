@@ -37,15 +37,16 @@ pub struct Sampler {
     rng: rand::rngs::StdRng,
 }
 
-/// Index of the largest value (the first one on ties).
+/// Index of the largest value (the first one on ties); NaNs are passed over (0 when every
+/// value is NaN).
 pub fn argmax(x: &[f32]) -> usize {
-    let mut best = 0;
+    let mut best: Option<usize> = None;
     for (i, v) in x.iter().enumerate() {
-        if *v > x[best] {
-            best = i;
+        if !v.is_nan() && best.is_none_or(|b| *v > x[b]) {
+            best = Some(i);
         }
     }
-    best
+    best.unwrap_or(0)
 }
 
 impl Sampler {
@@ -66,16 +67,23 @@ impl Sampler {
 
     /// The next token id: the [`argmax`] at temperature 0; otherwise a draw from
     /// softmax(logits / temperature), restricted when top-p < 1 to the fewest most probable
-    /// tokens whose mass reaches top-p.
+    /// tokens whose mass reaches top-p. A NaN logit has probability 0; a token of probability
+    /// 0 is never drawn; with a +inf logit (or none above -inf) this is the [`argmax`].
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature == 0.0 {
             return argmax(logits) as u32;
         }
         let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return argmax(logits) as u32;
+        }
         let mut probs: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, l)| (i as u32, ((l - max) / self.cfg.temperature).exp()))
+            .map(|(i, l)| {
+                let p = ((l - max) / self.cfg.temperature).exp();
+                (i as u32, if p.is_nan() { 0.0 } else { p })
+            })
             .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
         probs.iter_mut().for_each(|p| p.1 /= total);
@@ -94,12 +102,14 @@ impl Sampler {
         let mass: f32 = probs.iter().map(|p| p.1).sum();
         let mut r = self.rng.random::<f32>() * mass;
         for (id, p) in &probs {
-            r -= p;
-            if r <= 0.0 {
+            // `<`, not `r - p <= 0`: a draw of exactly 0 must not pick a token of probability 0
+            if r < *p {
                 return *id;
             }
+            r -= p;
         }
-        probs.last().map_or(0, |p| p.0)
+        // rounding left a remainder: the last token that has any probability
+        probs.iter().rev().find(|p| p.1 > 0.0).map_or(0, |p| p.0)
     }
 }
 

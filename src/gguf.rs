@@ -130,8 +130,10 @@ impl TensorInfo {
     /// (rows, row length) viewing the tensor as a matrix; a vector is one row.
     pub fn matrix_shape(&self) -> (usize, usize) {
         let cols = self.dims.first().copied().unwrap_or(1);
+        // no `max(1)`: a zero dimension is zero rows (a vector already has one row), so a
+        // zero-size tensor fails shape checks instead of reading a row it does not have
         let rows = self.dims.iter().skip(1).product::<usize>();
-        (rows.max(1), cols)
+        (rows, cols)
     }
     /// Shape in PyTorch order (slowest first).
     pub fn shape(&self) -> Vec<usize> {

@@ -14,7 +14,14 @@ use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, PreTokenizerWrapper};
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+/// Qwen2's pre-tokenizer regex (its tokenizer.json; llama.cpp's `qwen2`).
+const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Llama 3's pre-tokenizer regex (its tokenizer.json; llama.cpp's `llama-bpe`): digits in
+/// groups of up to three.
+const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF `tokenizer.ggml.token_type` value of control tokens.
 const TOKEN_TYPE_CONTROL: u64 = 3;
@@ -23,7 +30,7 @@ const TOKEN_TYPE_CONTROL: u64 = 3;
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// End-of-sequence id: the GGUF's `tokenizer.ggml.eos_token_id`, or for a
-    /// `tokenizer.json` the first of `<|im_end|>`, `<|endoftext|>`, `</s>` in its vocabulary.
+    /// `tokenizer.json` see [`Tokenizer::from_file`].
     pub eos: Option<u32>,
     /// Beginning-of-sequence id from the GGUF metadata (None for a `tokenizer.json`); never
     /// added by [`Tokenizer::encode`].
@@ -79,12 +86,30 @@ impl Tokenizer {
             .map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let byte_level = ByteLevel::new(false, true, true);
+        let split_then_bytes = |regex: &str| -> Result<PreTokenizerWrapper> {
+            let split = Split::new(
+                SplitPattern::Regex(regex.into()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(tok_err)?;
+            Ok(Sequence::new(vec![
+                split.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])
+            .into())
+        };
         let pre_tok: PreTokenizerWrapper = match pre {
-            // llama.cpp's "smollm" and "qwen2"-style pre-tokenizers split digits individually.
-            "smollm" | "qwen2" => {
-                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            // llama.cpp's "smollm": digits one by one, then GPT-2's regex.
+            "smollm" => Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into(),
+            "qwen2" => split_then_bytes(QWEN2_REGEX)?,
+            "llama-bpe" => split_then_bytes(LLAMA3_REGEX)?,
+            "default" | "gpt-2" | "gpt2" => byte_level.into(),
+            other => {
+                return Err(Error::Tokenizer(format!(
+                    "pre-tokenizer '{other}' is not supported (default, gpt-2, smollm, qwen2, llama-bpe)"
+                )))
             }
-            _ => byte_level.into(),
         };
         inner.with_pre_tokenizer(Some(pre_tok));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
@@ -113,12 +138,29 @@ impl Tokenizer {
         })
     }
 
-    /// A Hugging Face `tokenizer.json`.
+    /// A Hugging Face `tokenizer.json`. The EOS is the `eos_token` of the
+    /// `tokenizer_config.json` beside it when that names a token of the vocabulary (a base
+    /// model ends text with `<|endoftext|>`, its instruct sibling with `<|im_end|>`), else the
+    /// first of `<|im_end|>`, `<|endoftext|>`, `</s>` in the vocabulary.
     pub fn from_file(path: &std::path::Path) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_err)?;
-        let eos = ["<|im_end|>", "<|endoftext|>", "</s>"]
-            .iter()
-            .find_map(|t| inner.token_to_id(t));
+        let configured = path
+            .parent()
+            .map(|d| d.join("tokenizer_config.json"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|j| {
+                let e = j.get("eos_token")?;
+                e.as_str()
+                    .or_else(|| e.get("content").and_then(|c| c.as_str()))
+                    .map(str::to_string)
+            })
+            .and_then(|t| inner.token_to_id(&t));
+        let eos = configured.or_else(|| {
+            ["<|im_end|>", "<|endoftext|>", "</s>"]
+                .iter()
+                .find_map(|t| inner.token_to_id(t))
+        });
         Ok(Tokenizer {
             inner,
             eos,

@@ -209,7 +209,8 @@ impl StEntry {
     fn matrix_shape(&self) -> (usize, usize) {
         let cols = self.shape.last().copied().unwrap_or(1);
         let rows: usize = self.shape.iter().rev().skip(1).product();
-        (rows.max(1), cols)
+        // no `max(1)`: a zero dimension is zero rows (a vector already has one row)
+        (rows, cols)
     }
 }
 
@@ -282,6 +283,7 @@ impl StFolder {
             }
             maps.push(map);
         }
+        check_biases(&index, &config, dir)?;
         Ok(StFolder {
             dir: dir.to_path_buf(),
             config,
@@ -323,6 +325,33 @@ impl StFolder {
         }
         Ok(())
     }
+}
+
+/// Bias tensors the engine would not load (o_proj with `attention_bias`, `mlp_bias`, or
+/// Q/K/V biases the config does not announce): a `Config` error, not a model silently
+/// missing them.
+fn check_biases(index: &HashMap<String, StEntry>, config: &LlamaConfig, dir: &Path) -> Result<()> {
+    for name in index.keys() {
+        let Some(part) = name
+            .strip_prefix("model.layers.")
+            .and_then(|r| r.split_once('.'))
+            .and_then(|(_, t)| t.strip_suffix(".bias"))
+        else {
+            continue;
+        };
+        let loaded = config.qkv_bias
+            && matches!(
+                part,
+                "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj"
+            );
+        if !loaded {
+            return Err(Error::Config(format!(
+                "{}: tensor '{name}' is not supported (only Q/K/V biases are)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
