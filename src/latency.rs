@@ -348,7 +348,8 @@ pub struct OneShot {
     pub alpha_us: f64,
     /// Per-GPU link bandwidth the pulls share (GB/s, one direction).
     pub link_gbs: f64,
-    /// Messages above this use the ring / two-shot path.
+    /// Messages above this use the ring / two-shot path (beyond 4 ranks at most
+    /// [`crate::comm::select::ONE_SHOT_MAX_BYTES_LARGE_WORLD`], as the engine selects).
     pub max_bytes: f64,
 }
 
@@ -388,7 +389,15 @@ impl LinkProfile {
             return 0.0;
         }
         if let Some(os) = &self.one_shot {
-            if size <= os.max_bytes {
+            // beyond 4 ranks one-shot pulls more peers per byte: the engine's selector (and
+            // vLLM's) hands messages above 256 KiB to two-shot there
+            let max = if n > 4 {
+                os.max_bytes
+                    .min(crate::comm::select::ONE_SHOT_MAX_BYTES_LARGE_WORLD as f64)
+            } else {
+                os.max_bytes
+            };
+            if size <= max {
                 return os.alpha_us + (n - 1) as f64 * size / (os.link_gbs * 1e3);
             }
         }

@@ -76,3 +76,23 @@ fn iso_is_off_at_tp_1_as_in_the_engine() {
 fn thread_all_reduce_timing_with_no_repetitions_is_an_error() {
     assert!(measure_thread_all_reduce(2, &[64], 0).is_err());
 }
+
+/// The one-shot profile follows the engine's selector: beyond 4 ranks messages above 256 KiB
+/// go two-shot (at 8 ranks one-shot is the slower of the two there by the model's own
+/// constants); at up to 4 ranks one-shot serves up to the profile's 512 KiB.
+#[test]
+fn one_shot_hands_large_messages_to_two_shot_beyond_4_ranks() {
+    use syncdrop::comm::select::ONE_SHOT_MAX_BYTES_LARGE_WORLD;
+    use syncdrop::latency::{ring_bytes, LinkProfile};
+    let p = LinkProfile::by_name("h100-nvlink-oneshot").unwrap();
+    let os = p.one_shot.clone().unwrap();
+    let two_shot = |n: usize, size: f64| p.alpha_us + ring_bytes(n, size) / (p.busbw_gbs * 1e3);
+    let one_shot = |n: usize, size: f64| os.alpha_us + (n - 1) as f64 * size / (os.link_gbs * 1e3);
+    let big = 384.0 * 1024.0;
+    assert!(big > ONE_SHOT_MAX_BYTES_LARGE_WORLD as f64 && big <= os.max_bytes);
+    assert_eq!(p.all_reduce_us(8, big), two_shot(8, big));
+    assert!(two_shot(8, big) < one_shot(8, big));
+    assert_eq!(p.all_reduce_us(4, big), one_shot(4, big));
+    let small = 64.0 * 1024.0;
+    assert_eq!(p.all_reduce_us(8, small), one_shot(8, small));
+}
