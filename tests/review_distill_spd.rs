@@ -6,27 +6,12 @@
 mod common;
 
 use common::*;
-use std::sync::Arc;
 use syncdrop::distill::{load_distilled, save_distilled};
-use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, Recovery, SpdPlan};
-use syncdrop::{Engine, EngineOptions, ModelFiles};
+use syncdrop::{Engine, EngineOptions};
 
 fn tiny(tp: usize, tag: &str, layers: usize) -> (Engine, std::path::PathBuf) {
-    let dir = tmpdir(tag);
-    let t = Tiny {
-        n_layers: layers,
-        ..Tiny::small()
-    };
-    write_gguf(&dir.join("m.gguf"), &t, 21, GgmlType::F32, "llama");
-    let files = Arc::new(ModelFiles::open(dir.join("m.gguf")).unwrap());
-    let opts = EngineOptions {
-        tp,
-        threads: 1,
-        capacity: 64,
-        ..Default::default()
-    };
-    (Engine::new(files, &opts).unwrap(), dir)
+    tiny_engine(tp, tag, layers, false)
 }
 
 /// A newer plan format may rename or drop fields: the error must say "version", not

@@ -8,7 +8,6 @@ mod common;
 
 use common::*;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
 use std::path::Path;
 use syncdrop::generate::{argmax, Sampler, SamplerConfig};
 use syncdrop::gguf::{GgufFile, GgufWriter, Value};
@@ -33,21 +32,7 @@ fn hf_folder(
     if extra.is_empty() {
         return;
     }
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tiny_weights(&t, 1)
-        .into_iter()
-        .map(|(name, rows, cols, data)| {
-            let shape = if rows == 1 {
-                vec![cols]
-            } else {
-                vec![rows, cols]
-            };
-            (
-                syncdrop::weights::hf_name(&name),
-                shape,
-                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
+    let mut tensors = hf_tensors(&t, 1);
     for (name, shape, data) in extra {
         tensors.retain(|(n, _, _)| n != name);
         tensors.push((
@@ -56,17 +41,7 @@ fn hf_folder(
             data.iter().flat_map(|v| v.to_le_bytes()).collect(),
         ));
     }
-    let views: HashMap<String, safetensors::tensor::TensorView> = tensors
-        .iter()
-        .map(|(n, s, b)| {
-            (
-                n.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    write_safetensors(&dir.join("model.safetensors"), &tensors);
 }
 
 fn config_error(r: syncdrop::Result<ModelFiles>, needle: &str) {

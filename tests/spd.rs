@@ -5,31 +5,15 @@
 mod common;
 
 use common::*;
-use std::sync::Arc;
 use syncdrop::planner::{
     order_by_sensitivity, plan, verdict, Budget, Metric, PplMetric, Scored, Search,
 };
-use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
 use syncdrop::tasks::{paired_difference, suite_score, task_score, DocOutcome, SuiteScore};
-use syncdrop::{Engine, EngineOptions, ModelFiles};
+use syncdrop::Engine;
 
 fn tiny(tp: usize, tag: &str, layers: usize, bias: bool) -> (Engine, std::path::PathBuf) {
-    let dir = tmpdir(tag);
-    let t = Tiny {
-        n_layers: layers,
-        qkv_bias: bias,
-        ..Tiny::small()
-    };
-    write_gguf(&dir.join("m.gguf"), &t, 21, GgmlType::F32, "llama");
-    let files = Arc::new(ModelFiles::open(dir.join("m.gguf")).unwrap());
-    let opts = EngineOptions {
-        tp,
-        threads: 1,
-        capacity: 64,
-        ..Default::default()
-    };
-    (Engine::new(files, &opts).unwrap(), dir)
+    tiny_engine(tp, tag, layers, bias)
 }
 
 fn seqs(n: usize, len: usize, salt: u32) -> Vec<Vec<u32>> {

@@ -224,7 +224,12 @@ pub fn write_hf_folder(dir: &Path, t: &Tiny, seed: u64) {
         "max_position_embeddings": 256,
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = tiny_weights(t, seed)
+    write_safetensors(&dir.join("model.safetensors"), &hf_tensors(t, seed));
+}
+
+/// The tiny model's weights under Hugging Face names, as (name, shape, f32 little-endian bytes).
+pub fn hf_tensors(t: &Tiny, seed: u64) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+    tiny_weights(t, seed)
         .into_iter()
         .map(|(name, rows, cols, data)| {
             let shape = if rows == 1 {
@@ -235,7 +240,11 @@ pub fn write_hf_folder(dir: &Path, t: &Tiny, seed: u64) {
             let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
             (syncdrop::weights::hf_name(&name), shape, bytes)
         })
-        .collect();
+        .collect()
+}
+
+/// Write (name, shape, f32 bytes) tensors as one safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) {
     let views: HashMap<String, safetensors::tensor::TensorView> = tensors
         .iter()
         .map(|(n, s, b)| {
@@ -246,7 +255,28 @@ pub fn write_hf_folder(dir: &Path, t: &Tiny, seed: u64) {
             )
         })
         .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// An engine over a tiny f32 model of `layers` blocks (optionally with Q/K/V biases) at TP
+/// `tp`, one thread, 64 tokens of KV cache; and the directory holding its GGUF (the caller
+/// removes it).
+pub fn tiny_engine(tp: usize, tag: &str, layers: usize, bias: bool) -> (syncdrop::Engine, PathBuf) {
+    let dir = tmpdir(tag);
+    let t = Tiny {
+        n_layers: layers,
+        qkv_bias: bias,
+        ..Tiny::small()
+    };
+    write_gguf(&dir.join("m.gguf"), &t, 21, GgmlType::F32, "llama");
+    let files = std::sync::Arc::new(syncdrop::ModelFiles::open(dir.join("m.gguf")).unwrap());
+    let opts = syncdrop::EngineOptions {
+        tp,
+        threads: 1,
+        capacity: 64,
+        ..Default::default()
+    };
+    (syncdrop::Engine::new(files, &opts).unwrap(), dir)
 }
 
 /// A fresh temporary directory under the target dir (kept small; removed by the caller).
