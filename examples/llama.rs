@@ -175,7 +175,7 @@ enum Cmd {
         /// A UTF-8 text file to score as one sequence.
         #[arg(long, conflicts_with = "lambada")]
         file: Option<PathBuf>,
-        /// Score the first N LAMBADA passages (each on its own). Default when no --file.
+        /// Score the first N LAMBADA passages (each on its own). Default when no --file: 50.
         #[arg(long)]
         lambada: Option<usize>,
         /// Window length in tokens.
@@ -696,6 +696,28 @@ fn prepare_out(path: &Path) -> Result<()> {
     }
 }
 
+/// Whether `a` and `b` name one existing file.
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Refuses a run whose outputs (flag, path) would land on one file: the one written last
+/// (a plot, the distilled weights) would replace the other after the work.
+fn distinct_outputs(outs: &[(&str, &Path)]) -> Result<()> {
+    for (i, (fa, a)) in outs.iter().enumerate() {
+        for (fb, b) in &outs[i + 1..] {
+            if a == b || same_file(a, b) {
+                return Err(bad(format!(
+                    "{fa} and {fb} are both {}: one would overwrite the other; give them \
+                     different names",
+                    a.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Options every subcommand that opens a model shares: checked before the model loads, by
 /// [`model_files`], which every path to a model takes.
 fn check_common(c: &Common) -> Result<()> {
@@ -849,6 +871,15 @@ fn run(cli: Cli) -> Result<()> {
             at_least("prompt", prompt, 1)?;
             at_least("prefill-reps", prefill_reps, 1)?;
             at_least("steps", steps, 1)?;
+            // the KV cache holds the prompt and every decode step: refuse before the model
+            // loads and the prefills run, not at the decode step that overflows it
+            if prompt + warmup + steps > common.ctx {
+                return Err(bad(format!(
+                    "--prompt {prompt} + --warmup {warmup} + --steps {steps} need a KV cache of {} tokens, more than --ctx {}: raise --ctx or lower them",
+                    prompt + warmup + steps,
+                    common.ctx
+                )));
+            }
             if let Some(out) = &out {
                 prepare_out(out)?;
             }
@@ -992,21 +1023,32 @@ fn run(cli: Cli) -> Result<()> {
                     common.ctx
                 )));
             }
+            if window < 2 || stride == 0 || stride > window {
+                return Err(bad(format!(
+                    "--window {window} --stride {stride}: need a window of at least 2 tokens and 0 < stride <= window"
+                )));
+            }
+            // the text before the model loads: a wrong path fails at once
+            let text = file
+                .as_ref()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .map_err(|e| Error::InvalidArgument(format!("--file {}: {e}", f.display())))
+                })
+                .transpose()?;
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
             engine.reset_comm_stats()?;
-            let (what, r) = match file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(&f)
-                        .map_err(|e| Error::InvalidArgument(format!("{}: {e}", f.display())))?;
+            let (what, r) = match (file, text) {
+                (Some(f), Some(text)) => {
                     let ids = tok.encode(&text)?;
                     (
                         f.display().to_string(),
                         score_tokens(&mut engine, &ids, window, stride)?,
                     )
                 }
-                None => {
+                _ => {
                     let n = n_lambada.unwrap_or(50);
                     let texts: Vec<String> = lambada(&assets::eval_dir()?, n)?
                         .iter()
@@ -1055,15 +1097,22 @@ fn run(cli: Cli) -> Result<()> {
                     "--budget-acc {b}: a budget is 0 points or more"
                 )));
             }
+            if let (Some(out), Some(p)) = (&out, &paired_with) {
+                if out == p || same_file(out, p) {
+                    return Err(bad(format!(
+                        "--out {} is the --paired-with file: this run's scores would replace \
+                         the reference; write them to another file",
+                        out.display()
+                    )));
+                }
+            }
             if let Some(out) = &out {
                 prepare_out(out)?;
             }
             // Read the reference first: a bad file should fail before an hour of evaluation.
             let reference: Option<SuiteScore> =
                 paired_with.as_deref().map(read_json).transpose()?;
-            let Opened {
-                mut engine, tok, ..
-            } = open(&common)?;
+            // the documents (a misspelt --tasks) before the model loads
             let dir = assets::eval_dir()?;
             let sets = task_list(&names)
                 .into_iter()
@@ -1102,6 +1151,9 @@ fn run(cli: Cli) -> Result<()> {
                     )));
                 }
             }
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
             let s = evaluate_suite(&mut engine, &tok, &sets, true)?;
             print_suite(&s);
             if let Some(out) = out {
@@ -1144,10 +1196,23 @@ fn run(cli: Cli) -> Result<()> {
                     )));
                 }
             }
+            match &from_json {
+                Some(p) => distinct_outputs(&[("--from-json", p), ("--plot", &plot)])?,
+                None => distinct_outputs(&[("--out", &out), ("--plot", &plot)])?,
+            }
             prepare_out(&plot)?;
             let (s, tp, n_calib): (Sensitivity, usize, String) = match from_json {
                 Some(p) => {
                     let s: Sensitivity = read_json(&p)?;
+                    if s.ppl_from.len() != s.sensitivity.len() {
+                        return Err(bad(format!(
+                            "--from-json {}: {} sensitivities but {} perplexities (ppl_from): \
+                             not a file as `sensitivity` writes it",
+                            p.display(),
+                            s.sensitivity.len(),
+                            s.ppl_from.len()
+                        )));
+                    }
                     let passages = match s.passages {
                         Some(n) => format!("{n} calibration passages ({})", p.display()),
                         None => format!("the calibration passages of {}", p.display()),
@@ -1219,11 +1284,6 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(b) = budget_ppl.or(budget_acc).filter(|b| b.is_nan() || *b < 0.0) {
                 return Err(bad(format!("budget {b}: a budget is 0 or more")));
             }
-            let dcfg = distill_config(&train, b2b, &common)?;
-            prepare_out(&out)?;
-            let Opened {
-                mut engine, tok, ..
-            } = open(&common)?;
             let budget = match (budget_ppl, budget_acc) {
                 (Some(p), None) => Budget::PplIncrease(p / 100.0),
                 (None, Some(a)) => Budget::AccDrop(a / 100.0),
@@ -1233,6 +1293,54 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 }
             };
+            let dcfg = distill_config(&train, b2b, &common)?;
+            distinct_outputs(&[
+                ("--out", &out),
+                ("the plot beside --out", &sibling(&out, "svg")),
+                (
+                    "the distilled weights beside --out",
+                    &sibling(&out, "safetensors"),
+                ),
+            ])?;
+            prepare_out(&out)?;
+            // the search and held-out data before the model loads and the sensitivity runs
+            let dir = assets::eval_dir()?;
+            enum Data {
+                Passages([Vec<String>; 2]),
+                Docs([Vec<(String, Vec<tasks::Doc>)>; 2]),
+            }
+            let data = match budget {
+                Budget::PplIncrease(_) => {
+                    let texts: Vec<String> =
+                        lambada(&dir, 2 * limit)?.iter().map(|p| p.text()).collect();
+                    if texts.len() < 2 * limit {
+                        return Err(bad(format!(
+                            "--limit {limit}: a perplexity budget scores {limit} LAMBADA passages \
+                             in each of the search and held-out splits, and LAMBADA has {}: \
+                             give --limit {} or less",
+                            texts.len(),
+                            texts.len() / 2
+                        )));
+                    }
+                    let held_out = texts[limit..].to_vec();
+                    let mut search = texts;
+                    search.truncate(limit);
+                    Data::Passages([search, held_out])
+                }
+                Budget::AccDrop(_) => {
+                    let mut splits = [Vec::new(), Vec::new()];
+                    for t in tasks::PAPER_TASKS {
+                        let task = tasks::load_task(&dir, t)?;
+                        for (s, v) in splits.iter_mut().enumerate() {
+                            v.push((t.to_string(), tasks::sample(&task, limit, 0, Some(s))));
+                        }
+                    }
+                    Data::Docs(splits)
+                }
+            };
+            let Opened {
+                mut engine, tok, ..
+            } = open(&common)?;
             // the distillation's (and head grouping's) calibration text, none without B2B:
             // read before the sensitivity, so that a bad --distill-calib stops the run early
             let seqs = distill_data(&tok, &train, b2b)?;
@@ -1243,16 +1351,8 @@ fn run(cli: Cli) -> Result<()> {
                     spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?
                 }
             };
-            let dir = assets::eval_dir()?;
-            let mut metric: Box<dyn planner::Metric> = match budget {
-                Budget::PplIncrease(_) => {
-                    let texts: Vec<String> =
-                        lambada(&dir, 2 * limit)?.iter().map(|p| p.text()).collect();
-                    let tok = &tok;
-                    let halves: Vec<Vec<String>> = vec![
-                        texts[..limit.min(texts.len())].to_vec(),
-                        texts[limit.min(texts.len())..].to_vec(),
-                    ];
+            let mut metric: Box<dyn planner::Metric> = match data {
+                Data::Passages(halves) => {
                     let enc =
                         |h: &[String]| h.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>();
                     Box::new(planner::PplMetric {
@@ -1260,25 +1360,9 @@ fn run(cli: Cli) -> Result<()> {
                         window: 512,
                     })
                 }
-                Budget::AccDrop(_) => {
-                    let mut splits = [Vec::new(), Vec::new()];
-                    for t in tasks::PAPER_TASKS {
-                        let task = tasks::load_task(&dir, t)?;
-                        for (s, v) in splits.iter_mut().enumerate() {
-                            v.push((t.to_string(), tasks::sample(&task, limit, 0, Some(s))));
-                        }
-                    }
-                    let tok2 = Tokenizer::from_gguf(match &*engine.files {
-                        ModelFiles::Gguf(g) => g,
-                        _ => {
-                            return Err(Error::InvalidArgument(
-                                "accuracy budgets need a GGUF model (tokenizer)".into(),
-                            ))
-                        }
-                    })?;
-                    // the planner gets per-document outcomes: paired s.e. of the drop
-                    Box::new(planner::SuiteMetric { tok: tok2, splits })
-                }
+                // the planner gets per-document outcomes: paired s.e. of the drop; with the
+                // model's own tokenizer (GGUF or a Hugging Face folder's tokenizer.json)
+                Data::Docs(splits) => Box::new(planner::SuiteMetric { tok, splits }),
             };
             let (outcome, distilled) = planner::plan(
                 &mut engine,
@@ -1395,8 +1479,17 @@ fn run(cli: Cli) -> Result<()> {
             {
                 return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
             }
+            if fracs.is_empty() && b2b_fracs.is_empty() && hg_fracs.is_empty() {
+                return Err(bad(
+                    "--fractions, --b2b-fractions and --hg-fractions are all empty: nothing to measure",
+                ));
+            }
             let distils = !b2b_fracs.is_empty() || !hg_fracs.is_empty();
             let dcfg = distill_config(&train, distils, &common)?;
+            distinct_outputs(&[
+                ("--out", &out),
+                ("the plot beside --out", &sibling(&out, "svg")),
+            ])?;
             prepare_out(&out)?;
             let dir = assets::eval_dir()?;
             let sets = tasks::PAPER_TASKS
@@ -1448,7 +1541,21 @@ fn run(cli: Cli) -> Result<()> {
                 )));
             }
             // the blocks each method measures here, so --resume keeps every other point
-            let n_layers = model_files(&common)?.config()?.n_layers;
+            let mcfg = model_files(&common)?.config()?;
+            let n_layers = mcfg.n_layers;
+            // every TP degree before the first one's hours of work: a later one the model
+            // cannot run (or one listed twice) would otherwise fail (or repeat) mid-sweep
+            for (i, &tp) in tp_list.iter().enumerate() {
+                if tp == 0 || tp > mcfg.n_heads {
+                    return Err(bad(format!(
+                        "--tps: TP {tp} is not within 1..={} (the model's query heads)",
+                        mcfg.n_heads
+                    )));
+                }
+                if tp_list[..i].contains(&tp) {
+                    return Err(bad(format!("--tps: TP {tp} is listed twice")));
+                }
+            }
             let blocks_at = |f: &[f64]| -> Vec<usize> {
                 f.iter()
                     .map(|f| (f * n_layers as f64).round() as usize)
@@ -1462,6 +1569,27 @@ fn run(cli: Cli) -> Result<()> {
             let (mut points, mut sens_all): (Vec<spd::SweepPoint>, Vec<serde_json::Value>) =
                 if resume && out.exists() {
                     let mut old: serde_json::Value = read_json(&out)?;
+                    // its points and sensitivities, or a refusal: a file whose points do not
+                    // parse (not a sweep's) would otherwise be replaced by this run's
+                    let not_sweep = |what: String| {
+                        bad(format!(
+                            "--resume: {}: {what} (not a file from `sweep`?): this run would \
+                             replace it; choose another --out",
+                            out.display()
+                        ))
+                    };
+                    let pts: Vec<spd::SweepPoint> = match old.get("points") {
+                        Some(p) => serde_json::from_value(p.clone())
+                            .map_err(|e| not_sweep(format!("its points: {e}")))?,
+                        None => return Err(not_sweep("no points".into())),
+                    };
+                    let sens: Vec<serde_json::Value> = match old.get("sensitivity") {
+                        None => Vec::new(),
+                        Some(s) => s
+                            .as_array()
+                            .cloned()
+                            .ok_or_else(|| not_sweep("its sensitivity is not a list".into()))?,
+                    };
                     // files from before the distillation had its own calibration text and
                     // early stopping: what they distilled with
                     for (key, was) in [
@@ -1508,10 +1636,6 @@ fn run(cli: Cli) -> Result<()> {
                         )));
                     }
                     // keep what this run does not re-measure
-                    let pts: Vec<spd::SweepPoint> =
-                        serde_json::from_value(old["points"].clone()).unwrap_or_default();
-                    let sens: Vec<serde_json::Value> =
-                        old["sensitivity"].as_array().cloned().unwrap_or_default();
                     let again = |p: &spd::SweepPoint| {
                         tp_list.contains(&p.tp)
                             && remeasured
@@ -1548,6 +1672,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 };
                 let order = planner::order_by_sensitivity(&sens);
+                sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": &sens }));
                 let measure =
                     |engine: &mut Engine, method: &str, k: usize| -> Result<spd::SweepPoint> {
                         let ppl = perplexity_texts(engine, &tok, &texts, 512, 256, false)?.ppl();
@@ -1572,6 +1697,7 @@ fn run(cli: Cli) -> Result<()> {
                     order[..k].iter().for_each(|i| mask[*i] = true);
                     engine.set_spd(&mask)?;
                     points.push(measure(&mut engine, "zero-shot", k)?);
+                    save_sweep(&out, &settings, &sens_all, &mut points)?;
                 }
                 // B2B (and HG+B2B): distil blocks in sensitivity order, each with the earlier
                 // ones already SPD (and recovered); measure at the requested fractions.
@@ -1605,22 +1731,10 @@ fn run(cli: Cli) -> Result<()> {
                         );
                         if targets.contains(&(k + 1)) {
                             points.push(measure(&mut engine, method, k + 1)?);
+                            save_sweep(&out, &settings, &sens_all, &mut points)?;
                         }
                     }
                 }
-                sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": sens }));
-                points.sort_by(|a, b| {
-                    (a.tp, &a.method, a.spd_blocks).cmp(&(b.tp, &b.method, b.spd_blocks))
-                });
-                let mut file = settings.clone();
-                file["sensitivity"] = serde_json::json!(sens_all);
-                file["points"] = serde_json::json!(points);
-                write_json(&out, &file)?;
-                spd::plot_sweep(
-                    &points,
-                    "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
-                    &sibling(&out, "svg"),
-                )?;
             }
             eprintln!(
                 "wrote {} and {}",
@@ -1637,13 +1751,19 @@ fn run(cli: Cli) -> Result<()> {
                     common.spd
                 )));
             }
-            let same = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y);
-            if same(&out, &plan_path) {
+            if same_file(&out, &plan_path) {
                 return Err(bad(format!(
                     "--out {} is the input plan: write the distilled plan to another file",
                     out.display()
                 )));
             }
+            distinct_outputs(&[
+                ("--out", &out),
+                (
+                    "the distilled weights beside --out",
+                    &sibling(&out, "safetensors"),
+                ),
+            ])?;
             prepare_out(&out)?;
             let Opened {
                 mut engine,
@@ -1705,6 +1825,27 @@ fn main() {
         eprintln!("error: {e}");
         std::process::exit(1);
     }
+}
+
+/// Writes a sweep's points so far (sorted) with its settings and sensitivities to `out`, and
+/// redraws the SVG beside it: after every point, so that a run stopped after hours keeps
+/// what it measured (`--resume` adds to it).
+fn save_sweep(
+    out: &Path,
+    settings: &serde_json::Value,
+    sens_all: &[serde_json::Value],
+    points: &mut [spd::SweepPoint],
+) -> Result<()> {
+    points.sort_by(|a, b| (a.tp, &a.method, a.spd_blocks).cmp(&(b.tp, &b.method, b.spd_blocks)));
+    let mut file = settings.clone();
+    file["sensitivity"] = serde_json::json!(sens_all);
+    file["points"] = serde_json::json!(points);
+    write_json(out, &file)?;
+    spd::plot_sweep(
+        points,
+        "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
+        &sibling(out, "svg"),
+    )
 }
 
 /// A planner threshold for the log: -inf (no block in that class) reads "none".
