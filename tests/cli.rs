@@ -5,35 +5,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn runner() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("examples/llama");
-    p.is_file().then_some(p)
-}
-
-/// Runs the runner with `args` in `dir`; returns (exit code, stderr). Every case must end
-/// fast: the point is that nothing long starts.
-fn run(llama: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
-    let t0 = Instant::now();
-    let out = Command::new(llama)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run the runner");
-    assert!(
-        t0.elapsed() < Duration::from_secs(60),
-        "{args:?} took {:?}",
-        t0.elapsed()
-    );
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{run, runner};
 
 #[test]
 fn bad_input_is_refused_before_the_work_with_what_to_change() {

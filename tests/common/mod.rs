@@ -299,3 +299,30 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// The runner example cargo builds beside the tests (None when it is not built).
+pub fn runner() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("examples/llama");
+    p.is_file().then_some(p)
+}
+
+/// Runs the runner with `args` in `dir`; returns (exit code, stderr). Every case must end
+/// fast: the point is that nothing long starts.
+pub fn run(llama: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
+    let t0 = std::time::Instant::now();
+    let out = std::process::Command::new(llama)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run the runner");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(60),
+        "{args:?} took {:?}",
+        t0.elapsed()
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
