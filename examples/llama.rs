@@ -590,7 +590,7 @@ fn calibration(tok: &Tokenizer, c: &Calib, flag: &str) -> Result<Vec<Vec<u32>>> 
     passages
         .iter()
         .map(|p| {
-            let mut ids = tok.encode(p)?;
+            let mut ids = tok.encode_document(p)?;
             ids.truncate(c.seq_len);
             Ok(ids)
         })
@@ -949,10 +949,10 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 prompt.clone()
             };
-            let ids = tok.encode(&text)?;
-            if ids.is_empty() {
+            if tok.encode(&text)?.is_empty() {
                 return Err(bad("the prompt is empty: give --prompt some text"));
             }
+            let ids = tok.encode_document(&text)?;
             if ids.len() + max_tokens > common.ctx {
                 return Err(bad(format!(
                     "the prompt ({} tokens) and -n {max_tokens} need {} positions, more than the KV cache's --ctx {}: raise --ctx or lower -n",
@@ -1042,7 +1042,7 @@ fn run(cli: Cli) -> Result<()> {
             engine.reset_comm_stats()?;
             let (what, r) = match (file, text) {
                 (Some(f), Some(text)) => {
-                    let ids = tok.encode(&text)?;
+                    let ids = tok.encode_document(&text)?;
                     (
                         f.display().to_string(),
                         score_tokens(&mut engine, &ids, window, stride)?,
@@ -1341,6 +1341,9 @@ fn run(cli: Cli) -> Result<()> {
             let Opened {
                 mut engine, tok, ..
             } = open(&common)?;
+            if let Data::Passages(halves) = &data {
+                ppl_fits_ctx(&tok, halves.iter().flatten(), common.ctx)?;
+            }
             // the distillation's (and head grouping's) calibration text, none without B2B:
             // read before the sensitivity, so that a bad --distill-calib stops the run early
             let seqs = distill_data(&tok, &train, b2b)?;
@@ -1353,11 +1356,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut metric: Box<dyn planner::Metric> = match data {
                 Data::Passages(halves) => {
-                    let enc =
-                        |h: &[String]| h.iter().map(|t| tok.encode(t)).collect::<Result<Vec<_>>>();
+                    let enc = |h: &[String]| {
+                        h.iter()
+                            .map(|t| tok.encode_document(t))
+                            .collect::<Result<Vec<_>>>()
+                    };
                     Box::new(planner::PplMetric {
                         splits: [enc(&halves[0])?, enc(&halves[1])?],
-                        window: 512,
+                        window: PPL_WINDOW,
                     })
                 }
                 // the planner gets per-document outcomes: paired s.e. of the drop; with the
@@ -1444,11 +1450,9 @@ fn run(cli: Cli) -> Result<()> {
                 let j: serde_json::Value = read_json(&out)?;
                 let points: Vec<spd::SweepPoint> = serde_json::from_value(j["points"].clone())
                     .map_err(|e| Error::InvalidArgument(format!("{}: {e}", out.display())))?;
-                spd::plot_sweep(
-                    &points,
-                    "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
-                    &sibling(&out, "svg"),
-                )?;
+                // files from before the model was recorded are SmolLM2's
+                let model = j["model"].as_str().unwrap_or("SmolLM2-135M-Instruct.Q4_1");
+                spd::plot_sweep(&points, &sweep_title(model), &sibling(&out, "svg"))?;
                 eprintln!("wrote {}", sibling(&out, "svg").display());
                 return Ok(());
             }
@@ -1541,8 +1545,11 @@ fn run(cli: Cli) -> Result<()> {
                 )));
             }
             // the blocks each method measures here, so --resume keeps every other point
-            let mcfg = model_files(&common)?.config()?;
+            let mfiles = model_files(&common)?;
+            let mcfg = mfiles.config()?;
             let n_layers = mcfg.n_layers;
+            // in the file (a --resume with another model is refused) and the plot's title
+            settings["model"] = mfiles.name().into();
             // every TP degree before the first one's hours of work: a later one the model
             // cannot run (or one listed twice) would otherwise fail (or repeat) mid-sweep
             for (i, &tp) in tp_list.iter().enumerate() {
@@ -1663,6 +1670,7 @@ fn run(cli: Cli) -> Result<()> {
                     ..common.clone()
                 })?;
                 let n = engine.cfg.n_layers;
+                ppl_fits_ctx(&tok, texts.iter(), common.ctx)?;
                 let seqs = distill_data(&tok, &train, distils)?;
                 let sens = match &sensitivity {
                     Some(p) => saved_sensitivity(p, &engine)?,
@@ -1675,7 +1683,8 @@ fn run(cli: Cli) -> Result<()> {
                 sens_all.push(serde_json::json!({ "tp": tp, "sensitivity": &sens }));
                 let measure =
                     |engine: &mut Engine, method: &str, k: usize| -> Result<spd::SweepPoint> {
-                        let ppl = perplexity_texts(engine, &tok, &texts, 512, 256, false)?.ppl();
+                        let ppl =
+                            perplexity_texts(engine, &tok, &texts, PPL_WINDOW, 256, false)?.ppl();
                         let s = evaluate_suite(engine, &tok, &sets, true)?;
                         eprintln!(
                             "TP {tp} {method:9} {k:2} blocks: ppl {ppl:.3}, avg acc {:.4} +- {:.4}",
@@ -1841,11 +1850,39 @@ fn save_sweep(
     file["sensitivity"] = serde_json::json!(sens_all);
     file["points"] = serde_json::json!(points);
     write_json(out, &file)?;
-    spd::plot_sweep(
-        points,
-        "SmolLM2-135M: accuracy and perplexity vs SPD fraction",
-        &sibling(out, "svg"),
-    )
+    let model = settings["model"]
+        .as_str()
+        .unwrap_or("SmolLM2-135M-Instruct.Q4_1");
+    spd::plot_sweep(points, &sweep_title(model), &sibling(out, "svg"))
+}
+
+/// The sweep plot's title for `model` ([`ModelFiles::name`]).
+fn sweep_title(model: &str) -> String {
+    format!("{model}: accuracy and perplexity vs SPD fraction")
+}
+
+/// The window in which `plan` and `sweep` score LAMBADA perplexity (`perplexity`'s default).
+const PPL_WINDOW: usize = 512;
+
+/// Refuses a KV cache too small for scoring `texts` in [`PPL_WINDOW`]-token windows, before
+/// the sensitivity and distillation run (the overflow stopped a run after them).
+fn ppl_fits_ctx<'a>(
+    tok: &Tokenizer,
+    texts: impl Iterator<Item = &'a String>,
+    ctx: usize,
+) -> Result<()> {
+    let mut longest = 0;
+    for t in texts {
+        longest = longest.max(tok.encode_document(t)?.len());
+    }
+    let need = longest.min(PPL_WINDOW);
+    if need > ctx {
+        return Err(bad(format!(
+            "--ctx {ctx}: the LAMBADA perplexity scores windows of up to {need} tokens (the \
+             longest passage, at most {PPL_WINDOW}): raise --ctx to {need} or more"
+        )));
+    }
+    Ok(())
 }
 
 /// A planner threshold for the log: -inf (no block in that class) reads "none".

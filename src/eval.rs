@@ -88,7 +88,8 @@ pub fn score_tokens(
     Ok(r)
 }
 
-/// Perplexity over several independent texts (e.g. LAMBADA passages), with a progress bar.
+/// Perplexity over several independent texts (e.g. LAMBADA passages), with a progress bar;
+/// each is a document ([`Tokenizer::encode_document`]: after the BOS when the model expects one).
 pub fn perplexity_texts(
     engine: &mut Engine,
     tok: &Tokenizer,
@@ -100,7 +101,7 @@ pub fn perplexity_texts(
     let bar = crate::progress::bar(texts.len() as u64, "perplexity", progress);
     let mut total = PplResult::default();
     for t in texts {
-        let ids = tok.encode(t)?;
+        let ids = tok.encode_document(t)?;
         if ids.len() >= 2 {
             total.add(&score_tokens(engine, &ids, window, stride)?);
         }

@@ -124,7 +124,8 @@ pub struct LayerPlan {
 pub struct SpdPlan {
     /// [`PLAN_VERSION`] when written.
     pub version: u32,
-    /// sha256 of the model file(s).
+    /// sha256 of the model file(s): the GGUF, or a HF folder's safetensors files and its
+    /// config.json ([`model_sha256`]).
     pub model_sha256: String,
     /// The TP degree the plan was made for (SPD's error depends on it).
     pub tp: usize,
@@ -146,7 +147,9 @@ pub struct SpdPlan {
     pub notes: serde_json::Value,
 }
 
-/// sha256 of the model's file(s), hex.
+/// sha256 of the model's file(s), hex: the GGUF (its config is in its metadata), or a HF
+/// folder's `*.safetensors` in name order followed by its `config.json` (the same weights
+/// under another config are another model: a plan made for one must not load on the other).
 pub fn model_sha256(files: &ModelFiles) -> Result<String> {
     let mut paths: Vec<PathBuf> = match files {
         ModelFiles::Synthetic(m) => {
@@ -162,6 +165,9 @@ pub fn model_sha256(files: &ModelFiles) -> Result<String> {
             .collect(),
     };
     paths.sort();
+    if let ModelFiles::SafeTensors(s) = files {
+        paths.push(s.dir.join("config.json"));
+    }
     let mut h = Sha256::new();
     for p in paths {
         let mut f = std::fs::File::open(&p).map_err(|e| Error::io(&p, e))?;

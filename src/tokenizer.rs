@@ -8,7 +8,7 @@
 #![warn(missing_docs)]
 
 use crate::error::{Error, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, Value};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -32,9 +32,16 @@ pub struct Tokenizer {
     /// End-of-sequence id: the GGUF's `tokenizer.ggml.eos_token_id`, or for a
     /// `tokenizer.json` see [`Tokenizer::from_file`].
     pub eos: Option<u32>,
-    /// Beginning-of-sequence id from the GGUF metadata (None for a `tokenizer.json`); never
-    /// added by [`Tokenizer::encode`].
+    /// Beginning-of-sequence id: the GGUF's `tokenizer.ggml.bos_token_id`, or for a
+    /// `tokenizer.json` see [`Tokenizer::from_file`]. Never added by [`Tokenizer::encode`];
+    /// [`Tokenizer::encode_document`] adds it when [`Tokenizer::add_bos`] says the model
+    /// expects it.
     pub bos: Option<u32>,
+    /// Whether the model expects [`Tokenizer::bos`] at the start of a document (Llama 2 / 3
+    /// do; SmolLM2 and Qwen2 do not): the GGUF's `tokenizer.ggml.add_bos_token`, by default
+    /// true for the `llama-bpe` pre-tokenizer only (llama.cpp's rule), or for a
+    /// `tokenizer.json` whether its post-processor starts a text with a token.
+    pub add_bos: bool,
     /// The system prompt the model's chat template inserts when none is given.
     pub default_system: Option<String>,
 }
@@ -127,10 +134,16 @@ impl Tokenizer {
             inner.add_special_tokens(&special);
         }
         let id = |k: &str| g.meta_u64(k).ok().map(|v| v as u32);
+        let add_bos = match g.meta("tokenizer.ggml.add_bos_token") {
+            Some(Value::Bool(b)) => *b,
+            Some(v) => v.as_u64().is_some_and(|v| v != 0),
+            None => pre == "llama-bpe",
+        };
         Ok(Tokenizer {
             inner,
             eos: id("tokenizer.ggml.eos_token_id"),
             bos: id("tokenizer.ggml.bos_token_id"),
+            add_bos,
             default_system: g
                 .meta_str("tokenizer.chat_template")
                 .ok()
@@ -141,30 +154,47 @@ impl Tokenizer {
     /// A Hugging Face `tokenizer.json`. The EOS is the `eos_token` of the
     /// `tokenizer_config.json` beside it when that names a token of the vocabulary (a base
     /// model ends text with `<|endoftext|>`, its instruct sibling with `<|im_end|>`), else the
-    /// first of `<|im_end|>`, `<|endoftext|>`, `</s>` in the vocabulary.
+    /// first of `<|im_end|>`, `<|endoftext|>`, `</s>` in the vocabulary. The BOS is the token
+    /// the tokenizer's post-processor puts before a text (Llama 3's `<|begin_of_text|>`), and
+    /// then [`Tokenizer::add_bos`] is set unless tokenizer_config.json says
+    /// `"add_bos_token": false`; otherwise it is that file's `bos_token`, not added.
     pub fn from_file(path: &std::path::Path) -> Result<Tokenizer> {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(tok_err)?;
-        let configured = path
+        let config = path
             .parent()
             .map(|d| d.join("tokenizer_config.json"))
             .and_then(|p| std::fs::read_to_string(p).ok())
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|j| {
-                let e = j.get("eos_token")?;
-                e.as_str()
-                    .or_else(|| e.get("content").and_then(|c| c.as_str()))
-                    .map(str::to_string)
-            })
-            .and_then(|t| inner.token_to_id(&t));
-        let eos = configured.or_else(|| {
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        let configured = |key: &str| -> Option<u32> {
+            let e = config.as_ref()?.get(key)?;
+            let t = e
+                .as_str()
+                .or_else(|| e.get("content").and_then(|c| c.as_str()))?;
+            inner.token_to_id(t)
+        };
+        let eos = configured("eos_token").or_else(|| {
             ["<|im_end|>", "<|endoftext|>", "</s>"]
                 .iter()
                 .find_map(|t| inner.token_to_id(t))
         });
+        // what the post-processor adds to an empty text: a template's leading special token
+        let added = inner
+            .encode("", true)
+            .map_err(tok_err)?
+            .get_ids()
+            .first()
+            .copied();
+        let refused = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+            == Some(false);
+        let bos = added.or_else(|| configured("bos_token"));
         Ok(Tokenizer {
             inner,
             eos,
-            bos: None,
+            bos,
+            add_bos: added.is_some() && !refused,
             default_system: None,
         })
     }
@@ -178,6 +208,18 @@ impl Tokenizer {
             .map_err(tok_err)?
             .get_ids()
             .to_vec())
+    }
+
+    /// Token ids of a whole document (a prompt, a text to score): [`Tokenizer::encode`], after
+    /// the BOS when the model expects one ([`Tokenizer::add_bos`]). Multiple-choice scoring
+    /// uses [`Tokenizer::encode`] alone, as lm-evaluation-harness does for causal models.
+    pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        if let (true, Some(b)) = (self.add_bos, self.bos) {
+            ids.push(b);
+        }
+        ids.extend(self.encode(text)?);
+        Ok(ids)
     }
 
     /// Text of `ids`, leaving out special tokens when `skip_special`.

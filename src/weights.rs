@@ -41,6 +41,22 @@ impl ModelFiles {
         }
     }
 
+    /// A short name for titles and logs: the GGUF's file name without `.gguf`, the HF
+    /// folder's name, or the synthetic spec.
+    pub fn name(&self) -> String {
+        let stem = |p: &Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+                .unwrap_or_else(|| p.display().to_string())
+        };
+        match self {
+            ModelFiles::Gguf(g) => stem(&g.path),
+            // canonicalised so that `.` names the folder
+            ModelFiles::SafeTensors(s) => stem(&s.dir.canonicalize().unwrap_or(s.dir.clone())),
+            ModelFiles::Synthetic(m) => m.spec.clone(),
+        }
+    }
+
     /// The model's config: from the GGUF metadata, config.json, or the synthetic preset.
     pub fn config(&self) -> Result<LlamaConfig> {
         match self {

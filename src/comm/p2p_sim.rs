@@ -10,6 +10,9 @@
 //!    budget; on expiry record (rank, peer, flag seen) and return `CommTimeout`;
 //! 4. sum `data[0..N][s]` in rank order 0..N (bit-identical on every rank).
 //!
+//! The simulation also publishes each round's length beside the data (before the release) and
+//! refuses a round whose ranks disagree on it, where the kernels would sum stale elements.
+//!
 //! Why two slots and one barrier suffice: a rank writes slot s again in round k+2 only after
 //! passing round k+1's barrier, which every peer reaches only after finishing round k's reads.
 //! Equality (not >=) comparisons make the counters wrap-safe. Only flag stores cross ranks:
@@ -17,7 +20,7 @@
 
 use super::{CommCounters, CommStats, Communicator};
 use crate::error::{Error, Result};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,6 +30,8 @@ struct RankMem {
     data: [Vec<AtomicU32>; 2],
     /// flags[slot][peer]: the round counter peer `peer` last signalled into this rank
     flags: [Vec<AtomicU32>; 2],
+    /// len[slot]: how many elements this rank wrote into data[slot] (checked by the peers)
+    len: [AtomicUsize; 2],
 }
 
 struct Shared {
@@ -72,6 +77,7 @@ impl P2pSimComm {
                         mk(world, start_counter.wrapping_sub(1)),
                         mk(world, start_counter.wrapping_sub(2)),
                     ],
+                    len: [AtomicUsize::new(0), AtomicUsize::new(0)],
                 })
                 .collect(),
             aborted: AtomicBool::new(false),
@@ -107,6 +113,7 @@ impl P2pSimComm {
         for (d, v) in me.data[s].iter().zip(data.iter()) {
             d.store(v.to_bits(), Ordering::Relaxed);
         }
+        me.len[s].store(data.len(), Ordering::Relaxed);
         if !self.mute.load(Ordering::Relaxed) {
             for p in 0..sh.world {
                 sh.mem[p].flags[s][self.rank].store(c, Ordering::Release);
@@ -144,6 +151,16 @@ impl P2pSimComm {
             }
         }
         // every peer's round-c data is visible (acquire above pairs with its release)
+        if let Some(p) =
+            (0..sh.world).find(|&p| sh.mem[p].len[s].load(Ordering::Relaxed) != data.len())
+        {
+            return Err(Error::Comm(format!(
+                "all-reduce length mismatch: rank {} sent {}, rank {p} sent {}",
+                self.rank,
+                data.len(),
+                sh.mem[p].len[s].load(Ordering::Relaxed)
+            )));
+        }
         for (i, out) in data.iter_mut().enumerate() {
             let mut acc = f32::from_bits(sh.mem[0].data[s][i].load(Ordering::Relaxed));
             for p in 1..sh.world {
