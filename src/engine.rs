@@ -172,7 +172,11 @@ struct Worker {
 
 /// A model loaded at a TP degree: one OS thread per rank, driven from the caller's thread.
 /// Commands go to every rank running and wait for all of them. After a rank fails, the engine
-/// refuses further work (create a new one); dropping it ends the rank threads.
+/// refuses further work (create a new one); dropping it ends the rank threads. Arguments the
+/// driver can check itself (logits rows, an empty forward, the SPD plan's length, a block
+/// index, block weights' shapes, head-grouping shards) are refused before any rank sees them
+/// and leave the engine usable; a position past the KV cache is a rank's `ContextOverflow`
+/// and does poison it.
 pub struct Engine {
     /// The model's configuration.
     pub cfg: LlamaConfig,
@@ -269,6 +273,43 @@ impl RankStart<'_> {
     }
 }
 
+/// Check a head and FFN assignment (a layout's, or one block's under head grouping): each
+/// query head on exactly one rank, every rank's KV heads exactly those its query heads use
+/// (a missing one panicked in `load_block`), and the FFN ranges a partition of 0..ffn (an
+/// overlap or a gap summed the wrong MLP, silently). `what` names it in errors.
+fn check_shards(cfg: &LlamaConfig, what: &str, shards: &[crate::layout::RankShard]) -> Result<()> {
+    let derived = crate::layout::TpLayout::with_heads(
+        cfg,
+        shards.iter().map(|s| s.q_heads.clone()).collect(),
+    )?;
+    // the KV heads are those the query heads use (a missing one panicked in `load_block`)
+    for (r, (s, d)) in shards.iter().zip(&derived.ranks).enumerate() {
+        if s.kv_heads != d.kv_heads {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: rank {r}'s KV heads {:?} are not those its query heads {:?} use ({:?})",
+                s.kv_heads, s.q_heads, d.kv_heads
+            )));
+        }
+    }
+    // the FFN ranges partition 0..ffn (an overlap or a gap summed the wrong MLP)
+    let mut ffn: Vec<&Range<usize>> = shards.iter().map(|s| &s.ffn).collect();
+    ffn.sort_by_key(|r| (r.start, r.end));
+    let mut next = 0;
+    let contiguous = ffn.into_iter().filter(|r| !r.is_empty()).all(|r| {
+        let joins = r.start == next;
+        next = r.end;
+        joins
+    });
+    if !contiguous || next != cfg.ffn {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: FFN ranges {:?} do not partition the {} FFN columns",
+            shards.iter().map(|s| s.ffn.clone()).collect::<Vec<_>>(),
+            cfg.ffn
+        )));
+    }
+    Ok(())
+}
+
 impl Engine {
     /// Load `files` at the given TP degree: every rank loads its own shard in its own thread.
     pub fn new(files: Arc<ModelFiles>, opts: &EngineOptions) -> Result<Engine> {
@@ -286,6 +327,7 @@ impl Engine {
             }
             None => TpLayout::new(&cfg, opts.tp)?,
         };
+        check_shards(&cfg, "layout", &layout.ranks)?;
         validate_shapes(&files, &cfg)?;
         if opts.capacity == 0 {
             return Err(Error::InvalidArgument(
@@ -540,6 +582,19 @@ impl Engine {
         }
     }
 
+    /// The check every rank would make of a forward's arguments (`RankModel::forward`), made
+    /// on the driver first: a bad call is an `InvalidArgument` that leaves the engine usable,
+    /// instead of a rank error that poisons it.
+    fn check_rows(tokens: &[u32], rows: &Range<usize>) -> Result<()> {
+        let t = tokens.len();
+        if t == 0 || rows.end > t || rows.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "forward of {t} tokens, logits rows {rows:?}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Send `cmds[r]` to rank r (after the failure check), then wait for every reply.
     fn send_each(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> Result<Vec<Reply>> {
         self.check_usable()?;
@@ -560,6 +615,7 @@ impl Engine {
     /// Run `tokens` at positions pos0.. through the model (filling the KV cache) and return
     /// the logits of rows `rows` (indices into `tokens`).
     pub fn forward(&mut self, tokens: &[u32], pos0: usize, rows: Range<usize>) -> Result<Logits> {
+        Self::check_rows(tokens, &rows)?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let replies = self.broadcast(|| Cmd::Forward {
             emb: emb.clone(),
@@ -577,6 +633,7 @@ impl Engine {
         split: usize,
         rows: Range<usize>,
     ) -> Result<Logits> {
+        Self::check_rows(tokens, &rows)?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let replies = self.broadcast(|| Cmd::ForwardIso {
             emb: emb.clone(),
@@ -643,6 +700,13 @@ impl Engine {
     /// The residual stream entering block `layer` for `tokens` at positions 0.. (t, d), under
     /// the current plan. Every rank holds the same bits; rank 0's copy is returned.
     pub fn block_input(&mut self, tokens: &[u32], layer: usize) -> Result<Vec<f32>> {
+        if layer >= self.cfg.n_layers || tokens.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "block input of {} tokens at block {layer} of {}",
+                tokens.len(),
+                self.cfg.n_layers
+            )));
+        }
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let mut replies = self.broadcast(|| Cmd::BlockInput {
             emb: emb.clone(),
@@ -658,6 +722,13 @@ impl Engine {
     /// separate processes must all switch the same blocks (put the plan in
     /// `EngineOptions::rank_terms` so that the rendezvous compares it).
     pub fn set_spd(&mut self, spd: &[bool]) -> Result<()> {
+        if spd.len() != self.cfg.n_layers {
+            return Err(Error::InvalidArgument(format!(
+                "SPD plan has {} layers, the model has {}",
+                spd.len(),
+                self.cfg.n_layers
+            )));
+        }
         let mask = Arc::new(spd.to_vec());
         self.broadcast(|| Cmd::SetSpd(mask.clone()))?;
         self.spd = spd.to_vec();
@@ -676,6 +747,15 @@ impl Engine {
             return Err(Error::InvalidArgument(
                 "one block shard per rank expected (and every rank running)".into(),
             ));
+        }
+        // every shard checked here before any is sent: a bad one would otherwise be refused
+        // by its rank alone, after the others had installed theirs
+        for (r, (w, vocab)) in per_rank.iter().zip(&self.vocab_ranges).enumerate() {
+            let dims = rank_dims(&self.cfg, &self.layout.ranks[r], vocab, 0);
+            w.check(layer, &dims).map_err(|e| match e {
+                Error::InvalidArgument(m) => Error::InvalidArgument(format!("rank {r}: {m}")),
+                e => e,
+            })?;
         }
         self.send_each(
             per_rank
@@ -718,10 +798,7 @@ impl Engine {
                 )));
             }
         }
-        crate::layout::TpLayout::with_heads(
-            &self.cfg,
-            shards.iter().map(|s| s.q_heads.clone()).collect(),
-        )?;
+        check_shards(&self.cfg, &format!("block {layer}"), &shards)?;
         let w = shards
             .iter()
             .map(|s| crate::model::load_block(&self.files, &self.cfg, s, layer))

@@ -231,6 +231,19 @@ impl<B: Backend> RankModel<B> {
         self.run(embeddings, 0, 0..t, layer)
     }
 
+    /// `ContextOverflow` unless positions pos0..pos0+t fit the KV cache, checked before any
+    /// op runs (and without overflow: a wrapped `pos0 + t` passed the backends' checks).
+    fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
+        let capacity = self.backend.dims().capacity;
+        match pos0.checked_add(t) {
+            Some(end) if end <= capacity => Ok(()),
+            end => Err(Error::ContextOverflow {
+                needed: end.unwrap_or(usize::MAX),
+                capacity,
+            }),
+        }
+    }
+
     /// Blocks 0..stop; if stop < n_layers, returns the hidden state instead of logits.
     fn run(
         &mut self,
@@ -246,6 +259,7 @@ impl<B: Backend> RankModel<B> {
                 "forward of {t} tokens, logits rows {rows:?}"
             )));
         }
+        self.check_capacity(pos0, t)?;
         if t == 1 && stop == self.cfg.n_layers && self.backend.graphs() {
             return self.decode_graphed(embeddings, pos0);
         }
@@ -413,6 +427,7 @@ impl<B: Backend> RankModel<B> {
                 "ISO forward of {t} tokens, logits rows {rows:?}"
             )));
         }
+        self.check_capacity(0, t)?;
         let qn = self.shard.q_heads.len() * self.cfg.head_dim;
         let (world, spd) = (self.world, self.spd.clone());
         let be = &mut self.backend;

@@ -99,6 +99,14 @@ impl CpuBackend {
     ) -> Result<CpuBackend> {
         let threads = threads.max(1);
         let rank = comm.rank();
+        // the RoPE tables and every KV-cache head hold capacity x head_dim values; a capacity
+        // whose tables overflow usize wrapped to short tables (and index panics)
+        if f32_elems(&[dims.capacity, dims.head_dim]).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "a KV cache of {} tokens x head dim {} is too large to address",
+                dims.capacity, dims.head_dim
+            )));
+        }
         let pool = if threads > 1 {
             Some(
                 rayon::ThreadPoolBuilder::new()
@@ -154,15 +162,23 @@ impl CpuBackend {
             .ok_or_else(|| Error::InvalidArgument(format!("layer {l} was not loaded")))
     }
 
-    fn check_capacity(&self, end: usize) -> Result<()> {
-        if end > self.dims.capacity {
-            return Err(Error::ContextOverflow {
-                needed: end,
+    /// `ContextOverflow` unless positions pos0..pos0+t fit the cache (without overflow: a
+    /// wrapped sum passed the check and indexed the RoPE tables out of bounds).
+    fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
+        match pos0.checked_add(t) {
+            Some(end) if end <= self.dims.capacity => Ok(()),
+            end => Err(Error::ContextOverflow {
+                needed: end.unwrap_or(usize::MAX),
                 capacity: self.dims.capacity,
-            });
+            }),
         }
-        Ok(())
     }
+}
+
+/// The product of `dims` when that many f32 values fit one allocation (isize::MAX bytes).
+fn f32_elems(dims: &[usize]) -> Option<usize> {
+    let n = dims.iter().try_fold(1usize, |a, b| a.checked_mul(*b))?;
+    (n.checked_mul(std::mem::size_of::<f32>())? <= isize::MAX as usize).then_some(n)
 }
 
 // ---- kernels (free functions so tests and benches can call them) ----------------------------
@@ -413,7 +429,12 @@ impl Backend for CpuBackend {
         let (n_kv, ffn) = w.check(layer, &self.dims)?;
         let d = &self.dims;
         let hd = d.head_dim;
-        let cache = n_kv * d.capacity * hd;
+        let cache = f32_elems(&[n_kv, d.capacity, hd]).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "layer {layer}: a KV cache of {n_kv} heads x {} tokens is too large to address",
+                d.capacity
+            ))
+        })?;
         let (k, v) = match self.layers[layer].take() {
             Some(old) if old.k.len() == cache => (old.k, old.v),
             _ => (vec![0f32; cache], vec![0f32; cache]),
@@ -440,7 +461,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         q_out: &mut Vec<f32>,
     ) -> Result<()> {
-        self.check_capacity(pos0 + t)?;
+        self.check_capacity(pos0, t)?;
         let d = self.dims.clone();
         let hd = d.head_dim;
         let n_kv = self.layer(layer)?.n_kv;
@@ -492,7 +513,7 @@ impl Backend for CpuBackend {
         pos0: usize,
         out: &mut Vec<f32>,
     ) -> Result<()> {
-        self.check_capacity(pos0 + t)?;
+        self.check_capacity(pos0, t)?;
         let d = &self.dims;
         let (hd, cap) = (d.head_dim, d.capacity);
         let qn = d.n_q * hd;
