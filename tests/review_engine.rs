@@ -11,6 +11,19 @@ use syncdrop::backend::Backend;
 use syncdrop::comm::{Identity, Wire};
 use syncdrop::Error;
 
+/// The small tiny model (seed 5, f32) written as a GGUF into `dir`, opened.
+fn tiny_files(dir: &std::path::Path) -> syncdrop::ModelFiles {
+    let path = dir.join("m.gguf");
+    write_gguf(
+        &path,
+        &Tiny::small(),
+        5,
+        syncdrop::quant::GgmlType::F32,
+        "llama",
+    );
+    syncdrop::ModelFiles::open(&path).unwrap()
+}
+
 const PROMPT: [u32; 5] = [3, 1, 4, 1, 5];
 
 /// The engine still runs a forward, and gives the logits it gave before.
@@ -44,15 +57,7 @@ fn a_position_past_usize_is_a_context_overflow() {
 #[test]
 fn cpu_backend_checks_positions_without_overflow() {
     let dir = tmpdir("rv-cpupos");
-    let path = dir.join("m.gguf");
-    write_gguf(
-        &path,
-        &Tiny::small(),
-        5,
-        syncdrop::quant::GgmlType::F32,
-        "llama",
-    );
-    let files = syncdrop::ModelFiles::open(&path).unwrap();
+    let files = tiny_files(&dir);
     let cfg = files.config().unwrap();
     let layout = syncdrop::TpLayout::new(&cfg, 1).unwrap();
     let dims = syncdrop::model::rank_dims(&cfg, &layout.ranks[0], &(0..cfg.vocab), 16);
@@ -87,15 +92,7 @@ fn cpu_backend_checks_positions_without_overflow() {
 #[test]
 fn a_capacity_too_large_to_address_is_refused() {
     let dir = tmpdir("rv-cap");
-    let path = dir.join("m.gguf");
-    write_gguf(
-        &path,
-        &Tiny::small(),
-        5,
-        syncdrop::quant::GgmlType::F32,
-        "llama",
-    );
-    let files = Arc::new(syncdrop::ModelFiles::open(&path).unwrap());
+    let files = Arc::new(tiny_files(&dir));
     for capacity in [usize::MAX, usize::MAX / 4 + 1] {
         let opts = syncdrop::EngineOptions {
             tp: 2,
@@ -395,15 +392,7 @@ impl Backend for Recording {
 #[test]
 fn the_block_schedule_refuses_overflowing_positions_before_any_op() {
     let dir = tmpdir("rv-schedpos");
-    let path = dir.join("m.gguf");
-    write_gguf(
-        &path,
-        &Tiny::small(),
-        5,
-        syncdrop::quant::GgmlType::F32,
-        "llama",
-    );
-    let files = syncdrop::ModelFiles::open(&path).unwrap();
+    let files = tiny_files(&dir);
     let cfg = files.config().unwrap();
     let layout = syncdrop::TpLayout::new(&cfg, 1).unwrap();
     let vocab = 0..cfg.vocab;
@@ -446,15 +435,7 @@ fn the_block_schedule_refuses_overflowing_positions_before_any_op() {
 #[test]
 fn an_inconsistent_layout_is_refused_by_engine_new() {
     let dir = tmpdir("rv-layout");
-    let path = dir.join("m.gguf");
-    write_gguf(
-        &path,
-        &Tiny::small(),
-        5,
-        syncdrop::quant::GgmlType::F32,
-        "llama",
-    );
-    let files = Arc::new(syncdrop::ModelFiles::open(&path).unwrap());
+    let files = Arc::new(tiny_files(&dir));
     let cfg = files.config().unwrap();
     let good = syncdrop::TpLayout::new(&cfg, 2).unwrap();
     let mut no_kv = good.clone();
