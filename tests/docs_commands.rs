@@ -187,21 +187,30 @@ fn inline_spans(para: &[(usize, &str)], out: &mut Parsed) {
     if para.is_empty() {
         return;
     }
+    let (s, line_at) = join_lines(para.iter().map(|(ln, l)| (*ln, *l)));
+    spans(&s, &line_at, out);
+}
+
+/// `pieces` (line number, text) joined with spaces, and the map from an offset in the joined
+/// text to the line it came from. `pieces` is not empty.
+fn join_lines<'a>(
+    pieces: impl Iterator<Item = (usize, &'a str)>,
+) -> (String, impl Fn(usize) -> usize) {
     let mut s = String::new();
     let mut starts = Vec::new();
-    for (ln, l) in para {
-        starts.push((s.len(), *ln));
-        s.push_str(l);
+    for (ln, p) in pieces {
+        starts.push((s.len(), ln));
+        s.push_str(p);
         s.push(' ');
     }
-    let line_at = |off: usize| -> usize {
+    let line_at = move |off: usize| -> usize {
         starts
             .iter()
             .take_while(|(st, _)| *st <= off)
             .last()
-            .map_or(para[0].0, |(_, ln)| *ln)
+            .map_or(starts[0].1, |(_, ln)| *ln)
     };
-    spans(&s, &line_at, out);
+    (s, line_at)
 }
 
 /// Code spans in `s` (CommonMark: a run of n backticks up to the next run of exactly n).
@@ -328,20 +337,7 @@ fn logical_line(pieces: &[(usize, String)], vars: &mut HashMap<String, String>, 
     if pieces.is_empty() {
         return;
     }
-    let mut s = String::new();
-    let mut starts = Vec::new();
-    for (ln, p) in pieces {
-        starts.push((s.len(), *ln));
-        s.push_str(p);
-        s.push(' ');
-    }
-    let line_at = |off: usize| -> usize {
-        starts
-            .iter()
-            .take_while(|(st, _)| *st <= off)
-            .last()
-            .map_or(pieces[0].0, |(_, ln)| *ln)
-    };
+    let (s, line_at) = join_lines(pieces.iter().map(|(ln, p)| (*ln, p.as_str())));
     for (a, b) in segments(&s) {
         let mut words = shell_words(&s[a..b], a, &line_at);
         // Compound-command keywords: `for x in ...` itself runs nothing.

@@ -11,28 +11,17 @@ use std::path::Path;
 use std::time::Duration;
 use syncdrop::comm::p2p_sim::P2pSimComm;
 use syncdrop::comm::Communicator;
-use syncdrop::gguf::{GgufFile, GgufWriter, Value};
+use syncdrop::gguf::{GgufFile, Value};
 use syncdrop::spd::model_sha256;
 use syncdrop::tokenizer::Tokenizer;
 use syncdrop::{Error, ModelFiles};
 
 /// A GGUF holding a byte-level BPE tokenizer (pre-tokenizer `pre`, BOS id 0) with `extra`
 /// metadata.
-fn bpe_gguf(path: &Path, pre: &str, extra: &[(&str, Value)]) -> GgufFile {
-    let tokens = ["<s>", "a", "b", "ab"];
-    let strings =
-        |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
-    let mut w = GgufWriter::new();
-    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
-        .meta("tokenizer.ggml.pre", Value::String(pre.into()))
-        .meta("tokenizer.ggml.tokens", strings(&tokens))
-        .meta("tokenizer.ggml.merges", strings(&["a b"]))
-        .meta("tokenizer.ggml.bos_token_id", Value::U32(0));
-    for (k, v) in extra {
-        w.meta(k, v.clone());
-    }
-    w.write(path).unwrap();
-    GgufFile::open(path).unwrap()
+fn bos_gguf(path: &Path, pre: &str, extra: &[(&str, Value)]) -> GgufFile {
+    let mut meta = vec![("tokenizer.ggml.bos_token_id", Value::U32(0))];
+    meta.extend(extra.iter().cloned());
+    bpe_gguf(path, pre, &["<s>", "a", "b", "ab"], &["a b"], &meta)
 }
 
 /// Llama 2 / 3 GGUFs say `add_bos_token = true` (Llama 3's pre-tokenizer implies it when the
@@ -43,7 +32,7 @@ fn gguf_add_bos_token_puts_the_bos_first_in_a_document() {
     let dir = tmpdir("rd-bos");
     let p = dir.join("t.gguf");
     let tok = |pre: &str, extra: &[(&str, Value)]| {
-        Tokenizer::from_gguf(&bpe_gguf(&p, pre, extra)).unwrap()
+        Tokenizer::from_gguf(&bos_gguf(&p, pre, extra)).unwrap()
     };
     let yes = tok(
         "gpt-2",

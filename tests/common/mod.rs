@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use syncdrop::gguf::{GgufWriter, Value};
+use syncdrop::gguf::{GgufFile, GgufWriter, Value};
 use syncdrop::quant::{quantize_row, GgmlType};
 
 #[derive(Debug, Clone)]
@@ -325,4 +325,27 @@ pub fn run(llama: &Path, dir: &Path, args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A GGUF holding only a byte-level BPE tokenizer: `tokens` (ids in order), `merges`
+/// ("a b"), pre-tokenizer `pre`, and `extra` metadata.
+pub fn bpe_gguf(
+    path: &Path,
+    pre: &str,
+    tokens: &[&str],
+    merges: &[&str],
+    extra: &[(&str, Value)],
+) -> GgufFile {
+    let strings =
+        |v: &[&str]| Value::Array(v.iter().map(|s| Value::String(s.to_string())).collect());
+    let mut w = GgufWriter::new();
+    w.meta("tokenizer.ggml.model", Value::String("gpt2".into()))
+        .meta("tokenizer.ggml.pre", Value::String(pre.into()))
+        .meta("tokenizer.ggml.tokens", strings(tokens))
+        .meta("tokenizer.ggml.merges", strings(merges));
+    for (k, v) in extra {
+        w.meta(k, v.clone());
+    }
+    w.write(path).unwrap();
+    GgufFile::open(path).unwrap()
 }
