@@ -36,6 +36,9 @@ fn main() {
     {
         println!("cargo:rerun-if-env-changed={v}");
     }
+    if std::env::var_os("CARGO_FEATURE_HOST_SIM").is_some() {
+        host_sim();
+    }
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -198,4 +201,33 @@ fn find_nvcc() -> Option<PathBuf> {
         .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/syncdrop")))?;
     let p = cache.join("nvcc-13.0.88/nvidia/cu13/bin/nvcc");
     p.exists().then_some(p)
+}
+
+/// Feature `host-sim`: every csrc/*.cu compiled as C++ for the host, against
+/// csrc/host_sim/cuda_bf16.h (first on the include path, so it stands in for the CUDA
+/// header) and the fiber scheduler in csrc/host_sim/sim.cpp, into a static library whose
+/// kernels keep their names (tests/host_sim_*.rs call them through
+/// src/backend/cuda/host_sim.rs). No nvcc needed; any C++17 compiler.
+fn host_sim() {
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .include("csrc/host_sim")
+        .include("csrc")
+        .flag("-std=c++17")
+        .flag("-fno-strict-aliasing")
+        .flag("-pthread")
+        .flag_if_supported("-Wno-unknown-pragmas")
+        .flag_if_supported("-Wno-sign-compare")
+        .opt_level(2)
+        .warnings(false)
+        .file("csrc/host_sim/sim.cpp")
+        .file("csrc/host_sim/selftest.cpp");
+    let mut kernels: Vec<PathBuf> = std::fs::read_dir("csrc")
+        .expect("csrc/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    kernels.sort();
+    // -x c++: the .cu files are C++ here (sim.cpp is C++ anyway)
+    b.flag("-xc++").files(&kernels).compile("syncdrop_host_sim");
 }

@@ -26,6 +26,16 @@
 #define ArgParams const __grid_constant__ ArParams
 #define ArgPeers const __grid_constant__ PeerPtrs
 
+#ifdef SYNCDROP_HOST_SIM
+// csrc/host_sim: host atomics; an acquire load lets the block's other threads run, since
+// every one of them sits in a spin loop
+__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
+  __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
+__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
+  return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+}
+#else
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
@@ -34,6 +44,7 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+#endif
 
 __device__ __forceinline__ size_t flag_idx(int phase, int slot, int block, int rank) {
   return (((size_t)phase * 2 + slot) * AR_MAX_BLOCKS + block) * AR_MAX_WORLD + rank;

@@ -8,9 +8,13 @@
 #include "common.cuh"
 
 __device__ __forceinline__ uint64_t globaltimer_ns() {
+#ifdef SYNCDROP_HOST_SIM
+  return sim_globaltimer();  // csrc/host_sim: steady-clock nanoseconds
+#else
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+#endif
 }
 
 // Wall time (%globaltimer, ns), not SM cycles: clocks drop under load, and a cycle count

@@ -12,9 +12,12 @@ cargo test --release --doc
 # from PyPI wheels, cudarc loads the driver at run time, GPU tests report "skipped: no GPU".
 NVCC="${NVCC:-$(scripts/setup-nvcc.sh | tail -n 1)}"
 export NVCC SYNCDROP_REQUIRE_NVCC=1
-cargo test --release --features cuda --all-targets --no-run
-cargo test --release --features cuda --lib --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
+# `host-sim` (implies `cuda`) adds the kernels compiled for the host (csrc/host_sim): the
+# host_sim_* tests run the kernels' own source on CPU threads against the CPU reference.
+cargo test --release --features cuda,host-sim --all-targets --no-run
+cargo test --release --features cuda,host-sim --lib --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
+cargo test --release --features cuda,host-sim --test 'host_sim*'
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
-cargo test --release --features cuda --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
+cargo test --release --features cuda,host-sim --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)
-RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --features cuda,host-sim

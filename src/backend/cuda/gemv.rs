@@ -29,8 +29,9 @@ unsafe impl cudarc::driver::DeviceRepr for GemvParams {}
 /// Output rows per block (csrc/gemv.cu WARPS_PER_BLOCK).
 const ROWS_PER_BLOCK: usize = 8;
 
-/// Parameters and grid of both GEMV kernels: one warp per output row.
-fn launch(t: usize, n: usize, k: usize) -> (GemvParams, LaunchConfig) {
+/// Parameters and grid of both GEMV kernels: one warp per output row (public for the host
+/// simulator's tests).
+pub fn launch_config(t: usize, n: usize, k: usize) -> (GemvParams, LaunchConfig) {
     let p = GemvParams {
         t: t as i32,
         n: n as i32,
@@ -62,7 +63,7 @@ pub fn gemv_bf16(
         return Ok(());
     }
     let f = kern.function("gemv", "gemv_bf16")?;
-    let (p, cfg) = launch(t, n, k);
+    let (p, cfg) = launch_config(t, n, k);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(w).arg(x).arg(y);
     // SAFETY: argument order and types match gemv_bf16 in csrc/gemv.cu; sizes checked above.
@@ -86,7 +87,7 @@ pub fn gemv_bf16_f32(
         return Ok(());
     }
     let f = kern.function("gemv", "gemv_bf16_f32")?;
-    let (p, cfg) = launch(t, n, k);
+    let (p, cfg) = launch_config(t, n, k);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(w).arg(x).arg(y);
     // SAFETY: matches gemv_bf16_f32 in csrc/gemv.cu; sizes checked above. The kernel takes

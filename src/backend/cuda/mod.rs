@@ -17,6 +17,8 @@ pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
 pub mod gemv;
+#[cfg(feature = "host-sim")]
+pub mod host_sim;
 pub mod kernels;
 pub mod nccl;
 pub mod rmsnorm;

@@ -28,8 +28,9 @@ const _: () = {
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for RmsNormParams {}
 
-/// One block per row, a thread per element up to 1024.
-fn row_cfg(rows: usize, d: usize) -> LaunchConfig {
+/// One block per row, a thread per element up to 1024 (public for the host simulator's
+/// tests, which launch what the backend launches).
+pub fn launch_config(rows: usize, d: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
         block_dim: ((d.div_ceil(32) * 32).clamp(32, 1024) as u32, 1, 1),
@@ -73,7 +74,7 @@ pub fn add_rmsnorm_bf16(
     }
     let f = k.function("rmsnorm", "add_rmsnorm_bf16")?;
     let p = params(rows, d, eps, delta.is_some());
-    let cfg = row_cfg(rows, d);
+    let cfg = launch_config(rows, d);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(residual);
     match delta {
@@ -111,7 +112,7 @@ pub fn add_rmsnorm_f32(
     }
     let f = k.function("rmsnorm", "add_rmsnorm_f32")?;
     let p = params(rows, d, eps, delta.is_some());
-    let cfg = row_cfg(rows, d);
+    let cfg = launch_config(rows, d);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(residual);
     match delta {
@@ -144,7 +145,7 @@ pub fn rmsnorm_f32(
     }
     let f = k.function("rmsnorm", "rmsnorm_f32")?;
     let p = params(rows, d, eps, false);
-    let cfg = row_cfg(rows, d);
+    let cfg = launch_config(rows, d);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(x).arg(weight).arg(out);
     // SAFETY: matches rmsnorm_f32 in csrc/rmsnorm.cu; sizes checked above.
