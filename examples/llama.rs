@@ -236,6 +236,9 @@ enum Cmd {
         /// Re-plot and re-classify a saved sensitivity JSON instead of measuring.
         #[arg(long)]
         from_json: Option<PathBuf>,
+        /// Overwrite an existing --out (without it a measured run refuses one).
+        #[arg(long)]
+        force: bool,
     },
     /// Choose the largest SPD plan within an accuracy budget, verified on held-out data.
     Plan {
@@ -284,6 +287,10 @@ enum Cmd {
         sensitivity: Option<PathBuf>,
         #[arg(long, default_value = "plan.json")]
         out: PathBuf,
+        /// Overwrite an existing --out and the distilled weights beside it (without it an
+        /// existing one is refused: a plan can take an hour of distillation).
+        #[arg(long)]
+        force: bool,
     },
     /// Accuracy and perplexity versus SPD fraction (zero-shot and B2B) at several TP degrees:
     /// the SPD paper's main figure. JSON + SVG.
@@ -398,6 +405,9 @@ enum Cmd {
         /// Output plan (the weights go beside it as <name>.safetensors).
         #[arg(long)]
         out: PathBuf,
+        /// Overwrite an existing --out and the weights beside it (without it they are refused).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -671,6 +681,23 @@ fn named(what: impl std::fmt::Display, e: Error) -> Error {
 fn at_least(name: &str, v: usize, min: usize) -> Result<()> {
     if v < min {
         return Err(bad(format!("--{name} {v}: must be at least {min}")));
+    }
+    Ok(())
+}
+
+/// Refuses to start work whose result would overwrite an existing file, unless `force`
+/// (`--force`): a plan, its distilled weights or a sensitivity JSON can take an hour to make.
+fn keep_existing(force: bool, outputs: &[(&str, &Path)]) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    for (what, path) in outputs {
+        if path.exists() {
+            return Err(bad(format!(
+                "{what} {} exists: add --force to overwrite it, or write to another file",
+                path.display()
+            )));
+        }
     }
     Ok(())
 }
@@ -1188,6 +1215,7 @@ fn run(cli: Cli) -> Result<()> {
             out,
             plot,
             from_json,
+            force,
         } => {
             if let (Some(a), Some(b)) = (t1, t2) {
                 if a > b {
@@ -1223,6 +1251,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => {
                     no_spd(&common, "sensitivity")?;
                     check_calib(&calib)?;
+                    keep_existing(force, &[("--out", &out)])?;
                     prepare_out(&out)?;
                     let Opened {
                         mut engine, tok, ..
@@ -1271,6 +1300,7 @@ fn run(cli: Cli) -> Result<()> {
             distill_zero_shot,
             sensitivity,
             out,
+            force,
         } => {
             no_spd(&common, "plan")?;
             check_calib(&calib)?;
@@ -1302,6 +1332,12 @@ fn run(cli: Cli) -> Result<()> {
                     &sibling(&out, "safetensors"),
                 ),
             ])?;
+            let weights = sibling(&out, "safetensors");
+            let mut kept = vec![("--out", out.as_path())];
+            if b2b {
+                kept.push(("the distilled weights beside --out", weights.as_path()));
+            }
+            keep_existing(force, &kept)?;
             prepare_out(&out)?;
             // the search and held-out data before the model loads and the sensitivity runs
             let dir = assets::eval_dir()?;
@@ -1751,7 +1787,12 @@ fn run(cli: Cli) -> Result<()> {
                 sibling(&out, "svg").display()
             );
         }
-        Cmd::Distill { common, train, out } => {
+        Cmd::Distill {
+            common,
+            train,
+            out,
+            force,
+        } => {
             let dcfg = distill_config(&train, true, &common)?;
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
@@ -1773,6 +1814,16 @@ fn run(cli: Cli) -> Result<()> {
                     &sibling(&out, "safetensors"),
                 ),
             ])?;
+            keep_existing(
+                force,
+                &[
+                    ("--out", &out),
+                    (
+                        "the distilled weights beside --out",
+                        &sibling(&out, "safetensors"),
+                    ),
+                ],
+            )?;
             prepare_out(&out)?;
             let Opened {
                 mut engine,

@@ -14,7 +14,7 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
         return;
     };
     let dir = common::tmpdir("cli");
-    let plan = dir.join("plan.json");
+    let plan = dir.join("input_plan.json"); // not the default --out of `plan`
     std::fs::write(&plan, "{}").unwrap();
     let plan = plan.to_str().unwrap();
     // a saved sensitivity of another TP degree, or of another model depth
@@ -145,6 +145,19 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
         (
             vec!["distill", "--spd", "all", "--out", "d.json"],
             "distill needs --spd PLAN.json",
+        ),
+        // results that take long to make are not overwritten without --force
+        (
+            vec!["distill", "--spd", plan, "--out", "s3.json"],
+            "--out s3.json exists: add --force",
+        ),
+        (
+            vec!["plan", "--tp", "2", "--budget-acc", "1", "--out", "s5.json"],
+            "--out s5.json exists: add --force",
+        ),
+        (
+            vec!["sensitivity", "--out", "s3.json"],
+            "--out s3.json exists: add --force",
         ),
         (
             vec!["eval", "--split", "2"],
