@@ -49,6 +49,12 @@ pub struct LlamaConfig {
     /// The context length the model was trained for, in tokens (2048 when the file gives
     /// none). Informational: the KV cache is sized by `EngineOptions::capacity`.
     pub context_length: usize,
+    /// Sliding-window attention: each query sees only the last `w` keys (Mistral's
+    /// `sliding_window`, Qwen2's when `use_sliding_window` is true, GGUF's
+    /// `{arch}.attention.sliding_window`). The engine attends over the whole cache, which is
+    /// the same thing while the cache holds at most `w` tokens, so `Engine::new` refuses a
+    /// larger capacity instead of computing something else.
+    pub sliding_window: Option<usize>,
 }
 
 impl LlamaConfig {
@@ -135,6 +141,11 @@ impl LlamaConfig {
             tied_embeddings: !g.tensors.contains_key("output.weight"),
             qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
             context_length: g.meta_u64(&k("context_length")).unwrap_or(2048) as usize,
+            sliding_window: g
+                .meta_u64(&k("attention.sliding_window"))
+                .ok()
+                .filter(|&w| w > 0)
+                .map(|w| w as usize),
             arch,
         };
         cfg.validate()?;
@@ -195,6 +206,16 @@ impl LlamaConfig {
                     .and_then(|v| v.as_bool())
                     .unwrap_or(false),
             context_length: num("max_position_embeddings").unwrap_or(2048) as usize,
+            // Qwen2 writes a window it does not use unless use_sliding_window is true
+            sliding_window: num("sliding_window")
+                .ok()
+                .filter(|&w| w > 0)
+                .filter(|_| {
+                    j.get("use_sliding_window")
+                        .and_then(|v| v.as_bool())
+                        .unwrap_or(true)
+                })
+                .map(|w| w as usize),
             arch,
         };
         cfg.validate()?;

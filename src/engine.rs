@@ -334,6 +334,14 @@ impl Engine {
                 "KV-cache capacity must be positive".into(),
             ));
         }
+        if let Some(w) = cfg.sliding_window.filter(|&w| opts.capacity > w) {
+            return Err(Error::InvalidArgument(format!(
+                "this model attends over a sliding window of {w} tokens, which syncdrop does \
+                 not implement: a KV cache of {} tokens would let queries see keys beyond it; \
+                 use a context of at most {w} tokens (--ctx {w})",
+                opts.capacity
+            )));
+        }
         if opts.nccl.is_some() && opts.backend != BackendKind::Cuda {
             return Err(Error::InvalidArgument("NCCL needs --backend cuda".into()));
         }

@@ -188,6 +188,7 @@ impl ModelShape {
             tied_embeddings: false,
             qkv_bias: false,
             context_length: 4096,
+            sliding_window: None,
         }
     }
 

@@ -148,6 +148,7 @@ mod tests {
             tied_embeddings: true,
             qkv_bias: false,
             context_length: 8192,
+            sliding_window: None,
         }
     }
 

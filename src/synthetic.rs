@@ -60,6 +60,7 @@ impl SyntheticModel {
             tied_embeddings: false,
             qkv_bias: false,
             context_length: 4096,
+            sliding_window: None,
         };
         let mut seed = 0u64;
         for kv in over.split(',').filter(|s| !s.is_empty()) {
