@@ -35,12 +35,17 @@ sample_f32(SampleParams p, const float* __restrict__ logits, const float* __rest
   const int r = blockIdx.x;
   if (r >= p.rows) return;
   const float* x = logits + (size_t)r * p.n;
-  const float inv_t = 1.f / p.temperature;
+  // capped at FLT_MAX: 1 / T of a subnormal T is +inf, and 0 * inf would make the largest
+  // logit's weight NaN (no token kept) where the limit is greedy
+  const float inv_t = fminf(1.f / p.temperature, 3.40282347e38f);
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < p.n; i += blockDim.x) mx = fmaxf(mx, x[i]);
   mx = block_max(mx);
   float z = 0.f;
-  for (int i = threadIdx.x; i < p.n; i += blockDim.x) z += __expf((x[i] - mx) * inv_t);
+  for (int i = threadIdx.x; i < p.n; i += blockDim.x) {
+    const float e = __expf((x[i] - mx) * inv_t);
+    if (e >= 0.f) z += e;  // a NaN logit weighs 0: a NaN z would keep every token (tau = 0)
+  }
   z = block_sum(z);
   float tau = 0.f;
   if (p.top_p < 1.f) {

@@ -144,9 +144,25 @@ impl Drop for PeerMem {
 
 /// Width in f32 of each region of a rank's registered data (2 slots x 2 regions): the
 /// capacity rounded up to a multiple of 8, so every region starts 16-byte aligned for the
-/// kernels' 16-byte peer loads.
-fn region_width(capacity: usize) -> usize {
+/// kernels' 16-byte peer loads. A rank registers `4 * region_width(capacity)` f32 of data,
+/// and `ArParams::capacity` is this width.
+pub fn region_width(capacity: usize) -> usize {
     capacity.max(1).next_multiple_of(8)
+}
+
+/// The launch shape every all-reduce kernel of `n` elements uses on a grid capped at
+/// `max_grid` blocks (the same grid for the same n on every rank and in every kernel: they
+/// share counters, flags and slots), or None for nothing to do (n == 0).
+pub fn launch_config(n: usize, max_grid: usize) -> Option<LaunchConfig> {
+    if n == 0 {
+        return None;
+    }
+    let grid = n.div_ceil(256).clamp(1, max_grid.clamp(1, MAX_BLOCKS));
+    Some(LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
 }
 
 /// The f32-in, f32-out kernel for a wire type.
@@ -485,15 +501,7 @@ impl P2pRank {
                 self.capacity
             )));
         }
-        if n == 0 {
-            return Ok(None);
-        }
-        let grid = n.div_ceil(256).clamp(1, self.max_grid);
-        Ok(Some(LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        }))
+        Ok(launch_config(n, self.max_grid))
     }
 
     fn params(&self, n: usize, two_shot: bool) -> ArParams {

@@ -20,6 +20,17 @@ const _: () =
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for ArgmaxParams {}
 
+/// One block of 256 threads per row; the block size must be a power of two (tree reduction
+/// in the kernel). Public for the host simulator's tests, which launch what the backend
+/// launches.
+pub fn launch_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 pub fn argmax_f32(
     stream: &Arc<CudaStream>,
     kern: &Kernels,
@@ -41,12 +52,7 @@ pub fn argmax_f32(
         rows: rows as i32,
         n: n as i32,
     };
-    // block size must be a power of two (tree reduction in the kernel)
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config(rows);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(logits).arg(out);
     // SAFETY: argument order and types match argmax_f32 in csrc/argmax.cu; sizes checked.

@@ -50,6 +50,28 @@ pub fn split_plan(t: usize, n_q: usize, max_len: usize, min_blocks: usize) -> (u
     }
 }
 
+/// Launch shapes of `attention_f32` (grid (n_q, t, splits), 4 warps per block) and of
+/// `attention_combine_f32` (grid (n_q, t), a thread per output dimension rounded up to whole
+/// warps), public for the host simulator's tests.
+pub fn launch_configs(
+    t: usize,
+    n_q: usize,
+    hd: usize,
+    splits: usize,
+) -> (LaunchConfig, LaunchConfig) {
+    let attend = LaunchConfig {
+        grid_dim: (n_q as u32, t as u32, splits as u32),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let combine = LaunchConfig {
+        grid_dim: (n_q as u32, t as u32, 1),
+        block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    (attend, combine)
+}
+
 /// Floats of partial-result scratch a split launch needs.
 pub fn partial_len(t: usize, n_q: usize, hd: usize, splits: usize) -> usize {
     if splits > 1 {
@@ -129,11 +151,7 @@ pub fn attention_f32(
         scale: 1.0 / (hd as f32).sqrt(),
     };
     let f = kern.function("attention", "attention_f32")?;
-    let cfg = LaunchConfig {
-        grid_dim: (n_q as u32, t as u32, splits as u32),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let (cfg, combine_cfg) = launch_configs(t, n_q, hd, splits);
     let mut b = stream.launch_builder(&f);
     b.arg(&p);
     match pos {
@@ -147,16 +165,11 @@ pub fn attention_f32(
     unsafe { b.launch(cfg) }.map_err(cuda_err)?;
     if splits > 1 {
         let f = kern.function("attention", "attention_combine_f32")?;
-        let cfg = LaunchConfig {
-            grid_dim: (n_q as u32, t as u32, 1),
-            block_dim: (hd.div_ceil(32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let pv = partial.as_view();
         let mut b = stream.launch_builder(&f);
         b.arg(&p).arg(&pv).arg(out);
         // SAFETY: matches attention_combine_f32; `partial` was written by the launch above.
-        unsafe { b.launch(cfg) }.map_err(cuda_err)?;
+        unsafe { b.launch(combine_cfg) }.map_err(cuda_err)?;
     }
     Ok(())
 }

@@ -62,10 +62,22 @@ unsafe impl cudarc::driver::DeviceRepr for MseParams {}
 // SAFETY: as above.
 unsafe impl cudarc::driver::DeviceRepr for AdamParams {}
 
-/// One block of 256 threads per row (the row kernels' launch bound).
-fn rows_cfg(rows: usize) -> LaunchConfig {
+/// One block of 256 threads per row (the row kernels' launch bound): distill_norm_fwd and
+/// distill_norm_bwd. Public, as [`mse_launch_config`], for the host simulator's tests, which
+/// launch what the backend launches; the elementwise kernels (distill_swiglu_bwd,
+/// distill_norm_wgrad, distill_adam) take `kernels::grid_1d` of their element count.
+pub fn rows_launch_config(rows: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// distill_mse's fixed grid: [`MSE_BLOCKS`] blocks of 256 threads, grid-stride.
+pub fn mse_launch_config() -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (MSE_BLOCKS as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
@@ -281,7 +293,7 @@ impl GpuTrainer {
                 .arg(&mut tp.rinv);
             // SAFETY: matches distill_norm_fwd in csrc/distill.cu; x, a, u, n hold t * d
             // values, rinv t, w d (sized at construction for the longest sample).
-            unsafe { b.launch(rows_cfg(t)) }.map_err(cuda_err)?;
+            unsafe { b.launch(rows_launch_config(t)) }.map_err(cuda_err)?;
             // out += a
             super::elementwise::add_f32(
                 st,
@@ -317,11 +329,7 @@ impl GpuTrainer {
             .arg(&s.target)
             .arg(&mut self.dout)
             .arg(&mut self.partial);
-        let cfg = LaunchConfig {
-            grid_dim: (MSE_BLOCKS as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = mse_launch_config();
         // SAFETY: matches distill_mse in csrc/distill.cu: out, target, dout hold n values,
         // partial MSE_BLOCKS, the grid it is launched with.
         unsafe { b.launch(cfg) }.map_err(cuda_err)?;
@@ -389,7 +397,7 @@ impl GpuTrainer {
                 .arg(&mut self.da);
             // SAFETY: matches distill_norm_bwd in csrc/distill.cu; u, dn, dout, da hold
             // t * d values, rinv t, w d.
-            unsafe { b.launch(rows_cfg(t)) }.map_err(cuda_err)?;
+            unsafe { b.launch(rows_launch_config(t)) }.map_err(cuda_err)?;
             let func = self.kern.function("distill", "distill_norm_wgrad")?;
             let mut b = st.launch_builder(&func);
             b.arg(&np)

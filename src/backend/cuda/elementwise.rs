@@ -4,7 +4,7 @@
 use super::cuda_err;
 use super::kernels::{check_len, grid_1d, Kernels};
 use crate::error::Result;
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -17,6 +17,12 @@ pub struct ElemParams {
 const _: () = assert!(std::mem::size_of::<ElemParams>() == 8);
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for ElemParams {}
+
+/// Launch shape of every kernel here: a thread per element, 256 per block (public for the
+/// host simulator's tests).
+pub fn launch_config(n: usize) -> LaunchConfig {
+    grid_1d(n)
+}
 
 /// acc[..n] += x[..n]
 pub fn add_f32(
@@ -36,7 +42,7 @@ pub fn add_f32(
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(acc).arg(x);
     // SAFETY: matches add_f32 in csrc/elementwise.cu; both buffers hold n elements.
-    unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config(n)) }.map_err(cuda_err)?;
     Ok(())
 }
 
@@ -58,7 +64,7 @@ pub fn f32_to_bf16(
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(x).arg(y);
     // SAFETY: matches f32_to_bf16 in csrc/elementwise.cu; both buffers hold n elements.
-    unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config(n)) }.map_err(cuda_err)?;
     Ok(())
 }
 
@@ -78,6 +84,6 @@ pub fn round_bf16_f32(
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(x);
     // SAFETY: matches round_bf16_f32 in csrc/elementwise.cu; x holds n elements.
-    unsafe { b.launch(grid_1d(n)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config(n)) }.map_err(cuda_err)?;
     Ok(())
 }

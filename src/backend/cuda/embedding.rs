@@ -3,7 +3,7 @@
 use super::cuda_err;
 use super::kernels::{check_len, grid_1d, Kernels};
 use crate::error::Result;
-use cudarc::driver::{CudaStream, CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 use half::bf16;
 use std::sync::Arc;
 
@@ -17,6 +17,12 @@ pub struct EmbedParams {
 const _: () = assert!(std::mem::size_of::<EmbedParams>() == 8);
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for EmbedParams {}
+
+/// Launch shape of `embedding_f32`: a thread per output element, 256 per block (public for
+/// the host simulator's tests).
+pub fn launch_config(t: usize, d: usize) -> LaunchConfig {
+    grid_1d(t * d)
+}
 
 /// out (t, d) = `table[ids]`. `ids` are checked against the table's row count on the host
 /// (`host_ids`), since a bad id would read out of bounds on the device.
@@ -50,6 +56,6 @@ pub fn embedding_f32(
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(ids).arg(table).arg(out);
     // SAFETY: matches embedding_f32 in csrc/embedding.cu; ids < vocab checked above.
-    unsafe { b.launch(grid_1d(t * d)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config(t, d)) }.map_err(cuda_err)?;
     Ok(())
 }

@@ -32,6 +32,12 @@ const _: () = {
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for RopeParams {}
 
+/// Launch shape of `rope_bf16`: one thread per (row, head, pair), 1024 per block (public for
+/// the host simulator's tests).
+pub fn rope_launch_config(t: usize, heads: usize, head_dim: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems((t * heads * head_dim / 2) as u32)
+}
+
 /// Rotate the first `heads` head vectors of each of `t` rows of `x` (row stride `stride`).
 #[allow(clippy::too_many_arguments)]
 pub fn rope_bf16(
@@ -67,7 +73,7 @@ pub fn rope_bf16(
         theta,
         pad: 0,
     };
-    let cfg = LaunchConfig::for_num_elems(total as u32);
+    let cfg = rope_launch_config(t, heads, head_dim);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(x);
     // SAFETY: argument order and types match rope_bf16 in csrc/rope.cu; sizes checked above.
@@ -124,6 +130,12 @@ impl Pos<'_> {
             Pos::Device(_) => Ok(0),
         }
     }
+}
+
+/// Launch shape of `qkv_rope_cache`: one thread per (row, head, pair) over the
+/// n_q + 2 n_kv heads of a row, 256 per block (public for the host simulator's tests).
+pub fn qkv_launch_config(t: usize, n_q: usize, n_kv: usize, hd: usize) -> LaunchConfig {
+    super::kernels::grid_1d(t * (n_q + 2 * n_kv) * hd / 2)
 }
 
 /// Fused QKV epilogue: bias, RoPE on Q and K, Q to `q_out`, K/V into the bf16 caches.
@@ -199,6 +211,6 @@ pub fn qkv_rope_cache(
     // SAFETY: matches qkv_rope_cache in csrc/rope.cu; sizes checked above; with a device
     // position the caller guarantees pos + t <= capacity (the graph path checks on the host
     // before writing the position).
-    unsafe { b.launch(super::kernels::grid_1d(t * width / 2)) }.map_err(cuda_err)?;
+    unsafe { b.launch(qkv_launch_config(t, n_q, n_kv, hd)) }.map_err(cuda_err)?;
     Ok(())
 }

@@ -25,6 +25,16 @@ const _: () = {
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for SampleParams {}
 
+/// One block of `SAMPLE_THREADS` (1024, csrc/sample.cu) per row. Public for the host
+/// simulator's tests, which launch what the backend launches.
+pub fn launch_config(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (1024, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
 /// `out[r]` = a token drawn from `softmax(logits[r] / temperature)` restricted to the nucleus
 /// of mass `top_p`, using `u[r]` in [0, 1). temperature > 0 (use argmax for greedy).
 #[allow(clippy::too_many_arguments)]
@@ -56,11 +66,7 @@ pub fn sample_f32(
         temperature,
         top_p,
     };
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (1024, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = launch_config(rows);
     let mut b = stream.launch_builder(&f);
     b.arg(&p).arg(logits).arg(u).arg(out);
     // SAFETY: matches sample_f32 in csrc/sample.cu; sizes checked above.

@@ -21,6 +21,18 @@ const _: () =
 // SAFETY: plain-old-data with the C layout asserted above.
 unsafe impl cudarc::driver::DeviceRepr for SwigluParams {}
 
+/// Launch shape of `swiglu_bf16`: a thread per output, 1024 per block (public for the host
+/// simulator's tests).
+pub fn launch_config_bf16(t: usize, f: usize) -> LaunchConfig {
+    LaunchConfig::for_num_elems((t * f) as u32)
+}
+
+/// Launch shape of `swiglu_f32`: a thread per output, 256 per block (public for the host
+/// simulator's tests).
+pub fn launch_config_f32(t: usize, f: usize) -> LaunchConfig {
+    super::kernels::grid_1d(t * f)
+}
+
 /// h (t, f) = silu(gu[:, :f]) * gu[:, f..2f].
 pub fn swiglu_bf16(
     stream: &Arc<CudaStream>,
@@ -46,7 +58,7 @@ pub fn swiglu_bf16(
     let mut b = stream.launch_builder(&func);
     b.arg(&p).arg(gu).arg(h);
     // SAFETY: argument order and types match swiglu_bf16 in csrc/swiglu.cu; sizes checked.
-    unsafe { b.launch(LaunchConfig::for_num_elems((t * f) as u32)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config_bf16(t, f)) }.map_err(cuda_err)?;
     Ok(())
 }
 
@@ -72,6 +84,6 @@ pub fn swiglu_f32(
     let mut b = stream.launch_builder(&func);
     b.arg(&p).arg(gu).arg(h);
     // SAFETY: matches swiglu_f32 in csrc/swiglu.cu; sizes checked above.
-    unsafe { b.launch(super::kernels::grid_1d(t * f)) }.map_err(cuda_err)?;
+    unsafe { b.launch(launch_config_f32(t, f)) }.map_err(cuda_err)?;
     Ok(())
 }
