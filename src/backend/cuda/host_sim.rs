@@ -169,7 +169,7 @@ pub fn spins() -> i64 {
 
 /// The kernels of `csrc/*.cu`, compiled for the host: the same names and parameters as on
 /// the GPU, host pointers for device pointers (`bf16` for `__nv_bfloat16`, `u64` addresses
-/// in [`PeerPtrs`]). Call them only inside [`launch`].
+/// in [`PeerPtrs`](super::allreduce::PeerPtrs)). Call them only inside [`launch`].
 pub mod kernels {
     use super::super::{
         allreduce::{ArParams, PeerPtrs},
