@@ -9,7 +9,11 @@ fn cuda_kernels_skipped_without_the_feature() {
 }
 
 #[cfg(feature = "cuda")]
+mod common;
+
+#[cfg(feature = "cuda")]
 mod gpu {
+    use super::common::{distill_problem, rel_err};
     use half::bf16;
     use proptest::prelude::*;
     use syncdrop::backend::cpu::rmsnorm;
@@ -505,53 +509,6 @@ mod gpu {
             .collect()
     }
 
-    /// A distillation problem of `ranks` ranks (q attention and f MLP columns each), hidden
-    /// size d, one sample per length in `ts`; weights scaled like a trained block's.
-    fn distill_problem(
-        ranks: usize,
-        (d, q, f): (usize, usize, usize),
-        ts: &[usize],
-        seed: u64,
-    ) -> (
-        Vec<syncdrop::distill::StudentParams>,
-        Vec<syncdrop::distill::Sample>,
-    ) {
-        let mut k = seed.wrapping_mul(1000);
-        let mut next = |n: usize, scale: f32| {
-            k += 1;
-            rand_f32(n, k, scale)
-        };
-        let init = (0..ranks)
-            .map(|_| syncdrop::distill::StudentParams {
-                wo: next(d * q, 1.0 / (q as f32).sqrt()),
-                ffn_norm: next(d, 0.2).iter().map(|v| 1.0 + v).collect(),
-                w_gate_up: next(2 * f * d, 1.5 / (d as f32).sqrt()),
-                w_down: next(d * f, 1.0 / (f as f32).sqrt()),
-            })
-            .collect();
-        let data = ts
-            .iter()
-            .map(|&t| {
-                let x = next(t * d, 1.0);
-                // any target will do for the gradients; this one is near the output
-                let target = x.iter().zip(next(t * d, 0.5)).map(|(x, e)| x + e).collect();
-                syncdrop::distill::Sample {
-                    att: (0..ranks).map(|_| next(t * q, 1.0)).collect(),
-                    x,
-                    target,
-                }
-            })
-            .collect();
-        (init, data)
-    }
-
-    /// ||a - b|| / ||b||
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
-
     fn tensors(p: &syncdrop::distill::StudentParams) -> [(&str, &Vec<f32>); 4] {
         [
             ("wo", &p.wo),
@@ -572,7 +529,7 @@ mod gpu {
                                         t in 1usize..40, seed in any::<u64>()) {
             use syncdrop::distill::{CpuTrainer, Trainer};
             if gpu().is_none() { return Ok(()); }
-            let (init, data) = distill_problem(ranks, (d, q, f), &[t, t / 2 + 1], seed);
+            let (init, data) = distill_problem(ranks, (d, q, f), &[t, t / 2 + 1], seed, rand_f32);
             let eps = 1e-5;
             let mut cpu = CpuTrainer::new(init.clone(), &data, d, eps, 1);
             let mut gpu = syncdrop::backend::cuda::distill_trainer(0, &init, &data, d, eps).unwrap();
@@ -620,7 +577,7 @@ mod gpu {
             return;
         }
         let (d, eps) = (576, 1e-5);
-        let (init, data) = distill_problem(3, (d, 192, 512), &[64, 64, 40], 7);
+        let (init, data) = distill_problem(3, (d, 192, 512), &[64, 64, 40], 7, rand_f32);
         let run = |device, holdout| {
             let cfg = DistillConfig {
                 epochs: 3,

@@ -15,7 +15,11 @@ fn host_sim_allreduce_skipped_without_the_feature() {
 }
 
 #[cfg(feature = "host-sim")]
+mod common;
+
+#[cfg(feature = "host-sim")]
 mod sim {
+    use super::common::xorshift_f32 as rand_f32;
     use cudarc::driver::LaunchConfig;
     use half::bf16;
     use proptest::prelude::*;
@@ -251,26 +255,23 @@ mod sim {
                 unsafe {
                     match op {
                         Op::Ar { kind, .. } => match kind {
-                            ArKind::F32 => kernels::allreduce_f32(
-                                rk.p,
-                                data,
-                                flags,
-                                ctr,
-                                err,
-                                a.input.get(),
-                                a.out.get(),
-                                a.resid.get(),
-                            ),
-                            ArKind::F32Bf16Wire => kernels::allreduce_f32_bf16wire(
-                                rk.p,
-                                data,
-                                flags,
-                                ctr,
-                                err,
-                                a.input.get(),
-                                a.out.get(),
-                                a.resid.get(),
-                            ),
+                            ArKind::F32 | ArKind::F32Bf16Wire => {
+                                let f = if kind == ArKind::F32 {
+                                    kernels::allreduce_f32
+                                } else {
+                                    kernels::allreduce_f32_bf16wire
+                                };
+                                f(
+                                    rk.p,
+                                    data,
+                                    flags,
+                                    ctr,
+                                    err,
+                                    a.input.get(),
+                                    a.out.get(),
+                                    a.resid.get(),
+                                )
+                            }
                             ArKind::Bf16 => kernels::allreduce_bf16(
                                 rk.p,
                                 data,
@@ -360,18 +361,6 @@ mod sim {
                 }
             }
         }
-    }
-
-    fn rand_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
     }
 
     /// Inputs whose sums depend on the order of addition: magnitudes spread over 2^-6..2^6,

@@ -16,7 +16,11 @@ fn host_sim_decode_train_skipped_without_the_feature() {
 }
 
 #[cfg(feature = "host-sim")]
+mod common;
+
+#[cfg(feature = "host-sim")]
 mod sim {
+    use super::common::{distill_problem, rel_err};
     use half::bf16;
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
@@ -678,17 +682,7 @@ mod sim {
         lr: f32,
     ) {
         let n = param.len();
-        let (b1, b2, eps) = ADAM;
-        let (c1, c2) = adam_corrections(step);
-        let p = AdamParams {
-            n: n as i64,
-            lr,
-            b1,
-            b2,
-            eps,
-            c1,
-            c2,
-        };
+        let p = AdamParams::new(n, lr, step);
         for b in [&mut *param, &mut *m, &mut *v] {
             b.extend([SENTINEL; 300]);
         }
@@ -1006,49 +1000,6 @@ mod sim {
         ]
     }
 
-    /// ||a - b|| / ||b||
-    fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-        let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-        let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-        (num / den.max(1e-30)).sqrt()
-    }
-
-    /// A distillation problem as tests/cuda_kernels.rs builds it: `ranks` ranks of q
-    /// attention and f MLP columns, hidden size d, one sample per length in `ts`.
-    fn distill_problem(
-        ranks: usize,
-        (d, q, f): (usize, usize, usize),
-        ts: &[usize],
-        seed: u64,
-    ) -> (Vec<StudentParams>, Vec<Sample>) {
-        let mut k = seed.wrapping_mul(1000);
-        let mut next = |n: usize, scale: f32| {
-            k += 1;
-            rand_f32(n, k, scale)
-        };
-        let init = (0..ranks)
-            .map(|_| StudentParams {
-                wo: next(d * q, 1.0 / (q as f32).sqrt()),
-                ffn_norm: next(d, 0.2).iter().map(|v| 1.0 + v).collect(),
-                w_gate_up: next(2 * f * d, 1.5 / (d as f32).sqrt()),
-                w_down: next(d * f, 1.0 / (f as f32).sqrt()),
-            })
-            .collect();
-        let data = ts
-            .iter()
-            .map(|&t| {
-                let x = next(t * d, 1.0);
-                let target = x.iter().zip(next(t * d, 0.5)).map(|(x, e)| x + e).collect();
-                Sample {
-                    att: (0..ranks).map(|_| next(t * q, 1.0)).collect(),
-                    x,
-                    target,
-                }
-            })
-            .collect();
-        (init, data)
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 4, ..ProptestConfig::default() })]
 
@@ -1063,7 +1014,7 @@ mod sim {
                                                     f in prop::sample::select(vec![8usize, 48, 130]),
                                                     t in 1usize..12, seed in any::<u64>()) {
             let eps = 1e-5f32;
-            let (init, data) = distill_problem(ranks, (d, q, f), &[t, t / 2 + 1], seed);
+            let (init, data) = distill_problem(ranks, (d, q, f), &[t, t / 2 + 1], seed, rand_f32);
             for s in &data {
                 let (lc, gc) = loss_and_grads(&init, s, d, eps, 1);
                 let (lg, gg) = composed_loss_and_grads(&init, s, d, eps);

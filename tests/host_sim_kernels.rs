@@ -9,7 +9,11 @@ fn host_sim_skipped_without_the_feature() {
 }
 
 #[cfg(feature = "host-sim")]
+mod common;
+
+#[cfg(feature = "host-sim")]
 mod sim {
+    use super::common::xorshift_f32 as rand_f32;
     use half::bf16;
     use proptest::prelude::*;
     use syncdrop::backend::cpu::rmsnorm;
@@ -22,18 +26,6 @@ mod sim {
         fn sim_selftest_sync_or(live: i32, vote: i32, out: *mut i32);
         fn sim_selftest_shuffle_after_return(out: *mut f32);
         fn sim_selftest_deadlock(out: *mut f32);
-    }
-
-    fn rand_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
     }
 
     #[test]

@@ -18,7 +18,11 @@ fn host_sim_layers_skipped_without_the_feature() {
 }
 
 #[cfg(feature = "host-sim")]
+mod common;
+
+#[cfg(feature = "host-sim")]
 mod sim {
+    use super::common::xorshift_f32 as rand_f32;
     use half::bf16;
     use proptest::prelude::*;
     use syncdrop::backend::cpu::{attend, rmsnorm, rope_head, rope_tables};
@@ -34,18 +38,6 @@ mod sim {
 
     /// SMs of an H100 SXM: the backend splits attention keys below 2 * num_sms blocks.
     const H100_SMS: usize = 132;
-
-    fn rand_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
-            })
-            .collect()
-    }
 
     fn rand_bf16(n: usize, seed: u64, scale: f32) -> Vec<bf16> {
         rand_f32(n, seed, scale)

@@ -349,3 +349,65 @@ pub fn bpe_gguf(
     w.write(path).unwrap();
     GgufFile::open(path).unwrap()
 }
+
+/// Uniform f32 in [-scale, scale) from `seed` (xorshift64; the host-simulator tests' inputs).
+pub fn xorshift_f32(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+        })
+        .collect()
+}
+
+/// ||a - b|| / ||b||
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// A distillation problem of `ranks` ranks (q attention and f MLP columns each), hidden
+/// size d, one sample per length in `ts`, weights scaled like a trained block's; the
+/// values come from `rand(n, seed, scale)`, a fresh seed per tensor.
+pub fn distill_problem(
+    ranks: usize,
+    (d, q, f): (usize, usize, usize),
+    ts: &[usize],
+    seed: u64,
+    rand: impl Fn(usize, u64, f32) -> Vec<f32>,
+) -> (
+    Vec<syncdrop::distill::StudentParams>,
+    Vec<syncdrop::distill::Sample>,
+) {
+    let mut k = seed.wrapping_mul(1000);
+    let mut next = |n: usize, scale: f32| {
+        k += 1;
+        rand(n, k, scale)
+    };
+    let init = (0..ranks)
+        .map(|_| syncdrop::distill::StudentParams {
+            wo: next(d * q, 1.0 / (q as f32).sqrt()),
+            ffn_norm: next(d, 0.2).iter().map(|v| 1.0 + v).collect(),
+            w_gate_up: next(2 * f * d, 1.5 / (d as f32).sqrt()),
+            w_down: next(d * f, 1.0 / (f as f32).sqrt()),
+        })
+        .collect();
+    let data = ts
+        .iter()
+        .map(|&t| {
+            let x = next(t * d, 1.0);
+            // any target will do for the gradients; this one is near the output
+            let target = x.iter().zip(next(t * d, 0.5)).map(|(x, e)| x + e).collect();
+            syncdrop::distill::Sample {
+                att: (0..ranks).map(|_| next(t * q, 1.0)).collect(),
+                x,
+                target,
+            }
+        })
+        .collect();
+    (init, data)
+}

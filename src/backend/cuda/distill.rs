@@ -44,6 +44,24 @@ pub struct AdamParams {
     pub c2: f32,
 }
 
+impl AdamParams {
+    /// Adam step `step` (counted from 1) over `n` elements at learning rate `lr`: the
+    /// trainer's betas and epsilon ([`ADAM`]) and their bias corrections.
+    pub fn new(n: usize, lr: f32, step: usize) -> AdamParams {
+        let (b1, b2, eps) = ADAM;
+        let (c1, c2) = adam_corrections(step);
+        AdamParams {
+            n: n as i64,
+            lr,
+            b1,
+            b2,
+            eps,
+            c1,
+            c2,
+        }
+    }
+}
+
 /// `DISTILL_MSE_BLOCKS` in csrc/params.h: the MSE kernel's fixed grid.
 pub const MSE_BLOCKS: usize = 128;
 
@@ -460,8 +478,6 @@ impl Trainer for GpuTrainer {
     fn adam_step(&mut self, i: usize, step: usize, lr: f32) -> Result<()> {
         self.forward(i)?;
         self.backward(i)?;
-        let (b1, b2, eps) = ADAM;
-        let (c1, c2) = adam_corrections(step);
         let func = self.kern.function("distill", "distill_adam")?;
         for r in &mut self.ranks {
             for (((p, g), m), v) in r
@@ -473,15 +489,7 @@ impl Trainer for GpuTrainer {
                 .zip(r.v.0.iter_mut())
             {
                 let n = p.len();
-                let ap = AdamParams {
-                    n: n as i64,
-                    lr,
-                    b1,
-                    b2,
-                    eps,
-                    c1,
-                    c2,
-                };
+                let ap = AdamParams::new(n, lr, step);
                 let mut b = self.stream.launch_builder(&func);
                 b.arg(&ap).arg(p).arg(g).arg(m).arg(v);
                 // SAFETY: matches distill_adam in csrc/distill.cu; the parameter, its
