@@ -41,6 +41,21 @@ sample_f32(SampleParams p, const float* __restrict__ logits, const float* __rest
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < p.n; i += blockDim.x) mx = fmaxf(mx, x[i]);
   mx = block_max(mx);
+  if (!isfinite(mx)) {
+    // a +inf logit, or none above -inf: the CPU sampler's answer, the argmax (the first token
+    // equal to the max; 0 when every logit is NaN). exp((x - mx) / T) would weigh a +inf
+    // logit exp(NaN), so no token would be kept. `mx` is the block's, so all threads return.
+    float first = -INFINITY;  // minus the first matching index this thread saw
+    for (int i = threadIdx.x; i < p.n; i += blockDim.x) {
+      if (x[i] == mx) {
+        first = -(float)i;  // exact: vocabularies are far below 2^24
+        break;
+      }
+    }
+    first = block_max(first);
+    if (threadIdx.x == 0) out[r] = isfinite(first) ? (uint32_t)(-first) : 0u;
+    return;
+  }
   float z = 0.f;
   for (int i = threadIdx.x; i < p.n; i += blockDim.x) {
     const float e = __expf((x[i] - mx) * inv_t);
@@ -93,7 +108,7 @@ sample_f32(SampleParams p, const float* __restrict__ logits, const float* __rest
     for (int i = 0; i < o; ++i) pre += sums[i];
     owner = o;
     before = pre;
-    if (o < 0) out[r] = 0u;  // no finite logit (NaN input): a defined answer, not garbage
+    if (o < 0) out[r] = 0u;  // no weight above 0 left: a defined answer, not garbage
   }
   __syncthreads();
   if ((int)threadIdx.x == owner) {

@@ -174,9 +174,8 @@ struct Worker {
 /// Commands go to every rank running and wait for all of them. After a rank fails, the engine
 /// refuses further work (create a new one); dropping it ends the rank threads. Arguments the
 /// driver can check itself (logits rows, an empty forward, the SPD plan's length, a block
-/// index, block weights' shapes, head-grouping shards) are refused before any rank sees them
-/// and leave the engine usable; a position past the KV cache is a rank's `ContextOverflow`
-/// and does poison it.
+/// index, block weights' shapes, head-grouping shards, positions past the KV cache) are
+/// refused before any rank sees them and leave the engine usable.
 pub struct Engine {
     /// The model's configuration.
     pub cfg: LlamaConfig,
@@ -195,6 +194,8 @@ pub struct Engine {
     block_shards: Vec<Option<Vec<crate::layout::RankShard>>>,
     /// The SPD blocks the ranks run now (`set_spd`).
     spd: Vec<bool>,
+    /// KV-cache capacity of every rank, in tokens (`EngineOptions::capacity`).
+    capacity: usize,
 }
 
 /// Aborts the group if a rank thread unwinds, so its peers return errors instead of waiting
@@ -471,6 +472,7 @@ impl Engine {
             last_iso_split: None,
             block_shards: Vec::new(),
             spd: Vec::new(),
+            capacity: opts.capacity,
         };
         engine.block_shards = vec![None; engine.cfg.n_layers];
         engine.spd = vec![false; engine.cfg.n_layers];
@@ -603,6 +605,23 @@ impl Engine {
         Ok(())
     }
 
+    /// The ranks' own capacity check (`RankModel`'s `ContextOverflow`), made on the driver
+    /// first so that a sequence too long for the KV cache leaves the engine usable.
+    fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
+        match pos0.checked_add(t) {
+            Some(end) if end <= self.capacity => Ok(()),
+            end => Err(Error::ContextOverflow {
+                needed: end.unwrap_or(usize::MAX),
+                capacity: self.capacity,
+            }),
+        }
+    }
+
+    /// KV-cache capacity of every rank, in tokens.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     /// Send `cmds[r]` to rank r (after the failure check), then wait for every reply.
     fn send_each(&mut self, cmds: impl IntoIterator<Item = Cmd>) -> Result<Vec<Reply>> {
         self.check_usable()?;
@@ -624,6 +643,7 @@ impl Engine {
     /// the logits of rows `rows` (indices into `tokens`).
     pub fn forward(&mut self, tokens: &[u32], pos0: usize, rows: Range<usize>) -> Result<Logits> {
         Self::check_rows(tokens, &rows)?;
+        self.check_capacity(pos0, tokens.len())?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let replies = self.broadcast(|| Cmd::Forward {
             emb: emb.clone(),
@@ -642,6 +662,7 @@ impl Engine {
         rows: Range<usize>,
     ) -> Result<Logits> {
         Self::check_rows(tokens, &rows)?;
+        self.check_capacity(0, tokens.len())?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let replies = self.broadcast(|| Cmd::ForwardIso {
             emb: emb.clone(),
@@ -715,6 +736,7 @@ impl Engine {
                 self.cfg.n_layers
             )));
         }
+        self.check_capacity(0, tokens.len())?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
         let mut replies = self.broadcast(|| Cmd::BlockInput {
             emb: emb.clone(),

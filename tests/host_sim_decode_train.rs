@@ -512,25 +512,45 @@ mod sim {
         }
     }
 
-    /// A +inf logit: the CPU sampler returns the argmax (the softmax's limit puts all the
-    /// mass there); the kernel's max is +inf, so every weight is exp(NaN) or exp(-inf), no
-    /// token is kept and it returns 0. A known bug, left for the kernel's owner: see the
-    /// report of the session that wrote this file.
+    /// A non-finite max: the CPU sampler returns the argmax (a +inf logit takes the softmax's
+    /// whole mass; with nothing above -inf, the first -inf; with every logit NaN, 0), at any
+    /// temperature, top-p and draw. Before, the kernel weighed a +inf logit exp(NaN), kept no
+    /// token and returned 0.
     #[test]
-    #[ignore = "known bug in csrc/sample.cu: a +inf logit gives token 0, not the +inf token"]
-    fn a_positive_infinite_logit_is_drawn() {
-        let logits = [0.5f32, 2.0, f32::INFINITY, 1.0];
-        let mut cpu = Sampler::new(SamplerConfig {
-            temperature: 1.0,
-            top_p: 1.0,
-            seed: 0,
-        })
-        .unwrap();
-        assert_eq!(cpu.sample(&logits), 2);
-        assert_eq!(
-            gpu_sample(&logits, 4, &[0.0, 0.5, U_MAX], 1.0, 1.0),
-            vec![2, 2, 2]
-        );
+    fn a_non_finite_max_is_the_cpu_samplers_argmax() {
+        let inf = f32::INFINITY;
+        let nan = f32::NAN;
+        let cases: [&[f32]; 6] = [
+            &[0.5, 2.0, inf, 1.0],
+            &[inf, 2.0, 0.5, 1.0],
+            &[nan, 0.5, inf, 2.0, inf],
+            &[-inf, -inf, -inf, -inf],
+            &[nan, -inf, nan, -inf],
+            &[nan, nan, nan, nan],
+        ];
+        for logits in cases {
+            let want = syncdrop::generate::argmax(logits) as u32;
+            for (temperature, top_p) in [(1.0, 1.0), (0.7, 0.9), (1e-40, 0.5)] {
+                let mut cpu = Sampler::new(SamplerConfig {
+                    temperature,
+                    top_p,
+                    seed: 3,
+                })
+                .unwrap();
+                assert_eq!(cpu.sample(logits), want, "CPU, {logits:?}");
+                // long rows too: the first match may sit in any thread's stride
+                let mut long = vec![-inf; 3000];
+                long[2000..2000 + logits.len()].copy_from_slice(logits);
+                let want_long = syncdrop::generate::argmax(&long) as u32;
+                for (row, n, w) in [(logits, logits.len(), want), (&long[..], 3000, want_long)] {
+                    assert_eq!(
+                        gpu_sample(row, n, &[0.0, 0.5, U_MAX], temperature, top_p),
+                        vec![w; 3],
+                        "T {temperature} top_p {top_p} n {n}: {logits:?}"
+                    );
+                }
+            }
+        }
     }
 
     // ---- distillation ------------------------------------------------------------------------

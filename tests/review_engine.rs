@@ -34,22 +34,47 @@ fn still_usable(e: &mut syncdrop::Engine, before: &[f32], what: &str) {
     }
 }
 
-/// A forward at a position whose end overflows `usize` is a `ContextOverflow`. Before, the
-/// wrapped `pos0 + t` passed the capacity check and each rank thread panicked indexing its
-/// RoPE table ("rank thread exited unexpectedly").
+/// A forward at a position whose end overflows `usize`, or that runs past the KV cache, is a
+/// `ContextOverflow` that leaves the engine usable: the driver checks it before any rank sees
+/// it. Before, the wrapped `pos0 + t` passed the capacity check and each rank thread panicked
+/// indexing its RoPE table ("rank thread exited unexpectedly"); later the ranks refused it
+/// themselves, which poisoned the engine for good.
 #[test]
-fn a_position_past_usize_is_a_context_overflow() {
-    // (a ContextOverflow is a rank's error: it poisons the engine, so one engine per case)
-    for (tokens, pos0) in [(&PROMPT[..1], usize::MAX), (&PROMPT[..], usize::MAX - 2)] {
-        let (mut e, dir) = tiny_engine(2, &format!("rv-posmax{}", tokens.len()), 2, false);
+fn a_position_past_the_cache_is_a_context_overflow_that_leaves_the_engine_usable() {
+    let (mut e, dir) = tiny_engine(2, "rv-posmax", 2, false);
+    let before = e.forward(&PROMPT, 0, 4..5).unwrap().data;
+    assert_eq!(e.capacity(), 64);
+    let long = vec![1u32; 65];
+    let cases: [(&[u32], usize, usize); 4] = [
+        (&PROMPT[..1], usize::MAX, usize::MAX),
+        (&PROMPT[..], usize::MAX - 2, usize::MAX),
+        (&PROMPT[..], 60, 65),
+        (&long[..], 0, 65),
+    ];
+    for (tokens, pos0, needed) in cases {
         match e.forward(tokens, pos0, 0..1) {
-            Err(Error::ContextOverflow { needed, capacity }) => {
-                assert_eq!((needed, capacity), (usize::MAX, 64));
-            }
+            Err(Error::ContextOverflow {
+                needed: n,
+                capacity,
+            }) => assert_eq!((n, capacity), (needed, 64), "pos0 {pos0}"),
             other => panic!("pos0 {pos0}: expected ContextOverflow, got {other:?}"),
         }
-        std::fs::remove_dir_all(dir).ok();
+        still_usable(&mut e, &before, &format!("forward at {pos0}"));
     }
+    // the ISO prefill and the block-input path check it too
+    assert!(matches!(
+        e.forward_iso(&long, 30, 0..1),
+        Err(Error::ContextOverflow { needed: 65, .. })
+    ));
+    still_usable(&mut e, &before, "forward_iso");
+    assert!(matches!(
+        e.block_input(&long, 1),
+        Err(Error::ContextOverflow { needed: 65, .. })
+    ));
+    still_usable(&mut e, &before, "block_input");
+    // the last position that fits is still accepted
+    e.forward(&PROMPT, 59, 4..5).unwrap();
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// The same at the CPU backend's own seam (`RankModel` is not the only caller of
