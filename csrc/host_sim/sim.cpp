@@ -3,7 +3,7 @@
 // on a machine without a GPU (tests/host_sim_*.rs; src/backend/cuda/host_sim.rs is the
 // Rust side).
 //
-// A block runs on one OS thread; each of its CUDA threads is a fiber (ucontext) with its own
+// A block runs on one OS thread; each of its CUDA threads is a fiber with its own
 // stack, scheduled cooperatively: a fiber runs until it reaches a barrier, a shuffle, a spin
 // (clock64, __nanosleep, an acquire load), or returns. Scheduling is round-robin in thread
 // order, so a run is deterministic for a given launch unless blocks talk to each other.
@@ -16,7 +16,9 @@
 // Blocks run one after another on the caller's thread, or (concurrent) each on its own OS
 // thread at once: what kernels need whose blocks wait for each other (grid barriers) or for
 // other ranks' blocks (the P2P all-reduce).
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -30,6 +32,62 @@
 
 #include "cuda_bf16.h"
 
+// ---- fiber contexts ---------------------------------------------------------------------------
+// x86-64: a hand-written switch that saves the callee-saved registers and the stack pointer
+// (about 10 ns; swapcontext also saves the signal mask with a system call, about 1.3 us, which
+// made a 1024-thread block with a hundred barriers take a second). Elsewhere: ucontext.
+#if defined(__x86_64__)
+extern "C" void syncdrop_sim_switch(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl syncdrop_sim_switch
+    .type syncdrop_sim_switch,@function
+syncdrop_sim_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size syncdrop_sim_switch,.-syncdrop_sim_switch
+    .section .note.GNU-stack,"",@progbits
+    .text
+)");
+struct FiberCtx {
+  void* sp = nullptr;
+};
+// A context that starts `entry` (which must never return) on `stack`.
+inline void ctx_make(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+  void** sp = reinterpret_cast<void**>(((uintptr_t)stack + bytes) & ~(uintptr_t)15);
+  *--sp = nullptr;                          // entry's return address: it never returns
+  *--sp = reinterpret_cast<void*>(entry);  // where the first switch's `ret` lands
+  for (int i = 0; i < 6; ++i) *--sp = nullptr;  // rbp rbx r12 r13 r14 r15
+  c.sp = sp;
+}
+inline void ctx_switch(FiberCtx& from, FiberCtx& to) { syncdrop_sim_switch(&from.sp, to.sp); }
+#else
+struct FiberCtx {
+  ucontext_t uc;
+};
+inline void ctx_make(FiberCtx& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+inline void ctx_switch(FiberCtx& from, FiberCtx& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+
 thread_local SimDim3 sim_thread_idx;
 thread_local SimDim3 sim_block_idx;
 thread_local SimDim3 sim_block_dim;
@@ -40,7 +98,7 @@ namespace {
 enum class Wait { None, Block, Warp, Done };
 
 struct Fiber {
-  ucontext_t ctx;
+  FiberCtx ctx;
   SimDim3 tid;
   int linear = 0;
   Wait wait = Wait::None;
@@ -50,7 +108,7 @@ struct Fiber {
 
 struct Block {
   std::vector<Fiber> fibers;
-  ucontext_t sched;
+  FiberCtx sched;
   int current = -1;
   int live = 0;
   // __syncthreads
@@ -79,7 +137,7 @@ Fiber& cur() { return tl_block->fibers[tl_block->current]; }
 // Back to the scheduler; returns when this fiber is picked again.
 void switch_out() {
   Block* b = tl_block;
-  swapcontext(&b->fibers[b->current].ctx, &b->sched);
+  ctx_switch(b->fibers[b->current].ctx, b->sched);
 }
 
 void fail(const std::string& msg) {
@@ -98,9 +156,9 @@ void fail(const std::string& msg) {
   abort();  // unreachable: a done fiber is never resumed
 }
 
-void fiber_main(unsigned lo, unsigned hi) {
-  const uintptr_t p = ((uintptr_t)hi << 32) | (uintptr_t)lo;
-  Block* b = reinterpret_cast<Block*>(p);
+// Every fiber starts here, on its block's OS thread (so tl_block is its block).
+void fiber_main() {
+  Block* b = tl_block;
   b->thunk(b->ctx);
   Fiber& f = b->fibers[b->current];
   f.wait = Wait::Done;
@@ -113,7 +171,8 @@ void fiber_main(unsigned lo, unsigned hi) {
     b->block_gen++;
   }
   // a warp barrier with this lane missing can never complete: the deadlock check reports it
-  swapcontext(&f.ctx, &b->sched);
+  ctx_switch(f.ctx, b->sched);
+  abort();  // a done fiber is never resumed
 }
 
 bool runnable(const Block& b, const Fiber& f) {
@@ -168,18 +227,12 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
   sim_block_dim = bdim;
   sim_grid_dim = grid;
   tl_block = &b;
-  const uintptr_t p = reinterpret_cast<uintptr_t>(&b);
   for (int i = 0; i < n; ++i) {
     Fiber& f = b.fibers[i];
     f.linear = i;
     f.tid = SimDim3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
                     (unsigned)(i / (bdim.x * bdim.y))};
-    getcontext(&f.ctx);
-    f.ctx.uc_stack.ss_sp = tl_stacks[i].get();
-    f.ctx.uc_stack.ss_size = stack_bytes;
-    f.ctx.uc_link = &b.sched;
-    makecontext(&f.ctx, (void (*)())fiber_main, 2, (unsigned)(p & 0xffffffffu),
-                (unsigned)(p >> 32));
+    ctx_make(f.ctx, tl_stacks[i].get(), stack_bytes, fiber_main);
   }
   b.live = n;
   int next = 0;
@@ -200,7 +253,7 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
     if (f.wait == Wait::Block || f.wait == Wait::Warp) f.wait = Wait::None;
     b.current = pick;
     sim_thread_idx = f.tid;
-    swapcontext(&b.sched, &f.ctx);
+    ctx_switch(b.sched, f.ctx);
     if (!b.error.empty()) break;
     next = pick + 1;
   }

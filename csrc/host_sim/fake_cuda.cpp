@@ -1,0 +1,869 @@
+// A CUDA driver and cuBLAS for machines without a GPU (feature `host-sim`): build.rs links this
+// file, the simulator (sim.cpp) and every csrc/*.cu kernel into one shared library, named
+// libcuda.so, with libcublas.so a link to it. Put its folder on LD_LIBRARY_PATH and cudarc
+// loads it instead of NVIDIA's driver, so the CUDA backend's own host code -- contexts,
+// streams, events, module loading, kernel launches with the real argument structs, CUDA-graph
+// capture and replay, peer pointers between virtual ranks, cuBLAS GEMMs -- runs end to end,
+// with each kernel executed by the simulator. `scripts/test.sh` runs the GPU test suites this
+// way (scripts/sim-gpu.sh runs any command under it).
+//
+// Memory is host memory (a device pointer is a host address; every device is one address
+// space). Work runs when it is enqueued, on the calling thread, so a stream is always idle
+// and events order nothing that program order has not already ordered; ranks' host threads
+// still run their kernels concurrently, which the P2P all-reduce needs. What a real driver
+// refuses, this one refuses too, loudly: a capture that calls a synchronising or allocating
+// API from the capturing thread, a pageable host copy inside a capture, a side stream left
+// unjoined at the end of a capture, a kernel the simulator finds deadlocked or misusing a
+// warp shuffle (a sticky launch failure, as on a GPU). Not modelled: timing (events read the
+// host clock), concurrency between streams, the memory model, out-of-bounds accesses.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "cuda_bf16.h"
+#include "sim_registry.h"
+
+extern "C" int syncdrop_sim_launch(SimDim3 grid, SimDim3 block, int concurrent,
+                                   void (*thunk)(void*), void* ctx, size_t stack_bytes,
+                                   char* err, size_t err_len);
+
+namespace {
+
+typedef int CUresult;
+constexpr int OK = 0;
+constexpr int E_INVALID_VALUE = 1;
+constexpr int E_OUT_OF_MEMORY = 2;
+constexpr int E_NOT_INITIALIZED = 3;
+constexpr int E_INVALID_DEVICE = 101;
+constexpr int E_INVALID_CONTEXT = 201;
+constexpr int E_INVALID_HANDLE = 400;
+constexpr int E_ILLEGAL_STATE = 401;
+constexpr int E_NOT_FOUND = 500;
+constexpr int E_PEER_ACCESS_ALREADY_ENABLED = 704;
+constexpr int E_PEER_ACCESS_NOT_ENABLED = 705;
+constexpr int E_LAUNCH_FAILED = 719;
+constexpr int E_NOT_SUPPORTED = 801;
+constexpr int E_CAPTURE_UNSUPPORTED = 900;
+constexpr int E_CAPTURE_INVALIDATED = 901;
+constexpr int E_CAPTURE_MERGE = 902;
+constexpr int E_CAPTURE_UNMATCHED = 903;
+constexpr int E_CAPTURE_UNJOINED = 904;
+constexpr int E_CAPTURED_EVENT = 907;
+
+using Op = std::function<CUresult()>;
+
+struct Stream;
+struct Graph {
+  std::vector<Op> ops;
+  Stream* origin = nullptr;
+  int mode = 0;  // 0 global, 1 thread-local, 2 relaxed
+  std::thread::id owner;
+  bool invalid = false;
+  std::string why;
+  std::set<Stream*> joined;
+};
+struct Stream {
+  Graph* cap = nullptr;
+  long long last = 0;                  // sequence number of the last op captured on it
+  std::map<Stream*, long long> waited;  // per stream: the op up to which this one waited
+};
+struct Event {
+  double ms = 0;
+  Graph* cap = nullptr;
+  Stream* stream = nullptr;
+  long long seq = 0;
+};
+struct Ctx {
+  int dev;
+  std::set<int> peers;
+};
+struct Module {};
+struct Kernel {
+  std::string name;
+  SimBinder bind;
+  bool concurrent;
+};
+struct Func {
+  const Kernel* k;
+};
+struct Exec {
+  std::vector<Op> ops;
+};
+
+std::mutex g_mu;  // capture state and the pinned-memory table
+std::atomic<int> g_sticky{OK};
+std::atomic<long long> g_seq{0};
+Stream g_null_stream;
+std::vector<Graph*> g_captures;            // active captures
+std::map<uintptr_t, size_t> g_pinned;      // page-locked host allocations
+thread_local Ctx* tl_ctx = nullptr;
+const auto g_t0 = std::chrono::steady_clock::now();
+
+std::unordered_map<std::string, Kernel>& registry() {
+  static std::unordered_map<std::string, Kernel> r;
+  return r;
+}
+
+int env_int(const char* name, int dflt) {
+  const char* v = getenv(name);
+  return v && *v ? atoi(v) : dflt;
+}
+int devices() { return std::max(1, env_int("SYNCDROP_SIM_DEVICES", 1)); }
+Ctx* primary(int dev) {
+  static Ctx ctxs[64];
+  static std::once_flag once;
+  std::call_once(once, [] {
+    for (int i = 0; i < 64; ++i) ctxs[i].dev = i;
+  });
+  return &ctxs[dev];
+}
+Stream* S(void* s) { return s ? static_cast<Stream*>(s) : &g_null_stream; }
+double now_ms() {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - g_t0)
+      .count();
+}
+
+void complain(const std::string& msg) { fprintf(stderr, "fake CUDA: %s\n", msg.c_str()); }
+
+// An API a capture forbids (it synchronises, or allocates): refused while this thread (or, in
+// global mode, any thread) captures, and that capture is invalidated, as on a GPU.
+CUresult unsafe_call(const char* what) {
+  std::lock_guard<std::mutex> g(g_mu);
+  bool hit = false;
+  for (Graph* c : g_captures) {
+    if (c->mode == 0 || (c->mode == 1 && c->owner == std::this_thread::get_id())) {
+      if (!c->invalid) c->why = std::string(what) + " during stream capture";
+      c->invalid = true;
+      hit = true;
+    }
+  }
+  if (hit) {
+    complain(std::string(what) + " during a stream capture: refused, capture invalidated");
+    return E_CAPTURE_UNSUPPORTED;
+  }
+  return OK;
+}
+
+// Run now, or record into the stream's capture.
+CUresult enqueue(void* s, Op op) {
+  Stream* st = S(s);
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (st->cap) {
+      st->last = ++g_seq;
+      st->cap->ops.push_back(std::move(op));
+      return OK;
+    }
+  }
+  const int sticky = g_sticky.load();
+  if (sticky != OK) return sticky;
+  return op();
+}
+bool capturing(void* s) {
+  std::lock_guard<std::mutex> g(g_mu);
+  return S(s)->cap != nullptr;
+}
+bool pinned(const void* p, size_t n) {
+  std::lock_guard<std::mutex> g(g_mu);
+  const uintptr_t a = (uintptr_t)p;
+  auto it = g_pinned.upper_bound(a);
+  if (it == g_pinned.begin()) return false;
+  --it;
+  return a >= it->first && a + n <= it->first + it->second;
+}
+// A host<->device copy on stream s: inside a capture the host side must be page-locked.
+CUresult host_copy(void* s, void* dst, const void* src, size_t n, const void* host) {
+  if (capturing(s) && n > 0 && !pinned(host, n)) {
+    {
+      std::lock_guard<std::mutex> g(g_mu);
+      Graph* c = S(s)->cap;
+      if (!c->invalid) c->why = "a pageable host copy during stream capture";
+      c->invalid = true;
+    }
+    complain("a copy from/to pageable host memory inside a stream capture: refused");
+    return E_CAPTURE_UNSUPPORTED;
+  }
+  return enqueue(s, [=]() {
+    if (n) memmove(dst, src, n);
+    return OK;
+  });
+}
+
+void* dev_alloc(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return nullptr;
+  // uninitialised device memory reads as NaN (0xFF bytes), so reading it shows up
+  if (bytes <= (256u << 20)) memset(p, 0xff, bytes);
+  return p;
+}
+
+CUresult run_kernel(const Kernel* k, SimDim3 grid, SimDim3 block, const SimBound& b) {
+  char err[2048] = {0};
+  auto thunk = [](void* c) { (*static_cast<const SimBound*>(c))(); };
+  const int rc = syncdrop_sim_launch(grid, block, k->concurrent ? 1 : 0, thunk,
+                                     const_cast<SimBound*>(&b), 64 * 1024, err, sizeof err);
+  if (rc == 0) return OK;
+  char msg[2600];
+  snprintf(msg, sizeof msg, "kernel %s <<<(%u,%u,%u), (%u,%u,%u)>>> failed: %s", k->name.c_str(),
+           grid.x, grid.y, grid.z, block.x, block.y, block.z, err);
+  complain(msg);
+  g_sticky = E_LAUNCH_FAILED;
+  return E_LAUNCH_FAILED;
+}
+
+size_t host_memory() {
+  FILE* f = fopen("/proc/meminfo", "r");
+  size_t kb = 0;
+  if (f) {
+    char line[256];
+    while (fgets(line, sizeof line, f)) {
+      if (sscanf(line, "MemAvailable: %zu kB", &kb) == 1) break;
+    }
+    fclose(f);
+  }
+  return kb ? kb * 1024 / 2 : (size_t)8 << 30;
+}
+
+// ---- cuBLAS ---------------------------------------------------------------------------------
+struct Blas {
+  void* stream = nullptr;
+};
+float load(const void* p, int type, size_t i) {
+  switch (type) {
+    case 0:
+      return static_cast<const float*>(p)[i];
+    case 14: {
+      const uint32_t bits = (uint32_t) static_cast<const uint16_t*>(p)[i] << 16;
+      float f;
+      memcpy(&f, &bits, 4);
+      return f;
+    }
+    default:
+      abort();
+  }
+}
+void store(void* p, int type, size_t i, float v) {
+  if (type == 0) {
+    static_cast<float*>(p)[i] = v;
+  } else {
+    static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16(v);
+  }
+}
+// Column-major C (m, n) = alpha op(A) (m, k) op(B) (k, n) + beta C, f32 accumulation.
+void gemm(int ta, int tb, int m, int n, int k, float alpha, const void* a, int at, int lda,
+          const void* b, int bt, int ldb, float beta, void* c, int ct, int ldc) {
+  auto cols = [&](int j0, int j1) {
+    std::vector<float> acol(k);
+    for (int j = j0; j < j1; ++j) {
+      for (int l = 0; l < k; ++l) acol[l] = load(b, bt, tb ? (size_t)j + (size_t)l * ldb : (size_t)l + (size_t)j * ldb);
+      for (int i = 0; i < m; ++i) {
+        float s = 0.f;
+        if (ta) {
+          const size_t base = (size_t)i * lda;
+          for (int l = 0; l < k; ++l) s += load(a, at, base + l) * acol[l];
+        } else {
+          for (int l = 0; l < k; ++l) s += load(a, at, (size_t)i + (size_t)l * lda) * acol[l];
+        }
+        const size_t ci = (size_t)i + (size_t)j * ldc;
+        const float old = beta == 0.f ? 0.f : beta * load(c, ct, ci);
+        store(c, ct, ci, alpha * s + old);
+      }
+    }
+  };
+  const int nt = std::max(1, std::min<int>(n, (int)std::thread::hardware_concurrency()));
+  std::vector<std::thread> ts;
+  for (int t = 1; t < nt; ++t) ts.emplace_back(cols, n * t / nt, n * (t + 1) / nt);
+  cols(0, n / nt);
+  for (auto& t : ts) t.join();
+}
+bool blas_type_ok(int t) { return t == 0 || t == 14; }
+
+}  // namespace
+
+bool sim_register(const char* name, SimBinder bind, bool concurrent) {
+  registry()[name] = Kernel{name, bind, concurrent};
+  return true;
+}
+
+extern "C" {
+
+// ---- driver: init, devices, contexts ---------------------------------------------------------
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) {
+  *v = 13000;
+  return OK;
+}
+CUresult cuDeviceGetCount(int* n) {
+  *n = devices();
+  return OK;
+}
+CUresult cuDeviceGet(int* d, int ordinal) {
+  if (ordinal < 0 || ordinal >= devices()) return E_INVALID_DEVICE;
+  *d = ordinal;
+  return OK;
+}
+CUresult cuDeviceGetAttribute(int* v, int attrib, int dev) {
+  if (dev < 0 || dev >= devices()) return E_INVALID_DEVICE;
+  switch (attrib) {
+    case 1:  // max threads per block
+      *v = 1024;
+      break;
+    case 8:  // max shared memory per block
+      *v = 48 * 1024;
+      break;
+    case 10:  // warp size
+      *v = 32;
+      break;
+    case 13:  // clock rate in kHz: 1 GHz, so a simulated clock64() tick (1 ns) is a cycle
+      *v = 1000000;
+      break;
+    case 16:  // SMs
+      *v = std::max(1, env_int("SYNCDROP_SIM_SMS", 16));
+      break;
+    case 39:  // max threads per SM
+      *v = 2048;
+      break;
+    case 75:  // compute capability
+      *v = 9;
+      break;
+    case 76:
+      *v = 0;
+      break;
+    case 115:  // memory pools: no (cudarc then allocates with cuMemAlloc)
+      *v = 0;
+      break;
+    default:
+      *v = 0;
+  }
+  return OK;
+}
+CUresult cuDeviceGetName(char* name, int len, int dev) {
+  snprintf(name, len, "syncdrop simulated GPU %d (host)", dev);
+  return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
+  *bytes = host_memory();
+  return OK;
+}
+CUresult cuDeviceGetPCIBusId(char* id, int len, int dev) {
+  snprintf(id, len, "0000:%02x:00.0", 0x10 + dev);
+  return OK;
+}
+CUresult cuDeviceGetUuid(unsigned char* uuid, int dev) {
+  memset(uuid, 0, 16);
+  uuid[0] = (unsigned char)dev;
+  return OK;
+}
+CUresult cuDeviceGetUuid_v2(unsigned char* uuid, int dev) { return cuDeviceGetUuid(uuid, dev); }
+CUresult cuDeviceCanAccessPeer(int* ok, int a, int b) {
+  *ok = a != b && a < devices() && b < devices();
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, int dev) {
+  if (dev < 0 || dev >= devices()) return E_INVALID_DEVICE;
+  *ctx = primary(dev);
+  return OK;
+}
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return OK; }
+CUresult cuCtxSetCurrent(void* ctx) {
+  tl_ctx = static_cast<Ctx*>(ctx);
+  return OK;
+}
+CUresult cuCtxGetCurrent(void** ctx) {
+  *ctx = tl_ctx;
+  return OK;
+}
+CUresult cuCtxPushCurrent_v2(void* ctx) { return cuCtxSetCurrent(ctx); }
+CUresult cuCtxPopCurrent_v2(void** ctx) {
+  if (ctx) *ctx = tl_ctx;
+  return OK;
+}
+CUresult cuCtxGetDevice(int* dev) {
+  if (!tl_ctx) return E_INVALID_CONTEXT;
+  *dev = tl_ctx->dev;
+  return OK;
+}
+CUresult cuCtxSynchronize(void) {
+  const CUresult r = unsafe_call("cuCtxSynchronize");
+  return r != OK ? r : g_sticky.load();
+}
+CUresult cuCtxEnablePeerAccess(void* peer, unsigned) {
+  if (!tl_ctx) return E_INVALID_CONTEXT;
+  Ctx* p = static_cast<Ctx*>(peer);
+  if (p == tl_ctx || p->dev == tl_ctx->dev) return E_INVALID_DEVICE;
+  std::lock_guard<std::mutex> g(g_mu);
+  if (!tl_ctx->peers.insert(p->dev).second) return E_PEER_ACCESS_ALREADY_ENABLED;
+  return OK;
+}
+CUresult cuCtxDisablePeerAccess(void* peer) {
+  if (!tl_ctx) return E_INVALID_CONTEXT;
+  std::lock_guard<std::mutex> g(g_mu);
+  return tl_ctx->peers.erase(static_cast<Ctx*>(peer)->dev) ? OK : E_PEER_ACCESS_NOT_ENABLED;
+}
+CUresult cuCtxGetStreamPriorityRange(int* lo, int* hi) {
+  *lo = 0;
+  *hi = 0;
+  return OK;
+}
+CUresult cuCtxSetLimit(int, size_t) { return OK; }
+CUresult cuCtxGetLimit(size_t* v, int) {
+  *v = 0;
+  return OK;
+}
+CUresult cuCtxSetFlags(unsigned) { return OK; }
+
+CUresult cuGetErrorString(int e, const char** s) {
+  switch (e) {
+    case OK:
+      *s = "no error";
+      break;
+    case E_LAUNCH_FAILED:
+      *s = "unspecified launch failure (simulated kernel failed: see stderr)";
+      break;
+    case E_CAPTURE_UNSUPPORTED:
+      *s = "operation not permitted when stream is capturing";
+      break;
+    case E_CAPTURE_INVALIDATED:
+      *s = "operation failed due to a previous error during capture";
+      break;
+    case E_CAPTURE_UNJOINED:
+      *s = "capture was not joined with the origin stream";
+      break;
+    case E_NOT_FOUND:
+      *s = "named symbol not found";
+      break;
+    default:
+      *s = "error (fake CUDA driver)";
+  }
+  return OK;
+}
+CUresult cuGetErrorName(int e, const char** s) {
+  static thread_local char buf[64];
+  snprintf(buf, sizeof buf, "CUDA_ERROR_%d", e);
+  *s = e == OK ? "CUDA_SUCCESS" : buf;
+  return OK;
+}
+
+// ---- memory ---------------------------------------------------------------------------------
+CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes) {
+  if (CUresult r = unsafe_call("cuMemAlloc"); r != OK) return r;
+  void* m = dev_alloc(bytes);
+  if (!m) return E_OUT_OF_MEMORY;
+  *p = (unsigned long long)(uintptr_t)m;
+  return OK;
+}
+CUresult cuMemFree_v2(unsigned long long p) {
+  if (CUresult r = unsafe_call("cuMemFree"); r != OK) return r;
+  free((void*)(uintptr_t)p);
+  return OK;
+}
+CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+  *total = host_memory();
+  *free_b = *total;
+  return OK;
+}
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+  if (CUresult r = unsafe_call("cuMemHostAlloc"); r != OK) return r;
+  *p = dev_alloc(bytes);
+  if (!*p) return E_OUT_OF_MEMORY;
+  std::lock_guard<std::mutex> g(g_mu);
+  g_pinned[(uintptr_t)*p] = bytes;
+  return OK;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
+CUresult cuMemFreeHost(void* p) {
+  if (CUresult r = unsafe_call("cuMemFreeHost"); r != OK) return r;
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    g_pinned.erase((uintptr_t)p);
+  }
+  free(p);
+  return OK;
+}
+CUresult cuMemHostGetDevicePointer_v2(unsigned long long* d, void* p, unsigned) {
+  *d = (unsigned long long)(uintptr_t)p;
+  return OK;
+}
+CUresult cuMemHostRegister_v2(void* p, size_t bytes, unsigned) {
+  std::lock_guard<std::mutex> g(g_mu);
+  g_pinned[(uintptr_t)p] = bytes;
+  return OK;
+}
+CUresult cuMemHostUnregister(void* p) {
+  std::lock_guard<std::mutex> g(g_mu);
+  g_pinned.erase((uintptr_t)p);
+  return OK;
+}
+
+#define DPTR(x) ((void*)(uintptr_t)(x))
+CUresult cuMemcpyHtoD_v2(unsigned long long dst, const void* src, size_t n) {
+  if (CUresult r = unsafe_call("cuMemcpyHtoD"); r != OK) return r;
+  if (g_sticky != OK) return g_sticky;
+  if (n) memmove(DPTR(dst), src, n);
+  return OK;
+}
+CUresult cuMemcpyDtoH_v2(void* dst, unsigned long long src, size_t n) {
+  if (CUresult r = unsafe_call("cuMemcpyDtoH"); r != OK) return r;
+  if (g_sticky != OK) return g_sticky;
+  if (n) memmove(dst, DPTR(src), n);
+  return OK;
+}
+CUresult cuMemcpyDtoD_v2(unsigned long long dst, unsigned long long src, size_t n) {
+  if (CUresult r = unsafe_call("cuMemcpyDtoD"); r != OK) return r;
+  if (g_sticky != OK) return g_sticky;
+  if (n) memmove(DPTR(dst), DPTR(src), n);
+  return OK;
+}
+CUresult cuMemcpyHtoDAsync_v2(unsigned long long dst, const void* src, size_t n, void* s) {
+  return host_copy(s, DPTR(dst), src, n, src);
+}
+CUresult cuMemcpyDtoHAsync_v2(void* dst, unsigned long long src, size_t n, void* s) {
+  return host_copy(s, dst, DPTR(src), n, dst);
+}
+CUresult cuMemcpyDtoDAsync_v2(unsigned long long dst, unsigned long long src, size_t n, void* s) {
+  return enqueue(s, [=]() {
+    if (n) memmove(DPTR(dst), DPTR(src), n);
+    return OK;
+  });
+}
+CUresult cuMemcpyPeerAsync(unsigned long long dst, void*, unsigned long long src, void*, size_t n,
+                           void* s) {
+  return cuMemcpyDtoDAsync_v2(dst, src, n, s);
+}
+CUresult cuMemsetD8_v2(unsigned long long dst, unsigned char v, size_t n) {
+  if (CUresult r = unsafe_call("cuMemsetD8"); r != OK) return r;
+  if (g_sticky != OK) return g_sticky;
+  memset(DPTR(dst), v, n);
+  return OK;
+}
+CUresult cuMemsetD32_v2(unsigned long long dst, unsigned v, size_t n) {
+  if (CUresult r = unsafe_call("cuMemsetD32"); r != OK) return r;
+  if (g_sticky != OK) return g_sticky;
+  std::fill_n(static_cast<unsigned*>(DPTR(dst)), n, v);
+  return OK;
+}
+CUresult cuMemsetD8Async(unsigned long long dst, unsigned char v, size_t n, void* s) {
+  return enqueue(s, [=]() {
+    memset(DPTR(dst), v, n);
+    return OK;
+  });
+}
+CUresult cuMemsetD32Async(unsigned long long dst, unsigned v, size_t n, void* s) {
+  return enqueue(s, [=]() {
+    std::fill_n(static_cast<unsigned*>(DPTR(dst)), n, v);
+    return OK;
+  });
+}
+
+// ---- streams, events, capture ---------------------------------------------------------------
+CUresult cuStreamCreate(void** s, unsigned) {
+  *s = new Stream();
+  return OK;
+}
+CUresult cuStreamCreateWithPriority(void** s, unsigned f, int) { return cuStreamCreate(s, f); }
+CUresult cuStreamDestroy_v2(void* s) {
+  if (!s) return E_INVALID_HANDLE;
+  std::lock_guard<std::mutex> g(g_mu);
+  if (S(s)->cap) {
+    complain("cuStreamDestroy of a capturing stream");
+    return E_ILLEGAL_STATE;
+  }
+  delete S(s);
+  return OK;
+}
+CUresult cuStreamSynchronize(void* s) {
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (Graph* c = S(s)->cap) {
+      if (!c->invalid) c->why = "cuStreamSynchronize of a capturing stream";
+      c->invalid = true;
+      complain("cuStreamSynchronize of a capturing stream: refused, capture invalidated");
+      return E_CAPTURE_UNSUPPORTED;
+    }
+  }
+  if (CUresult r = unsafe_call("cuStreamSynchronize"); r != OK) return r;
+  return g_sticky.load();
+}
+CUresult cuStreamQuery(void* s) { return capturing(s) ? E_CAPTURE_UNSUPPORTED : g_sticky.load(); }
+CUresult cuEventCreate(void** e, unsigned) {
+  *e = new Event();
+  return OK;
+}
+CUresult cuEventDestroy_v2(void* e) {
+  delete static_cast<Event*>(e);
+  return OK;
+}
+CUresult cuEventRecord(void* e, void* s) {
+  Event* ev = static_cast<Event*>(e);
+  Stream* st = S(s);
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (st->cap) {
+      ev->cap = st->cap;
+      ev->stream = st;
+      ev->seq = st->last;
+      st->cap->ops.push_back([ev]() {
+        ev->ms = now_ms();
+        return OK;
+      });
+      return OK;
+    }
+    ev->cap = nullptr;
+    ev->stream = st;
+  }
+  ev->ms = now_ms();
+  return OK;
+}
+CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
+CUresult cuEventSynchronize(void* e) {
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (static_cast<Event*>(e)->cap) return E_CAPTURED_EVENT;
+  }
+  return g_sticky.load();
+}
+CUresult cuEventQuery(void* e) { return cuEventSynchronize(e); }
+CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
+  *ms = (float)(static_cast<Event*>(b)->ms - static_cast<Event*>(a)->ms);
+  return OK;
+}
+CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+  std::lock_guard<std::mutex> g(g_mu);
+  Stream* st = S(s);
+  Event* ev = static_cast<Event*>(e);
+  Graph* c = ev->cap;
+  if (c && std::find(g_captures.begin(), g_captures.end(), c) != g_captures.end()) {
+    if (st->cap && st->cap != c) return E_CAPTURE_MERGE;
+    if (!st->cap) {
+      // a side stream joins the capture (the fork pattern)
+      st->cap = c;
+      st->last = 0;
+      st->waited.clear();
+      c->joined.insert(st);
+    }
+    long long& w = st->waited[ev->stream];
+    w = std::max(w, ev->seq);
+  }
+  return OK;
+}
+CUresult cuStreamBeginCapture_v2(void* s, int mode) {
+  std::lock_guard<std::mutex> g(g_mu);
+  Stream* st = S(s);
+  if (!s) {
+    complain("cuStreamBeginCapture on the legacy default stream");
+    return E_NOT_SUPPORTED;
+  }
+  if (st->cap) return E_ILLEGAL_STATE;
+  Graph* c = new Graph();
+  c->origin = st;
+  c->mode = mode;
+  c->owner = std::this_thread::get_id();
+  st->cap = c;
+  st->last = 0;
+  st->waited.clear();
+  g_captures.push_back(c);
+  return OK;
+}
+CUresult cuStreamIsCapturing(void* s, int* status) {
+  std::lock_guard<std::mutex> g(g_mu);
+  Graph* c = S(s)->cap;
+  *status = c ? (c->invalid ? 2 : 1) : 0;
+  return OK;
+}
+CUresult cuStreamEndCapture(void* s, void** graph) {
+  std::lock_guard<std::mutex> g(g_mu);
+  Stream* st = S(s);
+  Graph* c = st->cap;
+  *graph = nullptr;
+  if (!c || c->origin != st) return c ? E_CAPTURE_UNMATCHED : E_ILLEGAL_STATE;
+  std::string unjoined;
+  for (Stream* j : c->joined) {
+    auto it = st->waited.find(j);
+    if (j->last > 0 && (it == st->waited.end() || it->second < j->last)) unjoined = "a side stream";
+  }
+  for (Stream* j : c->joined) j->cap = nullptr;
+  st->cap = nullptr;
+  g_captures.erase(std::find(g_captures.begin(), g_captures.end(), c));
+  if (c->invalid) {
+    complain("cuStreamEndCapture: the capture was invalidated by " + c->why);
+    delete c;
+    return E_CAPTURE_INVALIDATED;
+  }
+  if (!unjoined.empty()) {
+    complain("cuStreamEndCapture: " + unjoined +
+             " forked into the capture has work the origin stream never waited for");
+    delete c;
+    return E_CAPTURE_UNJOINED;
+  }
+  *graph = c;
+  return OK;
+}
+CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
+  if (!graph) return E_INVALID_VALUE;
+  *exec = new Exec{static_cast<Graph*>(graph)->ops};
+  return OK;
+}
+CUresult cuGraphUpload(void*, void*) { return OK; }
+CUresult cuGraphLaunch(void* exec, void* s) {
+  Exec* x = static_cast<Exec*>(exec);
+  return enqueue(s, [x]() {
+    for (auto& op : x->ops) {
+      if (CUresult r = op(); r != OK) return r;
+    }
+    return OK;
+  });
+}
+CUresult cuGraphExecDestroy(void* exec) {
+  delete static_cast<Exec*>(exec);
+  return OK;
+}
+CUresult cuGraphDestroy(void* graph) {
+  delete static_cast<Graph*>(graph);
+  return OK;
+}
+CUresult cuLaunchHostFunc(void* s, void (*fn)(void*), void* data) {
+  return enqueue(s, [=]() {
+    fn(data);
+    return OK;
+  });
+}
+
+// ---- modules and launches -------------------------------------------------------------------
+CUresult cuModuleLoadData(void** m, const void*) {
+  *m = new Module();
+  return OK;
+}
+CUresult cuModuleUnload(void* m) {
+  delete static_cast<Module*>(m);
+  return OK;
+}
+CUresult cuModuleGetFunction(void** f, void*, const char* name) {
+  auto it = registry().find(name);
+  if (it == registry().end()) {
+    complain(std::string("no simulated kernel named ") + name);
+    return E_NOT_FOUND;
+  }
+  *f = new Func{&it->second};
+  return OK;
+}
+CUresult cuFuncGetAttribute(int* v, int attrib, void*) {
+  switch (attrib) {
+    case 0:  // max threads per block
+      *v = 1024;
+      break;
+    case 4:  // registers
+      *v = 32;
+      break;
+    default:
+      *v = 0;
+  }
+  return OK;
+}
+CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void*, int block, size_t) {
+  *n = std::max(1, 2048 / std::max(1, block));
+  return OK;
+}
+CUresult cuOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* n, void* f, int block,
+                                                             size_t smem, unsigned) {
+  return cuOccupancyMaxActiveBlocksPerMultiprocessor(n, f, block, smem);
+}
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                        unsigned bz, unsigned smem, void* s, void** params, void** extra) {
+  const Kernel* k = static_cast<Func*>(f)->k;
+  if (extra || smem) {
+    complain("cuLaunchKernel of " + k->name + ": dynamic shared memory / extra not simulated");
+    return E_NOT_SUPPORTED;
+  }
+  if (!gx || !gy || !gz || !bx || !by || !bz || (size_t)bx * by * bz > 1024 || gy > 65535 ||
+      gz > 65535) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "cuLaunchKernel of %s: invalid launch (%u,%u,%u) x (%u,%u,%u)",
+             k->name.c_str(), gx, gy, gz, bx, by, bz);
+    complain(msg);
+    return E_INVALID_VALUE;
+  }
+  SimBound b = k->bind(params);
+  const SimDim3 grid{gx, gy, gz}, block{bx, by, bz};
+  return enqueue(s, [k, grid, block, b]() { return run_kernel(k, grid, block, b); });
+}
+CUresult cuLaunchCooperativeKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                                   unsigned by, unsigned bz, unsigned smem, void* s,
+                                   void** params) {
+  return cuLaunchKernel(f, gx, gy, gz, bx, by, bz, smem, s, params, nullptr);
+}
+
+// ---- cuBLAS (libcublas.so is a link to this library) ----------------------------------------
+int cublasCreate_v2(void** h) {
+  *h = new Blas();
+  return 0;
+}
+int cublasDestroy_v2(void* h) {
+  delete static_cast<Blas*>(h);
+  return 0;
+}
+int cublasSetStream_v2(void* h, void* s) {
+  static_cast<Blas*>(h)->stream = s;
+  return 0;
+}
+int cublasGetStream_v2(void* h, void** s) {
+  *s = static_cast<Blas*>(h)->stream;
+  return 0;
+}
+int cublasSetMathMode(void*, int) { return 0; }
+int cublasSetWorkspace_v2(void*, void*, size_t) { return 0; }
+int cublasGetVersion_v2(void*, int* v) {
+  *v = 130000;
+  return 0;
+}
+// transa/transb: 0 N, 1 T. Types: 0 f32, 14 bf16. Compute: f32 (alpha, beta are host floats).
+int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha, const void* a,
+                 int at, int lda, const void* b, int bt, int ldb, const void* beta, void* c, int ct,
+                 int ldc, int, int) {
+  if (!blas_type_ok(at) || !blas_type_ok(bt) || !blas_type_ok(ct) || ta > 1 || tb > 1) {
+    complain("cublasGemmEx: only N/T and f32/bf16 are simulated");
+    return 15;  // CUBLAS_STATUS_NOT_SUPPORTED
+  }
+  if (m < 0 || n < 0 || k < 0) return 7;  // CUBLAS_STATUS_INVALID_VALUE
+  const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+  const CUresult r = enqueue(static_cast<Blas*>(h)->stream, [=]() {
+    gemm(ta, tb, m, n, k, al, a, at, lda, b, bt, ldb, be, c, ct, ldc);
+    return OK;
+  });
+  return r == OK ? 0 : 13;  // CUBLAS_STATUS_EXECUTION_FAILED
+}
+int cublasGemmStridedBatchedEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha,
+                               const void* a, int at, int lda, long long sa, const void* b, int bt,
+                               int ldb, long long sb, const void* beta, void* c, int ct, int ldc,
+                               long long sc, int batch, int compute, int algo) {
+  const size_t ea = at == 0 ? 4 : 2, eb = bt == 0 ? 4 : 2, ec = ct == 0 ? 4 : 2;
+  for (int i = 0; i < batch; ++i) {
+    const int r = cublasGemmEx(h, ta, tb, m, n, k, alpha, (const char*)a + i * sa * ea, at, lda,
+                               (const char*)b + i * sb * eb, bt, ldb, beta,
+                               (char*)c + i * sc * ec, ct, ldc, compute, algo);
+    if (r) return r;
+  }
+  return 0;
+}
+int cublasSgemm_v2(void* h, int ta, int tb, int m, int n, int k, const float* alpha,
+                   const float* a, int lda, const float* b, int ldb, const float* beta, float* c,
+                   int ldc) {
+  return cublasGemmEx(h, ta, tb, m, n, k, alpha, a, 0, lda, b, 0, ldb, beta, c, 0, ldc, 68, -1);
+}
+
+}  // extern "C"
