@@ -288,7 +288,7 @@ fn fake_cuda(kernels: &[PathBuf]) {
     let common: Vec<String> = [
         "-std=c++17",
         "-O2",
-        "-g0",
+        "-g",
         "-fPIC",
         "-pthread",
         "-fno-strict-aliasing",

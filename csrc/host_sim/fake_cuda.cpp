@@ -109,6 +109,18 @@ std::atomic<long long> g_seq{0};
 Stream g_null_stream;
 std::vector<Graph*> g_captures;            // active captures
 std::map<uintptr_t, size_t> g_pinned;      // page-locked host allocations
+// Device allocations: start -> (bytes, live). Freed blocks stay mapped (filled with 0xFF) in a
+// quarantine of up to 2 GiB before they go back to the allocator, so a kernel handed a
+// pointer into freed memory -- a graph replaying a buffer that was since dropped, say -- is
+// caught at launch instead of silently reading whatever reused the memory.
+struct Alloc {
+  size_t bytes;
+  bool live;
+};
+std::map<uintptr_t, Alloc> g_allocs;
+std::vector<std::pair<uintptr_t, size_t>> g_quarantine;
+size_t g_quarantined = 0;
+constexpr size_t QUARANTINE_BYTES = (size_t)2 << 30;
 thread_local Ctx* tl_ctx = nullptr;
 const auto g_t0 = std::chrono::steady_clock::now();
 
@@ -207,10 +219,68 @@ void* dev_alloc(size_t bytes) {
   if (posix_memalign(&p, 256, std::max<size_t>(bytes, 1)) != 0) return nullptr;
   // uninitialised device memory reads as NaN (0xFF bytes), so reading it shows up
   if (bytes <= (256u << 20)) memset(p, 0xff, bytes);
+  std::lock_guard<std::mutex> g(g_mu);
+  g_allocs[(uintptr_t)p] = Alloc{std::max<size_t>(bytes, 1), true};
   return p;
 }
+CUresult dev_free(void* p) {
+  if (!p) return OK;
+  std::lock_guard<std::mutex> g(g_mu);
+  auto it = g_allocs.find((uintptr_t)p);
+  if (it == g_allocs.end() || !it->second.live) {
+    complain("cuMemFree of a pointer that is not a live allocation");
+    return E_INVALID_VALUE;
+  }
+  it->second.live = false;
+  const size_t n = it->second.bytes;
+  if (n <= (256u << 20)) memset(p, 0xff, n);
+  g_quarantine.emplace_back((uintptr_t)p, n);
+  g_quarantined += n;
+  size_t drop = 0;
+  while (g_quarantined > QUARANTINE_BYTES && drop < g_quarantine.size()) {
+    const auto [a, b] = g_quarantine[drop++];
+    g_quarantined -= b;
+    g_allocs.erase(a);
+    free((void*)a);
+  }
+  g_quarantine.erase(g_quarantine.begin(), g_quarantine.begin() + drop);
+  return OK;
+}
+// A kernel's pointer argument must point into a live device allocation or page-locked host
+// memory (null is allowed: optional arguments).
+std::string check_ptr(const void* p) {
+  if (!p) return "";
+  const uintptr_t a = (uintptr_t)p;
+  std::lock_guard<std::mutex> g(g_mu);
+  auto it = g_allocs.upper_bound(a);
+  if (it != g_allocs.begin()) {
+    --it;
+    if (a < it->first + it->second.bytes) {
+      if (it->second.live) return "";
+      char m[160];
+      snprintf(m, sizeof m, "points into freed device memory (offset %zu of a freed %zu-byte allocation)",
+               (size_t)(a - it->first), it->second.bytes);
+      return m;
+    }
+  }
+  auto h = g_pinned.upper_bound(a);
+  if (h != g_pinned.begin()) {
+    --h;
+    if (a < h->first + h->second) return "";
+  }
+  return "points to no device allocation (host memory?)";
+}
 
-CUresult run_kernel(const Kernel* k, SimDim3 grid, SimDim3 block, const SimBound& b) {
+CUresult run_kernel(const Kernel* k, SimDim3 grid, SimDim3 block, const SimCall& call) {
+  for (size_t i = 0; i < call.ptrs.size(); ++i) {
+    const std::string bad = check_ptr(call.ptrs[i]);
+    if (!bad.empty()) {
+      complain("kernel " + k->name + ": argument " + std::to_string(i) + " " + bad);
+      g_sticky = E_LAUNCH_FAILED;
+      return E_LAUNCH_FAILED;
+    }
+  }
+  const SimBound& b = call.run;
   char err[2048] = {0};
   auto thunk = [](void* c) { (*static_cast<const SimBound*>(c))(); };
   const int rc = syncdrop_sim_launch(grid, block, k->concurrent ? 1 : 0, thunk,
@@ -467,8 +537,7 @@ CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes) {
 }
 CUresult cuMemFree_v2(unsigned long long p) {
   if (CUresult r = unsafe_call("cuMemFree"); r != OK) return r;
-  free((void*)(uintptr_t)p);
-  return OK;
+  return dev_free((void*)(uintptr_t)p);
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
   *total = host_memory();
@@ -477,8 +546,7 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 }
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
   if (CUresult r = unsafe_call("cuMemHostAlloc"); r != OK) return r;
-  *p = dev_alloc(bytes);
-  if (!*p) return E_OUT_OF_MEMORY;
+  if (posix_memalign(p, 256, std::max<size_t>(bytes, 1)) != 0) return E_OUT_OF_MEMORY;
   std::lock_guard<std::mutex> g(g_mu);
   g_pinned[(uintptr_t)*p] = bytes;
   return OK;
@@ -615,10 +683,9 @@ CUresult cuEventRecord(void* e, void* s) {
       ev->cap = st->cap;
       ev->stream = st;
       ev->seq = st->last;
-      st->cap->ops.push_back([ev]() {
-        ev->ms = now_ms();
-        return OK;
-      });
+      // inside a capture a record is only a dependency edge for streams that wait on it (as
+      // on a GPU without CU_EVENT_RECORD_EXTERNAL): no node, so nothing touches the event
+      // when the graph replays
       return OK;
     }
     ev->cap = nullptr;
@@ -798,9 +865,9 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     complain(msg);
     return E_INVALID_VALUE;
   }
-  SimBound b = k->bind(params);
+  SimCall c = k->bind(params);
   const SimDim3 grid{gx, gy, gz}, block{bx, by, bz};
-  return enqueue(s, [k, grid, block, b]() { return run_kernel(k, grid, block, b); });
+  return enqueue(s, [k, grid, block, c]() { return run_kernel(k, grid, block, c); });
 }
 CUresult cuLaunchCooperativeKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
                                    unsigned by, unsigned bz, unsigned smem, void* s,
@@ -842,6 +909,14 @@ int cublasGemmEx(void* h, int ta, int tb, int m, int n, int k, const void* alpha
   if (m < 0 || n < 0 || k < 0) return 7;  // CUBLAS_STATUS_INVALID_VALUE
   const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
   const CUresult r = enqueue(static_cast<Blas*>(h)->stream, [=]() {
+    for (const void* p : {a, b, (const void*)c}) {
+      const std::string bad = check_ptr(p);
+      if (!bad.empty()) {
+        complain("cublasGemmEx: an operand " + bad);
+        g_sticky = E_LAUNCH_FAILED;
+        return E_LAUNCH_FAILED;
+      }
+    }
     gemm(ta, tb, m, n, k, al, a, at, lda, b, bt, ldb, be, c, ct, ldc);
     return OK;
   });

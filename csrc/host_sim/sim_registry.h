@@ -11,8 +11,25 @@
 #include <type_traits>
 #include <utility>
 
+#include <vector>
+
 using SimBound = std::function<void()>;
-using SimBinder = SimBound (*)(void** params);
+// A bound launch: the kernel with its arguments copied, and each argument's value if it is a
+// pointer (nullptr otherwise), which the driver checks against its allocations.
+struct SimCall {
+  SimBound run;
+  std::vector<const void*> ptrs;
+};
+using SimBinder = SimCall (*)(void** params);
+
+template <class T>
+const void* sim_ptr_of(const T& v) {
+  if constexpr (std::is_pointer_v<T>) {
+    return (const void*)v;
+  } else {
+    return nullptr;
+  }
+}
 
 // Registers `name` (called from static initialisers). concurrent: the kernel's blocks wait for
 // each other or for other ranks' blocks (grid barriers, the P2P all-reduce), so they must run
@@ -25,14 +42,17 @@ template <class... A>
 struct SimSig<void (*)(A...)> {
   static constexpr std::size_t N = sizeof...(A);
   template <auto K, std::size_t... I>
-  static SimBound bind(void** p, std::index_sequence<I...>) {
+  static SimCall bind(void** p, std::index_sequence<I...>) {
     std::tuple<std::decay_t<A>...> args{*static_cast<std::decay_t<A>*>(p[I])...};
-    return [args]() { std::apply(K, args); };
+    SimCall c;
+    c.ptrs = {sim_ptr_of(std::get<I>(args))...};
+    c.run = [args]() { std::apply(K, args); };
+    return c;
   }
 };
 
 template <auto K>
-SimBound sim_bind(void** p) {
+SimCall sim_bind(void** p) {
   using S = SimSig<decltype(K)>;
   return S::template bind<K>(p, std::make_index_sequence<S::N>{});
 }
