@@ -17,6 +17,10 @@ export NVCC SYNCDROP_REQUIRE_NVCC=1
 cargo test --release --features cuda,host-sim --all-targets --no-run
 cargo test --release --features cuda,host-sim --lib --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
 cargo test --release --features cuda,host-sim --test 'host_sim*'
+# The same feature builds a simulated CUDA driver (csrc/host_sim/fake_cuda.cpp); the P2P
+# all-reduce GPU suite runs against it here (virtual ranks, graphs, timeouts; ~30 s). The
+# other GPU suites take 10-40 minutes this way: `scripts/sim-gpu.sh` runs them all.
+scripts/sim-gpu.sh cuda_allreduce
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
 cargo test --release --features cuda,host-sim --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)
