@@ -155,6 +155,8 @@ enum Cmd {
     Stats,
     ResetStats,
     CommTiming(bool),
+    /// Every rank fails with this message (`Engine::fail_ranks`).
+    Fail(String),
 }
 
 enum Reply {
@@ -234,6 +236,10 @@ fn rank_loop<B: Backend>(
                 model.backend.set_comm_timing(on);
                 Ok(Reply::Done)
             }
+            Cmd::Fail(msg) => Err(Error::Rank {
+                rank: comm.rank(),
+                msg,
+            }),
         };
         if let Err(e) = &r {
             comm.abort(&e.to_string());
@@ -620,6 +626,15 @@ impl Engine {
     /// KV-cache capacity of every rank, in tokens.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Make every rank fail with `msg`, as a rank error (a communicator or device failure)
+    /// would: the engine is unusable afterwards. For tests of that state; the driver checks
+    /// every argument it can, so no bad call gets there.
+    #[doc(hidden)]
+    pub fn fail_ranks(&mut self, msg: &str) -> Result<()> {
+        let msg = msg.to_string();
+        self.broadcast(|| Cmd::Fail(msg.clone())).map(|_| ())
     }
 
     /// Send `cmds[r]` to rank r (after the failure check), then wait for every reply.

@@ -138,10 +138,8 @@ fn a_failed_engine_refuses_to_load_weights() {
         .iter()
         .map(|s| syncdrop::model::load_block(&e.files, &e.cfg, s, 0).unwrap())
         .collect();
-    assert!(
-        e.forward(&[1], 64, 0..1).is_err(),
-        "a token at position 64 must overflow the 64-token cache"
-    );
+    // (a bad argument is refused on the driver and leaves the engine usable: fail a rank)
+    assert!(e.fail_ranks("injected rank failure").is_err());
     let refused = e.forward(&[1], 0, 0..1).unwrap_err().to_string();
     assert!(refused.contains("earlier failure"), "{refused}");
     let got = e.load_layer(0, w).unwrap_err().to_string();
