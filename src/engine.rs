@@ -614,13 +614,7 @@ impl Engine {
     /// The ranks' own capacity check (`RankModel`'s `ContextOverflow`), made on the driver
     /// first so that a sequence too long for the KV cache leaves the engine usable.
     fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
-        match pos0.checked_add(t) {
-            Some(end) if end <= self.capacity => Ok(()),
-            end => Err(Error::ContextOverflow {
-                needed: end.unwrap_or(usize::MAX),
-                capacity: self.capacity,
-            }),
-        }
+        Error::check_context(pos0, t, self.capacity)
     }
 
     /// KV-cache capacity of every rank, in tokens.

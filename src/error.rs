@@ -183,4 +183,16 @@ impl Error {
             source,
         }
     }
+
+    /// Ok when KV-cache positions pos0..pos0+t fit `capacity`, else
+    /// [`Error::ContextOverflow`] (without overflow: a wrapped `pos0 + t` would pass).
+    pub(crate) fn check_context(pos0: usize, t: usize, capacity: usize) -> Result<()> {
+        match pos0.checked_add(t) {
+            Some(end) if end <= capacity => Ok(()),
+            end => Err(Error::ContextOverflow {
+                needed: end.unwrap_or(usize::MAX),
+                capacity,
+            }),
+        }
+    }
 }

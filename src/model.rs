@@ -234,14 +234,7 @@ impl<B: Backend> RankModel<B> {
     /// `ContextOverflow` unless positions pos0..pos0+t fit the KV cache, checked before any
     /// op runs (and without overflow: a wrapped `pos0 + t` passed the backends' checks).
     fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
-        let capacity = self.backend.dims().capacity;
-        match pos0.checked_add(t) {
-            Some(end) if end <= capacity => Ok(()),
-            end => Err(Error::ContextOverflow {
-                needed: end.unwrap_or(usize::MAX),
-                capacity,
-            }),
-        }
+        Error::check_context(pos0, t, self.backend.dims().capacity)
     }
 
     /// Blocks 0..stop; if stop < n_layers, returns the hidden state instead of logits.

@@ -13,7 +13,7 @@ mod common;
 
 #[cfg(feature = "cuda")]
 mod gpu {
-    use super::common::{distill_problem, rel_err};
+    use super::common::{distill_problem, rel_err, student_tensors};
     use half::bf16;
     use proptest::prelude::*;
     use syncdrop::backend::cpu::rmsnorm;
@@ -509,15 +509,6 @@ mod gpu {
             .collect()
     }
 
-    fn tensors(p: &syncdrop::distill::StudentParams) -> [(&str, &Vec<f32>); 4] {
-        [
-            ("wo", &p.wo),
-            ("ffn_norm", &p.ffn_norm),
-            ("w_gate_up", &p.w_gate_up),
-            ("w_down", &p.w_down),
-        ]
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
 
@@ -538,7 +529,7 @@ mod gpu {
                 let (lg, gg) = gpu.loss_and_grads(i).unwrap();
                 prop_assert!((lg - lc).abs() <= 1e-4 * lc.abs(), "sample {i}: loss {lg} vs {lc}");
                 for (r, (a, b)) in gg.iter().zip(&gc).enumerate() {
-                    for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                    for ((name, x), (_, y)) in student_tensors(a).into_iter().zip(student_tensors(b)) {
                         let e = rel_err(x, y);
                         prop_assert!(e < 1e-4, "sample {i} rank {r} d{name}: relative error {e:.2e}");
                     }
@@ -550,7 +541,7 @@ mod gpu {
                 gpu.adam_step(i, step, 1e-3).unwrap();
             }
             for (r, (a, b)) in gpu.params().unwrap().iter().zip(&cpu.params().unwrap()).enumerate() {
-                for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                for ((name, x), (_, y)) in student_tensors(a).into_iter().zip(student_tensors(b)) {
                     let e = rel_err(x, y);
                     prop_assert!(e < 1e-3, "rank {r} {name} after 6 steps: relative error {e:.2e}");
                 }
@@ -608,7 +599,7 @@ mod gpu {
         assert!((rg.mse_before - rc.mse_before).abs() <= 1e-4 * rc.mse_before);
         assert!((rg.mse_after - rc.mse_after).abs() <= 1e-2 * rc.mse_after);
         for (a, b) in pg.iter().zip(&pc) {
-            for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+            for ((name, x), (_, y)) in student_tensors(a).into_iter().zip(student_tensors(b)) {
                 assert!(rel_err(x, y) < 1e-3, "{name}: {:.2e}", rel_err(x, y));
             }
         }

@@ -415,30 +415,31 @@ mod sim {
         outs.into_iter().next().unwrap()
     }
 
-    fn assert_bits(got: &[f32], want: &[f32], what: &str) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
-            panic!(
-                "{what}: element {i} of {}: got {:e} ({:#010x}), want {:e} ({:#010x})",
-                got.len(),
-                got[i],
-                got[i].to_bits(),
-                want[i],
-                want[i].to_bits()
-            );
+    /// Element types compared bit for bit.
+    trait Bits: Copy + std::fmt::LowerExp {
+        fn bits(self) -> u32;
+    }
+    impl Bits for f32 {
+        fn bits(self) -> u32 {
+            self.to_bits()
+        }
+    }
+    impl Bits for bf16 {
+        fn bits(self) -> u32 {
+            self.to_bits().into()
         }
     }
 
-    fn assert_bits_bf16(got: &[bf16], want: &[bf16], what: &str) {
+    fn assert_bits<T: Bits>(got: &[T], want: &[T], what: &str) {
         assert_eq!(got.len(), want.len(), "{what}: length");
-        if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        if let Some(i) = (0..got.len()).find(|&i| got[i].bits() != want[i].bits()) {
             panic!(
-                "{what}: element {i} of {}: got {} ({:#06x}), want {} ({:#06x})",
+                "{what}: element {i} of {}: got {:e} ({:#x}), want {:e} ({:#x})",
                 got.len(),
                 got[i],
-                got[i].to_bits(),
+                got[i].bits(),
                 want[i],
-                want[i].to_bits()
+                want[i].bits()
             );
         }
     }
@@ -547,8 +548,8 @@ mod sim {
                             bf16::from_f32(v)
                         })
                         .collect();
-                    assert_bits_bf16(&buf[r], &want, &format!("{op:?}: rank {r} out"));
-                    assert_bits_bf16(&resc[r], &resb[r], &format!("{op:?}: rank {r} residual"));
+                    assert_bits(&buf[r], &want, &format!("{op:?}: rank {r} out"));
+                    assert_bits(&resc[r], &resb[r], &format!("{op:?}: rank {r} residual"));
                 }
             }
             Op::Oproj { wire, t, rows, k } => {

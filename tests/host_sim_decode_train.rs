@@ -20,7 +20,7 @@ mod common;
 
 #[cfg(feature = "host-sim")]
 mod sim {
-    use super::common::{distill_problem, rel_err};
+    use super::common::{distill_problem, rel_err, student_tensors};
     use half::bf16;
     use proptest::prelude::*;
     use rand::{Rng, SeedableRng};
@@ -1011,15 +1011,6 @@ mod sim {
         (loss, grads)
     }
 
-    fn tensors(p: &StudentParams) -> [(&str, &Vec<f32>); 4] {
-        [
-            ("wo", &p.wo),
-            ("ffn_norm", &p.ffn_norm),
-            ("w_gate_up", &p.w_gate_up),
-            ("w_down", &p.w_down),
-        ]
-    }
-
     proptest! {
         #![proptest_config(ProptestConfig { cases: 4, ..ProptestConfig::default() })]
 
@@ -1040,7 +1031,7 @@ mod sim {
                 let (lg, gg) = composed_loss_and_grads(&init, s, d, eps);
                 prop_assert!((lg - lc).abs() <= 1e-5 * lc, "loss {} vs {}", lg, lc);
                 for (r, (a, b)) in gg.iter().zip(&gc).enumerate() {
-                    for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                    for ((name, x), (_, y)) in student_tensors(a).into_iter().zip(student_tensors(b)) {
                         let e = rel_err(x, y);
                         prop_assert!(e < 1e-4, "t {} rank {} d{}: relative error {:.2e}", s.x.len() / d, r, name, e);
                     }
@@ -1069,7 +1060,7 @@ mod sim {
                 }
             }
             for (r, (a, b)) in params.iter().zip(&cpu.params().unwrap()).enumerate() {
-                for ((name, x), (_, y)) in tensors(a).into_iter().zip(tensors(b)) {
+                for ((name, x), (_, y)) in student_tensors(a).into_iter().zip(student_tensors(b)) {
                     let e = rel_err(x, y);
                     prop_assert!(e < 1e-3, "rank {} {} after 3 steps: relative error {:.2e}", r, name, e);
                 }

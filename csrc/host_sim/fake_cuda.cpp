@@ -757,10 +757,10 @@ CUresult cuStreamEndCapture(void* s, void** graph) {
   Graph* c = st->cap;
   *graph = nullptr;
   if (!c || c->origin != st) return c ? E_CAPTURE_UNMATCHED : E_ILLEGAL_STATE;
-  std::string unjoined;
+  bool unjoined = false;
   for (Stream* j : c->joined) {
     auto it = st->waited.find(j);
-    if (j->last > 0 && (it == st->waited.end() || it->second < j->last)) unjoined = "a side stream";
+    unjoined |= j->last > 0 && (it == st->waited.end() || it->second < j->last);
   }
   for (Stream* j : c->joined) j->cap = nullptr;
   st->cap = nullptr;
@@ -770,9 +770,9 @@ CUresult cuStreamEndCapture(void* s, void** graph) {
     delete c;
     return E_CAPTURE_INVALIDATED;
   }
-  if (!unjoined.empty()) {
-    complain("cuStreamEndCapture: " + unjoined +
-             " forked into the capture has work the origin stream never waited for");
+  if (unjoined) {
+    complain("cuStreamEndCapture: a side stream forked into the capture has work the origin "
+             "stream never waited for");
     delete c;
     return E_CAPTURE_UNJOINED;
   }

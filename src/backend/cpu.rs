@@ -165,13 +165,7 @@ impl CpuBackend {
     /// `ContextOverflow` unless positions pos0..pos0+t fit the cache (without overflow: a
     /// wrapped sum passed the check and indexed the RoPE tables out of bounds).
     fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
-        match pos0.checked_add(t) {
-            Some(end) if end <= self.dims.capacity => Ok(()),
-            end => Err(Error::ContextOverflow {
-                needed: end.unwrap_or(usize::MAX),
-                capacity: self.dims.capacity,
-            }),
-        }
+        Error::check_context(pos0, t, self.dims.capacity)
     }
 }
 

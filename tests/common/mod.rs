@@ -370,6 +370,16 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(1e-30)).sqrt()
 }
 
+/// A student's four trained tensors by name (the order the distillation reports use).
+pub fn student_tensors(p: &syncdrop::distill::StudentParams) -> [(&str, &Vec<f32>); 4] {
+    [
+        ("wo", &p.wo),
+        ("ffn_norm", &p.ffn_norm),
+        ("w_gate_up", &p.w_gate_up),
+        ("w_down", &p.w_down),
+    ]
+}
+
 /// A distillation problem of `ranks` ranks (q attention and f MLP columns each), hidden
 /// size d, one sample per length in `ts`, weights scaled like a trained block's; the
 /// values come from `rand(n, seed, scale)`, a fresh seed per tensor.
