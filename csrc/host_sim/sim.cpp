@@ -5,8 +5,10 @@
 //
 // A block runs on one OS thread; each of its CUDA threads is a fiber with its own
 // stack, scheduled cooperatively: a fiber runs until it reaches a barrier, a shuffle, a spin
-// (clock64, __nanosleep, an acquire load), or returns. Scheduling is round-robin in thread
-// order, so a run is deterministic for a given launch unless blocks talk to each other.
+// (clock64, __nanosleep, an acquire load), or returns. Scheduling is a FIFO ready queue that
+// starts in thread order (a spinning fiber goes to its back; a completed barrier queues its
+// waiters in arrival order), so a run is deterministic for a given launch unless blocks talk
+// to each other.
 //   __syncthreads: completes when every live thread of the block has arrived (threads that
 //     returned count as arrived, as on the hardware since Volta);
 //   __shfl_xor_sync(0xffffffff, ...): every lane of the warp must be alive and arrive; a
@@ -22,6 +24,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -102,24 +105,34 @@ struct Fiber {
   SimDim3 tid;
   int linear = 0;
   Wait wait = Wait::None;
-  uint64_t gen = 0;  // the barrier generation it waits to see pass
-  int or_result = 0;
 };
 
+// The scheduler runs the fibers of its ready queue in order; a fiber leaves it when it
+// waits at a barrier and is queued again (in arrival order) when the barrier completes, so a
+// pick costs O(1) however many threads wait (a scan over 1,024 waiting threads at every
+// warp shuffle of a block's final reduction dominated the simulated decode step).
 struct Block {
   std::vector<Fiber> fibers;
   FiberCtx sched;
   int current = -1;
   int live = 0;
+  std::deque<int> ready;
   // __syncthreads
   int arrived = 0;
-  uint64_t block_gen = 0;
+  std::vector<int> block_waiters;
   int or_acc = 0;
   int or_last = 0;
-  // warp barriers, one per warp
+  // warp shuffles, per warp: arrivals, generation, lanes that returned, and two slot banks
+  // of 32 (generation g publishes into bank g % 2: a lane cannot publish generation g + 2
+  // before every lane has arrived at g + 1, by which time each has read generation g)
   std::vector<int> warp_arrived;
   std::vector<uint64_t> warp_gen;
-  std::vector<uint64_t> warp_slots;  // 32 per warp
+  std::vector<int> warp_done;
+  std::vector<uint64_t> warp_slots;
+  // spins (sim_yield calls) since a thread last made progress (a barrier or shuffle
+  // completed, a thread returned), and rounds in which every live thread only spun
+  long long spin_streak = 0;
+  int idle_rounds = 0;
   std::string error;
   void (*thunk)(void*) = nullptr;
   void* ctx = nullptr;
@@ -134,10 +147,59 @@ const auto g_t0 = std::chrono::steady_clock::now();
 
 Fiber& cur() { return tl_block->fibers[tl_block->current]; }
 
-// Back to the scheduler; returns when this fiber is picked again.
+// Hands the OS thread to the next ready fiber (directly: a switch through the scheduler
+// would double the switches of every shuffle), or back to the scheduler when none is ready
+// or the block failed; returns when this fiber is picked again (it must be queued, or
+// waiting on a barrier that will queue it).
 void switch_out() {
   Block* b = tl_block;
-  ctx_switch(b->fibers[b->current].ctx, b->sched);
+  FiberCtx& from = b->fibers[b->current].ctx;
+  if (b->ready.empty() || !b->error.empty()) {
+    ctx_switch(from, b->sched);
+    return;
+  }
+  const int next = b->ready.front();
+  b->ready.pop_front();
+  if (next == b->current) return;  // it queued itself and nothing else is ready
+  b->current = next;
+  sim_thread_idx = b->fibers[next].tid;
+  ctx_switch(from, b->fibers[next].ctx);
+}
+
+// Let the other ready threads run first, then go on.
+void yield_now() {
+  Block* b = tl_block;
+  b->ready.push_back(b->current);
+  switch_out();
+}
+
+void progress(Block* b) {
+  b->spin_streak = 0;
+  b->idle_rounds = 0;
+}
+
+void wake(Block* b, int i) {
+  b->fibers[i].wait = Wait::None;
+  b->ready.push_back(i);
+}
+
+// The pending __syncthreads completes: its waiters are queued in arrival order.
+void release_block_barrier(Block* b) {
+  b->arrived = 0;
+  b->or_last = b->or_acc;
+  b->or_acc = 0;
+  progress(b);
+  for (int i : b->block_waiters) wake(b, i);
+  b->block_waiters.clear();
+}
+
+// The running fiber is finished (returned, or failed): it never runs again.
+void retire_current(Block* b) {
+  Fiber& f = b->fibers[b->current];
+  f.wait = Wait::Done;
+  b->live--;
+  b->warp_done[f.linear / 32]++;
+  progress(b);
 }
 
 void fail(const std::string& msg) {
@@ -149,9 +211,8 @@ void fail(const std::string& msg) {
              sim_block_idx.y, sim_block_idx.z, f.tid.x, f.tid.y, f.tid.z);
     b->error = msg + where;
   }
-  // this fiber never resumes: mark it done so the scheduler can wind the block down
-  cur().wait = Wait::Done;
-  b->live--;
+  // this fiber never resumes: the scheduler sees the error and winds the block down
+  retire_current(b);
   switch_out();
   abort();  // unreachable: a done fiber is never resumed
 }
@@ -160,33 +221,12 @@ void fail(const std::string& msg) {
 void fiber_main() {
   Block* b = tl_block;
   b->thunk(b->ctx);
-  Fiber& f = b->fibers[b->current];
-  f.wait = Wait::Done;
-  b->live--;
+  retire_current(b);
   // a returning thread counts as arrived at a pending __syncthreads
-  if (b->live > 0 && b->arrived > 0 && b->arrived == b->live) {
-    b->arrived = 0;
-    b->or_last = b->or_acc;
-    b->or_acc = 0;
-    b->block_gen++;
-  }
-  // a warp barrier with this lane missing can never complete: the deadlock check reports it
-  ctx_switch(f.ctx, b->sched);
+  if (b->live > 0 && b->arrived > 0 && b->arrived == b->live) release_block_barrier(b);
+  // a warp shuffle with this lane missing can never complete: the deadlock check reports it
+  switch_out();
   abort();  // a done fiber is never resumed
-}
-
-bool runnable(const Block& b, const Fiber& f) {
-  switch (f.wait) {
-    case Wait::None:
-      return true;
-    case Wait::Block:
-      return b.block_gen != f.gen;
-    case Wait::Warp:
-      return b.warp_gen[f.linear / 32] != f.gen;
-    case Wait::Done:
-      return false;
-  }
-  return false;
 }
 
 std::string deadlock_report(const Block& b) {
@@ -216,13 +256,19 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
   const int warps = (n + 31) / 32;
   b.warp_arrived.assign(warps, 0);
   b.warp_gen.assign(warps, 0);
-  b.warp_slots.assign((size_t)warps * 32, 0);
+  b.warp_done.assign(warps, 0);
+  b.warp_slots.assign((size_t)warps * 64, 0);
+  b.block_waiters.reserve(n);
   b.fibers.resize(n);
   if (tl_stack_bytes != stack_bytes) {
     tl_stacks.clear();
     tl_stack_bytes = stack_bytes;
   }
-  while ((int)tl_stacks.size() < n) tl_stacks.emplace_back(new char[stack_bytes]);
+  // Each stack's top is offset by 64 bytes more than the previous one's, within COLOUR bytes:
+  // equally sized stacks would put every fiber's top frames in the same cache sets, and a
+  // shuffle round touching 32 of them would miss the cache at every switch.
+  constexpr size_t COLOUR = 32768;
+  while ((int)tl_stacks.size() < n) tl_stacks.emplace_back(new char[stack_bytes + COLOUR]);
   sim_block_idx = bidx;
   sim_block_dim = bdim;
   sim_grid_dim = grid;
@@ -232,30 +278,23 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
     f.linear = i;
     f.tid = SimDim3{(unsigned)(i % bdim.x), (unsigned)((i / bdim.x) % bdim.y),
                     (unsigned)(i / (bdim.x * bdim.y))};
-    ctx_make(f.ctx, tl_stacks[i].get(), stack_bytes, fiber_main);
+    ctx_make(f.ctx, tl_stacks[i].get(), stack_bytes + COLOUR - (size_t)i * 64 % COLOUR,
+             fiber_main);
+    b.ready.push_back(i);
   }
   b.live = n;
-  int next = 0;
   while (b.live > 0) {
-    int pick = -1;
-    for (int k = 0; k < n; ++k) {
-      const int i = (next + k) % n;
-      if (runnable(b, b.fibers[i])) {
-        pick = i;
-        break;
-      }
-    }
-    if (pick < 0) {
+    if (b.ready.empty()) {
       if (b.error.empty()) b.error = deadlock_report(b);
       break;
     }
+    const int pick = b.ready.front();
+    b.ready.pop_front();
     Fiber& f = b.fibers[pick];
-    if (f.wait == Wait::Block || f.wait == Wait::Warp) f.wait = Wait::None;
     b.current = pick;
     sim_thread_idx = f.tid;
     ctx_switch(b.sched, f.ctx);
     if (!b.error.empty()) break;
-    next = pick + 1;
   }
   tl_block = nullptr;
   return b.error;
@@ -267,9 +306,20 @@ extern "C" {
 
 void sim_yield(void) {
   g_spins.fetch_add(1, std::memory_order_relaxed);
-  switch_out();
-  // every fiber of the block may be spinning on another block: give the OS thread away too
-  std::this_thread::yield();
+  Block* b = tl_block;
+  // Once every live thread of the block has spun since the last progress, it waits on
+  // another block (a peer rank's, in the P2P all-reduce): give the OS thread away, with
+  // sched_yield for a few rounds and then 50 us sleeps, so spinning blocks do not take the
+  // cores from the ranks they wait for (a sched_yield per spin did).
+  if (++b->spin_streak > b->live) {
+    b->spin_streak = 0;
+    if (++b->idle_rounds < 16) {
+      std::this_thread::yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+    }
+  }
+  yield_now();
 }
 
 long long sim_clock64(void) {
@@ -283,20 +333,16 @@ uint64_t sim_globaltimer(void) { return (uint64_t)sim_clock64(); }
 
 int sim_syncthreads_or(int pred) {
   Block* b = tl_block;
-  Fiber& f = cur();
   b->or_acc |= pred ? 1 : 0;
   b->arrived++;
   if (b->arrived == b->live) {
-    b->arrived = 0;
-    b->or_last = b->or_acc;
-    b->or_acc = 0;
-    b->block_gen++;
+    release_block_barrier(b);
     // let the others run before this thread goes on, as they would on a GPU
-    switch_out();
+    yield_now();
     return b->or_last;
   }
-  f.wait = Wait::Block;
-  f.gen = b->block_gen;
+  cur().wait = Wait::Block;
+  b->block_waiters.push_back(b->current);
   switch_out();
   return b->or_last;
 }
@@ -310,27 +356,27 @@ uint64_t sim_shfl_xor(unsigned mask, uint64_t bits, int lane_mask) {
   const int warp = f.linear / 32, lane = f.linear % 32;
   if (mask != 0xffffffffu) fail("__shfl_xor_sync with a partial mask is not simulated");
   if ((warp + 1) * 32 > n) fail("full-mask __shfl_xor_sync in a warp with fewer than 32 threads");
-  for (int l = 0; l < 32; ++l) {
-    if (b->fibers[warp * 32 + l].wait == Wait::Done)
-      fail("full-mask __shfl_xor_sync after lane " + std::to_string(l) + " returned");
-  }
-  const int src = lane ^ (lane_mask & 31);
-  uint64_t* slots = &b->warp_slots[(size_t)warp * 32];
-  // phase 1: publish; phase 2: read the partner; a second barrier keeps the slots until all
-  // lanes have read them
-  for (int phase = 0; phase < 2; ++phase) {
-    if (phase == 0) slots[lane] = bits;
-    if (++b->warp_arrived[warp] == 32) {
-      b->warp_arrived[warp] = 0;
-      b->warp_gen[warp]++;
-    } else {
-      f.wait = Wait::Warp;
-      f.gen = b->warp_gen[warp];
-      switch_out();
+  if (b->warp_done[warp] > 0) {
+    for (int l = 0; l < 32; ++l) {
+      if (b->fibers[warp * 32 + l].wait == Wait::Done)
+        fail("full-mask __shfl_xor_sync after lane " + std::to_string(l) + " returned");
     }
-    if (phase == 0) bits = slots[src];
   }
-  return bits;
+  uint64_t* slots = &b->warp_slots[((size_t)warp * 2 + (b->warp_gen[warp] & 1)) * 32];
+  slots[lane] = bits;
+  if (++b->warp_arrived[warp] == 32) {
+    // the last lane completes the shuffle: the others (all waiting) are queued, in lane order
+    b->warp_arrived[warp] = 0;
+    b->warp_gen[warp]++;
+    progress(b);
+    for (int l = 0; l < 32; ++l) {
+      if (l != lane) wake(b, warp * 32 + l);
+    }
+  } else {
+    f.wait = Wait::Warp;
+    switch_out();
+  }
+  return slots[lane ^ (lane_mask & 31)];
 }
 
 // Launch `thunk(ctx)` as every thread of a (grid, block) launch. concurrent: one OS thread

@@ -1195,12 +1195,7 @@ impl Backend for CudaBackend {
     }
 
     fn graph_set_pos(&mut self, pos0: usize) -> Result<()> {
-        if pos0 + 1 > self.dims.capacity {
-            return Err(Error::ContextOverflow {
-                needed: pos0 + 1,
-                capacity: self.dims.capacity,
-            });
-        }
+        Error::check_context(pos0, 1, self.dims.capacity)?;
         let ex = &mut self.ex;
         ex.stream
             .memcpy_htod(&[pos0 as i32], &mut ex.pos_dev)

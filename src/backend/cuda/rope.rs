@@ -122,11 +122,7 @@ impl Pos<'_> {
     /// capacity, or 0 when the kernel reads it on the device (the caller checked it then).
     pub fn host_pos0(self, t: usize, capacity: usize) -> Result<usize> {
         match self {
-            Pos::Host(p) if p + t > capacity => Err(Error::ContextOverflow {
-                needed: p + t,
-                capacity,
-            }),
-            Pos::Host(p) => Ok(p),
+            Pos::Host(p) => Error::check_context(p, t, capacity).map(|()| p),
             Pos::Device(_) => Ok(0),
         }
     }
@@ -213,4 +209,20 @@ pub fn qkv_rope_cache(
     // before writing the position).
     unsafe { b.launch(qkv_launch_config(t, n_q, n_kv, hd)) }.map_err(cuda_err)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_position_past_the_kv_cache_is_a_context_overflow_not_a_wrap() {
+        assert_eq!(Pos::Host(7).host_pos0(3, 10).unwrap(), 7);
+        for (p, t) in [(8, 3), (usize::MAX, 2)] {
+            match Pos::Host(p).host_pos0(t, 10) {
+                Err(Error::ContextOverflow { capacity: 10, .. }) => {}
+                other => panic!("pos0 {p}, t {t}: {other:?}"),
+            }
+        }
+    }
 }
