@@ -9,7 +9,8 @@
 #   scripts/sim-gpu.sh cuda_backend -- smollm2   # one suite, extra test-binary arguments
 #
 # Environment: CARGO_TARGET_DIR as usual; SYNCDROP_SIM_SMS (default 16) is the simulated
-# device's SM count, SYNCDROP_SIM_DEVICES (default 1) its device count.
+# device's SM count, SYNCDROP_SIM_DEVICES (default 1) its device count; SYNCDROP_SIM_PROFILE=1
+# prints each suite's host seconds per kernel (and cuBLAS) at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

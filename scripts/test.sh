@@ -18,12 +18,15 @@ cargo test --release --features cuda,host-sim --all-targets --no-run
 cargo test --release --features cuda,host-sim --lib --test cuda_kernels --test cuda_allreduce --test cuda_backend --test synthetic -- --nocapture --test-threads=1 2>&1 | grep -E "skipped|test result|FAILED|panicked"
 cargo test --release --features cuda,host-sim --test 'host_sim*'
 # The same feature builds a simulated CUDA driver (csrc/host_sim/fake_cuda.cpp); GPU suites
-# run against it here: the P2P all-reduce (virtual ranks, graphs, timeouts; ~20 s) and the
-# kernels through the backend's launchers (~20 s; the sampler's 4,000-row chi-square test
-# takes 7 minutes simulated, and host_sim_decode_train covers that kernel). cuda_backend
-# takes ~25 minutes this way: `scripts/sim-gpu.sh` runs every suite in full.
+# run against it here: the P2P all-reduce (virtual ranks, graphs, timeouts; ~15 s), the
+# kernels through the backend's launchers (~80 s, most of it the sampler's 4,000-row
+# chi-square test), and the CUDA backend's quicker end-to-end tests (~2 min: communication
+# counters, graphs on/off step by step, ISO+SPD against the CPU, one LLaMA2-70B-shaped rank).
+# SmolLM2 at TP 1/3/8 and the fused-kernel variants take 5 more minutes: `scripts/sim-gpu.sh`
+# runs every suite in full.
 scripts/sim-gpu.sh cuda_allreduce
-scripts/sim-gpu.sh cuda_kernels -- --skip sampling_is_greedy_in_the_limit_and_follows_the_softmax
+scripts/sim-gpu.sh cuda_kernels
+scripts/sim-gpu.sh cuda_backend -- comm_counters_ cuda_graphs_on_and_off iso_and_spd_on_cuda one_rank_of_a_llama2_70b
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
 cargo test --release --features cuda,host-sim --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)

@@ -15,15 +15,17 @@
 //     lane that returned is reported as an error (undefined behaviour on a GPU);
 //   a state in which no fiber can run and some have not returned is a deadlock: reported
 //     with each waiting thread's barrier, and the launch fails.
-// Blocks run one after another on the caller's thread, or (concurrent) each on its own OS
-// thread at once: what kernels need whose blocks wait for each other (grid barriers) or for
-// other ranks' blocks (the P2P all-reduce).
+// Blocks are taken in index order by the caller's thread and the idle helpers of a pool (one
+// fewer than the cores; SYNCDROP_SIM_BLOCK_THREADS sets the total), or (concurrent) each
+// run on its own OS thread at once: what kernels need whose blocks wait for each other (grid
+// barriers) or for other ranks' blocks (the P2P all-reduce).
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <deque>
 #include <cstdio>
 #include <cstdlib>
@@ -300,6 +302,115 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
   return b.error;
 }
 
+// The blocks of one non-concurrent launch, taken in index order by whichever threads work
+// on it (the launching thread and idle pool helpers).
+struct Job {
+  SimDim3 grid, block;
+  void (*thunk)(void*);
+  void* ctx;
+  size_t stack_bytes;
+  unsigned nb;
+  std::atomic<unsigned> next{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  int workers = 0;  // threads that may still run blocks of it (under mu)
+  unsigned err_block = ~0u;
+  std::string err;
+  Job(SimDim3 g, SimDim3 b, void (*t)(void*), void* c, size_t sb)
+      : grid(g), block(b), thunk(t), ctx(c), stack_bytes(sb), nb(g.x * g.y * g.z) {}
+  // Runs blocks until none is left.
+  void work() {
+    {
+      std::lock_guard<std::mutex> g(mu);
+      workers++;
+    }
+    for (unsigned i; (i = next.fetch_add(1)) < nb;) {
+      const SimDim3 bidx{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
+      std::string e = run_block(bidx, block, grid, thunk, ctx, stack_bytes);
+      if (!e.empty()) {
+        std::lock_guard<std::mutex> g(mu);
+        if (i < err_block) {
+          err_block = i;
+          err = e;
+        }
+        next = nb;  // the launch has failed: no more blocks start
+      }
+    }
+    std::lock_guard<std::mutex> g(mu);
+    workers--;
+    cv.notify_all();
+  }
+  // Waits until every started block has finished and no helper still holds the job (it
+  // lives on the launching thread's stack); returns the first error.
+  std::string wait() {
+    std::unique_lock<std::mutex> l(mu);
+    cv.wait(l, [&] { return workers == 0; });
+    return err;
+  }
+};
+
+// Helpers (one fewer than the cores) that take blocks of posted launches: blocks of a
+// non-concurrent kernel are independent, and a single rank's decode step would otherwise
+// keep one core of the machine busy.
+class Pool {
+ public:
+  explicit Pool(int n) {
+    for (int i = 0; i < n; ++i) std::thread([this] { loop(); }).detach();
+  }
+  void post(Job* j) {
+    std::lock_guard<std::mutex> g(mu_);
+    // counted before the helper runs it, so the launching thread's wait() sees it
+    {
+      std::lock_guard<std::mutex> jg(j->mu);
+      j->workers++;
+    }
+    jobs_.push_back(j);
+    cv_.notify_one();
+  }
+  // Takes back a job no helper has picked up yet (its blocks are all done by now).
+  void retract(Job* j) {
+    std::lock_guard<std::mutex> g(mu_);
+    for (auto it = jobs_.begin(); it != jobs_.end(); ++it) {
+      if (*it == j) {
+        jobs_.erase(it);
+        std::lock_guard<std::mutex> jg(j->mu);
+        j->workers--;
+        return;
+      }
+    }
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      Job* j;
+      {
+        std::unique_lock<std::mutex> l(mu_);
+        cv_.wait(l, [&] { return !jobs_.empty(); });
+        j = jobs_.front();
+        jobs_.pop_front();
+      }
+      j->work();
+      std::lock_guard<std::mutex> g(j->mu);
+      j->workers--;  // the count post() added
+      j->cv.notify_all();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job*> jobs_;
+};
+
+// The pool, or none on a one-core machine or with SYNCDROP_SIM_BLOCK_THREADS=1.
+Pool* pool() {
+  static Pool* p = [] () -> Pool* {
+    int n = (int)std::thread::hardware_concurrency();
+    if (const char* v = getenv("SYNCDROP_SIM_BLOCK_THREADS")) n = atoi(v);
+    return n > 1 ? new Pool(n - 1) : nullptr;  // leaked: helpers outlive static destructors
+  }();
+  return p;
+}
+
 }  // namespace
 
 extern "C" {
@@ -365,12 +476,18 @@ uint64_t sim_shfl_xor(unsigned mask, uint64_t bits, int lane_mask) {
   uint64_t* slots = &b->warp_slots[((size_t)warp * 2 + (b->warp_gen[warp] & 1)) * 32];
   slots[lane] = bits;
   if (++b->warp_arrived[warp] == 32) {
-    // the last lane completes the shuffle: the others (all waiting) are queued, in lane order
+    // The last lane completes the shuffle: the others (all waiting) go to the front of the
+    // queue, in lane order, so a warp runs its next shuffles before other warps run: its 32
+    // stacks stay in the L1 cache (queued at the back, every round cycled through all the
+    // block's stacks; 3x slower for a 256-thread GEMV block).
     b->warp_arrived[warp] = 0;
     b->warp_gen[warp]++;
     progress(b);
-    for (int l = 0; l < 32; ++l) {
-      if (l != lane) wake(b, warp * 32 + l);
+    for (int l = 31; l >= 0; --l) {
+      if (l != lane) {
+        b->fibers[warp * 32 + l].wait = Wait::None;
+        b->ready.push_front(warp * 32 + l);
+      }
     }
   } else {
     f.wait = Wait::Warp;
@@ -380,29 +497,34 @@ uint64_t sim_shfl_xor(unsigned mask, uint64_t bits, int lane_mask) {
 }
 
 // Launch `thunk(ctx)` as every thread of a (grid, block) launch. concurrent: one OS thread
-// per block, all at once; else the blocks one after another on this thread. Returns 0, or 1
-// with the first error (deadlock, shuffle misuse) written into err.
+// per block, all at once; else the blocks shared between this thread and the block pool's
+// helpers. Returns 0, or 1 with the first error (deadlock, shuffle misuse; the lowest block's,
+// when several fail) written into err.
 int syncdrop_sim_launch(SimDim3 grid, SimDim3 block, int concurrent, void (*thunk)(void*),
                         void* ctx, size_t stack_bytes, char* err, size_t err_len) {
   if (stack_bytes < 16384) stack_bytes = 16384;
   const unsigned nb = grid.x * grid.y * grid.z;
-  std::mutex m;
   std::string first;
-  auto run = [&](unsigned i) {
-    const SimDim3 bidx{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
-    std::string e = run_block(bidx, block, grid, thunk, ctx, stack_bytes);
-    if (!e.empty()) {
-      std::lock_guard<std::mutex> g(m);
-      if (first.empty()) first = e;
-    }
-  };
   if (concurrent) {
+    std::mutex m;
     std::vector<std::thread> ts;
     ts.reserve(nb);
-    for (unsigned i = 0; i < nb; ++i) ts.emplace_back(run, i);
+    for (unsigned i = 0; i < nb; ++i) {
+      ts.emplace_back([&, i] {
+        const SimDim3 bidx{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
+        std::string e = run_block(bidx, block, grid, thunk, ctx, stack_bytes);
+        std::lock_guard<std::mutex> g(m);
+        if (!e.empty() && first.empty()) first = e;
+      });
+    }
     for (auto& t : ts) t.join();
   } else {
-    for (unsigned i = 0; i < nb && first.empty(); ++i) run(i);
+    Job job(grid, block, thunk, ctx, stack_bytes);
+    Pool* p = nb > 1 ? pool() : nullptr;
+    if (p) p->post(&job);
+    job.work();
+    if (p) p->retract(&job);
+    first = job.wait();
   }
   if (first.empty()) return 0;
   if (err && err_len) snprintf(err, err_len, "%s", first.c_str());

@@ -7,7 +7,8 @@
 //! `__shared__` memory is per block, `__syncthreads` waits for every live thread, a
 //! full-mask warp shuffle needs all 32 lanes (a lane that returned is an error, as it is
 //! undefined behaviour on a GPU), and a block that can never finish is reported as a
-//! deadlock instead of hanging. Blocks run one after another, or each on its own OS thread
+//! deadlock instead of hanging. Blocks run spread over the cores (each wholly on one OS
+//! thread), or each on its own OS thread at once
 //! ([`Blocks::Concurrent`]) for kernels whose blocks wait for each other or for other
 //! ranks' blocks (the P2P all-reduce with ranks as threads, the fused norm's grid barrier).
 //!
