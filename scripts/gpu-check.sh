@@ -24,6 +24,10 @@
 # 470 s leave ~6 minutes for those. Issue call 2 right after call 1 returns, before reading
 # its results: a machine idle ~30 s goes back, with model part 1 and the executables, and
 # stage 2 then needs stage 1 again (a new machine start).
+#
+# Rehearsal without a GPU: with the simulated driver first on LD_LIBRARY_PATH (see
+# scripts/sim-gpu.sh --lib) the stages run these same executables on CPU threads; stages 1
+# and 2 pass that way apart from the sanitizers (about 2 and 8 minutes: raise the budgets).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf

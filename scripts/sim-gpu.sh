@@ -7,6 +7,11 @@
 #
 #   scripts/sim-gpu.sh                      # the default suites (below)
 #   scripts/sim-gpu.sh cuda_backend -- smollm2   # one suite, extra test-binary arguments
+#   scripts/sim-gpu.sh --lib                # build, print the simulated driver's folder: a
+#       rehearsal of gpu-check.sh's stages (the very executables --build packs) without a GPU:
+#       LD_LIBRARY_PATH=$(scripts/sim-gpu.sh --lib) OUT=/tmp/r STAGE_BUDGET=1500 \
+#         CMD_BUDGET=900 scripts/gpu-check.sh --stage1   (then --stage2; the sanitizers, NCCL
+#       and PyTorch are missing here, and the benches' timings mean nothing)
 #
 # Environment: CARGO_TARGET_DIR as usual; SYNCDROP_SIM_SMS (default 16) is the simulated
 # device's SM count, SYNCDROP_SIM_DEVICES (default 1) its device count; SYNCDROP_SIM_PROFILE=1
@@ -14,6 +19,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+print_lib=0
+[ "${1:-}" = "--lib" ] && { print_lib=1; shift; }
 suites=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   suites+=("$1")
@@ -35,6 +42,7 @@ for line in sys.stdin:
 ' | tail -1)
 lib="$out_dir/fake-cuda"
 [ -e "$lib/libcuda.so" ] || { echo "sim-gpu: no simulated driver in $lib" >&2; exit 1; }
+[ $print_lib = 1 ] && { echo "$lib"; exit 0; }
 bins=$(printf '%s\n' "$json" | python3 -c '
 import json, sys
 for line in sys.stdin:
