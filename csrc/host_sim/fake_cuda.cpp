@@ -30,6 +30,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <unordered_map>
 #include <vector>
 
@@ -278,16 +279,16 @@ struct Profile {
   std::map<std::string, std::pair<long long, double>> by_name;  // launches, seconds
   ~Profile() {
     if (by_name.empty()) return;
-    std::vector<std::pair<double, std::string>> rows;
+    std::vector<std::tuple<double, long long, const std::string*>> rows;  // seconds, launches
     double total = 0;
     for (auto& [name, v] : by_name) {
-      rows.push_back({v.second, name});
+      rows.emplace_back(v.second, v.first, &name);
       total += v.second;
     }
     std::sort(rows.rbegin(), rows.rend());
     fprintf(stderr, "fake CUDA profile (host seconds; %.1f s in all):\n", total);
-    for (auto& [sec, name] : rows)
-      fprintf(stderr, "  %10.2f s %10lld  %s\n", sec, by_name[name].first, name.c_str());
+    for (auto& [sec, launches, name] : rows)
+      fprintf(stderr, "  %10.2f s %10lld  %s\n", sec, launches, name->c_str());
   }
 };
 Profile* profile() {

@@ -149,6 +149,13 @@ const auto g_t0 = std::chrono::steady_clock::now();
 
 Fiber& cur() { return tl_block->fibers[tl_block->current]; }
 
+// Saves the running context in `from` and runs fiber `next` of block b.
+void enter(Block* b, FiberCtx& from, int next) {
+  b->current = next;
+  sim_thread_idx = b->fibers[next].tid;
+  ctx_switch(from, b->fibers[next].ctx);
+}
+
 // Hands the OS thread to the next ready fiber (directly: a switch through the scheduler
 // would double the switches of every shuffle), or back to the scheduler when none is ready
 // or the block failed; returns when this fiber is picked again (it must be queued, or
@@ -163,9 +170,7 @@ void switch_out() {
   const int next = b->ready.front();
   b->ready.pop_front();
   if (next == b->current) return;  // it queued itself and nothing else is ready
-  b->current = next;
-  sim_thread_idx = b->fibers[next].tid;
-  ctx_switch(from, b->fibers[next].ctx);
+  enter(b, from, next);
 }
 
 // Let the other ready threads run first, then go on.
@@ -180,9 +185,14 @@ void progress(Block* b) {
   b->idle_rounds = 0;
 }
 
-void wake(Block* b, int i) {
+// Fiber i may run again: queued at the back, or at the front (it runs next).
+void wake(Block* b, int i, bool front = false) {
   b->fibers[i].wait = Wait::None;
-  b->ready.push_back(i);
+  if (front) {
+    b->ready.push_front(i);
+  } else {
+    b->ready.push_back(i);
+  }
 }
 
 // The pending __syncthreads completes: its waiters are queued in arrival order.
@@ -292,10 +302,7 @@ std::string run_block(SimDim3 bidx, SimDim3 bdim, SimDim3 grid, void (*thunk)(vo
     }
     const int pick = b.ready.front();
     b.ready.pop_front();
-    Fiber& f = b.fibers[pick];
-    b.current = pick;
-    sim_thread_idx = f.tid;
-    ctx_switch(b.sched, f.ctx);
+    enter(&b, b.sched, pick);
     if (!b.error.empty()) break;
   }
   tl_block = nullptr;
@@ -313,17 +320,13 @@ struct Job {
   std::atomic<unsigned> next{0};
   std::mutex mu;
   std::condition_variable cv;
-  int workers = 0;  // threads that may still run blocks of it (under mu)
+  int workers = 0;  // pool helpers that hold it (under mu)
   unsigned err_block = ~0u;
   std::string err;
   Job(SimDim3 g, SimDim3 b, void (*t)(void*), void* c, size_t sb)
       : grid(g), block(b), thunk(t), ctx(c), stack_bytes(sb), nb(g.x * g.y * g.z) {}
   // Runs blocks until none is left.
   void work() {
-    {
-      std::lock_guard<std::mutex> g(mu);
-      workers++;
-    }
     for (unsigned i; (i = next.fetch_add(1)) < nb;) {
       const SimDim3 bidx{i % grid.x, (i / grid.x) % grid.y, i / (grid.x * grid.y)};
       std::string e = run_block(bidx, block, grid, thunk, ctx, stack_bytes);
@@ -336,12 +339,10 @@ struct Job {
         next = nb;  // the launch has failed: no more blocks start
       }
     }
-    std::lock_guard<std::mutex> g(mu);
-    workers--;
-    cv.notify_all();
   }
-  // Waits until every started block has finished and no helper still holds the job (it
-  // lives on the launching thread's stack); returns the first error.
+  // After the launching thread's own work(): waits until no helper holds the job (it lives
+  // on the launching thread's stack), so every started block has finished; returns the
+  // first error.
   std::string wait() {
     std::unique_lock<std::mutex> l(mu);
     cv.wait(l, [&] { return workers == 0; });
@@ -392,7 +393,7 @@ class Pool {
       }
       j->work();
       std::lock_guard<std::mutex> g(j->mu);
-      j->workers--;  // the count post() added
+      j->workers--;  // the count post() added: the job may go now
       j->cv.notify_all();
     }
   }
@@ -484,10 +485,7 @@ uint64_t sim_shfl_xor(unsigned mask, uint64_t bits, int lane_mask) {
     b->warp_gen[warp]++;
     progress(b);
     for (int l = 31; l >= 0; --l) {
-      if (l != lane) {
-        b->fibers[warp * 32 + l].wait = Wait::None;
-        b->ready.push_front(warp * 32 + l);
-      }
+      if (l != lane) wake(b, warp * 32 + l, true);
     }
   } else {
     f.wait = Wait::Warp;
