@@ -3,7 +3,7 @@
 //   round c = ctr[block] + 1 (device memory, so CUDA-graph replays advance it), slot c & 1;
 //   write the input into my data[slot] (region 0);
 //   barrier: thread t < world release-stores c into peer t's flags[phase][slot][block][me],
-//            then acquire-spins on my flags[phase][slot][block][t] == c under a clock budget;
+//            then acquire-spins on my flags[phase][slot][block][t] == c under a time budget;
 //   one-shot: sum region 0 of every rank in rank order 0..world (bit-identical everywhere);
 //   two-shot: sum only my chunk into my region 1, barrier again, gather every chunk from its
 //             owner's region 1.
@@ -63,10 +63,10 @@ __device__ bool ar_barrier(const ArParams& p, const PeerPtrs& flags, int phase, 
     st_release_sys(theirs + flag_idx(phase, slot, blockIdx.x, p.rank), c);
     const uint32_t* mine =
         reinterpret_cast<const uint32_t*>(flags.p[p.rank]) + flag_idx(phase, slot, blockIdx.x, peer);
-    const long long t0 = clock64();
+    const uint64_t t0 = globaltimer_ns();
     uint32_t v;
     while ((v = ld_acquire_sys(mine)) != c) {
-      if (clock64() - t0 > p.budget) {
+      if (globaltimer_ns() - t0 > (uint64_t)p.budget) {
         if (atomicCAS(err, 0u, 1u) == 0u) {
           err[1] = p.rank;
           err[2] = peer;
@@ -367,10 +367,10 @@ __device__ bool grid_barrier(const ArParams& p, uint32_t* gbar, uint32_t* __rest
       __threadfence();
       st_release_sys(gbar + 1, gen + 1u);
     } else {
-      const long long t0 = clock64();
+      const uint64_t t0 = globaltimer_ns();
       uint32_t v;
       while ((v = ld_acquire_sys(gbar + 1)) == gen) {
-        if (clock64() - t0 > p.budget) {
+        if (globaltimer_ns() - t0 > (uint64_t)p.budget) {
           if (atomicCAS(err, 0u, 1u) == 0u) {
             err[1] = p.rank;
             err[2] = p.rank;

@@ -3,6 +3,18 @@
 #include <cuda_bf16.h>
 #include "params.h"
 
+// Wall-clock nanoseconds (%globaltimer), for spin budgets and link holds: SM clocks drop under
+// load and power limits, so a budget in clock64() cycles would stretch exactly then.
+__device__ __forceinline__ uint64_t globaltimer_ns() {
+#ifdef SYNCDROP_HOST_SIM
+  return sim_globaltimer();  // csrc/host_sim: steady-clock nanoseconds
+#else
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+#endif
+}
+
 __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ __nv_bfloat16 to_bf16(float x) { return __float2bfloat16(x); }
 

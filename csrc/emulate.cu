@@ -7,20 +7,13 @@
 // measured with it are labelled emulated.
 #include "common.cuh"
 
-__device__ __forceinline__ uint64_t globaltimer_ns() {
-#ifdef SYNCDROP_HOST_SIM
-  return sim_globaltimer();  // csrc/host_sim: steady-clock nanoseconds
-#else
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-#endif
-}
-
 // Wall time (%globaltimer, ns), not SM cycles: clocks drop under load, and a cycle count
-// would hold longer exactly when ISO overlaps it with GEMMs.
+// would hold longer exactly when ISO overlaps it with GEMMs. A hold is at most one second
+// (no modelled all-reduce comes near it; the host clamps too): a negative or absurd `ns`
+// must not spin forever.
 extern "C" __global__ void hold_link(int64_t ns) {
-  if (threadIdx.x != 0) return;
+  if (threadIdx.x != 0 || ns <= 0) return;
+  const uint64_t hold = (uint64_t)(ns < 1000000000 ? ns : 1000000000);
   const uint64_t t0 = globaltimer_ns();
-  while (globaltimer_ns() - t0 < (uint64_t)ns) __nanosleep(200);
+  while (globaltimer_ns() - t0 < hold) __nanosleep(200);
 }

@@ -123,7 +123,7 @@ typedef struct {
   int32_t world;
   int64_t n;
   int64_t capacity;  // width of each data region in f32 (a multiple of 8: 16-byte aligned)
-  int64_t budget;  // spin budget in clock64() cycles
+  int64_t budget;  // spin budget in nanoseconds of %globaltimer
   int32_t two_shot;
   int32_t has_residual;  // 1: out = residual + sum (fused residual add; residual may be out)
 } ArParams;

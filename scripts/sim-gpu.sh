@@ -15,7 +15,10 @@
 #
 # Environment: CARGO_TARGET_DIR as usual; SYNCDROP_SIM_SMS (default 16) is the simulated
 # device's SM count, SYNCDROP_SIM_DEVICES (default 1) its device count; SYNCDROP_SIM_PROFILE=1
-# prints each suite's host seconds per kernel (and cuBLAS) at exit.
+# prints each suite's host seconds per kernel (and cuBLAS) at exit. SYNCDROP_SIM_MEMPOOLS=0 plays
+# a GPU without memory pools (cudarc then frees with cuMemFree, which waits for the whole
+# device); SYNCDROP_SIM_SYNC_WARN_S (default 5) is how long such a wait runs before stderr
+# says so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

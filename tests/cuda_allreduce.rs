@@ -81,6 +81,37 @@ mod gpu {
         assert!(lines[0].starts_with("topology: GPU 0:"), "{lines:?}");
     }
 
+    /// Virtual ranks may spin only where freeing memory does not wait for the whole device:
+    /// every GPU this crate targets has memory pools (cudarc then frees on the rank's own
+    /// stream). On the simulated driver, which can be told it has none, the hazard is named.
+    #[test]
+    fn spinning_kernels_need_memory_pools_where_ranks_share_a_device() {
+        if !have_gpu() {
+            return;
+        }
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED;
+        use syncdrop::backend::cuda::{device_attribute, topology::spin_hazard};
+        let pools = device_attribute(0, CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED).unwrap();
+        eprintln!("GPU 0 memory pools: {pools}");
+        assert_eq!(spin_hazard(&[0]).unwrap(), None, "one rank shares nothing");
+        assert_eq!(spin_hazard(&[0, 0]).unwrap().is_some(), pools == 0);
+        let name = context(0).unwrap().name().unwrap();
+        if name.starts_with("syncdrop simulated GPU") {
+            // the simulated driver reads this at every query (tests run one at a time)
+            std::env::set_var("SYNCDROP_SIM_MEMPOOLS", "0");
+            let hazard = spin_hazard(&[0, 0, 0]);
+            std::env::remove_var("SYNCDROP_SIM_MEMPOOLS");
+            let why = hazard
+                .unwrap()
+                .expect("a device without pools holding 3 ranks");
+            assert!(
+                why.contains("GPU 0") && why.contains("memory pools"),
+                "{why}"
+            );
+            assert_eq!(spin_hazard(&[0]).unwrap(), None);
+        }
+    }
+
     #[test]
     fn exact_and_tagged_oracles_at_2_3_4_8_ranks_and_many_sizes() {
         if !have_gpu() {
@@ -191,6 +222,35 @@ mod gpu {
         }
     }
 
+    /// One all-reduce of `d` (256 f32), waited for, and the rank's timeout record checked.
+    fn reduce_256(
+        s: &Arc<cudarc::driver::CudaStream>,
+        k: &Kernels,
+        p: &mut P2pRank,
+        d: &mut cudarc::driver::CudaSlice<f32>,
+    ) -> Result<(), Error> {
+        p.all_reduce(s, k, &mut d.slice_mut(..), 256, false, Wire::F32)
+            .and_then(|()| s.synchronize().map_err(|e| Error::Cuda(format!("{e:?}"))))
+            .and_then(|()| p.check(s))
+    }
+
+    /// Ranks 0 and 1 of `out` timed out naming rank 2, each within 3 s.
+    fn assert_timed_out_naming_rank_2<T: std::fmt::Debug>(
+        out: &[(Result<T, Error>, Duration)],
+        why: &str,
+    ) {
+        for (r, (res, dt)) in out.iter().take(2).enumerate() {
+            match res {
+                Err(Error::CommTimeout { rank, peer, .. }) => {
+                    assert_eq!(*rank, r);
+                    assert_eq!(*peer, 2, "{why}");
+                }
+                other => panic!("rank {r}: expected a timeout, got {other:?}"),
+            }
+            assert!(*dt < Duration::from_secs(3), "rank {r} took {dt:?}");
+        }
+    }
+
     #[test]
     fn a_rank_that_never_arrives_times_out_within_about_a_second() {
         if !have_gpu() {
@@ -206,22 +266,54 @@ mod gpu {
             let res = if r == 2 {
                 Ok(()) // mute: never launches
             } else {
-                p.all_reduce(s, k, &mut d.slice_mut(..), 256, false, Wire::F32)
-                    .and_then(|()| s.synchronize().map_err(|e| Error::Cuda(format!("{e:?}"))))
-                    .and_then(|()| p.check(s))
+                reduce_256(s, k, p, &mut d)
             };
             g.wait();
             (res, t0.elapsed())
         });
-        for (r, (res, dt)) in out.iter().take(2).enumerate() {
-            match res {
-                Err(Error::CommTimeout { rank, peer, .. }) => {
-                    assert_eq!(*rank, r);
-                    assert_eq!(*peer, 2, "the mute rank is named");
-                }
-                other => panic!("rank {r}: expected a timeout, got {other:?}"),
-            }
-            assert!(*dt < Duration::from_secs(3), "rank {r} took {dt:?}");
+        assert_timed_out_naming_rank_2(&out, "the mute rank is named");
+    }
+
+    /// A rank that waits for the whole device (cuCtxSynchronize; cuMemFree does the same
+    /// implicitly) while its virtual peers spin for it cannot launch its part until their
+    /// kernels end: on a GPU that is a deadlock, which the spin budget turns into a timeout
+    /// naming the late rank. (The simulated driver models this wait; without it the late rank
+    /// would arrive and the peers would finish, failing this test.)
+    #[test]
+    fn a_rank_that_synchronises_the_device_while_peers_spin_stalls_them_into_a_timeout() {
+        if !have_gpu() {
+            return;
+        }
+        let gate = Arc::new(Barrier::new(3));
+        let g = gate.clone();
+        let out = on_ranks(3, 1024, Duration::from_millis(500), move |r, s, k, p| {
+            let mut d = s.alloc_zeros::<f32>(256).unwrap();
+            let _ = s.synchronize(); // (no panic before the gate: the others would wait on it)
+            g.wait();
+            let t0 = Instant::now();
+            let res = if r == 2 {
+                // let the peers' kernels start spinning, then wait for the device
+                std::thread::sleep(Duration::from_millis(100));
+                let sync = s
+                    .context()
+                    .synchronize()
+                    .map_err(|e| Error::Cuda(format!("{e:?}")));
+                let waited = t0.elapsed();
+                // its own part, late; the peers are gone, so any outcome but a hang will do
+                let _ = reduce_256(s, k, p, &mut d);
+                sync.map(|()| waited)
+            } else {
+                reduce_256(s, k, p, &mut d).map(|()| t0.elapsed())
+            };
+            (res, t0.elapsed())
+        });
+        assert_timed_out_naming_rank_2(&out, "the rank stuck in the device-wide wait is named");
+        match &out[2].0 {
+            Ok(waited) => assert!(
+                *waited >= Duration::from_millis(400),
+                "the device-wide wait returned after {waited:?}, before the peers' 500 ms spin budget ran out"
+            ),
+            Err(e) => panic!("rank 2's synchronise failed: {e:?}"),
         }
     }
 

@@ -34,7 +34,7 @@ mod sim {
 
     /// u32 flags per rank: [phase][slot][block][peer] (allreduce.rs FLAGS).
     const FLAGS: usize = 2 * 2 * MAX_BLOCKS * MAX_WORLD;
-    /// Spin budget of a healthy launch, in the simulator's clock64 (nanoseconds): long
+    /// Spin budget of a healthy launch, in nanoseconds (%globaltimer; the simulator's clock): long
     /// enough that a loaded 2-core host never times a live peer out.
     const BUDGET: i64 = 20_000_000_000;
     /// The timeout test's budget when a rank has no live peer (2 ms); with live peers too,

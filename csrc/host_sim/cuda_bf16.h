@@ -122,8 +122,9 @@ inline unsigned atomicAdd(unsigned* p, unsigned v) {
 inline unsigned atomicExch(unsigned* p, unsigned v) {
   return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST);
 }
-// clock64 counts nanoseconds here and lets the block's other threads run: every spin loop
-// in csrc/ reads it, so a spinning thread cannot starve the one it waits for
+// clock64 and %globaltimer count nanoseconds here and let the block's other threads run:
+// every spin loop in csrc/ reads one of them, so a spinning thread cannot starve the one it
+// waits for
 inline long long clock64() { return sim_clock64(); }
 inline void __nanosleep(unsigned) { sim_yield(); }
 

@@ -15,7 +15,9 @@
 // API from the capturing thread, a pageable host copy inside a capture, a side stream left
 // unjoined at the end of a capture, a kernel the simulator finds deadlocked or misusing a
 // warp shuffle (a sticky launch failure, as on a GPU). Not modelled: timing (events read the
-// host clock), concurrency between streams, the memory model, out-of-bounds accesses.
+// host clock), concurrency between streams, the memory model, out-of-bounds accesses. A call
+// that waits for the whole device (cuCtxSynchronize, cuMemFree) waits until no other thread
+// runs work on it, so a rank that makes one while a peer spins for it stalls as on a GPU.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -170,6 +172,10 @@ CUresult unsafe_call(const char* what) {
   return OK;
 }
 
+// Work running now on each device, from any thread (a kernel, a copy, a graph replay).
+std::atomic<int> g_busy[64];
+int current_device() { return tl_ctx ? tl_ctx->dev : 0; }
+
 // Run now, or record into the stream's capture.
 CUresult enqueue(void* s, Op op) {
   Stream* st = S(s);
@@ -183,7 +189,37 @@ CUresult enqueue(void* s, Op op) {
   }
   const int sticky = g_sticky.load();
   if (sticky != OK) return sticky;
-  return op();
+  std::atomic<int>& busy = g_busy[current_device()];
+  busy.fetch_add(1);
+  const CUresult r = op();
+  busy.fetch_sub(1);
+  return r;
+}
+
+// A call that waits for the whole device (cuCtxSynchronize; cuMemFree and cuMemFreeHost,
+// which synchronise implicitly): on a GPU it waits for every stream's work, other threads'
+// included. Work here runs on the thread that enqueued it, so this waits until no other thread
+// runs work on the device. That is what a GPU does to virtual ranks: a rank that frees memory
+// (or synchronises the context) while a peer's kernel spins waiting for this rank's next
+// launch deadlocks until the peer's spin budget runs out. Said on stderr after a few seconds.
+void device_wide_wait(const char* what) {
+  const int dev = current_device();
+  const auto t0 = std::chrono::steady_clock::now();
+  const int warn_s = std::max(1, env_int("SYNCDROP_SIM_SYNC_WARN_S", 5));
+  bool told = false;
+  while (g_busy[dev].load() > 0) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+    if (!told && std::chrono::steady_clock::now() - t0 > std::chrono::seconds(warn_s)) {
+      told = true;
+      char msg[512];
+      snprintf(msg, sizeof msg,
+               "%s has waited %d s for work other threads run on device %d: on a GPU it "
+               "waits for the whole device, so a kernel spinning until this thread launches "
+               "its part would never finish",
+               what, warn_s, dev);
+      complain(msg);
+    }
+  }
 }
 bool capturing(void* s) {
   std::lock_guard<std::mutex> g(g_mu);
@@ -469,8 +505,10 @@ CUresult cuDeviceGetAttribute(int* v, int attrib, int dev) {
     case 76:
       *v = 0;
       break;
-    case 115:  // memory pools: no (cudarc then allocates with cuMemAlloc)
-      *v = 0;
+    case 115:  // memory pools: yes, as on the GPUs this crate targets (cudarc then allocates
+               // with cuMemAllocAsync and frees with cuMemFreeAsync); SYNCDROP_SIM_MEMPOOLS=0
+               // says no (cuMemAlloc / cuMemFree, which waits for the whole device)
+      *v = env_int("SYNCDROP_SIM_MEMPOOLS", 1) != 0;
       break;
     default:
       *v = 0;
@@ -525,7 +563,9 @@ CUresult cuCtxGetDevice(int* dev) {
 }
 CUresult cuCtxSynchronize(void) {
   const CUresult r = unsafe_call("cuCtxSynchronize");
-  return r != OK ? r : g_sticky.load();
+  if (r != OK) return r;
+  device_wide_wait("cuCtxSynchronize");
+  return g_sticky.load();
 }
 CUresult cuCtxEnablePeerAccess(void* peer, unsigned) {
   if (!tl_ctx) return E_INVALID_CONTEXT;
@@ -594,7 +634,33 @@ CUresult cuMemAlloc_v2(unsigned long long* p, size_t bytes) {
 }
 CUresult cuMemFree_v2(unsigned long long p) {
   if (CUresult r = unsafe_call("cuMemFree"); r != OK) return r;
+  device_wide_wait("cuMemFree");
   return dev_free((void*)(uintptr_t)p);
+}
+// Stream-ordered allocation (memory pools; what cudarc uses where a device has them, as every
+// GPU this crate targets does). Legal in a capture on a GPU (a graph memory node), but
+// syncdrop allocates and frees before it captures, so here it is refused there, loudly.
+CUresult pool_call_in_capture(void* s, const char* what) {
+  std::lock_guard<std::mutex> g(g_mu);
+  Graph* c = S(s)->cap;
+  if (!c) return OK;
+  if (!c->invalid) c->why = std::string(what) + " during stream capture";
+  c->invalid = true;
+  complain(std::string(what) +
+           " in a stream capture (a graph memory node on a GPU; syncdrop allocates before "
+           "capturing): refused, capture invalidated");
+  return E_CAPTURE_UNSUPPORTED;
+}
+CUresult cuMemAllocAsync(unsigned long long* p, size_t bytes, void* s) {
+  if (CUresult r = pool_call_in_capture(s, "cuMemAllocAsync"); r != OK) return r;
+  void* m = dev_alloc(bytes);
+  if (!m) return E_OUT_OF_MEMORY;
+  *p = (unsigned long long)(uintptr_t)m;
+  return OK;
+}
+CUresult cuMemFreeAsync(unsigned long long p, void* s) {
+  if (CUresult r = pool_call_in_capture(s, "cuMemFreeAsync"); r != OK) return r;
+  return enqueue(s, [p]() { return dev_free((void*)(uintptr_t)p); });
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
   *total = host_memory();
@@ -611,6 +677,7 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
 CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 CUresult cuMemFreeHost(void* p) {
   if (CUresult r = unsafe_call("cuMemFreeHost"); r != OK) return r;
+  device_wide_wait("cuMemFreeHost");
   {
     std::lock_guard<std::mutex> g(g_mu);
     g_pinned.erase((uintptr_t)p);

@@ -134,6 +134,9 @@ impl PeerMem {
 
 impl Drop for PeerMem {
     fn drop(&mut self) {
+        if self.ptr == 0 {
+            return; // leaked on purpose (P2pRank::drop)
+        }
         let _ = self.ctx.bind_to_thread();
         // SAFETY: allocated by cuMemAlloc_v2 above; the owner made sure no kernel uses it.
         unsafe {
@@ -153,6 +156,13 @@ pub fn region_width(capacity: usize) -> usize {
 /// The launch shape every all-reduce kernel of `n` elements uses on a grid capped at
 /// `max_grid` blocks (the same grid for the same n on every rank and in every kernel: they
 /// share counters, flags and slots), or None for nothing to do (n == 0).
+///
+/// Invariant the protocol rests on: chunk `ch` (elements `256 ch ..`) is handled by block
+/// `ch % max_grid` whatever `n` is (the grid is either the chunk count, below `max_grid`, or
+/// `max_grid`). Each block keeps its own round counter and alternates its own two slots, so an
+/// element must stay with one block from round to round: a grid sized any other way (by
+/// 16-byte packs, a per-call cap) would let a peer overwrite a slot another block still reads.
+/// `tests::every_chunk_stays_with_one_block_whatever_the_size` holds it.
 pub fn launch_config(n: usize, max_grid: usize) -> Option<LaunchConfig> {
     if n == 0 {
         return None;
@@ -181,8 +191,9 @@ pub struct P2pRank {
     group: Arc<P2pGroup>,
     /// The stream every collective of this rank runs on (waited for before leaving).
     stream: Arc<CudaStream>,
-    _data: PeerMem,
-    _flags: PeerMem,
+    /// This rank's registered data and flags (peers read and write them): kept alive here.
+    data_mem: PeerMem,
+    flags_mem: PeerMem,
     ctr: CudaSlice<u32>,
     err: CudaSlice<u32>,
     /// Per-row partial sums of squares of the fused RMSNorm epilogue, [rows][MAX_BLOCKS].
@@ -191,7 +202,7 @@ pub struct P2pRank {
     gbar: CudaSlice<u32>,
     data_peers: PeerPtrs,
     flag_peers: PeerPtrs,
-    budget_cycles: i64,
+    budget_ns: i64,
     max_grid: usize,
 }
 
@@ -291,13 +302,6 @@ impl P2pRank {
             data_peers.p[p] = reg.data;
             flag_peers.p[p] = reg.flags;
         }
-        // the spin budget is counted in SM clock cycles (clock64); a device (or a VM) that
-        // reports no clock rate would otherwise time every barrier out at its first poll:
-        // assume at least 1 GHz (a slower clock only makes the timeout later, never earlier)
-        let khz = (ctx
-            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
-            .map_err(cuda_err)? as i64)
-            .max(1_000_000);
         // every rank must launch the same grid: the smallest GPU of the group sets it
         let sms = peers.iter().map(|p| p.sms).min().unwrap_or(sms);
         Ok(P2pRank {
@@ -306,15 +310,16 @@ impl P2pRank {
             capacity,
             group: group.clone(),
             stream: stream.clone(),
-            _data: data,
-            _flags: flags,
+            data_mem: data,
+            flags_mem: flags,
             ctr,
             err,
             norm_scratch,
             gbar,
             data_peers,
             flag_peers,
-            budget_cycles: (khz * 1000).saturating_mul(timeout.as_millis() as i64) / 1000,
+            // wall time (%globaltimer), not SM cycles: clocks drop under load
+            budget_ns: timeout.as_nanos().min(i64::MAX as u128) as i64,
             max_grid: (sms / ranks_per_device.max(1)).clamp(1, MAX_BLOCKS),
         })
     }
@@ -510,7 +515,7 @@ impl P2pRank {
             world: self.world as i32,
             n: n as i64,
             capacity: region_width(self.capacity) as i64,
-            budget: self.budget_cycles,
+            budget: self.budget_ns,
             two_shot: i32::from(two_shot),
             has_residual: 0,
         }
@@ -583,16 +588,68 @@ impl P2pRank {
 
 impl Drop for P2pRank {
     /// Wait for this rank's last collective, then for every peer to do the same (bounded),
-    /// before the registered memory goes: peers read it until their last barrier.
+    /// before the registered memory goes: peers read it until their last barrier. If a peer
+    /// has not left by then, the memory is leaked instead: a peer kernel still reading freed
+    /// memory would fault, and with virtual ranks that error is sticky in the context every
+    /// rank shares.
     fn drop(&mut self) {
         let _ = self.stream.synchronize();
         let g = &self.group;
         let mut left = g.left.lock().unwrap_or_else(|e| e.into_inner());
         *left += 1;
         g.all_left.notify_all();
-        let _ = g
+        let (left, to) = g
             .all_left
             .wait_timeout_while(left, Duration::from_secs(10), |n| *n < g.world)
             .unwrap_or_else(|e| e.into_inner());
+        if to.timed_out() {
+            eprintln!(
+                "syncdrop: P2P rank {} of {}: {} of the ranks left within 10 s; its registered \
+                 buffers are leaked rather than freed under peers that may still read them",
+                self.rank, g.world, *left
+            );
+            self.data_mem.ptr = 0;
+            self.flags_mem.ptr = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block that handles element `i` of an all-reduce of `n` elements.
+    fn block_of(i: usize, n: usize, max_grid: usize) -> usize {
+        let grid = launch_config(n, max_grid).unwrap().grid_dim.0 as usize;
+        (i / 256) % grid
+    }
+
+    #[test]
+    fn every_chunk_stays_with_one_block_whatever_the_size() {
+        for max_grid in [1, 2, 3, 7, 16, 66, 132, MAX_BLOCKS] {
+            let sizes = [
+                1,
+                255,
+                256,
+                257,
+                4096,
+                8192,
+                33_000,
+                256 * max_grid + 1,
+                1 << 20,
+            ];
+            for &a in &sizes {
+                for &b in &sizes {
+                    for i in (0..a.min(b)).step_by(97) {
+                        assert_eq!(
+                            block_of(i, a, max_grid),
+                            block_of(i, b, max_grid),
+                            "element {i}: n = {a} and n = {b} on a grid capped at {max_grid}"
+                        );
+                    }
+                }
+            }
+        }
+        assert!(launch_config(0, 8).is_none());
     }
 }

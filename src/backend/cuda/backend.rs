@@ -273,7 +273,13 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(cuda_err)?;
         let ev_fork = ctx.new_event(None).map_err(cuda_err)?;
         let ev_join = ctx.new_event(None).map_err(cuda_err)?;
-        let comm_stream = ctx.new_stream().map_err(cuda_err)?;
+        // the communication lane at the device's highest stream priority: when ISO overlaps
+        // it with GEMMs, its blocks take SMs as soon as any free up, so peers spinning in the
+        // same all-reduce are not kept waiting behind this rank's compute (NCCL's and DeepEP's
+        // communication streams do the same)
+        let (_, highest) =
+            cudarc::driver::result::stream::get_priority_range().map_err(cuda_err)?;
+        let comm_stream = ctx.new_stream_with_priority(highest).map_err(cuda_err)?;
         let kern = Kernels::load(&ctx)?;
         let gemm = Gemm::new(&stream)?;
         // one small GEMM now, so cuBLAS's own first-use work (module loads, workspace) is
@@ -387,7 +393,8 @@ impl CudaBackend {
             return Ok(());
         };
         let us = e.profile.all_reduce_us(e.world, (n * 2) as f64);
-        let ns = (us * 1e3) as i64;
+        // the kernel holds at most 1 s; a NaN or negative model time holds nothing
+        let ns = ((us * 1e3) as i64).clamp(0, 1_000_000_000);
         let f = self.ex.kern.function("emulate", "hold_link")?;
         let cfg = cudarc::driver::LaunchConfig {
             grid_dim: (e.ctas.max(1) as u32, 1, 1),
@@ -535,6 +542,14 @@ impl CudaBackend {
             if self.comm.rank() == 0 {
                 eprintln!(
                     "all-reduce: P2P kernels off: not every pair of the GPUs {rank_devices:?} can access each other's memory (cuDeviceCanAccessPeer); the selection chain falls back to NCCL or the staged copy"
+                );
+            }
+            return Ok(());
+        }
+        if let Some(why) = topology::spin_hazard(&rank_devices)? {
+            if self.comm.rank() == 0 {
+                eprintln!(
+                    "all-reduce: P2P kernels off: {why}; the selection chain falls back to NCCL or the staged copy"
                 );
             }
             return Ok(());

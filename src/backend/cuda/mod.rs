@@ -70,6 +70,16 @@ pub fn device_count() -> Result<usize> {
         .map_err(cuda_err)
 }
 
+/// An attribute of device `ordinal` (the driver's `cuDeviceGetAttribute`).
+pub fn device_attribute(
+    ordinal: usize,
+    attr: cudarc::driver::sys::CUdevice_attribute,
+) -> Result<i32> {
+    let dev = cudarc::driver::result::device::get(ordinal as i32).map_err(cuda_err)?;
+    // SAFETY: a plain query on a device handle the driver just returned.
+    unsafe { cudarc::driver::result::device::get_attribute(dev, attr) }.map_err(cuda_err)
+}
+
 /// Whether GPU 0 can be used: a driver, at least one device, and a context that opens (a
 /// driver that loads but fails to initialise is caught here, not at the first kernel).
 pub fn probe() -> Result<()> {

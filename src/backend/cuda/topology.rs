@@ -109,6 +109,29 @@ pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<To
     })
 }
 
+/// Why the spinning P2P kernels must not run for ranks placed on `rank_devices`, or None.
+/// Ranks sharing a device (virtual ranks) share its implicit synchronisation: a GPU without
+/// stream-ordered allocation (memory pools) frees with `cuMemFree`, which waits for the whole
+/// device, so a rank freeing a buffer while a peer's kernel spins for that rank's next launch
+/// stalls both until the spin budget runs out. (With memory pools cudarc frees with
+/// `cuMemFreeAsync`, ordered on the rank's own stream.) Ranks on devices of their own do not
+/// share it. Every rank computes the same answer.
+pub fn spin_hazard(rank_devices: &[usize]) -> Result<Option<String>> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED;
+    for d in distinct(rank_devices) {
+        if rank_devices.iter().filter(|&&x| x == d).count() < 2 {
+            continue;
+        }
+        let pools = super::device_attribute(d, CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED)?;
+        if pools == 0 {
+            return Ok(Some(format!(
+                "GPU {d} holds several ranks and has no memory pools: a rank's cuMemFree would wait for peers' spinning kernels"
+            )));
+        }
+    }
+    Ok(None)
+}
+
 /// What [`survey`] found, as log lines: NVLink links per device and, per pair, the driver's
 /// probe beside NVML's P2P read and NVLink status, flagged where they disagree.
 pub fn survey_lines(devices: &[usize]) -> Result<Vec<String>> {
