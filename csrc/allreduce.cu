@@ -35,6 +35,8 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   return __atomic_load_n(p, __ATOMIC_ACQUIRE);
 }
+__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) { st_release_sys(p, v); }
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) { return ld_acquire_sys(p); }
 #else
 __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
@@ -42,6 +44,16 @@ __device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
 __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
   uint32_t v;
   asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+// GPU scope, for flags no other device reads (the grid barrier among one rank's blocks): a
+// system-scope release would also wait for this GPU's outstanding peer writes.
+__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
+  uint32_t v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
 #endif
@@ -58,7 +70,9 @@ __device__ bool ar_barrier(const ArParams& p, const PeerPtrs& flags, int phase, 
   int failed = 0;
   if (threadIdx.x < p.world) {
     const int peer = threadIdx.x;
-    __threadfence_system();
+    // no fence before the release: with the __syncthreads above, st.release.sys orders every
+    // thread's data stores of this block before the flag (PTX cumulativity; TensorRT-LLM's
+    // block barrier is the same sequence)
     uint32_t* theirs = reinterpret_cast<uint32_t*>(flags.p[peer]);
     st_release_sys(theirs + flag_idx(phase, slot, blockIdx.x, p.rank), c);
     const uint32_t* mine =
@@ -359,17 +373,17 @@ __device__ bool grid_barrier(const ArParams& p, uint32_t* gbar, uint32_t* __rest
   __syncthreads();  // this block's writes precede its arrival
   int failed = 0;
   if (threadIdx.x == 0) {
-    const uint32_t gen = ld_acquire_sys(gbar + 1);
+    const uint32_t gen = ld_acquire_gpu(gbar + 1);
     __threadfence();
     const uint32_t old = atomicAdd(gbar, 1u);
     if (old == gridDim.x - 1) {
       atomicExch(gbar, 0u);  // ready for the next launch (stream order keeps launches apart)
       __threadfence();
-      st_release_sys(gbar + 1, gen + 1u);
+      st_release_gpu(gbar + 1, gen + 1u);
     } else {
       const uint64_t t0 = globaltimer_ns();
       uint32_t v;
-      while ((v = ld_acquire_sys(gbar + 1)) == gen) {
+      while ((v = ld_acquire_gpu(gbar + 1)) == gen) {
         if (globaltimer_ns() - t0 > (uint64_t)p.budget) {
           if (atomicCAS(err, 0u, 1u) == 0u) {
             err[1] = p.rank;
