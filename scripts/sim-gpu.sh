@@ -18,7 +18,8 @@
 # prints each suite's host seconds per kernel (and cuBLAS) at exit. SYNCDROP_SIM_MEMPOOLS=0 plays
 # a GPU without memory pools (cudarc then frees with cuMemFree, which waits for the whole
 # device); SYNCDROP_SIM_SYNC_WARN_S (default 5) is how long such a wait runs before stderr
-# says so.
+# says so. SYNCDROP_SIM_JITTER_US=N makes each stream sleep a random 0..N us before each op:
+# streams run asynchronously here, so a missing event wait shows up as a wrong result.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -454,6 +454,63 @@ mod gpu {
         .is_err());
     }
 
+    /// Streams run asynchronously to each other and events order them, as the ISO schedule
+    /// (a compute and a communication stream per rank) relies on: stream B, waiting on an
+    /// event recorded on stream A after a 200 ms kernel and a copy, sees the copy; without the
+    /// wait it reads at once and sees the old value. (The simulated driver gives each stream
+    /// a worker thread of its own for this: a missing wait in the backend is a real race.)
+    #[test]
+    fn streams_run_asynchronously_and_events_order_them() {
+        let Some((_, k)) = gpu() else {
+            return;
+        };
+        // a context handle of its own: cudarc's per-buffer event tracking (on by default)
+        // would make B wait for A's write by itself
+        let ctx = context(0).unwrap();
+        // SAFETY: the buffers below are ordered by hand: that is what this test checks.
+        unsafe { ctx.disable_event_tracking() };
+        let (a, b) = (ctx.new_stream().unwrap(), ctx.new_stream().unwrap());
+        let hold = k.function("emulate", "hold_link").unwrap();
+        let one_warp = cudarc::driver::LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ms = std::time::Duration::from_millis;
+        for wait in [false, true] {
+            let mut buf = a.alloc_zeros::<u32>(1).unwrap();
+            a.synchronize().unwrap();
+            let ns: i64 = 200_000_000;
+            use cudarc::driver::PushKernelArg;
+            let mut l = a.launch_builder(&hold);
+            l.arg(&ns);
+            // SAFETY: hold_link(int64_t) reads nothing but its argument.
+            unsafe { l.launch(one_warp) }.unwrap();
+            a.memcpy_htod(&[7u32], &mut buf).unwrap();
+            let ev = a.record_event(None).unwrap();
+            if wait {
+                b.wait(&ev).unwrap();
+            }
+            let t0 = std::time::Instant::now();
+            let got = b.clone_dtoh(&buf).unwrap()[0];
+            let dt = t0.elapsed();
+            a.synchronize().unwrap();
+            if wait {
+                assert_eq!(got, 7, "B waited for A's event: it sees A's copy");
+                assert!(dt >= ms(150), "the wait took {dt:?}, A held 200 ms");
+            } else {
+                assert_eq!(
+                    got, 0,
+                    "B did not wait: A's copy, after a 200 ms kernel, is not in yet"
+                );
+                assert!(
+                    dt < ms(150),
+                    "B waited {dt:?} for a stream it never waited on"
+                );
+            }
+        }
+    }
+
     /// Runs without a GPU: every `extern "C" __global__` kernel in csrc/ is in the list the
     /// loader resolves eagerly, and the P2P limits agree between params.h and Rust.
     #[test]

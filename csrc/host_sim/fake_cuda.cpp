@@ -8,21 +8,31 @@
 // way (scripts/sim-gpu.sh runs any command under it).
 //
 // Memory is host memory (a device pointer is a host address; every device is one address
-// space). Work runs when it is enqueued, on the calling thread, so a stream is always idle
-// and events order nothing that program order has not already ordered; ranks' host threads
-// still run their kernels concurrently, which the P2P all-reduce needs. What a real driver
-// refuses, this one refuses too, loudly: a capture that calls a synchronising or allocating
-// API from the capturing thread, a pageable host copy inside a capture, a side stream left
-// unjoined at the end of a capture, a kernel the simulator finds deadlocked or misusing a
-// warp shuffle (a sticky launch failure, as on a GPU). Not modelled: timing (events read the
-// host clock), concurrency between streams, the memory model, out-of-bounds accesses. A call
-// that waits for the whole device (cuCtxSynchronize, cuMemFree) waits until no other thread
-// runs work on it, so a rank that makes one while a peer spins for it stalls as on a GPU.
+// space). Each stream runs its work in order on a worker thread of its own, asynchronously
+// to the host and to other streams, as a GPU does: events complete when their stream reaches
+// them, cuStreamWaitEvent holds a stream until then, a copy to pageable host memory returns
+// once done, one from it is staged at the call, page-locked copies really are asynchronous.
+// A stream's missing wait is therefore a real race here, and SYNCDROP_SIM_JITTER_US=N (a
+// random sleep of up to N us before each op) shakes the interleavings. The legacy stream
+// runs on the calling thread. Ranks' kernels run concurrently, which the P2P all-reduce
+// needs. A call that waits for the whole device (cuCtxSynchronize, cuMemFree) waits for
+// every stream of it, other threads' included, so a rank that makes one while a peer spins
+// for it stalls as on a GPU. What a real driver refuses, this one refuses too, loudly: a
+// capture that calls a synchronising or allocating API from the capturing thread, a pageable
+// host copy inside a capture, a side stream left unjoined at the end of a capture, a kernel
+// the simulator finds deadlocked or misusing a warp shuffle (a sticky launch failure, as on
+// a GPU: later work is skipped, event markers still complete). Not modelled: timing (events
+// read the host clock when reached), concurrency within a graph (its nodes replay in capture
+// order), the memory model, out-of-bounds accesses.
 #include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <random>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -58,6 +68,7 @@ constexpr int E_NOT_FOUND = 500;
 constexpr int E_PEER_ACCESS_ALREADY_ENABLED = 704;
 constexpr int E_PEER_ACCESS_NOT_ENABLED = 705;
 constexpr int E_LAUNCH_FAILED = 719;
+constexpr int E_NOT_READY = 600;
 constexpr int E_NOT_SUPPORTED = 801;
 constexpr int E_CAPTURE_UNSUPPORTED = 900;
 constexpr int E_CAPTURE_INVALIDATED = 901;
@@ -82,12 +93,26 @@ struct Stream {
   Graph* cap = nullptr;
   long long last = 0;                  // sequence number of the last op captured on it
   std::map<Stream*, long long> waited;  // per stream: the op up to which this one waited
+  // Execution (every stream but the legacy one): ops run in order on the stream's own worker
+  // thread, as a GPU runs a stream's work asynchronously to the host and to other streams.
+  int dev = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::function<void()>> queue;
+  unsigned long long issued = 0, done = 0;
+  bool worker = false, destroyed = false;
 };
 struct Event {
   double ms = 0;
   Graph* cap = nullptr;
   Stream* stream = nullptr;
   long long seq = 0;
+  // Outside captures (under g_ev_mu): the latest record's number, the latest one its stream
+  // has reached, ops still queued that touch the event, and whether it was destroyed (it is
+  // deleted by the last of them, as a GPU frees an event still in flight).
+  unsigned long long target = 0, reached = 0;
+  int pending = 0;
+  bool dead = false;
 };
 struct Ctx {
   int dev;
@@ -103,7 +128,8 @@ struct Func {
   const Kernel* k;
 };
 struct Exec {
-  std::vector<Op> ops;
+  // shared with launches still queued: a destroyed graph finishes the launches in flight
+  std::shared_ptr<const std::vector<Op>> ops;
 };
 
 std::mutex g_mu;  // capture state and the pinned-memory table
@@ -111,6 +137,9 @@ std::atomic<int> g_sticky{OK};
 std::atomic<long long> g_seq{0};
 Stream g_null_stream;
 std::vector<Graph*> g_captures;            // active captures
+std::vector<Stream*> g_streams;            // every stream made (kept: workers may outlive it)
+std::mutex g_ev_mu;                        // event completion: waiters sleep on g_ev_cv
+std::condition_variable g_ev_cv;
 std::map<uintptr_t, size_t> g_pinned;      // page-locked host allocations
 // Device allocations: start -> (bytes, live). Freed blocks stay mapped (filled with 0xFF) in a
 // quarantine of up to 2 GiB before they go back to the allocator, so a kernel handed a
@@ -176,8 +205,42 @@ CUresult unsafe_call(const char* what) {
 std::atomic<int> g_busy[64];
 int current_device() { return tl_ctx ? tl_ctx->dev : 0; }
 
-// Run now, or record into the stream's capture.
-CUresult enqueue(void* s, Op op) {
+// SYNCDROP_SIM_JITTER_US=N: a stream's worker sleeps 0..N us (random) before each op, so
+// work on different streams interleaves differently from run to run (race hunting).
+void jitter() {
+  static const int max_us = env_int("SYNCDROP_SIM_JITTER_US", 0);
+  if (max_us <= 0) return;
+  thread_local std::minstd_rand rng(std::random_device{}());
+  std::this_thread::sleep_for(std::chrono::microseconds(rng() % (unsigned)(max_us + 1)));
+}
+
+void stream_worker(Stream* st) {
+  std::unique_lock<std::mutex> lk(st->mu);
+  for (;;) {
+    st->cv.wait(lk, [&] { return !st->queue.empty() || st->destroyed; });
+    if (st->queue.empty()) return;  // destroyed, and its work done
+    std::function<void()> op = std::move(st->queue.front());
+    st->queue.pop_front();
+    lk.unlock();
+    jitter();
+    op();
+    lk.lock();
+    ++st->done;
+    st->cv.notify_all();
+  }
+}
+
+// Wait until every op enqueued on `st` so far has run.
+void drain(Stream* st) {
+  if (st == &g_null_stream) return;
+  std::unique_lock<std::mutex> lk(st->mu);
+  const unsigned long long upto = st->issued;
+  st->cv.wait(lk, [&] { return st->done >= upto; });
+}
+
+// Record into the stream's capture; else run now on the legacy stream, or queue for the
+// stream's worker. Work that runs after a sticky error is skipped, as on a GPU.
+CUresult enqueue(void* s, Op op, bool marker = false) {
   Stream* st = S(s);
   {
     std::lock_guard<std::mutex> g(g_mu);
@@ -188,12 +251,33 @@ CUresult enqueue(void* s, Op op) {
     }
   }
   const int sticky = g_sticky.load();
-  if (sticky != OK) return sticky;
-  std::atomic<int>& busy = g_busy[current_device()];
-  busy.fetch_add(1);
-  const CUresult r = op();
-  busy.fetch_sub(1);
-  return r;
+  if (sticky != OK && !marker) return sticky;
+  if (st == &g_null_stream) {
+    std::atomic<int>& busy = g_busy[current_device()];
+    busy.fetch_add(1);
+    const CUresult r = op();
+    busy.fetch_sub(1);
+    return r;
+  }
+  const int dev = st->dev;
+  std::lock_guard<std::mutex> lk(st->mu);
+  if (!st->worker) {
+    st->worker = true;
+    std::thread(stream_worker, st).detach();
+  }
+  st->queue.push_back([op = std::move(op), dev, marker]() {
+    if (g_sticky.load() != OK && !marker) return;  // (event markers still run: no waiter hangs)
+    g_busy[dev].fetch_add(1);
+    const CUresult r = op();
+    g_busy[dev].fetch_sub(1);
+    if (r != OK) {
+      int ok = OK;
+      g_sticky.compare_exchange_strong(ok, r);
+    }
+  });
+  ++st->issued;
+  st->cv.notify_all();
+  return OK;
 }
 
 // A call that waits for the whole device (cuCtxSynchronize; cuMemFree and cuMemFreeHost,
@@ -207,7 +291,21 @@ void device_wide_wait(const char* what) {
   const auto t0 = std::chrono::steady_clock::now();
   const int warn_s = std::max(1, env_int("SYNCDROP_SIM_SYNC_WARN_S", 5));
   bool told = false;
-  while (g_busy[dev].load() > 0) {
+  auto idle = [dev] {
+    if (g_busy[dev].load() > 0) return false;
+    std::vector<Stream*> streams;
+    {
+      std::lock_guard<std::mutex> g(g_mu);
+      streams = g_streams;
+    }
+    for (Stream* st : streams) {
+      if (st->dev != dev) continue;
+      std::lock_guard<std::mutex> lk(st->mu);
+      if (st->done < st->issued) return false;
+    }
+    return g_busy[dev].load() == 0;
+  };
+  while (!idle()) {
     std::this_thread::sleep_for(std::chrono::microseconds(50));
     if (!told && std::chrono::steady_clock::now() - t0 > std::chrono::seconds(warn_s)) {
       told = true;
@@ -245,10 +343,28 @@ CUresult host_copy(void* s, void* dst, const void* src, size_t n, const void* ho
     complain("a copy from/to pageable host memory inside a stream capture: refused");
     return E_CAPTURE_UNSUPPORTED;
   }
-  return enqueue(s, [=]() {
-    if (n) memmove(dst, src, n);
+  if (n == 0) return enqueue(s, [] { return OK; });
+  if (pinned(host, n)) {  // page-locked: a true asynchronous copy, read or written when it runs
+    return enqueue(s, [=]() {
+      memmove(dst, src, n);
+      return OK;
+    });
+  }
+  if (host == src) {  // from pageable memory: staged now, so the caller may reuse its buffer
+    auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + n);
+    return enqueue(s, [=]() {
+      memmove(dst, staged->data(), n);
+      return OK;
+    });
+  }
+  // to pageable memory: returns once the copy is done (what cudarc relies on for a Vec)
+  const CUresult r = enqueue(s, [=]() {
+    memmove(dst, src, n);
     return OK;
   });
+  if (r != OK) return r;
+  drain(S(s));
+  return g_sticky.load();
 }
 
 void* dev_alloc(size_t bytes) {
@@ -660,6 +776,14 @@ CUresult cuMemAllocAsync(unsigned long long* p, size_t bytes, void* s) {
 }
 CUresult cuMemFreeAsync(unsigned long long p, void* s) {
   if (CUresult r = pool_call_in_capture(s, "cuMemFreeAsync"); r != OK) return r;
+  if (p) {  // an invalid pointer is refused now, as a GPU does, not when the free runs
+    std::lock_guard<std::mutex> g(g_mu);
+    auto it = g_allocs.find((uintptr_t)p);
+    if (it == g_allocs.end() || !it->second.live) {
+      complain("cuMemFreeAsync of a pointer that is not a live allocation");
+      return E_INVALID_VALUE;
+    }
+  }
   return enqueue(s, [p]() { return dev_free((void*)(uintptr_t)p); });
 }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
@@ -762,7 +886,11 @@ CUresult cuMemsetD32Async(unsigned long long dst, unsigned v, size_t n, void* s)
 
 // ---- streams, events, capture ---------------------------------------------------------------
 CUresult cuStreamCreate(void** s, unsigned) {
-  *s = new Stream();
+  Stream* st = new Stream();
+  st->dev = current_device();
+  std::lock_guard<std::mutex> g(g_mu);
+  g_streams.push_back(st);
+  *s = st;
   return OK;
 }
 CUresult cuStreamCreateWithPriority(void** s, unsigned f, int) { return cuStreamCreate(s, f); }
@@ -773,7 +901,11 @@ CUresult cuStreamDestroy_v2(void* s) {
     complain("cuStreamDestroy of a capturing stream");
     return E_ILLEGAL_STATE;
   }
-  delete S(s);
+  // as on a GPU, work already queued still runs; the worker then ends (the object is kept)
+  Stream* st = S(s);
+  std::lock_guard<std::mutex> lk(st->mu);
+  st->destroyed = true;
+  st->cv.notify_all();
   return OK;
 }
 CUresult cuStreamSynchronize(void* s) {
@@ -787,16 +919,41 @@ CUresult cuStreamSynchronize(void* s) {
     }
   }
   if (CUresult r = unsafe_call("cuStreamSynchronize"); r != OK) return r;
+  drain(S(s));
   return g_sticky.load();
 }
-CUresult cuStreamQuery(void* s) { return capturing(s) ? E_CAPTURE_UNSUPPORTED : g_sticky.load(); }
+CUresult cuStreamQuery(void* s) {
+  if (capturing(s)) return E_CAPTURE_UNSUPPORTED;
+  Stream* st = S(s);
+  if (st != &g_null_stream) {
+    std::lock_guard<std::mutex> lk(st->mu);
+    if (st->done < st->issued) return E_NOT_READY;
+  }
+  return g_sticky.load();
+}
 CUresult cuEventCreate(void** e, unsigned) {
   *e = new Event();
   return OK;
 }
 CUresult cuEventDestroy_v2(void* e) {
-  delete static_cast<Event*>(e);
+  Event* ev = static_cast<Event*>(e);
+  std::lock_guard<std::mutex> g(g_ev_mu);
+  if (ev->pending > 0) {
+    ev->dead = true;
+  } else {
+    delete ev;
+  }
   return OK;
+}
+// An op that touched `ev` is done: delete a destroyed event after its last one.
+void event_op_done(Event* ev) {
+  bool del;
+  {
+    std::lock_guard<std::mutex> g(g_ev_mu);
+    del = --ev->pending == 0 && ev->dead;
+  }
+  g_ev_cv.notify_all();
+  if (del) delete ev;
 }
 CUresult cuEventRecord(void* e, void* s) {
   Event* ev = static_cast<Event*>(e);
@@ -815,8 +972,31 @@ CUresult cuEventRecord(void* e, void* s) {
     ev->cap = nullptr;
     ev->stream = st;
   }
-  ev->ms = now_ms();
-  return OK;
+  unsigned long long t;
+  {
+    std::lock_guard<std::mutex> g(g_ev_mu);
+    t = ++ev->target;
+    ++ev->pending;
+  }
+  // the event completes when its stream reaches this point (timing included)
+  const CUresult r = enqueue(
+      s,
+      [ev, t]() {
+        {
+          std::lock_guard<std::mutex> g(g_ev_mu);
+          ev->ms = now_ms();
+          ev->reached = std::max(ev->reached, t);
+        }
+        event_op_done(ev);
+        return OK;
+      },
+      true);
+  if (r != OK) event_op_done(ev);
+  return r;
+}
+bool event_done(Event* ev) {
+  std::lock_guard<std::mutex> g(g_ev_mu);
+  return ev->reached >= ev->target;
 }
 CUresult cuEventRecordWithFlags(void* e, void* s, unsigned) { return cuEventRecord(e, s); }
 CUresult cuEventSynchronize(void* e) {
@@ -824,18 +1004,28 @@ CUresult cuEventSynchronize(void* e) {
     std::lock_guard<std::mutex> g(g_mu);
     if (static_cast<Event*>(e)->cap) return E_CAPTURED_EVENT;
   }
+  Event* ev = static_cast<Event*>(e);
+  std::unique_lock<std::mutex> lk(g_ev_mu);
+  g_ev_cv.wait(lk, [ev] { return ev->reached >= ev->target; });
   return g_sticky.load();
 }
-CUresult cuEventQuery(void* e) { return cuEventSynchronize(e); }
+CUresult cuEventQuery(void* e) {
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (static_cast<Event*>(e)->cap) return E_CAPTURED_EVENT;
+  }
+  return event_done(static_cast<Event*>(e)) ? g_sticky.load() : E_NOT_READY;
+}
 CUresult cuEventElapsedTime(float* ms, void* a, void* b) {
-  *ms = (float)(static_cast<Event*>(b)->ms - static_cast<Event*>(a)->ms);
+  Event *ea = static_cast<Event*>(a), *eb = static_cast<Event*>(b);
+  if (!event_done(ea) || !event_done(eb)) return E_NOT_READY;
+  std::lock_guard<std::mutex> g(g_ev_mu);
+  *ms = (float)(eb->ms - ea->ms);
   return OK;
 }
 CUresult cuEventElapsedTime_v2(float* ms, void* a, void* b) { return cuEventElapsedTime(ms, a, b); }
-CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
-  std::lock_guard<std::mutex> g(g_mu);
-  Stream* st = S(s);
-  Event* ev = static_cast<Event*>(e);
+// Inside a capture: an edge (a side stream waiting on a captured event joins the capture).
+CUresult wait_event_in_capture(Stream* st, Event* ev) {
   Graph* c = ev->cap;
   if (c && std::find(g_captures.begin(), g_captures.end(), c) != g_captures.end()) {
     if (st->cap && st->cap != c) return E_CAPTURE_MERGE;
@@ -850,6 +1040,43 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     w = std::max(w, ev->seq);
   }
   return OK;
+}
+CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
+  Stream* st = S(s);
+  Event* ev = static_cast<Event*>(e);
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    if (st->cap || ev->cap) return wait_event_in_capture(st, ev);
+  }
+  // outside a capture: the stream's later work waits for the event's latest record
+  unsigned long long t;
+  {
+    std::lock_guard<std::mutex> g(g_ev_mu);
+    t = ev->target;
+    if (ev->reached >= t) return OK;
+    ++ev->pending;
+  }
+  if (st == &g_null_stream) {  // the legacy stream runs on the caller: wait here
+    {
+      std::unique_lock<std::mutex> lk(g_ev_mu);
+      g_ev_cv.wait(lk, [ev, t] { return ev->reached >= t; });
+    }
+    event_op_done(ev);
+    return OK;
+  }
+  const CUresult r = enqueue(
+      s,
+      [ev, t]() {
+        {
+          std::unique_lock<std::mutex> lk(g_ev_mu);
+          g_ev_cv.wait(lk, [ev, t] { return ev->reached >= t; });
+        }
+        event_op_done(ev);
+        return OK;
+      },
+      true);
+  if (r != OK) event_op_done(ev);
+  return r;
 }
 CUresult cuStreamBeginCapture_v2(void* s, int mode) {
   std::lock_guard<std::mutex> g(g_mu);
@@ -905,14 +1132,14 @@ CUresult cuStreamEndCapture(void* s, void** graph) {
 }
 CUresult cuGraphInstantiateWithFlags(void** exec, void* graph, unsigned long long) {
   if (!graph) return E_INVALID_VALUE;
-  *exec = new Exec{static_cast<Graph*>(graph)->ops};
+  *exec = new Exec{std::make_shared<const std::vector<Op>>(static_cast<Graph*>(graph)->ops)};
   return OK;
 }
 CUresult cuGraphUpload(void*, void*) { return OK; }
 CUresult cuGraphLaunch(void* exec, void* s) {
-  Exec* x = static_cast<Exec*>(exec);
-  return enqueue(s, [x]() {
-    for (auto& op : x->ops) {
+  std::shared_ptr<const std::vector<Op>> ops = static_cast<Exec*>(exec)->ops;
+  return enqueue(s, [ops]() {
+    for (auto& op : *ops) {
       if (CUresult r = op(); r != OK) return r;
     }
     return OK;
