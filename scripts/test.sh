@@ -23,10 +23,12 @@ cargo test --release --features cuda,host-sim --test 'host_sim*'
 # chi-square test), and the CUDA backend's quicker end-to-end tests (~2 min: communication
 # counters, graphs on/off step by step, ISO+SPD against the CPU, one LLaMA2-70B-shaped rank).
 # SmolLM2 at TP 1/3/8 and the fused-kernel variants take 5 more minutes: `scripts/sim-gpu.sh`
-# runs every suite in full.
-scripts/sim-gpu.sh cuda_allreduce
+# runs every suite in full. Streams run asynchronously in the simulated driver; the jitter (a
+# random sleep of up to 100 us before each stream op) varies their interleaving run to run,
+# so a missing event wait between a rank's compute and communication streams shows.
+SYNCDROP_SIM_JITTER_US=100 scripts/sim-gpu.sh cuda_allreduce
 scripts/sim-gpu.sh cuda_kernels
-scripts/sim-gpu.sh cuda_backend -- comm_counters_ cuda_graphs_on_and_off iso_and_spd_on_cuda one_rank_of_a_llama2_70b
+SYNCDROP_SIM_JITTER_US=100 scripts/sim-gpu.sh cuda_backend -- comm_counters_ cuda_graphs_on_and_off iso_and_spd_on_cuda one_rank_of_a_llama2_70b
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
 cargo test --release --features cuda,host-sim --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)

@@ -138,8 +138,10 @@ std::atomic<long long> g_seq{0};
 Stream g_null_stream;
 std::vector<Graph*> g_captures;            // active captures
 std::vector<Stream*> g_streams;            // every stream made (kept: workers may outlive it)
-std::mutex g_ev_mu;                        // event completion: waiters sleep on g_ev_cv
-std::condition_variable g_ev_cv;
+// event completion: waiters sleep on g_ev_cv (never destroyed: a stream worker may still
+// wait on it while the process exits)
+std::mutex& g_ev_mu = *new std::mutex;
+std::condition_variable& g_ev_cv = *new std::condition_variable;
 std::map<uintptr_t, size_t> g_pinned;      // page-locked host allocations
 // Device allocations: start -> (bytes, live). Freed blocks stay mapped (filled with 0xFF) in a
 // quarantine of up to 2 GiB before they go back to the allocator, so a kernel handed a
@@ -885,7 +887,28 @@ CUresult cuMemsetD32Async(unsigned long long dst, unsigned v, size_t n, void* s)
 }
 
 // ---- streams, events, capture ---------------------------------------------------------------
+// At exit, before this library's globals go: let every stream finish its queued work (the
+// workers touch the allocation table), waiting at most 10 s in all.
+void drain_all_at_exit() {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  std::vector<Stream*> streams;
+  {
+    std::lock_guard<std::mutex> g(g_mu);
+    streams = g_streams;
+  }
+  for (Stream* st : streams) {
+    std::unique_lock<std::mutex> lk(st->mu);
+    const unsigned long long upto = st->issued;
+    if (!st->cv.wait_until(lk, deadline, [&] { return st->done >= upto; })) {
+      complain("exit: a stream still had work queued after 10 s");
+      return;
+    }
+  }
+}
 CUresult cuStreamCreate(void** s, unsigned) {
+  // registered after this file's globals were built, so it runs before they are destroyed
+  static const bool at_exit = (atexit(drain_all_at_exit), true);
+  (void)at_exit;
   Stream* st = new Stream();
   st->dev = current_device();
   std::lock_guard<std::mutex> g(g_mu);
