@@ -38,24 +38,21 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
 __device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) { st_release_sys(p, v); }
 __device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) { return ld_acquire_sys(p); }
 #else
-__device__ __forceinline__ void st_release_sys(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-// GPU scope, for flags no other device reads (the grid barrier among one rank's blocks): a
-// system-scope release would also wait for this GPU's outstanding peer writes.
-__device__ __forceinline__ void st_release_gpu(uint32_t* p, uint32_t v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-__device__ __forceinline__ uint32_t ld_acquire_gpu(const uint32_t* p) {
-  uint32_t v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
+// A u32 flag's release store and acquire load at a PTX scope: sys for flags peers on other
+// GPUs read; gpu for flags no other device reads (the grid barrier among one rank's blocks),
+// where a system-scope release would also wait for this GPU's outstanding peer writes.
+#define FLAG_OPS(scope)                                                                  \
+  __device__ __forceinline__ void st_release_##scope(uint32_t* p, uint32_t v) {          \
+    asm volatile("st.release." #scope ".global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory"); \
+  }                                                                                      \
+  __device__ __forceinline__ uint32_t ld_acquire_##scope(const uint32_t* p) {            \
+    uint32_t v;                                                                          \
+    asm volatile("ld.acquire." #scope ".global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory"); \
+    return v;                                                                            \
+  }
+FLAG_OPS(sys)
+FLAG_OPS(gpu)
+#undef FLAG_OPS
 #endif
 
 __device__ __forceinline__ size_t flag_idx(int phase, int slot, int block, int rank) {
