@@ -203,7 +203,8 @@ CUresult unsafe_call(const char* what) {
   return OK;
 }
 
-// Work running now on each device, from any thread (a kernel, a copy, a graph replay).
+// Work running now on each device's legacy stream (on callers' threads; other streams' work
+// is counted by their issued/done).
 std::atomic<int> g_busy[64];
 int current_device() { return tl_ctx ? tl_ctx->dev : 0; }
 
@@ -261,18 +262,14 @@ CUresult enqueue(void* s, Op op, bool marker = false) {
     busy.fetch_sub(1);
     return r;
   }
-  const int dev = st->dev;
   std::lock_guard<std::mutex> lk(st->mu);
   if (!st->worker) {
     st->worker = true;
     std::thread(stream_worker, st).detach();
   }
-  st->queue.push_back([op = std::move(op), dev, marker]() {
+  st->queue.push_back([op = std::move(op), marker]() {
     if (g_sticky.load() != OK && !marker) return;  // (event markers still run: no waiter hangs)
-    g_busy[dev].fetch_add(1);
-    const CUresult r = op();
-    g_busy[dev].fetch_sub(1);
-    if (r != OK) {
+    if (const CUresult r = op(); r != OK) {
       int ok = OK;
       g_sticky.compare_exchange_strong(ok, r);
     }
@@ -284,8 +281,7 @@ CUresult enqueue(void* s, Op op, bool marker = false) {
 
 // A call that waits for the whole device (cuCtxSynchronize; cuMemFree and cuMemFreeHost,
 // which synchronise implicitly): on a GPU it waits for every stream's work, other threads'
-// included. Work here runs on the thread that enqueued it, so this waits until no other thread
-// runs work on the device. That is what a GPU does to virtual ranks: a rank that frees memory
+// included, and so does this. That is what a GPU does to virtual ranks: a rank that frees memory
 // (or synchronises the context) while a peer's kernel spins waiting for this rank's next
 // launch deadlocks until the peer's spin budget runs out. Said on stderr after a few seconds.
 void device_wide_wait(const char* what) {
@@ -294,7 +290,6 @@ void device_wide_wait(const char* what) {
   const int warn_s = std::max(1, env_int("SYNCDROP_SIM_SYNC_WARN_S", 5));
   bool told = false;
   auto idle = [dev] {
-    if (g_busy[dev].load() > 0) return false;
     std::vector<Stream*> streams;
     {
       std::lock_guard<std::mutex> g(g_mu);
@@ -345,26 +340,21 @@ CUresult host_copy(void* s, void* dst, const void* src, size_t n, const void* ho
     complain("a copy from/to pageable host memory inside a stream capture: refused");
     return E_CAPTURE_UNSUPPORTED;
   }
-  if (n == 0) return enqueue(s, [] { return OK; });
-  if (pinned(host, n)) {  // page-locked: a true asynchronous copy, read or written when it runs
-    return enqueue(s, [=]() {
-      memmove(dst, src, n);
-      return OK;
-    });
-  }
-  if (host == src) {  // from pageable memory: staged now, so the caller may reuse its buffer
+  // page-locked memory: a true asynchronous copy, read or written when it runs
+  const bool pageable = n > 0 && !pinned(host, n);
+  if (pageable && host == src) {  // from pageable memory: staged now, so the caller may reuse it
     auto staged = std::make_shared<std::vector<char>>((const char*)src, (const char*)src + n);
     return enqueue(s, [=]() {
       memmove(dst, staged->data(), n);
       return OK;
     });
   }
-  // to pageable memory: returns once the copy is done (what cudarc relies on for a Vec)
   const CUresult r = enqueue(s, [=]() {
-    memmove(dst, src, n);
+    if (n) memmove(dst, src, n);
     return OK;
   });
-  if (r != OK) return r;
+  if (r != OK || !pageable) return r;
+  // to pageable memory: returns once the copy is done (what cudarc relies on for a Vec)
   drain(S(s));
   return g_sticky.load();
 }
@@ -1017,6 +1007,11 @@ CUresult cuEventRecord(void* e, void* s) {
   if (r != OK) event_op_done(ev);
   return r;
 }
+// Block until `ev`'s stream has reached record number `t`.
+void wait_reached(Event* ev, unsigned long long t) {
+  std::unique_lock<std::mutex> lk(g_ev_mu);
+  g_ev_cv.wait(lk, [ev, t] { return ev->reached >= t; });
+}
 bool event_done(Event* ev) {
   std::lock_guard<std::mutex> g(g_ev_mu);
   return ev->reached >= ev->target;
@@ -1028,8 +1023,12 @@ CUresult cuEventSynchronize(void* e) {
     if (static_cast<Event*>(e)->cap) return E_CAPTURED_EVENT;
   }
   Event* ev = static_cast<Event*>(e);
-  std::unique_lock<std::mutex> lk(g_ev_mu);
-  g_ev_cv.wait(lk, [ev] { return ev->reached >= ev->target; });
+  unsigned long long t;
+  {
+    std::lock_guard<std::mutex> g(g_ev_mu);
+    t = ev->target;
+  }
+  wait_reached(ev, t);
   return g_sticky.load();
 }
 CUresult cuEventQuery(void* e) {
@@ -1079,21 +1078,11 @@ CUresult cuStreamWaitEvent(void* s, void* e, unsigned) {
     if (ev->reached >= t) return OK;
     ++ev->pending;
   }
-  if (st == &g_null_stream) {  // the legacy stream runs on the caller: wait here
-    {
-      std::unique_lock<std::mutex> lk(g_ev_mu);
-      g_ev_cv.wait(lk, [ev, t] { return ev->reached >= t; });
-    }
-    event_op_done(ev);
-    return OK;
-  }
+  // (on the legacy stream the op runs, and so waits, on the caller)
   const CUresult r = enqueue(
       s,
       [ev, t]() {
-        {
-          std::unique_lock<std::mutex> lk(g_ev_mu);
-          g_ev_cv.wait(lk, [ev, t] { return ev->reached >= t; });
-        }
+        wait_reached(ev, t);
         event_op_done(ev);
         return OK;
       },

@@ -538,15 +538,12 @@ impl CudaBackend {
         }
         // every rank computes the same answer, so either all join or none does
         let mut topo = topology::topology(&rank_devices, 0)?;
-        if !topo.p2p_all_pairs {
-            if self.comm.rank() == 0 {
-                eprintln!(
-                    "all-reduce: P2P kernels off: not every pair of the GPUs {rank_devices:?} can access each other's memory (cuDeviceCanAccessPeer); the selection chain falls back to NCCL or the staged copy"
-                );
-            }
-            return Ok(());
-        }
-        if let Some(why) = topology::spin_hazard(&rank_devices)? {
+        let off = if !topo.p2p_all_pairs {
+            Some(format!("not every pair of the GPUs {rank_devices:?} can access each other's memory (cuDeviceCanAccessPeer)"))
+        } else {
+            topology::spin_hazard(&rank_devices)?
+        };
+        if let Some(why) = off {
             if self.comm.rank() == 0 {
                 eprintln!(
                     "all-reduce: P2P kernels off: {why}; the selection chain falls back to NCCL or the staged copy"
