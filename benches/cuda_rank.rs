@@ -142,6 +142,7 @@ fn distill_section(
                 x: rand(t * d, 1.0),
                 att: (0..tp).map(|_| rand(t * q, 1.0)).collect(),
                 target: rand(t * d, 1.0),
+                x_local: None,
             })
             .collect();
         let eps = 1e-5;

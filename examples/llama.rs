@@ -12,7 +12,9 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use syncdrop::distill::{distill_layer, save_distilled, DistillConfig, DistillDevice};
+use syncdrop::distill::{
+    distill_layer, recover_layer, save_distilled, CompConfig, DistillConfig, DistillDevice,
+};
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
 use syncdrop::eval::{lambada, perplexity_texts, score_tokens};
 use syncdrop::generate::{generate, Sampler, SamplerConfig};
@@ -396,12 +398,23 @@ enum Cmd {
         #[arg(long, default_value = "bf16", value_parser = ["f32", "bf16"])]
         wire: String,
     },
-    /// Distil (B2B) every SPD block of a plan; writes the weights and an updated plan.
+    /// Distil (B2B) every SPD block of a plan, with or without linear compensation; writes
+    /// the weights and an updated plan.
     Distill {
         #[command(flatten)]
         common: Common,
         #[command(flatten)]
         train: Train,
+        /// Linear compensation of rank K for every SPD block (ours, not the paper's): the
+        /// local MLP input gets a rank-K linear estimate, from the block input, of the other
+        /// ranks' attention partials, fitted in closed form on the distillation passages
+        /// (their last --holdout measure it). B2B then trains with it. 0: none.
+        #[arg(long, default_value_t = 0)]
+        compensate: usize,
+        /// With --compensate: fit only the compensation (no B2B); the blocks keep their
+        /// original weights. Seconds per block instead of about a minute.
+        #[arg(long, requires = "compensate")]
+        no_b2b: bool,
         /// Output plan (the weights go beside it as <name>.safetensors).
         #[arg(long)]
         out: PathBuf,
@@ -1790,10 +1803,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Distill {
             common,
             train,
+            compensate,
+            no_b2b,
             out,
             force,
         } => {
             let dcfg = distill_config(&train, true, &common)?;
+            if no_b2b && compensate == 0 {
+                return Err(bad("--no-b2b needs --compensate K (K >= 1)"));
+            }
+            let ccfg = (compensate > 0).then(|| CompConfig {
+                rank: compensate,
+                holdout: train.holdout,
+                ..CompConfig::default()
+            });
             let plan_path = PathBuf::from(&common.spd);
             if !plan_path.is_file() {
                 return Err(bad(format!(
@@ -1835,26 +1858,53 @@ fn run(cli: Cli) -> Result<()> {
             let mut blocks = Vec::new();
             let mut reports = Vec::new();
             for l in 0..engine.cfg.n_layers {
-                if plan.layers[l].spd {
-                    let (w, rep) = distill_layer(&mut engine, &seqs, l, &dcfg)?;
-                    reports.push((l, rep.clone()));
+                if !plan.layers[l].spd {
+                    continue;
+                }
+                if no_b2b && plan.layers[l].recovery == Some(Recovery::HgB2b) {
+                    return Err(bad(format!(
+                        "block {l} is recovered by head grouping + B2B; --no-b2b would keep \
+                         its grouped heads untrained: drop --no-b2b, or plan it without \
+                         head grouping"
+                    )));
+                }
+                let b2b = (!no_b2b).then_some(&dcfg);
+                let (w, rep) =
+                    recover_layer(&mut engine, &seqs, l, b2b, ccfg.as_ref(), dcfg.threads)?;
+                reports.push((l, rep.clone()));
+                if let Some(c) = &rep.comp {
                     eprintln!(
-                        "block {l}: mse {:.3e} -> {:.3e} in {:.1}s on {}{}",
-                        rep.mse_before,
-                        rep.mse_after,
-                        rep.secs,
-                        rep.device,
-                        rep.note()
+                        "block {l}: linear compensation rank {} on {} tokens leaves {:.1}% \
+                         of the missing partials{} in {:.1}s",
+                        c.rank,
+                        c.tokens,
+                        100.0 * c.residual,
+                        if c.heldout { " (held out)" } else { "" },
+                        c.secs
                     );
-                    let r = &mut plan.layers[l].recovery;
-                    if rep.kept_original {
-                        // its original weights: no distilled weights in the file for it
-                        *r = Some(Recovery::ZeroShot);
-                        continue;
+                }
+                let lp = &mut plan.layers[l];
+                lp.compensated = rep.comp.is_some();
+                match &rep.b2b {
+                    Some(b) => {
+                        eprintln!(
+                            "block {l}: mse {:.3e} -> {:.3e} in {:.1}s on {}{}",
+                            b.mse_before,
+                            b.mse_after,
+                            b.secs,
+                            b.device,
+                            b.note()
+                        );
+                        if b.kept_original {
+                            // its original weights (plus any compensation)
+                            lp.recovery = Some(Recovery::ZeroShot);
+                        } else if lp.recovery != Some(Recovery::HgB2b) {
+                            lp.recovery = Some(Recovery::B2b);
+                        }
                     }
-                    if *r != Some(Recovery::HgB2b) {
-                        *r = Some(Recovery::B2b);
-                    }
+                    None => lp.recovery = Some(Recovery::ZeroShot),
+                }
+                if lp.compensated || lp.recovery != Some(Recovery::ZeroShot) {
                     blocks.push((l, w));
                 }
             }

@@ -328,6 +328,19 @@ pub struct Sample {
     pub att: Vec<Vec<f32>>,
     /// The original TP block's output on X, (t, d): what the SPD block learns to give.
     pub target: Vec<f32>,
+    /// Per rank, the local MLP input's residual part when the block has linear compensation
+    /// (X + the rank's estimate, [`crate::compensate`]); None: X itself. Fixed in training.
+    pub x_local: Option<Vec<Vec<f32>>>,
+}
+
+impl Sample {
+    /// What rank `r`'s local residual U_r starts from: X, or X + its LC estimate.
+    pub fn local(&self, r: usize) -> &[f32] {
+        match &self.x_local {
+            Some(v) => &v[r],
+            None => &self.x,
+        }
+    }
 }
 
 /// Output of the SPD student block: X + sum_r (a_r + m_r), summed in rank order.
@@ -339,8 +352,8 @@ pub fn student_output(
     th: usize,
 ) -> Vec<f32> {
     let mut out = s.x.clone();
-    for (p, att) in params.iter().zip(&s.att) {
-        let (o, _) = rank_forward(p, att, &s.x, d, eps, th);
+    for (r, (p, att)) in params.iter().zip(&s.att).enumerate() {
+        let (o, _) = rank_forward(p, att, s.local(r), d, eps, th);
         out.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
     }
     out
@@ -380,8 +393,8 @@ pub fn loss_and_grads(
 ) -> (f64, Vec<StudentParams>) {
     let mut out = s.x.clone();
     let mut tapes = Vec::with_capacity(params.len());
-    for (p, att) in params.iter().zip(&s.att) {
-        let (o, tape) = rank_forward(p, att, &s.x, d, eps, th);
+    for (r, (p, att)) in params.iter().zip(&s.att).enumerate() {
+        let (o, tape) = rank_forward(p, att, s.local(r), d, eps, th);
         out.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         tapes.push(tape);
     }
@@ -793,9 +806,79 @@ pub fn distill_layer(
     layer: usize,
     cfg: &DistillConfig,
 ) -> Result<(Vec<BlockWeights>, DistillReport)> {
+    let (w, rep) = recover_layer(engine, calib, layer, Some(cfg), None, cfg.threads)?;
+    Ok((w, rep.b2b.expect("B2B was asked for")))
+}
+
+/// Linear compensation settings ([`crate::compensate`]).
+#[derive(Debug, Clone)]
+pub struct CompConfig {
+    /// Rank k of each rank's map.
+    pub rank: usize,
+    /// Ridge strength, relative to the mean diagonal of the normal matrix.
+    pub ridge: f64,
+    /// Fit on all but the last `holdout` calibration sequences and report how much of the
+    /// missing partials the map leaves on those (with B2B, its hold-out is used instead).
+    pub holdout: usize,
+}
+
+impl Default for CompConfig {
+    fn default() -> Self {
+        CompConfig {
+            rank: crate::compensate::DEFAULT_RANK,
+            ridge: crate::compensate::DEFAULT_RIDGE,
+            holdout: 8,
+        }
+    }
+}
+
+/// How linear compensation of one block went.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompReport {
+    /// Rank of the maps.
+    pub rank: usize,
+    /// Calibration tokens fitted on.
+    pub tokens: usize,
+    /// Share of the missing partials' energy the maps leave (1 = zero-shot, 0 = exact), on
+    /// the held-out sequences (on the fitted ones when none are held out).
+    pub residual: f64,
+    /// Whether `residual` was measured on held-out sequences.
+    pub heldout: bool,
+    /// Seconds for capturing nothing extra, fitting and measuring.
+    pub secs: f64,
+}
+
+/// How one block's recovery went: its linear compensation and its B2B, each if asked for.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecoverReport {
+    /// Linear compensation.
+    pub comp: Option<CompReport>,
+    /// Block-to-block distillation (after the compensation, which it trains with).
+    pub b2b: Option<DistillReport>,
+}
+
+/// Recover SPD block `layer` of `engine` on calibration sequences: fit its linear
+/// compensation (`comp`), then distil it (`b2b`) with the compensation in place, and load the
+/// result into the engine. Block inputs come from the engine under its current plan; the
+/// teacher is the original TP block on those inputs. `threads`: host threads for capturing
+/// and fitting.
+pub fn recover_layer(
+    engine: &mut crate::engine::Engine,
+    calib: &[Vec<u32>],
+    layer: usize,
+    b2b: Option<&DistillConfig>,
+    comp: Option<&CompConfig>,
+    threads: usize,
+) -> Result<(Vec<BlockWeights>, RecoverReport)> {
+    if b2b.is_none() && comp.is_none() {
+        return Err(Error::InvalidArgument(
+            "recovering a block needs B2B, linear compensation or both".into(),
+        ));
+    }
     let mcfg = engine.cfg.clone();
+    let (d, eps) = (mcfg.hidden, mcfg.rms_eps);
     let shards = engine.block_shards(layer);
-    let weights: Vec<BlockWeights> = shards
+    let mut weights: Vec<BlockWeights> = shards
         .iter()
         .map(|s| crate::model::load_block(&engine.files, &mcfg, s, layer))
         .collect::<Result<_>>()?;
@@ -807,22 +890,97 @@ pub fn distill_layer(
             .zip(&weights)
             .map(|(s, w)| attention_output(&mcfg, s, w, &x))
             .collect();
-        let target = teacher_output(&weights, &att, &x, mcfg.hidden, mcfg.rms_eps, cfg.threads);
-        data.push(Sample { x, att, target });
+        let target = teacher_output(&weights, &att, &x, d, eps, threads);
+        data.push(Sample {
+            x,
+            att,
+            target,
+            x_local: None,
+        });
     }
-    let init = weights.iter().map(StudentParams::from_block).collect();
-    let (trained, report) = distill(init, &data, mcfg.hidden, mcfg.rms_eps, cfg)?;
-    let mut out = weights;
-    for (w, p) in out.iter_mut().zip(&trained) {
-        p.apply(w);
+    let mut report = RecoverReport {
+        comp: None,
+        b2b: None,
+    };
+    if let Some(cc) = comp {
+        let t0 = std::time::Instant::now();
+        let holdout = b2b.map_or(cc.holdout, |b| b.holdout);
+        if holdout >= data.len() {
+            return Err(Error::InvalidArgument(format!(
+                "linear compensation holds out {holdout} of {} calibration sequences: none \
+                 would be left to fit on",
+                data.len()
+            )));
+        }
+        // each rank's attention partial a_r = att_r W_o[r]^T, (t, d)
+        let partials = |s: &Sample| -> Vec<Vec<f32>> {
+            s.att
+                .iter()
+                .zip(&weights)
+                .map(|(a, w)| {
+                    let t = s.x.len() / d;
+                    let q = w.wo.len() / d;
+                    let mut p = vec![0f32; t * d];
+                    gemm_strided(t, d, q, &mut p, false, (a, q, 1), (&w.wo, 1, q), threads);
+                    p
+                })
+                .collect()
+        };
+        let n_fit = data.len() - holdout;
+        let mut ne = crate::compensate::NormalEquations::new(d, shards.len(), eps);
+        for s in &data[..n_fit] {
+            ne.add(&s.x, &partials(s), threads)?;
+        }
+        let comps = ne.solve(cc.rank, cc.ridge)?;
+        let check = if holdout > 0 {
+            &data[n_fit..]
+        } else {
+            &data[..]
+        };
+        let seqs: Vec<(Vec<f32>, Vec<Vec<f32>>)> =
+            check.iter().map(|s| (s.x.clone(), partials(s))).collect();
+        let residual = crate::compensate::residual_fraction(&comps, &seqs, d, eps, threads);
+        for s in &mut data {
+            s.x_local = Some(
+                comps
+                    .iter()
+                    .map(|c| {
+                        let mut u = s.x.clone();
+                        c.apply(&s.x, d, eps, &mut u, threads);
+                        u
+                    })
+                    .collect(),
+            );
+        }
+        for (w, c) in weights.iter_mut().zip(comps) {
+            w.comp = Some(c);
+        }
+        report.comp = Some(CompReport {
+            rank: cc.rank,
+            tokens: ne.tokens(),
+            residual,
+            heldout: holdout > 0,
+            secs: t0.elapsed().as_secs_f64(),
+        });
     }
-    engine.load_layer(layer, out.clone())?;
-    Ok((out, report))
+    if let Some(cfg) = b2b {
+        let init = weights.iter().map(StudentParams::from_block).collect();
+        let (trained, rep) = distill(init, &data, d, eps, cfg)?;
+        for (w, p) in weights.iter_mut().zip(&trained) {
+            p.apply(w);
+        }
+        report.b2b = Some(rep);
+    }
+    engine.load_layer(layer, weights.clone())?;
+    Ok((weights, report))
 }
 
-/// Save distilled blocks: tensors `blk.{l}.rank{r}.{wo,ffn_norm,w_gate_up,w_down}` (f32).
+/// Save distilled blocks: tensors `blk.{l}.rank{r}.{wo,ffn_norm,w_gate_up,w_down}` (f32),
+/// and for a block with linear compensation `blk.{l}.rank{r}.comp_in` (k, d) and
+/// `comp_out` (d, k).
 pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights>)]) -> Result<()> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let bytes = |data: &[f32]| data.iter().flat_map(|v| v.to_le_bytes()).collect();
     for (l, ranks) in blocks {
         for (r, w) in ranks.iter().enumerate() {
             for (name, data) in [
@@ -831,8 +989,24 @@ pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights
                 ("w_gate_up", &w.w_gate_up),
                 ("w_down", &w.w_down),
             ] {
-                let bytes = data.iter().flat_map(|v| v.to_le_bytes()).collect();
-                tensors.push((format!("blk.{l}.rank{r}.{name}"), vec![data.len()], bytes));
+                tensors.push((
+                    format!("blk.{l}.rank{r}.{name}"),
+                    vec![data.len()],
+                    bytes(data),
+                ));
+            }
+            if let Some(c) = &w.comp {
+                let d = c.w_in.len() / c.rank;
+                tensors.push((
+                    format!("blk.{l}.rank{r}.comp_in"),
+                    vec![c.rank, d],
+                    bytes(&c.w_in),
+                ));
+                tensors.push((
+                    format!("blk.{l}.rank{r}.comp_out"),
+                    vec![d, c.rank],
+                    bytes(&c.w_out),
+                ));
             }
         }
     }
@@ -856,12 +1030,14 @@ pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights
     crate::files::write_atomic(path, &bytes)
 }
 
-/// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed).
+/// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed),
+/// with their linear compensation where the file has one. Returns the layers that got one.
 pub fn load_distilled(
     path: &std::path::Path,
     engine: &mut crate::engine::Engine,
     layers: &[usize],
-) -> Result<()> {
+) -> Result<Vec<usize>> {
+    let mut compensated = Vec::new();
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
@@ -904,9 +1080,78 @@ pub fn load_distilled(
                     .collect();
                 *dst = vals;
             }
+            w.comp = load_comp(&st, path, l, r, mcfg.hidden)?;
             ranks.push(w);
+        }
+        let with = ranks.iter().filter(|w| w.comp.is_some()).count();
+        if with != 0 && with != ranks.len() {
+            return Err(Error::MissingTensor(format!(
+                "block {l}: {with} of {} ranks have linear compensation in {}",
+                ranks.len(),
+                path.display()
+            )));
+        }
+        if with != 0 {
+            compensated.push(l);
         }
         engine.load_layer(l, ranks)?;
     }
-    Ok(())
+    Ok(compensated)
+}
+
+/// The linear compensation of block `l`, rank `r` in a distilled file, if it has one.
+fn load_comp(
+    st: &safetensors::SafeTensors,
+    path: &std::path::Path,
+    l: usize,
+    r: usize,
+    d: usize,
+) -> Result<Option<crate::compensate::Compensation>> {
+    let (ki, ko) = (
+        format!("blk.{l}.rank{r}.comp_in"),
+        format!("blk.{l}.rank{r}.comp_out"),
+    );
+    let (tin, tout) = match (st.tensor(&ki), st.tensor(&ko)) {
+        (Err(_), Err(_)) => return Ok(None),
+        (Ok(a), Ok(b)) => (a, b),
+        _ => {
+            return Err(Error::MissingTensor(format!(
+                "{ki} and {ko} come together; {} has only one",
+                path.display()
+            )))
+        }
+    };
+    let bad = |key: &str, found: &[usize], want: Vec<usize>| Error::ShapeMismatch {
+        tensor: key.to_string(),
+        expected: want,
+        found: found.to_vec(),
+    };
+    let k = tin.shape().first().copied().unwrap_or(0);
+    if tin.shape() != [k, d] || k == 0 {
+        return Err(bad(&ki, tin.shape(), vec![k.max(1), d]));
+    }
+    if tout.shape() != [d, k] {
+        return Err(bad(&ko, tout.shape(), vec![d, k]));
+    }
+    for (key, t) in [(&ki, &tin), (&ko, &tout)] {
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!("{key} is {:?}; distilled weights are F32", t.dtype()),
+            });
+        }
+    }
+    let vals = |t: &safetensors::tensor::TensorView| -> Vec<f32> {
+        t.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    };
+    let c = crate::compensate::Compensation {
+        rank: k,
+        w_in: vals(&tin),
+        w_out: vals(&tout),
+    };
+    c.check(d)?;
+    Ok(Some(c))
 }

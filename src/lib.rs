@@ -48,6 +48,7 @@ pub mod assets;
 pub mod backend;
 pub mod bench;
 pub mod comm;
+pub mod compensate;
 pub mod config;
 pub mod distill;
 pub mod engine;

@@ -118,6 +118,7 @@ pub fn load_block(
             &(0..cfg.hidden).collect::<Vec<_>>(),
             Some(shard.ffn.clone()),
         )?,
+        comp: None,
     })
 }
 
@@ -374,6 +375,7 @@ fn blocks<B: Backend>(
         if spd_l {
             be.o_proj_reduce(l, &b.att, t, ReduceMode::IntoMlpReduce, &mut b.a)?;
             be.copy(&b.x, &mut b.u, t * d)?;
+            be.spd_compensate(l, &b.x, t, &mut b.u)?; // + the LC estimate, if the block has one
             be.add_ffn_norm(l, &mut b.u, &b.a, t, &mut b.normed)?; // U_r = X + a_r (local)
             be.mlp(l, &b.normed, t, &mut b.m)?;
             be.add(&mut b.m, &b.a, t * d)?; // a_r + m_r ride together
@@ -475,6 +477,7 @@ impl<B: Backend> RankModel<B> {
                 let mut m = m_store[c].take().expect("chunk buffer");
                 if spd_l {
                     be.copy(&x[c], &mut u[c], n)?;
+                    be.spd_compensate(l, &x[c], lens[c], &mut u[c])?;
                     be.add_ffn_norm(l, &mut u[c], &a, lens[c], &mut normed[c])?;
                     be.mlp(l, &normed[c], lens[c], &mut m)?;
                     be.add(&mut m, &a, n)?;

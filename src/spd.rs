@@ -116,6 +116,10 @@ pub struct LayerPlan {
     /// Sensitivity measured for this block, for the record.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sensitivity: Option<f64>,
+    /// The SPD block has linear compensation ([`crate::compensate`]; on top of its
+    /// `recovery`), stored in the distilled weights file.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub compensated: bool,
 }
 
 /// A versioned SPD plan: which blocks drop their attention sync point, for which model and
@@ -192,6 +196,7 @@ impl SpdPlan {
                     heads: None,
                     ffn_order: None,
                     sensitivity: None,
+                    compensated: false,
                 })
                 .collect(),
             distilled: None,
@@ -249,12 +254,17 @@ impl SpdPlan {
         Ok(())
     }
 
-    /// The blocks whose weights come from the distilled file (recovery B2B or HG+B2B).
+    /// The blocks whose weights come from the distilled file (recovery B2B or HG+B2B, or
+    /// linear compensation).
     pub fn distilled_layers(&self) -> Vec<usize> {
         self.layers
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.spd && matches!(l.recovery, Some(Recovery::B2b | Recovery::HgB2b)))
+            .filter(|(_, l)| {
+                l.spd
+                    && (l.compensated
+                        || matches!(l.recovery, Some(Recovery::B2b | Recovery::HgB2b)))
+            })
             .map(|(i, _)| i)
             .collect()
     }
@@ -273,8 +283,19 @@ impl SpdPlan {
                 crate::headgroup::apply(engine, l, h.clone(), f.clone())?;
             }
         }
-        if let Some(w) = weights {
-            crate::distill::load_distilled(&w, engine, &plan.distilled_layers())?;
+        let want: Vec<usize> = (0..plan.layers.len())
+            .filter(|&l| plan.layers[l].spd && plan.layers[l].compensated)
+            .collect();
+        let got = match weights {
+            Some(w) => crate::distill::load_distilled(&w, engine, &plan.distilled_layers())?,
+            None => Vec::new(),
+        };
+        if got != want {
+            return Err(Error::InvalidArgument(format!(
+                "plan {}: blocks {want:?} have linear compensation, but its distilled weights \
+                 hold it for blocks {got:?}",
+                path.display()
+            )));
         }
         Ok(plan)
     }
@@ -370,6 +391,11 @@ impl SpdPlan {
                 _ => bad.push(format!(
                     "block {l} has a head permutation or an MLP shard order, not both"
                 )),
+            }
+            if lp.compensated && !lp.spd {
+                bad.push(format!(
+                    "block {l} has linear compensation but is not an SPD block"
+                ));
             }
         }
         if bad.is_empty() {

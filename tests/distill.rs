@@ -52,7 +52,15 @@ fn sample(
         .map(|(s, w)| attention_output(&cfg, s, w, &x))
         .collect();
     let target = teacher_output(&weights, &att, &x, cfg.hidden, cfg.rms_eps, 1);
-    (Sample { x, att, target }, weights)
+    (
+        Sample {
+            x,
+            att,
+            target,
+            x_local: None,
+        },
+        weights,
+    )
 }
 
 #[test]

@@ -366,6 +366,15 @@ impl Backend for Recording {
     ) -> syncdrop::Result<()> {
         self.inner.o_proj(l, a, t, o)
     }
+    fn spd_compensate(
+        &mut self,
+        l: usize,
+        x: &Vec<f32>,
+        t: usize,
+        u: &mut Vec<f32>,
+    ) -> syncdrop::Result<()> {
+        self.inner.spd_compensate(l, x, t, u)
+    }
     fn add_ffn_norm(
         &mut self,
         l: usize,

@@ -560,6 +560,23 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn spd_compensate(
+        &mut self,
+        layer: usize,
+        x: &Vec<f32>,
+        t: usize,
+        u: &mut Vec<f32>,
+    ) -> Result<()> {
+        let lay = self.layer(layer)?;
+        let Some(c) = &lay.w.comp else {
+            return Ok(());
+        };
+        let (d, eps, th) = (self.dims.hidden, self.dims.rms_eps, self.threads);
+        let n = t * d;
+        Self::par(&self.pool, || c.apply(&x[..n], d, eps, &mut u[..n], th));
+        Ok(())
+    }
+
     fn add_ffn_norm(
         &mut self,
         layer: usize,

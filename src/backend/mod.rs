@@ -89,6 +89,9 @@ pub struct BlockWeights {
     /// For each local query head, the index of its KV head among this block's local KV
     /// heads (the K/V rows of `wqkv`). Per block, so head grouping can permute heads.
     pub q_to_kv: Vec<usize>,
+    /// Linear compensation of the dropped sync point ([`crate::compensate`]), used when the
+    /// block runs as an SPD block; None: zero-shot or B2B as the paper has them.
+    pub comp: Option<crate::compensate::Compensation>,
 }
 
 impl BlockWeights {
@@ -110,7 +113,8 @@ impl BlockWeights {
             && self.w_gate_up.len() == 2 * ffn * d.hidden
             && self.w_down.len() == d.hidden * ffn
             && self.q_to_kv.len() == d.n_q
-            && self.q_to_kv.iter().all(|k| *k < n_kv);
+            && self.q_to_kv.iter().all(|k| *k < n_kv)
+            && self.comp.as_ref().is_none_or(|c| c.check(d.hidden).is_ok());
         if !ok || layer >= d.n_layers {
             return Err(crate::error::Error::InvalidArgument(format!(
                 "block weights for layer {layer} do not match the rank's shapes {d:?}"
@@ -249,6 +253,17 @@ pub trait Backend: Send {
         x: &Self::Buf,
         rows: std::ops::Range<usize>,
         out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    /// SPD block with linear compensation: `u` (t, d) += layer `layer`'s estimate of the
+    /// other ranks' attention partials from the block input `x` (t, d); nothing when the
+    /// layer has none ([`crate::compensate`]).
+    fn spd_compensate(
+        &mut self,
+        layer: usize,
+        x: &Self::Buf,
+        t: usize,
+        u: &mut Self::Buf,
     ) -> Result<()>;
 
     /// Output projection with its reduction mode. The default runs `o_proj` then, for

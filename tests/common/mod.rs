@@ -416,6 +416,7 @@ pub fn distill_problem(
                 att: (0..ranks).map(|_| next(t * q, 1.0)).collect(),
                 x,
                 target,
+                x_local: None,
             }
         })
         .collect();

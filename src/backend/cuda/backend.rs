@@ -60,6 +60,16 @@ struct DevLayer {
     ffn: usize,
     k: CudaSlice<bf16>,
     v: CudaSlice<bf16>,
+    comp: Option<DevComp>,
+}
+
+/// A block's linear compensation ([`crate::compensate`]): unit RMSNorm weights and the two
+/// factors in bf16.
+struct DevComp {
+    ones: CudaSlice<f32>,
+    w_in: CudaSlice<bf16>,
+    w_out: CudaSlice<bf16>,
+    rank: usize,
 }
 
 struct DevHead {
@@ -92,6 +102,8 @@ struct Scratch {
     h: CudaSlice<f32>,
     xb: CudaSlice<bf16>,
     partial: CudaSlice<f32>,
+    /// Linear compensation: its estimate (t, d) before it is added.
+    comp: CudaSlice<f32>,
 }
 
 pub struct CudaBackend {
@@ -306,6 +318,7 @@ impl CudaBackend {
             h: z32(1)?,
             xb: stream.alloc_zeros::<bf16>(1).map_err(cuda_err)?,
             partial: z32(1)?,
+            comp: z32(1)?,
         };
         let pos_dev = stream.alloc_zeros::<i32>(1).map_err(cuda_err)?;
         let n_layers = dims.n_layers;
@@ -633,10 +646,14 @@ impl CudaBackend {
     /// Size every scratch buffer for a one-token step, so a capture never allocates.
     fn reserve_decode(&mut self) -> Result<()> {
         let d = self.dims.clone();
-        let (mut width, mut ffn) = (0, 0);
+        let (mut width, mut ffn, mut comp) = (0, 0, 0);
         for l in self.layers.iter().flatten() {
             width = width.max((d.n_q + 2 * l.n_kv) * d.head_dim);
             ffn = ffn.max(l.ffn);
+            if let Some(c) = &l.comp {
+                comp = d.hidden;
+                ffn = ffn.max(c.rank); // its k coordinates go through `h`
+            }
         }
         let splits = split_plan(1, d.n_q, d.capacity, 2 * self.ex.num_sms).0;
         let Self { ex, sc, .. } = self;
@@ -644,6 +661,7 @@ impl CudaBackend {
         grow(ex, &mut sc.qkv, width)?;
         grow(ex, &mut sc.gu, 2 * ffn)?;
         grow(ex, &mut sc.h, ffn)?;
+        grow(ex, &mut sc.comp, comp)?;
         grow(
             ex,
             &mut sc.partial,
@@ -730,6 +748,15 @@ impl Backend for CudaBackend {
             ffn,
             k,
             v,
+            comp: match &w.comp {
+                Some(c) => Some(DevComp {
+                    ones: ex.up_f32(&vec![1.0; d.hidden])?,
+                    w_in: ex.up_bf16(&c.w_in)?,
+                    w_out: ex.up_bf16(&c.w_out)?,
+                    rank: c.rank,
+                }),
+                None => None,
+            },
         });
         Ok(())
     }
@@ -848,6 +875,56 @@ impl Backend for CudaBackend {
             &lay.wo.slice(..),
             &attn.slice(..t * qn),
             &mut out.slice_mut(..t * d.hidden),
+        )
+    }
+
+    fn spd_compensate(
+        &mut self,
+        layer: usize,
+        x: &CudaSlice<f32>,
+        t: usize,
+        u: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let d = self.dims.clone();
+        let n = t * d.hidden;
+        let Self { ex, sc, layers, .. } = self;
+        let Some(c) = &loaded(layers, layer)?.comp else {
+            return Ok(());
+        };
+        let k = c.rank;
+        grow(ex, &mut sc.normed, n)?;
+        grow(ex, &mut sc.h, t * k)?;
+        grow(ex, &mut sc.comp, n)?;
+        rmsnorm_f32(
+            &ex.stream,
+            &ex.kern,
+            t,
+            d.hidden,
+            d.rms_eps,
+            &x.slice(..n),
+            &c.ones.slice(..),
+            &mut sc.normed.slice_mut(..n),
+        )?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, k, d.hidden),
+            &c.w_in.slice(..),
+            &sc.normed.slice(..n),
+            &mut sc.h.slice_mut(..t * k),
+        )?;
+        ex.matmul(
+            &mut sc.xb,
+            (t, d.hidden, k),
+            &c.w_out.slice(..),
+            &sc.h.slice(..t * k),
+            &mut sc.comp.slice_mut(..n),
+        )?;
+        add_f32(
+            &ex.stream,
+            &ex.kern,
+            n,
+            &mut u.slice_mut(..n),
+            &sc.comp.slice(..n),
         )
     }
 

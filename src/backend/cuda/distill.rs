@@ -224,6 +224,13 @@ pub fn trainer(
     let mut dev_data = Vec::with_capacity(data.len());
     for s in data {
         let t = s.x.len() / d;
+        if s.x_local.is_some() {
+            return Err(Error::InvalidArgument(
+                "GPU distillation does not train blocks with linear compensation yet; \
+                 distil them with --backend cpu"
+                    .into(),
+            ));
+        }
         if t == 0 {
             return Err(Error::InvalidArgument(
                 "GPU distillation: a sample of no tokens".into(),
