@@ -232,6 +232,76 @@ mod gpu {
         }
     }
 
+    /// SPD blocks with linear compensation (`spd_compensate`: unit RMSNorm, two products,
+    /// an add) give the CPU's logits on CUDA, in prefill, ISO prefill and graph-captured
+    /// decode. The maps are random and large enough to move the logits well past the bf16
+    /// tolerance, so a CUDA path that skipped or garbled them would fail.
+    #[test]
+    fn compensated_spd_blocks_on_cuda_match_the_cpu() {
+        if !have_gpu() {
+            return;
+        }
+        let f = files();
+        let (prompt, toks) = golden();
+        let long: Vec<u32> = prompt.iter().cycle().take(24).copied().collect();
+        let tp = 2;
+        let spd: Vec<bool> = (0..30).map(|l| l % 4 == 2).collect();
+        let mut cpu = engine(&f, tp, BackendKind::Cpu, false);
+        cpu.set_spd(&spd).unwrap();
+        let plain = cpu.forward(&long, 0, 0..long.len()).unwrap();
+        let mut g = engine(&f, tp, BackendKind::Cuda, true);
+        g.set_spd(&spd).unwrap();
+        let mut seed = 11u64;
+        let mut rnd = |scale: f32| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            scale * (((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+        };
+        let (d, k) = (cpu.cfg.hidden, 4);
+        for l in (0..30).filter(|l| spd[*l]) {
+            let ws: Vec<_> = cpu
+                .block_shards(l)
+                .iter()
+                .map(|s| {
+                    let mut w = syncdrop::model::load_block(&cpu.files, &cpu.cfg, s, l).unwrap();
+                    w.comp = Some(syncdrop::compensate::Compensation {
+                        rank: k,
+                        w_in: (0..k * d).map(|_| rnd(0.2)).collect(),
+                        w_out: (0..d * k).map(|_| rnd(4.0)).collect(),
+                    });
+                    w
+                })
+                .collect();
+            cpu.load_layer(l, ws.clone()).unwrap();
+            g.load_layer(l, ws).unwrap();
+        }
+        let want = cpu.forward(&long, 0, 0..long.len()).unwrap();
+        let moved = (0..long.len())
+            .map(|i| centred_diff(want.row(i), plain.row(i)))
+            .fold(0.0, f32::max);
+        assert!(
+            moved > 4.0 * BF16_ATOL,
+            "the compensation moved the CPU's logits by only {moved}"
+        );
+        let got = g.forward(&long, 0, 0..long.len()).unwrap();
+        g.set_iso(IsoMode::Split(9), None);
+        let iso = g.prefill(&long, 0..long.len()).unwrap();
+        for i in 0..long.len() {
+            let d1 = centred_diff(got.row(i), want.row(i));
+            let d2 = centred_diff(iso.row(i), want.row(i));
+            assert!(d1 <= BF16_ATOL, "row {i}: CUDA vs CPU {d1}");
+            assert!(d2 <= BF16_ATOL, "row {i}: CUDA ISO vs CPU {d2}");
+        }
+        // decode (graphs on: captured after the first step) against the CPU's decode
+        for (s, t) in toks[..4].iter().enumerate() {
+            let a = g.forward(&[*t], long.len() + s, 0..1).unwrap();
+            let b = cpu.forward(&[*t], long.len() + s, 0..1).unwrap();
+            let dd = centred_diff(a.row(0), b.row(0));
+            assert!(dd <= BF16_ATOL, "decode step {s}: CUDA vs CPU {dd}");
+        }
+    }
+
     #[test]
     fn one_rank_of_a_llama2_70b_shaped_model_runs_and_is_graph_stable() {
         if !have_gpu() {
