@@ -1923,6 +1923,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             plan.notes["distillation_settings"] = distill_settings(&train, &dcfg);
             plan.notes["distillation"] = serde_json::json!(reports);
+            plan.notes["b2b"] = serde_json::json!(!no_b2b);
+            if let Some(c) = &ccfg {
+                plan.notes["compensation"] = serde_json::json!({
+                    "rank": c.rank, "ridge": c.ridge, "holdout": c.holdout,
+                });
+            }
             plan.save(&out)?;
             eprintln!("wrote {} and {}", out.display(), w.display());
         }

@@ -1030,6 +1030,36 @@ pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights
     crate::files::write_atomic(path, &bytes)
 }
 
+/// The blocks a distilled weights file holds linear compensation for (any rank), read from
+/// its safetensors header alone.
+pub fn compensated_in(path: &std::path::Path) -> Result<Vec<usize>> {
+    use std::io::Read;
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let len = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len > size.saturating_sub(8) {
+        return Err(bad(format!("header of {len} bytes in a file of {size}")));
+    }
+    let mut header = vec![0u8; len as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let names: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let mut layers: Vec<usize> = names
+        .keys()
+        .filter(|k| k.ends_with(".comp_in") || k.ends_with(".comp_out"))
+        .filter_map(|k| k.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+        .collect();
+    layers.sort_unstable();
+    layers.dedup();
+    Ok(layers)
+}
+
 /// Load distilled blocks saved by [`save_distilled`] into `engine` (for the layers listed),
 /// with their linear compensation where the file has one. Returns the layers that got one.
 pub fn load_distilled(
@@ -1085,11 +1115,13 @@ pub fn load_distilled(
         }
         let with = ranks.iter().filter(|w| w.comp.is_some()).count();
         if with != 0 && with != ranks.len() {
-            return Err(Error::MissingTensor(format!(
-                "block {l}: {with} of {} ranks have linear compensation in {}",
-                ranks.len(),
-                path.display()
-            )));
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "block {l}: {with} of {} ranks have linear compensation (all or none)",
+                    ranks.len()
+                ),
+            });
         }
         if with != 0 {
             compensated.push(l);
@@ -1115,23 +1147,29 @@ fn load_comp(
         (Err(_), Err(_)) => return Ok(None),
         (Ok(a), Ok(b)) => (a, b),
         _ => {
-            return Err(Error::MissingTensor(format!(
-                "{ki} and {ko} come together; {} has only one",
-                path.display()
+            return Err(Error::Safetensors {
+                path: path.to_path_buf(),
+                msg: format!("{ki} and {ko} come together; the file has only one of them"),
+            })
+        }
+    };
+    let bad = |msg: String| Error::Safetensors {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let k = match tin.shape() {
+        [k, dd] if *k > 0 && *dd == d => *k,
+        s => {
+            return Err(bad(format!(
+                "{ki} has shape {s:?}; a rank-k map is [k, {d}] with k >= 1"
             )))
         }
     };
-    let bad = |key: &str, found: &[usize], want: Vec<usize>| Error::ShapeMismatch {
-        tensor: key.to_string(),
-        expected: want,
-        found: found.to_vec(),
-    };
-    let k = tin.shape().first().copied().unwrap_or(0);
-    if tin.shape() != [k, d] || k == 0 {
-        return Err(bad(&ki, tin.shape(), vec![k.max(1), d]));
-    }
     if tout.shape() != [d, k] {
-        return Err(bad(&ko, tout.shape(), vec![d, k]));
+        return Err(bad(format!(
+            "{ko} has shape {:?}; with {ki} of rank {k} it must be [{d}, {k}]",
+            tout.shape()
+        )));
     }
     for (key, t) in [(&ki, &tin), (&ko, &tout)] {
         if t.dtype() != safetensors::Dtype::F32 {

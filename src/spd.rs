@@ -277,25 +277,34 @@ impl SpdPlan {
         let plan = SpdPlan::load(path)?;
         plan.validate(engine, sha)?;
         let weights = plan.distilled_path(path)?;
+        // compensation flags against the file, before anything is switched
+        let want: Vec<usize> = (0..plan.layers.len())
+            .filter(|&l| plan.layers[l].spd && plan.layers[l].compensated)
+            .collect();
+        let loads = plan.distilled_layers();
+        let has: Vec<usize> = match &weights {
+            Some(w) => crate::distill::compensated_in(w)?
+                .into_iter()
+                .filter(|l| loads.contains(l))
+                .collect(),
+            None => Vec::new(),
+        };
+        if has != want {
+            return Err(Error::InvalidArgument(format!(
+                "plan {}: blocks {want:?} have linear compensation, but its distilled weights \
+                 hold it for blocks {has:?}",
+                path.display()
+            )));
+        }
         engine.set_spd(&plan.spd_mask())?;
         for (l, lp) in plan.layers.iter().enumerate() {
             if let (Some(h), Some(f)) = (&lp.heads, &lp.ffn_order) {
                 crate::headgroup::apply(engine, l, h.clone(), f.clone())?;
             }
         }
-        let want: Vec<usize> = (0..plan.layers.len())
-            .filter(|&l| plan.layers[l].spd && plan.layers[l].compensated)
-            .collect();
-        let got = match weights {
-            Some(w) => crate::distill::load_distilled(&w, engine, &plan.distilled_layers())?,
-            None => Vec::new(),
-        };
-        if got != want {
-            return Err(Error::InvalidArgument(format!(
-                "plan {}: blocks {want:?} have linear compensation, but its distilled weights \
-                 hold it for blocks {got:?}",
-                path.display()
-            )));
+        if let Some(w) = weights {
+            let got = crate::distill::load_distilled(&w, engine, &loads)?;
+            debug_assert_eq!(got, want, "checked against the header above");
         }
         Ok(plan)
     }
@@ -309,8 +318,8 @@ impl SpdPlan {
                 return Ok(None);
             }
             return Err(Error::InvalidArgument(format!(
-                "plan {}: blocks {needs:?} are distilled (B2B) but the plan names no distilled \
-                 weights file; distil them again (`distill --spd {}`)",
+                "plan {}: blocks {needs:?} are distilled (B2B) or compensated but the plan names \
+                 no distilled weights file; distil them again (`distill --spd {}`)",
                 plan_path.display(),
                 plan_path.display()
             )));

@@ -572,8 +572,17 @@ impl Backend for CpuBackend {
             return Ok(());
         };
         let (d, eps, th) = (self.dims.hidden, self.dims.rms_eps, self.threads);
-        let n = t * d;
-        Self::par(&self.pool, || c.apply(&x[..n], d, eps, &mut u[..n], th));
+        let (n, k) = (t * d, c.rank);
+        // the backend's own products (row-invariant when asked: ISO stays bit-exact)
+        let mm = self.mm();
+        Self::par(&self.pool, || {
+            let xn = crate::compensate::unit_rmsnorm(&x[..n], d, eps);
+            let mut h = vec![0f32; t * k];
+            mm(&xn, t, &c.w_in, k, d, &mut h, th);
+            let mut est = vec![0f32; n];
+            mm(&h, t, &c.w_out, d, k, &mut est, th);
+            u[..n].iter_mut().zip(&est).for_each(|(u, e)| *u += e);
+        });
         Ok(())
     }
 
