@@ -13,7 +13,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use syncdrop::distill::{
-    distill_layer, recover_layer, save_distilled, CompConfig, DistillConfig, DistillDevice,
+    distill_layer, recover_layer, save_distilled, save_recovered, CompConfig, DistillConfig,
+    DistillDevice,
 };
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
 use syncdrop::eval::{lambada, perplexity_texts, score_tokens};
@@ -1915,7 +1916,14 @@ fn run(cli: Cli) -> Result<()> {
                 )));
             }
             let w = sibling(&out, "safetensors");
-            save_distilled(&w, &blocks)?;
+            // blocks that kept the model's weights (LC only, or B2B that did not help) store
+            // only their compensation
+            let original: Vec<usize> = blocks
+                .iter()
+                .map(|(l, _)| *l)
+                .filter(|l| plan.layers[*l].recovery == Some(Recovery::ZeroShot))
+                .collect();
+            save_recovered(&w, &blocks, &original)?;
             plan.set_distilled(&w)?;
             plan.model_sha256 = sha.unwrap_or(plan.model_sha256);
             if !plan.notes.is_object() {

@@ -979,16 +979,35 @@ pub fn recover_layer(
 /// and for a block with linear compensation `blk.{l}.rank{r}.comp_in` (k, d) and
 /// `comp_out` (d, k).
 pub fn save_distilled(path: &std::path::Path, blocks: &[(usize, Vec<BlockWeights>)]) -> Result<()> {
+    save_recovered(path, blocks, &[])
+}
+
+/// [`save_distilled`], except that the blocks in `original` keep the model's weights: only
+/// their linear compensation is written (a few MB instead of the block), and
+/// [`load_distilled`] takes their weights from the model.
+pub fn save_recovered(
+    path: &std::path::Path,
+    blocks: &[(usize, Vec<BlockWeights>)],
+    original: &[usize],
+) -> Result<()> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let bytes = |data: &[f32]| data.iter().flat_map(|v| v.to_le_bytes()).collect();
     for (l, ranks) in blocks {
+        let keep = original.contains(l);
+        if keep && ranks.iter().any(|w| w.comp.is_none()) {
+            return Err(Error::InvalidArgument(format!(
+                "block {l}: saved with the model's weights, so it needs linear compensation \
+                 on every rank (otherwise there is nothing to save)"
+            )));
+        }
         for (r, w) in ranks.iter().enumerate() {
-            for (name, data) in [
+            let weights = [
                 ("wo", &w.wo),
                 ("ffn_norm", &w.ffn_norm),
                 ("w_gate_up", &w.w_gate_up),
                 ("w_down", &w.w_down),
-            ] {
+            ];
+            for (name, data) in weights.into_iter().filter(|_| !keep) {
                 tensors.push((
                     format!("blk.{l}.rank{r}.{name}"),
                     vec![data.len()],
@@ -1078,12 +1097,18 @@ pub fn load_distilled(
         let mut ranks = Vec::new();
         for (r, shard) in engine.block_shards(l).iter().enumerate() {
             let mut w = crate::model::load_block(&engine.files, &mcfg, shard, l)?;
+            w.comp = load_comp(&st, path, l, r, mcfg.hidden)?;
+            // a compensated block saved without weights keeps the model's
+            let original = w.comp.is_some() && st.tensor(&format!("blk.{l}.rank{r}.wo")).is_err();
             for (name, dst) in [
                 ("wo", &mut w.wo),
                 ("ffn_norm", &mut w.ffn_norm),
                 ("w_gate_up", &mut w.w_gate_up),
                 ("w_down", &mut w.w_down),
-            ] {
+            ]
+            .into_iter()
+            .filter(|_| !original)
+            {
                 let key = format!("blk.{l}.rank{r}.{name}");
                 let t = st
                     .tensor(&key)
@@ -1110,7 +1135,6 @@ pub fn load_distilled(
                     .collect();
                 *dst = vals;
             }
-            w.comp = load_comp(&st, path, l, r, mcfg.hidden)?;
             ranks.push(w);
         }
         let with = ranks.iter().filter(|w| w.comp.is_some()).count();

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use syncdrop::backend::BlockWeights;
 use syncdrop::compensate::Compensation;
 use syncdrop::distill::{
-    attention_output, load_distilled, recover_layer, save_distilled, student_output,
-    teacher_output, CompConfig, DistillConfig, Sample, StudentParams,
+    attention_output, load_distilled, recover_layer, save_distilled, save_recovered,
+    student_output, teacher_output, CompConfig, DistillConfig, Sample, StudentParams,
 };
 use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, Recovery, SpdPlan};
@@ -743,5 +743,55 @@ fn plans_whose_compensated_flags_disagree_with_their_weights_are_refused() {
     let text = std::fs::read_to_string(&p).unwrap();
     assert!(!text.contains("compensated"), "{text}");
     assert!(!SpdPlan::load(&p).unwrap().layers[0].compensated);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A block that keeps the model's weights is saved as its maps alone (`save_recovered`):
+/// the file holds no block tensors for it, and loading it gives the model's weights plus the
+/// maps, so the logits equal the engine it was saved from; a block in `original` without
+/// maps is refused (nothing would be saved for it).
+#[test]
+fn compensation_alone_is_saved_without_the_blocks_weights() {
+    let (dir, path) = tiny_model("lc-alone", 41);
+    let toks = prompt(10, 6);
+    let mask = [true, false, true];
+    let mut e = engine(&path, 2, false);
+    e.set_spd(&mask).unwrap();
+    let w0 = compensated(&e, 0, 3, 90, 0.5);
+    let w2 = compensated(&e, 2, 2, 91, 0.5);
+    e.load_layer(0, w0.clone()).unwrap();
+    e.load_layer(2, w2.clone()).unwrap();
+    let want = logits(&mut e, &toks);
+    let full = dir.join("full.safetensors");
+    let slim = dir.join("slim.safetensors");
+    save_distilled(&full, &[(0, w0.clone()), (2, w2.clone())]).unwrap();
+    save_recovered(&slim, &[(0, w0.clone()), (2, w2.clone())], &[2]).unwrap();
+    let names: Vec<String> = read_tensors(&slim).into_iter().map(|t| t.0).collect();
+    assert!(names.iter().any(|n| n == "blk.0.rank1.wo"), "{names:?}");
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("blk.2.") && !n.contains("comp")),
+        "{names:?}"
+    );
+    assert!(
+        names.iter().any(|n| n == "blk.2.rank0.comp_in"),
+        "{names:?}"
+    );
+    let size = |p: &Path| std::fs::metadata(p).unwrap().len();
+    assert!(
+        size(&slim) < size(&full),
+        "{} >= {}",
+        size(&slim),
+        size(&full)
+    );
+    let mut f = engine(&path, 2, false);
+    f.set_spd(&mask).unwrap();
+    assert_eq!(load_distilled(&slim, &mut f, &[0, 2]).unwrap(), vec![0, 2]);
+    assert_eq!(bits(&logits(&mut f, &toks)), bits(&want));
+    let err = save_recovered(&slim, &[(2, originals(&e, 2))], &[2])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("linear compensation"), "{err}");
     std::fs::remove_dir_all(dir).ok();
 }
