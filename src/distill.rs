@@ -844,7 +844,8 @@ pub struct CompReport {
     pub residual: f64,
     /// Whether `residual` was measured on held-out sequences.
     pub heldout: bool,
-    /// Seconds for capturing nothing extra, fitting and measuring.
+    /// Seconds to fit the maps and measure the residual (capturing the block inputs, shared
+    /// with B2B, not included).
     pub secs: f64,
 }
 
