@@ -23,7 +23,7 @@
 
 #![warn(missing_docs)]
 
-use crate::backend::cpu::gemm_strided;
+use crate::backend::cpu::{dot, gemm_strided, matmul, MatmulFn};
 use crate::error::{Error, Result};
 
 /// Default rank k of the estimate.
@@ -59,23 +59,50 @@ impl Compensation {
         Ok(())
     }
 
-    /// `u` (t, d) += the estimate for block input `x` (t, d). The CPU reference: `th`
-    /// threads; the sum order is that of [`gemm_strided`].
+    /// `u` (t, d) += the estimate for block input `x` (t, d), on `th` threads with the
+    /// CPU's default products.
     pub fn apply(&self, x: &[f32], d: usize, eps: f32, u: &mut [f32], th: usize) {
-        let t = x.len() / d;
-        let k = self.rank;
-        let xn = unit_rmsnorm(x, d, eps);
-        let mut h = vec![0f32; t * k];
-        gemm_strided(t, k, d, &mut h, false, (&xn, d, 1), (&self.w_in, 1, d), th);
-        gemm_strided(t, d, k, u, true, (&h, k, 1), (&self.w_out, 1, k), th);
+        self.apply_with(matmul, x, d, eps, u, th, &mut Vec::new());
+    }
+
+    /// [`Compensation::apply`] with the products `mm` (the CPU backend passes its own, so a
+    /// row-invariant backend stays row-invariant), reusing `scratch` between calls.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_with(
+        &self,
+        mm: MatmulFn,
+        x: &[f32],
+        d: usize,
+        eps: f32,
+        u: &mut [f32],
+        th: usize,
+        scratch: &mut Vec<f32>,
+    ) {
+        let (t, k) = (x.len() / d, self.rank);
+        let n = t * d;
+        scratch.resize(2 * n + t * k, 0.0);
+        let (xn, rest) = scratch.split_at_mut(n);
+        let (est, h) = rest.split_at_mut(n);
+        unit_rmsnorm_into(x, d, eps, xn);
+        mm(xn, t, &self.w_in, k, d, h, th);
+        mm(h, t, &self.w_out, d, k, est, th);
+        u[..n].iter_mut().zip(&*est).for_each(|(u, e)| *u += e);
     }
 }
 
 /// x / sqrt(mean(x^2) + eps), row by row: RMSNorm with unit weights.
 pub fn unit_rmsnorm(x: &[f32], d: usize, eps: f32) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];
-    crate::backend::cpu::rmsnorm(x, &vec![1.0; d], eps, &mut out);
+    unit_rmsnorm_into(x, d, eps, &mut out);
     out
+}
+
+/// [`unit_rmsnorm`] into `out`: `cpu::rmsnorm`'s sums without a weight vector of ones.
+fn unit_rmsnorm_into(x: &[f32], d: usize, eps: f32, out: &mut [f32]) {
+    for (xr, or) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+        let s = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+        or.iter_mut().zip(xr).for_each(|(o, v)| *o = v * s);
+    }
 }
 
 /// The normal equations of the ridge regressions of one block, one per rank, accumulated

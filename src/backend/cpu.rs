@@ -567,22 +567,17 @@ impl Backend for CpuBackend {
         t: usize,
         u: &mut Vec<f32>,
     ) -> Result<()> {
-        let lay = self.layer(layer)?;
-        let Some(c) = &lay.w.comp else {
-            return Ok(());
-        };
         let (d, eps, th) = (self.dims.hidden, self.dims.rms_eps, self.threads);
-        let (n, k) = (t * d, c.rank);
+        let n = t * d;
         // the backend's own products (row-invariant when asked: ISO stays bit-exact)
         let mm = self.mm();
-        Self::par(&self.pool, || {
-            let xn = crate::compensate::unit_rmsnorm(&x[..n], d, eps);
-            let mut h = vec![0f32; t * k];
-            mm(&xn, t, &c.w_in, k, d, &mut h, th);
-            let mut est = vec![0f32; n];
-            mm(&h, t, &c.w_out, d, k, &mut est, th);
-            u[..n].iter_mut().zip(&est).for_each(|(u, e)| *u += e);
-        });
+        let mut scratch = std::mem::take(&mut self.scratch);
+        if let Some(c) = &self.layer(layer)?.w.comp {
+            Self::par(&self.pool, || {
+                c.apply_with(mm, &x[..n], d, eps, &mut u[..n], th, &mut scratch)
+            });
+        }
+        self.scratch = scratch;
         Ok(())
     }
 

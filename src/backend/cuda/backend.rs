@@ -63,10 +63,8 @@ struct DevLayer {
     comp: Option<DevComp>,
 }
 
-/// A block's linear compensation ([`crate::compensate`]): unit RMSNorm weights and the two
-/// factors in bf16.
+/// A block's linear compensation ([`crate::compensate`]): the two factors in bf16.
 struct DevComp {
-    ones: CudaSlice<f32>,
     w_in: CudaSlice<bf16>,
     w_out: CudaSlice<bf16>,
     rank: usize,
@@ -104,6 +102,8 @@ struct Scratch {
     partial: CudaSlice<f32>,
     /// Linear compensation: its estimate (t, d) before it is added.
     comp: CudaSlice<f32>,
+    /// Linear compensation: unit RMSNorm weights (d), uploaded with the first map.
+    ones: Option<CudaSlice<f32>>,
 }
 
 pub struct CudaBackend {
@@ -319,6 +319,7 @@ impl CudaBackend {
             xb: stream.alloc_zeros::<bf16>(1).map_err(cuda_err)?,
             partial: z32(1)?,
             comp: z32(1)?,
+            ones: None,
         };
         let pos_dev = stream.alloc_zeros::<i32>(1).map_err(cuda_err)?;
         let n_layers = dims.n_layers;
@@ -719,6 +720,9 @@ impl Backend for CudaBackend {
     fn load_layer(&mut self, layer: usize, w: BlockWeights) -> Result<()> {
         let (n_kv, ffn) = w.check(layer, &self.dims)?;
         self.graph_reset();
+        if w.comp.is_some() && self.sc.ones.is_none() {
+            self.sc.ones = Some(self.ex.up_f32(&vec![1.0; self.dims.hidden])?);
+        }
         let d = &self.dims;
         let cache = (n_kv * d.capacity * d.head_dim).max(1);
         let ex = &self.ex;
@@ -750,7 +754,6 @@ impl Backend for CudaBackend {
             v,
             comp: match &w.comp {
                 Some(c) => Some(DevComp {
-                    ones: ex.up_f32(&vec![1.0; d.hidden])?,
                     w_in: ex.up_bf16(&c.w_in)?,
                     w_out: ex.up_bf16(&c.w_out)?,
                     rank: c.rank,
@@ -902,7 +905,10 @@ impl Backend for CudaBackend {
             d.hidden,
             d.rms_eps,
             &x.slice(..n),
-            &c.ones.slice(..),
+            &sc.ones
+                .as_ref()
+                .expect("uploaded with the first map")
+                .slice(..),
             &mut sc.normed.slice_mut(..n),
         )?;
         ex.matmul(
