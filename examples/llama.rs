@@ -13,7 +13,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use syncdrop::distill::{
-    distill_layer, recover_layer, save_distilled, save_recovered, CompConfig, DistillConfig,
+    compensate_blocks, distill_layer, recover_layer, save_recovered, CompConfig, DistillConfig,
     DistillDevice,
 };
 use syncdrop::engine::{BackendKind, Engine, EngineOptions};
@@ -285,7 +285,13 @@ enum Cmd {
         /// zero-shot.
         #[arg(long, requires = "b2b")]
         distill_zero_shot: bool,
-        /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
+        /// Linear compensation of rank K (ours, not the paper's; see `distill --compensate`):
+        /// fitted first for every block on the distillation passages, in closed form (a few
+        /// seconds a block); the sensitivity is then measured and every search step scored
+        /// with SPD + LC, and B2B trains with it. 0: none.
+        #[arg(long, default_value_t = 0, value_name = "K")]
+        compensate: usize,
+        /// Reuse a sensitivity JSON from `sensitivity` (or a plan's) instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
         #[arg(long, default_value = "plan.json")]
@@ -1312,6 +1318,7 @@ fn run(cli: Cli) -> Result<()> {
             search_z,
             past_wall,
             distill_zero_shot,
+            compensate,
             sensitivity,
             out,
             force,
@@ -1337,7 +1344,14 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 }
             };
-            let dcfg = distill_config(&train, b2b, &common)?;
+            // linear compensation fits on the distillation passages with their hold-out
+            let recovers = b2b || compensate > 0;
+            let dcfg = distill_config(&train, recovers, &common)?;
+            let ccfg = (compensate > 0).then(|| CompConfig {
+                rank: compensate,
+                holdout: train.holdout,
+                ..CompConfig::default()
+            });
             distinct_outputs(&[
                 ("--out", &out),
                 ("the plot beside --out", &sibling(&out, "svg")),
@@ -1348,7 +1362,7 @@ fn run(cli: Cli) -> Result<()> {
             ])?;
             let weights = sibling(&out, "safetensors");
             let mut kept = vec![("--out", out.as_path())];
-            if b2b {
+            if recovers {
                 kept.push(("the distilled weights beside --out", weights.as_path()));
             }
             keep_existing(force, &kept)?;
@@ -1394,14 +1408,70 @@ fn run(cli: Cli) -> Result<()> {
             if let Data::Passages(halves) = &data {
                 ppl_fits_ctx(&tok, halves.iter().flatten(), common.ctx)?;
             }
-            // the distillation's (and head grouping's) calibration text, none without B2B:
-            // read before the sensitivity, so that a bad --distill-calib stops the run early
-            let seqs = distill_data(&tok, &train, b2b)?;
-            let sens: Sensitivity = match sensitivity {
-                Some(p) => saved_sensitivity(&p, &engine)?,
+            // the distillation's (and head grouping's and compensation's) calibration text,
+            // none without them: read before the sensitivity, so that a bad --distill-calib
+            // stops the run early
+            let seqs = distill_data(&tok, &train, recovers)?;
+            if let Some(c) = &ccfg {
+                c.validate(engine.cfg.hidden, seqs.len())
+                    .map_err(|e| named("--compensate", e))?;
+            }
+            let saved = sensitivity
+                .map(|p| saved_sensitivity(&p, &engine).map(|s| (p, s)))
+                .transpose()?;
+            if let Some((p, s)) = &saved {
+                if s.compensation_rank != ccfg.map(|c| c.rank) {
+                    let how = |r: Option<usize>| {
+                        r.map_or("zero-shot SPD blocks".into(), |k| {
+                            format!("SPD blocks compensated at rank {k}")
+                        })
+                    };
+                    eprintln!(
+                        "warning: --sensitivity {} was measured with {}, this plan searches \
+                         {}: its block order may not be this search's",
+                        p.display(),
+                        how(s.compensation_rank),
+                        how(ccfg.map(|c| c.rank))
+                    );
+                }
+            }
+            // linear compensation for every block, before the sensitivity (which then
+            // measures SPD + LC)
+            let lc = match &ccfg {
+                Some(c) => {
+                    eprintln!(
+                        "fitting linear compensation of rank {} for every block on {} passages \
+                         ({} held out)",
+                        c.rank,
+                        seqs.len(),
+                        c.holdout
+                    );
+                    Some(compensate_blocks(
+                        &mut engine,
+                        &seqs,
+                        c,
+                        dcfg.threads,
+                        true,
+                        |l, r| {
+                            eprintln!(
+                                "block {l:2}: compensation leaves {:.1}% of the missing \
+                                 partials{} ({:.1}s)",
+                                100.0 * r.residual,
+                                if r.heldout { " (held out)" } else { "" },
+                                r.secs
+                            )
+                        },
+                    )?)
+                }
+                None => None,
+            };
+            let sens: Sensitivity = match saved {
+                Some((_, s)) => s,
                 None => {
                     let seqs = calibration(&tok, &calib, "calib")?;
-                    spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?
+                    let mut s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
+                    s.compensation_rank = ccfg.map(|c| c.rank);
+                    s
                 }
             };
             let mut metric: Box<dyn planner::Metric> = match data {
@@ -1428,6 +1498,7 @@ fn run(cli: Cli) -> Result<()> {
                     z: search_z,
                     past_wall,
                     distill_zero_shot,
+                    compensation: lc.as_ref(),
                 },
                 metric.as_mut(),
                 &seqs,
@@ -1438,10 +1509,25 @@ fn run(cli: Cli) -> Result<()> {
             let mut plan = planner::plan_file(&engine, sha, &sens, &outcome, budget);
             if !distilled.is_empty() {
                 let w = sibling(&out, "safetensors");
-                save_distilled(&w, &distilled)?;
+                // zero-shot blocks with compensation keep the model's weights: only their
+                // maps are written
+                let original: Vec<usize> = distilled
+                    .iter()
+                    .map(|b| b.0)
+                    .filter(|l| outcome.recovery[*l] == Some(Recovery::ZeroShot))
+                    .collect();
+                save_recovered(&w, &distilled, &original)?;
                 plan.set_distilled(&w)?;
                 // how the weights were made (the per-block reports are in the outcome)
                 plan.notes["distillation_settings"] = distill_settings(&train, &dcfg);
+                plan.notes["b2b"] = serde_json::json!(b2b);
+                if let Some(c) = &ccfg {
+                    plan.notes["compensation"] = serde_json::json!({
+                        "rank": c.rank, "ridge": c.ridge, "holdout": c.holdout,
+                        "fitted": "every block up front, on the TP model's block inputs; \
+                                   refitted on the plan's inputs before a block's B2B",
+                    });
+                }
             }
             plan.save(&out)?;
             spd::plot_sensitivity(

@@ -811,7 +811,7 @@ pub fn distill_layer(
 }
 
 /// Linear compensation settings ([`crate::compensate`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct CompConfig {
     /// Rank k of each rank's map.
     pub rank: usize,
@@ -830,6 +830,115 @@ impl Default for CompConfig {
             holdout: 8,
         }
     }
+}
+
+impl CompConfig {
+    /// Refuses settings that cannot fit a model of hidden size `d` on `passages`
+    /// calibration sequences (checked before any block input is captured).
+    pub fn validate(&self, d: usize, passages: usize) -> Result<()> {
+        if self.rank == 0 || self.rank > d {
+            return Err(Error::InvalidArgument(format!(
+                "linear compensation of rank {}: the rank is 1 to the hidden size {d}",
+                self.rank
+            )));
+        }
+        if !(self.ridge.is_finite() && self.ridge >= 0.0) {
+            return Err(Error::InvalidArgument(format!(
+                "linear compensation ridge {}: a finite number >= 0",
+                self.ridge
+            )));
+        }
+        if self.holdout >= passages {
+            return Err(Error::InvalidArgument(format!(
+                "linear compensation holds out {} of {passages} calibration sequences: none \
+                 would be left to fit on",
+                self.holdout
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Linear compensation fitted for every block of a model ([`compensate_blocks`]): what the
+/// planner searches with.
+#[derive(Debug, Clone)]
+pub struct BlockCompensation {
+    /// The settings it was fitted with.
+    pub config: CompConfig,
+    /// Per block, one map per rank, for the engine's head assignment at fitting time.
+    pub maps: Vec<Vec<crate::compensate::Compensation>>,
+    /// Per block, how the fit went.
+    pub reports: Vec<CompReport>,
+}
+
+/// Fit linear compensation for every block of `engine` on the TP model's block inputs (it
+/// switches every block to a standard TP block first, and leaves them so) and load it.
+/// The maps act in SPD blocks only, so the engine's outputs do not change until blocks are
+/// switched to SPD; then each runs SPD + LC. Unlike [`recover_layer`] in plan order, no
+/// block's inputs see an earlier block's SPD error: one fit serves every plan. `progress`:
+/// a bar on stderr; `log` gets each block's report.
+pub fn compensate_blocks(
+    engine: &mut crate::engine::Engine,
+    calib: &[Vec<u32>],
+    cfg: &CompConfig,
+    threads: usize,
+    progress: bool,
+    mut log: impl FnMut(usize, &CompReport),
+) -> Result<BlockCompensation> {
+    let n = engine.cfg.n_layers;
+    cfg.validate(engine.cfg.hidden, calib.len())?;
+    engine.set_spd(&vec![false; n])?;
+    let bar = crate::progress::bar(n as u64, "compensation", progress);
+    let mut maps = Vec::with_capacity(n);
+    let mut reports = Vec::with_capacity(n);
+    for l in 0..n {
+        let (w, rep) = recover_layer(engine, calib, l, None, Some(cfg), threads)?;
+        let rep = rep.comp.expect("compensation was asked for");
+        bar.suspend(|| log(l, &rep));
+        bar.inc(1);
+        bar.set_message(format!("block {l}: {:.0}% left", 100.0 * rep.residual));
+        maps.push(
+            w.into_iter()
+                .map(|w| w.comp.expect("fitted on every rank"))
+                .collect(),
+        );
+        reports.push(rep);
+    }
+    bar.finish_and_clear();
+    Ok(BlockCompensation {
+        config: *cfg,
+        maps,
+        reports,
+    })
+}
+
+/// Load block `layer`'s original weights for the engine's head assignment with the maps
+/// `comps` (one per rank) into `engine`; returns the weights loaded.
+pub fn load_compensated(
+    engine: &mut crate::engine::Engine,
+    layer: usize,
+    comps: &[crate::compensate::Compensation],
+) -> Result<Vec<BlockWeights>> {
+    let cfg = engine.cfg.clone();
+    let shards = engine.block_shards(layer);
+    if shards.len() != comps.len() {
+        return Err(Error::InvalidArgument(format!(
+            "block {layer}: {} compensation maps for TP {}",
+            comps.len(),
+            shards.len()
+        )));
+    }
+    let w: Vec<BlockWeights> = shards
+        .iter()
+        .zip(comps)
+        .map(|(s, c)| {
+            let mut w = crate::model::load_block(&engine.files, &cfg, s, layer)?;
+            w.comp = Some(c.clone());
+            Ok(w)
+        })
+        .collect::<Result<_>>()?;
+    engine.load_layer(layer, w.clone())?;
+    Ok(w)
 }
 
 /// How linear compensation of one block went.
@@ -878,6 +987,11 @@ pub fn recover_layer(
     }
     let mcfg = engine.cfg.clone();
     let (d, eps) = (mcfg.hidden, mcfg.rms_eps);
+    if let Some(cc) = comp {
+        // before capturing: a bad rank would otherwise stop the run after it
+        let holdout = b2b.map_or(cc.holdout, |b| b.holdout);
+        CompConfig { holdout, ..*cc }.validate(d, calib.len())?;
+    }
     let shards = engine.block_shards(layer);
     let mut weights: Vec<BlockWeights> = shards
         .iter()
@@ -891,7 +1005,11 @@ pub fn recover_layer(
             .zip(&weights)
             .map(|(s, w)| attention_output(&mcfg, s, w, &x))
             .collect();
-        let target = teacher_output(&weights, &att, &x, d, eps, threads);
+        // the TP block's output is B2B's target; linear compensation alone needs none
+        let target = match b2b {
+            Some(_) => teacher_output(&weights, &att, &x, d, eps, threads),
+            None => Vec::new(),
+        };
         data.push(Sample {
             x,
             att,
@@ -905,14 +1023,8 @@ pub fn recover_layer(
     };
     if let Some(cc) = comp {
         let t0 = std::time::Instant::now();
+        // validated above: at least one sequence is left to fit on
         let holdout = b2b.map_or(cc.holdout, |b| b.holdout);
-        if holdout >= data.len() {
-            return Err(Error::InvalidArgument(format!(
-                "linear compensation holds out {holdout} of {} calibration sequences: none \
-                 would be left to fit on",
-                data.len()
-            )));
-        }
         // each rank's attention partial a_r = att_r W_o[r]^T, (t, d)
         let partials = |s: &Sample| -> Vec<Vec<f32>> {
             s.att

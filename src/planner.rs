@@ -11,10 +11,15 @@
 //!    says what sample would.
 //! 3. B2B: the next blocks in order are distilled one by one and kept while the budget holds.
 //! 4. The final plan is scored on a held-out split disjoint from the search split.
+//!
+//! With linear compensation ([`Search::compensation`], ours, not the paper's) every SPD
+//! block the search tries runs with its maps (SPD + LC), and B2B trains with them.
 
 #![warn(missing_docs)]
 
-use crate::distill::{distill_layer, DistillConfig};
+use crate::distill::{
+    load_compensated, recover_layer, BlockCompensation, CompReport, DistillConfig,
+};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::spd::{passage_nlls, Recovery, Sensitivity, SpdPlan};
@@ -300,6 +305,13 @@ pub struct PlanOutcome {
     /// How each block the plan keeps distilled (B2B or HG+B2B) trained: (layer, report).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub distillation: Vec<(usize, crate::distill::DistillReport)>,
+    /// Per block: SPD with linear compensation (empty without it).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compensated: Vec<bool>,
+    /// How each SPD block's compensation was fitted: (layer, report); a zero-shot block's is
+    /// the fit on the TP model's inputs, a distilled block's the refit before its B2B.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub compensation: Vec<(usize, CompReport)>,
     /// SPD blocks over all blocks.
     pub fraction: f64,
     /// Thresholds implied by the choice: every block of the zero-shot class has s <= t1
@@ -350,10 +362,10 @@ pub struct PlanOutcome {
     pub verdict_text: String,
 }
 
-/// How the planner's search decides and how far it looks. A bare `f64` is the margin `z`
-/// with no look past the wall.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Search {
+/// How the planner's search decides, how far it looks and what it recovers blocks with. A
+/// bare `f64` is the margin `z` with no look past the wall and no compensation.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Search<'a> {
     /// A step fits when its loss + `z` paired standard errors is within budget (0: point
     /// estimates; 1.645: a one-sided 95% upper bound).
     pub z: f64,
@@ -367,10 +379,15 @@ pub struct Search {
     /// lowers the loss. The budget it frees goes to more B2B blocks. (The paper leaves
     /// in-sensitive blocks zero-shot.)
     pub distill_zero_shot: bool,
+    /// Linear compensation for every block ([`crate::distill::compensate_blocks`]): the
+    /// planner loads it, so every SPD block it tries runs SPD + LC; B2B (and HG+B2B) refits
+    /// the block's maps on the plan's inputs and trains with them. Measure the sensitivity
+    /// with the maps loaded, so that the order is SPD + LC's.
+    pub compensation: Option<&'a BlockCompensation>,
 }
 
-impl From<f64> for Search {
-    fn from(z: f64) -> Search {
+impl From<f64> for Search<'_> {
+    fn from(z: f64) -> Self {
         Search {
             z,
             ..Search::default()
@@ -378,7 +395,7 @@ impl From<f64> for Search {
     }
 }
 
-/// Distilled blocks: (layer, one shard per rank).
+/// Distilled or compensated blocks: (layer, one shard per rank).
 pub type DistilledBlocks = Vec<(usize, Vec<crate::backend::BlockWeights>)>;
 
 /// Blocks from least to most sensitive (ties keep the later block first).
@@ -398,10 +415,15 @@ fn mask_of(order: &[usize], k: usize, n: usize) -> Vec<bool> {
     m
 }
 
-/// Back to the original weights and the default head assignment.
-fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
+/// Back to the original weights and the default head assignment, with the block's
+/// compensation maps if there are any.
+fn restore_block(engine: &mut Engine, layer: usize, lc: Option<&BlockCompensation>) -> Result<()> {
     let shards = engine.layout.ranks.clone();
-    engine.set_block_shards(layer, shards)
+    engine.set_block_shards(layer, shards)?;
+    if let Some(c) = lc {
+        load_compensated(engine, layer, &c.maps[layer])?;
+    }
+    Ok(())
 }
 
 /// Choose the plan. `metric` scores split 0 (search) and split 1 (held-out); `calib` feeds
@@ -412,13 +434,14 @@ fn restore_block(engine: &mut Engine, layer: usize) -> Result<()> {
 /// without a standard error is judged by its point estimate). The baseline is the engine as
 /// given: pass one with the original weights (not one that already holds distilled or
 /// head-grouped blocks). The engine ends with the chosen plan (and distilled blocks) loaded.
-/// Returns the outcome and the distilled blocks.
+/// Returns the outcome and the distilled blocks (with compensation: every SPD block, those
+/// that keep the model's weights too).
 #[allow(clippy::too_many_arguments)]
-pub fn plan(
+pub fn plan<'a>(
     engine: &mut Engine,
     sens: &Sensitivity,
     budget: Budget,
-    search: impl Into<Search>,
+    search: impl Into<Search<'a>>,
     metric: &mut dyn Metric,
     calib: &[Vec<u32>],
     b2b: Option<&DistillConfig>,
@@ -429,6 +452,7 @@ pub fn plan(
         z: search_z,
         past_wall,
         distill_zero_shot,
+        compensation: lc,
     } = search.into();
     if !(search_z >= 0.0 && search_z.is_finite()) {
         return Err(Error::InvalidArgument(format!(
@@ -456,6 +480,38 @@ pub fn plan(
             "sensitivity does not match the model".into(),
         ));
     }
+    if let Some(c) = lc {
+        if c.maps.len() != n || c.maps.iter().any(|m| m.len() != engine.tp()) {
+            return Err(Error::InvalidArgument(format!(
+                "compensation for {} blocks of {} ranks; the model has {n} blocks at TP {}",
+                c.maps.len(),
+                c.maps.first().map_or(0, Vec::len),
+                engine.tp()
+            )));
+        }
+        // every block with its maps (they act only in SPD blocks: the baseline is unchanged)
+        for l in 0..n {
+            restore_block(engine, l, lc)?;
+        }
+    }
+    // B2B of one block, with its compensation refitted on the plan's inputs when there is one
+    let recover = |engine: &mut Engine,
+                   layer: usize,
+                   dcfg: &DistillConfig|
+     -> Result<(
+        Vec<crate::backend::BlockWeights>,
+        crate::distill::DistillReport,
+        Option<CompReport>,
+    )> {
+        let cc = lc.map(|c| &c.config);
+        let (w, rep) = recover_layer(engine, calib, layer, Some(dcfg), cc, dcfg.threads)?;
+        Ok((w, rep.b2b.expect("B2B was asked for"), rep.comp))
+    };
+    let zs = if lc.is_some() {
+        "zero-shot+LC"
+    } else {
+        "zero-shot"
+    };
     let order = order_by_sensitivity(sens);
     let mut evals = 0;
     engine.set_spd(&vec![false; n])?;
@@ -503,7 +559,7 @@ pub fn plan(
         let mid = (lo + hi).div_ceil(2);
         let (fits, s, d) = ok(engine, &mask_of(&order, mid, n), &mut evals)?;
         log(&format!(
-            "zero-shot {mid:2} blocks: score {s:.4} (loss {:+.4}{}, budget {})",
+            "{zs} {mid:2} blocks: score {s:.4} (loss {:+.4}{}, budget {})",
             budget.loss(base, s),
             se_text(&d),
             budget.limit()
@@ -545,7 +601,7 @@ pub fn plan(
             mask[layer] = true;
             let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
-                "past the wall (block {}): zero-shot block {layer:2}: score {s:.4} (loss {:+.4}{}) {}",
+                "past the wall (block {}): {zs} block {layer:2}: score {s:.4} (loss {:+.4}{}) {}",
                 order[prefix],
                 budget.loss(base, s),
                 se_text(&d),
@@ -568,23 +624,25 @@ pub fn plan(
     let mut distilled = Vec::new();
     let mut reports = Vec::new();
     let mut groupings = Vec::new();
+    // refitted compensation of the blocks distilled (layer, report)
+    let mut refits: Vec<(usize, CompReport)> = Vec::new();
     if let (Some(dcfg), true, false) = (b2b, distill_zero_shot, zero_shot_class.is_empty()) {
         engine.set_spd(&mask)?;
         let mut got = Vec::new();
         for &layer in &zero_shot_class {
-            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            let (blocks, rep, comp) = recover(engine, layer, dcfg)?;
             log(&format!(
-                "b2b zero-shot block {layer:2}: block mse {:.3e} -> {:.3e}{}",
+                "b2b {zs} block {layer:2}: block mse {:.3e} -> {:.3e}{}",
                 rep.mse_before,
                 rep.mse_after,
                 rep.note()
             ));
-            got.push((layer, blocks, rep));
+            got.push((layer, blocks, rep, comp));
         }
         let (fits, s, d) = ok(engine, &mask, &mut evals)?;
         let better = fits && budget.loss(base, s) < budget.loss(base, best_score);
         log(&format!(
-            "b2b on the {} zero-shot blocks: score {s:.4} (loss {:+.4}{}, zero-shot {:+.4}) {}",
+            "b2b on the {} {zs} blocks: score {s:.4} (loss {:+.4}{}, {zs} {:+.4}) {}",
             got.len(),
             budget.loss(base, s),
             se_text(&d),
@@ -598,14 +656,15 @@ pub fn plan(
         if better {
             best_score = s;
             best_drop = d;
-            for (layer, blocks, rep) in got {
+            for (layer, blocks, rep, comp) in got {
                 recovery[layer] = Some(Recovery::B2b);
                 distilled.push((layer, blocks));
                 reports.push((layer, rep));
+                refits.extend(comp.map(|c| (layer, c)));
             }
         } else {
             for &layer in &zero_shot_class {
-                restore_block(engine, layer)?;
+                restore_block(engine, layer, lc)?;
             }
         }
     }
@@ -615,7 +674,7 @@ pub fn plan(
         for layer in rest {
             mask[layer] = true;
             engine.set_spd(&mask)?;
-            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            let (blocks, rep, comp) = recover(engine, layer, dcfg)?;
             let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
                 "b2b block {layer:2}: block mse {:.3e} -> {:.3e}{}; score {s:.4} (loss {:+.4}{}) {}",
@@ -636,12 +695,13 @@ pub fn plan(
                 recovery[layer] = Some(Recovery::B2b);
                 distilled.push((layer, blocks));
                 reports.push((layer, rep));
+                refits.extend(comp.map(|c| (layer, c)));
                 continue;
             }
             // head grouping, then B2B again from the original weights
-            restore_block(engine, layer)?;
+            restore_block(engine, layer, lc)?;
             let g = crate::headgroup::group_block(engine, layer, calib)?;
-            let (blocks, rep) = distill_layer(engine, calib, layer, dcfg)?;
+            let (blocks, rep, comp) = recover(engine, layer, dcfg)?;
             let (fits, s, d) = ok(engine, &mask, &mut evals)?;
             log(&format!(
                 "hg+b2b block {layer:2}: dissimilarity {:.3} -> {:.3}, MLP order {:?}; block mse {:.3e} -> {:.3e}{}; score {s:.4} (loss {:+.4}{}) {}",
@@ -657,7 +717,7 @@ pub fn plan(
             ));
             if !fits {
                 mask[layer] = false;
-                restore_block(engine, layer)?;
+                restore_block(engine, layer, lc)?;
                 break;
             }
             best_score = s;
@@ -666,7 +726,27 @@ pub fn plan(
             groupings.push((layer, g));
             distilled.push((layer, blocks));
             reports.push((layer, rep));
+            refits.extend(comp.map(|c| (layer, c)));
         }
+    }
+    let b2b_blocks = distilled.len() - groupings.len();
+    // with compensation, every SPD block is a recovered block: the zero-shot ones keep the
+    // model's weights with their maps from the up-front fit
+    let mut compensated = Vec::new();
+    let mut compensation = Vec::new();
+    if let Some(c) = lc {
+        compensated = mask.clone();
+        for l in (0..n).filter(|l| mask[*l]) {
+            match refits.iter().find(|r| r.0 == l) {
+                Some((_, r)) => compensation.push((l, r.clone())),
+                None => {
+                    compensation.push((l, c.reports[l].clone()));
+                    let w = load_compensated(engine, l, &c.maps[l])?;
+                    distilled.push((l, w));
+                }
+            }
+        }
+        distilled.sort_by_key(|b| b.0);
     }
     engine.set_spd(&mask)?;
     let s_of = |r: Recovery| -> f64 {
@@ -722,10 +802,12 @@ pub fn plan(
             spd: mask,
             recovery,
             zero_shot_blocks,
-            b2b_blocks: distilled.len() - groupings.len(),
+            b2b_blocks,
             hg_b2b_blocks: groupings.len(),
             groupings,
             distillation: reports,
+            compensated,
+            compensation,
             fraction: k as f64 / n as f64,
             t1,
             t2,
@@ -771,6 +853,9 @@ pub fn plan_file(
     for (layer, g) in &o.groupings {
         p.layers[*layer].heads = Some(g.heads.clone());
         p.layers[*layer].ffn_order = Some(g.ffn_order.clone());
+    }
+    for (l, c) in o.compensated.iter().enumerate() {
+        p.layers[l].compensated = *c;
     }
     p.notes = serde_json::json!({ "budget": budget, "outcome": o });
     p

@@ -511,6 +511,10 @@ pub struct Sensitivity {
     /// Calibration passages scored (likewise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passages: Option<usize>,
+    /// The rank of the linear compensation every SPD block ran with while it was measured
+    /// (`plan --compensate`); None: zero-shot SPD blocks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compensation_rank: Option<usize>,
 }
 
 impl Sensitivity {
@@ -569,6 +573,7 @@ pub fn sensitivity(
         sensitivity: sens,
         tp: Some(engine.tp()),
         passages: Some(calib.iter().filter(|s| s.len() >= 2).count()),
+        compensation_rank: None,
     })
 }
 

@@ -35,7 +35,8 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             file,
         ]
     };
-    let cases: Vec<(Vec<&str>, &str)> = vec![
+    let cases: Vec<(Vec<&str>, &str)> =
+        vec![
         (plan_with("s3.json"), "measured at TP 3, this run is TP 2"),
         (plan_with("s5.json"), "has 5 blocks, the model 30"),
         (
@@ -122,6 +123,26 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
                 "1",
             ],
             "--distill-seq-len 1: must be at least 2",
+        ),
+        (
+            vec!["plan", "--tp", "2", "--budget-ppl", "5", "--compensate", "1000"],
+            "--compensate: linear compensation of rank 1000: the rank is 1 to the hidden size 576",
+        ),
+        (
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-ppl",
+                "5",
+                "--compensate",
+                "8",
+                "--distill-calib",
+                "4",
+                "--holdout",
+                "4",
+            ],
+            "--holdout 4 leaves none of the 4 distillation passages (--distill-calib)",
         ),
         (
             vec![

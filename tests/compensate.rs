@@ -13,9 +13,11 @@ use std::sync::Arc;
 use syncdrop::backend::BlockWeights;
 use syncdrop::compensate::Compensation;
 use syncdrop::distill::{
-    attention_output, load_distilled, recover_layer, save_distilled, save_recovered,
-    student_output, teacher_output, CompConfig, DistillConfig, Sample, StudentParams,
+    attention_output, compensate_blocks, load_compensated, load_distilled, recover_layer,
+    save_distilled, save_recovered, student_output, teacher_output, BlockCompensation, CompConfig,
+    DistillConfig, Sample, StudentParams,
 };
+use syncdrop::planner::{plan, Budget, PplMetric, Search};
 use syncdrop::quant::GgmlType;
 use syncdrop::spd::{model_sha256, Recovery, SpdPlan};
 use syncdrop::{Engine, EngineOptions, ModelFiles};
@@ -376,7 +378,7 @@ fn recover_layer_fits_lc_alone_on_a_tiny_model() {
     assert!(recover_layer(&mut e, &seqs, l, None, None, 1).is_err());
     let all = CompConfig {
         holdout: seqs.len(),
-        ..cc.clone()
+        ..cc
     };
     assert!(recover_layer(&mut e, &seqs, l, None, Some(&all), 1).is_err());
 
@@ -793,5 +795,277 @@ fn compensation_alone_is_saved_without_the_blocks_weights() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("linear compensation"), "{err}");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// A fresh engine at TP 2 with `mask`'s blocks SPD and `lc`'s maps loaded in every block:
+/// what a planner engine with that plan must be.
+fn fresh_with_maps(path: &Path, lc: &BlockCompensation, mask: &[bool]) -> Engine {
+    let mut f = engine(path, 2, false);
+    f.set_spd(mask).unwrap();
+    for (l, maps) in lc.maps.iter().enumerate() {
+        load_compensated(&mut f, l, maps).unwrap();
+    }
+    f
+}
+
+/// `compensate_blocks` fits every block on the TP model's inputs and leaves the engine's
+/// outputs alone (maps act in SPD blocks only); the planner with `Search::compensation`
+/// scores SPD + LC, not zero-shot SPD: with room for every block it ends with the
+/// compensated model (bit for bit a fresh engine with the maps), reports every block
+/// compensated with the up-front fit's reports, returns every block with its original
+/// weights and its maps, and the plan file it writes (maps only: `save_recovered`) loads into
+/// a fresh engine that gives the same logits. Maps for another TP degree are refused before
+/// any evaluation, and so are settings that cannot fit.
+#[test]
+fn the_planner_searches_saves_and_reloads_spd_with_compensation() {
+    let (dir, path) = tiny_model("lc-plan", 43);
+    let toks = prompt(12, 5);
+    let seqs = calib(10, 12, 500);
+    let cc = CompConfig {
+        rank: 4,
+        ridge: 1e-2,
+        holdout: 2,
+    };
+    let mut e = engine(&path, 2, false);
+    let base = logits(&mut e, &toks);
+    e.set_spd(&[true; LAYERS]).unwrap();
+    let zero_shot = logits(&mut e, &toks);
+    // bad settings: refused before capturing anything
+    for (bad, want) in [
+        (CompConfig { rank: 0, ..cc }, "rank 0"),
+        (CompConfig { rank: 33, ..cc }, "hidden size 32"),
+        (CompConfig { holdout: 10, ..cc }, "none would be left"),
+        (
+            CompConfig {
+                ridge: f64::NAN,
+                ..cc
+            },
+            "ridge",
+        ),
+    ] {
+        let err = compensate_blocks(&mut e, &seqs, &bad, 1, false, |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
+    let mut logged = Vec::new();
+    let lc = compensate_blocks(&mut e, &seqs, &cc, 1, false, |l, r| {
+        logged.push((l, r.residual))
+    })
+    .unwrap();
+    assert_eq!(logged.len(), LAYERS);
+    assert_eq!(lc.maps.len(), LAYERS);
+    assert_eq!(lc.config, cc);
+    for (maps, rep) in lc.maps.iter().zip(&lc.reports) {
+        assert_eq!(maps.len(), 2);
+        maps.iter().for_each(|m| m.check(e.cfg.hidden).unwrap());
+        assert!(
+            rep.heldout && rep.residual.is_finite() && rep.tokens == 8 * 12,
+            "{rep:?}"
+        );
+    }
+    // it left every block standard, and the maps change nothing there
+    assert_eq!(e.spd(), &[false; LAYERS]);
+    assert_eq!(bits(&logits(&mut e, &toks)), bits(&base));
+
+    let sens = syncdrop::spd::sensitivity(&mut e, &seqs, 12, false).unwrap();
+    let mut metric = PplMetric {
+        splits: [seqs[..5].to_vec(), seqs[5..].to_vec()],
+        window: 12,
+    };
+    let search = Search {
+        compensation: Some(&lc),
+        ..Search::default()
+    };
+    let budget = Budget::PplIncrease(f64::INFINITY);
+    let (o, blocks) = plan(
+        &mut e,
+        &sens,
+        budget,
+        search,
+        &mut metric,
+        &seqs,
+        None,
+        |m| eprintln!("{m}"),
+    )
+    .unwrap();
+    assert_eq!(o.spd, vec![true; LAYERS]);
+    assert_eq!(o.compensated, vec![true; LAYERS]);
+    assert_eq!(o.zero_shot_blocks, LAYERS);
+    assert_eq!(o.b2b_blocks + o.hg_b2b_blocks, 0);
+    let reported: Vec<usize> = o.compensation.iter().map(|c| c.0).collect();
+    assert_eq!(reported, vec![0, 1, 2]);
+    for (l, r) in &o.compensation {
+        assert_eq!(r.residual, lc.reports[*l].residual);
+    }
+    assert_eq!(
+        blocks.iter().map(|b| b.0).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    for (l, w) in &blocks {
+        for ((got, want), map) in w.iter().zip(originals(&e, *l)).zip(&lc.maps[*l]) {
+            assert_eq!(got.comp.as_ref(), Some(map));
+            let mut plain = got.clone();
+            plain.comp = None;
+            assert_eq!(plain, want, "block {l}: LC alone changed the weights");
+        }
+    }
+    let planned = logits(&mut e, &toks);
+    assert_eq!(
+        bits(&planned),
+        bits(&logits(
+            &mut fresh_with_maps(&path, &lc, &[true; LAYERS]),
+            &toks
+        ))
+    );
+    assert!(
+        max_abs_diff(&planned, &zero_shot) > 1e-4,
+        "the planner scored zero-shot SPD, not SPD + LC"
+    );
+
+    // the plan file: compensated flags, maps only, and a fresh engine gives the same logits
+    let sha = model_sha256(&e.files).unwrap();
+    let mut p = syncdrop::planner::plan_file(&e, sha.clone(), &sens, &o, budget);
+    assert!(p.layers.iter().all(|l| l.compensated));
+    let weights = dir.join("plan.safetensors");
+    save_recovered(&weights, &blocks, &[0, 1, 2]).unwrap();
+    p.set_distilled(&weights).unwrap();
+    let pp = dir.join("plan.json");
+    p.save(&pp).unwrap();
+    let mut f = engine(&path, 2, false);
+    SpdPlan::load_into(&pp, &mut f, &sha).unwrap();
+    assert_eq!(bits(&logits(&mut f, &toks)), bits(&planned));
+
+    // maps for TP 3 on a TP 2 engine: refused before any evaluation
+    let mut g = engine(&path, 3, false);
+    let lc3 = compensate_blocks(&mut g, &seqs, &cc, 1, false, |_, _| {}).unwrap();
+    let mut evaluations = 0;
+    let mut counting = |_: &mut Engine, _: usize| -> syncdrop::Result<f64> {
+        evaluations += 1;
+        Ok(1.0)
+    };
+    let search3 = Search {
+        compensation: Some(&lc3),
+        ..Search::default()
+    };
+    let mut h = engine(&path, 2, false);
+    let err = plan(
+        &mut h,
+        &sens,
+        budget,
+        search3,
+        &mut counting,
+        &seqs,
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("at TP 2"), "{err}");
+    assert_eq!(evaluations, 0);
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// With B2B and `distill_zero_shot`, the planner distils the SPD + LC blocks (refitting
+/// their maps) and keeps that only when it lowers the loss. Blocks 0 and 1 are the zero-shot
+/// class here (a sensitivity that orders 0, 1, 2 and a scripted metric). When the metric
+/// says distilling them did not help, the next search step (B2B of block 2) must already
+/// see them back at their original weights *with their up-front maps*: the input of block 2
+/// is, bit for bit, that of a fresh engine with them. When it says it helped, they keep the
+/// distilled weights, each with a B2B report and a map refitted on the plan's inputs (block
+/// 0's inputs are the embeddings either way, so its map does not change).
+#[test]
+fn the_planner_restores_the_maps_of_blocks_whose_distillation_it_drops() {
+    let (dir, path) = tiny_model("lc-plan-b2b", 44);
+    let toks = prompt(12, 6);
+    let seqs = calib(8, 12, 600);
+    let cc = CompConfig {
+        rank: 4,
+        ridge: 1e-2,
+        holdout: 2,
+    };
+    let dcfg = DistillConfig {
+        epochs: 2,
+        holdout: 2,
+        threads: 1,
+        ..DistillConfig::default()
+    };
+    let sens = syncdrop::spd::Sensitivity {
+        base_ppl: 10.0,
+        ppl_from: vec![10.6, 10.5, 10.3],
+        sensitivity: vec![0.1, 0.2, 0.3],
+        tp: Some(2),
+        passages: Some(8),
+        compensation_rank: Some(4),
+    };
+    let two = [true, true, false];
+    for b2b_helps in [false, true] {
+        let mut e = engine(&path, 2, false);
+        let lc = compensate_blocks(&mut e, &seqs, &cc, 1, false, |_, _| {}).unwrap();
+        // base (search, held out); 2 blocks fit, 3 do not; the distilled zero-shot class;
+        // B2B of block 2 (over budget), HG+B2B of block 2 (over); the held-out plan
+        let after = if b2b_helps { 10.5 } else { 20.0 };
+        let script = [10.0, 10.0, 11.0, 12.0, after, 12.0, 12.0, 11.0];
+        let mut calls = 0;
+        let mut seen_by_b2b = None;
+        let mut scripted = |e: &mut Engine, _: usize| -> syncdrop::Result<f64> {
+            if calls == 5 {
+                seen_by_b2b = Some(e.block_input(&toks, 2)?);
+            }
+            calls += 1;
+            Ok(*script
+                .get(calls - 1)
+                .expect("more evaluations than scripted"))
+        };
+        let search = Search {
+            distill_zero_shot: true,
+            compensation: Some(&lc),
+            ..Search::default()
+        };
+        let budget = Budget::PplIncrease(0.15);
+        let (o, blocks) = plan(
+            &mut e,
+            &sens,
+            budget,
+            search,
+            &mut scripted,
+            &seqs,
+            Some(&dcfg),
+            |m| eprintln!("{m}"),
+        )
+        .unwrap();
+        assert_eq!(calls, script.len());
+        assert_eq!(o.spd, two);
+        assert_eq!(o.compensated, two);
+        assert_eq!(blocks.iter().map(|b| b.0).collect::<Vec<_>>(), vec![0, 1]);
+        let want_input = fresh_with_maps(&path, &lc, &two)
+            .block_input(&toks, 2)
+            .unwrap();
+        let seen = seen_by_b2b.expect("the B2B step of block 2 was scored");
+        if b2b_helps {
+            assert_eq!(o.b2b_blocks, 2);
+            assert_eq!(o.distillation.len(), 2);
+            for (l, w) in &blocks {
+                let c = w[0].comp.as_ref().expect("a distilled block keeps a map");
+                if *l == 0 {
+                    assert_eq!(c, &lc.maps[0][0]);
+                } else {
+                    assert_ne!(c, &lc.maps[*l][0], "block {l}: its map was not refitted");
+                }
+            }
+            assert!(max_abs_diff(&seen, &want_input) > 1e-6);
+        } else {
+            assert_eq!(o.zero_shot_blocks, 2);
+            assert!(o.distillation.is_empty());
+            assert_eq!(
+                bits(&seen),
+                bits(&want_input),
+                "a dropped distillation left its weights or lost the up-front maps"
+            );
+            let mut f = fresh_with_maps(&path, &lc, &two);
+            assert_eq!(bits(&logits(&mut e, &toks)), bits(&logits(&mut f, &toks)));
+        }
+    }
     std::fs::remove_dir_all(dir).ok();
 }

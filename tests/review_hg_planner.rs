@@ -171,6 +171,7 @@ fn planner_engine(tag: &str) -> (Engine, std::path::PathBuf, Sensitivity) {
         sensitivity: vec![1.0, 1.0, 1.0],
         tp: Some(2),
         passages: Some(3),
+        compensation_rank: None,
     };
     (e, dir, sens)
 }

@@ -671,6 +671,7 @@ fn the_sensitivity_plot_draws_no_line_for_an_empty_class() {
         sensitivity: vec![5.0, 4.0, 1.0],
         tp: Some(2),
         passages: Some(4),
+        compensation_rank: None,
     };
     let dir = tmpdir("plot_empty_class");
     for (t1, t2, lines) in [(f64::NEG_INFINITY, f64::NEG_INFINITY, 0), (1.0, 4.0, 2)] {
