@@ -859,6 +859,9 @@ impl CompConfig {
     }
 }
 
+/// Host memory [`compensate_blocks`] may hold in captured block inputs at a time.
+const CAPTURE_BYTES: usize = 512 << 20;
+
 /// Linear compensation fitted for every block of a model ([`compensate_blocks`]): what the
 /// planner searches with.
 #[derive(Debug, Clone)]
@@ -886,23 +889,45 @@ pub fn compensate_blocks(
     mut log: impl FnMut(usize, &CompReport),
 ) -> Result<BlockCompensation> {
     let n = engine.cfg.n_layers;
-    cfg.validate(engine.cfg.hidden, calib.len())?;
+    let d = engine.cfg.hidden;
+    cfg.validate(d, calib.len())?;
+    if calib.iter().any(|s| s.is_empty()) {
+        return Err(Error::InvalidArgument(
+            "linear compensation: an empty calibration sequence".into(),
+        ));
+    }
     engine.set_spd(&vec![false; n])?;
+    // the inputs of several blocks are captured in one pass per sequence (a pass per block
+    // would rerun the blocks before it every time), as many as fit in CAPTURE_BYTES
+    let tokens: usize = calib.iter().map(Vec::len).sum();
+    let per_block = (tokens * d * std::mem::size_of::<f32>()).max(1);
+    let group = (CAPTURE_BYTES / per_block).clamp(1, n);
     let bar = crate::progress::bar(n as u64, "compensation", progress);
     let mut maps = Vec::with_capacity(n);
     let mut reports = Vec::with_capacity(n);
-    for l in 0..n {
-        let (w, rep) = recover_layer(engine, calib, l, None, Some(cfg), threads)?;
-        let rep = rep.comp.expect("compensation was asked for");
-        bar.suspend(|| log(l, &rep));
-        bar.inc(1);
-        bar.set_message(format!("block {l}: {:.0}% left", 100.0 * rep.residual));
-        maps.push(
-            w.into_iter()
-                .map(|w| w.comp.expect("fitted on every rank"))
-                .collect(),
-        );
-        reports.push(rep);
+    let all: Vec<usize> = (0..n).collect();
+    for layers in all.chunks(group) {
+        bar.set_message(format!("capturing the inputs of blocks {layers:?}"));
+        let mut inputs: Vec<Vec<Vec<f32>>> = vec![Vec::with_capacity(calib.len()); layers.len()];
+        for seq in calib {
+            for (i, x) in engine.block_inputs(seq, layers)?.into_iter().enumerate() {
+                inputs[i].push(x);
+            }
+        }
+        // maps act in SPD blocks only (none here): loading them leaves later inputs alone
+        for (&l, xs) in layers.iter().zip(inputs) {
+            let (w, rep) = recover_captured(engine, xs, l, None, Some(cfg), threads)?;
+            let rep = rep.comp.expect("compensation was asked for");
+            bar.suspend(|| log(l, &rep));
+            bar.inc(1);
+            bar.set_message(format!("block {l}: {:.0}% left", 100.0 * rep.residual));
+            maps.push(
+                w.into_iter()
+                    .map(|w| w.comp.expect("fitted on every rank"))
+                    .collect(),
+            );
+            reports.push(rep);
+        }
     }
     bar.finish_and_clear();
     Ok(BlockCompensation {
@@ -985,21 +1010,36 @@ pub fn recover_layer(
             "recovering a block needs B2B, linear compensation or both".into(),
         ));
     }
-    let mcfg = engine.cfg.clone();
-    let (d, eps) = (mcfg.hidden, mcfg.rms_eps);
     if let Some(cc) = comp {
         // before capturing: a bad rank would otherwise stop the run after it
         let holdout = b2b.map_or(cc.holdout, |b| b.holdout);
-        CompConfig { holdout, ..*cc }.validate(d, calib.len())?;
+        CompConfig { holdout, ..*cc }.validate(engine.cfg.hidden, calib.len())?;
     }
+    let inputs = calib
+        .iter()
+        .map(|seq| engine.block_input(seq, layer))
+        .collect::<Result<Vec<_>>>()?;
+    recover_captured(engine, inputs, layer, b2b, comp, threads)
+}
+
+/// [`recover_layer`] on block inputs already captured (one per calibration sequence).
+fn recover_captured(
+    engine: &mut crate::engine::Engine,
+    inputs: Vec<Vec<f32>>,
+    layer: usize,
+    b2b: Option<&DistillConfig>,
+    comp: Option<&CompConfig>,
+    threads: usize,
+) -> Result<(Vec<BlockWeights>, RecoverReport)> {
+    let mcfg = engine.cfg.clone();
+    let (d, eps) = (mcfg.hidden, mcfg.rms_eps);
     let shards = engine.block_shards(layer);
     let mut weights: Vec<BlockWeights> = shards
         .iter()
         .map(|s| crate::model::load_block(&engine.files, &mcfg, s, layer))
         .collect::<Result<_>>()?;
-    let mut data = Vec::with_capacity(calib.len());
-    for seq in calib {
-        let x = engine.block_input(seq, layer)?;
+    let mut data = Vec::with_capacity(inputs.len());
+    for x in inputs {
         let att: Vec<Vec<f32>> = shards
             .iter()
             .zip(&weights)

@@ -146,9 +146,9 @@ enum Cmd {
         split: usize,
         rows: Range<usize>,
     },
-    BlockInput {
+    BlockInputs {
         emb: Arc<Vec<f32>>,
-        layer: usize,
+        layers: Arc<Vec<usize>>,
     },
     SetSpd(Arc<Vec<bool>>),
     LoadLayer(usize, Box<BlockWeights>),
@@ -162,6 +162,7 @@ enum Cmd {
 enum Reply {
     Ready,
     Logits(Vec<f32>),
+    Hidden(Vec<Vec<f32>>),
     Stats(CommStats),
     Done,
 }
@@ -224,7 +225,9 @@ fn rank_loop<B: Backend>(
             Cmd::ForwardIso { emb, split, rows } => {
                 model.forward_iso(&emb, split, rows).map(Reply::Logits)
             }
-            Cmd::BlockInput { emb, layer } => model.block_input(&emb, layer).map(Reply::Logits),
+            Cmd::BlockInputs { emb, layers } => {
+                model.block_inputs(&emb, &layers).map(Reply::Hidden)
+            }
             Cmd::SetSpd(spd) => model.set_spd(&spd).map(|_| Reply::Done),
             Cmd::LoadLayer(l, w) => model.backend.load_layer(l, *w).map(|_| Reply::Done),
             Cmd::Stats => Ok(Reply::Stats(model.backend.comm_stats())),
@@ -745,15 +748,37 @@ impl Engine {
                 self.cfg.n_layers
             )));
         }
+        Ok(self
+            .block_inputs(tokens, &[layer])?
+            .pop()
+            .expect("one layer asked for"))
+    }
+
+    /// [`Engine::block_input`] at each of `layers` (strictly increasing), in one pass through
+    /// the blocks before the last of them: what capturing many blocks' inputs should call.
+    pub fn block_inputs(&mut self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let n = self.cfg.n_layers;
+        if tokens.is_empty()
+            || layers.is_empty()
+            || layers.iter().any(|l| *l >= n)
+            || layers.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(Error::InvalidArgument(format!(
+                "block inputs of {} tokens at blocks {layers:?}: blocks of 0..{n} in \
+                 increasing order",
+                tokens.len()
+            )));
+        }
         self.check_capacity(0, tokens.len())?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);
-        let mut replies = self.broadcast(|| Cmd::BlockInput {
+        let layers = Arc::new(layers.to_vec());
+        let mut replies = self.broadcast(|| Cmd::BlockInputs {
             emb: emb.clone(),
-            layer,
+            layers: layers.clone(),
         })?;
         match replies.swap_remove(0) {
-            Reply::Logits(h) => Ok(h),
-            _ => unreachable!("block_input replies with a hidden state"),
+            Reply::Hidden(h) => Ok(h),
+            _ => unreachable!("block_inputs replies with hidden states"),
         }
     }
 

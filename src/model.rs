@@ -225,11 +225,45 @@ impl<B: Backend> RankModel<B> {
     /// The residual stream entering block `layer` (t, d): the block input that block-to-block
     /// distillation trains on. Runs blocks 0..layer under the current plan.
     pub fn block_input(&mut self, embeddings: &[f32], layer: usize) -> Result<Vec<f32>> {
-        if layer >= self.cfg.n_layers {
-            return Err(Error::InvalidArgument(format!("no block {layer}")));
+        Ok(self
+            .block_inputs(embeddings, &[layer])?
+            .pop()
+            .expect("one layer asked for"))
+    }
+
+    /// The residual streams entering each of `layers` (strictly increasing), in one pass
+    /// through blocks 0..the last of them: the same bits as [`RankModel::block_input`] per
+    /// layer, for the cost of one call.
+    pub fn block_inputs(&mut self, embeddings: &[f32], layers: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let n = self.cfg.n_layers;
+        if layers.is_empty()
+            || layers.iter().any(|l| *l >= n)
+            || layers.windows(2).any(|w| w[0] >= w[1])
+        {
+            return Err(Error::InvalidArgument(format!(
+                "block inputs at {layers:?}: blocks of 0..{n} in increasing order"
+            )));
         }
-        let t = embeddings.len() / self.cfg.hidden;
-        self.run(embeddings, 0, 0..t, layer)
+        let d = self.cfg.hidden;
+        let t = embeddings.len() / d;
+        if t == 0 {
+            return Err(Error::InvalidArgument("block inputs of 0 tokens".into()));
+        }
+        self.check_capacity(0, t)?;
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let mut b = StepBufs::alloc(&mut self.backend, t, d, qn, 1)?; // no logits
+        let be = &mut self.backend;
+        be.upload(embeddings, &mut b.x)?;
+        let mut out = Vec::with_capacity(layers.len());
+        let mut done = 0;
+        for &l in layers {
+            blocks(be, &self.spd, self.world, &mut b, t, 0, done..l)?;
+            done = l;
+            let mut host = vec![0f32; t * d];
+            be.download(&b.x, &mut host)?;
+            out.push(host);
+        }
+        Ok(out)
     }
 
     /// `ContextOverflow` unless positions pos0..pos0+t fit the KV cache, checked before any
@@ -261,7 +295,7 @@ impl<B: Backend> RankModel<B> {
         let mut b = StepBufs::alloc(&mut self.backend, t, d, qn, rows.len() * self.vocab.len())?;
         let be = &mut self.backend;
         be.upload(embeddings, &mut b.x)?;
-        blocks(be, &self.spd, self.world, &mut b, t, pos0, stop)?;
+        blocks(be, &self.spd, self.world, &mut b, t, pos0, 0..stop)?;
         if stop < self.cfg.n_layers {
             let mut host = vec![0f32; t * d];
             be.download(&b.x, &mut host)?;
@@ -296,7 +330,7 @@ impl<B: Backend> RankModel<B> {
                     &mut b,
                     1,
                     pos0,
-                    self.cfg.n_layers,
+                    0..self.cfg.n_layers,
                 )
                 .and_then(|_| be.lm_head(&b.x, 0..1, &mut b.logits));
                 // end the capture whatever happened, so the stream is usable again
@@ -354,7 +388,7 @@ impl<T> StepBufs<T> {
     }
 }
 
-/// Blocks 0..stop over `b.x` (t, d) at positions pos0..: the TP block, or the SPD block
+/// Blocks `layers` over `b.x` (t, d) at positions pos0..: the TP block, or the SPD block
 /// where `spd[l]`. Written once for every backend.
 fn blocks<B: Backend>(
     be: &mut B,
@@ -363,10 +397,11 @@ fn blocks<B: Backend>(
     b: &mut StepBufs<B::Buf>,
     t: usize,
     pos0: usize,
-    stop: usize,
+    layers: Range<usize>,
 ) -> Result<()> {
     let d = be.dims().hidden;
-    for (l, &spd_l) in spd.iter().enumerate().take(stop) {
+    for l in layers {
+        let spd_l = spd[l];
         // one rank has no sync point to drop: its SPD block is the standard block (the same
         // sum, and no all-reduce of one rank to count)
         let spd_l = spd_l && world > 1;

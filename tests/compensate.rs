@@ -868,6 +868,17 @@ fn the_planner_searches_saves_and_reloads_spd_with_compensation() {
     // it left every block standard, and the maps change nothing there
     assert_eq!(e.spd(), &[false; LAYERS]);
     assert_eq!(bits(&logits(&mut e, &toks)), bits(&base));
+    // inputs captured several blocks per pass: the maps a block-by-block fit gives
+    let mut one = engine(&path, 2, false);
+    for l in 0..LAYERS {
+        let (w, _) = recover_layer(&mut one, &seqs, l, None, Some(&cc), 1).unwrap();
+        let per_block: Vec<&Compensation> = w.iter().map(|w| w.comp.as_ref().unwrap()).collect();
+        assert_eq!(
+            per_block,
+            lc.maps[l].iter().collect::<Vec<_>>(),
+            "block {l}"
+        );
+    }
 
     let sens = syncdrop::spd::sensitivity(&mut e, &seqs, 12, false).unwrap();
     let mut metric = PplMetric {
@@ -1067,5 +1078,37 @@ fn the_planner_restores_the_maps_of_blocks_whose_distillation_it_drops() {
             assert_eq!(bits(&logits(&mut e, &toks)), bits(&logits(&mut f, &toks)));
         }
     }
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// `Engine::block_inputs` captures several blocks' inputs in one pass: the same bits as one
+/// `block_input` per block, under an SPD plan with compensation; bad layer lists are refused.
+#[test]
+fn block_inputs_in_one_pass_equal_one_pass_per_block() {
+    let (dir, path) = tiny_model("lc-capture", 45);
+    let toks = prompt(9, 8);
+    let mut e = engine(&path, 3, false);
+    e.set_spd(&[true, false, true]).unwrap();
+    let w0 = compensated(&e, 0, 3, 92, 0.5);
+    e.load_layer(0, w0).unwrap();
+    let all = e.block_inputs(&toks, &[0, 1, 2]).unwrap();
+    assert_eq!(all.len(), 3);
+    for (l, x) in all.iter().enumerate() {
+        assert_eq!(
+            bits(x),
+            bits(&e.block_input(&toks, l).unwrap()),
+            "block {l}"
+        );
+    }
+    assert_eq!(
+        bits(&e.block_inputs(&toks, &[2]).unwrap()[0]),
+        bits(&all[2])
+    );
+    assert!(max_abs_diff(&all[1], &all[2]) > 0.0);
+    for bad in [&[][..], &[1, 1], &[2, 1], &[0, 3]] {
+        let err = e.block_inputs(&toks, bad).unwrap_err().to_string();
+        assert!(err.contains("increasing order"), "{bad:?}: {err}");
+    }
+    assert!(e.block_inputs(&[], &[0]).is_err());
     std::fs::remove_dir_all(dir).ok();
 }
