@@ -320,6 +320,14 @@ enum Cmd {
         /// Fractions at which the HG+B2B variant is measured (empty: none).
         #[arg(long, default_value = "")]
         hg_fractions: String,
+        /// Fractions at which zero-shot SPD with linear compensation (ours, method "lc") is
+        /// measured, on the zero-shot blocks: maps fitted for every block up front on the
+        /// distillation passages, in closed form (empty: none).
+        #[arg(long, default_value = "")]
+        lc_fractions: String,
+        /// Rank of the compensation for --lc-fractions.
+        #[arg(long, default_value_t = 32, value_name = "K")]
+        lc_rank: usize,
         /// Documents per task.
         #[arg(long, default_value_t = 20)]
         limit: usize,
@@ -1574,6 +1582,8 @@ fn run(cli: Cli) -> Result<()> {
             fractions,
             b2b_fractions,
             hg_fractions,
+            lc_fractions,
+            lc_rank,
             limit,
             lambada: n_lambada,
             train,
@@ -1606,26 +1616,40 @@ fn run(cli: Cli) -> Result<()> {
             check_calib(&calib)?;
             at_least("limit", limit, 1)?;
             at_least("lambada", n_lambada, 1)?;
-            let (fracs, b2b_fracs, hg_fracs) = (
+            let (fracs, b2b_fracs, hg_fracs, lc_fracs) = (
                 parse(&fractions)?,
                 parse(&b2b_fractions)?,
                 parse(&hg_fractions)?,
+                parse(&lc_fractions)?,
             );
             if let Some(f) = fracs
                 .iter()
                 .chain(&b2b_fracs)
                 .chain(&hg_fracs)
+                .chain(&lc_fracs)
                 .find(|f| !(0.0..=1.0).contains(*f))
             {
                 return Err(bad(format!("SPD fraction {f} is not in [0, 1]")));
             }
-            if fracs.is_empty() && b2b_fracs.is_empty() && hg_fracs.is_empty() {
+            if fracs.is_empty()
+                && b2b_fracs.is_empty()
+                && hg_fracs.is_empty()
+                && lc_fracs.is_empty()
+            {
                 return Err(bad(
-                    "--fractions, --b2b-fractions and --hg-fractions are all empty: nothing to measure",
+                    "--fractions, --b2b-fractions, --hg-fractions and --lc-fractions are all \
+                     empty: nothing to measure",
                 ));
             }
             let distils = !b2b_fracs.is_empty() || !hg_fracs.is_empty();
-            let dcfg = distill_config(&train, distils, &common)?;
+            // linear compensation fits on the distillation passages, with their hold-out
+            let uses_calib = distils || !lc_fracs.is_empty();
+            let dcfg = distill_config(&train, uses_calib, &common)?;
+            let ccfg = CompConfig {
+                rank: lc_rank,
+                holdout: train.holdout,
+                ..CompConfig::default()
+            };
             distinct_outputs(&[
                 ("--out", &out),
                 ("the plot beside --out", &sibling(&out, "svg")),
@@ -1661,6 +1685,9 @@ fn run(cli: Cli) -> Result<()> {
                 "holdout": train.holdout,
                 "patience": train.patience,
             });
+            if !lc_fracs.is_empty() {
+                settings["lc_rank"] = lc_rank.into();
+            }
             match &sensitivity {
                 None => {}
                 Some(_) if tp_list.len() != 1 => {
@@ -1708,6 +1735,7 @@ fn run(cli: Cli) -> Result<()> {
                 ("zero-shot", blocks_at(&fracs)),
                 ("b2b", blocks_at(&b2b_fracs)),
                 ("hg+b2b", blocks_at(&hg_fracs)),
+                ("lc", blocks_at(&lc_fracs)),
             ];
             let (mut points, mut sens_all): (Vec<spd::SweepPoint>, Vec<serde_json::Value>) =
                 if resume && out.exists() {
@@ -1744,8 +1772,9 @@ fn run(cli: Cli) -> Result<()> {
                             old[key] = was;
                         }
                     }
-                    if !distils {
-                        // nothing distilled here: the file's distillation settings stand
+                    if !uses_calib {
+                        // nothing distilled or compensated here: the file's distillation
+                        // settings stand
                         for key in [
                             "distill_calib",
                             "distill_seq_len",
@@ -1807,7 +1836,11 @@ fn run(cli: Cli) -> Result<()> {
                 })?;
                 let n = engine.cfg.n_layers;
                 ppl_fits_ctx(&tok, texts.iter(), common.ctx)?;
-                let seqs = distill_data(&tok, &train, distils)?;
+                let seqs = distill_data(&tok, &train, uses_calib)?;
+                if !lc_fracs.is_empty() {
+                    ccfg.validate(engine.cfg.hidden, seqs.len())
+                        .map_err(|e| named("--lc-rank", e))?;
+                }
                 let sens = match &sensitivity {
                     Some(p) => saved_sensitivity(p, &engine)?,
                     None => {
@@ -1843,6 +1876,26 @@ fn run(cli: Cli) -> Result<()> {
                     engine.set_spd(&mask)?;
                     points.push(measure(&mut engine, "zero-shot", k)?);
                     save_sweep(&out, &settings, &sens_all, &mut points)?;
+                }
+                // zero-shot + LC on the same blocks: maps for every block, fitted once on the
+                // TP model's inputs (they act in SPD blocks only)
+                if !lc_fracs.is_empty() {
+                    compensate_blocks(&mut engine, &seqs, &ccfg, dcfg.threads, true, |l, r| {
+                        eprintln!(
+                            "TP {tp} lc block {l:2}: compensation leaves {:.1}% of the missing \
+                             partials (held out) ({:.1}s)",
+                            100.0 * r.residual,
+                            r.secs
+                        )
+                    })?;
+                    for f in &lc_fracs {
+                        let k = (f * n as f64).round() as usize;
+                        let mut mask = vec![false; n];
+                        order[..k].iter().for_each(|i| mask[*i] = true);
+                        engine.set_spd(&mask)?;
+                        points.push(measure(&mut engine, "lc", k)?);
+                        save_sweep(&out, &settings, &sens_all, &mut points)?;
+                    }
                 }
                 // B2B (and HG+B2B): distil blocks in sensitivity order, each with the earlier
                 // ones already SPD (and recovered); measure at the requested fractions.

@@ -691,7 +691,7 @@ pub fn plot_sensitivity(s: &Sensitivity, t1: f64, t2: f64, title: &str, path: &P
 pub struct SweepPoint {
     /// TP degree.
     pub tp: usize,
-    /// "zero-shot", "b2b" or "hg+b2b".
+    /// "zero-shot", "b2b", "hg+b2b" or "lc" (zero-shot with linear compensation).
     pub method: String,
     /// Number of SPD blocks (the least sensitive ones).
     pub spd_blocks: usize,
@@ -776,6 +776,7 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()>
             line.sort_by(|a, b| a.0.total_cmp(&b.0));
             let width = match method.as_str() {
                 "zero-shot" => 1,
+                "lc" => 2,
                 "b2b" => 3,
                 _ => 5,
             };

@@ -125,6 +125,24 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--distill-seq-len 1: must be at least 2",
         ),
         (
+            vec![
+                "sweep",
+                "--tps",
+                "2",
+                "--lc-fractions",
+                "0.5",
+                "--lc-rank",
+                "0",
+                "--out",
+                "lc.json",
+            ],
+            "--lc-rank: linear compensation of rank 0",
+        ),
+        (
+            vec!["sweep", "--fractions", "", "--b2b-fractions", "", "--out", "e.json"],
+            "--lc-fractions are all empty: nothing to measure",
+        ),
+        (
             vec!["plan", "--tp", "2", "--budget-ppl", "5", "--compensate", "1000"],
             "--compensate: linear compensation of rank 1000: the rank is 1 to the hidden size 576",
         ),
