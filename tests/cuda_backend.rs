@@ -234,8 +234,9 @@ mod gpu {
 
     /// SPD blocks with linear compensation (`spd_compensate`: unit RMSNorm, two products,
     /// an add) give the CPU's logits on CUDA, in prefill, ISO prefill and graph-captured
-    /// decode. The maps are random and large enough to move the logits well past the bf16
-    /// tolerance, so a CUDA path that skipped or garbled them would fail.
+    /// decode, and the block inputs `block_inputs` captures in one pass are the CPU's. The
+    /// maps are random and large enough to move the logits well past the bf16 tolerance, so
+    /// a CUDA path that skipped or garbled them would fail.
     #[test]
     fn compensated_spd_blocks_on_cuda_match_the_cpu() {
         if !have_gpu() {
@@ -284,6 +285,19 @@ mod gpu {
             moved > 4.0 * BF16_ATOL,
             "the compensation moved the CPU's logits by only {moved}"
         );
+        // block inputs captured in one pass (what compensate_blocks and the planner read)
+        let layers = [2, 14, 29];
+        let (gi, ci) = (
+            g.block_inputs(&long, &layers).unwrap(),
+            cpu.block_inputs(&long, &layers).unwrap(),
+        );
+        for ((a, b), l) in gi.iter().zip(&ci).zip(layers) {
+            let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            let diff: Vec<f32> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+            let rel = norm(&diff) / norm(b);
+            eprintln!("block {l} input: CUDA vs CPU relative L2 {rel:.2e}");
+            assert!(rel < 3e-2, "block {l} input: CUDA vs CPU relative L2 {rel}");
+        }
         let got = g.forward(&long, 0, 0..long.len()).unwrap();
         g.set_iso(IsoMode::Split(9), None);
         let iso = g.prefill(&long, 0..long.len()).unwrap();
