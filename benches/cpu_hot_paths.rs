@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the CPU hot paths: thread all-reduce, the GEMM/GEMV wrapper,
-//! dequantisation and attention. `cargo bench --bench cpu_hot_paths`; CI compiles them and
+//! dequantisation, attention, and an SPD block's linear compensation. `cargo bench --bench cpu_hot_paths`; CI compiles them and
 //! runs each once (cargo test --all-targets).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
@@ -27,6 +27,42 @@ fn bench_matmul(c: &mut Criterion) {
         g.throughput(Throughput::Elements((2 * t * n * k) as u64));
         g.bench_with_input(BenchmarkId::new("t", t), &t, |b, &t| {
             b.iter(|| matmul(black_box(&x), t, &w, n, k, &mut out, 1))
+        });
+    }
+    g.finish();
+}
+
+/// Linear compensation of one SPD block on one rank (SmolLM2, rank 32: unit RMSNorm, x^ W_in^T,
+/// h W_out^T, add), at decode and a 128-token prefill; next to it, what that rank's MLP shard
+/// at TP 8 multiplies (gate/up 384 x 576, down 576 x 192), the work LC is added to.
+fn bench_compensate(c: &mut Criterion) {
+    use syncdrop::compensate::Compensation;
+    let (d, k, f) = (576, 32, 192);
+    let w = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i % 89) as f32 - 44.0) * 1e-3).collect() };
+    let comp = Compensation {
+        rank: k,
+        w_in: w(k * d),
+        w_out: w(d * k),
+    };
+    let (gate_up, down) = (w(2 * f * d), w(d * f));
+    let mut g = c.benchmark_group("spd_block_rank_576");
+    for t in [1usize, 128] {
+        let x: Vec<f32> = (0..t * d).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
+        let mut u = x.clone();
+        let mut scratch = Vec::new();
+        g.throughput(Throughput::Elements(t as u64));
+        g.bench_with_input(BenchmarkId::new("lc_rank32_t", t), &t, |b, _| {
+            b.iter(|| {
+                comp.apply_with(matmul, black_box(&x), d, 1e-5, &mut u, 1, &mut scratch);
+            })
+        });
+        let mut h = vec![0f32; t * 2 * f];
+        let mut out = vec![0f32; t * d];
+        g.bench_with_input(BenchmarkId::new("mlp_shard_tp8_t", t), &t, |b, &t| {
+            b.iter(|| {
+                matmul(black_box(&x), t, &gate_up, 2 * f, d, &mut h, 1);
+                matmul(&h[..t * f], t, &down, d, f, &mut out, 1);
+            })
         });
     }
     g.finish();
@@ -106,6 +142,7 @@ criterion_group!(
     benches,
     bench_dot,
     bench_matmul,
+    bench_compensate,
     bench_dequant,
     bench_attention,
     bench_all_reduce

@@ -291,7 +291,7 @@ enum Cmd {
         /// with SPD + LC, and B2B trains with it. 0: none.
         #[arg(long, default_value_t = 0, value_name = "K")]
         compensate: usize,
-        /// Reuse a sensitivity JSON from `sensitivity` (or a plan's) instead of measuring it.
+        /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
         #[arg(long, default_value = "plan.json")]
