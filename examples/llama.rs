@@ -139,6 +139,12 @@ struct Train {
     /// loss.
     #[arg(long, default_value_t = 3)]
     patience: usize,
+    /// Distillation (and compensation) text: `boolq` (Wikipedia passages), or any task of the
+    /// eval data that is not scored by `eval` (e.g. `openbookqa`, `csqa`, `socialiqa`): its
+    /// documents with their correct answers, joined into passages; `a,b` takes passages
+    /// from each in turn.
+    #[arg(long, default_value = "boolq", value_name = "SOURCES")]
+    distill_text: String,
 }
 
 #[derive(Subcommand)]
@@ -819,7 +825,49 @@ fn distill_data(tok: &Tokenizer, train: &Train, used: bool) -> Result<Vec<Vec<u3
         calib: train.distill_calib,
         seq_len: train.distill_seq_len,
     };
-    calibration(tok, &c, "distill-calib")
+    if train.distill_text == "boolq" {
+        return calibration(tok, &c, "distill-calib");
+    }
+    let sources: Vec<&str> = train.distill_text.split(',').map(str::trim).collect();
+    let dir = assets::eval_dir()?;
+    let mut lists = Vec::new();
+    for s in &sources {
+        if tasks::PAPER_TASKS.contains(s) {
+            return Err(bad(format!(
+                "--distill-text {s}: `eval` scores that task, so fitting on its documents would \
+                 leak them into the scores; pick a task it does not score (openbookqa, csqa, \
+                 socialiqa, ...) or boolq"
+            )));
+        }
+        // each source's share, rounded up; about 5 characters a token, so most passages
+        // fill --distill-seq-len
+        let share = c.calib.div_ceil(sources.len());
+        let list = if *s == "boolq" {
+            tasks::boolq_passages(&dir, share)?
+        } else {
+            tasks::task_passages(&dir, s, share, 5 * c.seq_len)?
+        };
+        if list.len() < share {
+            return Err(bad(format!(
+                "--distill-text {s}: {} passages, {share} needed for --distill-calib {}",
+                list.len(),
+                c.calib
+            )));
+        }
+        lists.push(list);
+    }
+    // in turn, so that --holdout's last passages come from every source
+    let passages: Vec<&String> = (0..c.calib)
+        .map(|i| &lists[i % lists.len()][i / lists.len()])
+        .collect();
+    passages
+        .iter()
+        .map(|p| {
+            let mut ids = tok.encode_document(p)?;
+            ids.truncate(c.seq_len);
+            Ok(ids)
+        })
+        .collect()
 }
 
 /// A sensitivity saved by `sensitivity` (or `plan`), checked against `engine`'s model and
@@ -867,6 +915,7 @@ fn distill_config(train: &Train, used: bool, common: &Common) -> Result<DistillC
 fn distill_settings(train: &Train, cfg: &DistillConfig) -> serde_json::Value {
     serde_json::json!({
         "calib_passages": train.distill_calib,
+        "text": train.distill_text,
         "seq_len": train.distill_seq_len,
         "epochs": cfg.epochs,
         // the f32 as written on the command line (5e-5, not 4.99999987e-5)
@@ -1680,6 +1729,7 @@ fn run(cli: Cli) -> Result<()> {
                 "seq_len": calib.seq_len,
                 "distill_calib": train.distill_calib,
                 "distill_seq_len": train.distill_seq_len,
+                "distill_text": train.distill_text,
                 "epochs": train.epochs,
                 "lr": train.lr,
                 "holdout": train.holdout,
@@ -1767,6 +1817,7 @@ fn run(cli: Cli) -> Result<()> {
                         ("distill_calib", old.get("calib").cloned()),
                         ("distill_seq_len", old.get("seq_len").cloned()),
                         ("holdout", old.get("epochs").map(|_| 0.into())),
+                        ("distill_text", Some("boolq".into())),
                     ] {
                         if let (None, Some(was)) = (old.get(key), was) {
                             old[key] = was;
@@ -1778,6 +1829,7 @@ fn run(cli: Cli) -> Result<()> {
                         for key in [
                             "distill_calib",
                             "distill_seq_len",
+                            "distill_text",
                             "epochs",
                             "lr",
                             "holdout",

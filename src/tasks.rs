@@ -555,6 +555,31 @@ pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
 
 /// Calibration text: BoolQ's Wikipedia passages (the context before "\nQuestion:"), unique,
 /// in file order.
+/// Calibration passages from task `name`'s documents: each document's context with its
+/// correct continuation, joined by blank lines into passages of at least `chars` characters;
+/// the first `n` passages (fewer when the task runs out).
+pub fn task_passages(eval_dir: &Path, name: &str, n: usize, chars: usize) -> Result<Vec<String>> {
+    let task = load_task(eval_dir, name)?;
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    for d in &task.docs {
+        if out.len() == n {
+            break;
+        }
+        let (ctx, cont) = &d.choices[d.gold.min(d.choices.len() - 1)];
+        if !cur.is_empty() {
+            cur.push_str("\n\n");
+        }
+        cur.push_str(ctx.trim_end());
+        cur.push_str(cont);
+        if cur.len() >= chars {
+            out.push(std::mem::take(&mut cur));
+        }
+    }
+    Ok(out)
+}
+
+/// BoolQ's distinct Wikipedia passages, the first `n`.
 pub fn boolq_passages(eval_dir: &Path, n: usize) -> Result<Vec<String>> {
     let task = load_task(eval_dir, "boolq")?;
     let mut seen = std::collections::HashSet::new();

@@ -143,6 +143,20 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--lc-fractions are all empty: nothing to measure",
         ),
         (
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-ppl",
+                "5",
+                "--compensate",
+                "8",
+                "--distill-text",
+                "boolq,sciq",
+            ],
+            "--distill-text sciq: `eval` scores that task",
+        ),
+        (
             vec!["plan", "--tp", "2", "--budget-ppl", "5", "--compensate", "1000"],
             "--compensate: linear compensation of rank 1000: the rank is 1 to the hidden size 576",
         ),

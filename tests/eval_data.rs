@@ -87,3 +87,36 @@ fn malformed_choice_lists_are_errors_naming_the_line() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Calibration passages from a task's documents (`--distill-text openbookqa`): each passage
+/// is the documents' contexts with their correct answers, in document order, at least the
+/// characters asked for; a task with too few documents gives fewer passages.
+#[test]
+fn task_passages_join_documents_with_their_correct_answers() {
+    let dir = syncdrop::assets::eval_dir().unwrap_or_else(|e| panic!("{e}"));
+    let task = load_task(&dir, "openbookqa").unwrap();
+    let ps = syncdrop::tasks::task_passages(&dir, "openbookqa", 6, 1200).unwrap();
+    assert_eq!(ps.len(), 6);
+    assert!(ps.iter().all(|p| p.len() >= 1200), "a passage is short");
+    let first = &task.docs[0];
+    let (ctx, answer) = &first.choices[first.gold];
+    let want = format!("{}{answer}", ctx.trim_end());
+    assert!(ps[0].starts_with(&want), "{:?} vs {want:?}", &ps[0][..200]);
+    // every document the passages hold, with its correct answer
+    let n = ps
+        .iter()
+        .map(|p| p.matches("Question:").count())
+        .sum::<usize>();
+    let joined = ps.join("\n\n");
+    for d in &task.docs[..n] {
+        let (c, a) = &d.choices[d.gold];
+        assert!(
+            joined.contains(&format!("{}{a}", c.trim_end())),
+            "doc {}",
+            d.id
+        );
+    }
+    let all = syncdrop::tasks::task_passages(&dir, "openbookqa", 100_000, 1200).unwrap();
+    assert!(all.len() < 100_000 && all.len() > 6);
+    assert!(syncdrop::tasks::task_passages(&dir, "no_such_task", 1, 10).is_err());
+}
