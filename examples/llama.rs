@@ -631,11 +631,19 @@ fn calibration(tok: &Tokenizer, c: &Calib, flag: &str) -> Result<Vec<Vec<u32>>> 
             passages.len()
         )));
     }
+    encode_cut(tok, passages.iter(), c.seq_len)
+}
+
+/// Each passage's tokens, the first `seq_len` of them.
+fn encode_cut<'a>(
+    tok: &Tokenizer,
+    passages: impl Iterator<Item = &'a String>,
+    seq_len: usize,
+) -> Result<Vec<Vec<u32>>> {
     passages
-        .iter()
         .map(|p| {
             let mut ids = tok.encode_document(p)?;
-            ids.truncate(c.seq_len);
+            ids.truncate(seq_len);
             Ok(ids)
         })
         .collect()
@@ -857,17 +865,8 @@ fn distill_data(tok: &Tokenizer, train: &Train, used: bool) -> Result<Vec<Vec<u3
         lists.push(list);
     }
     // in turn, so that --holdout's last passages come from every source
-    let passages: Vec<&String> = (0..c.calib)
-        .map(|i| &lists[i % lists.len()][i / lists.len()])
-        .collect();
-    passages
-        .iter()
-        .map(|p| {
-            let mut ids = tok.encode_document(p)?;
-            ids.truncate(c.seq_len);
-            Ok(ids)
-        })
-        .collect()
+    let passages = (0..c.calib).map(|i| &lists[i % lists.len()][i / lists.len()]);
+    encode_cut(tok, passages, c.seq_len)
 }
 
 /// A sensitivity saved by `sensitivity` (or `plan`), checked against `engine`'s model and
