@@ -682,11 +682,7 @@ fn plans_whose_compensated_flags_disagree_with_their_weights_are_refused() {
     let mut e = engine(&path, 2, false);
     let sha = model_sha256(&e.files).unwrap();
     e.set_spd(&mask).unwrap();
-    let cc = CompConfig {
-        rank: 4,
-        ridge: 1e-2,
-        holdout: 2,
-    };
+    let cc = SMALL_LC;
     let (w0, _) = recover_layer(&mut e, &calib(8, 12, 300), 0, None, Some(&cc), 1).unwrap();
     let want = logits(&mut e, &toks);
     let weights = dir.join("plan.safetensors");
@@ -798,6 +794,14 @@ fn compensation_alone_is_saved_without_the_blocks_weights() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A compensation for the tiny model's tests: rank 4, the default ridge, 2 of the calibration
+/// sequences held out.
+const SMALL_LC: CompConfig = CompConfig {
+    rank: 4,
+    ridge: 1e-2,
+    holdout: 2,
+};
+
 /// A fresh engine at TP 2 with `mask`'s blocks SPD and `lc`'s maps loaded in every block:
 /// what a planner engine with that plan must be.
 fn fresh_with_maps(path: &Path, lc: &BlockCompensation, mask: &[bool]) -> Engine {
@@ -822,11 +826,7 @@ fn the_planner_searches_saves_and_reloads_spd_with_compensation() {
     let (dir, path) = tiny_model("lc-plan", 43);
     let toks = prompt(12, 5);
     let seqs = calib(10, 12, 500);
-    let cc = CompConfig {
-        rank: 4,
-        ridge: 1e-2,
-        holdout: 2,
-    };
+    let cc = SMALL_LC;
     let mut e = engine(&path, 2, false);
     let base = logits(&mut e, &toks);
     e.set_spd(&[true; LAYERS]).unwrap();
@@ -991,11 +991,7 @@ fn the_planner_restores_the_maps_of_blocks_whose_distillation_it_drops() {
     let (dir, path) = tiny_model("lc-plan-b2b", 44);
     let toks = prompt(12, 6);
     let seqs = calib(8, 12, 600);
-    let cc = CompConfig {
-        rank: 4,
-        ridge: 1e-2,
-        holdout: 2,
-    };
+    let cc = SMALL_LC;
     let dcfg = DistillConfig {
         epochs: 2,
         holdout: 2,
