@@ -910,6 +910,19 @@ fn distill_config(train: &Train, used: bool, common: &Common) -> Result<DistillC
     Ok(cfg)
 }
 
+/// One block's linear compensation fit, as the runner logs it.
+fn comp_fit_line(l: usize, c: &syncdrop::distill::CompReport) -> String {
+    format!(
+        "block {l:2}: linear compensation rank {} on {} tokens leaves {:.1}% of the missing \
+         partials{} in {:.1}s",
+        c.rank,
+        c.tokens,
+        100.0 * c.residual,
+        if c.heldout { " (held out)" } else { "" },
+        c.secs
+    )
+}
+
 /// What a plan records of how its distilled weights were made.
 fn distill_settings(train: &Train, cfg: &DistillConfig) -> serde_json::Value {
     serde_json::json!({
@@ -1508,15 +1521,7 @@ fn run(cli: Cli) -> Result<()> {
                         c,
                         dcfg.threads,
                         true,
-                        |l, r| {
-                            eprintln!(
-                                "block {l:2}: compensation leaves {:.1}% of the missing \
-                                 partials{} ({:.1}s)",
-                                100.0 * r.residual,
-                                if r.heldout { " (held out)" } else { "" },
-                                r.secs
-                            )
-                        },
+                        |l, r| eprintln!("{}", comp_fit_line(l, r)),
                     )?)
                 }
                 None => None,
@@ -1920,31 +1925,25 @@ fn run(cli: Cli) -> Result<()> {
                             acc_stderr: s.average_stderr,
                         })
                     };
-                for f in &fracs {
-                    let k = (f * n as f64).round() as usize;
-                    let mut mask = vec![false; n];
-                    order[..k].iter().for_each(|i| mask[*i] = true);
-                    engine.set_spd(&mask)?;
-                    points.push(measure(&mut engine, "zero-shot", k)?);
-                    save_sweep(&out, &settings, &sens_all, &mut points)?;
-                }
-                // zero-shot + LC on the same blocks: maps for every block, fitted once on the
-                // TP model's inputs (they act in SPD blocks only)
-                if !lc_fracs.is_empty() {
-                    compensate_blocks(&mut engine, &seqs, &ccfg, dcfg.threads, true, |l, r| {
-                        eprintln!(
-                            "TP {tp} lc block {l:2}: compensation leaves {:.1}% of the missing \
-                             partials (held out) ({:.1}s)",
-                            100.0 * r.residual,
-                            r.secs
-                        )
-                    })?;
-                    for f in &lc_fracs {
+                // zero-shot, then zero-shot + LC on the same blocks (maps for every block,
+                // fitted once on the TP model's inputs: they act in SPD blocks only)
+                for (method, fr) in [("zero-shot", &fracs), ("lc", &lc_fracs)] {
+                    if method == "lc" && !fr.is_empty() {
+                        compensate_blocks(
+                            &mut engine,
+                            &seqs,
+                            &ccfg,
+                            dcfg.threads,
+                            true,
+                            |l, r| eprintln!("TP {tp} lc {}", comp_fit_line(l, r)),
+                        )?;
+                    }
+                    for f in fr {
                         let k = (f * n as f64).round() as usize;
                         let mut mask = vec![false; n];
                         order[..k].iter().for_each(|i| mask[*i] = true);
                         engine.set_spd(&mask)?;
-                        points.push(measure(&mut engine, "lc", k)?);
+                        points.push(measure(&mut engine, method, k)?);
                         save_sweep(&out, &settings, &sens_all, &mut points)?;
                     }
                 }
@@ -2064,15 +2063,7 @@ fn run(cli: Cli) -> Result<()> {
                     recover_layer(&mut engine, &seqs, l, b2b, ccfg.as_ref(), dcfg.threads)?;
                 reports.push((l, rep.clone()));
                 if let Some(c) = &rep.comp {
-                    eprintln!(
-                        "block {l}: linear compensation rank {} on {} tokens leaves {:.1}% \
-                         of the missing partials{} in {:.1}s",
-                        c.rank,
-                        c.tokens,
-                        100.0 * c.residual,
-                        if c.heldout { " (held out)" } else { "" },
-                        c.secs
-                    );
+                    eprintln!("{}", comp_fit_line(l, c));
                 }
                 let lp = &mut plan.layers[l];
                 lp.compensated = rep.comp.is_some();

@@ -944,6 +944,18 @@ pub fn load_compensated(
     layer: usize,
     comps: &[crate::compensate::Compensation],
 ) -> Result<Vec<BlockWeights>> {
+    let w = compensated_weights(engine, layer, comps)?;
+    engine.load_layer(layer, w.clone())?;
+    Ok(w)
+}
+
+/// Block `layer`'s original weights for the engine's head assignment with the maps `comps`
+/// (one per rank), without loading them.
+pub fn compensated_weights(
+    engine: &crate::engine::Engine,
+    layer: usize,
+    comps: &[crate::compensate::Compensation],
+) -> Result<Vec<BlockWeights>> {
     let cfg = engine.cfg.clone();
     let shards = engine.block_shards(layer);
     if shards.len() != comps.len() {
@@ -953,7 +965,7 @@ pub fn load_compensated(
             shards.len()
         )));
     }
-    let w: Vec<BlockWeights> = shards
+    shards
         .iter()
         .zip(comps)
         .map(|(s, c)| {
@@ -961,9 +973,7 @@ pub fn load_compensated(
             w.comp = Some(c.clone());
             Ok(w)
         })
-        .collect::<Result<_>>()?;
-    engine.load_layer(layer, w.clone())?;
-    Ok(w)
+        .collect()
 }
 
 /// How linear compensation of one block went.

@@ -757,17 +757,9 @@ impl Engine {
     /// [`Engine::block_input`] at each of `layers` (strictly increasing), in one pass through
     /// the blocks before the last of them: what capturing many blocks' inputs should call.
     pub fn block_inputs(&mut self, tokens: &[u32], layers: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let n = self.cfg.n_layers;
-        if tokens.is_empty()
-            || layers.is_empty()
-            || layers.iter().any(|l| *l >= n)
-            || layers.windows(2).any(|w| w[0] >= w[1])
-        {
-            return Err(Error::InvalidArgument(format!(
-                "block inputs of {} tokens at blocks {layers:?}: blocks of 0..{n} in \
-                 increasing order",
-                tokens.len()
-            )));
+        crate::model::check_block_layers(layers, self.cfg.n_layers)?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidArgument("block inputs of 0 tokens".into()));
         }
         self.check_capacity(0, tokens.len())?;
         let emb = Arc::new(embed(&self.files, &self.cfg, tokens)?);

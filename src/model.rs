@@ -219,31 +219,41 @@ impl<B: Backend> RankModel<B> {
         pos0: usize,
         rows: Range<usize>,
     ) -> Result<Vec<f32>> {
-        self.run(embeddings, pos0, rows, self.cfg.n_layers)
-    }
-
-    /// The residual stream entering block `layer` (t, d): the block input that block-to-block
-    /// distillation trains on. Runs blocks 0..layer under the current plan.
-    pub fn block_input(&mut self, embeddings: &[f32], layer: usize) -> Result<Vec<f32>> {
-        Ok(self
-            .block_inputs(embeddings, &[layer])?
-            .pop()
-            .expect("one layer asked for"))
+        let d = self.cfg.hidden;
+        let t = embeddings.len() / d;
+        if t == 0 || rows.end > t || rows.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "forward of {t} tokens, logits rows {rows:?}"
+            )));
+        }
+        self.check_capacity(pos0, t)?;
+        if t == 1 && self.backend.graphs() {
+            return self.decode_graphed(embeddings, pos0);
+        }
+        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
+        let mut b = StepBufs::alloc(&mut self.backend, t, d, qn, rows.len() * self.vocab.len())?;
+        let be = &mut self.backend;
+        be.upload(embeddings, &mut b.x)?;
+        blocks(
+            be,
+            &self.spd,
+            self.world,
+            &mut b,
+            t,
+            pos0,
+            0..self.cfg.n_layers,
+        )?;
+        be.lm_head(&b.x, rows.clone(), &mut b.logits)?;
+        let mut host = vec![0f32; rows.len() * self.vocab.len()];
+        be.download(&b.logits, &mut host)?;
+        Ok(host)
     }
 
     /// The residual streams entering each of `layers` (strictly increasing), in one pass
-    /// through blocks 0..the last of them: the same bits as [`RankModel::block_input`] per
-    /// layer, for the cost of one call.
+    /// through blocks 0..the last of them under the current plan: the block inputs that
+    /// distillation and compensation fit on.
     pub fn block_inputs(&mut self, embeddings: &[f32], layers: &[usize]) -> Result<Vec<Vec<f32>>> {
-        let n = self.cfg.n_layers;
-        if layers.is_empty()
-            || layers.iter().any(|l| *l >= n)
-            || layers.windows(2).any(|w| w[0] >= w[1])
-        {
-            return Err(Error::InvalidArgument(format!(
-                "block inputs at {layers:?}: blocks of 0..{n} in increasing order"
-            )));
-        }
+        check_block_layers(layers, self.cfg.n_layers)?;
         let d = self.cfg.hidden;
         let t = embeddings.len() / d;
         if t == 0 {
@@ -270,41 +280,6 @@ impl<B: Backend> RankModel<B> {
     /// op runs (and without overflow: a wrapped `pos0 + t` passed the backends' checks).
     fn check_capacity(&self, pos0: usize, t: usize) -> Result<()> {
         Error::check_context(pos0, t, self.backend.dims().capacity)
-    }
-
-    /// Blocks 0..stop; if stop < n_layers, returns the hidden state instead of logits.
-    fn run(
-        &mut self,
-        embeddings: &[f32],
-        pos0: usize,
-        rows: Range<usize>,
-        stop: usize,
-    ) -> Result<Vec<f32>> {
-        let d = self.cfg.hidden;
-        let t = embeddings.len() / d;
-        if t == 0 || rows.end > t || rows.is_empty() {
-            return Err(Error::InvalidArgument(format!(
-                "forward of {t} tokens, logits rows {rows:?}"
-            )));
-        }
-        self.check_capacity(pos0, t)?;
-        if t == 1 && stop == self.cfg.n_layers && self.backend.graphs() {
-            return self.decode_graphed(embeddings, pos0);
-        }
-        let qn = self.shard.q_heads.len() * self.cfg.head_dim;
-        let mut b = StepBufs::alloc(&mut self.backend, t, d, qn, rows.len() * self.vocab.len())?;
-        let be = &mut self.backend;
-        be.upload(embeddings, &mut b.x)?;
-        blocks(be, &self.spd, self.world, &mut b, t, pos0, 0..stop)?;
-        if stop < self.cfg.n_layers {
-            let mut host = vec![0f32; t * d];
-            be.download(&b.x, &mut host)?;
-            return Ok(host);
-        }
-        be.lm_head(&b.x, rows.clone(), &mut b.logits)?;
-        let mut host = vec![0f32; rows.len() * self.vocab.len()];
-        be.download(&b.logits, &mut host)?;
-        Ok(host)
     }
 
     /// One decode step through a CUDA graph: captured on the first call (on buffers kept
@@ -386,6 +361,20 @@ impl<T> StepBufs<T> {
             logits: be.alloc(logits)?,
         })
     }
+}
+
+/// Refuses a list of blocks that is empty, not strictly increasing, or past the last of `n`
+/// (what [`RankModel::block_inputs`] and `Engine::block_inputs` take).
+pub(crate) fn check_block_layers(layers: &[usize], n: usize) -> Result<()> {
+    if layers.is_empty()
+        || layers.iter().any(|l| *l >= n)
+        || layers.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Error::InvalidArgument(format!(
+            "block inputs at blocks {layers:?}: blocks of 0..{n} in increasing order"
+        )));
+    }
+    Ok(())
 }
 
 /// Blocks `layers` over `b.x` (t, d) at positions pos0..: the TP block, or the SPD block

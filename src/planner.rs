@@ -18,7 +18,8 @@
 #![warn(missing_docs)]
 
 use crate::distill::{
-    load_compensated, recover_layer, BlockCompensation, CompReport, DistillConfig,
+    compensated_weights, load_compensated, recover_layer, BlockCompensation, CompReport,
+    DistillConfig,
 };
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -419,11 +420,14 @@ fn mask_of(order: &[usize], k: usize, n: usize) -> Vec<bool> {
 /// compensation maps if there are any.
 fn restore_block(engine: &mut Engine, layer: usize, lc: Option<&BlockCompensation>) -> Result<()> {
     let shards = engine.layout.ranks.clone();
-    engine.set_block_shards(layer, shards)?;
-    if let Some(c) = lc {
-        load_compensated(engine, layer, &c.maps[layer])?;
+    let Some(c) = lc else {
+        return engine.set_block_shards(layer, shards);
+    };
+    // load_compensated loads the original weights too: reassign heads only where they moved
+    if engine.block_shards(layer) != shards {
+        engine.set_block_shards(layer, shards)?;
     }
-    Ok(())
+    load_compensated(engine, layer, &c.maps[layer]).map(drop)
 }
 
 /// Choose the plan. `metric` scores split 0 (search) and split 1 (held-out); `calib` feeds
@@ -740,9 +744,9 @@ pub fn plan<'a>(
             match refits.iter().find(|r| r.0 == l) {
                 Some((_, r)) => compensation.push((l, r.clone())),
                 None => {
+                    // loaded already (restore_block at the start, or after a dropped B2B)
                     compensation.push((l, c.reports[l].clone()));
-                    let w = load_compensated(engine, l, &c.maps[l])?;
-                    distilled.push((l, w));
+                    distilled.push((l, compensated_weights(engine, l, &c.maps[l])?));
                 }
             }
         }

@@ -553,8 +553,6 @@ pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
     })
 }
 
-/// Calibration text: BoolQ's Wikipedia passages (the context before "\nQuestion:"), unique,
-/// in file order.
 /// Calibration passages from task `name`'s documents: each document's context with its
 /// correct continuation, joined by blank lines into passages of at least `chars` characters;
 /// the first `n` passages (fewer when the task runs out).
@@ -579,7 +577,8 @@ pub fn task_passages(eval_dir: &Path, name: &str, n: usize, chars: usize) -> Res
     Ok(out)
 }
 
-/// BoolQ's distinct Wikipedia passages, the first `n`.
+/// Calibration text: BoolQ's Wikipedia passages (the context before "\nQuestion:"), unique,
+/// in file order; the first `n`.
 pub fn boolq_passages(eval_dir: &Path, n: usize) -> Result<Vec<String>> {
     let task = load_task(eval_dir, "boolq")?;
     let mut seen = std::collections::HashSet::new();
