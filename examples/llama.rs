@@ -199,6 +199,8 @@ enum Cmd {
         #[command(flatten)]
         common: Common,
         /// Comma-separated tasks (default: arc_easy,arc_challenge,hellaswag,lambada,piqa,sciq,winogrande).
+        /// `arc_easy:test` and `arc_challenge:test` are ARC's test splits, prompted zero-shot
+        /// like the validation splits the default scores: fresh documents for a confirmation.
         #[arg(long)]
         tasks: Option<String>,
         /// Documents per task (a fixed-seed sample).
@@ -840,7 +842,7 @@ fn distill_data(tok: &Tokenizer, train: &Train, used: bool) -> Result<Vec<Vec<u3
     let dir = assets::eval_dir()?;
     let mut lists = Vec::new();
     for s in &sources {
-        if tasks::PAPER_TASKS.contains(s) {
+        if tasks::PAPER_TASKS.contains(&tasks::base_task(s)) {
             return Err(bad(format!(
                 "--distill-text {s}: `eval` scores that task, so fitting on its documents would \
                  leak them into the scores; pick a task it does not score (openbookqa, csqa, \

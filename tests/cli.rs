@@ -157,6 +157,21 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--distill-text sciq: `eval` scores that task",
         ),
         (
+            // a scored task's test split would leak into `eval --tasks arc_easy:test`
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-ppl",
+                "5",
+                "--compensate",
+                "8",
+                "--distill-text",
+                "openbookqa,arc_easy:test",
+            ],
+            "--distill-text arc_easy:test: `eval` scores that task",
+        ),
+        (
             vec!["plan", "--tp", "2", "--budget-ppl", "5", "--compensate", "1000"],
             "--compensate: linear compensation of rank 1000: the rank is 1 to the hidden size 576",
         ),

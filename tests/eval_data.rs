@@ -120,3 +120,77 @@ fn task_passages_join_documents_with_their_correct_answers() {
     assert!(all.len() < 100_000 && all.len() > 6);
     assert!(syncdrop::tasks::task_passages(&dir, "no_such_task", 1, 10).is_err());
 }
+
+/// `arc_easy:test` and `arc_challenge:test`: the test splits (fresh documents for confirming
+/// a result chosen on the validation splits), prompted zero-shot exactly like the validation
+/// split's `rc_0shot` requests, and (but for ARC's own repeats) disjoint from them.
+#[test]
+fn arc_test_splits_load_zero_shot_and_disjoint_from_validation() {
+    let dir = syncdrop::assets::eval_dir().unwrap_or_else(|e| panic!("{e}"));
+    let names = syncdrop::tasks::available_tasks(&dir);
+    for (t, n) in [("arc_easy", 2376), ("arc_challenge", 1172)] {
+        let name = format!("{t}:test");
+        assert!(names.contains(&name), "{name} not in {names:?}");
+        let test = load_task(&dir, &name).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let val = load_task(&dir, t).unwrap();
+        assert_eq!(test.docs.len(), n, "{name}");
+        assert_eq!(syncdrop::tasks::base_task(&name), t);
+        // scored with ARC's headline metric (acc_norm)
+        let score = syncdrop::tasks::TaskScore {
+            task: name.clone(),
+            acc: 0.25,
+            acc_norm: 0.5,
+            ..Default::default()
+        };
+        assert_eq!(syncdrop::tasks::headline(&score), 0.5, "{name}");
+        // one question per prompt (no few-shot examples), shaped like the validation prompts
+        let shape = |c: &str| c.starts_with("Question: ") && c.ends_with("\nAnswer:");
+        for d in test.docs.iter().chain(&val.docs) {
+            for (c, cont) in &d.choices {
+                assert!(shape(c), "{name}: {c:?}");
+                assert_eq!(c.matches("Question:").count(), 1, "{name}: {c:?}");
+                assert!(cont.starts_with(' '), "{name}: {cont:?}");
+            }
+            assert!(d.choices.len() >= 3 && d.gold < d.choices.len());
+        }
+        let seen: std::collections::HashSet<&str> =
+            val.docs.iter().map(|d| d.choices[0].0.as_str()).collect();
+        let shared = test
+            .docs
+            .iter()
+            .filter(|d| seen.contains(d.choices[0].0.as_str()))
+            .count();
+        // ARC itself repeats a question or two across its splits (ARC-Challenge: 2)
+        assert!(
+            shared * 200 < n,
+            "{name}: {shared} questions shared with validation"
+        );
+    }
+    // a test-split prompt that does not end with its document's query cannot be made
+    // zero-shot: an error naming the line
+    let tmp = std::env::temp_dir().join(format!("syncdrop-evaltest-{}", std::process::id()));
+    let p = tmp.join("oe_eval_tasks/arc_easy/test_rc_5shot");
+    std::fs::create_dir_all(&p).unwrap();
+    let write = |ctx: &str| {
+        let f = std::fs::File::create(p.join("requests.jsonl.gz")).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
+        for idx in 0..2 {
+            let l = serde_json::json!({
+                "doc_id": 0, "idx": idx, "label": 1,
+                "doc": {"query": "Question: b?\nAnswer:"},
+                "request": {"context": ctx, "continuation": format!(" c{idx}")}
+            });
+            writeln!(gz, "{l}").unwrap();
+        }
+        gz.finish().unwrap();
+    };
+    write("Question: a?\nAnswer: x\n\nQuestion: b?\nAnswer:");
+    let t = load_task(&tmp, "arc_easy:test").unwrap();
+    assert_eq!(t.docs[0].choices[1].0, "Question: b?\nAnswer:");
+    write("Question: a?\nAnswer: x\n\nQuestion: c?\nAnswer:");
+    match load_task(&tmp, "arc_easy:test") {
+        Err(e @ Error::EvalData { .. }) => assert!(e.to_string().contains("line 1"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+    std::fs::remove_dir_all(&tmp).ok();
+}
