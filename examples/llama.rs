@@ -267,6 +267,13 @@ enum Cmd {
         /// each of the search and held-out splits.
         #[arg(long, default_value_t = 40)]
         limit: usize,
+        /// Documents per task (accuracy) or LAMBADA passages (perplexity) in the held-out
+        /// split, which checks the chosen plan (default: --limit). They follow the search
+        /// split in the same fixed-seed order: with --limit 80 --heldout-limit 500 the check
+        /// scores what `eval --offset 80 --limit 500` does. Two evaluations of this size; a
+        /// 1-point accuracy budget takes several hundred documents per task to resolve.
+        #[arg(long, value_name = "N")]
+        heldout_limit: Option<usize>,
         /// Also distil (B2B) the blocks beyond the zero-shot set while the budget holds.
         #[arg(long)]
         b2b: bool,
@@ -1384,6 +1391,7 @@ fn run(cli: Cli) -> Result<()> {
             budget_ppl,
             budget_acc,
             limit,
+            heldout_limit,
             b2b,
             train,
             search_z,
@@ -1397,6 +1405,8 @@ fn run(cli: Cli) -> Result<()> {
             no_spd(&common, "plan")?;
             check_calib(&calib)?;
             at_least("limit", limit, 1)?;
+            let heldout = heldout_limit.unwrap_or(limit);
+            at_least("heldout-limit", heldout, 1)?;
             if common.tp < 2 {
                 return Err(bad(format!(
                     "--tp {}: SPD drops all-reduces between ranks, and one rank has none: plan for TP 2 or more",
@@ -1446,15 +1456,16 @@ fn run(cli: Cli) -> Result<()> {
             }
             let data = match budget {
                 Budget::PplIncrease(_) => {
-                    let texts: Vec<String> =
-                        lambada(&dir, 2 * limit)?.iter().map(|p| p.text()).collect();
-                    if texts.len() < 2 * limit {
+                    let texts: Vec<String> = lambada(&dir, limit + heldout)?
+                        .iter()
+                        .map(|p| p.text())
+                        .collect();
+                    if texts.len() < limit + heldout {
                         return Err(bad(format!(
-                            "--limit {limit}: a perplexity budget scores {limit} LAMBADA passages \
-                             in each of the search and held-out splits, and LAMBADA has {}: \
-                             give --limit {} or less",
+                            "--limit {limit}, --heldout-limit {heldout}: a perplexity budget \
+                             scores {limit} LAMBADA passages in the search split and {heldout} \
+                             in the held-out split, and LAMBADA has {}: give fewer",
                             texts.len(),
-                            texts.len() / 2
                         )));
                     }
                     let held_out = texts[limit..].to_vec();
@@ -1466,8 +1477,9 @@ fn run(cli: Cli) -> Result<()> {
                     let mut splits = [Vec::new(), Vec::new()];
                     for t in tasks::PAPER_TASKS {
                         let task = tasks::load_task(&dir, t)?;
-                        for (s, v) in splits.iter_mut().enumerate() {
-                            v.push((t.to_string(), tasks::sample(&task, limit, 0, Some(s))));
+                        let halves = tasks::plan_splits(&task, limit, heldout, 0);
+                        for (v, docs) in splits.iter_mut().zip(halves) {
+                            v.push((t.to_string(), docs));
                         }
                     }
                     Data::Docs(splits)

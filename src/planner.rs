@@ -351,9 +351,11 @@ pub struct PlanOutcome {
     pub heldout_drop: Option<PairedDiff>,
     /// Approximate 95% interval of the held-out loss (loss +- 1.96 paired s.e.).
     pub heldout_loss_ci95: Option<(f64, f64)>,
-    /// Documents per task in each split (accuracy budgets).
+    /// Documents per task in the held-out split (accuracy budgets; the first task's, where
+    /// a task has fewer): the search split's is the runner's `--limit`, the held-out's
+    /// `--heldout-limit`.
     pub docs_per_task: Option<usize>,
-    /// Perplexity budget: passages in each split.
+    /// Perplexity budget: passages in the held-out split.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub passages_per_split: Option<usize>,
     /// What the held-out sample supports (within, over, or not resolved), where the metric
@@ -786,7 +788,8 @@ pub fn plan<'a>(
                 .or_else(|| held_base.passages.as_ref().map(|p| (p.len(), "passages")));
             verdict_text += &match per_task {
                 Some((m, what)) => format!(
-                    "; resolving it needs about {:.0} {what} per split ({f:.1}x), if the loss stayed at this value",
+                    "; resolving it needs about {:.0} {what} in the held-out split ({f:.1}x; \
+                     the runner's --heldout-limit), if the loss stayed at this value",
                     (f * m as f64).ceil()
                 ),
                 None => format!("; resolving it needs about {f:.1}x the sample"),

@@ -222,6 +222,22 @@ pub fn sample(task: &Task, n: usize, seed: u64, split: Option<usize>) -> Vec<Doc
         .collect()
 }
 
+/// The planner's search and held-out documents of a task: the search split is
+/// `sample(task, limit, seed, Some(0))` and the held-out split the next `heldout` documents
+/// of the same order, so with `heldout == limit` it is `sample(task, limit, seed, Some(1))`,
+/// and a larger one is what `eval --offset` with the search split's size scores
+/// ([`sample_after`]). A task with fewer than `2 * limit` documents gives each split half
+/// of them at most, the held-out split at most the documents the search left.
+pub fn plan_splits(task: &Task, limit: usize, heldout: usize, seed: u64) -> [Vec<Doc>; 2] {
+    let search = sample(task, limit, seed, Some(0));
+    let held = if heldout == limit {
+        sample(task, limit, seed, Some(1))
+    } else {
+        sample_after(task, search.len(), heldout, seed)
+    };
+    [search, held]
+}
+
 /// The fixed-seed order of a task's documents that every sample is cut from.
 fn shuffled(task: &Task, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..task.docs.len()).collect();
@@ -673,5 +689,26 @@ mod tests {
             ids(sample_after(&t, 0, 20, 1)),
             ids(sample_after(&t, 0, 20, 0))
         );
+    }
+
+    #[test]
+    fn plan_splits_extend_the_held_out_split_past_the_search() {
+        let ids = |d: &[Doc]| d.iter().map(|d| d.id).collect::<Vec<_>>();
+        for (n, limit) in [(299usize, 80usize), (100, 80), (7, 3)] {
+            let t = task(n as u64);
+            let [s, h] = plan_splits(&t, limit, limit, 0);
+            // --heldout-limit equal to --limit: the planner's two halves, as before
+            assert_eq!(ids(&s), ids(&sample(&t, limit, 0, Some(0))), "{n}/{limit}");
+            assert_eq!(ids(&h), ids(&sample(&t, limit, 0, Some(1))), "{n}/{limit}");
+            for heldout in [1, limit + 1, 500] {
+                let [s2, h2] = plan_splits(&t, limit, heldout, 0);
+                assert_eq!(ids(&s2), ids(&s), "the search split never changes");
+                assert_eq!(h2.len(), heldout.min(n - s.len()), "{n}/{limit}/{heldout}");
+                // the held-out documents the smaller split had come first, none searched
+                let k = h.len().min(h2.len());
+                assert_eq!(&ids(&h2)[..k], &ids(&h)[..k], "{n}/{limit}/{heldout}");
+                assert!(h2.iter().all(|d| !ids(&s).contains(&d.id)));
+            }
+        }
     }
 }

@@ -236,6 +236,26 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--limit 0: must be at least 1",
         ),
         (
+            vec!["plan", "--tp", "2", "--budget-acc", "1", "--heldout-limit", "0"],
+            "--heldout-limit 0: must be at least 1",
+        ),
+        (
+            // LAMBADA has 5,153 passages: 200 searched leave too few for 5,000 held out
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-ppl",
+                "5",
+                "--limit",
+                "200",
+                "--heldout-limit",
+                "5000",
+            ],
+            "--limit 200, --heldout-limit 5000: a perplexity budget scores 200 LAMBADA passages \
+             in the search split and 5000 in the held-out split, and LAMBADA has 5153",
+        ),
+        (
             vec!["sensitivity", "--calib", "0"],
             "--calib 0: must be at least 1",
         ),
