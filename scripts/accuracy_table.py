@@ -6,6 +6,7 @@ planner result from `plan` files (their notes hold the planner's outcome).
     python3 scripts/accuracy_table.py --plans docs/accuracy/plan_tp*_acc1.json
     python3 scripts/accuracy_table.py --paired base.json plan_a.json plan_b.json   # eval --out
     python3 scripts/accuracy_table.py --paired a/base.json+b/base.json a/plan.json+b/plan.json
+    python3 scripts/accuracy_table.py --paired --without lambada base.json plan.json  # 6-task average
 
 In --paired, `x.json+y.json` is one run on the union of both files' documents (e.g. two
 `eval --offset` ranges of the same shuffle): a task's documents are concatenated in file order,
@@ -97,13 +98,17 @@ def load_merged(spec):
         t["acc_norm"] = sum(d["acc_norm"] for d in t["docs"]) / n
     return {"tasks": list(tasks.values())}
 
-def paired(base_path, paths):
+def paired(base_path, paths, without=()):
     """Per-task paired losses of `eval --out` scores against a baseline on the same documents
     (the same statistics as tasks::paired_difference)."""
     import math
     norm = {"hellaswag", "arc_easy", "arc_challenge", "piqa"}
     base = load_merged(base_path)
     runs = [load_merged(p) for p in paths]
+    for d in [base] + runs:
+        d["tasks"] = [t for t in d["tasks"] if t["task"] not in without]
+    if without:
+        print(f"(average over the tasks other than {', '.join(without)})\n")
     print("| task | n | baseline | " + " | ".join(paths) + " |")
     print("|---|---|---|" + "---|" * len(paths))
     means = [[] for _ in runs]  # per run: (task mean, task variance of the mean)
@@ -135,6 +140,8 @@ def paired(base_path, paths):
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--plans":
         plans(sys.argv[2:])
+    elif len(sys.argv) > 4 and sys.argv[1:3] == ["--paired", "--without"]:
+        paired(sys.argv[4], sys.argv[5:], sys.argv[3].split(","))
     elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
         paired(sys.argv[2], sys.argv[3:])
     else:
