@@ -963,6 +963,30 @@ fn is_dead(s: &TcpStream) -> bool {
     dead
 }
 
+/// Tell a late rank why the run stopped, and close without losing the message. Its hello
+/// is read first and the close waits for the rank to hang up (half a second at most each):
+/// closing a socket with unread input sends a reset, and a reset that reaches the rank
+/// before it reads the line discards it ("connection reset by peer" instead of the reason;
+/// seen on a loaded 2-core machine).
+fn answer_and_close(mut s: TcpStream, msg: &str) {
+    let _ = s.set_nonblocking(false);
+    let _ = read_line(&mut s, Instant::now() + Duration::from_millis(500));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
+    let _ = writeln!(s, "error: {msg}");
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let until = Instant::now() + Duration::from_millis(500);
+    let mut sink = [0u8; 256];
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
+        match s.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
 /// Rank 0: accept every other rank's hello, then send each the id. On failure every peer
 /// that is connected gets the reason, not just a closed socket.
 fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Result<()> {
@@ -1002,11 +1026,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
         let until = Instant::now() + LINGER;
         while Instant::now() < until {
             match listener.accept() {
-                Ok((mut s, _)) => {
-                    let _ = s.set_nonblocking(false);
-                    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                    let _ = writeln!(s, "error: {msg}");
-                }
+                Ok((s, _)) => answer_and_close(s, msg),
                 Err(_) => std::thread::sleep(Duration::from_millis(20)),
             }
         }
