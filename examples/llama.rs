@@ -686,12 +686,7 @@ fn print_suite(s: &SuiteScore) {
 }
 
 fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
-    syncdrop::files::write_atomic(
-        path,
-        serde_json::to_string_pretty(v)
-            .expect("serialisable")
-            .as_bytes(),
-    )
+    syncdrop::files::write_atomic(path, syncdrop::files::to_json_pretty_compact(v).as_bytes())
 }
 
 /// Parse a JSON file; errors name the file.

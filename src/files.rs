@@ -36,6 +36,73 @@ fn temp_beside(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
+/// `v` as indented JSON, except that an object or array holding only scalars (numbers,
+/// strings, booleans, nulls) is written on one line: `{"id": 428, "acc": true}`.
+///
+/// Result files hold long lists of small records (an evaluation's per-document outcomes, a
+/// plan's layers, a sensitivity's per-block values): one record per line keeps them
+/// readable and diffable at about 60% of `serde_json::to_string_pretty`'s size, which
+/// matters because the repository travels to the GPU machine with every call.
+pub fn to_json_pretty_compact(v: &impl serde::Serialize) -> String {
+    let v = serde_json::to_value(v).expect("a serialisable value");
+    let mut out = String::new();
+    write_value(&mut out, &v, 0);
+    out.push('\n');
+    out
+}
+
+fn is_scalar(v: &serde_json::Value) -> bool {
+    !matches!(
+        v,
+        serde_json::Value::Array(_) | serde_json::Value::Object(_)
+    )
+}
+
+fn write_value(out: &mut String, v: &serde_json::Value, depth: usize) {
+    use serde_json::Value;
+    let scalar = |v: &Value| serde_json::to_string(v).expect("JSON scalar");
+    let key = |k: &str| serde_json::to_string(k).expect("JSON string");
+    let pad = |out: &mut String, d: usize| out.extend(std::iter::repeat_n("  ", d));
+    match v {
+        Value::Array(a) if a.is_empty() => out.push_str("[]"),
+        Value::Object(o) if o.is_empty() => out.push_str("{}"),
+        Value::Array(a) if a.iter().all(is_scalar) => {
+            let items: Vec<String> = a.iter().map(scalar).collect();
+            out.push_str(&format!("[{}]", items.join(", ")));
+        }
+        Value::Object(o) if o.values().all(is_scalar) => {
+            let items: Vec<String> = o
+                .iter()
+                .map(|(k, v)| format!("{}: {}", key(k), scalar(v)))
+                .collect();
+            out.push_str(&format!("{{{}}}", items.join(", ")));
+        }
+        Value::Array(a) => {
+            out.push_str("[\n");
+            for (i, x) in a.iter().enumerate() {
+                pad(out, depth + 1);
+                write_value(out, x, depth + 1);
+                out.push_str(if i + 1 < a.len() { ",\n" } else { "\n" });
+            }
+            pad(out, depth);
+            out.push(']');
+        }
+        Value::Object(o) => {
+            out.push_str("{\n");
+            for (i, (k, x)) in o.iter().enumerate() {
+                pad(out, depth + 1);
+                out.push_str(&key(k));
+                out.push_str(": ");
+                write_value(out, x, depth + 1);
+                out.push_str(if i + 1 < o.len() { ",\n" } else { "\n" });
+            }
+            pad(out, depth);
+            out.push('}');
+        }
+        _ => out.push_str(&scalar(v)),
+    }
+}
+
 /// sha256 of a file's bytes, lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
@@ -52,6 +119,37 @@ pub fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn compact_json_puts_scalar_records_on_one_line_and_round_trips() {
+        let v = serde_json::json!({
+            "tasks": [{"task": "arc_easy", "n": 2, "acc": 0.5,
+                       "docs": [{"id": 4, "acc": true}, {"id": 1, "acc": false}]}],
+            "sensitivity": [1.5, -0.25, 3e-9],
+            "zeta_before_alpha": {"z": "a \"quoted\" name", "a": null},
+            "empty": [], "nothing": {}, "nested": [[1, 2], [3]]
+        });
+        let text = to_json_pretty_compact(&v);
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, v);
+        assert!(
+            text.contains("\n        {\"id\": 4, \"acc\": true},\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"sensitivity\": [1.5, -0.25, 3e-9],"),
+            "{text}"
+        );
+        // declaration order, not sorted (serde_json's preserve_order)
+        assert!(
+            text.contains("{\"z\": \"a \\\"quoted\\\" name\", \"a\": null}"),
+            "{text}"
+        );
+        assert!(text.contains("\"empty\": [],") && text.contains("\"nothing\": {},"));
+        assert!(text.ends_with("}\n"));
+        // smaller than serde_json's pretty form (the reason it exists)
+        assert!(text.len() < serde_json::to_string_pretty(&v).unwrap().len());
+    }
 
     #[test]
     fn write_atomic_replaces_and_leaves_no_temporary() {

@@ -1668,8 +1668,7 @@ pub fn report(opts: &LatencyOptions) -> Result<LatencyReport> {
     };
     std::fs::create_dir_all(&opts.out_dir).map_err(|e| Error::io(&opts.out_dir, e))?;
     let json_path = opts.out_dir.join("projection.json");
-    let json = serde_json::to_string_pretty(&rep)
-        .map_err(|e| Error::InvalidArgument(format!("serialise projection: {e}")))?;
+    let json = crate::files::to_json_pretty_compact(&rep);
     crate::files::write_atomic(&json_path, json.as_bytes())?;
     println!();
     println!("wrote {}", json_path.display());

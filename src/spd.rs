@@ -239,7 +239,7 @@ impl SpdPlan {
 
     /// Write the plan (atomically: an interrupted write leaves the previous file).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).expect("plan serialises");
+        let text = crate::files::to_json_pretty_compact(self);
         crate::files::write_atomic(path, text.as_bytes())
     }
 
