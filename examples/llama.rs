@@ -306,9 +306,13 @@ enum Cmd {
         /// with SPD + LC, and B2B trains with it. 0: none.
         #[arg(long, default_value_t = 0, value_name = "K")]
         compensate: usize,
-        /// Reuse a sensitivity JSON from `sensitivity` instead of measuring it.
+        /// Reuse a sensitivity JSON (from `sensitivity`, or the one a previous `plan` saved
+        /// beside its --out) instead of measuring it.
         #[arg(long)]
         sensitivity: Option<PathBuf>,
+        /// The plan (JSON). Beside it: its sensitivity plot (.svg), the measured sensitivity
+        /// (.sensitivity.json, unless --sensitivity was given) and any distilled weights
+        /// (.safetensors).
         #[arg(long, default_value = "plan.json")]
         out: PathBuf,
         /// Overwrite an existing --out and the distilled weights beside it (without it an
@@ -1441,6 +1445,13 @@ fn run(cli: Cli) -> Result<()> {
             if recovers {
                 kept.push(("the distilled weights beside --out", weights.as_path()));
             }
+            // a measured sensitivity is saved beside the plan (minutes of work, and with
+            // --compensate the only record of SPD + LC's block order): reuse it with
+            // --sensitivity
+            let sens_out = sibling(&out, "sensitivity.json");
+            if sensitivity.is_none() {
+                kept.push(("the sensitivity beside --out", sens_out.as_path()));
+            }
             keep_existing(force, &kept)?;
             prepare_out(&out)?;
             // the search and held-out data before the model loads and the sensitivity runs
@@ -1541,6 +1552,9 @@ fn run(cli: Cli) -> Result<()> {
                     let seqs = calibration(&tok, &calib, "calib")?;
                     let mut s = spd::sensitivity(&mut engine, &seqs, calib.seq_len.max(2), true)?;
                     s.compensation_rank = ccfg.map(|c| c.rank);
+                    // written now: a search that fails later keeps it
+                    write_json(&sens_out, &s)?;
+                    eprintln!("wrote {} (reuse it with --sensitivity)", sens_out.display());
                     s
                 }
             };

@@ -5,6 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "test.sh: cargo not found; install Rust (rustup)" >&2; exit 1; }
 scripts/fetch-assets.sh all
+# The CLI tests (tests/cli.rs, review_cli.rs, ...) run target/release/examples/llama, which
+# `cargo test --all-targets` does not produce by itself: build it, and make its absence a
+# failure rather than a skip.
+cargo build --release --example llama
+export SYNCDROP_REQUIRE_RUNNER=1
 cargo test --release --all-targets "$@"
 # the usage examples in the API docs compile (they name files a test machine lacks: no_run)
 cargo test --release --doc

@@ -1,7 +1,8 @@
 //! The runner (`examples/llama.rs`) refuses bad input before any long work, with a message
 //! that says what to change. Runs the example binary cargo builds beside the tests (skipped,
-//! saying so, when it is not built; `cargo test --test cli` alone does not rebuild it, so run
-//! it after a build of the example, as `scripts/test.sh`'s `--all-targets` does).
+//! saying so, when it is not built; `cargo test` alone neither builds nor rebuilds it, so run
+//! `cargo build --release --example llama` first, as `scripts/test.sh` does, where a missing
+//! runner fails instead).
 
 mod common;
 
@@ -384,4 +385,85 @@ fn iso_auto_calibrates_within_a_small_kv_cache() {
     let (code, err) = run(&llama, &dir, &["generate", "--iso", "auto", "-n", "1"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("ISO: off at TP 1"), "{err}");
+}
+
+/// `plan` saves the sensitivity it measured beside `--out` (minutes of work, and with
+/// `--compensate` the only record of SPD + LC's block order); `--sensitivity` reuses it and
+/// gives the same plan without measuring; the saved file is not overwritten without --force.
+/// On the real model with tiny settings (a perplexity budget on 2 LAMBADA passages).
+#[test]
+fn plan_saves_its_measured_sensitivity_for_reuse() {
+    let Some(llama) = runner() else {
+        println!("skipped: examples/llama is not built (cargo test builds it)");
+        return;
+    };
+    let dir = common::tmpdir("plan-sens");
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--tp",
+            "2",
+            "--threads",
+            "2",
+            "--budget-ppl",
+            "5",
+            "--limit",
+            "2",
+            "--calib",
+            "2",
+            "--seq-len",
+            "32",
+        ];
+        args.extend_from_slice(extra);
+        let out = std::process::Command::new(&llama)
+            .args(&args)
+            .current_dir(&dir)
+            .output()
+            .expect("run the runner");
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), err)
+    };
+    let read = |name: &str| -> serde_json::Value {
+        let text =
+            std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        serde_json::from_str(&text).unwrap()
+    };
+
+    let (ok, err) = plan(&["--out", "p.json"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("wrote p.sensitivity.json (reuse it with --sensitivity)"),
+        "{err}"
+    );
+    let sens = read("p.sensitivity.json");
+    let per_block = sens["sensitivity"].as_array().unwrap();
+    assert_eq!(per_block.len(), 30);
+    assert_eq!(sens["ppl_from"].as_array().unwrap().len(), 30);
+    assert_eq!(sens["tp"], 2);
+    assert_eq!(sens["passages"], 2);
+    // the plan's per-layer sensitivities are the saved ones
+    let p = read("p.json");
+    let in_plan: Vec<&serde_json::Value> = p["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| &l["sensitivity"])
+        .collect();
+    assert_eq!(in_plan, per_block.iter().collect::<Vec<_>>());
+
+    // reused: the same plan, nothing measured, no second sensitivity file
+    let (ok, err) = plan(&["--sensitivity", "p.sensitivity.json", "--out", "q.json"]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("wrote q.sensitivity.json"), "{err}");
+    assert!(!dir.join("q.sensitivity.json").exists());
+    assert_eq!(read("q.json")["layers"], p["layers"]);
+
+    // a new plan beside an existing sensitivity file refuses before any work
+    std::fs::remove_file(dir.join("p.json")).unwrap();
+    let (ok, err) = plan(&["--out", "p.json"]);
+    assert!(!ok);
+    assert!(
+        err.contains("the sensitivity beside --out p.sensitivity.json exists: add --force"),
+        "{err}"
+    );
 }

@@ -98,8 +98,18 @@ fn bad_input_and_colliding_outputs_are_refused_before_the_model_loads() {
             "give --budget-ppl PERCENT or --budget-acc POINTS",
         ),
         (
-            with_model(&["plan", "--tp", "2", "--budget-ppl", "5", "--limit", "3000"]),
-            "LAMBADA has 5153: give --limit 2576 or less",
+            with_model(&[
+                "plan",
+                "--tp",
+                "2",
+                "--budget-ppl",
+                "5",
+                "--limit",
+                "3000",
+                "--out",
+                "fresh.json",
+            ]),
+            "3000 in the held-out split, and LAMBADA has 5153: give fewer",
         ),
         (
             with_model(&["plan", "--tp", "2", "--budget-acc", "1", "--out", "p.svg"]),

@@ -301,10 +301,26 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The runner example cargo builds beside the tests (None when it is not built).
+///
+/// `cargo test --all-targets` alone does not make that file (it builds examples as test
+/// harnesses, named with a hash), so scripts/test.sh builds the example first and sets
+/// SYNCDROP_REQUIRE_RUNNER=1: there a missing runner fails the test instead of skipping it
+/// (CI once skipped every CLI test this way without saying so loudly enough to notice).
 pub fn runner() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("examples/llama");
-    p.is_file().then_some(p)
+    let exe = std::env::current_exe().expect("the test's own path");
+    let p = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("examples/llama"));
+    match p.filter(|p| p.is_file()) {
+        Some(p) => Some(p),
+        None if std::env::var_os("SYNCDROP_REQUIRE_RUNNER").is_some_and(|v| v == "1") => panic!(
+            "SYNCDROP_REQUIRE_RUNNER=1 and no examples/llama beside {}: build it first \
+             (cargo build --release --example llama)",
+            exe.display()
+        ),
+        None => None,
+    }
 }
 
 /// Runs the runner with `args` in `dir`; returns (exit code, stderr). Every case must end
