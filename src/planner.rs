@@ -571,13 +571,23 @@ pub fn plan<'a>(
             budget.limit()
         ));
         if let (false, Some(d)) = (warned, d) {
+            let z_text = if search_z > 0.0 {
+                format!(
+                    "; this search already asks for loss + {search_z} s.e. within budget, \
+                     which trades lucky draws for plans smaller than the budget allows"
+                )
+            } else {
+                "; or use --search-z 1.645 (conservative)".into()
+            };
             let (units, alternatives) = match budget {
                 Budget::AccDrop(_) => (
                     "documents over all tasks",
-                    "; or use --search-z 1.645 (conservative), or search with --budget-ppl \
-                     and verify the accuracy with `eval --offset`",
+                    format!(
+                        "{z_text}; or search with --budget-ppl and verify the accuracy with \
+                         `eval --offset`"
+                    ),
                 ),
-                Budget::PplIncrease(_) => ("passages", "; or use --search-z 1.645 (conservative)"),
+                Budget::PplIncrease(_) => ("passages", z_text),
             };
             if let Some(w) = resolution_warning(d.stderr, budget.limit(), d.docs, units) {
                 log(&format!("{w}{alternatives}"));

@@ -435,6 +435,57 @@ fn planner_reports_the_paired_held_out_drop() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A search split too small for its budget is flagged in the log once; the advice depends on
+/// whether the search already asks for a margin of s.e. (`--search-z`).
+#[test]
+fn planner_warns_of_an_unresolvable_search_split_with_advice_for_its_z() {
+    let (mut e, _dir) = tiny(2, "warn_plan", 6, false);
+    let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
+            .collect()
+    };
+    let calib = seqs(3, 0);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    // (on this data, split 0 of the other test's order has no flip at all: an s.e. of 0)
+    let splits = [seqs(6, 40), seqs(6, 3)];
+    e.set_spd(&[false; 6]).unwrap();
+    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
+    for z in [0.0, 1.0] {
+        let mut metric = Agreement {
+            splits: splits.clone(),
+            reference: reference.clone(),
+        };
+        let mut log = Vec::new();
+        plan(
+            &mut e,
+            &sens,
+            Budget::AccDrop(0.001),
+            z,
+            &mut metric,
+            &calib,
+            None,
+            |m| log.push(m.to_string()),
+        )
+        .unwrap();
+        let warnings: Vec<&String> = log
+            .iter()
+            .filter(|l| l.contains("cannot resolve"))
+            .collect();
+        assert_eq!(warnings.len(), 1, "{log:#?}");
+        let w = warnings[0];
+        if z == 0.0 {
+            assert!(w.contains("or use --search-z 1.645"), "{w}");
+        } else {
+            assert!(
+                w.contains("already asks for loss + 1 s.e. within budget"),
+                "{w}"
+            );
+            assert!(!w.contains("--search-z 1.645"), "{w}");
+        }
+    }
+}
+
 #[test]
 fn a_conservative_search_takes_no_more_blocks_and_its_bound_fits() {
     let (mut e, dir) = tiny(2, "plan_z", 6, true);
