@@ -311,8 +311,9 @@ enum Cmd {
         #[arg(long)]
         sensitivity: Option<PathBuf>,
         /// The plan (JSON). Beside it: its sensitivity plot (.svg), the measured sensitivity
-        /// (.sensitivity.json, unless --sensitivity was given) and any distilled weights
-        /// (.safetensors).
+        /// (.sensitivity.json, unless --sensitivity was given), any distilled weights
+        /// (.safetensors), and with --budget-acc the held-out split's per-document outcomes
+        /// (.heldout_base.json, .heldout_plan.json: `eval --out` files).
         #[arg(long, default_value = "plan.json")]
         out: PathBuf,
         /// Overwrite an existing --out and the distilled weights beside it (without it an
@@ -1452,6 +1453,16 @@ fn run(cli: Cli) -> Result<()> {
             if sensitivity.is_none() {
                 kept.push(("the sensitivity beside --out", sens_out.as_path()));
             }
+            // an accuracy budget's held-out outcomes (two evaluations), in eval's format
+            let held_out = [
+                sibling(&out, "heldout_base.json"),
+                sibling(&out, "heldout_plan.json"),
+            ];
+            if matches!(budget, Budget::AccDrop(_)) {
+                for p in &held_out {
+                    kept.push(("the held-out outcomes beside --out", p.as_path()));
+                }
+            }
             keep_existing(force, &kept)?;
             prepare_out(&out)?;
             // the search and held-out data before the model loads and the sensitivity runs
@@ -1614,6 +1625,18 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
             plan.save(&out)?;
+            if let Some((base, chosen)) = &outcome.heldout_suites {
+                write_json(&held_out[0], base)?;
+                write_json(&held_out[1], chosen)?;
+                eprintln!(
+                    "wrote the held-out split's outcomes: {} (TP baseline) and {} (the plan); \
+                     per task: python3 scripts/accuracy_table.py --paired {} {}",
+                    held_out[0].display(),
+                    held_out[1].display(),
+                    held_out[0].display(),
+                    held_out[1].display()
+                );
+            }
             spd::plot_sensitivity(
                 &sens,
                 outcome.t1,

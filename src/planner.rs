@@ -363,6 +363,11 @@ pub struct PlanOutcome {
     pub verdict: Option<Verdict>,
     /// The verdict in words, with the loss, its paired s.e. and interval.
     pub verdict_text: String,
+    /// Accuracy budgets: the held-out split's per-document outcomes, (TP baseline, plan), in
+    /// `eval`'s format (the runner writes them beside the plan, so per-task drops can be
+    /// tabulated without evaluating again). Not part of the plan file.
+    #[serde(skip)]
+    pub heldout_suites: Option<(SuiteScore, SuiteScore)>,
 }
 
 /// How the planner's search decides, how far it looks and what it recovers blocks with. A
@@ -849,6 +854,7 @@ pub fn plan<'a>(
             passages_per_split: held_base.passages.as_ref().map(Vec::len),
             verdict: Some(v),
             verdict_text,
+            heldout_suites: held_base.suite.zip(held_plan.suite),
         },
         distilled,
     ))

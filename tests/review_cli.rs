@@ -349,6 +349,65 @@ fn plan_with_an_accuracy_budget_runs_on_a_hugging_face_folder() {
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("p.json")).unwrap()).unwrap();
     assert_eq!(plan["layers"].as_array().map(Vec::len), Some(tiny.n_layers));
+    // the held-out split's outcomes beside the plan, in eval's format: one document per
+    // task, seven tasks, averages equal to the plan's held-out scores
+    let outcome = &plan["notes"]["outcome"];
+    for (file, score) in [
+        ("p.heldout_base.json", "heldout_base"),
+        ("p.heldout_plan.json", "heldout_score"),
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
+        let suite: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let tasks = suite["tasks"].as_array().unwrap();
+        assert_eq!(tasks.len(), 7, "{file}");
+        assert!(
+            tasks
+                .iter()
+                .all(|t| t["docs"].as_array().map(Vec::len) == Some(1)),
+            "{file}"
+        );
+        let (avg, want) = (
+            suite["average"].as_f64().unwrap(),
+            outcome[score].as_f64().unwrap(),
+        );
+        assert!(
+            (avg - want).abs() < 1e-12,
+            "{file}: {avg} vs {score} {want}"
+        );
+    }
+    assert!(
+        err.contains("scripts/accuracy_table.py --paired p.heldout_base.json"),
+        "{err}"
+    );
+    // with the plan moved away, a new plan to the same --out would overwrite the outcome
+    // files: refused without --force, naming them
+    std::fs::rename(dir.join("p.json"), dir.join("kept.json")).unwrap();
+    std::fs::remove_file(dir.join("p.svg")).unwrap();
+    let (code, err) = run(
+        &llama,
+        &dir,
+        &[
+            "plan",
+            "--model",
+            "model",
+            "--tp",
+            "2",
+            "--budget-acc",
+            "100",
+            "--limit",
+            "1",
+            "--sensitivity",
+            "s.json",
+            "--out",
+            "p.json",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("the held-out outcomes beside --out p.heldout_base.json exists: add --force"),
+        "{err}"
+    );
     std::fs::remove_dir_all(dir).ok();
 }
 
