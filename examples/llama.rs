@@ -289,6 +289,11 @@ enum Cmd {
             allow_negative_numbers = true
         )]
         search_z: f64,
+        /// With --budget-acc: a step also needs every task's own drop (+ Z s.e. with
+        /// --search-z) within this many points. The seven-task average can hide a task that
+        /// collapses while another gains (LC at TP 8 raises LAMBADA while the others lose)
+        #[arg(long, value_name = "POINTS", allow_negative_numbers = true)]
+        max_task_drop: Option<f64>,
         /// After the longest zero-shot prefix in sensitivity order, try the next N blocks one
         /// at a time and keep each that still fits: the block that ends the prefix (the
         /// "wall") can cost far more than those after it. One evaluation per block; 0 keeps
@@ -1395,6 +1400,7 @@ fn run(cli: Cli) -> Result<()> {
             b2b,
             train,
             search_z,
+            max_task_drop,
             past_wall,
             distill_zero_shot,
             compensate,
@@ -1425,6 +1431,19 @@ fn run(cli: Cli) -> Result<()> {
                     ))
                 }
             };
+            match (max_task_drop, budget) {
+                (Some(c), _) if c.is_nan() || c < 0.0 => {
+                    return Err(bad(format!(
+                        "--max-task-drop {c}: a cap on each task's drop is 0 points or more"
+                    )))
+                }
+                (Some(_), Budget::PplIncrease(_)) => {
+                    return Err(bad(
+                        "--max-task-drop caps each task's accuracy drop: it needs --budget-acc",
+                    ))
+                }
+                _ => {}
+            }
             // linear compensation fits on the distillation passages with their hold-out
             let recovers = b2b || compensate > 0;
             let dcfg = distill_config(&train, recovers, &common)?;
@@ -1594,6 +1613,7 @@ fn run(cli: Cli) -> Result<()> {
                     past_wall,
                     distill_zero_shot,
                     compensation: lc.as_ref(),
+                    max_task_drop: max_task_drop.map(|p| p / 100.0),
                 },
                 metric.as_mut(),
                 &seqs,

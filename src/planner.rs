@@ -24,7 +24,9 @@ use crate::distill::{
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::spd::{passage_nlls, Recovery, Sensitivity, SpdPlan};
-use crate::tasks::{evaluate_suite, paired_difference, Doc, PairedDiff, SuiteScore};
+use crate::tasks::{
+    evaluate_suite, paired_difference, paired_difference_per_task, Doc, PairedDiff, SuiteScore,
+};
 use crate::tokenizer::Tokenizer;
 
 /// What "within budget" means. Both compare against the same engine with no SPD block.
@@ -250,6 +252,17 @@ pub fn sample_factor_to_resolve(loss: f64, stderr: f64, limit: f64) -> Option<f6
     (gap > 0.0 && stderr.is_finite()).then(|| (1.96 * stderr / gap).powi(2))
 }
 
+/// The task whose paired drop + `z` s.e. is largest (the first of equals). `per_task` must
+/// not be empty.
+pub fn worst_task(per_task: &[(String, PairedDiff)], z: f64) -> (&str, PairedDiff) {
+    let upper = |d: &PairedDiff| d.diff + z * d.stderr;
+    let (task, d) = per_task
+        .iter()
+        .reduce(|a, b| if upper(&b.1) > upper(&a.1) { b } else { a })
+        .expect("at least one task");
+    (task, *d)
+}
+
 /// A warning when a search split is too small for its budget: the 95% half-width of a paired
 /// loss (1.96 s.e.) is wider than the whole budget, so the search cannot tell "within" from
 /// "over" and its binary search keeps whichever steps drew lucky samples (the winner's curse
@@ -368,6 +381,13 @@ pub struct PlanOutcome {
     /// tabulated without evaluating again). Not part of the plan file.
     #[serde(skip)]
     pub heldout_suites: Option<(SuiteScore, SuiteScore)>,
+    /// Accuracy budgets: each task's paired drop on the held-out split (task order of the
+    /// suite); the average hides a task that collapses while another gains.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub heldout_task_drops: Vec<(String, PairedDiff)>,
+    /// The search's cap on each task's drop, if any ([`Search::max_task_drop`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_task_drop: Option<f64>,
 }
 
 /// How the planner's search decides, how far it looks and what it recovers blocks with. A
@@ -392,6 +412,11 @@ pub struct Search<'a> {
     /// the block's maps on the plan's inputs and trains with them. Measure the sensitivity
     /// with the maps loaded, so that the order is SPD + LC's.
     pub compensation: Option<&'a BlockCompensation>,
+    /// Accuracy budgets: a step fits only if, besides the average, every task's own paired
+    /// drop + `z` s.e. is within this cap (same units as the budget: 0.03 = 3 points). A
+    /// suite's average can hide a task that collapses while another gains (with LC on TP 8,
+    /// LAMBADA gains several points while the other tasks lose). None: the average only.
+    pub max_task_drop: Option<f64>,
 }
 
 impl From<f64> for Search<'_> {
@@ -464,7 +489,20 @@ pub fn plan<'a>(
         past_wall,
         distill_zero_shot,
         compensation: lc,
+        max_task_drop,
     } = search.into();
+    if let Some(cap) = max_task_drop {
+        if !matches!(budget, Budget::AccDrop(_)) {
+            return Err(Error::InvalidArgument(
+                "a cap on each task's drop needs an accuracy budget (--budget-acc)".into(),
+            ));
+        }
+        if !(cap >= 0.0 && cap.is_finite()) {
+            return Err(Error::InvalidArgument(format!(
+                "the cap on each task's drop must be a finite number >= 0, not {cap}"
+            )));
+        }
+    }
     if !(search_z >= 0.0 && search_z.is_finite()) {
         return Err(Error::InvalidArgument(format!(
             "search confidence margin must be a finite z >= 0, not {search_z}"
@@ -540,10 +578,14 @@ pub fn plan<'a>(
             _ => None,
         }
     };
+    // with a cap on each task's drop: the last step's worst task (set by `ok`, shown in
+    // every step's log line)
+    let task_note = std::cell::RefCell::new(String::new());
     let se_text = |d: &Option<PairedDiff>| {
-        d.map_or(String::new(), |d| {
+        let se = d.map_or(String::new(), |d| {
             format!(" +- {:.4} paired s.e.", d.stderr)
-        })
+        });
+        format!("{se}{}", task_note.borrow())
     };
     let mut ok = |engine: &mut Engine,
                   mask: &[bool],
@@ -554,11 +596,29 @@ pub fn plan<'a>(
         *evals += 1;
         let d = paired(&base_scored, &s);
         let margin = d.map_or(0.0, |d| search_z * d.stderr);
-        Ok((
-            budget.loss(base, s.value) + margin <= budget.limit(),
-            s.value,
-            d,
-        ))
+        let mut fits = budget.loss(base, s.value) + margin <= budget.limit();
+        if let Some(cap) = max_task_drop {
+            let (Some(b), Some(p)) = (&base_scored.suite, &s.suite) else {
+                return Err(Error::InvalidArgument(
+                    "a cap on each task's drop needs per-task outcomes from the metric".into(),
+                ));
+            };
+            let per_task = paired_difference_per_task(b, p)?;
+            let (task, worst) = worst_task(&per_task, search_z);
+            let task_fits = worst.diff + search_z * worst.stderr <= cap;
+            *task_note.borrow_mut() = format!(
+                "; worst task {task} {:+.4} +- {:.4}{}",
+                worst.diff,
+                worst.stderr,
+                if task_fits {
+                    String::new()
+                } else {
+                    format!(", over the task cap {cap}")
+                }
+            );
+            fits &= task_fits;
+        }
+        Ok((fits, s.value, d))
     };
     // zero-shot: longest prefix within budget (binary search; quality is close to monotone
     // in the prefix length because later blocks are the more sensitive ones)
@@ -814,6 +874,22 @@ pub fn plan<'a>(
     log(&format!(
         "held-out split: {heldout_base:.4} -> {heldout_score:.4}: {verdict_text}"
     ));
+    let heldout_task_drops = match (budget, &held_base.suite, &held_plan.suite) {
+        (Budget::AccDrop(_), Some(b), Some(p)) => {
+            paired_difference_per_task(b, p).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
+    if !heldout_task_drops.is_empty() {
+        let parts: Vec<String> = heldout_task_drops
+            .iter()
+            .map(|(t, d)| format!("{t} {:+.2} +- {:.2}", 100.0 * d.diff, 100.0 * d.stderr))
+            .collect();
+        log(&format!(
+            "held-out drop per task (points, paired s.e.): {}",
+            parts.join(", ")
+        ));
+    }
     let k = mask.iter().filter(|m| **m).count();
     let zero_shot_blocks = recovery
         .iter()
@@ -855,6 +931,8 @@ pub fn plan<'a>(
             verdict: Some(v),
             verdict_text,
             heldout_suites: held_base.suite.zip(held_plan.suite),
+            heldout_task_drops,
+            max_task_drop,
         },
         distilled,
     ))

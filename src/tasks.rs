@@ -551,6 +551,30 @@ impl PairedDiff {
 /// paired standard error. Errors when the tasks or documents differ, or a score has no
 /// per-document outcomes.
 pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
+    let per_task = paired_difference_per_task(a, b)?;
+    let k = per_task.len() as f64;
+    let (mut diff, mut var, mut docs, mut discordant) = (0.0, 0.0, 0, 0);
+    for (_, d) in &per_task {
+        diff += d.diff;
+        var += d.stderr * d.stderr;
+        docs += d.docs;
+        discordant += d.discordant;
+    }
+    Ok(PairedDiff {
+        diff: diff / k,
+        stderr: var.sqrt() / k,
+        docs,
+        discordant,
+    })
+}
+
+/// `a - b` of each task's headline accuracy with its paired standard error (the terms of
+/// [`paired_difference`]'s average), in the scores' task order: a suite's average can hide a
+/// task that collapses while another gains.
+pub fn paired_difference_per_task(
+    a: &SuiteScore,
+    b: &SuiteScore,
+) -> Result<Vec<(String, PairedDiff)>> {
     let bad = |m: String| Error::InvalidArgument(format!("paired difference: {m}"));
     if a.tasks.len() != b.tasks.len() || a.tasks.is_empty() {
         return Err(bad(format!(
@@ -559,7 +583,7 @@ pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
             b.tasks.len()
         )));
     }
-    let (mut diff, mut var, mut docs, mut discordant) = (0.0, 0.0, 0, 0);
+    let mut out = Vec::with_capacity(a.tasks.len());
     for (ta, tb) in a.tasks.iter().zip(&b.tasks) {
         if ta.task != tb.task {
             return Err(bad(format!("task {} against {}", ta.task, tb.task)));
@@ -589,18 +613,17 @@ pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
         } else {
             0.0
         };
-        diff += mean;
-        var += s2 / n;
-        docs += d.len();
-        discordant += d.iter().filter(|x| **x != 0.0).count();
+        out.push((
+            ta.task.clone(),
+            PairedDiff {
+                diff: mean,
+                stderr: (s2 / n).sqrt(),
+                docs: d.len(),
+                discordant: d.iter().filter(|x| **x != 0.0).count(),
+            },
+        ));
     }
-    let k = a.tasks.len() as f64;
-    Ok(PairedDiff {
-        diff: diff / k,
-        stderr: var.sqrt() / k,
-        docs,
-        discordant,
-    })
+    Ok(out)
 }
 
 /// Calibration passages from task `name`'s documents: each document's context with its

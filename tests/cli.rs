@@ -237,6 +237,14 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--limit 0: must be at least 1",
         ),
         (
+            vec!["plan", "--tp", "2", "--budget-ppl", "5", "--max-task-drop", "3"],
+            "--max-task-drop caps each task's accuracy drop: it needs --budget-acc",
+        ),
+        (
+            vec!["plan", "--tp", "2", "--budget-acc", "1", "--max-task-drop", "-1"],
+            "--max-task-drop -1: a cap on each task's drop is 0 points or more",
+        ),
+        (
             vec!["plan", "--tp", "2", "--budget-acc", "1", "--heldout-limit", "0"],
             "--heldout-limit 0: must be at least 1",
         ),

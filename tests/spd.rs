@@ -612,6 +612,116 @@ fn the_search_past_the_wall_keeps_cheap_blocks_after_an_expensive_one() {
     );
 }
 
+/// `Search::max_task_drop`: a step fits only if every task's own drop is within the cap, so
+/// the capped plan is no larger than the uncapped one and none of its tasks loses more than
+/// the cap on the search split; the held-out split's per-task drops average to the held-out
+/// drop. A cap needs an accuracy budget.
+#[test]
+fn planner_caps_each_tasks_drop() {
+    let (mut e, _dir) = tiny(2, "taskcap", 6, false);
+    let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
+        (0..n)
+            .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
+            .collect()
+    };
+    let calib = seqs(3, 0);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let splits = [seqs(6, 40), seqs(6, 3)];
+    e.set_spd(&[false; 6]).unwrap();
+    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
+    let mut metric = Agreement {
+        splits: splits.clone(),
+        reference: reference.clone(),
+    };
+    let budget = Budget::AccDrop(0.5);
+    let (free, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        0.0,
+        &mut metric,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    // the uncapped plan's worst task on the search split
+    let per_task = |e: &mut Engine, m: &mut Agreement, spd: &[bool]| {
+        e.set_spd(&[false; 6]).unwrap();
+        let b = m.suite(e, 0);
+        e.set_spd(spd).unwrap();
+        let p = m.suite(e, 0);
+        syncdrop::tasks::paired_difference_per_task(&b, &p).unwrap()
+    };
+    let free_tasks = per_task(&mut e, &mut metric, &free.spd);
+    let worst = free_tasks.iter().map(|t| t.1.diff).fold(f64::MIN, f64::max);
+    assert!(
+        worst > 0.0,
+        "this data must make some task lose: {free_tasks:?}"
+    );
+    // the average of the per-task drops is the suite's paired drop
+    let avg = free_tasks.iter().map(|t| t.1.diff).sum::<f64>() / free_tasks.len() as f64;
+    assert!((avg - free.search_drop.unwrap().diff).abs() < 1e-12);
+    assert_eq!(free.heldout_task_drops.len(), 2);
+    let held_avg = free
+        .heldout_task_drops
+        .iter()
+        .map(|t| t.1.diff)
+        .sum::<f64>()
+        / 2.0;
+    assert!((held_avg - free.heldout_loss).abs() < 1e-12);
+
+    let cap = worst / 2.0;
+    let mut log = Vec::new();
+    let search = Search {
+        max_task_drop: Some(cap),
+        ..Search::default()
+    };
+    let (capped, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        search,
+        &mut metric,
+        &calib,
+        None,
+        |m| log.push(m.to_string()),
+    )
+    .unwrap();
+    let n = |o: &syncdrop::planner::PlanOutcome| o.spd.iter().filter(|s| **s).count();
+    assert!(n(&capped) < n(&free), "{log:#?}");
+    for (task, d) in per_task(&mut e, &mut metric, &capped.spd) {
+        assert!(
+            d.diff <= cap + 1e-12,
+            "{task}: {d:?} over the cap {cap}; {log:#?}"
+        );
+    }
+    assert!(
+        log.iter().any(|l| l.contains("over the task cap")),
+        "{log:#?}"
+    );
+    assert!(log
+        .iter()
+        .all(|l| !l.contains("blocks: score") || l.contains("worst task")));
+    assert_eq!(capped.max_task_drop, Some(cap));
+
+    // a cap needs per-task accuracies
+    let ppl = |_: &mut Engine, _: usize| Ok(1.0);
+    let err = plan(
+        &mut e,
+        &sens,
+        Budget::PplIncrease(0.1),
+        search,
+        &mut { ppl },
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs an accuracy budget"), "{err}");
+}
+
 /// `Search::distill_zero_shot`: the zero-shot blocks the search chose are distilled too, and
 /// kept so when that lowers the loss; the engine ends with exactly the plan's weights and the
 /// outcome's search score is that plan's.
