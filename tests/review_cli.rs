@@ -324,27 +324,24 @@ fn plan_with_an_accuracy_budget_runs_on_a_hugging_face_folder() {
     });
     std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
     std::fs::write(dir.join("s.json"), sensitivity_json(tiny.n_layers, 2)).unwrap();
-    let (code, err) = run(
-        &llama,
-        &dir,
-        &[
-            "plan",
-            "--model",
-            "model",
-            "--tp",
-            "2",
-            "--threads",
-            "1",
-            "--budget-acc",
-            "100",
-            "--limit",
-            "1",
-            "--sensitivity",
-            "s.json",
-            "--out",
-            "p.json",
-        ],
-    );
+    let args = [
+        "plan",
+        "--model",
+        "model",
+        "--tp",
+        "2",
+        "--threads",
+        "1",
+        "--budget-acc",
+        "100",
+        "--limit",
+        "1",
+        "--sensitivity",
+        "s.json",
+        "--out",
+        "p.json",
+    ];
+    let (code, err) = run(&llama, &dir, &args);
     assert_eq!(code, 0, "{err}");
     let plan: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("p.json")).unwrap()).unwrap();
@@ -384,25 +381,7 @@ fn plan_with_an_accuracy_budget_runs_on_a_hugging_face_folder() {
     // files: refused without --force, naming them
     std::fs::rename(dir.join("p.json"), dir.join("kept.json")).unwrap();
     std::fs::remove_file(dir.join("p.svg")).unwrap();
-    let (code, err) = run(
-        &llama,
-        &dir,
-        &[
-            "plan",
-            "--model",
-            "model",
-            "--tp",
-            "2",
-            "--budget-acc",
-            "100",
-            "--limit",
-            "1",
-            "--sensitivity",
-            "s.json",
-            "--out",
-            "p.json",
-        ],
-    );
+    let (code, err) = run(&llama, &dir, &args);
     assert_eq!(code, 1, "{err}");
     assert!(
         err.contains("the held-out outcomes beside --out p.heldout_base.json exists: add --force"),

@@ -8,7 +8,7 @@ use common::*;
 use syncdrop::planner::{
     order_by_sensitivity, plan, verdict, Budget, Metric, PplMetric, Scored, Search,
 };
-use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, SpdPlan};
+use syncdrop::spd::{model_sha256, perplexity_of, sensitivity, Recovery, Sensitivity, SpdPlan};
 use syncdrop::tasks::{paired_difference, suite_score, task_score, DocOutcome, SuiteScore};
 use syncdrop::Engine;
 
@@ -334,6 +334,7 @@ fn spd_with_qkv_biases_is_standard_at_tp1_and_differs_at_tp3() {
 
 /// An accuracy-like metric on the tiny model: a "document" is a (sequence, position) and is
 /// correct when the greedy next token agrees with the model without SPD. Two "tasks".
+#[derive(Clone)]
 struct Agreement {
     splits: [Vec<Vec<u32>>; 2],
     reference: [Vec<Vec<usize>>; 2],
@@ -382,20 +383,26 @@ impl Metric for Agreement {
     }
 }
 
-#[test]
-fn planner_reports_the_paired_held_out_drop() {
-    let (mut e, dir) = tiny(2, "paired_plan", 6, false);
+/// The planner tests' setup on a 6-block tiny model: calibration sequences, their sensitivity,
+/// and an [`Agreement`] metric whose two splits are made with these salts.
+fn agreement_setup(e: &mut Engine, salts: [u32; 2]) -> (Vec<Vec<u32>>, Sensitivity, Agreement) {
     let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
         (0..n)
             .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
             .collect()
     };
     let calib = seqs(3, 0);
-    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
-    let splits = [seqs(6, 3), seqs(6, 40)];
+    let sens = sensitivity(e, &calib, 16, false).unwrap();
+    let splits = [seqs(6, salts[0]), seqs(6, salts[1])];
     e.set_spd(&[false; 6]).unwrap();
-    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
-    let mut metric = Agreement { splits, reference };
+    let reference = [greedy(e, &splits[0]), greedy(e, &splits[1])];
+    (calib, sens, Agreement { splits, reference })
+}
+
+#[test]
+fn planner_reports_the_paired_held_out_drop() {
+    let (mut e, dir) = tiny(2, "paired_plan", 6, false);
+    let (calib, sens, mut metric) = agreement_setup(&mut e, [3, 40]);
     // baseline agrees with itself: accuracy 1; a 20-point budget lets some blocks in
     let (o, _) = plan(
         &mut e,
@@ -440,22 +447,10 @@ fn planner_reports_the_paired_held_out_drop() {
 #[test]
 fn planner_warns_of_an_unresolvable_search_split_with_advice_for_its_z() {
     let (mut e, _dir) = tiny(2, "warn_plan", 6, false);
-    let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
-        (0..n)
-            .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
-            .collect()
-    };
-    let calib = seqs(3, 0);
-    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
     // (on this data, split 0 of the other test's order has no flip at all: an s.e. of 0)
-    let splits = [seqs(6, 40), seqs(6, 3)];
-    e.set_spd(&[false; 6]).unwrap();
-    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
+    let (calib, sens, metric) = agreement_setup(&mut e, [40, 3]);
     for z in [0.0, 1.0] {
-        let mut metric = Agreement {
-            splits: splits.clone(),
-            reference: reference.clone(),
-        };
+        let mut metric = metric.clone();
         let mut log = Vec::new();
         plan(
             &mut e,
@@ -619,20 +614,7 @@ fn the_search_past_the_wall_keeps_cheap_blocks_after_an_expensive_one() {
 #[test]
 fn planner_caps_each_tasks_drop() {
     let (mut e, _dir) = tiny(2, "taskcap", 6, false);
-    let seqs = |n: u32, salt: u32| -> Vec<Vec<u32>> {
-        (0..n)
-            .map(|s| (0..24).map(|i| (i * 11 + s * 17 + salt) % 64).collect())
-            .collect()
-    };
-    let calib = seqs(3, 0);
-    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
-    let splits = [seqs(6, 40), seqs(6, 3)];
-    e.set_spd(&[false; 6]).unwrap();
-    let reference = [greedy(&mut e, &splits[0]), greedy(&mut e, &splits[1])];
-    let mut metric = Agreement {
-        splits: splits.clone(),
-        reference: reference.clone(),
-    };
+    let (calib, sens, mut metric) = agreement_setup(&mut e, [40, 3]);
     let budget = Budget::AccDrop(0.5);
     let (free, _) = plan(
         &mut e,
