@@ -1648,13 +1648,10 @@ fn run(cli: Cli) -> Result<()> {
             if let Some((base, chosen)) = &outcome.heldout_suites {
                 write_json(&held_out[0], base)?;
                 write_json(&held_out[1], chosen)?;
+                let (b, p) = (held_out[0].display(), held_out[1].display());
                 eprintln!(
-                    "wrote the held-out split's outcomes: {} (TP baseline) and {} (the plan); \
-                     per task: python3 scripts/accuracy_table.py --paired {} {}",
-                    held_out[0].display(),
-                    held_out[1].display(),
-                    held_out[0].display(),
-                    held_out[1].display()
+                    "wrote the held-out split's outcomes: {b} (TP baseline) and {p} (the plan); \
+                     per task: python3 scripts/accuracy_table.py --paired {b} {p}"
                 );
             }
             spd::plot_sensitivity(

@@ -103,8 +103,7 @@ mod gpu {
         eprintln!("GPU 0 memory pools: {pools}");
         assert_eq!(spin_hazard(&[0]).unwrap(), None, "one rank shares nothing");
         assert_eq!(spin_hazard(&[0, 0]).unwrap().is_some(), pools == 0);
-        let name = context(0).unwrap().name().unwrap();
-        if name.starts_with("syncdrop simulated GPU") {
+        if simulated() {
             // the simulated driver reads this at every query (tests run one at a time)
             std::env::set_var("SYNCDROP_SIM_MEMPOOLS", "0");
             let hazard = spin_hazard(&[0, 0, 0]);
