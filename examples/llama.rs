@@ -5,6 +5,7 @@
 //!   cargo run --release --example llama -- sensitivity --tp 4 --plot sens.svg
 //!   cargo run --release --example llama -- plan --tp 4 --budget-acc 1 --b2b --out plan.json
 //!   cargo run --release --example llama -- eval --tp 4 --spd plan.json
+//!   cargo run --release --example llama -- compare --base base.json plan=plan_eval.json --plot f.svg
 //!
 //! The model defaults to the SmolLM2 GGUF fetched by `scripts/fetch-assets.sh`.
 
@@ -227,6 +228,37 @@ enum Cmd {
         /// Write the scores as JSON.
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// Paired accuracy losses of runs against a baseline on the same documents, from `eval
+    /// --out` JSON (no model is loaded): a per-task table with paired standard errors, the
+    /// average's 95% interval and a verdict per budget, JSON, and a forest plot (SVG).
+    Compare {
+        /// The baseline's `eval --out` JSON. `a.json+b.json` is one run on the union of both
+        /// files' documents (e.g. two --offset ranges, or --tasks halves, of one sample).
+        #[arg(long, value_name = "FILE[+FILE...]")]
+        base: String,
+        /// The runs to compare, each `[LABEL=]FILE[+FILE...]` on the baseline's documents
+        /// (the label defaults to the first file's name).
+        #[arg(required = true, value_name = "RUN")]
+        runs: Vec<String>,
+        /// Comma-separated tasks to leave out of the average (e.g. `lambada`, whose gains can
+        /// carry it); a name also matches its `:test` split.
+        #[arg(long, value_name = "TASKS")]
+        without: Option<String>,
+        /// Accuracy budget in points: a within / over / not resolved verdict per run, and the
+        /// budget line in the plot.
+        #[arg(long, allow_negative_numbers = true)]
+        budget_acc: Option<f64>,
+        /// Write the comparisons as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Draw the forest plot (SVG): each run's average loss with its 95% interval, and
+        /// each task's loss as a dot.
+        #[arg(long)]
+        plot: Option<PathBuf>,
+        /// The plot's title (default: what the runs are compared against).
+        #[arg(long, requires = "plot")]
+        title: Option<String>,
     },
     /// Per-block SPD sensitivity (the SPD paper's Algorithm 1): table, JSON, SVG plot.
     Sensitivity {
@@ -693,6 +725,70 @@ fn print_suite(s: &SuiteScore) {
         "| **average** (acc_norm for arc/hellaswag/piqa) | | {:.4} | {:.4} | | |",
         s.average, s.average_stderr
     );
+}
+
+/// `compare`'s table: one column per run, each task's loss (baseline - run, points) with its
+/// paired s.e., then the average with its 95% interval and, with a budget, each verdict.
+fn print_comparisons(
+    base: &SuiteScore,
+    rows: &[tasks::Comparison],
+    without: &[String],
+    budget: Option<f64>,
+) {
+    if !without.is_empty() {
+        println!(
+            "(average over the tasks other than {}; loss = baseline - run, points)\n",
+            without.join(", ")
+        );
+    } else {
+        println!("(loss = baseline - run, points; +- paired standard error)\n");
+    }
+    let labels: Vec<&str> = rows.iter().map(|r| r.label.as_str()).collect();
+    println!("| task | n | baseline | {} |", labels.join(" | "));
+    println!("|---|---|---|{}", "---|".repeat(rows.len()));
+    for (i, t) in base.tasks.iter().enumerate() {
+        let cells: Vec<String> = rows
+            .iter()
+            .map(|r| {
+                let d = &r.per_task[i].1;
+                format!("{:+.1} +- {:.1}", 100.0 * d.diff, 100.0 * d.stderr)
+            })
+            .collect();
+        println!(
+            "| {} | {} | {:.1}% | {} |",
+            t.task,
+            t.n,
+            100.0 * tasks::headline(t),
+            cells.join(" | ")
+        );
+    }
+    let cells: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            let (lo, hi) = r.average.ci95();
+            format!(
+                "**{:+.2} +- {:.2}** [{:+.2}, {:+.2}]",
+                100.0 * r.average.diff,
+                100.0 * r.average.stderr,
+                100.0 * lo,
+                100.0 * hi
+            )
+        })
+        .collect();
+    println!(
+        "| average | {} | {:.1}% | {} |",
+        base.tasks.iter().map(|t| t.n).sum::<usize>(),
+        100.0 * base.average,
+        cells.join(" | ")
+    );
+    if let Some(b) = budget {
+        println!();
+        for r in rows {
+            let (_, text) =
+                syncdrop::planner::verdict(r.average.diff, Some(r.average.stderr), b / 100.0, "pt");
+            println!("{}: {text}", r.label);
+        }
+    }
 }
 
 fn write_json(path: &Path, v: &impl serde::Serialize) -> Result<()> {
@@ -1310,6 +1406,107 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Compare {
+            base,
+            runs,
+            without,
+            budget_acc,
+            out,
+            plot,
+            title,
+        } => {
+            if let Some(b) = budget_acc.filter(|b| b.is_nan() || *b < 0.0) {
+                return Err(bad(format!(
+                    "--budget-acc {b}: a budget is 0 points or more"
+                )));
+            }
+            let without: Vec<String> = without
+                .as_deref()
+                .map(|w| list("without", w))
+                .transpose()?
+                .unwrap_or_default();
+            // An output must not replace an input (or the other output).
+            let inputs: Vec<String> = std::iter::once(base.as_str())
+                .chain(
+                    runs.iter()
+                        .map(|r| r.split_once('=').map_or(r.as_str(), |(_, f)| f)),
+                )
+                .flat_map(|spec| spec.split('+'))
+                .map(String::from)
+                .collect();
+            let outs: Vec<(&str, &Path)> = [("--out", &out), ("--plot", &plot)]
+                .into_iter()
+                .filter_map(|(f, p)| p.as_deref().map(|p| (f, p)))
+                .collect();
+            distinct_outputs(&outs)?;
+            for (flag, o) in &outs {
+                if let Some(f) = inputs.iter().find(|f| same_file(o, Path::new(f))) {
+                    return Err(bad(format!(
+                        "{flag} {} is the input {f}: writing it would replace a score; \
+                         give another name",
+                        o.display()
+                    )));
+                }
+            }
+            for p in out.iter().chain(&plot) {
+                prepare_out(p)?;
+            }
+            let load = |spec: &str| -> Result<SuiteScore> {
+                let parts = spec
+                    .split('+')
+                    .map(|f| read_json::<SuiteScore>(Path::new(f)))
+                    .collect::<Result<Vec<_>>>()?;
+                let s = tasks::merge_suites(parts).map_err(|e| named(spec, e))?;
+                if without.is_empty() {
+                    Ok(s)
+                } else {
+                    tasks::without_tasks(s, &without).map_err(|e| named(spec, e))
+                }
+            };
+            let base_score = load(&base)?;
+            let mut rows = Vec::new();
+            for run in &runs {
+                let (label, spec) = match run.split_once('=') {
+                    Some((l, f)) if !l.is_empty() => (l.to_string(), f),
+                    _ => {
+                        let first = run.split('+').next().unwrap_or(run);
+                        let stem = Path::new(first)
+                            .file_stem()
+                            .map_or(first.into(), |s| s.to_string_lossy().into_owned());
+                        (stem, run.as_str())
+                    }
+                };
+                let score = load(spec)?;
+                rows.push(tasks::compare(&label, &base_score, &score).map_err(|e| {
+                    bad(format!(
+                        "{run} against --base {base}: {e} (compare runs on the same \
+                         documents: the same --tasks, --limit, --seed, --split/--offset)"
+                    ))
+                })?);
+            }
+            print_comparisons(&base_score, &rows, &without, budget_acc);
+            if let Some(out) = &out {
+                write_json(
+                    out,
+                    &serde_json::json!({
+                        "base": base,
+                        "without": without,
+                        "budget_acc": budget_acc,
+                        "base_accuracy": base_score.average,
+                        "runs": rows,
+                    }),
+                )?;
+                eprintln!("wrote {}", out.display());
+            }
+            if let Some(p) = &plot {
+                let title = title.unwrap_or_else(|| match budget_acc {
+                    Some(b) => format!("accuracy loss against {base} (budget {b} pt)"),
+                    None => format!("accuracy loss against {base}"),
+                });
+                syncdrop::spd::plot_comparisons(&rows, budget_acc, &title, p)?;
+                eprintln!("wrote {}", p.display());
+            }
+        }
         Cmd::Sensitivity {
             common,
             calib,
@@ -1651,7 +1848,7 @@ fn run(cli: Cli) -> Result<()> {
                 let (b, p) = (held_out[0].display(), held_out[1].display());
                 eprintln!(
                     "wrote the held-out split's outcomes: {b} (TP baseline) and {p} (the plan); \
-                     per task: python3 scripts/accuracy_table.py --paired {b} {p}"
+                     per task, with a plot: `compare --base {b} {p} --plot held_out.svg`"
                 );
             }
             spd::plot_sensitivity(

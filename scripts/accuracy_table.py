@@ -4,13 +4,9 @@ planner result from `plan` files (their notes hold the planner's outcome).
 
     python3 scripts/accuracy_table.py docs/accuracy/sweep.json
     python3 scripts/accuracy_table.py --plans docs/accuracy/plan_tp*_acc1.json
-    python3 scripts/accuracy_table.py --paired base.json plan_a.json plan_b.json   # eval --out
-    python3 scripts/accuracy_table.py --paired a/base.json+b/base.json a/plan.json+b/plan.json
-    python3 scripts/accuracy_table.py --paired --without lambada base.json plan.json  # 6-task average
 
-In --paired, `x.json+y.json` is one run on the union of both files' documents (e.g. two
-`eval --offset` ranges of the same shuffle): a task's documents are concatenated in file order,
-a task missing from a later file keeps the earlier documents, and a document in both is an error.
+Paired losses of `eval --out` scores against a baseline (per task, with a plot) are the
+runner's `compare` subcommand: `cargo run --release --example llama -- compare --help`.
 """
 import json, sys
 
@@ -74,75 +70,10 @@ def plans(paths):
               f"{o['t1']:.2f}, {o['t2']:.2f} | {val(o['search_base'])} -> {val(o['search_score'])} | "
               f"{val(o['heldout_base'])} -> {val(o['heldout_score'])} | {stat} | {verdict} |")
 
-def load_merged(spec):
-    """`eval --out` JSON, or several joined by '+': one run on the union of their documents."""
-    parts = [json.load(open(p)) for p in spec.split("+")]
-    tasks = {}
-    for part in parts:
-        for t in part["tasks"]:
-            if t["task"] not in tasks:
-                tasks[t["task"]] = dict(t, docs=list(t["docs"]))
-                continue
-            m = tasks[t["task"]]
-            seen = {d["id"] for d in m["docs"]}
-            dup = [d["id"] for d in t["docs"] if d["id"] in seen]
-            if dup:
-                sys.exit(f"{spec}: {t['task']} document {dup[0]} appears twice")
-            m["docs"] += t["docs"]
-    for t in tasks.values():
-        n = len(t["docs"])
-        if n == 0:
-            sys.exit(f"{spec}: {t['task']} has no documents")
-        t["n"] = n
-        t["acc"] = sum(d["acc"] for d in t["docs"]) / n
-        t["acc_norm"] = sum(d["acc_norm"] for d in t["docs"]) / n
-    return {"tasks": list(tasks.values())}
-
-def paired(base_path, paths, without=()):
-    """Per-task paired losses of `eval --out` scores against a baseline on the same documents
-    (the same statistics as tasks::paired_difference)."""
-    import math
-    norm = {"hellaswag", "arc_easy", "arc_challenge", "piqa"}
-    base = load_merged(base_path)
-    runs = [load_merged(p) for p in paths]
-    for d in [base] + runs:
-        d["tasks"] = [t for t in d["tasks"] if t["task"] not in without]
-    if without:
-        print(f"(average over the tasks other than {', '.join(without)})\n")
-    print("| task | n | baseline | " + " | ".join(paths) + " |")
-    print("|---|---|---|" + "---|" * len(paths))
-    means = [[] for _ in runs]  # per run: (task mean, task variance of the mean)
-    base_sum = 0.0
-    for i, tb in enumerate(base["tasks"]):
-        k = "acc_norm" if tb["task"].split(":")[0] in norm else "acc"
-        base_sum += tb[k]
-        cells = []
-        for j, r in enumerate(runs):
-            tp = r["tasks"][i]
-            if tp["task"] != tb["task"] or [d["id"] for d in tp["docs"]] != [d["id"] for d in tb["docs"]]:
-                sys.exit(f"{tb['task']}: different documents, nothing to pair")
-            d = [int(x[k]) - int(y[k]) for x, y in zip(tb["docs"], tp["docs"])]
-            n = len(d)
-            m = sum(d) / n
-            s2 = sum((x - m) ** 2 for x in d) / max(n - 1, 1)
-            cells.append(f"{100 * m:+.1f} +- {100 * math.sqrt(s2 / n):.1f}")
-            means[j].append((m, s2 / n))
-        print(f"| {tb['task']} | {tb['n']} | {100 * tb[k]:.1f}% | " + " | ".join(cells) + " |")
-    # the task average, its paired s.e. = sqrt(sum of per-task variances) / tasks
-    t = len(base["tasks"])
-    cells = []
-    for ms in means:
-        m = sum(x for x, _ in ms) / t
-        se = math.sqrt(sum(v for _, v in ms)) / t
-        cells.append(f"**{100 * m:+.2f} +- {100 * se:.2f}** [{100 * (m - 1.96 * se):+.2f}, {100 * (m + 1.96 * se):+.2f}]")
-    print(f"| average | | {100 * base_sum / t:.1f}% | " + " | ".join(cells) + " |")
-
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--plans":
         plans(sys.argv[2:])
-    elif len(sys.argv) > 4 and sys.argv[1:3] == ["--paired", "--without"]:
-        paired(sys.argv[4], sys.argv[5:], sys.argv[3].split(","))
-    elif len(sys.argv) > 2 and sys.argv[1] == "--paired":
-        paired(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--paired":
+        sys.exit("--paired moved to the runner: cargo run --release --example llama -- compare --help")
     else:
         main(sys.argv[1] if len(sys.argv) > 1 else "docs/accuracy/sweep.json")

@@ -819,6 +819,162 @@ pub fn plot_sweep(points: &[SweepPoint], title: &str, path: &Path) -> Result<()>
     Ok(())
 }
 
+/// A forest plot of accuracy losses against a baseline (`runner compare --plot`): one row per
+/// run, its average loss in points with the 95% interval as a bar, each task's own loss as a
+/// coloured dot on the same row, and vertical lines at no loss and at `budget_points`.
+pub fn plot_comparisons(
+    rows: &[crate::tasks::Comparison],
+    budget_points: Option<f64>,
+    title: &str,
+    path: &Path,
+) -> Result<()> {
+    use plotters::prelude::*;
+    let err = |e: String| Error::InvalidArgument(format!("plot {}: {e}", path.display()));
+    if rows.is_empty() {
+        return Err(err("no runs to plot".into()));
+    }
+    let pts = |d: &crate::tasks::PairedDiff| 100.0 * d.diff;
+    let mut lo = budget_points.unwrap_or(0.0).min(0.0);
+    let mut hi = budget_points.unwrap_or(0.0).max(0.0);
+    for r in rows {
+        let (a, b) = r.average.ci95();
+        lo = lo.min(100.0 * a);
+        hi = hi.max(100.0 * b);
+        for (_, d) in &r.per_task {
+            lo = lo.min(pts(d));
+            hi = hi.max(pts(d));
+        }
+    }
+    let pad = ((hi - lo) * 0.06).max(0.2);
+    // room on the right for the legend
+    let (lo, hi) = (lo - pad, hi + pad + 0.3 * (hi - lo + 2.0 * pad));
+    let n = rows.len();
+    let longest = rows
+        .iter()
+        .map(|r| r.label.chars().count())
+        .max()
+        .unwrap_or(0);
+    let height = (110 + 70 * n).max(330) as u32;
+    let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+    let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
+    let y_of = |i: usize| (n - 1 - i) as f64; // first run on top
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size((7 * longest.min(60) + 16) as u32)
+        .build_cartesian_2d(lo..hi, -0.6f64..n as f64 - 0.4)
+        .map_err(|e| err(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&|y| {
+            let i = y.round();
+            if (y - i).abs() > 1e-6 || i < 0.0 || i >= n as f64 {
+                return String::new();
+            }
+            labels[n - 1 - i as usize].clone()
+        })
+        .x_desc(
+            "accuracy loss vs the baseline, points (dots: tasks; bar: 95% interval of the average)",
+        )
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    let mut refs = vec![(0.0, BLACK.mix(0.4), "no loss".to_string())];
+    if let Some(b) = budget_points {
+        refs.push((b, RED.mix(0.8), format!("budget {b} pt")));
+    }
+    for (x, color, label) in refs {
+        chart
+            .draw_series(LineSeries::new(
+                vec![(x, -0.6), (x, n as f64 - 0.4)],
+                color.stroke_width(1),
+            ))
+            .map_err(|e| err(e.to_string()))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color));
+    }
+    // task colours in order of first appearance
+    let mut tasks: Vec<&str> = Vec::new();
+    for r in rows {
+        for (t, _) in &r.per_task {
+            if !tasks.contains(&t.as_str()) {
+                tasks.push(t);
+            }
+        }
+    }
+    let palette = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+        RGBColor(148, 103, 189),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(23, 190, 207),
+    ];
+    for (k, task) in tasks.iter().enumerate() {
+        let color = palette[k % palette.len()];
+        // spread the tasks a little in y so equal losses stay visible
+        let dy = 0.24 * ((k as f64 + 0.5) / tasks.len() as f64 - 0.5);
+        let dots: Vec<(f64, f64)> = rows
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r.per_task
+                    .iter()
+                    .find(|(t, _)| t == task)
+                    .map(|(_, d)| (pts(d), y_of(i) + dy))
+            })
+            .collect();
+        chart
+            .draw_series(
+                dots.into_iter()
+                    .map(|p| Circle::new(p, 3, color.mix(0.75).filled())),
+            )
+            .map_err(|e| err(e.to_string()))?
+            .label(task.to_string())
+            .legend(move |(x, y)| Circle::new((x + 8, y), 3, color.filled()));
+    }
+    for (i, r) in rows.iter().enumerate() {
+        let (a, b) = r.average.ci95();
+        let y = y_of(i);
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(100.0 * a, y), (100.0 * b, y)],
+                BLACK.stroke_width(3),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (pts(&r.average), y),
+                6,
+                BLACK.filled(),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                format!("{:+.2} +- {:.2}", pts(&r.average), 100.0 * r.average.stderr),
+                (pts(&r.average), y + 0.36),
+                ("sans-serif", 12),
+            )))
+            .map_err(|e| err(e.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| err(e.to_string()))?;
+    root.present().map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::layer_mask;

@@ -626,6 +626,103 @@ pub fn paired_difference_per_task(
     Ok(out)
 }
 
+/// One score from runs on disjoint documents of the same shuffle (say two `eval --offset`
+/// ranges, or the `eval --tasks arc_easy:test` and `--tasks hellaswag` halves of a sample): a
+/// task's documents in run order, tasks in order of first appearance. Errors when a document
+/// appears twice in a task, or a task has no per-document outcomes to merge (a score written
+/// before they were kept).
+pub fn merge_suites(parts: Vec<SuiteScore>) -> Result<SuiteScore> {
+    let mut tasks: Vec<(String, Vec<DocOutcome>)> = Vec::new();
+    for (i, part) in parts.into_iter().enumerate() {
+        for t in part.tasks {
+            if t.docs.len() != t.n {
+                return Err(Error::InvalidArgument(format!(
+                    "score {} of the merge, task {}: {} documents scored but {} outcomes kept \
+                     (written before eval kept them): nothing to merge or pair",
+                    i + 1,
+                    t.task,
+                    t.n,
+                    t.docs.len()
+                )));
+            }
+            match tasks.iter_mut().find(|(name, _)| *name == t.task) {
+                Some((_, docs)) => {
+                    let seen: std::collections::HashSet<u64> = docs.iter().map(|d| d.id).collect();
+                    if let Some(d) = t.docs.iter().find(|d| seen.contains(&d.id)) {
+                        return Err(Error::InvalidArgument(format!(
+                            "score {} of the merge, task {}: document {} is also in an earlier \
+                             score (merge runs on disjoint documents)",
+                            i + 1,
+                            t.task,
+                            d.id
+                        )));
+                    }
+                    docs.extend(t.docs);
+                }
+                None => tasks.push((t.task, t.docs)),
+            }
+        }
+    }
+    if let Some((t, _)) = tasks.iter().find(|(_, d)| d.is_empty()) {
+        return Err(Error::InvalidArgument(format!("task {t}: no documents")));
+    }
+    Ok(suite_score(
+        tasks.into_iter().map(|(t, d)| task_score(&t, d)).collect(),
+    ))
+}
+
+/// The score without the named tasks (a name also matches its `:test` split), its average
+/// taken over the rest: e.g. without LAMBADA, whose gains can carry an average while the
+/// other tasks lose. Errors when a name matches no task or nothing would be left.
+pub fn without_tasks(s: SuiteScore, names: &[String]) -> Result<SuiteScore> {
+    let hit = |task: &str, n: &str| task == n || base_task(task) == n;
+    if let Some(n) = names
+        .iter()
+        .find(|n| !s.tasks.iter().any(|t| hit(&t.task, n)))
+    {
+        let have: Vec<&str> = s.tasks.iter().map(|t| t.task.as_str()).collect();
+        return Err(Error::InvalidArgument(format!(
+            "--without {n}: no such task in the scores ({})",
+            have.join(", ")
+        )));
+    }
+    let kept: Vec<TaskScore> = s
+        .tasks
+        .into_iter()
+        .filter(|t| !names.iter().any(|n| hit(&t.task, n)))
+        .collect();
+    if kept.is_empty() {
+        return Err(Error::InvalidArgument(
+            "--without removes every task: nothing left to average".into(),
+        ));
+    }
+    Ok(suite_score(kept))
+}
+
+/// A run's loss against a baseline on the same documents: per task and on the average, each
+/// `baseline - run` (positive = the run is worse) with its paired standard error.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Comparison {
+    /// What the run is (a plan's name).
+    pub label: String,
+    /// The run's average headline accuracy.
+    pub accuracy: f64,
+    /// The loss on the average over tasks ([`paired_difference`]).
+    pub average: PairedDiff,
+    /// The loss on each task ([`paired_difference_per_task`]), in the scores' task order.
+    pub per_task: Vec<(String, PairedDiff)>,
+}
+
+/// [`Comparison`] of `run` against `base` (same tasks and documents, else an error).
+pub fn compare(label: &str, base: &SuiteScore, run: &SuiteScore) -> Result<Comparison> {
+    Ok(Comparison {
+        label: label.into(),
+        accuracy: run.average,
+        average: paired_difference(base, run)?,
+        per_task: paired_difference_per_task(base, run)?,
+    })
+}
+
 /// Calibration passages from task `name`'s documents: each document's context with its
 /// correct continuation, joined by blank lines into passages of at least `chars` characters;
 /// the first `n` passages (fewer when the task runs out).

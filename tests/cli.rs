@@ -475,3 +475,186 @@ fn plan_saves_its_measured_sensitivity_for_reuse() {
         "{err}"
     );
 }
+
+/// `compare` pairs `eval --out` scores (no model): `+`-joined halves act as one run, the
+/// table, JSON and verdicts carry the paired losses, the plot is drawn, and bad input (other
+/// documents, an unknown --without task, an output over an input) is refused with a reason.
+#[test]
+fn compare_pairs_saved_scores_and_draws_them() {
+    let Some(llama) = runner() else {
+        println!("skipped: examples/llama is not built (cargo test builds it)");
+        return;
+    };
+    use syncdrop::tasks::{suite_score, task_score, DocOutcome};
+    let dir = common::tmpdir("compare");
+    let outcomes = |first: u64, bits: &[u8]| -> Vec<DocOutcome> {
+        bits.iter()
+            .enumerate()
+            .map(|(i, b)| DocOutcome {
+                id: first + i as u64,
+                acc: *b == 1,
+                acc_norm: *b == 1,
+            })
+            .collect()
+    };
+    let save = |name: &str, tasks: Vec<(&str, u64, &[u8])>| {
+        let s = suite_score(
+            tasks
+                .into_iter()
+                .map(|(t, first, bits)| task_score(t, outcomes(first, bits)))
+                .collect(),
+        );
+        std::fs::write(dir.join(name), serde_json::to_string(&s).unwrap()).unwrap();
+    };
+    // base and plan, each in two files: sciq split across them, lambada only in the second
+    save("base_a.json", vec![("sciq", 0, &[1, 1, 1, 0])]);
+    save(
+        "base_b.json",
+        vec![("sciq", 4, &[1, 1]), ("lambada", 0, &[0, 0, 1, 0])],
+    );
+    save("plan_a.json", vec![("sciq", 0, &[1, 0, 1, 0])]);
+    save(
+        "plan_b.json",
+        vec![("sciq", 4, &[0, 1]), ("lambada", 0, &[1, 1, 1, 0])],
+    );
+    let args = [
+        "compare",
+        "--base",
+        "base_a.json+base_b.json",
+        "--budget-acc",
+        "1",
+        "--out",
+        "cmp.json",
+        "--plot",
+        "cmp.svg",
+        "spd=plan_a.json+plan_b.json",
+        "base_a.json+base_b.json",
+    ];
+    let out = std::process::Command::new(&llama)
+        .args(args)
+        .current_dir(&dir)
+        .output()
+        .expect("run the runner");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    // sciq: base - plan = [0,1,0,0,1,0]: +33.3 pt; lambada [-1,-1,0,0]: -50 pt; the
+    // average (-8.33 pt) with s.e. sqrt(s_sciq^2/6 + s_lambada^2/4) / 2
+    let sciq: [f64; 6] = [0., 1., 0., 0., 1., 0.];
+    let lam: [f64; 4] = [-1., -1., 0., 0.];
+    let var = |d: &[f64]| {
+        let m = d.iter().sum::<f64>() / d.len() as f64;
+        d.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (d.len() - 1) as f64 / d.len() as f64
+    };
+    let se = 100.0 * (var(&sciq) + var(&lam)).sqrt() / 2.0;
+    assert!(
+        stdout.contains("| sciq | 6 | 83.3% | +33.3 +- "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| lambada | 4 | 25.0% | -50.0 +- "),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("**-8.33 +- {se:.2}**")),
+        "{stdout}"
+    );
+    // the baseline against itself: no loss, within any budget
+    assert!(stdout.contains("base_a: within budget"), "{stdout}");
+    assert!(stdout.contains("spd: "), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cmp.json")).unwrap()).unwrap();
+    let runs = json["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["label"], "spd");
+    assert!((runs[0]["average"]["diff"].as_f64().unwrap() + 1.0 / 12.0).abs() < 1e-12);
+    assert_eq!(runs[1]["average"]["diff"].as_f64().unwrap(), 0.0);
+    let svg = std::fs::read_to_string(dir.join("cmp.svg")).unwrap();
+    assert!(svg.contains("<svg") && svg.contains("lambada") && svg.contains("spd"));
+
+    // without lambada: the sciq loss alone
+    let out = std::process::Command::new(&llama)
+        .args([
+            "compare",
+            "--base",
+            "base_a.json+base_b.json",
+            "--without",
+            "lambada",
+            "plan_a.json+plan_b.json",
+        ])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        stdout.contains("other than lambada") && stdout.contains("**+33.33 +- "),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("| lambada |"), "{stdout}");
+
+    // refusals
+    for (args, want) in [
+        (
+            vec![
+                "compare",
+                "--base",
+                "base_a.json",
+                "plan_a.json+plan_b.json",
+            ],
+            "tasks",
+        ),
+        (
+            vec![
+                "compare",
+                "--base",
+                "base_a.json",
+                "--without",
+                "piqa",
+                "plan_a.json",
+            ],
+            "--without piqa: no such task",
+        ),
+        (
+            vec![
+                "compare",
+                "--base",
+                "base_a.json+base_a.json",
+                "plan_a.json",
+            ],
+            "document 0 is also in an earlier score",
+        ),
+        (
+            vec![
+                "compare",
+                "--base",
+                "base_a.json",
+                "--out",
+                "plan_a.json",
+                "plan_a.json",
+            ],
+            "--out plan_a.json is the input plan_a.json",
+        ),
+        (
+            vec!["compare", "--base", "missing.json", "plan_a.json"],
+            "missing.json",
+        ),
+        (
+            vec![
+                "compare",
+                "--base",
+                "base_a.json",
+                "--budget-acc",
+                "-1",
+                "plan_a.json",
+            ],
+            "--budget-acc -1",
+        ),
+    ] {
+        let (code, err) = run(&llama, &dir, &args);
+        assert_ne!(code, 0, "{args:?} was accepted");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+}

@@ -226,3 +226,90 @@ fn acc_and_acc_norm_have_their_own_standard_errors() {
     assert!((s.stderr() - 0.05).abs() < 1e-12);
     assert!((s.stderr_norm() - 0.03).abs() < 1e-12);
 }
+
+#[test]
+fn merged_scores_pair_like_one_run_on_the_union() {
+    // Two halves of one sample: piqa's documents split across them, sciq only in the second.
+    let piqa = docs(&[1, 0, 1, 1, 0, 1]);
+    let first = suite_score(vec![task_score("piqa", piqa[..4].to_vec())]);
+    let second = suite_score(vec![
+        task_score("piqa", piqa[4..].to_vec()),
+        task_score("sciq", docs_acc(&[1, 1, 0])),
+    ]);
+    let merged = tasks::merge_suites(vec![first.clone(), second.clone()]).unwrap();
+    let whole = suite_score(vec![
+        task_score("piqa", piqa.clone()),
+        task_score("sciq", docs_acc(&[1, 1, 0])),
+    ]);
+    assert_eq!(merged.tasks.len(), 2);
+    for (m, w) in merged.tasks.iter().zip(&whole.tasks) {
+        assert_eq!((&m.task, m.n, &m.docs), (&w.task, w.n, &w.docs));
+        assert!((m.acc - w.acc).abs() < 1e-15 && (m.acc_norm - w.acc_norm).abs() < 1e-15);
+    }
+    assert!((merged.average - whole.average).abs() < 1e-15);
+    // a document in both halves is refused, naming it
+    let err = tasks::merge_suites(vec![first.clone(), first.clone()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("document 100") && err.contains("piqa"),
+        "{err}"
+    );
+    // a score without per-document outcomes cannot be merged
+    let mut old = first.clone();
+    old.tasks[0].docs.clear();
+    let err = tasks::merge_suites(vec![old]).unwrap_err().to_string();
+    assert!(err.contains("outcomes"), "{err}");
+
+    // without: the average over the rest, `:test` matched by its task's name
+    let three = suite_score(vec![
+        task_score("arc_easy:test", docs(&[1, 0])),
+        task_score("lambada", docs_acc(&[1, 1, 1])),
+        task_score("sciq", docs_acc(&[0, 1])),
+    ]);
+    let w = tasks::without_tasks(three.clone(), &["lambada".into()]).unwrap();
+    assert_eq!(
+        w.tasks.iter().map(|t| t.task.as_str()).collect::<Vec<_>>(),
+        ["arc_easy:test", "sciq"]
+    );
+    assert!((w.average - 0.5).abs() < 1e-15, "{}", w.average);
+    let w = tasks::without_tasks(three.clone(), &["arc_easy".into()]).unwrap();
+    assert_eq!(w.tasks.len(), 2);
+    let err = tasks::without_tasks(three.clone(), &["hellaswag".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("hellaswag") && err.contains("lambada"),
+        "{err}"
+    );
+    let all: Vec<String> = ["arc_easy", "lambada", "sciq"].map(String::from).to_vec();
+    assert!(tasks::without_tasks(three, &all).is_err());
+}
+
+#[test]
+fn a_comparison_is_the_paired_loss_per_task_and_on_average() {
+    let base = suite_score(vec![
+        task_score("arc_easy", docs(&[1, 1, 0, 0, 1])),
+        task_score("sciq", docs_acc(&[1, 0, 1, 1])),
+    ]);
+    let run = suite_score(vec![
+        task_score("arc_easy", docs(&[1, 0, 0, 1, 0])),
+        task_score("sciq", docs_acc(&[0, 0, 1, 1])),
+    ]);
+    let c = tasks::compare("plan", &base, &run).unwrap();
+    assert_eq!(c.label, "plan");
+    assert!((c.accuracy - run.average).abs() < 1e-15);
+    // loss = base - run: arc_easy +0.2 (s.e. sqrt(0.14)), sciq +0.25 ([1,0,0,0]: variance
+    // 0.25, of the mean 0.0625)
+    assert_eq!(c.per_task.len(), 2);
+    assert!((c.per_task[0].1.diff - 0.2).abs() < 1e-12);
+    assert!((c.per_task[0].1.stderr - 0.14f64.sqrt()).abs() < 1e-12);
+    assert!((c.per_task[1].1.diff - 0.25).abs() < 1e-12);
+    assert!((c.per_task[1].1.stderr - 0.25).abs() < 1e-12);
+    assert!((c.average.diff - 0.225).abs() < 1e-12, "{:?}", c.average);
+    assert!((c.average.stderr - (0.14f64 + 0.0625).sqrt() / 2.0).abs() < 1e-12);
+    assert!((c.average.diff - (base.average - run.average)).abs() < 1e-12);
+    // another task list is refused
+    let other = suite_score(vec![task_score("piqa", docs(&[1]))]);
+    assert!(tasks::compare("x", &base, &other).is_err());
+}

@@ -374,7 +374,7 @@ fn plan_with_an_accuracy_budget_runs_on_a_hugging_face_folder() {
         );
     }
     assert!(
-        err.contains("scripts/accuracy_table.py --paired p.heldout_base.json"),
+        err.contains("`compare --base p.heldout_base.json p.heldout_plan.json"),
         "{err}"
     );
     // with the plan moved away, a new plan to the same --out would overwrite the outcome
