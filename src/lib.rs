@@ -11,7 +11,7 @@
 //! 4. [`model`]: one rank's weights and the TP / SPD block schedule, written once;
 //! 5. [`engine`]: ranks as threads, the driver, logits assembly;
 //! 6. [`gguf`], [`quant`], [`weights`], [`tokenizer`]: getting real models in;
-//! 7. [`generate`], [`eval`]: what the runner (`examples/llama.rs`) does with it.
+//! 7. [`generate`], [`eval`]: what the runner (`examples/llama/`) does with it.
 //!
 //! ## From an inference engine
 //!

@@ -1,4 +1,4 @@
-//! The runner (`examples/llama.rs`) refuses bad input before any long work, with a message
+//! The runner (`examples/llama/`) refuses bad input before any long work, with a message
 //! that says what to change. Runs the example binary cargo builds beside the tests (skipped,
 //! saying so, when it is not built; `cargo test` alone neither builds nor rebuilds it, so run
 //! `cargo build --release --example llama` first, as `scripts/test.sh` does, where a missing

@@ -1,4 +1,4 @@
-//! Review of the runner (`examples/llama.rs`): bad input refused before the model loads (or
+//! Review of the runner (`examples/llama/`): bad input refused before the model loads (or
 //! before the sensitivity / a later TP degree's hours), no panic on a malformed saved file, no
 //! output written over another output or over an input, a sweep that keeps its points as it
 //! goes, and `plan --budget-acc` on a Hugging Face folder. Runs the example binary as
