@@ -857,7 +857,6 @@ pub fn plot_comparisons(
     let height = (110 + 70 * n).max(330) as u32;
     let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let labels: Vec<String> = rows.iter().map(|r| r.label.clone()).collect();
     let y_of = |i: usize| (n - 1 - i) as f64; // first run on top
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
@@ -875,7 +874,7 @@ pub fn plot_comparisons(
             if (y - i).abs() > 1e-6 || i < 0.0 || i >= n as f64 {
                 return String::new();
             }
-            labels[n - 1 - i as usize].clone()
+            rows[n - 1 - i as usize].label.clone()
         })
         .x_desc(
             "accuracy loss vs the baseline, points (dots: tasks; bar: 95% interval of the average)",

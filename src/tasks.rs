@@ -551,21 +551,26 @@ impl PairedDiff {
 /// paired standard error. Errors when the tasks or documents differ, or a score has no
 /// per-document outcomes.
 pub fn paired_difference(a: &SuiteScore, b: &SuiteScore) -> Result<PairedDiff> {
-    let per_task = paired_difference_per_task(a, b)?;
+    Ok(average_of_tasks(&paired_difference_per_task(a, b)?))
+}
+
+/// The task average of per-task paired differences, with its standard error
+/// sqrt(sum_k s_k^2) / K (independent tasks).
+fn average_of_tasks(per_task: &[(String, PairedDiff)]) -> PairedDiff {
     let k = per_task.len() as f64;
     let (mut diff, mut var, mut docs, mut discordant) = (0.0, 0.0, 0, 0);
-    for (_, d) in &per_task {
+    for (_, d) in per_task {
         diff += d.diff;
         var += d.stderr * d.stderr;
         docs += d.docs;
         discordant += d.discordant;
     }
-    Ok(PairedDiff {
+    PairedDiff {
         diff: diff / k,
         stderr: var.sqrt() / k,
         docs,
         discordant,
-    })
+    }
 }
 
 /// `a - b` of each task's headline accuracy with its paired standard error (the terms of
@@ -715,11 +720,12 @@ pub struct Comparison {
 
 /// [`Comparison`] of `run` against `base` (same tasks and documents, else an error).
 pub fn compare(label: &str, base: &SuiteScore, run: &SuiteScore) -> Result<Comparison> {
+    let per_task = paired_difference_per_task(base, run)?;
     Ok(Comparison {
         label: label.into(),
         accuracy: run.average,
-        average: paired_difference(base, run)?,
-        per_task: paired_difference_per_task(base, run)?,
+        average: average_of_tasks(&per_task),
+        per_task,
     })
 }
 

@@ -530,16 +530,21 @@ fn compare_pairs_saved_scores_and_draws_them() {
         "spd=plan_a.json+plan_b.json",
         "base_a.json+base_b.json",
     ];
-    let out = std::process::Command::new(&llama)
-        .args(args)
-        .current_dir(&dir)
-        .output()
-        .expect("run the runner");
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stderr}");
+    // (success, stdout, stderr) of a compare run
+    let compare = |args: &[&str]| {
+        let out = std::process::Command::new(&llama)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("run the runner");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = compare(&args);
+    assert!(ok, "{stderr}");
     // sciq: base - plan = [0,1,0,0,1,0]: +33.3 pt; lambada [-1,-1,0,0]: -50 pt; the
     // average (-8.33 pt) with s.e. sqrt(s_sciq^2/6 + s_lambada^2/4) / 2
     let sciq: [f64; 6] = [0., 1., 0., 0., 1., 0.];
@@ -575,20 +580,15 @@ fn compare_pairs_saved_scores_and_draws_them() {
     assert!(svg.contains("<svg") && svg.contains("lambada") && svg.contains("spd"));
 
     // without lambada: the sciq loss alone
-    let out = std::process::Command::new(&llama)
-        .args([
-            "compare",
-            "--base",
-            "base_a.json+base_b.json",
-            "--without",
-            "lambada",
-            "plan_a.json+plan_b.json",
-        ])
-        .current_dir(&dir)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success());
+    let (ok, stdout, _) = compare(&[
+        "compare",
+        "--base",
+        "base_a.json+base_b.json",
+        "--without",
+        "lambada",
+        "plan_a.json+plan_b.json",
+    ]);
+    assert!(ok);
     assert!(
         stdout.contains("other than lambada") && stdout.contains("**+33.33 +- "),
         "{stdout}"

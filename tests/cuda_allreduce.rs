@@ -187,9 +187,10 @@ mod gpu {
             return;
         }
         let n = 16 << 20; // 64 MiB of f32
-                          // On the simulated driver a rank's 64 MiB upload runs on a CPU thread that the three
-                          // peers' spinning kernels compete with: on 2 loaded cores (CI beside a long eval) a
-                          // peer once arrived later than 2 s (CommTimeout, flag 0). The GPU keeps 2 s.
+
+        // On the simulated driver a rank's 64 MiB upload runs on a CPU thread that the three
+        // peers' spinning kernels compete with: on 2 loaded cores (CI beside a long eval) a
+        // peer once arrived later than 2 s (CommTimeout, flag 0). The GPU keeps 2 s.
         let spin = if simulated() { 60 } else { 2 };
         let out = on_ranks(4, n, Duration::from_secs(spin), move |r, s, k, p| {
             let host: Vec<f32> = (0..n)

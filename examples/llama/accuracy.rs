@@ -197,14 +197,25 @@ pub fn run_compare(args: CompareArgs) -> Result<()> {
         .map(|w| list("without", w))
         .transpose()?
         .unwrap_or_default();
+    // each run as (argument, label, files): `LABEL=FILES`, or FILES labelled by the first
+    // file's name
+    let runs: Vec<(&str, String, &str)> = runs
+        .iter()
+        .map(|run| match run.split_once('=') {
+            Some((l, f)) if !l.is_empty() => (run.as_str(), l.to_string(), f),
+            _ => {
+                let first = run.split('+').next().unwrap_or(run);
+                let stem = Path::new(first)
+                    .file_stem()
+                    .map_or(first.into(), |s| s.to_string_lossy().into_owned());
+                (run.as_str(), stem, run.as_str())
+            }
+        })
+        .collect();
     // An output must not replace an input (or the other output).
-    let inputs: Vec<String> = std::iter::once(base.as_str())
-        .chain(
-            runs.iter()
-                .map(|r| r.split_once('=').map_or(r.as_str(), |(_, f)| f)),
-        )
+    let inputs: Vec<&str> = std::iter::once(base.as_str())
+        .chain(runs.iter().map(|(_, _, spec)| *spec))
         .flat_map(|spec| spec.split('+'))
-        .map(String::from)
         .collect();
     let outs: Vec<(&str, &Path)> = [("--out", &out), ("--plot", &plot)]
         .into_iter()
@@ -237,19 +248,9 @@ pub fn run_compare(args: CompareArgs) -> Result<()> {
     };
     let base_score = load(&base)?;
     let mut rows = Vec::new();
-    for run in &runs {
-        let (label, spec) = match run.split_once('=') {
-            Some((l, f)) if !l.is_empty() => (l.to_string(), f),
-            _ => {
-                let first = run.split('+').next().unwrap_or(run);
-                let stem = Path::new(first)
-                    .file_stem()
-                    .map_or(first.into(), |s| s.to_string_lossy().into_owned());
-                (stem, run.as_str())
-            }
-        };
+    for (run, label, spec) in &runs {
         let score = load(spec)?;
-        rows.push(tasks::compare(&label, &base_score, &score).map_err(|e| {
+        rows.push(tasks::compare(label, &base_score, &score).map_err(|e| {
             bad(format!(
                 "{run} against --base {base}: {e} (compare runs on the same \
                      documents: the same --tasks, --limit, --seed, --split/--offset)"
