@@ -388,6 +388,10 @@ pub struct PlanOutcome {
     /// The search's cap on each task's drop, if any ([`Search::max_task_drop`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_task_drop: Option<f64>,
+    /// With a cap: the margin in paired standard errors each task's drop needed
+    /// ([`Search::task_z`]; `search_z` unless set apart).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_z: Option<f64>,
 }
 
 /// How the planner's search decides, how far it looks and what it recovers blocks with. A
@@ -417,6 +421,12 @@ pub struct Search<'a> {
     /// suite's average can hide a task that collapses while another gains (with LC on TP 8,
     /// LAMBADA gains several points while the other tasks lose). None: the average only.
     pub max_task_drop: Option<f64>,
+    /// The margin for the cap, in paired standard errors of each task's drop; None: `z`.
+    /// One task's s.e. is about sqrt(tasks) times the average's, so the same z asks far
+    /// more of each task than of the average (at TP 8, 200 documents a task, z 1 keeps each
+    /// of seven tasks under about 1-1.6 points of a 3-point cap): 0 caps the point
+    /// estimates.
+    pub task_z: Option<f64>,
 }
 
 impl From<f64> for Search<'_> {
@@ -490,7 +500,14 @@ pub fn plan<'a>(
         distill_zero_shot,
         compensation: lc,
         max_task_drop,
+        task_z,
     } = search.into();
+    let task_z = task_z.unwrap_or(search_z);
+    if !(task_z >= 0.0 && task_z.is_finite()) {
+        return Err(Error::InvalidArgument(format!(
+            "the task cap's confidence margin must be a finite z >= 0, not {task_z}"
+        )));
+    }
     if let Some(cap) = max_task_drop {
         if !matches!(budget, Budget::AccDrop(_)) {
             return Err(Error::InvalidArgument(
@@ -604,8 +621,8 @@ pub fn plan<'a>(
                 ));
             };
             let per_task = paired_difference_per_task(b, p)?;
-            let (task, worst) = worst_task(&per_task, search_z);
-            let task_fits = worst.diff + search_z * worst.stderr <= cap;
+            let (task, worst) = worst_task(&per_task, task_z);
+            let task_fits = worst.diff + task_z * worst.stderr <= cap;
             *task_note.borrow_mut() = format!(
                 "; worst task {task} {:+.4} +- {:.4}{}",
                 worst.diff,
@@ -933,6 +950,7 @@ pub fn plan<'a>(
             heldout_suites: held_base.suite.zip(held_plan.suite),
             heldout_task_drops,
             max_task_drop,
+            task_z: max_task_drop.map(|_| task_z),
         },
         distilled,
     ))

@@ -245,6 +245,24 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
             "--max-task-drop -1: a cap on each task's drop is 0 points or more",
         ),
         (
+            vec!["plan", "--tp", "2", "--budget-acc", "1", "--search-z", "-1"],
+            "--search-z -1: a margin in standard errors is a finite number >= 0",
+        ),
+        (
+            vec![
+                "plan",
+                "--tp",
+                "2",
+                "--budget-acc",
+                "1",
+                "--max-task-drop",
+                "3",
+                "--task-z",
+                "-0.5",
+            ],
+            "--task-z -0.5: a margin in standard errors is a finite number >= 0",
+        ),
+        (
             vec!["plan", "--tp", "2", "--budget-acc", "1", "--heldout-limit", "0"],
             "--heldout-limit 0: must be at least 1",
         ),

@@ -686,6 +686,84 @@ fn planner_caps_each_tasks_drop() {
         .iter()
         .all(|l| !l.contains("blocks: score") || l.contains("worst task")));
     assert_eq!(capped.max_task_drop, Some(cap));
+    assert_eq!(capped.task_z, Some(0.0), "the cap's margin defaults to z");
+    assert_eq!(free.task_z, None);
+    assert!(n(&capped) > 0, "{log:#?}");
+
+    // `task_z` sets the cap's margin apart from the average's. A cap of 100 points never binds
+    // on point estimates (the free plan); with a margin of 1000 s.e. it refuses every step
+    // that moves any document of any task, while the average is still judged by its point
+    // estimate (z 0)
+    let loose = |task_z| Search {
+        max_task_drop: Some(1.0),
+        task_z: Some(task_z),
+        ..Search::default()
+    };
+    let (points, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        loose(0.0),
+        &mut metric,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(points.spd, free.spd);
+    let mut wide_log = Vec::new();
+    let (wide, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        loose(1000.0),
+        &mut metric,
+        &calib,
+        None,
+        |m| wide_log.push(m.to_string()),
+    )
+    .unwrap();
+    assert!(n(&wide) < n(&free), "{wide_log:#?}");
+    assert_eq!((wide.search_z, wide.task_z), (0.0, Some(1000.0)));
+    for (task, d) in per_task(&mut e, &mut metric, &wide.spd) {
+        assert_eq!(d.stderr, 0.0, "{task} moved: {d:?}; {wide_log:#?}");
+    }
+    assert!(
+        wide_log.iter().any(|l| l.contains("over the task cap")),
+        "{wide_log:#?}"
+    );
+    // and an explicit margin equal to z is the default
+    let (same, _) = plan(
+        &mut e,
+        &sens,
+        budget,
+        Search {
+            task_z: Some(0.0),
+            ..search
+        },
+        &mut metric,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(same.spd, capped.spd);
+    let err = plan(
+        &mut e,
+        &sens,
+        budget,
+        Search {
+            task_z: Some(-1.0),
+            ..search
+        },
+        &mut metric,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("finite z >= 0"), "{err}");
 
     // a cap needs per-task accuracies
     let ppl = |_: &mut Engine, _: usize| Ok(1.0);

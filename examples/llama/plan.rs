@@ -160,6 +160,16 @@ pub struct PlanArgs {
     /// collapses while another gains (LC at TP 8 raises LAMBADA while the others lose)
     #[arg(long, value_name = "POINTS", allow_negative_numbers = true)]
     max_task_drop: Option<f64>,
+    /// The margin for --max-task-drop in each task's own paired s.e. (default: --search-z).
+    /// One task's s.e. is about sqrt(7) times the average's, so the same Z asks far more of
+    /// each task than of the average; 0 caps the point estimates
+    #[arg(
+        long,
+        value_name = "Z",
+        requires = "max_task_drop",
+        allow_negative_numbers = true
+    )]
+    task_z: Option<f64>,
     /// After the longest zero-shot prefix in sensitivity order, try the next N blocks one
     /// at a time and keep each that still fits: the block that ends the prefix (the
     /// "wall") can cost far more than those after it. One evaluation per block; 0 keeps
@@ -205,6 +215,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         train,
         search_z,
         max_task_drop,
+        task_z,
         past_wall,
         distill_zero_shot,
         compensate,
@@ -247,6 +258,14 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             ))
         }
         _ => {}
+    }
+    // checked now, not after the sensitivity pass
+    for (flag, z) in [("--search-z", Some(search_z)), ("--task-z", task_z)] {
+        if let Some(z) = z.filter(|z| !(*z >= 0.0 && z.is_finite())) {
+            return Err(bad(format!(
+                "{flag} {z}: a margin in standard errors is a finite number >= 0"
+            )));
+        }
     }
     // linear compensation fits on the distillation passages with their hold-out
     let recovers = b2b || compensate > 0;
@@ -418,6 +437,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             distill_zero_shot,
             compensation: lc.as_ref(),
             max_task_drop: max_task_drop.map(|p| p / 100.0),
+            task_z,
         },
         metric.as_mut(),
         &seqs,
