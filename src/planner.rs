@@ -502,12 +502,6 @@ pub fn plan<'a>(
         max_task_drop,
         task_z,
     } = search.into();
-    let task_z = task_z.unwrap_or(search_z);
-    if !(task_z >= 0.0 && task_z.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "the task cap's confidence margin must be a finite z >= 0, not {task_z}"
-        )));
-    }
     if let Some(cap) = max_task_drop {
         if !matches!(budget, Budget::AccDrop(_)) {
             return Err(Error::InvalidArgument(
@@ -520,11 +514,20 @@ pub fn plan<'a>(
             )));
         }
     }
-    if !(search_z >= 0.0 && search_z.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
-            "search confidence margin must be a finite z >= 0, not {search_z}"
-        )));
+    let check_z = |what: &str, z: f64| {
+        if z >= 0.0 && z.is_finite() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(format!(
+                "{what} must be a finite z >= 0, not {z}"
+            )))
+        }
+    };
+    check_z("search confidence margin", search_z)?;
+    if let Some(z) = task_z {
+        check_z("the task cap's confidence margin", z)?;
     }
+    let task_z = task_z.unwrap_or(search_z);
     if budget.limit().is_nan() {
         return Err(Error::InvalidArgument(format!(
             "budget {budget:?}: the largest loss allowed must be a number"

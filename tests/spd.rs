@@ -699,30 +699,16 @@ fn planner_caps_each_tasks_drop() {
         task_z: Some(task_z),
         ..Search::default()
     };
-    let (points, _) = plan(
-        &mut e,
-        &sens,
-        budget,
-        loose(0.0),
-        &mut metric,
-        &calib,
-        None,
-        |_| {},
-    )
-    .unwrap();
+    // plan with `s`, the log in `log`
+    let run = |e: &mut Engine, m: &mut Agreement, s: Search, log: &mut Vec<String>| {
+        plan(e, &sens, budget, s, m, &calib, None, |l| {
+            log.push(l.to_string())
+        })
+    };
+    let (points, _) = run(&mut e, &mut metric, loose(0.0), &mut Vec::new()).unwrap();
     assert_eq!(points.spd, free.spd);
     let mut wide_log = Vec::new();
-    let (wide, _) = plan(
-        &mut e,
-        &sens,
-        budget,
-        loose(1000.0),
-        &mut metric,
-        &calib,
-        None,
-        |m| wide_log.push(m.to_string()),
-    )
-    .unwrap();
+    let (wide, _) = run(&mut e, &mut metric, loose(1000.0), &mut wide_log).unwrap();
     assert!(n(&wide) < n(&free), "{wide_log:#?}");
     assert_eq!((wide.search_z, wide.task_z), (0.0, Some(1000.0)));
     for (task, d) in per_task(&mut e, &mut metric, &wide.spd) {
@@ -733,36 +719,15 @@ fn planner_caps_each_tasks_drop() {
         "{wide_log:#?}"
     );
     // and an explicit margin equal to z is the default
-    let (same, _) = plan(
-        &mut e,
-        &sens,
-        budget,
-        Search {
-            task_z: Some(0.0),
-            ..search
-        },
-        &mut metric,
-        &calib,
-        None,
-        |_| {},
-    )
-    .unwrap();
+    let with_task_z = |task_z| Search {
+        task_z: Some(task_z),
+        ..search
+    };
+    let (same, _) = run(&mut e, &mut metric, with_task_z(0.0), &mut Vec::new()).unwrap();
     assert_eq!(same.spd, capped.spd);
-    let err = plan(
-        &mut e,
-        &sens,
-        budget,
-        Search {
-            task_z: Some(-1.0),
-            ..search
-        },
-        &mut metric,
-        &calib,
-        None,
-        |_| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let err = run(&mut e, &mut metric, with_task_z(-1.0), &mut Vec::new())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("finite z >= 0"), "{err}");
 
     // a cap needs per-task accuracies
