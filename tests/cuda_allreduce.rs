@@ -82,7 +82,7 @@ mod gpu {
         }
         use syncdrop::backend::cuda::topology::{survey_lines, topology};
         let t = topology(&[0, 0, 0, 0], 4096).unwrap();
-        assert!(t.p2p_all_pairs && t.world == 4 && !t.multi_node, "{t:?}");
+        assert!(t.p2p_all_pairs && t.world == 4 && t.one_process, "{t:?}");
         let lines = survey_lines(&[0]).unwrap();
         eprintln!("{lines:?}");
         assert_eq!(lines.len(), 1, "{lines:?}");

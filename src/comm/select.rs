@@ -4,7 +4,7 @@
 //! Chain: one-shot -> two-shot -> NCCL -> staged copy.
 //! - one-shot (every rank pulls all peers): small messages, decode; needs P2P between all pairs;
 //! - two-shot (reduce-scatter + all-gather): larger messages, P2P;
-//! - NCCL: multi-node, or no P2P, or messages past the custom kernels' buffer;
+//! - NCCL: ranks in several processes (or machines), or no P2P, or messages past the custom kernels' buffer;
 //! - staged copy through host memory: the last resort, always available, never silent.
 //!
 //! Size thresholds are starting points taken from vLLM's custom all-reduce (one-shot up to
@@ -98,8 +98,10 @@ pub struct Topology {
     /// Every pair of ranks has peer access: the driver's `cuDeviceCanAccessPeer` both ways
     /// (ranks on one device always do).
     pub p2p_all_pairs: bool,
-    /// Ranks span machines.
-    pub multi_node: bool,
+    /// Every rank runs in this process: the P2P kernels share device pointers between the
+    /// ranks' threads (no IPC handles), so one rank per process, and so ranks on several
+    /// machines, take NCCL.
+    pub one_process: bool,
     /// The ranks share an NCCL communicator.
     pub nccl_available: bool,
     /// Bytes of the registered buffer the custom kernels can use.
@@ -123,14 +125,14 @@ pub fn select(bytes: usize, t: &Topology, env: Option<&str>) -> Result<(Algo, Ve
         return Ok((Algo::Identity, vec![]));
     }
     let mut log = Vec::new();
-    let custom_ok = t.p2p_all_pairs && !t.multi_node && t.world <= 8;
+    let custom_ok = t.p2p_all_pairs && t.one_process && t.world <= 8;
     let fits = bytes <= t.custom_buffer_bytes;
     let supported = |a: Algo| -> std::result::Result<(), String> {
         match a {
             Algo::Identity => Err("identity is for one rank".into()),
             Algo::OneShot | Algo::TwoShot if !custom_ok => Err(format!(
-                "needs P2P between all ranks of one node and <= 8 ranks (p2p {}, multi-node {}, world {})",
-                t.p2p_all_pairs, t.multi_node, t.world
+                "needs <= 8 ranks in this process with P2P between all of them (world {}, one process {}, p2p {})",
+                t.world, t.one_process, t.p2p_all_pairs
             )),
             Algo::OneShot | Algo::TwoShot if !fits => Err(format!(
                 "{bytes} bytes exceed the registered buffer of {} bytes",
@@ -179,7 +181,7 @@ mod tests {
         Topology {
             world,
             p2p_all_pairs: true,
-            multi_node: false,
+            one_process: true,
             nccl_available: true,
             custom_buffer_bytes: 64 << 20,
         }
@@ -218,11 +220,17 @@ mod tests {
         let (a, log) = select(4 << 10, &bare, None).unwrap();
         assert_eq!(a, Algo::StagedCopy);
         assert_eq!(log.len(), 3);
-        let multi = Topology {
-            multi_node: true,
-            ..nvlink(16)
+        let wide = nvlink(16);
+        let (a, log) = select(4 << 10, &wide, None).unwrap();
+        assert_eq!(a, Algo::Nccl);
+        assert!(log[0].contains("world 16"), "{log:?}");
+        let processes = Topology {
+            one_process: false,
+            ..nvlink(2)
         };
-        assert_eq!(select(4 << 10, &multi, None).unwrap().0, Algo::Nccl);
+        let (a, log) = select(4 << 10, &processes, None).unwrap();
+        assert_eq!(a, Algo::Nccl);
+        assert!(log[0].contains("one process false"), "{log:?}");
     }
 
     #[test]

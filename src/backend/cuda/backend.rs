@@ -131,6 +131,8 @@ pub struct CudaBackend {
     pub device: usize,
     /// The P2P all-reduce, when the rank joined a group; the topology the selector sees.
     p2p: Option<(P2pRank, Topology)>,
+    /// The engine offered a P2P group (its ranks share this process), joined or not.
+    in_group: bool,
     /// Selection log lines already printed (each fallback is logged once).
     logged: std::collections::HashSet<String>,
     /// Sync points served on the device (P2P, NCCL, emulated holds; the host communicator
@@ -354,6 +356,7 @@ impl CudaBackend {
             graph: None,
             device: ordinal,
             p2p: None,
+            in_group: false,
             logged: Default::default(),
             dev_counters: CommCounters::default(),
             comm_timing: false,
@@ -540,6 +543,7 @@ impl CudaBackend {
     /// Register this rank's buffers in `group` and learn the topology. Ranks are placed
     /// `rank % devices`, so the ranks per device follow from the world size.
     pub fn join_p2p(&mut self, group: &Arc<P2pGroup>) -> Result<()> {
+        self.in_group = true;
         let world = self.comm.world();
         let n_dev = device_count()?.max(1);
         let rank_devices: Vec<usize> = (0..world).map(|r| r % n_dev).collect();
@@ -598,14 +602,15 @@ impl CudaBackend {
         Ok(algo)
     }
 
-    /// What the selection chain sees: the P2P group's topology, or none, plus NCCL.
+    /// What the selection chain sees: the P2P group's topology, or none (ranks in other
+    /// processes when the engine offered no group), plus NCCL.
     fn topology(&self) -> Topology {
         let mut topo = match &self.p2p {
             Some((_, t)) => *t,
             None => Topology {
                 world: self.world(),
                 p2p_all_pairs: false,
-                multi_node: false,
+                one_process: self.in_group,
                 nccl_available: false,
                 custom_buffer_bytes: 0,
             },

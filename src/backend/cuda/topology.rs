@@ -89,7 +89,7 @@ pub fn distinct(rank_devices: &[usize]) -> Vec<usize> {
     devs
 }
 
-/// The selector's view of ranks placed on `rank_devices` (rank -> device ordinal), with a
+/// The selector's view of this process's ranks placed on `rank_devices` (rank -> device ordinal), with a
 /// registered buffer of `custom_buffer_bytes`. Ranks on one device (virtual ranks) reach
 /// each other trivially; across devices every pair must pass the driver's probe.
 pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<Topology> {
@@ -103,7 +103,7 @@ pub fn topology(rank_devices: &[usize], custom_buffer_bytes: usize) -> Result<To
     Ok(Topology {
         world: rank_devices.len(),
         p2p_all_pairs: p2p,
-        multi_node: false,
+        one_process: true,
         nccl_available: false,
         custom_buffer_bytes,
     })
