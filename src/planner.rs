@@ -40,7 +40,7 @@ pub enum Budget {
 
 /// A score and, where the metric has them, the per-document outcomes (accuracy suites) or
 /// per-passage log-likelihoods (perplexity) behind it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Scored {
     /// The score: perplexity, or average accuracy in [0, 1].
     pub value: f64,
@@ -118,6 +118,143 @@ pub trait Metric {
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
         Ok(Scored::value(self.score(engine, split)?))
     }
+
+    /// The TP baseline's score on `split`: [`plan`] asks this, with no SPD block set, for
+    /// the two baselines it pairs every step against, so that [`BaselineCache`] can serve
+    /// them from disk. The default scores the engine.
+    fn score_baseline(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        self.score_detailed(engine, split)
+    }
+
+    /// A digest (hex) of what this metric's scores on `split` depend on besides the engine:
+    /// its documents or passages and how they become tokens. None (the default): unknown,
+    /// and [`BaselineCache`] then never caches it.
+    fn data_digest(&self, split: usize) -> Result<Option<String>> {
+        let _ = split;
+        Ok(None)
+    }
+}
+
+/// sha256 (hex) of `parts`, each length-prefixed (no two lists of parts hash alike).
+fn digest_parts<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    crate::files::hex(&h.finalize())
+}
+
+/// What a [`BaselineCache`] file holds: the baseline's score and outcomes, with what they
+/// were measured on (checked when read, besides the file's name).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CachedScore {
+    format: String,
+    identity: String,
+    split: usize,
+    data: String,
+    scored: Scored,
+}
+
+const BASELINE_FORMAT: &str = "syncdrop-baseline-1";
+
+/// A [`Metric`] whose TP baselines are kept on disk and reused: a planning run spends two
+/// whole evaluations (the search and held-out splits) on the TP model before its first
+/// step, and a later run on the same engine and data needs the same two. A baseline is
+/// reused only when `identity` (the caller's description of everything that decides the
+/// engine's numerics: build, model bytes, TP layout, backend, wire, threads, ...) and the
+/// metric's [`Metric::data_digest`] both match; a metric without a digest is never
+/// cached. An unreadable or mismatched file is reported through `log` and replaced.
+pub struct BaselineCache<'m> {
+    /// The metric scored when nothing matches (and for every SPD step).
+    pub inner: &'m mut dyn Metric,
+    /// The folder of cached baselines (created on the first write).
+    pub dir: std::path::PathBuf,
+    /// Everything besides the data that decides the baseline's outcomes.
+    pub identity: String,
+    /// Where the cache says what it did (a hit, a write, a file it could not use).
+    pub log: &'m mut dyn FnMut(&str),
+}
+
+impl BaselineCache<'_> {
+    /// The file that holds (or would hold) the baseline on `split`, if the metric has a
+    /// digest for it.
+    pub fn path(&self, split: usize) -> Result<Option<(std::path::PathBuf, String)>> {
+        let Some(data) = self.inner.data_digest(split)? else {
+            return Ok(None);
+        };
+        let key = digest_parts([
+            BASELINE_FORMAT.as_bytes(),
+            self.identity.as_bytes(),
+            split.to_string().as_bytes(),
+            data.as_bytes(),
+        ]);
+        Ok(Some((self.dir.join(format!("{}.json", &key[..32])), data)))
+    }
+}
+
+impl Metric for BaselineCache<'_> {
+    fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
+        self.inner.score(engine, split)
+    }
+    fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        self.inner.score_detailed(engine, split)
+    }
+    fn data_digest(&self, split: usize) -> Result<Option<String>> {
+        self.inner.data_digest(split)
+    }
+    fn score_baseline(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
+        let Some((path, data)) = self.path(split)? else {
+            return self.inner.score_baseline(engine, split);
+        };
+        let which = if split == 0 { "search" } else { "held-out" };
+        if path.exists() {
+            let read = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<CachedScore>(&t).map_err(|e| e.to_string()));
+            match read {
+                Ok(c)
+                    if c.format == BASELINE_FORMAT
+                        && c.identity == self.identity
+                        && c.split == split
+                        && c.data == data =>
+                {
+                    (self.log)(&format!(
+                        "the TP baseline on the {which} split: reused {} (same engine and data)",
+                        path.display()
+                    ));
+                    return Ok(c.scored);
+                }
+                Ok(_) => (self.log)(&format!(
+                    "warning: {} was written for another engine or data: replacing it",
+                    path.display()
+                )),
+                Err(e) => (self.log)(&format!(
+                    "warning: cannot use {} ({e}): replacing it",
+                    path.display()
+                )),
+            }
+        }
+        let scored = self.inner.score_baseline(engine, split)?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
+        let record = CachedScore {
+            format: BASELINE_FORMAT.into(),
+            identity: self.identity.clone(),
+            split,
+            data,
+            scored,
+        };
+        crate::files::write_atomic(
+            &path,
+            crate::files::to_json_pretty_compact(&record).as_bytes(),
+        )?;
+        (self.log)(&format!(
+            "the TP baseline on the {which} split: kept in {} for later plans",
+            path.display()
+        ));
+        Ok(record.scored)
+    }
 }
 
 impl<F: FnMut(&mut Engine, usize) -> Result<f64>> Metric for F {
@@ -137,6 +274,20 @@ pub struct SuiteMetric {
 impl Metric for SuiteMetric {
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
         Ok(self.score_detailed(engine, split)?.value)
+    }
+    fn data_digest(&self, split: usize) -> Result<Option<String>> {
+        let mut parts = vec![b"suite".to_vec(), self.tok.fingerprint()?.into_bytes()];
+        for (task, docs) in &self.splits[split] {
+            parts.push(task.clone().into_bytes());
+            for d in docs {
+                parts.push(format!("{} {} {}", d.id, d.gold, d.choices.len()).into_bytes());
+                for (ctx, cont) in &d.choices {
+                    parts.push(ctx.clone().into_bytes());
+                    parts.push(cont.clone().into_bytes());
+                }
+            }
+        }
+        Ok(Some(digest_parts(parts.iter().map(Vec::as_slice))))
     }
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
         let s = evaluate_suite(engine, &self.tok, &self.splits[split], false)?;
@@ -162,6 +313,13 @@ pub struct PplMetric {
 impl Metric for PplMetric {
     fn score(&mut self, engine: &mut Engine, split: usize) -> Result<f64> {
         Ok(self.score_detailed(engine, split)?.value)
+    }
+    fn data_digest(&self, split: usize) -> Result<Option<String>> {
+        let mut parts = vec![b"perplexity".to_vec(), self.window.to_string().into_bytes()];
+        for p in &self.splits[split] {
+            parts.push(p.iter().flat_map(|t| t.to_le_bytes()).collect());
+        }
+        Ok(Some(digest_parts(parts.iter().map(Vec::as_slice))))
     }
     fn score_detailed(&mut self, engine: &mut Engine, split: usize) -> Result<Scored> {
         let passages = passage_nlls(engine, &self.splits[split], self.window)?;
@@ -348,7 +506,8 @@ pub struct PlanOutcome {
     /// Point estimate only: `heldout_loss <= budget`. Read `verdict` for what the sample
     /// supports.
     pub within_budget_on_heldout: bool,
-    /// Metric evaluations the search made (each a pass over a split).
+    /// Metric evaluations the search made (each a pass over a split; the two TP baselines
+    /// count even when [`BaselineCache`] served them).
     pub evaluations: usize,
     /// The search's margin in paired standard errors (0: point estimates).
     pub search_z: f64,
@@ -584,11 +743,11 @@ pub fn plan<'a>(
     let order = order_by_sensitivity(sens);
     let mut evals = 0;
     engine.set_spd(&vec![false; n])?;
-    let base_scored = metric.score_detailed(engine, 0)?;
+    let base_scored = metric.score_baseline(engine, 0)?;
     let base = base_scored.value;
     // the held-out baseline now, while every block has its original weights (distilled
     // blocks keep their weights with SPD off: that would not be the TP model)
-    let held_base = metric.score_detailed(engine, 1)?;
+    let held_base = metric.score_baseline(engine, 1)?;
     evals += 2;
     // paired drop (base - plan) when both scores carry per-document outcomes
     let paired = |b: &Scored, p: &Scored| -> Option<PairedDiff> {

@@ -236,6 +236,17 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
+
+    /// sha256 (hex) of everything that decides how this tokenizer encodes: its whole
+    /// serialised definition (vocabulary, merges, pre-tokenizer, special tokens) and the
+    /// BOS rule. Two tokenizers with one fingerprint encode every text alike.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.inner.to_string(false).map_err(tok_err)?.as_bytes());
+        h.update(format!("\nbos={:?} add_bos={}", self.bos, self.add_bos).as_bytes());
+        Ok(crate::files::hex(&h.finalize()))
+    }
 }
 
 /// The ChatML template of SmolLM2-Instruct (and Qwen2): system turn, user turn, and the

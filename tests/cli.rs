@@ -484,6 +484,23 @@ fn plan_saves_its_measured_sensitivity_for_reuse() {
     assert!(!dir.join("q.sensitivity.json").exists());
     assert_eq!(read("q.json")["layers"], p["layers"]);
 
+    // --reuse-baseline: the first plan keeps the TP baselines, the next reuses them and
+    // makes the same plan
+    let reuse = [
+        "--sensitivity",
+        "p.sensitivity.json",
+        "--reuse-baseline",
+        "base",
+    ];
+    let (ok, err) = plan(&[&reuse[..], &["--out", "r.json"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(err.matches("kept in base/").count(), 2, "{err}");
+    let (ok, err) = plan(&[&reuse[..], &["--out", "s.json"]].concat());
+    assert!(ok, "{err}");
+    assert_eq!(err.matches("reused base/").count(), 2, "{err}");
+    assert_eq!(read("s.json")["layers"], p["layers"]);
+    assert_eq!(read("s.json")["outcome"], read("r.json")["outcome"]);
+
     // a new plan beside an existing sensitivity file refuses before any work
     std::fs::remove_file(dir.join("p.json")).unwrap();
     let (ok, err) = plan(&["--out", "p.json"]);

@@ -873,3 +873,130 @@ fn the_sensitivity_plot_draws_no_line_for_an_empty_class() {
         assert_eq!(svg.matches("t1 = 1.000").count(), usize::from(lines == 2));
     }
 }
+
+/// A perplexity metric that counts the evaluations it runs.
+struct Counting {
+    inner: PplMetric,
+    runs: usize,
+}
+
+impl Metric for Counting {
+    fn score(&mut self, e: &mut Engine, split: usize) -> syncdrop::Result<f64> {
+        Ok(self.score_detailed(e, split)?.value)
+    }
+    fn score_detailed(&mut self, e: &mut Engine, split: usize) -> syncdrop::Result<Scored> {
+        self.runs += 1;
+        self.inner.score_detailed(e, split)
+    }
+    fn data_digest(&self, split: usize) -> syncdrop::Result<Option<String>> {
+        self.inner.data_digest(split)
+    }
+}
+
+/// `BaselineCache` (`plan --reuse-baseline`): the first plan keeps both TP baselines, a
+/// second plan on the same engine and data reuses them (two evaluations fewer, the same
+/// plan and the same held-out numbers); another identity, other data or a metric without a
+/// digest is never served from the cache; a damaged file is reported and replaced.
+#[test]
+fn planner_reuses_cached_baselines_only_for_the_same_engine_and_data() {
+    use syncdrop::planner::BaselineCache;
+    let (mut e, dir) = tiny(2, "basecache", 6, false);
+    let cache = dir.join("baselines");
+    let calib = seqs(3, 16, 1);
+    let sens = sensitivity(&mut e, &calib, 16, false).unwrap();
+    let budget = Budget::PplIncrease(0.02);
+    let files = || -> Vec<std::path::PathBuf> {
+        let mut v: Vec<_> = std::fs::read_dir(&cache)
+            .map(|d| d.map(|f| f.unwrap().path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    // one plan through the cache: (outcome, evaluations run, log)
+    let run = |e: &mut Engine, identity: &str, salt: u32| {
+        let mut m = Counting {
+            inner: PplMetric {
+                splits: [seqs(3, 20, salt), seqs(3, 20, salt + 4)],
+                window: 32,
+            },
+            runs: 0,
+        };
+        let mut log = Vec::new();
+        let mut say = |s: &str| log.push(s.to_string());
+        let mut cached = BaselineCache {
+            inner: &mut m,
+            dir: cache.clone(),
+            identity: identity.to_string(),
+            log: &mut say,
+        };
+        let (o, _) = plan(e, &sens, budget, 0.0, &mut cached, &calib, None, |_| {}).unwrap();
+        (o, m.runs, log)
+    };
+    let (first, n1, log1) = run(&mut e, "engine A", 5);
+    assert_eq!(files().len(), 2, "{log1:?}");
+    assert_eq!(log1.iter().filter(|l| l.contains("kept in")).count(), 2);
+    let (second, n2, log2) = run(&mut e, "engine A", 5);
+    assert_eq!(n2 + 2, n1, "both baselines reused: {log2:?}");
+    assert_eq!(log2.iter().filter(|l| l.contains("reused")).count(), 2);
+    assert_eq!(second.spd, first.spd);
+    assert_eq!(second.search_base, first.search_base);
+    assert_eq!(second.heldout_base, first.heldout_base);
+    assert_eq!(second.heldout_loss, first.heldout_loss);
+    let (d1, d2) = (first.heldout_drop.unwrap(), second.heldout_drop.unwrap());
+    assert_eq!((d1.diff, d1.stderr), (d2.diff, d2.stderr));
+    // another engine identity, or other passages: measured again, kept beside
+    let measured = |log: &[String]| log.iter().filter(|l| l.contains("kept in")).count();
+    let (_, n3, log3) = run(&mut e, "engine B", 5);
+    assert_eq!((n3, measured(&log3)), (n1, 2), "another engine is a miss");
+    assert_eq!(files().len(), 4);
+    let (_, _, log4) = run(&mut e, "engine A", 6);
+    assert_eq!(measured(&log4), 2, "other data is a miss: {log4:?}");
+    assert_eq!(files().len(), 6);
+    // a damaged file is reported, measured again and replaced
+    let victim = files()[0].clone();
+    std::fs::write(&victim, "{").unwrap();
+    let runs_before: Vec<_> = ["engine A", "engine B"]
+        .iter()
+        .flat_map(|id| [(id, 5), (id, 6)])
+        .collect();
+    let mut replaced = false;
+    for (id, salt) in runs_before {
+        let (_, _, log) = run(&mut e, id, salt);
+        replaced |= log
+            .iter()
+            .any(|l| l.contains("cannot use") && l.contains("replacing"));
+    }
+    assert!(replaced, "the damaged file was reported");
+    assert!(
+        std::fs::read_to_string(&victim)
+            .unwrap()
+            .contains("syncdrop-baseline-1"),
+        "and replaced"
+    );
+    // a metric without a digest is never cached
+    let splits = [seqs(3, 20, 5), seqs(3, 20, 9)];
+    let mut bare = |e: &mut Engine, split: usize| perplexity_of(e, &splits[split], 32);
+    let before = files().len();
+    let mut log = Vec::new();
+    let mut say = |s: &str| log.push(s.to_string());
+    let mut cached = BaselineCache {
+        inner: &mut bare,
+        dir: cache.clone(),
+        identity: "engine A".into(),
+        log: &mut say,
+    };
+    plan(
+        &mut e,
+        &sens,
+        budget,
+        0.0,
+        &mut cached,
+        &calib,
+        None,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(files().len(), before);
+    assert!(log.is_empty(), "{log:?}");
+    std::fs::remove_dir_all(dir).ok();
+}

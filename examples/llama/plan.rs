@@ -191,6 +191,14 @@ pub struct PlanArgs {
     /// beside its --out) instead of measuring it.
     #[arg(long)]
     sensitivity: Option<PathBuf>,
+    /// Keep the TP baseline's outcomes on both splits in DIR (default: `baselines` in the
+    /// asset cache, see scripts/fetch-assets.sh) and reuse them in a later plan on the same
+    /// engine and data: it skips the two baseline evaluations (about a quarter of a TP 8
+    /// accuracy plan on 2 cores). Reused only when the build, the model's sha256, the TP
+    /// layout, backend, wire, threads, ISO mode, the all-reduce switches and the data with
+    /// its tokenizer all match.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    reuse_baseline: Option<PathBuf>,
     /// The plan (JSON). Beside it: its sensitivity plot (.svg), the measured sensitivity
     /// (.sensitivity.json, unless --sensitivity was given), any distilled weights
     /// (.safetensors), and with --budget-acc the held-out split's per-document outcomes
@@ -220,6 +228,7 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         distill_zero_shot,
         compensate,
         sensitivity,
+        reuse_baseline,
         out,
         force,
     } = args;
@@ -427,6 +436,24 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         // model's own tokenizer (GGUF or a Hugging Face folder's tokenizer.json)
         Data::Docs(splits) => Box::new(planner::SuiteMetric { tok, splits }),
     };
+    let sha = model_sha256(&engine.files)?;
+    let mut say = |m: &str| eprintln!("{m}");
+    let mut cached;
+    let metric: &mut dyn planner::Metric = if let Some(dir) = reuse_baseline {
+        cached = planner::BaselineCache {
+            inner: metric.as_mut(),
+            dir: if dir.as_os_str().is_empty() {
+                assets::cache_dir().join("baselines")
+            } else {
+                dir
+            },
+            identity: baseline_identity(&common, &engine, &sha),
+            log: &mut say,
+        };
+        &mut cached
+    } else {
+        metric.as_mut()
+    };
     let (outcome, distilled) = planner::plan(
         &mut engine,
         &sens,
@@ -439,12 +466,11 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
             max_task_drop: max_task_drop.map(|p| p / 100.0),
             task_z,
         },
-        metric.as_mut(),
+        metric,
         &seqs,
         b2b.then_some(&dcfg),
         |m| eprintln!("{m}"),
     )?;
-    let sha = model_sha256(&engine.files)?;
     let mut plan = planner::plan_file(&engine, sha, &sens, &outcome, budget);
     if !distilled.is_empty() {
         let w = sibling(&out, "safetensors");
@@ -524,4 +550,37 @@ fn threshold(t: f64) -> String {
     } else {
         "none (no block in that class)".into()
     }
+}
+
+/// Everything besides the data that decides the TP baseline's per-document outcomes, for
+/// `plan --reuse-baseline`: the build, the model bytes, the rank layout and every option
+/// or variable that changes the numerics.
+fn baseline_identity(common: &Common, engine: &syncdrop::Engine, model_sha256: &str) -> String {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let shards: Vec<String> = engine
+        .layout
+        .ranks
+        .iter()
+        .map(|r| format!("{:?}:{:?}", r.q_heads, r.ffn))
+        .collect();
+    format!(
+        "build={} model_sha256={model_sha256} tp={} shards={} backend={:?} wire={} \
+         threads={} iso={:?} row_invariant={} graphs={} rank={:?} \
+         SYNCDROP_ALLREDUCE={} SYNCDROP_FUSED_OPROJ={} SYNCDROP_FUSED_NORM={}",
+        syncdrop::BUILD,
+        common.tp,
+        shards.join("/"),
+        common.backend,
+        common.wire,
+        common
+            .threads
+            .unwrap_or(syncdrop::EngineOptions::default().threads),
+        common.iso,
+        common.row_invariant,
+        !common.no_graphs,
+        common.rank,
+        env("SYNCDROP_ALLREDUCE"),
+        env("SYNCDROP_FUSED_OPROJ"),
+        env("SYNCDROP_FUSED_NORM"),
+    )
 }
