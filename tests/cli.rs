@@ -41,6 +41,10 @@ fn bad_input_is_refused_before_the_work_with_what_to_change() {
         (plan_with("s3.json"), "measured at TP 3, this run is TP 2"),
         (plan_with("s5.json"), "has 5 blocks, the model 30"),
         (
+            vec!["plan", "--tp", "2", "--budget-ppl", "5", "--reuse-baseline", "s5.json"],
+            "--reuse-baseline s5.json: not a folder",
+        ),
+        (
             vec!["sweep", "--fractions", "0,1.5"],
             "SPD fraction 1.5 is not in [0, 1]",
         ),

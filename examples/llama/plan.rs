@@ -269,6 +269,15 @@ pub fn run_plan(args: PlanArgs) -> Result<()> {
         _ => {}
     }
     // checked now, not after the sensitivity pass
+    if let Some(d) = reuse_baseline
+        .as_ref()
+        .filter(|d| d.exists() && !d.is_dir())
+    {
+        return Err(bad(format!(
+            "--reuse-baseline {}: not a folder (it keeps one file per baseline)",
+            d.display()
+        )));
+    }
     for (flag, z) in [("--search-z", Some(search_z)), ("--task-z", task_z)] {
         if let Some(z) = z.filter(|z| !(*z >= 0.0 && z.is_finite())) {
             return Err(bad(format!(
