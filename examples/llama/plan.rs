@@ -195,8 +195,8 @@ pub struct PlanArgs {
     /// asset cache, see scripts/fetch-assets.sh) and reuse them in a later plan on the same
     /// engine and data: it skips the two baseline evaluations (about a quarter of a TP 8
     /// accuracy plan on 2 cores). Reused only when the build, the model's sha256, the TP
-    /// layout, backend, wire, threads, ISO mode, the all-reduce switches and the data with
-    /// its tokenizer all match.
+    /// layout, backend, wire, threads, ISO mode, NCCL, the all-reduce variables and the data
+    /// with its tokenizer all match.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
     reuse_baseline: Option<PathBuf>,
     /// The plan (JSON). Beside it: its sensitivity plot (.svg), the measured sensitivity
@@ -574,7 +574,7 @@ fn baseline_identity(common: &Common, engine: &syncdrop::Engine, model_sha256: &
         .collect();
     format!(
         "build={} model_sha256={model_sha256} tp={} shards={} backend={:?} wire={} \
-         threads={} iso={:?} row_invariant={} graphs={} rank={:?} \
+         threads={} iso={:?} row_invariant={} graphs={} rank={:?} nccl={} \
          SYNCDROP_ALLREDUCE={} SYNCDROP_FUSED_OPROJ={} SYNCDROP_FUSED_NORM={}",
         syncdrop::BUILD,
         common.tp,
@@ -588,6 +588,8 @@ fn baseline_identity(common: &Common, engine: &syncdrop::Engine, model_sha256: &
         common.row_invariant,
         !common.no_graphs,
         common.rank,
+        // NCCL sums in its own order where the selection chain falls back to it
+        common.nccl || common.nccl_id.is_some() || common.nccl_tcp.is_some(),
         env("SYNCDROP_ALLREDUCE"),
         env("SYNCDROP_FUSED_OPROJ"),
         env("SYNCDROP_FUSED_NORM"),
