@@ -56,7 +56,16 @@ for l in sys.stdin:
     | while read -r name exe; do
       cp "$exe" ".gpu/bin/$name" && strip ".gpu/bin/$name"
     done
-  for name in $TESTS $(printf 'bench_%s ' $BENCHES); do
+  # the all-reduce used on its own (examples/p2p_allreduce.rs): a plain binary, not the test
+  # harness `cargo test --all-targets` builds examples as
+  cargo build --release --features cuda --example p2p_allreduce --message-format=json \
+    | python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["example"]:
+        print(m["executable"])' \
+    | while read -r exe; do cp "$exe" .gpu/bin/example_p2p_allreduce && strip .gpu/bin/example_p2p_allreduce; done
+  for name in $TESTS $(printf 'bench_%s ' $BENCHES) example_p2p_allreduce; do
     [ -x ".gpu/bin/$name" ] || { echo "gpu-check: the build made no $name" >&2; exit 1; }
   done
   gzip -9 .gpu/bin/* # ~3x smaller: the executables and half the model share one transfer
@@ -199,6 +208,10 @@ stage1() {
   run kernels kernels.log "$B/cuda_kernels" --test-threads=1
   run allreduce allreduce.log "$B/cuda_allreduce" --test-threads=1 --nocapture --skip nccl_
   run synthetic synthetic.log "$B/synthetic" --test-threads=1
+  # the all-reduce used on its own, as an engine links it: exact sums and a timing
+  run example example.log sh -c "\"$B/example_p2p_allreduce\" --ranks 8 --elems 4096 && \
+    \"$B/example_p2p_allreduce\" --ranks 3 --elems 1048576 --wire bf16 && \
+    SYNCDROP_ALLREDUCE=twoshot \"$B/example_p2p_allreduce\" --ranks 4 --elems 16777216"
   # compute-sanitizer serialises kernel launches, so P2P ranks spinning on each other can
   # never meet under it: the sanitizers run every P2P kernel at one rank (its barriers meet
   # only itself), the multi-rank paths are checked by their oracles and the timeout test,

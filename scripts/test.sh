@@ -34,6 +34,15 @@ cargo test --release --features cuda,host-sim --test 'host_sim*'
 SYNCDROP_SIM_JITTER_US=100 scripts/sim-gpu.sh cuda_allreduce
 scripts/sim-gpu.sh cuda_kernels
 SYNCDROP_SIM_JITTER_US=100 scripts/sim-gpu.sh cuda_backend -- comm_counters_ cuda_graphs_on_and_off iso_and_spd_on_cuda one_rank_of_a_llama2_70b
+# examples/p2p_allreduce (the all-reduce used on its own, as an engine would link it) on the
+# simulated driver: exact sums on every rank, one-shot and two-shot, f32 and bf16 wire
+lib=$(scripts/sim-gpu.sh --lib)
+cargo build --release --features cuda,host-sim --example p2p_allreduce
+for a in "--ranks 3 --elems 1000" "--ranks 8 --elems 70001 --wire bf16"; do
+  LD_LIBRARY_PATH="$lib" cargo run -q --release --features cuda,host-sim --example p2p_allreduce -- $a --iters 2
+done
+SYNCDROP_ALLREDUCE=twoshot LD_LIBRARY_PATH="$lib" \
+  cargo run -q --release --features cuda,host-sim --example p2p_allreduce -- --ranks 5 --elems 4099 --iters 2
 # The GPU benchmark binary says "skipped: no GPU" here and exits 0.
 cargo test --release --features cuda,host-sim --bench cuda_rank --bench cuda_allreduce --bench cuda_iso
 # API docs build without warnings (broken intra-doc links are errors)

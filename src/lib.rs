@@ -15,6 +15,10 @@
 //!
 //! ## From an inference engine
 //!
+//! Only the all-reduce: `examples/p2p_allreduce.rs` (feature `cuda`) is the whole recipe,
+//! from the placement checks and the selection chain to `P2pRank::all_reduce` on each
+//! rank's own stream. The whole model:
+//!
 //! Load a model at a TP degree (ranks as threads here; `backend: BackendKind::Cuda` puts
 //! them on GPUs), switch it to an SPD plan the tools made (`llama plan --tp 4 ...`), and
 //! generate. [`spd::SpdPlan::load_into`] refuses a plan made for another model, TP degree or
