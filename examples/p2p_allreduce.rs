@@ -176,8 +176,9 @@ fn run(args: Args) -> Result<()> {
             )))
         }
     };
+    let name = cuda(context(devs[0])?.name())?;
     println!(
-        "{} ranks on GPU(s) {:?} ({} per GPU), {} elements ({} bytes on the {} wire): {}",
+        "{} ranks on GPU(s) {:?} ({name}; {} per GPU), {} elements ({} bytes on the {} wire): {}",
         args.ranks,
         devs,
         per_device,
@@ -222,5 +223,8 @@ fn run(args: Args) -> Result<()> {
         algbw,
         algbw * 2.0 * (n - 1.0) / n
     );
+    if name.starts_with("syncdrop simulated GPU") {
+        println!("(the simulated driver runs kernels on CPU threads: these timings mean nothing)");
+    }
     Ok(())
 }
