@@ -137,10 +137,7 @@ fn run(args: Args) -> Result<()> {
     if args.elems == 0 {
         return Err(Error::InvalidArgument("--elems 0: nothing to sum".into()));
     }
-    let wire = match args.wire.as_str() {
-        "bf16" => Wire::Bf16,
-        _ => Wire::F32,
-    };
+    let wire: Wire = args.wire.parse()?;
     let gpus = device_count()?;
     if gpus == 0 {
         return Err(Error::Cuda("the CUDA driver sees no device".into()));

@@ -37,7 +37,6 @@ SYNCDROP_SIM_JITTER_US=100 scripts/sim-gpu.sh cuda_backend -- comm_counters_ cud
 # examples/p2p_allreduce (the all-reduce used on its own, as an engine would link it) on the
 # simulated driver: exact sums on every rank, one-shot and two-shot, f32 and bf16 wire
 lib=$(scripts/sim-gpu.sh --lib)
-cargo build --release --features cuda,host-sim --example p2p_allreduce
 for a in "--ranks 3 --elems 1000" "--ranks 8 --elems 70001 --wire bf16"; do
   LD_LIBRARY_PATH="$lib" cargo run -q --release --features cuda,host-sim --example p2p_allreduce -- $a --iters 2
 done
