@@ -27,9 +27,8 @@
 #
 # Rehearsal without a GPU: with the simulated driver first on LD_LIBRARY_PATH (see
 # scripts/sim-gpu.sh --lib) the stages run these same executables on CPU threads; stages 1
-# and 2 pass that way apart from the sanitizers and the example's 16M-element two-shot run
-# (CPU-thread peers can take longer than its 1 s spin budget) in about 2 and 8 minutes (raise the
-# budgets).
+# and 2 pass that way (about 2 and 8 minutes: raise the budgets) apart from the sanitizers and
+# the example's 16M-element two-shot run, whose CPU-thread peers can outlast its 1 s spin budget.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODEL=SmolLM2-135M-Instruct.Q4_1.gguf
