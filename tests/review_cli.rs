@@ -279,7 +279,10 @@ fn sweep_writes_each_point_as_it_is_measured() {
             .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string()))
         {
             points = Some(v["points"].clone());
-            break;
+            // The plot is drawn just after the JSON is written: wait for it too.
+            if dir.join("sw.svg").is_file() {
+                break;
+            }
         }
         if child.try_wait().unwrap().is_some() {
             break;
