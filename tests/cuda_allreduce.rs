@@ -32,6 +32,13 @@ mod gpu {
             .is_some_and(|n| n.starts_with("syncdrop simulated GPU"))
     }
 
+    /// The spin budget of a test that expects success: 1 s on a GPU (where every case here is
+    /// micro- to milliseconds of work), 60 s on the simulated driver, whose 8 ranks' kernels
+    /// share CI's 2 cores and can arrive seconds apart under load.
+    fn healthy() -> Duration {
+        Duration::from_secs(if simulated() { 60 } else { 1 })
+    }
+
     /// Run `f(rank, stream, kernels, p2p)` on `world` virtual ranks (threads) of GPU 0 and
     /// collect the results in rank order.
     fn on_ranks<T: Send + 'static>(
@@ -126,7 +133,7 @@ mod gpu {
         }
         for world in [2usize, 3, 4, 8] {
             let sizes = [0usize, 1, 3, 4, 5, 255, 256, 257, 1000, 8192, 1 << 20];
-            let out = on_ranks(world, 1 << 20, Duration::from_secs(1), move |r, s, k, p| {
+            let out = on_ranks(world, 1 << 20, healthy(), move |r, s, k, p| {
                 let mut res = Vec::new();
                 for &n in &sizes {
                     for two_shot in [false, true] {
@@ -305,7 +312,7 @@ mod gpu {
             let t0 = Instant::now();
             let res = if r == 2 {
                 // let the peers' kernels start spinning, then wait for the device
-                std::thread::sleep(Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(250));
                 let sync = s
                     .context()
                     .synchronize()
@@ -334,7 +341,7 @@ mod gpu {
         if !have_gpu() {
             return;
         }
-        let out = on_ranks(2, 1024, Duration::from_secs(1), move |r, s, k, p| {
+        let out = on_ranks(2, 1024, healthy(), move |r, s, k, p| {
             let mut d = s.alloc_zeros::<f32>(300).unwrap();
             s.begin_capture(
                 cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
@@ -378,7 +385,7 @@ mod gpu {
             (3, 3, 1000, 64),
         ] {
             let m = t * n;
-            let out = on_ranks(world, m, Duration::from_secs(1), move |r, s, kern, p| {
+            let out = on_ranks(world, m, healthy(), move |r, s, kern, p| {
                 // not dyadic: the partials need more than bf16's 8 bits, so the two wires
                 // differ (small multiples of 1/32 would pass through bf16 unchanged)
                 let w: Vec<bf16> = (0..n * k)
@@ -442,7 +449,7 @@ mod gpu {
         }
         for two_shot in [false, true] {
             let n = 1000;
-            let out = on_ranks(3, n, Duration::from_secs(1), move |r, s, k, p| {
+            let out = on_ranks(3, n, healthy(), move |r, s, k, p| {
                 let m: Vec<f32> = (0..n).map(|i| ((i + r) % 9) as f32 * 0.5).collect();
                 let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
                 let md = s.clone_htod(&m).unwrap();
@@ -505,7 +512,7 @@ mod gpu {
                     .map(|i| ((i * 2654435761 + r * 40503) % 100_000) as f32 * 1.234_567e-3 - 61.7)
                     .collect()
             };
-            let out = on_ranks(world, 100_003, Duration::from_secs(1), move |r, s, k, p| {
+            let out = on_ranks(world, 100_003, healthy(), move |r, s, k, p| {
                 let mut res = Vec::new();
                 for &n in &sizes {
                     for two_shot in [false, true] {
@@ -567,7 +574,7 @@ mod gpu {
                 .map(|i| bf16::from_f32((i % 17) as f32 * 0.3))
                 .collect();
             let res2 = resid.clone();
-            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, k, p| {
+            let out = on_ranks(world, n, healthy(), move |r, s, k, p| {
                 let mut got = Vec::new();
                 for two_shot in [false, true] {
                     let mut d = s.clone_htod(&contrib(r)).unwrap();
@@ -620,7 +627,7 @@ mod gpu {
             (4, 2, 8192),
         ] {
             let n = rows * d;
-            let out = on_ranks(world, n, Duration::from_secs(1), move |r, s, k, p| {
+            let out = on_ranks(world, n, healthy(), move |r, s, k, p| {
                 let delta: Vec<f32> = (0..n)
                     .map(|i| (((i * 37 + r * 101) % 211) as f32 - 105.0) * 0.013)
                     .collect();

@@ -456,7 +456,7 @@ mod gpu {
 
     /// Streams run asynchronously to each other and events order them, as the ISO schedule
     /// (a compute and a communication stream per rank) relies on: stream B, waiting on an
-    /// event recorded on stream A after a 200 ms kernel and a copy, sees the copy; without the
+    /// event recorded on stream A after a 1 s kernel and a copy, sees the copy; without the
     /// wait it reads at once and sees the old value. (The simulated driver gives each stream
     /// a worker thread of its own for this: a missing wait in the backend is a real race.)
     #[test]
@@ -480,7 +480,7 @@ mod gpu {
         for wait in [false, true] {
             let mut buf = a.alloc_zeros::<u32>(1).unwrap();
             a.synchronize().unwrap();
-            let ns: i64 = 200_000_000;
+            let ns: i64 = 1_000_000_000;
             use cudarc::driver::PushKernelArg;
             let mut l = a.launch_builder(&hold);
             l.arg(&ns);
@@ -497,14 +497,14 @@ mod gpu {
             a.synchronize().unwrap();
             if wait {
                 assert_eq!(got, 7, "B waited for A's event: it sees A's copy");
-                assert!(dt >= ms(150), "the wait took {dt:?}, A held 200 ms");
+                assert!(dt >= ms(500), "the wait took {dt:?}, A held 1 s");
             } else {
                 assert_eq!(
                     got, 0,
-                    "B did not wait: A's copy, after a 200 ms kernel, is not in yet"
+                    "B did not wait: A's copy, after a 1 s kernel, is not in yet"
                 );
                 assert!(
-                    dt < ms(150),
+                    dt < ms(500),
                     "B waited {dt:?} for a stream it never waited on"
                 );
             }

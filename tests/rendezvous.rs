@@ -221,7 +221,7 @@ fn ranks_of_another_world_duplicates_and_strangers_are_refused_with_a_reason() {
         let rv = rv.clone();
         thread::spawn(move || rv.exchange(1, 3, wait, &Terms::new(), || unreachable!()))
     };
-    thread::sleep(Duration::from_millis(300));
+    thread::sleep(Duration::from_millis(1000));
     let e = peer_err(&rv, 1, 3, wait, &Terms::new());
     assert!(e.contains("rank 1 connected twice"), "{e}");
     let two = rv
@@ -342,9 +342,8 @@ fn id_files_are_checked_before_use() {
         let (rv, mine) = (Rendezvous::File(f.clone()), mine.clone());
         thread::spawn(move || rv.exchange(1, 2, Duration::from_secs(20), &mine, || unreachable!()))
     };
-    thread::sleep(Duration::from_millis(300));
     let ack = std::path::PathBuf::from(format!("{}.ack-1", f.display()));
-    assert!(ack.exists(), "the reader answered the stale file");
+    wait_for(&ack); // the reader answers the stale file
     let rv = Rendezvous::File(f.clone());
     rv.exchange(0, 2, Duration::from_secs(10), &mine, || Ok(id(6)))
         .unwrap();
@@ -374,7 +373,7 @@ fn id_files_are_checked_before_use() {
         thread::spawn(move || rv.exchange(1, 3, Duration::from_secs(20), &mine, || unreachable!()))
     };
     let e0 = rv
-        .exchange(0, 3, Duration::from_millis(1500), &mine, || Ok(id(8)))
+        .exchange(0, 3, Duration::from_secs(4), &mine, || Ok(id(8)))
         .unwrap_err()
         .to_string();
     assert!(e0.contains("[2]") && e0.contains("did not answer"), "{e0}");
@@ -713,12 +712,11 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
     Rendezvous::File(f.clone()).finish(1, 2);
 
     // rank 1 answers, then gives up before rank 2 arrives: rank 0 names it, not NCCL later
-    let zero = spawn(0, 3, 2000, 3);
-    let one = spawn(1, 3, 300, 0);
-    thread::sleep(Duration::from_millis(800));
-    let two = spawn(2, 3, 10_000, 0);
+    let zero = spawn(0, 3, 5000, 3);
+    let one = spawn(1, 3, 1000, 0);
     let e1 = one.join().unwrap().unwrap_err();
     assert!(e1.contains("rank 0 did not confirm"), "{e1}");
+    let two = spawn(2, 3, 10_000, 0);
     let e0 = zero.join().unwrap().unwrap_err();
     assert!(e0.contains("[1]") && e0.contains("did not answer"), "{e0}");
     let e2 = two.join().unwrap().unwrap_err();
@@ -745,9 +743,7 @@ fn file_rendezvous_leftovers_quitters_and_outsiders() {
     let r0 = {
         let rv = rv.clone();
         thread::spawn(move || {
-            rv.exchange(0, 2, Duration::from_millis(1500), &Terms::new(), || {
-                Ok(id(1))
-            })
+            rv.exchange(0, 2, Duration::from_secs(5), &Terms::new(), || Ok(id(1)))
         })
     };
     let huge = Terms::new().with("x", "y".repeat(70_000));

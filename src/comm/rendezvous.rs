@@ -971,12 +971,31 @@ fn is_dead(s: &TcpStream) -> bool {
 fn answer_and_close(mut s: TcpStream, msg: &str) {
     let _ = s.set_nonblocking(false);
     let _ = read_line(&mut s, Instant::now() + Duration::from_millis(500));
-    let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-    let _ = writeln!(s, "error: {msg}");
+    refuse(s, msg);
+}
+
+/// Send `error: {msg}` as one line in one write (a line formatted piecewise goes out in
+/// several segments, and a close can cut it after the first), then close gracefully: our
+/// side first, then whatever the other end still sends is read and dropped until it hangs
+/// up (half a second, 64 KiB at most), so that no reset overtakes the line.
+fn refuse(mut s: TcpStream, msg: &str) {
+    let _ = say_error(&mut s, msg);
     let _ = s.shutdown(std::net::Shutdown::Write);
-    // a rank sends nothing after its hello: the next read is its hang-up (or the timeout)
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    let _ = s.read(&mut [0u8; 1]);
+    let until = Instant::now() + Duration::from_millis(500);
+    let (mut buf, mut left) = ([0u8; 4096], 64 << 10);
+    while left > 0 && Instant::now() < until {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left -= n.min(left),
+        }
+    }
+}
+
+/// Write `error: {msg}\n` in one `write_all` (1 s at most).
+fn say_error(s: &mut TcpStream, msg: &str) -> std::io::Result<()> {
+    s.set_write_timeout(Some(Duration::from_secs(1)))?;
+    s.write_all(format!("error: {msg}\n").as_bytes())
 }
 
 /// Rank 0: accept every other rank's hello, then send each the id. On failure every peer
@@ -1008,8 +1027,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
     let mut refused: Vec<String> = Vec::new();
     let tell_all = |peers: &mut [Option<TcpStream>], msg: &str| {
         for s in peers.iter_mut().flatten() {
-            let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-            let _ = writeln!(s, "error: {msg}");
+            let _ = say_error(s, msg);
         }
     };
     // after a stop, ranks still starting get the reason for a moment (they would otherwise
@@ -1072,7 +1090,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
         match hello.and_then(|h| parse_hello(&h, world)) {
             Ok((r, _)) if peers[r].as_ref().is_some_and(|old| !is_dead(old)) => {
                 let why = format!("rank {r} connected twice (from {from})");
-                let _ = writeln!(s, "error: {why}");
+                refuse(s, &why);
                 refused.push(why);
             }
             Ok((r, theirs)) => {
@@ -1083,7 +1101,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                         "rank {r} was started with other options than rank 0: {}; start every rank with the same options",
                         diff.join("; ")
                     );
-                    let _ = writeln!(s, "error: {msg}");
+                    refuse(s, &msg);
                     tell_all(&mut peers, &msg);
                     linger(&msg);
                     return Err(Error::Comm(format!("rendezvous on {addr}: {msg}")));
@@ -1092,7 +1110,7 @@ fn serve(addr: &str, world: usize, terms: &Terms, id: &Id, wait: Duration) -> Re
                 peers[r] = Some(s);
             }
             Err(why) => {
-                let _ = writeln!(s, "error: {why}");
+                refuse(s, &why);
                 refused.push(format!("{from}: {why}"));
             }
         }
